@@ -1,0 +1,119 @@
+"""The frozen embedding tables: the file contract between ``embeddings/`` and ``ranking/``.
+
+``DIR/embeddings/product_table.parquet``
+    row_id (int64, 0..R-1, dense and sorted), product_id (int64, null on row 0),
+    vector (fixed_size_list<float32>[d]).
+``DIR/embeddings/query_table.parquet``
+    row_id (int64), query (string, normalised with :func:`data.text.normalize_query`,
+    null on row 0), vector (fixed_size_list<float32>[d]).
+
+Row 0 of each table is reserved for unknown ids and is all zeros. The id maps (key -> row_id)
+are the first two columns of each file; :func:`read_id_map` returns them as a dict.
+The file-level metadata records ``dashrec.kind`` (product/query), ``dashrec.dim`` and
+``dashrec.source`` (which encoder produced the vectors).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from common.io import write_parquet
+from data.schema import SchemaError
+from data.text import normalize_query
+
+TableKind = Literal["product", "query"]
+KEY_COLUMN: dict[str, str] = {"product": "product_id", "query": "query"}
+UNKNOWN_ROW = 0
+
+
+def table_path(workdir: str | Path, kind: TableKind) -> Path:
+    return Path(workdir) / "embeddings" / f"{kind}_table.parquet"
+
+
+@dataclass
+class EmbeddingTable:
+    """An in-memory frozen table. ``vectors`` is ``[R, d]`` float32 with row 0 = zeros."""
+
+    kind: TableKind
+    keys: list  # length R, keys[0] is None
+    vectors: np.ndarray
+    source: str = ""
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def id_map(self) -> dict:
+        """key -> row id (row 0, the unknown row, is not in the map)."""
+        return {k: i for i, k in enumerate(self.keys) if i != UNKNOWN_ROW}
+
+    def lookup(self, keys: Sequence) -> np.ndarray:
+        """Row ids for ``keys`` (unknown -> 0). Query keys are normalised first."""
+        mapping = self.id_map()
+        if self.kind == "query":
+            return np.array([mapping.get(normalize_query(k), UNKNOWN_ROW) for k in keys], dtype=np.int64)
+        return np.array([mapping.get(int(k), UNKNOWN_ROW) for k in keys], dtype=np.int64)
+
+
+def build_table(kind: TableKind, keys: Sequence, vectors: np.ndarray, source: str = "") -> EmbeddingTable:
+    """Prepend the zero row 0 to ``vectors`` ``[N, d]`` for ``keys`` (length N, unique)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(keys):
+        raise ValueError(f"vectors must be [len(keys), d], got {vectors.shape} for {len(keys)} keys")
+    keys = [normalize_query(k) for k in keys] if kind == "query" else [int(k) for k in keys]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{kind} keys are not unique after normalisation")
+    full = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
+    return EmbeddingTable(kind, [None, *keys], full, source)
+
+
+def write_table(table: EmbeddingTable, path: str | Path) -> Path:
+    """Write atomically in the documented layout."""
+    key_type = pa.int64() if table.kind == "product" else pa.string()
+    dim = table.dim
+    flat = pa.array(table.vectors.reshape(-1), type=pa.float32())
+    arrow = pa.table({
+        "row_id": pa.array(np.arange(len(table.keys), dtype=np.int64)),
+        KEY_COLUMN[table.kind]: pa.array(table.keys, type=key_type),
+        "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+    })
+    arrow = arrow.replace_schema_metadata({"dashrec.kind": table.kind, "dashrec.dim": str(dim),
+                                           "dashrec.source": table.source})
+    return write_parquet(arrow, path)
+
+
+def read_table(path: str | Path, kind: TableKind | None = None) -> EmbeddingTable:
+    """Read and check a table file; errors name the file and what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise SchemaError(path, None, "missing embedding table (run `python -m embeddings.export` first)")
+    arrow = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in (arrow.schema.metadata or {}).items()}
+    file_kind = meta.get("dashrec.kind") or ("product" if "product_id" in arrow.column_names else "query")
+    if kind is not None and file_kind != kind:
+        raise SchemaError(path, None, f"expected a {kind} table, found a {file_kind} table")
+    for col in ("row_id", KEY_COLUMN[file_kind], "vector"):
+        if col not in arrow.column_names:
+            raise SchemaError(path, col, f"missing column; found {arrow.column_names}")
+    row_ids = arrow.column("row_id").to_numpy()
+    if not np.array_equal(row_ids, np.arange(len(row_ids))):
+        raise SchemaError(path, "row_id", "row ids must be 0..R-1 in order")
+    vec_type = arrow.schema.field("vector").type
+    if not pa.types.is_fixed_size_list(vec_type):
+        raise SchemaError(path, "vector", f"expected fixed_size_list<float32>, got {vec_type}")
+    vectors = arrow.column("vector").combine_chunks().flatten().to_numpy().astype(np.float32, copy=False)
+    vectors = vectors.reshape(len(row_ids), vec_type.list_size)
+    if np.any(vectors[UNKNOWN_ROW] != 0):
+        raise SchemaError(path, "vector", "row 0 (unknown ids) must be all zeros")
+    keys = arrow.column(KEY_COLUMN[file_kind]).to_pylist()
+    return EmbeddingTable(file_kind, keys, vectors, meta.get("dashrec.source", ""))
+
+
+def read_id_map(path: str | Path) -> dict:
+    """key -> row id of a table file."""
+    return read_table(path).id_map()
