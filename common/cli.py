@@ -30,9 +30,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ``error:`` line and exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser(config_cls: type, description: str | None = None) -> argparse.ArgumentParser:
     """Build an argparse parser from a dataclass: one flag per field."""
-    parser = argparse.ArgumentParser(description=description or (config_cls.__doc__ or "").strip().splitlines()[0])
+    parser = _OneLineParser(description=description or (config_cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         if not field.init:
@@ -78,7 +86,8 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None, descrip
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=True)  # fbgemm_gpu installs a root handler at import
 
 
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:

@@ -156,7 +156,7 @@ def _check_in_set(path: str | Path, table: pa.Table, name: str, allowed: set[int
     bad = ~np.isin(values, list(allowed))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise SchemaError(path, name, f"value {values[row]!r} at row {row} is not a valid {what} "
+        raise SchemaError(path, name, f"value {values[row].item()!r} at row {row} is not a valid {what} "
                                       f"(expected one of {sorted(allowed)})")
 
 
