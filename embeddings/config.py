@@ -1,0 +1,170 @@
+"""Dataclass configs of the DashCLIP commands; every field is a ``--flag`` (common.cli.parse_config).
+
+Field metadata ``stage`` says which outputs a setting changes: ``model`` (the architecture and its
+initialisation: every stage), ``1`` (stage 1), ``2`` (stage 2) or ``run`` (how a run executes, not
+what it computes). A finished stage is reused when its settings are unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from common.cli import DEFAULT_WORKDIR, UserError
+
+Backbone = Literal["mini", "blip", "tiny"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _f(default: Any, help: str, stage: str) -> Any:
+    return field(default=default, metadata={"help": help, "stage": stage})
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the DashCLIP encoders."""
+
+    backbone: Backbone = _f("mini", "encoders: mini (MiniLM-L6 + EfficientNet-Lite0, pretrained), blip (a BLIP "
+                                    "checkpoint dir, see --init-from), tiny (random, for tests)", "model")
+    init_from: str = _f("", "BLIP checkpoint directory (BlipForImageTextRetrieval format) for --backbone blip",
+                        "model")
+    embed_dim: int = _f(256, "width of the shared embedding space", "model")
+    image_size: int = _f(96, "square image side in pixels (paper: 384)", "model")
+    title_max_tokens: int = _f(32, "titles are truncated to this many tokens", "model")
+    query_max_tokens: int = _f(16, "queries are truncated to this many tokens", "model")
+    freeze_fraction: float = _f(0.67, "share of the first layers of each encoder that stay frozen "
+                                      "(paper: 8 of 12)", "model")
+    seed: int = _f(0, "seed of the initialisation, the data order and the sampling", "model")
+
+    def validate(self) -> None:
+        if self.backbone == "blip" and not self.init_from:
+            raise UserError("--backbone blip needs --init-from DIR (a BlipForImageTextRetrieval checkpoint)")
+        if self.backbone != "blip" and self.init_from:
+            raise UserError(f"--init-from is only used with --backbone blip (got --backbone {self.backbone})")
+        if not 0.0 <= self.freeze_fraction <= 1.0:
+            raise UserError(f"--freeze-fraction must be in [0, 1], got {self.freeze_fraction}")
+        if self.embed_dim < 1 or self.image_size < 32:
+            raise UserError("--embed-dim must be >= 1 and --image-size >= 32")
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
+
+    def model_only(self) -> "ModelConfig":
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """Train DashCLIP: stage 1 (ITC + ITM on catalog image-title pairs), stage 2 (PQC on queries)."""
+
+    workdir: str = _f(DEFAULT_WORKDIR, "run directory (reads DIR/data, writes DIR/embeddings)", "run")
+    stage: Literal["1", "2", "all"] = _f("all", "which stage(s) to run", "run")
+    device: Device = _f("auto", "auto = cuda when available (bf16 autocast, fused AdamW), else cpu", "run")
+    resume: bool = _f(True, "continue an interrupted run of the same settings from its last checkpoint", "run")
+    force: bool = _f(False, "retrain even when finished outputs for the same settings exist", "run")
+    threads: int = _f(0, "CPU threads for torch (0 = torch default)", "run")
+    max_steps_this_run: int = _f(0, "stop (with a checkpoint) after this many optimizer steps in this "
+                                    "invocation, to split training into time slices; 0 = no limit", "run")
+    checkpoint_every: int = _f(50, "save a resumable checkpoint every K optimizer steps", "run")
+    image_cache_mb: int = _f(2048, "keep up to this many MB of decoded images in memory", "run")
+    query_cache_mb: int = _f(2048, "keep the frozen query-encoder states of stage 2 in memory up to this many MB",
+                             "run")
+    weight_decay: float = _f(0.05, "AdamW weight decay (both stages)", "1")
+    warmup_fraction: float = _f(0.05, "linear warm-up share of each stage's steps, then cosine decay", "1")
+    head_lr: float = _f(5e-4, "learning rate of new layers (cross-attention, projections, ITM head)", "1")
+    stage1_batch_size: int = _f(32, "image-title pairs per stage-1 step", "1")
+    stage1_epochs: float = _f(1.0, "passes over the stage-1 training products", "1")
+    stage1_max_steps: int = _f(0, "cap on stage-1 optimizer steps (0 = epochs decide)", "1")
+    stage1_lr: float = _f(5e-5, "learning rate of the pretrained encoder layers in stage 1", "1")
+    stage1_eval_fraction: float = _f(0.1, "share of products held out for the ITM eval loss", "1")
+    stage1_eval_max: int = _f(256, "at most this many held-out products", "1")
+    eval_every: int = _f(25, "evaluate the held-out ITM loss every K stage-1 steps", "1")
+    patience: int = _f(4, "stop stage 1 after this many evaluations without a better ITM eval loss", "1")
+    itc_temperature: float = _f(0.07, "initial ITC temperature (learnable)", "1")
+    stage2_batch_size: int = _f(32, "product-query tuples per stage-2 step", "2")
+    stage2_epochs: float = _f(1.0, "passes over the stage-2 tuples", "2")
+    stage2_max_steps: int = _f(0, "cap on stage-2 optimizer steps (0 = epochs decide)", "2")
+    stage2_eval_every: int = _f(100, "log the PQC losses of fixed training and held-out tuples every K stage-2 steps",
+                                "2")
+    stage2_eval_max: int = _f(256, "at most this many tuples (held-out and training) for the logged PQC losses", "2")
+    stage2_lr: float = _f(5e-5, "learning rate of the query encoder layers in stage 2", "2")
+    stage2_head_lr: float = _f(5e-4, "learning rate of the multimodal and query projections in stage 2", "2")
+    pqc_tau: float = _f(0.05, "PQC temperature", "2")
+    pqc_negatives: int = _f(10, "negative queries per tuple", "2")
+    pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
+    pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")
+    query_eval_fraction: float = _f(0.2, "share of distinct queries held out of stage 2 (for evaluation)", "2")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("stage1_batch_size", "stage2_batch_size", "checkpoint_every", "eval_every", "stage2_eval_every",
+                     "patience", "pqc_negatives"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.stage1_batch_size < 2:
+            raise UserError("--stage1-batch-size must be >= 2 (in-batch negatives)")
+        for name in ("stage1_eval_fraction", "query_eval_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+
+    def settings(self, upto: str) -> dict[str, Any]:
+        """The settings that determine the outputs of stage ``upto`` ("1" or "2")."""
+        stages = {"model", "1"} if upto == "1" else {"model", "1", "2"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("stage") in stages}
+
+    def settings_key(self, upto: str) -> str:
+        blob = json.dumps(self.settings(upto), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_config_from(settings: dict[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` recorded in a run's ``config.json``."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in settings.items() if k in names})
+
+
+@dataclass
+class EncodeConfig:
+    """Embed a catalog file or a list of queries with a DashCLIP checkpoint."""
+
+    workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory holding embeddings/"})
+    kind: Literal["product", "image", "text", "query"] = field(
+        default="product", metadata={"help": "product (multimodal), image, text (title) or query"})
+    input: str = field(default="", metadata={"help": "catalog-schema Parquet (product/image/text) or a text/"
+                                                     "Parquet file of queries (one per line / a `query` column)"})
+    out: str = field(default="", metadata={"help": "output Parquet: key column + vector"})
+    which: Literal["trained", "untuned"] = field(default="trained", metadata={"help": "trained checkpoint or the "
+                                                                                      "untrained initialisation"})
+    device: Device = field(default="auto", metadata={"help": "device"})
+    batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
+
+
+@dataclass
+class ExportConfig:
+    """Export the frozen product and query tables from the trained DashCLIP checkpoint."""
+
+    workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
+    device: Device = field(default="auto", metadata={"help": "device"})
+    batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
+    force: bool = field(default=False, metadata={"help": "re-export even if the tables match the checkpoint"})
+
+
+@dataclass
+class BenchConfig:
+    """Throughput of DashCLIP training and inference on random inputs (prints a table)."""
+
+    backbone: Literal["mini", "blip-base", "tiny"] = field(default="mini", metadata={
+        "help": "mini (MiniLM + EfficientNet-Lite0), blip-base (BLIP-base shapes, random weights), tiny"})
+    device: Device = field(default="auto", metadata={"help": "device"})
+    dtype: Literal["bf16", "fp32"] = field(default="fp32", metadata={"help": "autocast dtype (bf16 on CPU too)"})
+    batch_size: int = field(default=32, metadata={"help": "pairs / tuples / inputs per step"})
+    image_size: int = field(default=0, metadata={"help": "image side (0 = 96 for mini/tiny, 384 for blip-base)"})
+    title_tokens: int = field(default=24, metadata={"help": "tokens per title"})
+    query_tokens: int = field(default=8, metadata={"help": "tokens per query"})
+    negatives: int = field(default=10, metadata={"help": "negative queries per stage-2 tuple"})
+    freeze_fraction: float = field(default=0.67, metadata={"help": "share of first layers frozen"})
+    steps: int = field(default=5, metadata={"help": "timed steps per measurement (after warm-up)"})
+    warmup: int = field(default=2, metadata={"help": "untimed warm-up steps"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0 = torch default)"})
+    workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "bench.json is written to DIR/embeddings/"})

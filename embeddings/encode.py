@@ -1,0 +1,238 @@
+"""Embed products, images, titles or queries with a DashCLIP checkpoint.
+
+Python API (what ``embeddings.evaluate`` and ``embeddings.export`` use)::
+
+    encoder = load_encoder(workdir, "trained")      # or "untuned": same architecture, before training
+    encoder.products(catalog_df)   # multimodal product vectors (grounded [CLS] -> multimodal proj)
+    encoder.images(catalog_df)     # image-only vectors (zeros for products without an image)
+    encoder.texts(titles)          # title-only vectors (plain text encoder)
+    encoder.queries(queries)       # query vectors (queries normalised first)
+
+Each returns float32 ``[N, d]``, L2-normalised, in input order. Command line, for new products or
+queries without retraining::
+
+    python -m embeddings.encode --workdir DIR --kind product --input new_catalog.parquet --out vecs.parquet
+    python -m embeddings.encode --workdir DIR --kind query --input queries.txt --out qvecs.parquet
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from common.cli import UserError, parse_config, run_main
+from common.io import file_sha256, read_json, write_parquet
+from data import schema
+from data.text import normalize_query
+from embeddings.config import EncodeConfig, ModelConfig, model_config_from
+from embeddings.inputs import ImageSpec, ImageStore, TokenStore
+from embeddings.models import DashCLIP, build_model
+from embeddings.train import Paths, autocast, load_checkpoint, resolve_device
+
+log = logging.getLogger(__name__)
+
+CATALOG_COLUMNS = ("product_id", "title", "image")
+TEXT_BATCH_FACTOR = 4
+
+
+class DashEncoder:
+    """A DashCLIP model in eval mode with its tokenizer and image preprocessing.
+
+    Attributes:
+        source: a description of the weights (checkpoint path and hash, or "untuned ...").
+    """
+
+    def __init__(self, model: DashCLIP, tokenizer, spec: ImageSpec, cfg: ModelConfig, device: torch.device,
+                 source: str, batch_size: int = 64) -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer, self.spec, self.cfg, self.device = tokenizer, spec, cfg, device
+        self.source, self.batch_size = source, batch_size
+
+    @property
+    def dim(self) -> int:
+        return self.model.text_proj.out_features
+
+    def _batches(self, n: int, desc: str, batch_size: int) -> tqdm:
+        return tqdm(range(0, n, batch_size), desc=desc, unit="batch", mininterval=1.0, leave=False)
+
+    @staticmethod
+    def _check_catalog(catalog: pd.DataFrame) -> None:
+        missing = [c for c in CATALOG_COLUMNS if c not in catalog.columns]
+        if missing:
+            raise ValueError(f"catalog frame: missing column(s) {missing}; found {list(catalog.columns)}")
+
+    def _stores(self, catalog: pd.DataFrame) -> tuple[ImageStore, TokenStore]:
+        self._check_catalog(catalog)
+        images = ImageStore(catalog["image"].tolist(), catalog["product_id"].tolist(), self.spec, cache_mb=0)
+        titles = TokenStore(self.tokenizer, catalog["title"].astype(str).tolist(), self.cfg.title_max_tokens)
+        return images, titles
+
+    @staticmethod
+    def _numpy(chunks: list[torch.Tensor], dim: int) -> np.ndarray:
+        if not chunks:
+            return np.zeros((0, dim), np.float32)
+        return torch.cat(chunks).float().cpu().numpy()
+
+    @torch.no_grad()
+    def products(self, catalog: pd.DataFrame) -> np.ndarray:
+        """Multimodal product vectors ``[N, d]``. Products without an image use the text-only path
+        (the text encoder without image tokens, then the multimodal projection)."""
+        images, titles = self._stores(catalog)
+        n_text_only = int((~images.has_image).sum())
+        if n_text_only:
+            log.info("%d of %d products have no image: their vectors come from the title alone (text encoder "
+                     "without image tokens + multimodal projection)", n_text_only, len(images))
+        chunks = []
+        for start in self._batches(len(images), "products", self.batch_size):
+            rows = np.arange(start, min(start + self.batch_size, len(images)))
+            has_image = images.has_image[rows]
+            pixels = images.pixels(rows[has_image]).to(self.device) if has_image.any() else None
+            ids, mask = (t.to(self.device) for t in titles.batch(rows))
+            with autocast(self.device):
+                cls = self.model.product_cls(ids, mask, pixels, torch.as_tensor(has_image, device=self.device))
+                chunks.append(self.model.product_embedding_from_cls(cls.float()))
+        return self._numpy(chunks, self.dim)
+
+    @torch.no_grad()
+    def images(self, catalog: pd.DataFrame) -> np.ndarray:
+        """Image-only vectors ``[N, d]``; rows of products without an image are zeros."""
+        images, _ = self._stores(catalog)
+        out = np.zeros((len(images), self.dim), np.float32)
+        with_image = np.flatnonzero(images.has_image)
+        if len(with_image) < len(images):
+            log.warning("%d of %d products have no image: their image vectors are zeros",
+                        len(images) - len(with_image), len(images))
+        chunks = []
+        for start in self._batches(len(with_image), "images", self.batch_size):
+            rows = with_image[start:start + self.batch_size]
+            with autocast(self.device):
+                chunks.append(self.model.image_embedding(self.model.image_tokens(images.pixels(rows).to(self.device))))
+        if len(with_image):
+            out[with_image] = self._numpy(chunks, self.dim)
+        return out
+
+    @torch.no_grad()
+    def _text_like(self, texts: list[str], max_tokens: int, query: bool, desc: str) -> np.ndarray:
+        """Batches of similar length (little padding), returned in input order."""
+        store = TokenStore(self.tokenizer, texts, max_tokens)
+        order = np.argsort([len(ids) for ids in store.ids], kind="stable")
+        embed = self.model.query_embedding if query else self.model.text_embedding
+        chunks = []
+        batch_size = TEXT_BATCH_FACTOR * self.batch_size  # text-only inputs are light: larger batches
+        for start in self._batches(len(store), desc, batch_size):
+            ids, mask = (t.to(self.device) for t in store.batch(order[start:start + batch_size]))
+            with autocast(self.device):
+                chunks.append(embed(ids, mask))
+        vectors = self._numpy(chunks, self.dim)
+        out = np.empty_like(vectors)
+        out[order] = vectors
+        return out
+
+    def texts(self, titles: Sequence[str]) -> np.ndarray:
+        """Title-only vectors ``[N, d]`` (the plain text encoder and ``text_proj``)."""
+        return self._text_like([str(t) for t in titles], self.cfg.title_max_tokens, False, "texts")
+
+    def queries(self, queries: Sequence[str]) -> np.ndarray:
+        """Query vectors ``[N, d]``; each query is normalised with :func:`data.text.normalize_query` first."""
+        return self._text_like([normalize_query(str(q)) for q in queries], self.cfg.query_max_tokens, True, "queries")
+
+
+def load_encoder(workdir: str | Path, which: Literal["trained", "untuned"] = "trained",
+                 device: str | torch.device = "cpu", batch_size: int = 64) -> DashEncoder:
+    """The DashCLIP encoder of a training run in ``workdir``.
+
+    ``trained`` loads ``DIR/embeddings/checkpoints/model.pt``; ``untuned`` builds the same
+    architecture and backbone as the run's ``config.json`` at its initialisation (same seed),
+    before any training.
+    """
+    paths = Paths(Path(workdir))
+    device = resolve_device(device) if isinstance(device, str) else device
+    if which == "trained":
+        path = paths.stage_final(2)
+        if not path.exists():
+            raise UserError(f"{path}: no trained DashCLIP model (run `python -m embeddings.train --workdir "
+                            f"{workdir}` first)")
+        state = load_checkpoint(path)
+        cfg = model_config_from(state["model_config"])
+        model, tokenizer, spec = build_model(cfg)
+        model.load_state_dict(state["model"])
+        source = f"dashclip:{cfg.backbone}:{path.relative_to(paths.root)}:sha256={file_sha256(path)[:16]}"
+    elif which == "untuned":
+        if not paths.config.exists():
+            raise UserError(f"{paths.config}: no DashCLIP run config (run `python -m embeddings.train --workdir "
+                            f"{workdir}` first)")
+        cfg = model_config_from(read_json(paths.config))
+        model, tokenizer, spec = build_model(cfg)
+        source = f"dashclip:{cfg.backbone}:untuned:seed={cfg.seed}"
+    else:
+        raise ValueError(f"which must be 'trained' or 'untuned', got {which!r}")
+    return DashEncoder(model, tokenizer, spec, cfg, device, source, batch_size)
+
+
+def vector_table(key_name: str, keys: pa.Array, vectors: np.ndarray, source: str) -> pa.Table:
+    """A Parquet-ready table: the key column and ``vector`` (fixed_size_list<float32>[d])."""
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+    table = pa.table({key_name: keys, "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+    return table.replace_schema_metadata({"dashrec.source": source, "dashrec.dim": str(vectors.shape[1])})
+
+
+def read_queries(path: Path) -> list[str]:
+    """Queries from a Parquet file (column ``query``) or a text file (one per line, blanks skipped)."""
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UserError(f"{path}: not a readable Parquet file: {exc}") from None
+        if "query" not in table.column_names:
+            raise UserError(f"{path}: column 'query': missing; found {table.column_names}")
+        return [str(q) for q in table.column("query").to_pylist() if q is not None]
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_catalog_file(path: Path) -> pd.DataFrame:
+    """A catalog-schema Parquet file, validated (images are checked when decoded)."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: not a readable Parquet file: {exc}") from None
+    try:
+        return schema.validate(table, path, "catalog", check_images=False).to_pandas()
+    except schema.SchemaError as exc:
+        raise UserError(str(exc)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    cfg = parse_config(EncodeConfig, argv)
+    if not cfg.input or not cfg.out:
+        raise UserError("--input FILE and --out FILE are required")
+    source_path, out_path = Path(cfg.input), Path(cfg.out)
+    if not source_path.exists():
+        raise UserError(f"--input {source_path}: no such file")
+    encoder = load_encoder(cfg.workdir, cfg.which, cfg.device, cfg.batch_size)
+    if cfg.kind == "query":
+        queries = [normalize_query(q) for q in read_queries(source_path)]
+        vectors = encoder.queries(queries)
+        table = vector_table("query", pa.array(queries, pa.string()), vectors, encoder.source)
+    else:
+        catalog = read_catalog_file(source_path)
+        try:
+            vectors = {"product": encoder.products, "image": encoder.images,
+                       "text": lambda c: encoder.texts(c["title"].tolist())}[cfg.kind](catalog)
+        except ValueError as exc:  # an undecodable image names its product
+            raise UserError(f"{source_path}: {exc}") from None
+        table = vector_table("product_id", pa.array(catalog["product_id"].to_numpy(np.int64)), vectors,
+                             f"{encoder.source}:{cfg.kind}")
+    write_parquet(table, out_path)
+    log.info("wrote %d %s vectors (dim %d) to %s", table.num_rows, cfg.kind, vectors.shape[1], out_path)
+    return out_path
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,446 @@
+"""Evaluate DashCLIP embeddings on held-out queries (paper Table 1 and section 5).
+
+``python -m embeddings.evaluate --workdir DIR [--seed 0] [--force]`` writes
+``DIR/embeddings/metrics.json``, ``metrics.md`` and ``plots/{tsne,cosine_by_relevance}.png``.
+
+Held-out queries are the eval side of :func:`embeddings.sampling.split_queries`, with the seed and
+fraction that training recorded in ``DIR/embeddings/config.json`` (defaults when it has none).
+The systems compared:
+
+* ``random``: seeded random unit vectors for queries and products;
+* ``untuned_text`` / ``untuned_image``: the encoders before any training, query vectors against
+  title-only / image-only product vectors;
+* ``untuned`` (probes): the untuned multimodal product vector (fusion before training);
+* ``dashclip``: the trained query and multimodal product vectors.
+
+Metrics (pure functions over numpy arrays, unit-tested with handcrafted vectors):
+
+* :func:`retrieval_metrics`: top-10 products by cosine for each held-out query that has at least
+  one MR/HR product; graded relevance = mean of label / 2 over the top 10 (unlabelled pairs count
+  as IR = 0), Precision@10 and Recall@10 with MR and HR as relevant.
+* :func:`train_probe`: an MLP (hidden layer, ReLU, dropout, linear) on frozen vectors, stratified
+  80/20 split, macro F1 and per-class recall. Used for aisle classification of products
+  (section 5.1) and 3-class relevance of (product, query) pairs of the held-out queries with IR
+  downsampled by half (section 5.2).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+from sklearn.metrics import f1_score, recall_score
+from sklearn.model_selection import train_test_split
+from threadpoolctl import threadpool_limits
+from torch import nn
+from tqdm import tqdm
+
+from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.io import file_sha256, prepare_workdir, read_json, write_json, write_text
+from common.seed import seed_everything
+from data import schema
+from data.schema import HR, IR, LABEL_NAMES, MR
+from embeddings import tables
+from embeddings.config import TrainConfig
+from embeddings.sampling import normalized_query_codes, split_queries
+
+log = logging.getLogger(__name__)
+
+TOP_K = 10
+DEFAULT_EVAL_FRACTION = TrainConfig.query_eval_fraction
+RETRIEVAL_SYSTEMS = {"random": "Random vectors", "untuned_text": "Untuned query vs title-text encoder",
+                     "untuned_image": "Untuned query vs image encoder", "dashclip": "DashCLIP (trained)"}
+
+
+# ----------------------------------------------------------------------------------- retrieval
+
+def relevance_matrix(pairs: pd.DataFrame, queries: Sequence[str], product_ids: np.ndarray) -> sparse.csr_matrix:
+    """Sparse ``[Q, P]`` int8 labels of ``pairs`` (normalised query, product_id, label) over
+    ``queries`` x ``product_ids``; a pair listed twice keeps its highest label; IR and unlabelled
+    pairs are both 0 (not stored)."""
+    query_index = pd.Index(queries).get_indexer(pairs["query"])
+    product_index = pd.Index(product_ids).get_indexer(pairs["product_id"])
+    known = (query_index >= 0) & (product_index >= 0)
+    frame = pd.DataFrame({"q": query_index[known], "p": product_index[known],
+                          "label": pairs["label"].to_numpy()[known].astype(np.int8)})
+    frame = frame.groupby(["q", "p"], sort=True)["label"].max().reset_index()
+    matrix = sparse.csr_matrix((frame["label"].to_numpy(), (frame["q"].to_numpy(), frame["p"].to_numpy())),
+                               shape=(len(queries), len(product_ids)), dtype=np.int8)
+    matrix.eliminate_zeros()
+    return matrix
+
+
+def top_k_products(query_vecs: np.ndarray, product_vecs: np.ndarray, k: int = TOP_K,
+                   chunk_size: int = 1024) -> np.ndarray:
+    """``[Q, k]`` product indices by decreasing cosine (inner product of unit vectors); ties go to
+    the lower index. Computed in chunks of queries to bound memory."""
+    k = min(k, product_vecs.shape[0])
+    out = np.empty((query_vecs.shape[0], k), dtype=np.int64)
+    for start in range(0, query_vecs.shape[0], chunk_size):
+        scores = query_vecs[start:start + chunk_size] @ product_vecs.T
+        candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+            np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
+        candidate_scores = np.take_along_axis(scores, candidates, axis=1)
+        order = np.lexsort((candidates, -candidate_scores), axis=1)
+        out[start:start + chunk_size] = np.take_along_axis(candidates, order, axis=1)
+    return out
+
+
+def retrieval_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, labels: sparse.spmatrix | np.ndarray,
+                      k: int = TOP_K) -> dict[str, float]:
+    """Graded relevance, Recall@k and Precision@k of top-k cosine retrieval.
+
+    Args:
+        query_vecs: ``[Q, d]`` L2-normalised query vectors.
+        product_vecs: ``[P, d]`` L2-normalised product vectors (the whole candidate set).
+        labels: ``[Q, P]`` relevance label of each (query, product) (0 IR or unlabelled, 1 MR, 2 HR),
+            dense or scipy sparse.
+        k: cut-off.
+
+    Queries without any MR/HR product are skipped (their recall is undefined); all three metrics
+    are averaged over the same queries. Returns ``graded_relevance``, ``recall_at_{k}``,
+    ``precision_at_{k}`` and ``n_queries``.
+    """
+    labels = sparse.csr_matrix(labels)
+    if labels.shape != (query_vecs.shape[0], product_vecs.shape[0]):
+        raise ValueError(f"labels must be [Q, P] = {(query_vecs.shape[0], product_vecs.shape[0])}, got {labels.shape}")
+    n_relevant = np.asarray((labels >= MR).sum(axis=1)).ravel()
+    keep = np.flatnonzero(n_relevant > 0)
+    if len(keep) == 0:
+        raise ValueError("no query has an MR or HR product: retrieval metrics are undefined")
+    top = top_k_products(np.asarray(query_vecs, np.float32)[keep], np.asarray(product_vecs, np.float32), k)
+    top_labels = np.asarray(labels[np.repeat(keep, top.shape[1]), top.ravel()]).reshape(top.shape)
+    hits = (top_labels >= MR).sum(axis=1)
+    return {
+        "graded_relevance": float(np.mean(top_labels.sum(axis=1) / (HR * k))),
+        f"recall_at_{k}": float(np.mean(hits / n_relevant[keep])),
+        f"precision_at_{k}": float(np.mean(hits / k)),
+        "n_queries": int(len(keep)),
+    }
+
+
+# --------------------------------------------------------------------------------------- probes
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch and the BLAS/OpenMP pools on one thread: a probe is too small to gain from more,
+    and on a busy machine spinning threads make it many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class ProbeMLP(nn.Module):
+    """Frozen-vector classifier: ``[N, F] -> Linear -> ReLU -> Dropout -> Linear -> [N, C]`` logits."""
+
+    def __init__(self, in_features: int, n_classes: int, hidden: int = 256, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, n_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+@dataclass
+class ProbeResult:
+    """Test-split scores of a probe. ``per_class_recall`` is keyed by class name."""
+
+    macro_f1: float
+    per_class_recall: dict[str, float]
+    n_train: int
+    n_test: int
+    n_classes: int
+
+
+def train_probe(features: np.ndarray, labels: np.ndarray, *, seed: int, hidden: int = 256, dropout: float = 0.2,
+                epochs: int = 40, lr: float = 1e-3, batch_size: int = 256, test_fraction: float = 0.2) -> ProbeResult:
+    """Train :class:`ProbeMLP` on ``features`` ``[N, F]`` to predict ``labels`` ``[N]`` (any
+    hashable values) and score it on a stratified held-out ``test_fraction``.
+
+    Classes with fewer than 2 examples cannot be stratified and are dropped (logged). Features are
+    standardised with the training split's mean and std; the cross entropy is weighted by inverse
+    class frequency so that minority classes count as much as they do in macro F1. Deterministic
+    for ``seed``; the global torch RNG state is left as it was.
+    """
+    labels = np.asarray(labels)
+    classes, y, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    usable = counts[y] >= 2
+    if (~usable).any():
+        log.info("probe: dropping %d classes with a single example", int((counts < 2).sum()))
+    features, y = np.asarray(features, np.float32)[usable], y[usable]
+    classes, y = np.unique(classes[y], return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"a probe needs at least 2 classes with 2+ examples, got {len(classes)}")
+    n_test = max(int(round(test_fraction * len(y))), len(classes))
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=n_test, stratify=y, random_state=seed)
+    mean = features[train_idx].mean(axis=0)
+    std = features[train_idx].std(axis=0) + 1e-6
+    x_train = torch.from_numpy((features[train_idx] - mean) / std)
+    x_test = torch.from_numpy((features[test_idx] - mean) / std)
+    y_train = torch.from_numpy(y[train_idx]).long()
+    with torch.random.fork_rng(devices=[]), single_threaded():
+        torch.manual_seed(seed)
+        model = ProbeMLP(features.shape[1], len(classes), hidden, dropout)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        class_counts = np.bincount(y[train_idx], minlength=len(classes))
+        loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(len(train_idx) / (len(classes) * class_counts),
+                                                          dtype=torch.float32))
+        model.train()
+        for _ in range(epochs):
+            for batch in torch.randperm(len(train_idx)).split(batch_size):
+                optimizer.zero_grad()
+                loss_fn(model(x_train[batch]), y_train[batch]).backward()
+                optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            predicted = model(x_test).argmax(dim=1).numpy()
+    truth = y[test_idx]
+    recall = recall_score(truth, predicted, labels=np.arange(len(classes)), average=None, zero_division=0)
+    return ProbeResult(
+        macro_f1=float(f1_score(truth, predicted, labels=np.arange(len(classes)), average="macro", zero_division=0)),
+        per_class_recall={str(c): float(r) for c, r in zip(classes, recall)},
+        n_train=int(len(train_idx)), n_test=int(len(test_idx)), n_classes=int(len(classes)))
+
+
+def downsample_label(labels: np.ndarray, label: int, keep_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices that keep every row except a random ``1 - keep_fraction`` of ``label``'s rows."""
+    rows = np.flatnonzero(labels == label)
+    kept = rng.choice(rows, size=int(math.floor(keep_fraction * len(rows))), replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(labels != label), kept]))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate DashCLIP embeddings against random vectors and the untuned encoders on held-out queries."""
+
+    workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
+    seed: int = field(default=0, metadata={"help": "seed of the random baseline, probes and t-SNE"})
+    force: bool = field(default=False, metadata={"help": "recompute even if metrics.json is up to date"})
+    probe_epochs: int = field(default=40, metadata={"help": "training epochs of each MLP probe"})
+    probe_hidden: int = field(default=256, metadata={"help": "hidden width of the MLP probes"})
+    probe_max_rows: int = field(default=200_000, metadata={"help": "subsample each probe's rows to at most this"})
+    tsne_points: int = field(default=2000, metadata={"help": "products per t-SNE map"})
+
+
+def split_settings(workdir: Path, seed: int) -> dict:
+    """The query split used by training: the ``seed`` and ``query_eval_fraction`` recorded in
+    ``DIR/embeddings/config.json``, else ``--seed`` and the training default fraction."""
+    path = workdir / "embeddings" / "config.json"
+    recorded = read_json(path) if path.exists() else {}
+    if "query_eval_fraction" in recorded:
+        return {"seed": int(recorded.get("seed", seed)), "eval_fraction": float(recorded["query_eval_fraction"]),
+                "source": str(path.relative_to(workdir))}
+    return {"seed": seed, "eval_fraction": DEFAULT_EVAL_FRACTION,
+            "source": "defaults (no query_eval_fraction in embeddings/config.json)"}
+
+
+def _input_fingerprint(workdir: Path) -> dict[str, str]:
+    """sha256 of every file the metrics depend on: data tables, exported tables, checkpoints."""
+    files = [schema.table_path(workdir, "catalog"), schema.table_path(workdir, "relevance"),
+             tables.table_path(workdir, "product"), workdir / "embeddings" / "config.json"]
+    checkpoints = workdir / "embeddings" / "checkpoints"
+    if checkpoints.is_dir():
+        files += sorted(p for p in checkpoints.rglob("*") if p.is_file())
+    return {str(p.relative_to(workdir)): file_sha256(p) for p in files if p.exists()}
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def trained_product_vectors(workdir: Path, encoder, catalog: pd.DataFrame) -> np.ndarray:
+    """Trained multimodal product vectors ``[P, d]``: from the exported product table when it covers
+    the whole catalog (no re-encoding), else from the trained encoder."""
+    path = tables.table_path(workdir, "product")
+    if path.exists():
+        table = tables.read_table(path, "product")
+        rows = table.lookup(catalog["product_id"].to_numpy())
+        if (rows > 0).all():
+            log.info("trained product vectors: read from %s", path)
+            return table.vectors[rows]
+        log.info("exported product table misses %d catalog products: encoding them all", int((rows == 0).sum()))
+    return encoder.products(catalog)
+
+
+def _markdown(metrics: dict) -> str:
+    split = metrics["split"]
+    lines = ["# DashCLIP embedding evaluation", "",
+             f"Held-out queries: {split['n_heldout_queries']} ({split['eval_fraction']:.0%} of distinct queries, "
+             f"split seed {split['seed']}, from {split['source']}); {metrics['retrieval']['dashclip']['n_queries']} "
+             f"have at least one MR/HR product and are scored. Candidates: all {metrics['counts']['products']} "
+             "catalog products.", "",
+             "## Retrieval (paper Table 1 layout)", "",
+             "| model | graded relevance | Recall@10 | Precision@10 |", "|---|---:|---:|---:|"]
+    for key, name in RETRIEVAL_SYSTEMS.items():
+        r = metrics["retrieval"][key]
+        lines.append(f"| {name} | {r['graded_relevance']:.4f} | {r['recall_at_10']:.4f} | {r['precision_at_10']:.4f} |")
+    lines += ["", "## Aisle-category classification (paper section 5.1)", "",
+              "MLP probe on frozen product vectors, stratified 80/20 split.", "",
+              "| product vectors | macro F1 | classes | test products |", "|---|---:|---:|---:|"]
+    for key, name in (("untuned", "untuned multimodal"), ("dashclip", "DashCLIP")):
+        d = metrics["aisle_probe"][key]
+        lines.append(f"| {name} | {metrics['aisle_f1'][key]:.4f} | {d['n_classes']} | {d['n_test']} |")
+    lines += ["", "## 3-class relevance classification (paper section 5.2)", "",
+              "MLP probe on [product vector, query vector] of the held-out queries' labelled pairs, IR downsampled "
+              "by half, stratified 80/20 split.", "",
+              "| vectors | macro F1 | recall IR | recall MR | recall HR | test pairs |", "|---|---:|---:|---:|---:|---:|"]
+    for key, name in (("untuned", "untuned"), ("dashclip", "DashCLIP")):
+        d = metrics["relevance_probe"][key]
+        rec = d["per_class_recall"]
+        lines.append(f"| {name} | {metrics['relevance_f1'][key]:.4f} | "
+                     + " | ".join(f"{rec.get(LABEL_NAMES[c], float('nan')):.4f}" for c in (IR, MR, HR))
+                     + f" | {d['n_test']} |")
+    lines += ["", "## Cosine(product, query) by relevance label (held-out pairs, mean)", "",
+              "| vectors | IR | MR | HR |", "|---|---:|---:|---:|"]
+    for key, means in metrics["cosine_by_label"].items():
+        lines.append(f"| {key} | " + " | ".join(f"{means.get(LABEL_NAMES[c], float('nan')):.4f}" for c in (IR, MR, HR))
+                     + " |")
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in metrics["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def encode_all(workdir: Path, catalog: pd.DataFrame, queries: list[str], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Every vector set the evaluation compares, L2-normalised, keyed ``<system>_<kind>``:
+    ``{untuned,dashclip,random}_{query,product}`` plus ``untuned_text`` and ``untuned_image``."""
+    from embeddings.encode import load_encoder  # the encoders are heavy: import only when evaluating
+
+    steps = tqdm(total=6, desc="encode", unit="set")
+    untuned = load_encoder(workdir, "untuned")
+    vectors = {}
+    for name, encode in (("untuned_query", lambda: untuned.queries(queries)),
+                         ("untuned_text", lambda: untuned.texts(catalog["title"].tolist())),
+                         ("untuned_image", lambda: untuned.images(catalog)),
+                         ("untuned_product", lambda: untuned.products(catalog))):
+        vectors[name] = _unit(encode())
+        steps.update()
+    trained = load_encoder(workdir, "trained")
+    vectors["dashclip_query"] = _unit(trained.queries(queries))
+    steps.update()
+    vectors["dashclip_product"] = _unit(trained_product_vectors(workdir, trained, catalog))
+    steps.update()
+    steps.close()
+    dim = vectors["dashclip_product"].shape[1]
+    vectors["random_query"] = _unit(rng.standard_normal((len(queries), dim)))
+    vectors["random_product"] = _unit(rng.standard_normal((len(catalog), dim)))
+    return vectors
+
+
+def _cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(rows, cap, replace=False)) if len(rows) > cap else rows
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Run the whole evaluation; returns the metrics written to ``metrics.json``."""
+    workdir = Path(cfg.workdir)
+    out_dir = workdir / "embeddings"
+    rng = seed_everything(cfg.seed)
+    split = split_settings(workdir, cfg.seed)
+    settings = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")},
+                "split": split, "inputs": _input_fingerprint(workdir)}
+    metrics_path = out_dir / "metrics.json"
+    if not cfg.force and metrics_path.exists() and (out_dir / "metrics.md").exists():
+        previous = read_json(metrics_path)
+        if previous.get("settings") == settings and all((out_dir / p).exists() for p in previous.get("plots", [])):
+            log.info("%s is up to date for these settings and inputs: skipping (--force to redo)", metrics_path)
+            return previous
+
+    # Held-out queries and their labelled pairs.
+    try:
+        catalog = schema.read_table(workdir, "catalog").to_pandas()
+        relevance = schema.read_table(workdir, "relevance").to_pandas()
+    except schema.SchemaError as exc:
+        raise UserError(str(exc)) from None
+    prepare_workdir(workdir, "embeddings/plots")
+    _, heldout = split_queries(relevance, split["eval_fraction"], split["seed"])
+    if heldout.empty:
+        raise UserError(f"no held-out queries (eval_fraction {split['eval_fraction']} of "
+                        f"{relevance['query'].nunique()} queries): nothing to evaluate")
+    query_codes, vocabulary = normalized_query_codes(heldout["query"])
+    queries = vocabulary.tolist()
+    product_ids = catalog["product_id"].to_numpy(dtype=np.int64)
+    pairs = (heldout.assign(query=vocabulary[query_codes])
+             .groupby(["query", "product_id"], sort=True)["label"].max().reset_index())
+    pair_query = pd.Index(queries).get_indexer(pairs["query"])
+    pair_product = pd.Index(product_ids).get_indexer(pairs["product_id"])
+    pair_label = pairs["label"].to_numpy(dtype=np.int8)
+    log.info("evaluating on %d held-out queries (%d labelled pairs) over %d products",
+             len(queries), len(pairs), len(product_ids))
+
+    vectors = encode_all(workdir, catalog, queries, rng)
+
+    # Table 1: retrieval.
+    labels = relevance_matrix(pairs, queries, product_ids)
+    retrieval_pairs = {"random": ("random_query", "random_product"),
+                       "untuned_text": ("untuned_query", "untuned_text"),
+                       "untuned_image": ("untuned_query", "untuned_image"),
+                       "dashclip": ("dashclip_query", "dashclip_product")}
+    retrieval = {name: retrieval_metrics(vectors[q], vectors[p], labels)
+                 for name, (q, p) in tqdm(retrieval_pairs.items(), desc="retrieval")}
+
+    systems = ("untuned", "dashclip")
+    probe_kwargs = dict(seed=cfg.seed, hidden=cfg.probe_hidden, epochs=cfg.probe_epochs)
+    aisle_rows = _cap_rows(np.arange(len(product_ids)), cfg.probe_max_rows, rng)
+    probe_rows = _cap_rows(downsample_label(pair_label, IR, 0.5, rng), cfg.probe_max_rows, rng)
+    probe_labels = np.array([LABEL_NAMES[int(v)] for v in pair_label[probe_rows]])
+    cosines = {name: (np.einsum("nd,nd->n", vectors[f"{name}_product"][pair_product],
+                                vectors[f"{name}_query"][pair_query]), pair_label) for name in systems}
+    from embeddings.plots import plot_cosine_histograms, plot_tsne
+
+    # Section 5.1: aisle classification of products; 5.2: 3-class relevance of held-out pairs.
+    aisle_probe = {name: train_probe(vectors[f"{name}_product"][aisle_rows], catalog["aisle"].to_numpy()[aisle_rows],
+                                     **probe_kwargs)
+                   for name in tqdm(systems, desc="aisle probe")}
+    relevance_probe = {name: train_probe(np.concatenate([vectors[f"{name}_product"][pair_product[probe_rows]],
+                                                         vectors[f"{name}_query"][pair_query[probe_rows]]], axis=1),
+                                         probe_labels, **probe_kwargs)
+                       for name in tqdm(systems, desc="relevance probe")}
+    plots = [plot_cosine_histograms(cosines, out_dir / "plots" / "cosine_by_relevance.png"),
+             plot_tsne({name: vectors[f"{name}_product"] for name in systems}, catalog["aisle"].to_numpy(),
+                       out_dir / "plots" / "tsne.png", seed=cfg.seed, max_points=cfg.tsne_points)]
+
+    metrics = {
+        "retrieval": retrieval,
+        "aisle_f1": {name: r.macro_f1 for name, r in aisle_probe.items()},
+        "relevance_f1": {name: r.macro_f1 for name, r in relevance_probe.items()},
+        "aisle_probe": {name: asdict(r) for name, r in aisle_probe.items()},
+        "relevance_probe": {name: asdict(r) for name, r in relevance_probe.items()},
+        "cosine_by_label": {name: {LABEL_NAMES[c]: float(cos[lab == c].mean()) for c in (IR, MR, HR) if (lab == c).any()}
+                            for name, (cos, lab) in cosines.items()},
+        "split": {**split, "n_heldout_queries": len(queries), "n_heldout_pairs": int(len(pairs))},
+        "counts": {"products": int(len(product_ids)), "relevance_pairs": int(len(relevance))},
+        "plots": [str(p.relative_to(out_dir)) for p in plots if p is not None],
+        "settings": settings,
+    }
+    write_json(metrics, metrics_path)
+    write_text(_markdown(metrics), out_dir / "metrics.md")
+    log.info("wrote %s: DashCLIP Recall@10 %.3f (untuned text %.3f, random %.3f); aisle F1 %.3f vs %.3f; "
+             "relevance F1 %.3f vs %.3f", metrics_path, retrieval["dashclip"]["recall_at_10"],
+             retrieval["untuned_text"]["recall_at_10"], retrieval["random"]["recall_at_10"],
+             metrics["aisle_f1"]["dashclip"], metrics["aisle_f1"]["untuned"],
+             metrics["relevance_f1"]["dashclip"], metrics["relevance_f1"]["untuned"])
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg = parse_config(EvaluateConfig, argv)
+    torch.set_num_threads(2)
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    run_main(main)

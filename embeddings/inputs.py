@@ -1,0 +1,111 @@
+"""Model inputs: decoded, resized, normalised product images and tokenised text, batched.
+
+Images are decoded once with PIL, padded to a square on white (product photos sit on white),
+resized to ``S x S`` and kept as ``uint8`` in memory up to a budget; :meth:`ImageStore.pixels`
+turns a batch into normalised float pixels ``[B, 3, S, S]``. Text is tokenised once per distinct
+string and padded per batch to its longest member.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How an image encoder wants its pixels: side, per-channel mean and std (on [0, 1] values)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def decode_image(blob: bytes, size: int) -> torch.Tensor:
+    """PNG/JPEG bytes -> ``uint8`` ``[3, size, size]`` (aspect kept, padded with white)."""
+    with Image.open(io.BytesIO(blob)) as img:
+        img = img.convert("RGB")
+        img = ImageOps.pad(img, (size, size), method=Image.Resampling.BICUBIC, color=(255, 255, 255))
+        array = np.asarray(img, dtype=np.uint8).copy()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageStore:
+    """Images of a catalog, decoded lazily and cached as ``uint8``.
+
+    Args:
+        blobs: encoded image bytes per product (None = no image).
+        product_ids: the products' ids (named in errors).
+        spec: target size and normalisation.
+        cache_mb: memory budget of the decoded cache (images beyond it are decoded on every use).
+    """
+
+    def __init__(self, blobs: Sequence[bytes | None], product_ids: Sequence[int], spec: ImageSpec,
+                 cache_mb: int = 2048) -> None:
+        self.blobs = list(blobs)
+        self.product_ids = list(product_ids)
+        self.spec = spec
+        self.has_image = np.array([b is not None for b in self.blobs], dtype=bool)
+        per_image = 3 * spec.size * spec.size
+        self.cache_capacity = max(0, cache_mb * 2**20 // per_image)
+        self._cache: dict[int, torch.Tensor] = {}
+        self._mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.std).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def _decoded(self, index: int) -> torch.Tensor:
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        blob = self.blobs[index]
+        if blob is None:
+            raise ValueError(f"product_id {self.product_ids[index]} has no image")
+        try:
+            image = decode_image(blob, self.spec.size)
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise ValueError(f"catalog column 'image': cannot decode the image of product_id "
+                             f"{self.product_ids[index]}: {exc}") from None
+        if len(self._cache) < self.cache_capacity:
+            self._cache[index] = image
+        return image
+
+    def pixels(self, indices: Sequence[int]) -> torch.Tensor:
+        """Normalised float pixels ``[B, 3, S, S]`` of the products at ``indices`` (all with images)."""
+        batch = torch.stack([self._decoded(int(i)) for i in indices]).float().div_(255.0)
+        return (batch - self._mean) / self._std
+
+
+class TokenStore:
+    """Token ids of a list of strings, tokenised once (truncated to ``max_tokens`` incl. [CLS]/[SEP])."""
+
+    def __init__(self, tokenizer, texts: Sequence[str], max_tokens: int) -> None:
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+        unique = list(dict.fromkeys(texts))
+        encoded = tokenizer(unique, truncation=True, max_length=max_tokens, add_special_tokens=True)["input_ids"]
+        by_text = dict(zip(unique, encoded))
+        self.ids = [by_text[t] for t in texts]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids [B, L], attention_mask [B, L])`` padded to the longest of the batch."""
+        return pad_token_ids([self.ids[int(i)] for i in indices], self.pad_id)
+
+
+def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists: ``(input_ids [B, L], attention_mask [B, L])``."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask

@@ -1,0 +1,836 @@
+"""Train DashCLIP: ``python -m embeddings.train --workdir DIR [--backbone mini] [--stage 1|2|all] ...``
+
+Stage 1, continual pretraining on the catalog (BLIP-style): each step embeds a batch of
+(image, title) pairs, takes the symmetric ITC loss, mines one hard negative title per image and
+one hard negative image per title from the ITC similarities, and takes the ITM loss of the
+positives and both negatives through the image-grounded text encoder. A held-out share of the
+products gives an ITM eval loss every ``--eval-every`` steps (with a fixed negative-sampling seed,
+so evaluations are comparable); the best evaluation's weights are kept and training stops after
+``--patience`` evaluations without improvement.
+
+Stage 2, product-query alignment: the product encoders are frozen, so the grounded [CLS] of every
+product is computed once; the multimodal projection, the query encoder (first layers frozen) and
+the query projection are trained with the PQC loss on tuples of
+:func:`embeddings.sampling.build_pqc_tuples` over the training side of
+:func:`embeddings.sampling.split_queries`. At the start of stage 2 the query encoder is
+initialised from the stage-1 text encoder.
+
+Outputs under ``DIR/embeddings/``: ``config.json`` (settings), ``train_log.json`` (losses per step,
+eval losses, best step, wall times), ``checkpoints/stage1.pt`` (stage-1 weights) and
+``checkpoints/model.pt`` (the trained model that ``embeddings.encode`` loads). While a stage runs,
+``checkpoints/stage{1,2}_last.pt`` hold everything needed to resume (model, optimizer, scheduler,
+RNG states, step); a rerun of the same settings continues from there (``--no-resume`` restarts).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from common.cli import UserError, parse_config, run_main
+from common.io import atomic_path, prepare_workdir, read_json, write_json
+from data import schema
+from data.text import normalize_query
+from embeddings.config import TrainConfig
+from embeddings.inputs import ImageStore, TokenStore
+from embeddings.losses import ITCLoss, ITMLoss, PQCLoss, mine_hard_negatives
+from embeddings.models import DashCLIP, build_model
+from embeddings.sampling import build_pqc_tuples, split_queries
+
+log = logging.getLogger(__name__)
+
+EVAL_NEGATIVES_SEED_OFFSET = 1_000_003
+MIN_STAGE1_PRODUCTS = 4
+
+
+# ------------------------------------------------------------------------------------ plumbing
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def adamw(groups: list[dict[str, Any]], weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=device, weights_only=False, mmap=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise UserError(f"{path}: not a readable DashCLIP checkpoint ({exc})") from None
+
+
+def epoch_order(items: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The data order of ``epoch``: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(items)
+
+
+def batch_at(items: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The ``step``-th batch of an endless sequence of epochs (last partial batch of each epoch dropped)."""
+    per_epoch = len(items) // batch_size
+    epoch, offset = divmod(step, per_epoch)
+    return epoch_order(items, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
+
+
+def plan_steps(n_items: int, batch_size: int, epochs: float, max_steps: int) -> int:
+    steps = max(1, math.ceil(epochs * (n_items // batch_size)))
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+Precision = Callable[[], contextlib.AbstractContextManager]
+
+
+def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, pixels: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, same_title: torch.Tensor, generator: torch.Generator,
+                  precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ITC loss, ITM loss) of a batch of B matched (image, title) pairs.
+
+    pixels ``[B, 3, S, S]``, input_ids / attention_mask ``[B, L]``, same_title ``[B, B]`` bool (pairs
+    that are never negatives of each other). ITM sees the B positives, one hard negative title per
+    image and one hard negative image per title (3B grounded forward passes). ``precision`` opens
+    the autocast region of the encoders; the losses themselves run in float32.
+    """
+    batch = pixels.shape[0]
+    with precision():
+        tokens = model.image_tokens(pixels)
+        image_emb = model.image_embedding(tokens)
+        text_emb = model.text_embedding(input_ids, attention_mask)
+    itc_loss, sim_i2t = itc(image_emb.float(), text_emb.float())
+    neg_text, neg_image = mine_hard_negatives(sim_i2t, generator, same_title)
+    with precision():
+        logits = model.itm_logits(torch.cat([input_ids, input_ids[neg_text], input_ids]),
+                                  torch.cat([attention_mask, attention_mask[neg_text], attention_mask]),
+                                  torch.cat([tokens, tokens, tokens[neg_image]]))
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(pixels.device)
+    return itc_loss, itm(logits.float(), labels)
+
+
+def pqc_batch_loss(model: DashCLIP, pqc: PQCLoss, product_cls: torch.Tensor, query_prefix: torch.Tensor,
+                   query_mask: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """PQC loss of B tuples: frozen grounded [CLS] ``[B, Dt]`` and the tuples' queries as
+    :meth:`DashCLIP.query_prefix_states` ``[B*(1+N), L, Dq]`` with mask ``[B*(1+N), L]``, flattened
+    row-major (positive first in each tuple)."""
+    batch = product_cls.shape[0]
+    with precision():
+        product = model.product_embedding_from_cls(product_cls)
+        query = model.query_embedding_from_prefix(query_prefix, query_mask).view(batch, query_prefix.shape[0] // batch, -1)
+    return pqc(product.float(), query.float())
+
+
+class QueryPrefixStore:
+    """Query inputs of stage 2: the states after the query encoder's frozen layers.
+
+    Those layers are fixed (and in eval mode) during stage 2, so their output is computed once per
+    distinct query and kept when it fits in ``cache_mb``; otherwise (or with no frozen layer) it is
+    computed per batch.
+    """
+
+    def __init__(self, model: DashCLIP, tokens: TokenStore, device: torch.device, precision: Precision,
+                 cache_mb: int, batch_size: int = 256) -> None:
+        self.model, self.tokens, self.device, self.precision = model, tokens, device, precision
+        self.frozen = model.frozen_layers.get("query_encoder", 0) > 0
+        longest = max((len(ids) for ids in tokens.ids), default=1)
+        size_mb = len(tokens) * longest * model.query_encoder.width * 4 / 2**20
+        self.cache: torch.Tensor | None = None
+        self.lengths = torch.tensor([len(ids) for ids in tokens.ids], device=device)
+        if self.frozen and size_mb <= cache_mb:
+            parts = [self._compute(np.arange(i, min(i + batch_size, len(tokens))))[0].float()
+                     for i in range(0, len(tokens), batch_size)]
+            self.cache = torch.zeros(len(tokens), longest, parts[0].shape[-1], device=device)
+            for i, part in zip(range(0, len(tokens), batch_size), parts):
+                self.cache[i:i + len(part), :part.shape[1]] = part
+            log.info("stage 2: frozen query-encoder states of %d distinct queries cached (%.0f MB)", len(tokens),
+                     size_mb)
+        elif self.frozen:
+            log.info("stage 2: %d distinct queries need %.0f MB > --query-cache-mb: computing their frozen states "
+                     "per batch", len(tokens), size_mb)
+
+    def _compute(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = (t.to(self.device) for t in self.tokens.batch(indices))
+        with (torch.no_grad() if self.frozen else contextlib.nullcontext()), self.precision():
+            return self.model.query_prefix_states(ids, mask), mask
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(states [n, L, Dq], attention_mask [n, L])`` of the queries at ``indices``."""
+        if self.cache is None:
+            return self._compute(indices)
+        rows = torch.as_tensor(indices, device=self.device)
+        lengths = self.lengths[rows]
+        longest = int(lengths.max())
+        mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None]).long()
+        return self.cache[rows, :longest], mask
+
+
+@dataclasses.dataclass
+class Paths:
+    root: Path
+
+    @property
+    def emb(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.emb / "checkpoints"
+
+    def stage_final(self, stage: int) -> Path:
+        return self.ckpt / ("stage1.pt" if stage == 1 else "model.pt")
+
+    def stage_last(self, stage: int) -> Path:
+        return self.ckpt / f"stage{stage}_last.pt"
+
+    @property
+    def stage1_best(self) -> Path:
+        return self.ckpt / "stage1_best.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.emb / "train_log.json"
+
+    @property
+    def config(self) -> Path:
+        return self.emb / "config.json"
+
+
+class Paused(Exception):
+    """This invocation's step budget (``--max-steps-this-run``) ran out; the run is checkpointed."""
+
+
+class StepBudget:
+    """Counts optimizer steps of this invocation against ``--max-steps-this-run``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def exhausted(self) -> bool:
+        return self.limit > 0 and self.used >= self.limit
+
+
+# --------------------------------------------------------------------------------- stage loop
+class StageRunner:
+    """The optimisation loop shared by both stages: steps, checkpoints, resume, log, progress.
+
+    Subclasses provide :meth:`train_loss` (the loss of global step ``step``) and may hook
+    :meth:`after_step` (evaluation, early stopping) and :meth:`extra_state`/:meth:`load_extra_state`.
+    """
+
+    stage: int = 0
+
+    def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
+                 groups: list[dict[str, Any]], total_steps: int, budget: StepBudget) -> None:
+        self.cfg, self.model, self.device, self.paths, self.budget = cfg, model, device, paths, budget
+        self.total_steps = total_steps
+        self.optimizer = adamw(groups, cfg.weight_decay, device)
+        self.scheduler = warmup_cosine(self.optimizer, total_steps, cfg.warmup_fraction)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.train_wall_s = 0.0  # optimizer steps only
+        self.wall_s = 0.0  # the whole loop: steps, evaluations, checkpoints (summed over resumed runs)
+        self.key = cfg.settings_key(str(self.stage))
+        torch.manual_seed(cfg.seed + self.stage)  # dropout; a resumed run restores the saved state
+
+    # hooks -------------------------------------------------------------------
+    def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_step(self) -> bool:
+        """Called after each optimizer step; returns True to stop early."""
+        return False
+
+    def evaluation_due(self, every: int, evals: list[dict[str, float]]) -> bool:
+        """Every ``every`` steps, and at the last step unless an evaluation ran shortly before (within
+        ``min(every, total_steps) / 2`` steps)."""
+        if self.step % every == 0:
+            return True
+        last = evals[-1]["step"] if evals else -every
+        return self.step == self.total_steps and self.step - last >= max(1, min(every, self.total_steps) // 2)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """Modules whose state (besides the model) a checkpoint must carry."""
+        return {}
+
+    # loop --------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"settings_key": self.key, "step": self.step, "total_steps": self.total_steps,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.device),
+                "modules": {k: m.state_dict() for k, m in self.trained_modules().items()},
+                "history": self.history, "train_wall_s": self.train_wall_s, "wall_s": self.wall_s,
+                "extra": self.extra_state()}
+
+    def save(self) -> None:
+        save_checkpoint(self.state(), self.paths.stage_last(self.stage))
+
+    def try_resume(self) -> bool:
+        path = self.paths.stage_last(self.stage)
+        if not path.exists():
+            return False
+        state = load_checkpoint(path, self.device)
+        if state.get("settings_key") != self.key or state.get("total_steps") != self.total_steps:
+            log.info("stage %d: %s is from other settings; starting over", self.stage, path)
+            return False
+        if not self.cfg.resume:
+            log.info("stage %d: --no-resume: discarding the interrupted run at step %d", self.stage, state["step"])
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for name, module in self.trained_modules().items():
+            module.load_state_dict(state["modules"][name])
+        set_rng_state(state["rng"], self.device)
+        self.step, self.history = state["step"], state["history"]
+        self.train_wall_s, self.wall_s = state["train_wall_s"], state["wall_s"]
+        self.load_extra_state(state["extra"])
+        log.info("stage %d: resumed from %s at step %d of %d", self.stage, path, self.step, self.total_steps)
+        return True
+
+    def run(self) -> None:
+        """Train to ``total_steps`` (or an early stop). Raises :class:`Paused` when the step budget
+        of this invocation runs out (after checkpointing)."""
+        self.model.train()
+        progress = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.stage}", unit="step",
+                        dynamic_ncols=True, mininterval=1.0)
+        stop = False
+        loop_started = time.perf_counter()
+        try:
+            while self.step < self.total_steps and not stop:
+                if self.budget.exhausted():
+                    self.wall_s += time.perf_counter() - loop_started
+                    loop_started = time.perf_counter()
+                    self.save()
+                    raise Paused(f"stage {self.stage} paused at step {self.step} of {self.total_steps} "
+                                 f"(--max-steps-this-run {self.budget.limit}); rerun to continue")
+                started = time.perf_counter()
+                self.model.train()
+                loss, metrics = self.train_loss(self.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                self.budget.used += 1
+                self.train_wall_s += time.perf_counter() - started
+                self.history.append({"step": self.step, "loss": float(loss.detach()), **metrics,
+                                     "lr": self.scheduler.get_last_lr()[0]})
+                progress.update(1)
+                progress.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                stop = self.after_step()
+                if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps and not stop:
+                    self.save()
+        finally:
+            progress.close()
+            self.wall_s += time.perf_counter() - loop_started
+
+
+# ------------------------------------------------------------------------------------ stage 1
+class Stage1(StageRunner):
+    """ITC + ITM on (image, title) pairs with held-out ITM early stopping."""
+
+    stage = 1
+
+    def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
+                 images: ImageStore, titles: TokenStore, title_text: list[str], train_rows: np.ndarray,
+                 eval_rows: np.ndarray, budget: StepBudget) -> None:
+        self.images, self.titles, self.title_text = images, titles, title_text
+        self.train_rows, self.eval_rows = train_rows, eval_rows
+        self.batch_size = min(cfg.stage1_batch_size, len(train_rows))
+        self.itc = ITCLoss(cfg.itc_temperature).to(device)
+        self.itm = ITMLoss()
+        groups = model.stage_parameter_groups(1)
+        total = plan_steps(len(train_rows), self.batch_size, cfg.stage1_epochs, cfg.stage1_max_steps)
+        super().__init__(cfg, model, device, paths,
+                         [{"params": groups["encoder"], "lr": cfg.stage1_lr},
+                          {"params": groups["new"] + list(self.itc.parameters()), "lr": cfg.head_lr}],
+                         total, budget)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.evals: list[dict[str, float]] = []
+        self.best_loss = math.inf
+        self.best_step = 0
+        self.bad_evals = 0
+        self.stopped_early = False
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return {"itc": self.itc}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "evals": self.evals, "best_loss": self.best_loss,
+                "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.evals, self.best_loss = state["evals"], state["best_loss"]
+        self.best_step, self.bad_evals = state["best_step"], state["bad_evals"]
+
+    def _same_title(self, rows: np.ndarray) -> torch.Tensor:
+        titles = np.array([self.title_text[r] for r in rows], dtype=object)
+        return torch.as_tensor(titles[:, None] == titles[None, :], device=self.device)
+
+    def _losses(self, rows: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ITC loss, ITM loss) of one batch of catalog rows."""
+        pixels = self.images.pixels(rows).to(self.device)
+        ids, mask = (t.to(self.device) for t in self.titles.batch(rows))
+        return stage1_losses(self.model, self.itc, self.itm, pixels, ids, mask, self._same_title(rows), generator,
+                             functools.partial(autocast, self.device))
+
+    def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = batch_at(self.train_rows, self.batch_size, self.cfg.seed, step)
+        itc, itm = self._losses(rows, self.generator)
+        return itc + itm, {"itc": float(itc.detach()), "itm": float(itm.detach()),
+                           "temperature": self.itc.temperature}
+
+    @torch.no_grad()
+    def eval_itm_loss(self) -> float:
+        """Mean ITM loss over the held-out products (fixed batches and negative-sampling seed)."""
+        self.model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + EVAL_NEGATIVES_SEED_OFFSET)
+        total, count = 0.0, 0
+        for start in range(0, len(self.eval_rows), self.batch_size):
+            rows = self.eval_rows[start:start + self.batch_size]
+            if len(rows) < 2:
+                continue
+            _, itm = self._losses(rows, generator)
+            total += float(itm) * len(rows)
+            count += len(rows)
+        self.model.train()
+        return total / count
+
+    def evaluate(self) -> None:
+        loss = self.eval_itm_loss()
+        self.evals.append({"step": self.step, "itm_eval_loss": loss})
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.bad_evals = loss, self.step, 0
+            save_checkpoint({"settings_key": self.key, "step": self.step, "model": self.model.state_dict(),
+                             "itc": self.itc.state_dict()}, self.paths.stage1_best)
+        else:
+            self.bad_evals += 1
+        log.info("stage 1 step %d: ITM eval loss %.4f (best %.4f at step %d)", self.step, loss, self.best_loss,
+                 self.best_step)
+
+    @property
+    def can_evaluate(self) -> bool:
+        return len(self.eval_rows) >= 2
+
+    def after_step(self) -> bool:
+        if not self.can_evaluate:
+            return False
+        if self.evaluation_due(self.cfg.eval_every, self.evals):
+            self.evaluate()
+            if self.bad_evals >= self.cfg.patience:
+                self.stopped_early = True
+                log.info("stage 1: early stop at step %d (%d evaluations without improvement)", self.step,
+                         self.bad_evals)
+                return True
+        return False
+
+    def run(self) -> None:
+        if not self.try_resume() and self.can_evaluate:
+            self.paths.stage1_best.unlink(missing_ok=True)
+            self.evaluate()  # the untrained model is a candidate too (step 0)
+        super().run()
+
+    def final_state(self) -> dict[str, Any]:
+        """The weights to keep: the best evaluation's, else the last step's."""
+        if self.can_evaluate:
+            best = load_checkpoint(self.paths.stage1_best, self.device)
+            return {"model": best["model"], "itc": best["itc"]}
+        return {"model": self.model.state_dict(), "itc": self.itc.state_dict()}
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": self.history, "evals": self.evals, "total_steps": self.total_steps,
+                "steps_done": self.step, "best_step": self.best_step if self.can_evaluate else self.step,
+                "best_itm_eval_loss": self.best_loss if self.can_evaluate else None,
+                "stopped_early": self.stopped_early, "train_wall_s": round(self.train_wall_s, 2),
+                "loop_wall_s": round(self.wall_s, 2), "s_per_step": round(self.train_wall_s / max(1, self.step), 4),
+                "batch_size": self.batch_size,
+                "n_train_products": int(len(self.train_rows)), "n_eval_products": int(len(self.eval_rows))}
+
+
+# ------------------------------------------------------------------------------------ stage 2
+class Stage2(StageRunner):
+    """PQC on (product, positive query, negative queries) tuples with frozen product encoders."""
+
+    stage = 2
+
+    def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
+                 product_cls: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
+                 queries: QueryPrefixStore, eval_rows: np.ndarray, eval_queries: np.ndarray,
+                 budget: StepBudget) -> None:
+        self.product_cls, self.tuple_rows, self.tuple_queries = product_cls, tuple_rows, tuple_queries
+        self.queries, self.eval_rows, self.eval_queries = queries, eval_rows, eval_queries
+        self.batch_size = min(cfg.stage2_batch_size, len(tuple_rows))
+        self.pqc = PQCLoss(cfg.pqc_tau)
+        groups = model.stage_parameter_groups(2)
+        total = plan_steps(len(tuple_rows), self.batch_size, cfg.stage2_epochs, cfg.stage2_max_steps)
+        super().__init__(cfg, model, device, paths,
+                         [{"params": groups["encoder"], "lr": cfg.stage2_lr},
+                          {"params": groups["new"], "lr": cfg.stage2_head_lr}], total, budget)
+        self.order = np.arange(len(tuple_rows))
+        n_probe = min(cfg.stage2_eval_max, len(tuple_rows))
+        self.train_probe = np.sort(np.random.default_rng([cfg.seed, 2]).choice(len(tuple_rows), n_probe, replace=False))
+        self.evals: list[dict[str, float]] = []
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"evals": self.evals}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.evals = state["evals"]
+
+    def _loss(self, product_rows: np.ndarray, query_index: np.ndarray) -> torch.Tensor:
+        """PQC loss of tuples: product rows ``[B]`` of the [CLS] table, query indices ``[B, 1+N]``."""
+        states, mask = self.queries.batch(query_index.reshape(-1))
+        return pqc_batch_loss(self.model, self.pqc, self.product_cls[torch.as_tensor(product_rows)], states, mask,
+                              functools.partial(autocast, self.device))
+
+    def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
+        return self._loss(self.tuple_rows[picked], self.tuple_queries[picked]), {}
+
+    @torch.no_grad()
+    def mean_pqc_loss(self, rows: np.ndarray, query_index: np.ndarray) -> float:
+        """PQC loss over fixed tuples in eval mode (no dropout): comparable across steps."""
+        self.model.eval()
+        total = 0.0
+        for start in range(0, len(rows), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            total += float(self._loss(rows[part], query_index[part])) * len(rows[part])
+        self.model.train()
+        return total / len(rows)
+
+    def evaluate(self) -> None:
+        """PQC loss of a fixed sample of training tuples and of the held-out-query tuples."""
+        losses = {"pqc_train_loss": self.mean_pqc_loss(self.tuple_rows[self.train_probe],
+                                                       self.tuple_queries[self.train_probe])}
+        if len(self.eval_rows):
+            losses["pqc_eval_loss"] = self.mean_pqc_loss(self.eval_rows, self.eval_queries)
+        self.evals.append({"step": self.step, **losses})
+        log.info("stage 2 step %d: PQC loss %s", self.step, ", ".join(f"{k[4:]} {v:.4f}" for k, v in losses.items()))
+
+    def after_step(self) -> bool:
+        if self.evaluation_due(self.cfg.stage2_eval_every, self.evals):
+            self.evaluate()
+        return False
+
+    def run(self) -> None:
+        if not self.try_resume():
+            self.evaluate()
+        super().run()
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": self.history, "evals": self.evals, "total_steps": self.total_steps,
+                "steps_done": self.step, "train_wall_s": round(self.train_wall_s, 2),
+                "loop_wall_s": round(self.wall_s, 2), "s_per_step": round(self.train_wall_s / max(1, self.step), 4),
+                "batch_size": self.batch_size,
+                "n_tuples": int(len(self.tuple_rows)), "n_eval_tuples": int(len(self.eval_rows))}
+
+
+# --------------------------------------------------------------------------------- orchestration
+@torch.no_grad()
+def encode_product_cls(model: DashCLIP, images: ImageStore, titles: TokenStore, rows: np.ndarray,
+                       device: torch.device, batch_size: int, desc: str) -> torch.Tensor:
+    """Grounded [CLS] ``[len(rows), Dt]`` (float32, on ``device``) of catalog ``rows``, eval mode."""
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", mininterval=1.0):
+        part = rows[start:start + batch_size]
+        has_image = images.has_image[part]
+        pixels = images.pixels(part[has_image]).to(device) if has_image.any() else None
+        ids, mask = (t.to(device) for t in titles.batch(part))
+        with autocast(device):
+            cls = model.product_cls(ids, mask, pixels, torch.as_tensor(has_image, device=device))
+        out.append(cls.float())
+    model.train()
+    return torch.cat(out) if out else torch.zeros(0, model.text_encoder.width, device=device)
+
+
+class Trainer:
+    """Loads the data once and runs the requested stages with skip / resume logic."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.paths = Paths(prepare_workdir(cfg.workdir, "embeddings/checkpoints"))
+        self.budget = StepBudget(cfg.max_steps_this_run)
+        self._catalog: pd.DataFrame | None = None
+        self.log_data: dict[str, Any] = read_json(self.paths.log) if self.paths.log.exists() else {}
+
+    # data ----------------------------------------------------------------------
+    @property
+    def catalog(self) -> pd.DataFrame:
+        if self._catalog is None:
+            try:
+                table = schema.read_table(self.cfg.workdir, "catalog")
+            except schema.SchemaError as exc:
+                raise UserError(str(exc)) from None
+            self._catalog = table.select(["product_id", "title", "aisle", "image"]).to_pandas()
+        return self._catalog
+
+    def _stores(self, model_spec, tokenizer) -> tuple[ImageStore, TokenStore]:
+        catalog = self.catalog
+        images = ImageStore(catalog["image"].tolist(), catalog["product_id"].tolist(), model_spec,
+                            self.cfg.image_cache_mb)
+        titles = TokenStore(tokenizer, catalog["title"].astype(str).tolist(), self.cfg.title_max_tokens)
+        return images, titles
+
+    def write_log(self) -> None:
+        write_json(self.log_data, self.paths.log)
+
+    def fresh_model(self) -> tuple[DashCLIP, Any, Any]:
+        model, tokenizer, spec = build_model(self.cfg.model_only())
+        return model.to(self.device), tokenizer, spec
+
+    # stage 1 -------------------------------------------------------------------
+    def stage1_done(self) -> bool:
+        path = self.paths.stage_final(1)
+        return path.exists() and load_checkpoint(path).get("settings_key") == self.cfg.settings_key("1")
+
+    def split_stage1(self, images: ImageStore) -> tuple[np.ndarray, np.ndarray]:
+        with_image = np.flatnonzero(images.has_image)
+        shuffled = np.random.default_rng([self.cfg.seed, 1]).permutation(with_image)
+        n_eval = min(self.cfg.stage1_eval_max, round(self.cfg.stage1_eval_fraction * len(shuffled)))
+        if len(shuffled) - n_eval < 2:
+            n_eval = 0
+        return np.sort(shuffled[n_eval:]), np.sort(shuffled[:n_eval])
+
+    def run_stage1(self) -> None:
+        cfg, paths = self.cfg, self.paths
+        if self.stage1_done() and not cfg.force:
+            log.info("stage 1: %s is complete for these settings: skipping (--force to redo)", paths.stage_final(1))
+            return
+        if cfg.force:
+            paths.stage_last(1).unlink(missing_ok=True)
+        model, tokenizer, spec = self.fresh_model()
+        images, titles = self._stores(spec, tokenizer)
+        train_rows, eval_rows = self.split_stage1(images)
+        n_without = int((~images.has_image).sum())
+        if n_without:
+            log.info("stage 1: %d of %d products have no image: they take no part in image-text pretraining "
+                     "(their product embedding uses the text-only path)", n_without, len(images))
+        started = time.perf_counter()
+        if len(train_rows) < MIN_STAGE1_PRODUCTS:
+            log.info("stage 1 skipped: only %d products have images (title-only catalog); stage 2 starts from "
+                     "the untuned encoders", len(train_rows))
+            final = {"model": model.state_dict(), "itc": ITCLoss(cfg.itc_temperature).state_dict()}
+            summary: dict[str, Any] = {"skipped": "no product images", "n_train_products": int(len(train_rows))}
+        else:
+            log.info("stage 1: %d training and %d held-out products, batch %d", len(train_rows), len(eval_rows),
+                     min(cfg.stage1_batch_size, len(train_rows)))
+            runner = Stage1(cfg, model, self.device, paths, images, titles, self.catalog["title"].astype(str).tolist(),
+                            train_rows, eval_rows, self.budget)
+            try:
+                runner.run()
+            except Paused:
+                self.log_data["stage1"] = {**runner.summary(), "paused": True}
+                self.write_log()
+                raise
+            final = runner.final_state()
+            summary = runner.summary()
+        summary["invocation_wall_s"] = round(time.perf_counter() - started, 2)
+        save_checkpoint({"settings_key": cfg.settings_key("1"), **final, "summary": {
+            k: v for k, v in summary.items() if k not in ("steps", "evals")}}, paths.stage_final(1))
+        for stale in (paths.stage_last(1), paths.stage1_best, paths.stage_last(2), paths.stage_final(2)):
+            stale.unlink(missing_ok=True)
+        self.log_data["stage1"] = summary
+        self.log_data.pop("stage2", None)
+        self.write_log()
+        log.info("stage 1 done: kept step %s -> %s", summary.get("best_step"), paths.stage_final(1))
+
+    # stage 2 -------------------------------------------------------------------
+    def stage2_done(self) -> bool:
+        path = self.paths.stage_final(2)
+        return path.exists() and load_checkpoint(path).get("settings_key") == self.cfg.settings_key("2")
+
+    def _tuples(self, relevance: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        cfg = self.cfg
+        train_df, eval_df = split_queries(relevance, cfg.query_eval_fraction, cfg.seed)
+        kwargs = dict(n_negatives=cfg.pqc_negatives, max_positives=cfg.pqc_max_positives,
+                      hr_mr_ratio=cfg.pqc_hr_mr_ratio, seed=cfg.seed)
+        catalog = self.catalog
+        train_tuples = build_pqc_tuples(train_df, catalog, **kwargs)
+        eval_tuples = train_tuples.iloc[:0]
+        if len(eval_df):
+            try:
+                eval_tuples = build_pqc_tuples(eval_df, catalog, **kwargs)
+            except ValueError as exc:  # too few held-out queries to fill the tuples: the eval loss is optional
+                log.warning("stage 2: no held-out PQC eval loss (%s)", exc)
+        if len(eval_tuples) > cfg.stage2_eval_max:
+            eval_tuples = eval_tuples.sample(n=cfg.stage2_eval_max, random_state=cfg.seed).sort_index()
+        return train_tuples, eval_tuples
+
+    def run_stage2(self) -> None:
+        cfg, paths = self.cfg, self.paths
+        if self.stage2_done() and not cfg.force:
+            log.info("stage 2: %s is complete for these settings: skipping (--force to redo)", paths.stage_final(2))
+            return
+        if not self.stage1_done():
+            raise UserError(f"stage 2 needs the stage-1 output for these settings ({paths.stage_final(1)}): "
+                            f"run with --stage 1 or --stage all first")
+        if cfg.force:
+            paths.stage_last(2).unlink(missing_ok=True)
+        started = time.perf_counter()
+        model, tokenizer, spec = self.fresh_model()
+        stage1 = load_checkpoint(paths.stage_final(1), self.device)
+        model.load_state_dict(stage1["model"])
+        model.init_query_side_from_text()
+        try:
+            relevance = schema.read_table(cfg.workdir, "relevance").to_pandas()
+        except schema.SchemaError as exc:
+            raise UserError(str(exc)) from None
+        train_tuples, eval_tuples = self._tuples(relevance)
+        if train_tuples.empty:
+            raise UserError(f"{schema.table_path(cfg.workdir, 'relevance')}: no training tuples (no query with an "
+                            f"MR or HR label outside the held-out {cfg.query_eval_fraction:.0%} of queries)")
+        catalog = self.catalog
+        position = pd.Index(catalog["product_id"])
+        needed = np.unique(np.concatenate([train_tuples["product_id"].to_numpy(), eval_tuples["product_id"].to_numpy()]))
+        needed_rows = position.get_indexer(needed)
+        images, titles = self._stores(spec, tokenizer)
+        n_text_only = int((~images.has_image[needed_rows]).sum())
+        if n_text_only:
+            log.info("stage 2: %d of %d products have no image: product embedding = multimodal projection of the "
+                     "text encoder run without image tokens", n_text_only, len(needed_rows))
+        precompute_started = time.perf_counter()
+        product_cls = encode_product_cls(model, images, titles, needed_rows, self.device,
+                                         cfg.stage1_batch_size * 2, "stage 2: frozen product [CLS]")
+        precompute_s = time.perf_counter() - precompute_started
+        cls_row = pd.Index(needed)
+
+        query_index: dict[str, int] = {}
+
+        def query_matrix(tuples: pd.DataFrame) -> np.ndarray:
+            """``[T, 1+N]`` indices into the distinct queries (positive first)."""
+            rows = [[p, *negs] for p, negs in zip(tuples["positive"], tuples["negatives"])]
+            if any(len(row) != cfg.pqc_negatives + 1 for row in rows):
+                raise ValueError(f"build_pqc_tuples returned tuples without {cfg.pqc_negatives} negatives")
+            return np.array([[query_index.setdefault(normalize_query(str(q)), len(query_index)) for q in row]
+                             for row in rows], dtype=np.int64).reshape(len(rows), cfg.pqc_negatives + 1)
+
+        train_queries, eval_queries = query_matrix(train_tuples), query_matrix(eval_tuples)
+        model.eval()
+        queries = QueryPrefixStore(model, TokenStore(tokenizer, list(query_index), cfg.query_max_tokens), self.device,
+                                   functools.partial(autocast, self.device), cfg.query_cache_mb)
+        model.train()
+        log.info("stage 2: %d training tuples (%d held-out for the eval loss), %d negatives each, batch %d",
+                 len(train_tuples), len(eval_tuples), cfg.pqc_negatives, min(cfg.stage2_batch_size, len(train_tuples)))
+        runner = Stage2(cfg, model, self.device, paths, product_cls,
+                        cls_row.get_indexer(train_tuples["product_id"]), train_queries, queries,
+                        cls_row.get_indexer(eval_tuples["product_id"]), eval_queries, self.budget)
+        try:
+            runner.run()
+        except Paused:
+            self.log_data["stage2"] = {**runner.summary(), "paused": True}
+            self.write_log()
+            raise
+        summary = {**runner.summary(), "precompute_wall_s": round(precompute_s, 2)}
+        summary["invocation_wall_s"] = round(time.perf_counter() - started, 2)
+        save_checkpoint({"settings_key": cfg.settings_key("2"), "model_config": dataclasses.asdict(cfg.model_only()),
+                         "model": model.state_dict(), "stage1_best_step": stage1["summary"].get("best_step"),
+                         "summary": {k: v for k, v in summary.items() if k not in ("steps", "evals")}},
+                        paths.stage_final(2))
+        paths.stage_last(2).unlink(missing_ok=True)
+        self.log_data["stage2"] = summary
+        self.write_log()
+        log.info("stage 2 done -> %s", paths.stage_final(2))
+
+
+def write_config(cfg: TrainConfig, paths: Paths) -> None:
+    """``config.json``: the settings that determine the outputs (flat: model, stage 1, stage 2)
+    and the settings keys of both stages; how a run executes (device, threads, ...) is left out."""
+    write_json({**cfg.settings("2"), "stage1_key": cfg.settings_key("1"), "stage2_key": cfg.settings_key("2")},
+               paths.config)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse_config(TrainConfig, argv)
+    cfg.validate()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the stages of ``cfg``; returns the training log (also in ``train_log.json``)."""
+    trainer = Trainer(cfg)
+    write_config(cfg, trainer.paths)
+    log.info("DashCLIP training in %s on %s (backbone %s, stage %s)", trainer.paths.emb, trainer.device,
+             cfg.backbone, cfg.stage)
+    try:
+        if cfg.stage in ("1", "all"):
+            trainer.run_stage1()
+        if cfg.stage in ("2", "all"):
+            trainer.run_stage2()
+    except Paused as paused:
+        log.info("%s", paused)
+        trainer.log_data["paused"] = True
+        trainer.write_log()
+        return trainer.log_data
+    trainer.log_data.pop("paused", None)
+    trainer.write_log()
+    return trainer.log_data
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,229 @@
+"""Throughput of the ranking variants next to torchrec's own DLRM_DCN, and the data-loading share.
+
+``python -m ranking.bench --workdir DIR [--device auto] [--batch-size 4096] [--steps 20]``
+
+On the workdir's real features (the feature cache of :mod:`ranking.features`; the exported
+tables when present, else random tables of the same shapes, which time the same), for every
+variant and for ``torchrec.models.dlrm.DLRM_DCN`` on the same batches:
+
+* train samples/s: forward + BCE + backward + optimizer step (:func:`ranking.train.make_optimizers`:
+  Adam on the dense parameters, SparseAdam on trainable tables, nothing on frozen ones; Adam
+  for DLRM_DCN);
+* eval samples/s: forward under ``no_grad``;
+* data ms/batch: building the batch (memory-mapped gather, history lookup, id maps), and the
+  data share = data time / (data time + train step time) of a training loop without prefetch.
+
+DLRM_DCN needs one embedding dim for every feature and a dense arch ending in that dim, so it
+runs with every table at ``sparse_embedding_dim``: ``DLRM_DCN (dense+sparse)`` sees the features
+of ``dcn``; ``DLRM_DCN (+p,q,hist)`` also gets ``product_id``, ``query_id`` and the mean-pooled
+``purchase_history_84d`` bags as trainable tables. Prints a table and writes
+``DIR/ranking/bench.json``.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM_DCN
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.io import prepare_workdir, write_json
+from common.seed import seed_everything
+from data.schema import SchemaError
+from embeddings.tables import build_table, table_path
+from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingBatch, RankingData, build_spec
+from ranking.model import ModelConfig, build_model, build_tables
+from ranking.plain import PlainFeatures, PlainInputModel
+from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, load_tables
+from ranking.train import make_optimizers
+from ranking.variants import VARIANTS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    """Training and evaluation samples/s of every ranking variant next to torchrec's DLRM_DCN."""
+
+    workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (its data and tables)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+    batch_size: int = field(default=4096, metadata={"help": "batch size of every measurement"})
+    steps: int = field(default=20, metadata={"help": "timed steps per measurement"})
+    warmup: int = field(default=3, metadata={"help": "untimed steps first"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (intra-op)"})
+    table_dim: int = field(default=256, metadata={"help": "dim of the random tables used when none are exported"})
+    seed: int = field(default=0, metadata={"help": "seed of the models and the batch order"})
+
+
+class DLRMPlain(nn.Module):
+    """``DLRM_DCN`` behind the same plain-tensor signature as :class:`ranking.plain.PlainInputModel`."""
+
+    def __init__(self, spec: FeatureSpec, dim: int, with_tables: bool, config: ModelConfig) -> None:
+        super().__init__()
+        tables = [EmbeddingBagConfig(name=f"t_{n}", embedding_dim=dim, num_embeddings=rows, feature_names=[n])
+                  for n, rows in zip(spec.sparse_names, spec.sparse_num_embeddings)]
+        if with_tables:
+            tables += [EmbeddingBagConfig(name="product_table", embedding_dim=dim, num_embeddings=spec.num_product_rows,
+                                          feature_names=[PRODUCT_FEATURE, HISTORY_FEATURE], pooling=PoolingType.MEAN),
+                       EmbeddingBagConfig(name="query_table", embedding_dim=dim, num_embeddings=spec.num_query_rows,
+                                          feature_names=[QUERY_FEATURE], pooling=PoolingType.MEAN)]
+        self.dlrm = DLRM_DCN(EmbeddingBagCollection(tables=tables), dense_in_features=len(spec.dense_names),
+                             dense_arch_layer_sizes=[config.dcn_deep_sizes[0], dim],
+                             over_arch_layer_sizes=[*config.dcn_deep_sizes, 1],
+                             dcn_num_layers=config.dcn_cross_layers, dcn_low_rank_dim=config.dcn_low_rank)
+        self.features = PlainFeatures(spec.sparse_names, spec.sparse_num_embeddings,
+                                      spec.num_product_rows if with_tables else 0, spec.num_query_rows if with_tables else 0,
+                                      use_history=with_tables)
+
+    def forward(self, dense: torch.Tensor, sparse_ids: torch.Tensor, product_rows: torch.Tensor,
+                query_rows: torch.Tensor, history_rows: torch.Tensor) -> torch.Tensor:
+        kjt = self.features(sparse_ids, product_rows, query_rows, history_rows)
+        return self.dlrm(dense, kjt).squeeze(1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _to(batch: RankingBatch, device: torch.device) -> RankingBatch:
+    return RankingBatch(*(t.to(device, non_blocking=True) for t in (batch.dense, batch.sparse_ids, batch.product_rows,
+                                                                  batch.query_rows, batch.history_rows, batch.labels,
+                                                                  batch.has_history)))
+
+
+def measure(model: nn.Module, optimizers: list[torch.optim.Optimizer], batches: list[RankingBatch], warmup: int,
+            device: torch.device) -> tuple[float, float]:
+    """(train samples/s, eval samples/s) over ``batches`` (the first ``warmup`` untimed)."""
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def train_step(b: RankingBatch) -> None:
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(*b.inputs()), b.labels).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+
+    def eval_step(b: RankingBatch) -> None:
+        with torch.no_grad():
+            model(*b.inputs())
+
+    rates = []
+    for step in (train_step, eval_step):
+        model.train(step is train_step)
+        for b in batches[:warmup]:
+            step(b)
+        _sync(device)
+        start = time.perf_counter()
+        for b in batches[warmup:]:
+            step(b)
+        _sync(device)
+        rates.append(sum(len(b) for b in batches[warmup:]) / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def _load(cfg: BenchConfig) -> tuple[RankingData, FeatureSpec, tuple]:
+    try:
+        cache = ImpressionCache.open(cfg.workdir)
+        purchases = PurchaseIndex.from_workdir(cfg.workdir)
+        paths = (table_path(cfg.workdir, "product"), table_path(cfg.workdir, "query"))
+        if all(p.exists() for p in paths):
+            tables = load_tables(*paths)
+        else:
+            log.info("no exported tables in %s: timing with random tables of dim %d (same cost)", cfg.workdir, cfg.table_dim)
+            rng = np.random.default_rng(cfg.seed)
+            ids = np.unique(np.asarray(cache.columns["product_id"]))
+            tables = (build_table("product", ids, rng.normal(size=(len(ids), cfg.table_dim)), "bench:random"),
+                      build_table("query", cache.queries, rng.normal(size=(len(cache.queries), cfg.table_dim)), "bench:random"))
+    except SchemaError as exc:
+        raise UserError(str(exc)) from None
+    spec = build_spec(cache.meta, tables)
+    return RankingData(cache, purchases, spec), spec, tables
+
+
+def run(cfg: BenchConfig) -> tuple[list[dict], torch.device]:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    torch.set_num_threads(cfg.threads)
+    data, spec, tables = _load(cfg)
+    n_batches = cfg.warmup + cfg.steps
+    if data.num_rows("train") < cfg.batch_size:
+        raise UserError(f"{cfg.workdir}: {data.num_rows('train')} training impressions, fewer than one batch of {cfg.batch_size}")
+    rng = np.random.default_rng(cfg.seed)
+    index = rng.permutation(np.asarray(data.cache.split_index("train")))
+    batches, data_s = [], 0.0
+    for k in range(n_batches):
+        rows = np.sort(index[(k * cfg.batch_size) % (len(index) - cfg.batch_size):][: cfg.batch_size])
+        start = time.perf_counter()
+        batches.append(data.batch(rows))
+        data_s += time.perf_counter() - start
+    data_ms = 1000 * data_s / n_batches
+    batches = [_to(b, device) for b in batches]
+    config = ModelConfig()
+    models: list[tuple[str, Callable[[], tuple[nn.Module, list[torch.optim.Optimizer]]]]] = []
+    for name, variant in VARIANTS.items():
+        def make(variant=variant):
+            seed_everything(cfg.seed)
+            model = build_model(variant, spec, config, build_tables(variant, spec, tables, torch.Generator().manual_seed(cfg.seed)))
+            return PlainInputModel(model).to(device), make_optimizers(model.to(device), "adam", 1e-3)
+        models.append((name, make))
+    for label, with_tables in (("torchrec DLRM_DCN (dense+sparse)", False), ("torchrec DLRM_DCN (+p,q,hist)", True)):
+        def make_dlrm(with_tables=with_tables):
+            seed_everything(cfg.seed)
+            model = DLRMPlain(spec, config.sparse_embedding_dim, with_tables, config).to(device)
+            return model, [torch.optim.Adam(model.parameters(), lr=1e-3)]
+        models.append((label, make_dlrm))
+    rows = []
+    for name, make in models:
+        model, optimizers = make()
+        train_rate, eval_rate = measure(model, optimizers, batches, cfg.warmup, device)
+        step_ms = 1000 * cfg.batch_size / train_rate
+        rows.append({"model": name, "train_samples_per_s": train_rate, "eval_samples_per_s": eval_rate,
+                     "train_step_ms": step_ms, "data_ms_per_batch": data_ms,
+                     "data_share": data_ms / (data_ms + step_ms),
+                     "parameters": sum(p.numel() for p in model.parameters()),
+                     "trainable_parameters": sum(p.numel() for o in optimizers for g in o.param_groups
+                                                 for p in g["params"])})
+        log.info("%s: train %.0f samples/s, eval %.0f samples/s", name, train_rate, eval_rate)
+    return rows, device
+
+
+def format_table(rows: list[dict], cfg: BenchConfig, device: torch.device) -> str:
+    head = (f"ranking bench: device {device} ({platform.processor() or platform.machine()}, {cfg.threads} threads), "
+            f"batch {cfg.batch_size}, {cfg.steps} timed steps after {cfg.warmup} warm-up\n")
+    lines = [head, "| model | train samples/s | eval samples/s | train step ms | data ms/batch | data share | params (trainable) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['train_samples_per_s']:,.0f} | {r['eval_samples_per_s']:,.0f} | "
+                     f"{r['train_step_ms']:.1f} | {r['data_ms_per_batch']:.1f} | {r['data_share']:.1%} | "
+                     f"{r['parameters']:,} ({r['trainable_parameters']:,}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    cfg = parse_config(BenchConfig, argv)
+    if cfg.batch_size < 1 or cfg.steps < 1 or cfg.warmup < 0:
+        raise UserError("--batch-size and --steps must be >= 1 and --warmup >= 0")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {cfg.device!r}: expected auto, cpu or cuda")
+    rows, device = run(cfg)
+    table = format_table(rows, cfg, device)
+    print(table)
+    root = prepare_workdir(cfg.workdir, "ranking") / "ranking"
+    write_json({"device": str(device), "batch_size": cfg.batch_size, "steps": cfg.steps, "threads": cfg.threads,
+                "rows": rows}, root / "bench.json")
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,449 @@
+"""Impressions + purchases -> model-ready batches, with the 84-day purchase history as of each impression.
+
+Pipeline (every step streams or is vectorised; nothing holds the impression table in memory):
+
+1. :class:`ImpressionCache` streams ``DIR/data/impressions.parquet`` once
+   (``ParquetFile.iter_batches``, each batch validated against :mod:`data.schema`) into ``.npy``
+   columns under ``DIR/ranking/cache/<key>/`` (read back as memory maps), where ``key`` hashes
+   the impressions file and the split settings. It also computes training-split statistics
+   (dense mean/std, sparse max ids, click rate) and the query vocabulary (normalised with
+   :func:`data.text.normalize_query`). A complete cache is reused; a killed build leaves none.
+2. :class:`PurchaseIndex` holds the purchases in memory, sorted by (user, ts), and answers
+   "this user's purchases with ``ts - 84 days <= purchase_ts < ts``" for a whole batch with one
+   ``numpy.searchsorted`` (strictly before the impression: no leakage).
+3. :class:`FeatureSpec` is the serving contract: the feature order and everything needed to turn
+   raw fields into the model's plain tensors (dense names, sparse names and table sizes, the
+   product/query id maps of the frozen tables, the history window). It travels inside every
+   ``model.pt``.
+4. :class:`RankingData` joins the three into :class:`RankingBatch` es.
+
+Time split: evaluation ("NW") = impressions with ``ts >= max_ts - 7 days``; train = the rest.
+For early stopping, train splits again by time: ``valid`` = its last 7 days, ``fit`` = the rest.
+``has_history`` (the ``nw_hist`` slice) = the user has at least one purchase in the 84 days
+before the impression (counted before the ``history_len`` cap).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from common.io import file_sha256, read_json, write_json
+from data.schema import SchemaError, feature_columns, read_table, table_path, validate
+from data.text import normalize_query
+from embeddings.tables import UNKNOWN_ROW, EmbeddingTable
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86_400
+HISTORY_DAYS = 84
+EVAL_DAYS = 7
+VALID_DAYS = 7
+HISTORY_LEN = 50
+CACHE_VERSION = 1
+SPLITS = ("train", "eval", "fit", "valid")
+_TS_BITS = 33  # seconds since 1970 fit in 33 bits until year 2242; user index gets the high bits
+
+
+@dataclass
+class FeatureSpec:
+    """How raw request fields become the model's plain input tensors (see :mod:`ranking.plain`).
+
+    Feature order of ``PlainInputModel.forward``:
+      * ``dense [B, len(dense_names)]`` float32, raw values in ``dense_names`` order (the model
+        normalises with ``dense_mean``/``dense_std`` from the training split, held as buffers);
+      * ``sparse_ids [B, len(sparse_names)]`` int64, one id per feature in ``sparse_names`` order;
+        feature ``i`` has a table of ``sparse_num_embeddings[i]`` rows whose last row is the
+        reserved bucket for ids never seen in training (ids ``>= sparse_num_embeddings[i] - 1``
+        or negative are mapped there inside the model);
+      * ``product_rows [B]``, ``query_rows [B]`` int64 rows of the frozen tables
+        (:meth:`product_rows`, :meth:`query_rows`; unknown -> 0, the zero row);
+      * ``history_rows [B, history_len]`` int64 product rows of the user's purchases in the
+        ``history_days`` days before the request, most recent first, padded with -1
+        (:meth:`history_rows`).
+
+    ``product_ids[r - 1]`` is the product of table row ``r``; ``queries[r - 1]`` the normalised
+    query of row ``r``. Both are empty for a model without tables (variant ``dcn``).
+    """
+
+    dense_names: list[str]
+    dense_mean: list[float]
+    dense_std: list[float]
+    sparse_names: list[str]
+    sparse_num_embeddings: list[int]
+    train_click_rate: float
+    history_len: int = HISTORY_LEN
+    history_days: int = HISTORY_DAYS
+    table_dim: int = 0
+    table_source: str = ""
+    product_ids: list[int] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
+    _product_keys: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
+    _query_map: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def num_product_rows(self) -> int:
+        return len(self.product_ids) + 1
+
+    @property
+    def num_query_rows(self) -> int:
+        return len(self.queries) + 1
+
+    def product_rows(self, product_ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Product table rows for ``product_ids`` (any shape; unknown -> 0)."""
+        ids = np.asarray(product_ids, dtype=np.int64)
+        if not self.product_ids:
+            return np.zeros(ids.shape, np.int64)
+        if self._product_keys is None:  # (sorted ids, their rows), built once
+            order = np.argsort(np.asarray(self.product_ids, np.int64), kind="stable")
+            self._product_keys = (np.asarray(self.product_ids, np.int64)[order], order + 1)
+        keys, rows = self._product_keys
+        pos = np.clip(np.searchsorted(keys, ids), 0, len(keys) - 1)
+        return np.where(keys[pos] == ids, rows[pos], UNKNOWN_ROW).astype(np.int64)
+
+    def query_rows(self, queries: Sequence[str]) -> np.ndarray:
+        """Query table rows for raw query strings (normalised here; unknown -> 0)."""
+        if self._query_map is None:
+            self._query_map = {q: i + 1 for i, q in enumerate(self.queries)}
+        return np.array([self._query_map.get(normalize_query(q), UNKNOWN_ROW) for q in queries], dtype=np.int64)
+
+    def history_rows(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """``[B, history_len]`` rows from per-request product id lists (already windowed to
+        ``history_days`` and ordered most recent first; longer lists are cut, short ones padded -1)."""
+        out = np.full((len(histories), self.history_len), -1, dtype=np.int64)
+        for i, ids in enumerate(histories):
+            ids = list(ids)[: self.history_len]
+            out[i, : len(ids)] = self.product_rows(ids)
+        return out
+
+    def with_tables(self, product: EmbeddingTable, query: EmbeddingTable) -> "FeatureSpec":
+        """A copy carrying the id maps and dimension of the given tables."""
+        return FeatureSpec(**{**self.to_dict(), "table_dim": product.dim, "table_source": product.source,
+                              "product_ids": [int(k) for k in product.keys[1:]], "queries": list(query.keys[1:])})
+
+    def to_dict(self) -> dict:
+        """JSON-able (and ``torch.load(weights_only=True)``-able) dict."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FeatureSpec":
+        return cls(**data)
+
+
+@dataclass
+class CacheMeta:
+    """What :class:`ImpressionCache` learned in its one streaming pass (``meta.json``)."""
+
+    key: str
+    num_rows: int
+    num_train: int
+    num_eval: int
+    dense_names: list[str]
+    sparse_names: list[str]
+    max_ts: int
+    eval_start_ts: int
+    eval_days: int
+    dense_mean: list[float]
+    dense_std: list[float]
+    sparse_max_train_id: list[int]
+    train_click_rate: float
+    eval_click_rate: float
+
+
+class ImpressionCache:
+    """Column store of the impressions as ``.npy`` memory maps (see module docstring).
+
+    Columns: ``ts`` int64 seconds, ``user_id`` int64, ``product_id`` int64, ``query_code`` int32
+    (index into :attr:`queries`), ``clicked`` int8, ``dense`` float32 ``[N, D]``, ``sparse`` int64
+    ``[N, S]``, ``train_index`` / ``eval_index`` int64 row numbers of each split.
+    Training statistics in :attr:`meta` (dense mean/std, sparse max ids, click rate) cover the
+    whole ``train`` split.
+    """
+
+    COLUMNS = ("ts", "user_id", "product_id", "query_code", "clicked", "dense", "sparse", "train_index", "eval_index")
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.meta = CacheMeta(**read_json(directory / "meta.json"))
+        self.queries: list[str] = read_json(directory / "queries.json")
+        self.columns = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in self.COLUMNS}
+
+    @staticmethod
+    def cache_key(workdir: str | Path, eval_days: int = EVAL_DAYS) -> str:
+        path = table_path(workdir, "impressions")
+        if not path.exists():
+            raise SchemaError(path, None, "missing table file (expected the impressions table; run "
+                                          "`python -m data.synth` or an adapter first)")
+        blob = json.dumps({"impressions": file_sha256(path), "eval_days": eval_days, "version": CACHE_VERSION})
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    def open(cls, workdir: str | Path, eval_days: int = EVAL_DAYS, batch_rows: int = 262_144) -> "ImpressionCache":
+        """Reuse ``DIR/ranking/cache/<key>`` when complete, else build it (atomically) and remove
+        the caches of other keys (older impressions files)."""
+        key = cls.cache_key(workdir, eval_days)
+        directory = Path(workdir) / "ranking" / "cache" / key
+        if (directory / "meta.json").exists():
+            log.info("feature cache %s is complete; reusing it", directory)
+            return cls(directory)
+        tmp = directory.with_name(f".{key}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            _build_cache(workdir, tmp, key, eval_days, batch_rows)
+            try:
+                os.replace(tmp, directory)  # directories are renamed only when complete
+            except OSError:
+                if not (directory / "meta.json").exists():
+                    raise
+                log.info("another process completed %s first; using it", directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for stale in directory.parent.iterdir():  # caches of impressions files that are gone
+            if stale.is_dir() and stale != directory and (stale / "meta.json").exists():
+                shutil.rmtree(stale, ignore_errors=True)
+        return cls(directory)
+
+    def split_index(self, split: str, valid_days: int = VALID_DAYS) -> np.ndarray:
+        """Row numbers of ``split``: ``train`` (before the evaluation week), ``eval`` (the last
+        ``eval_days``), or ``train`` cut by time into ``fit`` and ``valid`` (its last ``valid_days``)."""
+        if split in ("train", "eval"):
+            return self.columns[f"{split}_index"]
+        if split not in ("fit", "valid"):
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        train = np.asarray(self.columns["train_index"])
+        in_valid = self.columns["ts"][train] >= self.meta.eval_start_ts - valid_days * DAY_S
+        return train[in_valid] if split == "valid" else train[~in_valid]
+
+
+def _max_ts(pf: pq.ParquetFile, path: Path, batch_rows: int) -> int:
+    """The latest impression time (seconds), from a pass over the ``ts`` column only."""
+    best: int | None = None
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["ts"]):
+        col = batch.column(0)
+        if not pa.types.is_timestamp(col.type):
+            raise SchemaError(path, "ts", f"expected dtype timestamp[s], got {col.type}")
+        m = pc.max(col.cast(pa.timestamp("s")).cast(pa.int64())).as_py()
+        if m is not None and (best is None or m > best):
+            best = int(m)
+    if best is None:
+        raise SchemaError(path, "ts", "no timestamps (empty table or all null)")
+    return best
+
+
+def _build_cache(workdir: str | Path, out: Path, key: str, eval_days: int, batch_rows: int) -> None:
+    path = table_path(workdir, "impressions")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(path, None, f"not a readable Parquet file: {exc}") from None
+    validate(pf.schema_arrow.empty_table(), path, "impressions")  # columns and dtypes, before any pass
+    names = pf.schema_arrow.names
+    dense_names, sparse_names = feature_columns(names)
+    n, d, s = pf.metadata.num_rows, len(dense_names), len(sparse_names)
+    if n == 0:
+        raise SchemaError(path, None, "the impressions table is empty")
+    max_ts = _max_ts(pf, path, batch_rows)
+    eval_start = max_ts - eval_days * DAY_S
+    fmt = np.lib.format
+    cols = {
+        "ts": fmt.open_memmap(out / "ts.npy", "w+", np.int64, (n,)),
+        "user_id": fmt.open_memmap(out / "user_id.npy", "w+", np.int64, (n,)),
+        "product_id": fmt.open_memmap(out / "product_id.npy", "w+", np.int64, (n,)),
+        "query_code": fmt.open_memmap(out / "query_code.npy", "w+", np.int32, (n,)),
+        "clicked": fmt.open_memmap(out / "clicked.npy", "w+", np.int8, (n,)),
+        "dense": fmt.open_memmap(out / "dense.npy", "w+", np.float32, (n, d)),
+        "sparse": fmt.open_memmap(out / "sparse.npy", "w+", np.int64, (n, s)),
+    }
+    vocab: dict[str, int] = {}
+    dense_sum, dense_sq = np.zeros(d), np.zeros(d)
+    sparse_max = np.full(s, -1, np.int64)
+    clicks = {"train": 0, "eval": 0}
+    counts = {"train": 0, "eval": 0}
+    start = 0
+    with tqdm(total=n, desc="feature cache", unit="row", disable=None) as bar:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            table = validate(pa.Table.from_batches([batch]), path, "impressions")
+            m = table.num_rows
+            rows = slice(start, start + m)
+            ts = table.column("ts").cast(pa.int64()).to_numpy()
+            cols["ts"][rows] = ts
+            cols["user_id"][rows] = table.column("user_id").to_numpy()
+            cols["product_id"][rows] = table.column("product_id").to_numpy()
+            clicked = table.column("clicked").to_numpy()
+            cols["clicked"][rows] = clicked
+            encoded = pc.dictionary_encode(table.column("query").combine_chunks())
+            local = np.array([vocab.setdefault(normalize_query(q), len(vocab))
+                              for q in encoded.dictionary.to_pylist()], dtype=np.int32)
+            cols["query_code"][rows] = local[encoded.indices.to_numpy()] if len(local) else 0
+            dense = np.stack([table.column(c).to_numpy() for c in dense_names], axis=1) if d else np.zeros((m, 0), np.float32)
+            sparse = np.stack([table.column(c).to_numpy() for c in sparse_names], axis=1) if s else np.zeros((m, 0), np.int64)
+            cols["dense"][rows] = dense
+            cols["sparse"][rows] = sparse
+            train = ts < eval_start
+            dense_sum += dense[train].sum(0, dtype=np.float64)
+            dense_sq += np.square(dense[train], dtype=np.float64).sum(0)
+            if train.any() and s:
+                sparse_max = np.maximum(sparse_max, sparse[train].max(0))
+            clicks["train"] += int(clicked[train].sum())
+            clicks["eval"] += int(clicked[~train].sum())
+            counts["train"] += int(train.sum())
+            counts["eval"] += int((~train).sum())
+            start += m
+            bar.update(m)
+    for arr in cols.values():
+        arr.flush()
+    ts_all = cols["ts"]
+    np.save(out / "train_index.npy", np.flatnonzero(ts_all < eval_start))
+    np.save(out / "eval_index.npy", np.flatnonzero(ts_all >= eval_start))
+    if counts["train"] == 0:
+        raise SchemaError(path, "ts", f"no training impressions: every row is within the last {eval_days} days "
+                                      f"(max ts {max_ts}); the ranking split needs older impressions")
+    mean = dense_sum / counts["train"]
+    std = np.sqrt(np.maximum(dense_sq / counts["train"] - mean**2, 0.0))
+    std = np.where(std > 1e-12, std, 1.0)
+    write_json(sorted(vocab, key=vocab.__getitem__), out / "queries.json")
+    meta = CacheMeta(key=key, num_rows=n, num_train=counts["train"], num_eval=counts["eval"],
+                     dense_names=dense_names, sparse_names=sparse_names, max_ts=max_ts, eval_start_ts=eval_start,
+                     eval_days=eval_days, dense_mean=mean.tolist(), dense_std=std.tolist(),
+                     sparse_max_train_id=sparse_max.tolist(), train_click_rate=clicks["train"] / counts["train"],
+                     eval_click_rate=clicks["eval"] / max(counts["eval"], 1))
+    write_json(asdict(meta), out / "meta.json")
+    log.info("feature cache: %d impressions (%d train, %d eval), %d dense, %d sparse, %d queries",
+             n, counts["train"], counts["eval"], d, s, len(vocab))
+
+
+class PurchaseIndex:
+    """All purchases in memory, sorted by (user, ts); vectorised as-of-time history lookups."""
+
+    def __init__(self, user_id: np.ndarray, ts: np.ndarray, product_id: np.ndarray) -> None:
+        user_id, ts, product_id = (np.asarray(a, np.int64) for a in (user_id, ts, product_id))
+        order = np.lexsort((product_id, ts, user_id))
+        self.users = np.unique(user_id)
+        user_index = np.searchsorted(self.users, user_id[order])
+        self._key = (user_index << _TS_BITS) | np.clip(ts[order], 0, (1 << _TS_BITS) - 1)
+        self.product_id = product_id[order]
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path) -> "PurchaseIndex":
+        table = read_table(workdir, "purchases")
+        return cls(table.column("user_id").to_numpy(), table.column("ts").cast(pa.int64()).to_numpy(),
+                   table.column("product_id").to_numpy())
+
+    def __len__(self) -> int:
+        return len(self.product_id)
+
+    def history(self, user_id: np.ndarray, ts: np.ndarray, max_len: int = HISTORY_LEN,
+                days: int = HISTORY_DAYS) -> tuple[np.ndarray, np.ndarray]:
+        """Purchases of ``user_id[i]`` with ``ts[i] - days <= purchase_ts < ts[i]``.
+
+        Returns ``(product_ids [B, max_len] int64, most recent first, padded -1;
+        count [B] int64, the number in the window before the cap)``.
+        """
+        positions, count = self.history_positions(user_id, ts, max_len, days)
+        return np.where(positions >= 0, self.product_id[np.maximum(positions, 0)] if len(self) else -1, -1), count
+
+    def history_positions(self, user_id: np.ndarray, ts: np.ndarray, max_len: int = HISTORY_LEN,
+                          days: int = HISTORY_DAYS, trim: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`history`, but positions into :attr:`product_id` (-1 = padding), so a caller
+        can gather any per-purchase array (e.g. product table rows mapped once). ``trim``: make
+        the width the longest bag of this batch (at most ``max_len``, at least 1)."""
+        user_id, ts = np.asarray(user_id, np.int64), np.asarray(ts, np.int64)
+        pos = np.clip(np.searchsorted(self.users, user_id), 0, max(len(self.users) - 1, 0))
+        known = (self.users[pos] == user_id) if len(self.users) else np.zeros(len(user_id), bool)
+        high = pos << _TS_BITS
+        top = (1 << _TS_BITS) - 1
+        lo = np.searchsorted(self._key, high | np.clip(ts - days * DAY_S, 0, top), side="left")
+        hi = np.searchsorted(self._key, high | np.clip(ts, 0, top), side="left")
+        count = np.where(known, hi - lo, 0).astype(np.int64)
+        width = max(1, min(max_len, int(count.max(initial=0)))) if trim else max_len
+        steps = np.arange(width)[None, :]
+        positions = np.where(steps < count[:, None], hi[:, None] - 1 - steps, -1)
+        return positions.astype(np.int64), count
+
+
+@dataclass
+class RankingBatch:
+    """One batch of plain tensors, in :class:`FeatureSpec` order.
+
+    dense ``[B, D]`` float32 (raw), sparse_ids ``[B, S]`` int64 (raw), product_rows ``[B]``,
+    query_rows ``[B]``, history_rows ``[B, L]`` (-1 padded; ``L`` = the longest bag of the batch,
+    at most ``spec.history_len``), labels ``[B]`` float32, has_history ``[B]`` bool.
+    """
+
+    dense: torch.Tensor
+    sparse_ids: torch.Tensor
+    product_rows: torch.Tensor
+    query_rows: torch.Tensor
+    history_rows: torch.Tensor
+    labels: torch.Tensor
+    has_history: torch.Tensor
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """Positional inputs of ``PlainInputModel.forward``."""
+        return self.dense, self.sparse_ids, self.product_rows, self.query_rows, self.history_rows
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def build_spec(meta: CacheMeta, tables: tuple[EmbeddingTable, EmbeddingTable] | None = None,
+               history_len: int = HISTORY_LEN, history_days: int = HISTORY_DAYS) -> FeatureSpec:
+    """The feature spec from training-split statistics (sparse tables get ``max train id + 2``
+    rows: ids 0..max plus the reserved bucket) and, when given, the frozen tables' id maps."""
+    spec = FeatureSpec(dense_names=list(meta.dense_names), dense_mean=list(meta.dense_mean),
+                       dense_std=list(meta.dense_std), sparse_names=list(meta.sparse_names),
+                       sparse_num_embeddings=[int(m) + 2 for m in meta.sparse_max_train_id],
+                       train_click_rate=float(meta.train_click_rate), history_len=history_len,
+                       history_days=history_days)
+    return spec.with_tables(*tables) if tables is not None else spec
+
+
+class RankingData:
+    """Batches of one split from the cache, the purchase index and a spec."""
+
+    def __init__(self, cache: ImpressionCache, purchases: PurchaseIndex, spec: FeatureSpec) -> None:
+        self.cache, self.purchases, self.spec = cache, purchases, spec
+        self._query_code_rows = spec.query_rows(cache.queries) if spec.queries else np.zeros(len(cache.queries), np.int64)
+        self._purchase_rows = spec.product_rows(purchases.product_id)  # table row of every purchase, mapped once
+
+    def num_rows(self, split: str) -> int:
+        return len(self.cache.split_index(split))
+
+    def batch(self, rows: np.ndarray) -> RankingBatch:
+        """The batch of cache rows ``rows`` (sorted for memory-map locality by the caller)."""
+        c, spec = self.cache.columns, self.spec
+        user, ts = c["user_id"][rows], c["ts"][rows]
+        positions, count = self.purchases.history_positions(user, ts, spec.history_len, spec.history_days, trim=True)
+        history_rows = np.where(positions >= 0, self._purchase_rows[np.maximum(positions, 0)] if len(self.purchases) else -1, -1)
+        return RankingBatch(
+            dense=torch.from_numpy(np.ascontiguousarray(c["dense"][rows])),
+            sparse_ids=torch.from_numpy(np.ascontiguousarray(c["sparse"][rows])),
+            product_rows=torch.from_numpy(spec.product_rows(c["product_id"][rows])),
+            query_rows=torch.from_numpy(self._query_code_rows[c["query_code"][rows]]),
+            history_rows=torch.from_numpy(history_rows),
+            labels=torch.from_numpy(c["clicked"][rows].astype(np.float32)),
+            has_history=torch.from_numpy(count > 0),
+        )
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = False,
+                rng: np.random.Generator | None = None) -> Iterator[RankingBatch]:
+        """All rows of ``split`` in batches; ``shuffle`` draws the order from ``rng``."""
+        index = np.asarray(self.cache.split_index(split))
+        if shuffle:
+            index = (rng or np.random.default_rng(0)).permutation(index)
+        for start in range(0, len(index), batch_size):
+            chunk = index[start:start + batch_size]
+            yield self.batch(np.sort(chunk) if shuffle else chunk)

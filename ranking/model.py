@@ -1,0 +1,239 @@
+"""The pCTR model: a DCN tower, a table tower and a head (paper sec. 4.2), as small modules.
+
+Notation: B batch, D dense features, S sparse features, E sparse embedding dim, d table dim,
+k projection dim of the table vectors (P, Q: learned projections d -> k).
+
+::
+
+    dense [B, D] --normalise--+
+                              +-- concat [B, D + S*E] -- LowRankCrossNet -- MLP --> [B, dcn_out] --+
+    sparse_* KJT --EBC(SUM)---+                                                                    |
+                                                                                                   +-- concat -- MLP -- Linear --> logit [B]
+    product_id, query_id,      Pp, Qq, cos(p,q) [, Ph, cos(p,h)]                                    |
+    purchase_history_84d KJT --> frozen tables --> [B, 2k+1 (+k+1)] -- LowRankCrossNet -- MLP ------+
+
+``RankingModel.forward(dense_features, features)`` takes the torchrec inputs (one
+KeyedJaggedTensor holding every sparse key) like ``torchrec.models.dlrm.DLRM`` does, so DMP can
+shard its two EBCs. :class:`ranking.plain.PlainInputModel` is the plain-tensor front door
+(serving, Captum, training). :func:`build_model`, :func:`save_model` and :func:`load_model`
+construct, write and read a variant with its :class:`ranking.features.FeatureSpec`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mlp import MLP
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from common.cli import UserError
+from common.io import atomic_path
+from embeddings.tables import EmbeddingTable
+from ranking.features import FeatureSpec
+from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, PretrainedEmbeddingBagCollection
+from ranking.variants import Variant, get_variant
+
+
+@dataclass
+class ModelConfig:
+    """Widths of the three parts (the defaults are sized for the demo on 2 CPU cores)."""
+
+    sparse_embedding_dim: int = 16
+    dcn_cross_layers: int = 2
+    dcn_low_rank: int = 32
+    dcn_deep_sizes: list[int] = field(default_factory=lambda: [128, 64])
+    table_proj_dim: int = 32
+    table_cross_layers: int = 2
+    table_low_rank: int = 16
+    table_deep_sizes: list[int] = field(default_factory=lambda: [128, 64])
+    head_sizes: list[int] = field(default_factory=lambda: [64])
+
+
+def sparse_feature_ebc(spec: FeatureSpec, embedding_dim: int) -> EmbeddingBagCollection | None:
+    """One trainable SUM table per sparse feature (``spec.sparse_num_embeddings`` rows; the last
+    row is the reserved bucket), or None when there are no sparse features."""
+    if not spec.sparse_names:
+        return None
+    configs = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=embedding_dim, num_embeddings=rows,
+                                  feature_names=[name], pooling=PoolingType.SUM)
+               for name, rows in zip(spec.sparse_names, spec.sparse_num_embeddings)]
+    return EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+
+
+class DCNTower(nn.Module):
+    """The existing features through DCNv2 (stacked: cross network, then deep MLP).
+
+    Args:
+        dense_mean, dense_std: ``[D]`` training-split statistics (buffers) for normalisation.
+        sparse_ebc: trainable tables of the ``sparse_*`` features (E each), or None.
+        cross_layers, low_rank: ``LowRankCrossNet`` over ``[B, D + S*E]``.
+        deep_sizes: MLP layer sizes; the output is ``[B, deep_sizes[-1]]``.
+    """
+
+    def __init__(self, dense_mean: torch.Tensor, dense_std: torch.Tensor, sparse_ebc: EmbeddingBagCollection | None,
+                 cross_layers: int, low_rank: int, deep_sizes: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("dense_mean", dense_mean.float().clone())
+        self.register_buffer("dense_std", dense_std.float().clone())
+        self.sparse_ebc = sparse_ebc
+        sparse_width = 0 if sparse_ebc is None else sum(c.embedding_dim for c in sparse_ebc.embedding_bag_configs())
+        in_features = int(dense_mean.numel()) + sparse_width
+        self.crossnet = LowRankCrossNet(in_features=in_features, num_layers=cross_layers, low_rank=low_rank)
+        self.deep = MLP(in_features, list(deep_sizes))
+        self.out_features: int = deep_sizes[-1]
+
+    def forward(self, dense_features: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+        """dense_features ``[B, D]`` raw, features KJT with the ``sparse_*`` keys -> ``[B, out_features]``."""
+        sparse = self.sparse_ebc(features).values() if self.sparse_ebc is not None else None
+        return self.interact(dense_features, sparse)
+
+    def interact(self, dense_features: torch.Tensor, sparse_embedded: torch.Tensor | None) -> torch.Tensor:
+        """The tower after the lookups: raw dense ``[B, D]`` and the pooled sparse embeddings
+        ``[B, S*E]`` (``sparse_ebc`` output order = ``spec.sparse_names``) -> ``[B, out_features]``.
+        Feature importance permutes these inputs."""
+        x = (dense_features - self.dense_mean) / self.dense_std
+        if sparse_embedded is not None:
+            x = torch.cat([x, sparse_embedded], dim=1)
+        return self.deep(self.crossnet(x))
+
+
+class TableTower(nn.Module):
+    """The DashCLIP vectors and their cosines, crossed with each other.
+
+    The cosines come from the full ``d``-dim vectors (0 against an all-zero vector: unknown id,
+    empty history); the vectors are projected to ``proj_dim`` (``k``) first, with one projection
+    for the product space (product and pooled history: same table) and one for queries. Row:
+    ``[Pp, Qq, cos(p, q)]`` (``[B, 2k + 1]``), plus ``[Ph, cos(p, h)]`` with the purchase history
+    (``[B, 3k + 2]``). Then ``LowRankCrossNet`` and an MLP -> ``[B, deep_sizes[-1]]``.
+    """
+
+    def __init__(self, tables: PretrainedEmbeddingBagCollection, proj_dim: int, cross_layers: int, low_rank: int,
+                 deep_sizes: list[int]) -> None:
+        super().__init__()
+        self.tables = tables
+        self.with_history: bool = tables.with_history
+        self.product_proj = nn.Linear(tables.dim, proj_dim)
+        self.query_proj = nn.Linear(tables.dim, proj_dim)
+        in_features = 2 * proj_dim + 1 + (proj_dim + 1 if tables.with_history else 0)
+        self.crossnet = LowRankCrossNet(in_features=in_features, num_layers=cross_layers, low_rank=low_rank)
+        self.deep = MLP(in_features, list(deep_sizes))
+        self.out_features: int = deep_sizes[-1]
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """features KJT with ``product_id``, ``query_id`` [, ``purchase_history_84d``] rows -> ``[B, out_features]``."""
+        pooled = self.tables(features).to_dict()
+        product, query = pooled[PRODUCT_FEATURE], pooled[QUERY_FEATURE]
+        cosine_pq = F.cosine_similarity(product, query, dim=1, eps=1e-8)
+        if not self.with_history:
+            return self.interact(product, query, cosine_pq)
+        history = pooled[HISTORY_FEATURE]
+        return self.interact(product, query, cosine_pq, history, F.cosine_similarity(product, history, dim=1, eps=1e-8))
+
+    def interact(self, product: torch.Tensor, query: torch.Tensor, cosine_pq: torch.Tensor,
+                 history: torch.Tensor | None = None, cosine_ph: torch.Tensor | None = None) -> torch.Tensor:
+        """The tower after the lookups: vectors ``[B, d]`` and cosines ``[B]`` (``history`` and
+        ``cosine_ph`` when ``with_history``) -> ``[B, out_features]``. Feature importance permutes
+        these inputs one group at a time."""
+        parts = [self.product_proj(product), self.query_proj(query), cosine_pq.unsqueeze(1)]
+        if history is not None and cosine_ph is not None:
+            parts += [self.product_proj(history), cosine_ph.unsqueeze(1)]
+        return self.deep(self.crossnet(torch.cat(parts, dim=1)))
+
+
+class RankingModel(nn.Module):
+    """DCN tower [+ table tower] -> head MLP -> one logit per sample.
+
+    Attributes ``variant`` (name), ``spec`` (:class:`FeatureSpec`) and ``config``
+    (:class:`ModelConfig`) describe how it was built and how to feed it.
+
+    Embedding collections (what DMP shards): ``dcn_tower.sparse_ebc`` (trainable, one SUM table
+    per sparse feature) and ``table_tower.tables.ebc`` (product + query tables; frozen in the
+    pretrained variants: :func:`ranking.tables.frozen_parameter_names` lists them for the
+    optimizer to leave out, since ``requires_grad`` does not survive sharding).
+    """
+
+    def __init__(self, dcn_tower: DCNTower, table_tower: TableTower | None, head_sizes: list[int], *,
+                 variant: str, spec: FeatureSpec, config: ModelConfig) -> None:
+        super().__init__()
+        self.dcn_tower = dcn_tower
+        self.table_tower = table_tower
+        in_features = dcn_tower.out_features + (table_tower.out_features if table_tower is not None else 0)
+        self.head = nn.Sequential(MLP(in_features, list(head_sizes)), nn.Linear(head_sizes[-1], 1))
+        self.variant, self.spec, self.config = variant, spec, config
+
+    def forward(self, dense_features: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+        """dense_features ``[B, D]`` raw, features KJT (sparse ids + table rows) -> logits ``[B]``."""
+        towers = [self.dcn_tower(dense_features, features)]
+        if self.table_tower is not None:
+            towers.append(self.table_tower(features))
+        return self.head(torch.cat(towers, dim=1)).squeeze(1)
+
+
+def build_tables(variant: Variant, spec: FeatureSpec, tables: tuple[EmbeddingTable, EmbeddingTable] | None = None,
+                 generator: torch.Generator | None = None) -> PretrainedEmbeddingBagCollection | None:
+    """The table module of ``variant``: frozen copies of ``tables`` (pretrained variants), random
+    tables of the spec's shapes (the random variant), or zeros of those shapes when ``tables`` is
+    None (to load a state dict into)."""
+    if not variant.uses_tables:
+        return None
+    if spec.table_dim <= 0:
+        raise ValueError(f"variant {variant.name} needs tables but the feature spec has none")
+    if variant.table_init == "random":
+        return PretrainedEmbeddingBagCollection.random(spec.num_product_rows, spec.num_query_rows, spec.table_dim,
+                                                       generator=generator, with_history=variant.use_history)
+    if tables is None:
+        return PretrainedEmbeddingBagCollection(torch.zeros(spec.num_product_rows, spec.table_dim),
+                                                torch.zeros(spec.num_query_rows, spec.table_dim),
+                                                with_history=variant.use_history, frozen=True)
+    product, query = tables
+    if product.vectors.shape != (spec.num_product_rows, spec.table_dim) or query.vectors.shape != (spec.num_query_rows, spec.table_dim):
+        raise ValueError(f"tables {product.vectors.shape}/{query.vectors.shape} do not match the feature spec "
+                         f"({spec.num_product_rows}/{spec.num_query_rows} x {spec.table_dim})")
+    return PretrainedEmbeddingBagCollection.from_tables(product, query, with_history=variant.use_history, frozen=True)
+
+
+def build_model(variant: Variant | str, spec: FeatureSpec, config: ModelConfig | None = None,
+                tables: PretrainedEmbeddingBagCollection | None = None) -> RankingModel:
+    """Assemble ``variant`` for ``spec`` (tables from :func:`build_tables`; ignored by ``dcn``)."""
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    config = config or ModelConfig()
+    if variant.uses_tables and tables is None:
+        raise ValueError(f"variant {variant.name} needs its table module (see build_tables)")
+    dcn = DCNTower(torch.tensor(spec.dense_mean, dtype=torch.float32), torch.tensor(spec.dense_std, dtype=torch.float32),
+                   sparse_feature_ebc(spec, config.sparse_embedding_dim), config.dcn_cross_layers, config.dcn_low_rank,
+                   config.dcn_deep_sizes)
+    tower = (TableTower(tables, config.table_proj_dim, config.table_cross_layers, config.table_low_rank, config.table_deep_sizes)
+             if variant.uses_tables else None)
+    return RankingModel(dcn, tower, config.head_sizes, variant=variant.name, spec=spec, config=config)
+
+
+def save_model(model: RankingModel, path: str | Path) -> Path:
+    """Write ``{state_dict, variant, model_config, feature_spec}`` atomically (``torch.load(weights_only=True)``-safe)."""
+    payload = {"state_dict": model.state_dict(), "variant": model.variant, "model_config": asdict(model.config),
+               "feature_spec": model.spec.to_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_model(path: str | Path) -> RankingModel:
+    """Rebuild the model saved by :func:`save_model` (eval mode). ``model.spec`` says how to feed it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: missing ranking model (run `python -m ranking.train` first)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        variant = get_variant(payload["variant"])
+        spec = FeatureSpec.from_dict(payload["feature_spec"])
+        config = ModelConfig(**payload["model_config"])
+    except (KeyError, TypeError, RuntimeError, EOFError) as exc:
+        raise UserError(f"{path}: not a ranking model checkpoint ({type(exc).__name__}: {exc})") from None
+    model = build_model(variant, spec, config, build_tables(variant, spec))
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()

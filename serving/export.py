@@ -1,0 +1,368 @@
+"""Export a trained ranking model for serving: TorchScript files that load with torch + fbgemm_gpu.
+
+``python -m serving.export --workdir DIR [--variant dcn_pq_hist] [--seed 0] [--table-dtype fp32|fp16|int8] [--force]``
+
+Reads ``DIR/ranking/<variant>/seed<k>/model.pt`` (:func:`ranking.model.load_model`) and the
+evaluation week of ``DIR/data/impressions.parquet`` (through the ranking feature cache). Writes:
+
+``DIR/serving/model.pt``
+    The fused model: :class:`ranking.plain.PlainInputModel` (frozen tables inside) traced with
+    ``torchrec.fx.symbolic_trace`` and compiled with ``torch.jit.script``.
+    ``forward(dense [B,D] f32, sparse_ids [B,S] i64, product_rows [B] i64, query_rows [B] i64,
+    history_rows [B,L] i64 (-1 = padding)) -> logits [B]``.
+``DIR/serving/model_vectors.pt``
+    The same weights without the tables (:class:`VectorInputModel`), for a feature store that
+    hands over the vectors: ``forward(dense, sparse_ids, product_vec [B,d], query_vec [B|1,d],
+    history_vecs [B|1,L,d], history_mask [B|1,L] bool) -> logits [B]``. Only for variants with tables.
+``DIR/serving/product_ids.parquet``, ``query_ids.parquet``
+    The id maps of the tables inside the model (``row_id`` -> ``product_id`` / normalised ``query``).
+``DIR/serving/manifest.json``
+    Input names, shapes and dtypes, the feature order and dense normalisation, the request field
+    names, the sha256 of every file written and of the checkpoint and source table files, the
+    parity check and the NW ROC-AUC of the exported model (and its change for fp16/int8 tables).
+
+Parity: the loaded files must score the first ``--parity-rows`` NW impressions like the eager
+model (max |logit diff| <= 1e-5), else the export fails and writes nothing.
+Reduced-precision tables (``--table-dtype fp16|int8``) swap the frozen tables for torchrec's
+quantized EmbeddingBagCollection (``torchrec.quant.embedding_modules``; fbgemm's CPU inference
+kernels, row-wise int8 with a per-row scale and bias, outputs in fp32); the rest of the model
+stays fp32. The parity check then compares with the eager quantized model, and the AUC change
+against fp32 tables is measured on the whole NW split.
+"""
+# No `from __future__ import annotations` here: fx copies VectorInputModel.forward's signature into
+# the traced module, and TorchScript cannot read string annotations there.
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.io import file_sha256, prepare_workdir, read_json, write_json, write_parquet
+from data.schema import SchemaError
+from embeddings.tables import table_path as embedding_table_path
+from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData
+from ranking.metrics import roc_auc
+from ranking.model import RankingModel, load_model
+from ranking.plain import PlainInputModel
+from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
+from ranking.variants import get_variant
+from serving.requests import request_fields
+
+log = logging.getLogger("serving.export")
+
+MANIFEST_VERSION = 1
+PARITY_TOLERANCE = 1e-5
+TableDtype = Literal["fp32", "fp16", "int8"]
+OPTIONAL_FILES = ("model_vectors.pt", "product_ids.parquet", "query_ids.parquet")  # only for variants with tables
+QUANT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "int8": torch.qint8}
+
+
+@dataclass
+class ExportConfig:
+    """Export a trained ranking model as TorchScript plus a serving manifest (DIR/serving/)."""
+
+    workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
+    variant: str = field(default="dcn_pq_hist", metadata={"help": "ranking variant to export"})
+    seed: int = field(default=0, metadata={"help": "which trained seed (DIR/ranking/<variant>/seed<k>)"})
+    table_dtype: TableDtype = field(default="fp32", metadata={
+        "help": "storage of the frozen tables inside the fused model (fp16/int8: torchrec quantized EBC)"})
+    parity_rows: int = field(default=4096, metadata={"help": "NW impressions in the parity check"})
+    eval_batch_size: int = field(default=8192, metadata={"help": "batch size of the NW AUC pass"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    force: bool = field(default=False, metadata={"help": "export again even when the outputs are complete"})
+
+
+def checkpoint_path(workdir: str | Path, variant: str, seed: int) -> Path:
+    return Path(workdir) / "ranking" / variant / f"seed{seed}" / "model.pt"
+
+
+class VectorInputModel(nn.Module):
+    """The ranking model with the frozen-table lookups taken out: the vectors are inputs.
+
+    ``forward(dense [B, D] f32, sparse_ids [B, S] i64, product_vec [B, d], query_vec [B|1, d],
+    history_vecs [B|1, L, d], history_mask [B|1, L] bool) -> logits [B]``. The purchase history
+    is mean-pooled over the unmasked entries (an unknown product counts with a zero vector, an
+    empty history pools to zeros) exactly like the MEAN-pooled EBC bag of the fused model.
+    A leading dimension of 1 is broadcast over the B candidates (one user and query per request).
+
+    After the lookup it calls the model's own ``DCNTower.interact`` and ``TableTower.interact``,
+    so the two scripted files share every layer; the Redis parity test checks they agree.
+    """
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        if model.table_tower is None:
+            raise ValueError(f"variant {model.variant} has no tables: nothing to take as vector inputs")
+        self.plain = PlainInputModel(model)
+        self.with_history: bool = model.table_tower.with_history
+
+    def forward(self, dense: torch.Tensor, sparse_ids: torch.Tensor, product_vec: torch.Tensor,
+                query_vec: torch.Tensor, history_vecs: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+        model = self.plain.model
+        no_rows = torch.zeros_like(product_vec[:, 0], dtype=torch.int64)  # sparse-only KJT: empty table bags
+        features = self.plain.features(sparse_ids, no_rows, no_rows, no_rows.unsqueeze(1) - 1)
+        batch = product_vec.shape[0]
+        query = query_vec.expand(batch, -1)
+        cosine_pq = F.cosine_similarity(product_vec, query, dim=1, eps=1e-8)
+        history = cosine_ph = None
+        if self.with_history:
+            mask = history_mask.to(history_vecs.dtype)
+            weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+            history = (weights.unsqueeze(2) * history_vecs).sum(dim=1).expand(batch, -1)
+            cosine_ph = F.cosine_similarity(product_vec, history, dim=1, eps=1e-8)
+        table_out = model.table_tower.interact(product_vec, query, cosine_pq, history, cosine_ph)
+        return model.head(torch.cat([model.dcn_tower(dense, features), table_out], dim=1)).squeeze(1)
+
+
+def quantize_tables(model: RankingModel, table_dtype: TableDtype) -> None:
+    """Swap the frozen tables' EBC for torchrec's quantized EBC with ``table_dtype`` rows (in place).
+
+    Call after building :class:`PlainInputModel` (it reads the table sizes from the float EBC).
+    """
+    if table_dtype == "fp32":
+        return
+    if model.table_tower is None:
+        raise UserError(f"--table-dtype {table_dtype}: variant {model.variant} has no tables to quantize")
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+
+    tables = model.table_tower.tables
+    observer = torch.ao.quantization.PlaceholderObserver
+    tables.ebc.qconfig = torch.ao.quantization.QConfig(activation=observer.with_args(dtype=torch.float),
+                                                       weight=observer.with_args(dtype=QUANT_DTYPES[table_dtype]))
+    tables.ebc = QuantEmbeddingBagCollection.from_float(tables.ebc)
+
+
+def script(module: nn.Module) -> torch.jit.ScriptModule:
+    """``torchrec.fx.symbolic_trace`` then ``torch.jit.script`` (TorchRec's route to TorchScript)."""
+    import torchrec.fx
+
+    return torch.jit.script(torchrec.fx.symbolic_trace(module.eval()))
+
+
+def table_vectors(model: RankingModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 product ``[Rp, d]`` and query ``[Rq, d]`` tables held by the (unquantized) model."""
+    bags = model.table_tower.tables.ebc.embedding_bags
+    return bags[PRODUCT_TABLE].weight.detach(), bags[QUERY_TABLE].weight.detach()
+
+
+def vector_inputs(product: torch.Tensor, query: torch.Tensor, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The :class:`VectorInputModel` inputs equivalent to the row inputs of a batch (table lookups)."""
+    dense, sparse_ids, product_rows, query_rows, history_rows = inputs
+    mask = history_rows >= 0
+    return dense, sparse_ids, product[product_rows], query[query_rows], product[history_rows.clamp(min=0)], mask
+
+
+def _inputs_spec(spec: FeatureSpec) -> tuple[list[dict], list[dict]]:
+    """Input descriptions of the fused and the vectors model, for the manifest."""
+    d, s, l, dim = len(spec.dense_names), len(spec.sparse_names), spec.history_len, spec.table_dim
+    return [
+        {"name": "dense", "dtype": "float32", "shape": ["B", d], "features": spec.dense_names,
+         "note": "raw values; the model normalises with dense_mean/dense_std"},
+        {"name": "sparse_ids", "dtype": "int64", "shape": ["B", s], "features": spec.sparse_names,
+         "note": "negative ids or ids >= sparse_num_embeddings-1 go to the reserved bucket"},
+        {"name": "product_rows", "dtype": "int64", "shape": ["B"], "note": "row in product_ids.parquet; 0 = unknown"},
+        {"name": "query_rows", "dtype": "int64", "shape": ["B"], "note": "row in query_ids.parquet; 0 = unknown"},
+        {"name": "history_rows", "dtype": "int64", "shape": ["B", l],
+         "note": f"product rows of the purchases in the {spec.history_days} days before the request, most recent "
+                 f"first, -1 = padding (any L works)"},
+    ], [
+        {"name": "dense", "dtype": "float32", "shape": ["B", d]},
+        {"name": "sparse_ids", "dtype": "int64", "shape": ["B", s]},
+        {"name": "product_vec", "dtype": "float32", "shape": ["B", dim]},
+        {"name": "query_vec", "dtype": "float32", "shape": ["B or 1", dim]},
+        {"name": "history_vecs", "dtype": "float32", "shape": ["B or 1", "L", dim]},
+        {"name": "history_mask", "dtype": "bool", "shape": ["B or 1", "L"], "note": "True = a purchase (unknown "
+                                                                                      "products count with zeros)"},
+    ]
+
+
+def _write_id_maps(spec: FeatureSpec, out: Path) -> dict[str, Path]:
+    paths = {"product_ids": out / "product_ids.parquet", "query_ids": out / "query_ids.parquet"}
+    write_parquet(pa.table({"row_id": pa.array(np.arange(1, spec.num_product_rows), pa.int64()),
+                            "product_id": pa.array(spec.product_ids, pa.int64())}), paths["product_ids"])
+    write_parquet(pa.table({"row_id": pa.array(np.arange(1, spec.num_query_rows), pa.int64()),
+                            "query": pa.array(spec.queries, pa.string())}), paths["query_ids"])
+    return paths
+
+
+@torch.no_grad()
+def _nw_auc(module: nn.Module, data: RankingData, batch_size: int) -> tuple[float, int]:
+    labels, logits = [], []
+    for batch in data.batches("eval", batch_size):
+        logits.append(module(*batch.inputs()).numpy())
+        labels.append(batch.labels.numpy())
+    y = np.concatenate(labels)
+    return roc_auc(y, np.concatenate(logits)), int(len(y))
+
+
+def _settings(cfg: ExportConfig, checkpoint: Path, data_key: str) -> dict:
+    return {"variant": cfg.variant, "seed": cfg.seed, "table_dtype": cfg.table_dtype, "parity_rows": cfg.parity_rows,
+            "checkpoint_sha256": file_sha256(checkpoint), "impressions_cache": data_key,
+            "manifest_version": MANIFEST_VERSION}
+
+
+def export_complete(out: Path, settings: dict) -> dict | None:
+    """The manifest when every file it lists is present with its recorded hash and the settings match."""
+    path = out / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    if manifest.get("settings") != settings:
+        return None
+    for entry in manifest.get("files", {}).values():
+        target = out / entry["path"]
+        if not target.exists() or file_sha256(target) != entry["sha256"]:
+            return None
+    return manifest
+
+
+def _staging_dir(out: Path) -> Path:
+    staging = out / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def _publish(staging: Path, out: Path, names: Sequence[str]) -> None:
+    """Move the staged files into ``out``: the old manifest goes first and the new one last, so a run
+    killed in between leaves no manifest that vouches for a mix of old and new files."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    for stale in OPTIONAL_FILES:
+        if stale not in names:
+            (out / stale).unlink(missing_ok=True)
+    for name in names:
+        os.replace(staging / name, out / name)
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Run the export (see module docstring); returns the manifest."""
+    workdir = Path(cfg.workdir)
+    get_variant(cfg.variant)
+    if cfg.seed < 0 or cfg.parity_rows < 1 or cfg.eval_batch_size < 1 or cfg.threads < 1:
+        raise UserError("--seed must be >= 0 and --parity-rows, --eval-batch-size, --threads >= 1")
+    checkpoint = checkpoint_path(workdir, cfg.variant, cfg.seed)
+    if not checkpoint.exists():
+        raise UserError(f"{checkpoint}: missing ranking model (run `python -m ranking.train --workdir {workdir} "
+                        f"--variant {cfg.variant}` first)")
+    torch.set_num_threads(cfg.threads)
+    out = prepare_workdir(workdir, "serving") / "serving"
+    try:
+        settings = _settings(cfg, checkpoint, ImpressionCache.cache_key(workdir))
+        done = None if cfg.force else export_complete(out, settings)
+        if done is not None:
+            log.info("serving export in %s is complete for these settings; skipping (--force redoes it)", out)
+            return done
+        cache = ImpressionCache.open(workdir)
+        purchases = PurchaseIndex.from_workdir(workdir)
+    except SchemaError as exc:
+        raise UserError(str(exc)) from None
+    staging = _staging_dir(out)
+    try:
+        manifest = _export_to(staging, cfg, workdir, checkpoint, settings, cache, purchases)
+        _publish(staging, out, [entry["path"] for entry in manifest["files"].values()] + ["manifest.json"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s seed %d (%s tables) to %s; model sha256 %s", cfg.variant, cfg.seed, cfg.table_dtype,
+             out, manifest["files"]["model"]["sha256"][:16])
+    return manifest
+
+
+def _export_to(staging: Path, cfg: ExportConfig, workdir: Path, checkpoint: Path, settings: dict,
+               cache: ImpressionCache, purchases: PurchaseIndex) -> dict:
+    """Script, check and describe the model into ``staging``; returns the manifest written there."""
+    eager = load_model(checkpoint)
+    spec = eager.spec
+    data = RankingData(cache, purchases, spec)
+    if data.num_rows("eval") == 0:
+        raise UserError(f"{workdir}/data/impressions.parquet: no NW (last-week) impressions for the parity check")
+    eager_plain = PlainInputModel(eager).eval()
+    served = load_model(checkpoint)
+    served_plain = PlainInputModel(served).eval()
+    quantize_tables(served, cfg.table_dtype)
+    has_tables = eager.table_tower is not None
+    log.info("tracing and scripting %s (tables %s)", cfg.variant, cfg.table_dtype)
+    files = {"model": staging / "model.pt"}
+    torch.jit.save(script(served_plain), str(files["model"]))
+    if has_tables:
+        files["vectors_model"] = staging / "model_vectors.pt"
+        torch.jit.save(script(VectorInputModel(load_model(checkpoint))), str(files["vectors_model"]))
+
+    parity_batch = data.batch(np.asarray(cache.split_index("eval"))[: cfg.parity_rows])
+    inputs = parity_batch.inputs()
+    loaded = torch.jit.load(str(files["model"]))
+    with torch.no_grad():
+        parity = {"rows": len(parity_batch), "tolerance": PARITY_TOLERANCE,
+                  "fused_max_abs_diff": float((loaded(*inputs) - served_plain(*inputs)).abs().max()),
+                  "reference": "eager model" + (f" with {cfg.table_dtype} tables" if cfg.table_dtype != "fp32" else "")}
+        if has_tables:
+            product, query = table_vectors(eager)
+            vectors_loaded = torch.jit.load(str(files["vectors_model"]))
+            parity["vectors_max_abs_diff"] = float(
+                (vectors_loaded(*vector_inputs(product, query, inputs)) - eager_plain(*inputs)).abs().max())
+    bad = {k: v for k, v in parity.items() if k.endswith("max_abs_diff") and not v <= PARITY_TOLERANCE}
+    if bad:
+        raise UserError(f"parity check failed on {len(parity_batch)} NW impressions: {bad} exceeds "
+                        f"{PARITY_TOLERANCE:g}; nothing exported")
+    log.info("parity on %d NW impressions: %s", len(parity_batch), parity)
+
+    auc_exported, n = _nw_auc(loaded, data, cfg.eval_batch_size)
+    auc = {"impressions": n, cfg.table_dtype: auc_exported}
+    if cfg.table_dtype != "fp32":
+        auc_fp32, _ = _nw_auc(eager_plain, data, cfg.eval_batch_size)
+        auc.update(fp32=auc_fp32, delta=auc_exported - auc_fp32)
+        print(f"NW ROC-AUC over {n} impressions: fp32 tables {auc_fp32:.6f}, {cfg.table_dtype} tables "
+              f"{auc_exported:.6f} (change {auc_exported - auc_fp32:+.6f})")
+    else:
+        print(f"NW ROC-AUC over {n} impressions: {auc_exported:.6f} (fp32 tables)")
+
+    if has_tables:
+        files.update(_write_id_maps(spec, staging))
+    sources = {}
+    for kind in ("product", "query"):
+        path = embedding_table_path(workdir, kind)
+        if path.exists():
+            sources[kind] = {"path": str(path.relative_to(workdir)), "sha256": file_sha256(path)}
+    fused_inputs, vector_input_spec = _inputs_spec(spec)
+    import fbgemm_gpu  # noqa: F401  (version for the manifest)
+    import torchrec
+
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "variant": cfg.variant, "seed": cfg.seed, "table_dtype": cfg.table_dtype,
+        "settings": settings,
+        "checkpoint": {"path": str(checkpoint.relative_to(workdir)), "sha256": settings["checkpoint_sha256"]},
+        "files": {name: {"path": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+                  for name, path in files.items()},
+        "source_tables": sources,
+        "inputs": fused_inputs,
+        "vectors_inputs": vector_input_spec if has_tables else [],
+        "output": {"name": "logits", "dtype": "float32", "shape": ["B"], "note": "click probability = sigmoid(logits)"},
+        "feature_spec": {k: v for k, v in spec.to_dict().items() if k not in ("product_ids", "queries")},
+        "request_fields": {kind: [{"field": key, "column": column} for key, column in names.items()]
+                           for kind, names in request_fields(spec).items()},
+        "table_rows": {"product": spec.num_product_rows, "query": spec.num_query_rows},
+        "data_max_ts": int(cache.meta.max_ts),
+        "parity": parity,
+        "nw_auc": auc,
+        "versions": {"torch": torch.__version__, "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "unknown"),
+                     "torchrec": getattr(torchrec, "__version__", "unknown")},
+        "load": "import torch, fbgemm_gpu; torch.jit.load(path)",
+    }
+    write_json(manifest, staging / "manifest.json")
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return export(parse_config(ExportConfig, argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

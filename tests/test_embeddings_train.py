@@ -1,0 +1,184 @@
+"""DashCLIP training end to end on tiny data: both stages, checkpoints and resume, skip logic,
+export of the frozen tables, the encode API/CLI, and title-only catalogs."""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from common.io import read_json
+from data.text import normalize_query
+from embeddings import encode, export, tables, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a few steps of each stage on the tiny synthetic marketplace, with the tiny random backbone
+TINY_FLAGS = ["--backbone", "tiny", "--image-size", "32", "--stage1-batch-size", "16", "--stage1-max-steps", "4",
+              "--eval-every", "2", "--stage1-eval-max", "32", "--stage2-batch-size", "16", "--stage2-max-steps", "4",
+              "--pqc-negatives", "4", "--checkpoint-every", "2", "--stage2-eval-max", "32", "--threads", "1"]
+
+
+@pytest.fixture
+def workdir(tiny_workdir_copy) -> Path:
+    """A private run directory holding a copy of the tiny synthetic data."""
+    return tiny_workdir_copy
+
+
+def _model_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "embeddings" / "checkpoints" / "model.pt", weights_only=False)["model"]
+
+
+def _losses(log: dict, stage: str) -> list[float]:
+    return [row["loss"] for row in log[stage]["steps"]]
+
+
+def _keep_queries(workdir: Path, n_queries: int) -> None:
+    """Cut the relevance table to the first ``n_queries`` distinct queries that have an MR/HR product."""
+    path = workdir / "data" / "relevance.parquet"
+    relevance = pq.read_table(path)
+    positive = relevance.filter(pc.greater_equal(relevance.column("label"), 1))
+    keep = sorted(set(positive.column("query").to_pylist()))[:n_queries]
+    pq.write_table(relevance.filter(pc.is_in(relevance.column("query"), value_set=pa.array(keep))), path)
+
+
+# stage 2 on a handful of queries with all tuples in one batch: the random tiny encoders, whose
+# [CLS] states start nearly parallel, can fit that in a few steps
+STAGE2_FIT = ["--query-eval-fraction", "0", "--pqc-negatives", "2", "--stage2-batch-size", "256",
+              "--stage2-epochs", "100", "--stage2-max-steps", "20", "--stage2-lr", "1e-3", "--stage2-head-lr", "1e-2"]
+
+
+def test_end_to_end_train_export_encode(workdir, caplog):
+    caplog.set_level(logging.INFO)
+    _keep_queries(workdir, 10)
+    result = train.main(["--workdir", str(workdir), *TINY_FLAGS, *STAGE2_FIT])
+    ckpt = workdir / "embeddings" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.pt", "stage1.pt"]  # resume files are gone
+    log = read_json(workdir / "embeddings" / "train_log.json")
+    assert log == result
+    stage1 = log["stage1"]
+    assert [e["step"] for e in stage1["evals"]] == [0, 2, 4]
+    assert stage1["best_step"] in (0, 2, 4) and len(stage1["steps"]) == 4
+    assert all(np.isfinite([s["itc"] for s in stage1["steps"]] + [s["itm"] for s in stage1["steps"]]))
+    losses = _losses(log, "stage2")
+    assert len(losses) == 20 and np.mean(losses[-5:]) < np.mean(losses[:5])
+    fixed_tuples_loss = [e["pqc_train_loss"] for e in log["stage2"]["evals"]]  # eval mode: no dropout noise
+    assert fixed_tuples_loss[-1] < fixed_tuples_loss[0] - 0.15
+    config = read_json(workdir / "embeddings" / "config.json")
+    assert config["backbone"] == "tiny" and config["query_eval_fraction"] == 0.0 and config["seed"] == 0
+
+    # a rerun with the same settings skips both stages
+    caplog.clear()
+    before = (ckpt / "model.pt").stat().st_mtime_ns
+    train.main(["--workdir", str(workdir), *TINY_FLAGS, *STAGE2_FIT])
+    assert (ckpt / "model.pt").stat().st_mtime_ns == before
+    assert sum("skipping" in r.getMessage() for r in caplog.records) == 2
+
+    export.main(["--workdir", str(workdir)])
+    products = tables.read_table(tables.table_path(workdir, "product"), "product")
+    queries = tables.read_table(tables.table_path(workdir, "query"), "query")
+    catalog = pq.read_table(workdir / "data" / "catalog.parquet").to_pandas()
+    assert products.keys[1:] == catalog["product_id"].tolist()
+    assert not products.vectors[0].any() and not queries.vectors[0].any()
+    np.testing.assert_allclose(np.linalg.norm(products.vectors[1:], axis=1), 1.0, rtol=1e-5)
+    expected = {normalize_query(q) for name in ("relevance", "impressions")
+                for q in pq.read_table(workdir / "data" / f"{name}.parquet", columns=["query"]).column(0).to_pylist()}
+    assert set(queries.keys[1:]) == expected
+    assert "model.pt" in products.source and products.source == queries.source
+
+    # the encode API reproduces the exported vectors; the untuned encoder differs
+    trained = encode.load_encoder(workdir, "trained")
+    some = catalog.iloc[:5]
+    np.testing.assert_allclose(trained.products(some), products.vectors[1:6], atol=1e-5)
+    some_queries = queries.keys[1:4]
+    np.testing.assert_allclose(trained.queries([q.upper() + "!" for q in some_queries]), queries.vectors[1:4],
+                               atol=1e-5)
+    untuned = encode.load_encoder(workdir, "untuned")
+    assert not np.allclose(untuned.queries(some_queries), queries.vectors[1:4], atol=1e-3)
+    for vectors in (trained.images(some), trained.texts(some["title"].tolist())):
+        assert vectors.shape == (5, 256)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+    # the CLI embeds a new catalog file and a query list without retraining
+    new_catalog = workdir / "new_catalog.parquet"
+    pq.write_table(pa.Table.from_pandas(some, preserve_index=False), new_catalog)
+    out = workdir / "vectors.parquet"
+    encode.main(["--workdir", str(workdir), "--kind", "product", "--input", str(new_catalog), "--out", str(out)])
+    written = pq.read_table(out)
+    assert written.column("product_id").to_pylist() == some["product_id"].tolist()
+    np.testing.assert_allclose(np.stack(written.column("vector").to_numpy(zero_copy_only=False)),
+                               products.vectors[1:6], atol=1e-5)
+    query_file = workdir / "queries.txt"
+    query_file.write_text("Fresh MILK!\n\noat milk\n")
+    encode.main(["--workdir", str(workdir), "--kind", "query", "--input", str(query_file), "--out", str(out)])
+    assert pq.read_table(out).column("query").to_pylist() == ["fresh milk", "oat milk"]
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_workdir, tmp_path):
+    runs = {}
+    for name in ("straight", "interrupted"):
+        shutil.copytree(tiny_workdir / "data", tmp_path / name / "data")
+        runs[name] = tmp_path / name
+    flags = [*TINY_FLAGS, "--stage1-max-steps", "5", "--stage2-max-steps", "5"]
+    train.main(["--workdir", str(runs["straight"]), *flags])
+
+    run = runs["interrupted"]
+    paused = train.main(["--workdir", str(run), *flags, "--max-steps-this-run", "3"])  # stops inside stage 1
+    assert paused["paused"] and paused["stage1"]["steps_done"] == 3
+    assert (run / "embeddings" / "checkpoints" / "stage1_last.pt").exists()
+    paused = train.main(["--workdir", str(run), *flags, "--max-steps-this-run", "4"])  # ends stage 1, into stage 2
+    assert paused["paused"] and paused["stage2"]["steps_done"] == 2
+    done = train.main(["--workdir", str(run), *flags])
+    assert "paused" not in done
+
+    straight, resumed = _model_state(runs["straight"]), _model_state(run)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    log_a, log_b = (read_json(r / "embeddings" / "train_log.json") for r in (runs["straight"], run))
+    for stage in ("stage1", "stage2"):
+        assert _losses(log_a, stage) == _losses(log_b, stage)
+        assert log_a[stage]["evals"] == log_b[stage]["evals"]
+    assert log_a["stage1"]["best_step"] == log_b["stage1"]["best_step"]
+
+
+def test_title_only_catalog(workdir, caplog):
+    caplog.set_level(logging.INFO)
+    path = workdir / "data" / "catalog.parquet"
+    catalog = pq.read_table(path)
+    catalog = catalog.set_column(catalog.column_names.index("image"), pa.field("image", pa.binary()),
+                                 pa.nulls(catalog.num_rows, pa.binary()))
+    pq.write_table(catalog, path)
+    train.main(["--workdir", str(workdir), *TINY_FLAGS])
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "stage 1 skipped" in messages and "no image" in messages
+    log = read_json(workdir / "embeddings" / "train_log.json")
+    assert log["stage1"]["skipped"] and len(log["stage2"]["steps"]) == 4
+    export.main(["--workdir", str(workdir)])
+    products = tables.read_table(tables.table_path(workdir, "product"), "product")
+    assert len(products.keys) == catalog.num_rows + 1
+    np.testing.assert_allclose(np.linalg.norm(products.vectors[1:], axis=1), 1.0, rtol=1e-5)
+    images = encode.load_encoder(workdir).images(catalog.to_pandas().iloc[:3])
+    assert not images.any()  # no image, no image vector
+
+
+def test_stage2_alone_needs_stage1(workdir):
+    from common.cli import UserError
+
+    with pytest.raises(UserError, match="stage-1 output"):
+        train.main(["--workdir", str(workdir), *TINY_FLAGS, "--stage", "2"])
+
+
+def test_cli_reports_missing_data_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "embeddings.train", "--workdir", str(tmp_path), "--backbone", "tiny"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "catalog.parquet" in proc.stderr
+    assert "Traceback" not in proc.stderr

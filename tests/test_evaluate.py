@@ -1,0 +1,198 @@
+"""embeddings.evaluate: retrieval metrics on handcrafted vectors, MLP probes, plots, the split source."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from common.io import read_json
+from data.schema import read_table
+from data.text import normalize_query
+from embeddings import evaluate, export, train
+from embeddings.evaluate import (downsample_label, relevance_matrix, retrieval_metrics, split_settings,
+                                 top_k_products, train_probe)
+from embeddings.plots import plot_cosine_histograms, plot_tsne
+from embeddings.sampling import split_queries
+
+IR, MR, HR = 0, 1, 2
+
+
+def unit(rows) -> np.ndarray:
+    arr = np.asarray(rows, dtype=np.float32)
+    return arr / np.linalg.norm(arr, axis=1, keepdims=True)
+
+
+PRODUCTS = unit([[1, 0], [0.8, 0.6], [0, 1], [-1, 0]])
+QUERIES = unit([[1, 0], [0, 1], [1, 1]])
+LABELS = np.array([[HR, 0, MR, 0],     # q0 top-2 = p0 (HR), p1 (unlabelled)
+                   [0, MR, 0, HR],     # q1 top-2 = p2 (unlabelled), p1 (MR)
+                   [IR, IR, 0, 0]])    # q2: no MR/HR product, skipped
+
+
+# --- retrieval -----------------------------------------------------------------------------------
+
+def test_top_k_orders_by_cosine_and_breaks_ties_by_index():
+    assert top_k_products(QUERIES[:2], PRODUCTS, k=2).tolist() == [[0, 1], [2, 1]]
+    tied = top_k_products(unit([[1, 0]]), unit([[0, 1], [1, 0], [0, -1], [1, 0]]), k=3)
+    assert tied.tolist() == [[1, 3, 0]]
+    assert top_k_products(QUERIES, PRODUCTS, k=10).shape == (3, 4)  # k capped at P
+
+
+def test_retrieval_metrics_match_hand_computed_values():
+    metrics = retrieval_metrics(QUERIES, PRODUCTS, LABELS, k=2)
+    # q0: labels [2, 0] -> graded 2/4, 1 hit of 2 relevant; q1: labels [0, 1] -> graded 1/4, 1 hit of 2
+    assert metrics == pytest.approx({"graded_relevance": (0.5 + 0.25) / 2, "recall_at_2": 0.5,
+                                     "precision_at_2": 0.5, "n_queries": 2})
+    perfect = retrieval_metrics(unit([[1, 0]]), PRODUCTS, np.array([[HR, HR, 0, 0]]), k=2)
+    assert perfect == pytest.approx({"graded_relevance": 1.0, "recall_at_2": 1.0, "precision_at_2": 1.0,
+                                     "n_queries": 1})
+
+
+def test_retrieval_metrics_default_cutoff_is_ten_and_sparse_labels_work():
+    rng = np.random.default_rng(0)
+    products = unit(rng.standard_normal((50, 8)))
+    queries = products[:5] + 0.01  # each query sits on its own product
+    labels = np.zeros((5, 50), dtype=np.int8)
+    labels[np.arange(5), np.arange(5)] = HR
+    labels[0, 40] = MR
+    from scipy import sparse
+    metrics = retrieval_metrics(unit(queries), products, sparse.csr_matrix(labels))
+    assert set(metrics) == {"graded_relevance", "recall_at_10", "precision_at_10", "n_queries"}
+    assert metrics["precision_at_10"] >= 0.1 - 1e-9
+    assert metrics["recall_at_10"] >= 0.9
+    with pytest.raises(ValueError, match="labels must be"):
+        retrieval_metrics(queries, products, labels[:, :10])
+    with pytest.raises(ValueError, match="no query has an MR or HR product"):
+        retrieval_metrics(queries, products, np.zeros((5, 50)))
+
+
+def test_relevance_matrix_keeps_the_highest_label_and_ignores_unknown_keys():
+    pairs = pd.DataFrame({"query": ["milk", "milk", "cheese", "bread", "cheese"],
+                          "product_id": [10, 10, 20, 10, 99], "label": [MR, HR, IR, HR, HR]})
+    matrix = relevance_matrix(pairs, ["cheese", "milk"], np.array([10, 20]))
+    assert matrix.toarray().tolist() == [[0, 0], [HR, 0]]
+    assert matrix.nnz == 1  # IR is not stored
+
+
+# --- probes --------------------------------------------------------------------------------------
+
+def blobs(n_per_class: int, n_classes: int, dim: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, dim)) * 3
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    return (centres[labels] + spread * rng.standard_normal((len(labels), dim))).astype(np.float32), labels
+
+
+def test_probe_beats_chance_on_separable_vectors_and_not_on_noise():
+    features, labels = blobs(60, 3, 16, 1.0, seed=0)
+    names = np.array(["dairy", "snacks", "bakery"])[labels]
+    result = train_probe(features, names, seed=0, epochs=30)
+    assert result.macro_f1 > 0.9
+    assert set(result.per_class_recall) == {"bakery", "dairy", "snacks"}
+    assert (result.n_train, result.n_test, result.n_classes) == (144, 36, 3)
+    noise = train_probe(np.random.default_rng(1).standard_normal((180, 16)).astype(np.float32), names,
+                        seed=0, epochs=30)
+    assert noise.macro_f1 < 0.6
+
+
+def test_probe_is_deterministic_and_leaves_the_global_rng_alone():
+    features, labels = blobs(20, 4, 8, 2.5, seed=2)
+    state = torch.get_rng_state()
+    first = train_probe(features, labels, seed=5, epochs=10)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert train_probe(features, labels, seed=5, epochs=10) == first
+
+
+def test_probe_drops_singleton_classes_and_needs_two_classes():
+    features, labels = blobs(10, 2, 4, 0.5, seed=3)
+    features = np.vstack([features, np.zeros((1, 4), np.float32)])
+    result = train_probe(features, np.append(labels, 7), seed=0, epochs=5)
+    assert result.n_classes == 2 and result.n_train + result.n_test == 20
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        train_probe(features[:10], labels[:10], seed=0)
+
+
+def test_downsample_keeps_half_of_one_label():
+    labels = np.array([IR] * 10 + [MR] * 3 + [HR] * 2 + [IR])
+    rows = downsample_label(labels, IR, 0.5, np.random.default_rng(0))
+    assert (labels[rows] == IR).sum() == 5 and (labels[rows] != IR).sum() == 5
+    assert np.all(np.diff(rows) > 0)
+
+
+# --- plots and split source ----------------------------------------------------------------------
+
+def test_plots_write_png_files(tmp_path):
+    features, labels = blobs(15, 12, 8, 0.5, seed=4)
+    aisles = np.array([f"aisle {i}" for i in labels])
+    path = plot_tsne({"untuned": features, "dashclip": features * 2}, aisles, tmp_path / "tsne.png", seed=0,
+                     max_points=100)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cos = np.random.default_rng(0).uniform(-1, 1, 50)
+    hist = plot_cosine_histograms({"untuned": (cos, labels[:50] % 3), "dashclip": (cos, labels[:50] % 3)},
+                                  tmp_path / "hist.png")
+    assert hist.stat().st_size > 1000
+    assert plot_tsne({"x": features[:3]}, aisles[:3], tmp_path / "none.png", seed=0) is None
+
+
+def test_split_settings_come_from_the_training_config(tmp_path):
+    fallback = split_settings(tmp_path, seed=3)
+    assert fallback["seed"] == 3 and fallback["source"].startswith("defaults")
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "config.json").write_text(json.dumps({"seed": 7, "query_eval_fraction": 0.25}))
+    recorded = split_settings(tmp_path, seed=3)
+    assert (recorded["seed"], recorded["eval_fraction"]) == (7, 0.25)
+    assert recorded["source"] == "embeddings/config.json"
+
+
+# --- the command, end to end on the tiny synthetic data ------------------------------------------
+
+TRAIN_FLAGS = ["--backbone", "tiny", "--image-size", "32", "--stage1-batch-size", "16", "--stage1-max-steps", "2",
+               "--eval-every", "2", "--stage1-eval-max", "32", "--stage2-batch-size", "16", "--stage2-max-steps", "2",
+               "--pqc-negatives", "4", "--stage2-eval-max", "32"]
+EVAL_FLAGS = ["--probe-epochs", "3", "--tsne-points", "120"]
+
+
+@pytest.mark.slow
+def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
+    workdir = tiny_workdir_copy
+    train.main(["--workdir", str(workdir), *TRAIN_FLAGS])
+    export.main(["--workdir", str(workdir)])
+    metrics = evaluate.main(["--workdir", str(workdir), *EVAL_FLAGS])
+
+    out = workdir / "embeddings"
+    assert read_json(out / "metrics.json") == json.loads(json.dumps(metrics))
+    for system in ("random", "untuned_text", "untuned_image", "dashclip"):
+        scores = metrics["retrieval"][system]
+        assert all(0.0 <= scores[k] <= 1.0 for k in ("graded_relevance", "recall_at_10", "precision_at_10"))
+    for task in ("aisle_f1", "relevance_f1"):
+        assert set(metrics[task]) == {"untuned", "dashclip"} and all(0 <= v <= 1 for v in metrics[task].values())
+    assert set(metrics["relevance_probe"]["dashclip"]["per_class_recall"]) == {"IR", "MR", "HR"}
+    # the held-out queries are those training left out
+    config = read_json(out / "config.json")
+    assert metrics["split"]["source"] == "embeddings/config.json"
+    assert metrics["split"]["eval_fraction"] == config["query_eval_fraction"]
+    _, heldout = split_queries(read_table(workdir, "relevance").to_pandas(), config["query_eval_fraction"],
+                               config["seed"])
+    assert metrics["split"]["n_heldout_queries"] == heldout["query"].map(normalize_query).nunique()
+    markdown = (out / "metrics.md").read_text()
+    assert "| DashCLIP (trained) |" in markdown and "Recall@10" in markdown and "macro F1" in markdown
+    assert sorted(metrics["plots"]) == ["plots/cosine_by_relevance.png", "plots/tsne.png"]
+    assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in metrics["plots"])
+
+    caplog.set_level("INFO")
+    assert evaluate.main(["--workdir", str(workdir), *EVAL_FLAGS]) == read_json(out / "metrics.json")
+    assert "up to date" in caplog.text
+
+
+def test_evaluate_command_reports_missing_inputs_in_one_line(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "embeddings.evaluate", "--workdir", str(tmp_path)],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "catalog.parquet" in proc.stderr

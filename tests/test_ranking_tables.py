@@ -1,0 +1,160 @@
+"""The ranking model's frozen DashCLIP tables and the plain-tensor wrapper (torchrec, no mocks)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchrec.fx
+
+from data.schema import SchemaError
+from embeddings.tables import build_table, table_path, write_table
+from ranking.features import FeatureSpec
+from ranking.model import ModelConfig, build_model, build_tables
+from ranking.plain import PlainInputModel
+from ranking.tables import (HISTORY_FEATURE, PRODUCT_TABLE, QUERY_TABLE, PretrainedEmbeddingBagCollection,
+                            frozen_parameter_names, load_tables, trainable_parameters)
+from ranking.variants import VARIANTS, get_variant
+
+DIM = 8
+PRODUCT_IDS = [11, 12, 13, 14, 15]
+QUERIES = ["Milk", "organic eggs", "Coca-Cola Zero!"]
+SMALL = ModelConfig(sparse_embedding_dim=4, dcn_low_rank=4, dcn_deep_sizes=[16, 8], table_low_rank=4,
+                    table_deep_sizes=[16, 8], head_sizes=[8])
+
+
+@pytest.fixture()
+def table_files(tmp_path):
+    rng = np.random.default_rng(0)
+    product = build_table("product", PRODUCT_IDS, rng.normal(size=(len(PRODUCT_IDS), DIM)), "test")
+    query = build_table("query", QUERIES, rng.normal(size=(len(QUERIES), DIM)), "test")
+    write_table(product, table_path(tmp_path, "product"))
+    write_table(query, table_path(tmp_path, "query"))
+    return tmp_path, product, query
+
+
+def _spec(product=None, query=None) -> FeatureSpec:
+    spec = FeatureSpec(dense_names=["dense_a", "dense_b"], dense_mean=[1.0, -2.0], dense_std=[2.0, 0.5],
+                       sparse_names=["sparse_x", "sparse_y"], sparse_num_embeddings=[5, 3], train_click_rate=0.1,
+                       history_len=4)
+    return spec.with_tables(product, query) if product is not None else spec
+
+
+def _inputs(batch: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(batch, 2, generator=g)
+    sparse = torch.stack([torch.randint(0, 9, (batch,), generator=g), torch.randint(-1, 4, (batch,), generator=g)], 1)
+    product_rows = torch.randint(0, len(PRODUCT_IDS) + 1, (batch,), generator=g)
+    query_rows = torch.randint(0, len(QUERIES) + 1, (batch,), generator=g)
+    history = torch.randint(-1, len(PRODUCT_IDS) + 1, (batch, 4), generator=g)
+    history[0] = -1  # an empty bag
+    return dense, sparse, product_rows, query_rows, history
+
+
+def test_from_files_loads_tables_bit_exactly_and_frozen(table_files):
+    workdir, product, query = table_files
+    tables = PretrainedEmbeddingBagCollection.from_files(table_path(workdir, "product"), table_path(workdir, "query"))
+    weights = {name: bag.weight for name, bag in tables.ebc.embedding_bags.items()}
+    assert torch.equal(weights[PRODUCT_TABLE], torch.from_numpy(product.vectors))
+    assert torch.equal(weights[QUERY_TABLE], torch.from_numpy(query.vectors))
+    assert not any(w.requires_grad for w in weights.values())
+    assert tables.frozen_table_names() == [PRODUCT_TABLE, QUERY_TABLE]
+    assert type(tables.ebc).__name__ == "EmbeddingBagCollection"  # the stock type DMP's sharder matches
+
+
+def test_pooling_history_mean_empty_bag_and_unknown_ids(table_files):
+    workdir, product, query = table_files
+    spec = _spec(product, query)
+    model = build_model("dcn_pq_hist", spec, SMALL, build_tables(get_variant("dcn_pq_hist"), spec, (product, query)))
+    plain = PlainInputModel(model)
+    history_ids = [[13, 11, 999], [], [15]]  # 999 is not in the table -> row 0 (zeros)
+    history = torch.from_numpy(spec.history_rows(history_ids))
+    product_rows = torch.from_numpy(spec.product_rows([12, 424242, 15]))
+    query_rows = torch.from_numpy(spec.query_rows(["  organic   EGGS ", "unknown query", "coca-cola zero"]))
+    assert product_rows.tolist() == [2, 0, 5] and query_rows.tolist() == [2, 0, 3]
+    features = plain.features(torch.zeros(3, 2, dtype=torch.long), product_rows, query_rows, history)
+    pooled = model.table_tower.tables(features).to_dict()
+    vectors = product.vectors
+    np.testing.assert_allclose(pooled[HISTORY_FEATURE][0].numpy(), np.mean([vectors[3], vectors[1], vectors[0]], 0), rtol=1e-6)
+    assert torch.equal(pooled[HISTORY_FEATURE][1], torch.zeros(DIM))  # empty history -> zeros
+    np.testing.assert_array_equal(pooled[HISTORY_FEATURE][2].numpy(), vectors[5])
+    assert torch.equal(pooled["product_id"][1], torch.zeros(DIM))  # unknown product -> row 0
+    assert torch.equal(pooled["query_id"][1], torch.zeros(DIM))  # unknown query -> row 0
+    np.testing.assert_array_equal(pooled["query_id"][2].numpy(), query.vectors[3])
+    out_of_range = plain.features(torch.zeros(1, 2, dtype=torch.long), torch.tensor([77]), torch.tensor([-5]),
+                                  torch.tensor([[99, -1, -1, -1]]))
+    pooled = model.table_tower.tables(out_of_range).to_dict()
+    assert all(torch.equal(v, torch.zeros(1, DIM)) for v in pooled.values())
+
+
+def test_frozen_tables_do_not_move_while_trainable_tables_do(table_files):
+    _, product, query = table_files
+    spec = _spec(product, query)
+    torch.manual_seed(0)  # default widths: with SMALL's 8-unit head all ReLUs can start dead on 6 samples
+    model = build_model("dcn_pq_hist", spec, ModelConfig(), build_tables(get_variant("dcn_pq_hist"), spec, (product, query)))
+    frozen = frozen_parameter_names(model)
+    assert frozen == ["table_tower.tables.ebc.embedding_bags.product_table.weight",
+                      "table_tower.tables.ebc.embedding_bags.query_table.weight"]
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=0.1)
+    assert not {id(params[n]) for n in frozen} & {id(p) for g in optimizer.param_groups for p in g["params"]}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    plain = PlainInputModel(model)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(plain(*_inputs()), torch.tensor([0., 1., 0., 1., 1., 0.]))
+    loss.backward()
+    optimizer.step()
+    for name in frozen:
+        assert torch.equal(params[name], before[name]), name
+    moved = "dcn_tower.sparse_ebc.embedding_bags.t_sparse_x.weight"
+    assert not torch.equal(params[moved], before[moved])
+
+
+def test_random_variant_has_same_shapes_and_trains_its_tables(table_files):
+    _, product, query = table_files
+    spec = _spec(product, query)
+    tables = build_tables(get_variant("dcn_pq_hist_random"), spec, (product, query), torch.Generator().manual_seed(3))
+    assert tables.num_product_rows == len(PRODUCT_IDS) + 1 and tables.num_query_rows == len(QUERIES) + 1
+    assert tables.dim == DIM and tables.frozen_table_names() == []
+    weight = tables.ebc.embedding_bags[PRODUCT_TABLE].weight
+    assert weight.requires_grad and torch.equal(weight[0], torch.zeros(DIM))
+    assert not torch.equal(weight[1:], torch.from_numpy(product.vectors[1:]))
+    model = build_model("dcn_pq_hist_random", spec, SMALL, tables)
+    assert frozen_parameter_names(model) == []
+    assert any(p is weight for p in trainable_parameters(model))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fx_trace_then_script_matches_eager(table_files, variant):
+    _, product, query = table_files
+    spec = _spec(product, query) if VARIANTS[variant].uses_tables else _spec()
+    torch.manual_seed(1)
+    tables = build_tables(VARIANTS[variant], spec, (product, query), torch.Generator().manual_seed(1))
+    plain = PlainInputModel(build_model(variant, spec, SMALL, tables)).eval()
+    scripted = torch.jit.script(torchrec.fx.symbolic_trace(plain))
+    for seed in (0, 1):
+        inputs = _inputs(batch=5 + seed, seed=seed)
+        eager = plain(*inputs)
+        assert eager.shape == (5 + seed,)
+        torch.testing.assert_close(scripted(*inputs), eager, rtol=1e-6, atol=1e-6)
+
+
+def test_unseen_sparse_ids_share_the_reserved_bucket():
+    spec = _spec()
+    torch.manual_seed(0)
+    plain = PlainInputModel(build_model("dcn", spec, SMALL)).eval()
+    features = plain.features(torch.tensor([[4, 2], [99, -3], [7, 5]]), torch.zeros(3, dtype=torch.long),
+                              torch.zeros(3, dtype=torch.long), torch.full((3, 4), -1))
+    assert features["sparse_x"].values().tolist() == [4, 4, 4]  # 5 rows: ids 0..3 seen, row 4 reserved
+    assert features["sparse_y"].values().tolist() == [2, 2, 2]
+
+
+def test_table_errors_name_the_file(table_files, tmp_path):
+    workdir, product, _ = table_files
+    with pytest.raises(SchemaError, match="product_table.parquet.*dimension 8 does not match the model's table dimension 16"):
+        PretrainedEmbeddingBagCollection.from_files(table_path(workdir, "product"), table_path(workdir, "query"),
+                                                    expected_dim=16)
+    other = tmp_path / "other"
+    write_table(build_table("query", QUERIES, np.ones((len(QUERIES), 4))), table_path(other, "query"))
+    with pytest.raises(SchemaError, match=r"other/embeddings/query_table.parquet.*dimension 4 does not match"):
+        load_tables(table_path(workdir, "product"), table_path(other, "query"))
+    with pytest.raises(SchemaError, match=r"missing/embeddings/product_table.parquet.*missing embedding table"):
+        load_tables(table_path(tmp_path / "missing", "product"), table_path(workdir, "query"))

@@ -1,0 +1,116 @@
+"""End to end: ``python -m ranking.train`` on the tiny synthetic profile with random tables."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from common.cli import run_main
+from data.schema import read_table
+from data.text import normalize_query
+from embeddings.tables import build_table, table_path, write_table
+from ranking import train
+from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+from ranking.metrics import SLICES, log_loss, roc_auc
+from ranking.model import load_model
+from ranking.variants import VARIANTS
+
+FAST = ["--epochs", "2", "--checks-per-epoch", "2", "--patience", "2", "--batch-size", "256", "--eval-batch-size", "512",
+        "--threads", "1", "--workers", "1"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_random_tables(workdir: Path, dim: int = 16, query_dim: int | None = None) -> None:
+    """Random product/query tables keyed like embeddings.export's (catalog ids; relevance + impression queries)."""
+    rng = np.random.default_rng(0)
+    ids = read_table(workdir, "catalog", columns=["product_id"]).column("product_id").to_pylist()
+    queries = sorted({normalize_query(q) for name in ("relevance", "impressions")
+                      for q in pc.unique(read_table(workdir, name, columns=["query"]).column("query")).to_pylist()})
+    write_table(build_table("product", ids, rng.normal(size=(len(ids), dim)), "test:random"), table_path(workdir, "product"))
+    write_table(build_table("query", queries, rng.normal(size=(len(queries), query_dim or dim)), "test:random"),
+                table_path(workdir, "query"))
+
+
+@pytest.mark.slow
+def test_all_variants_two_seeds_end_to_end(tiny_workdir_copy, caplog):
+    workdir = tiny_workdir_copy
+    write_random_tables(workdir)
+    argv = ["--workdir", str(workdir), "--variant", "all", "--seeds", "2", *FAST, "--workers", "2"]
+    results = train.main(argv)  # two spawned worker processes; the forced rerun below runs in-process
+    on_disk = json.loads((workdir / "ranking" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    for variant in VARIANTS:
+        for name in SLICES:
+            entry = on_disk[variant][name]
+            for key in ("auc_mean", "auc_std", "norm_logloss_mean", "norm_logloss_std", "p_value_vs_dcn"):
+                assert key in entry, (variant, name, key)
+            assert entry["seeds"] == [0, 1]
+        assert 0.0 < on_disk[variant]["nw"]["auc_mean"] < 1.0
+        assert (on_disk[variant]["nw"]["p_value_vs_dcn"] is None) == (variant == "dcn")
+        for seed in (0, 1):
+            assert (workdir / "ranking" / variant / f"seed{seed}" / "model.pt").exists()
+    table = (workdir / "ranking" / "results.md").read_text()
+    assert all(f"| {v} |" in table for v in VARIANTS) and "nw_hist AUC" in table
+
+    # the saved model reloads and scores exactly what the metrics were computed from
+    model = load_model(workdir / "ranking" / "dcn_pq_hist" / "seed1" / "model.pt")
+    data = RankingData(ImpressionCache.open(workdir), PurchaseIndex.from_workdir(workdir), model.spec)
+    labels, probs, hist = train.predict(model, data, "eval")
+    metrics = json.loads((workdir / "ranking" / "dcn_pq_hist" / "seed1" / "metrics.json").read_text())
+    assert roc_auc(labels, probs) == pytest.approx(metrics["slices"]["nw"]["auc"], abs=1e-12)
+    assert int(hist.sum()) == metrics["slices"]["nw_hist"]["impressions"]
+    # early stopping kept the parameters of the best validation check
+    valid = metrics["history"]["valid_logloss"]
+    assert len(valid) >= 2 and metrics["history"]["best_check"] == int(np.argmin(valid))
+    labels, probs, _ = train.predict(model, data, "valid")
+    assert log_loss(labels, probs) == pytest.approx(min(valid), rel=1e-6)
+
+    # finished runs are skipped; a forced rerun of one seed is deterministic
+    mtime = (workdir / "ranking" / "dcn" / "seed0" / "model.pt").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train.main(["--workdir", str(workdir), "--variant", "dcn", "--seeds", "1", *FAST])
+    assert "skipping" in caplog.text
+    assert (workdir / "ranking" / "dcn" / "seed0" / "model.pt").stat().st_mtime_ns == mtime
+    seed0 = workdir / "ranking" / "dcn_pq_hist_random" / "seed0"
+    before = json.loads((seed0 / "metrics.json").read_text())["slices"]
+    state = torch.load(seed0 / "model.pt", weights_only=True)["state_dict"]
+    merged = train.main(["--workdir", str(workdir), "--variant", "dcn_pq_hist_random", "--seeds", "1", "--force", *FAST])
+    assert json.loads((seed0 / "metrics.json").read_text())["slices"] == before
+    state_again = torch.load(seed0 / "model.pt", weights_only=True)["state_dict"]
+    assert state.keys() == state_again.keys() and all(torch.equal(state[k], state_again[k]) for k in state)
+    assert set(merged) == set(VARIANTS)  # merged with the variants already there
+
+
+def test_unknown_variant_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "ranking.train", "--variant", "dcn_bogus", "--workdir", "/nonexistent"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dcn_bogus" in lines[0] and "dcn_pq_hist_random" in lines[0], proc.stderr
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run_main(train.main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_missing_or_mismatched_tables_name_the_file(tiny_workdir_copy, capsys):
+    workdir = tiny_workdir_copy
+    argv = ["--workdir", str(workdir), "--variant", "dcn_pq", "--seeds", "1", *FAST]
+    line = _cli_error(argv, capsys)
+    assert "embeddings/product_table.parquet" in line and "missing embedding table" in line
+    write_random_tables(workdir, dim=16, query_dim=8)
+    line = _cli_error(argv, capsys)
+    assert "embeddings/query_table.parquet" in line and "dimension 8 does not match" in line
+

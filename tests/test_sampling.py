@@ -1,0 +1,207 @@
+"""embeddings.sampling: the query split and each PQC tuple rule on handcrafted relevance frames."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from embeddings.sampling import _sample_without_replacement, build_pqc_tuples, split_queries
+
+IR, MR, HR = 0, 1, 2
+
+
+def relevance(rows: list[tuple[str, int, int]]) -> pd.DataFrame:
+    query, product_id, label = zip(*rows)
+    return pd.DataFrame({"query": list(query), "product_id": np.array(product_id, dtype=np.int64),
+                         "label": np.array(label, dtype=np.int8)})
+
+
+def catalog(aisles: dict[int, str]) -> pd.DataFrame:
+    return pd.DataFrame({"product_id": np.array(list(aisles), dtype=np.int64), "aisle": list(aisles.values())})
+
+
+# Products 900 and 901 live in other aisles and supply proxy negatives (to dairy and to each other).
+SNACKS = [(f"snack {i}", 900, HR) for i in range(12)] + [(f"snack ir {i}", 900, IR) for i in range(12)]
+BAKERY = [(f"bread {i}", 901, HR) for i in range(12)] + [(f"bread ir {i}", 901, IR) for i in range(12)]
+PROXY_SOURCE = SNACKS + BAKERY
+AISLES = {1: "dairy", 2: "dairy", 3: "dairy", 900: "snacks", 901: "bakery"}
+
+
+def queries_of(rows, product_id, label):
+    return {q for q, p, lab in rows if p == product_id and lab == label}
+
+
+# --- split_queries -------------------------------------------------------------------------------
+
+def test_split_is_by_normalised_query_and_deterministic():
+    rows = [(f"Query {i}", i % 7, i % 3) for i in range(200)] + [(f"query {i}!!", 50, HR) for i in range(200)]
+    rel = relevance(rows)
+    train, heldout = split_queries(rel, eval_fraction=0.1, seed=0)
+    assert len(train) + len(heldout) == len(rel)
+    assert heldout["query"].str.lower().str.strip("!").nunique() == 20  # 10% of 200 distinct queries
+    norm = lambda frame: set(frame["query"].str.lower().str.strip("!"))  # noqa: E731
+    assert not norm(train) & norm(heldout)  # "Query 5" and "query 5!!" land on the same side
+    again_train, again_eval = split_queries(rel.sample(frac=1.0, random_state=3), eval_fraction=0.1, seed=0)
+    assert norm(again_eval) == norm(heldout)
+    _, other_eval = split_queries(rel, eval_fraction=0.1, seed=1)
+    assert norm(other_eval) != norm(heldout)
+    assert list(train.columns) == ["query", "product_id", "label"]
+
+
+def test_split_rejects_bad_fraction_and_missing_column():
+    with pytest.raises(ValueError, match="eval_fraction"):
+        split_queries(relevance([("a", 1, 0)]), eval_fraction=1.0)
+    with pytest.raises(ValueError, match="missing column.*query"):
+        split_queries(pd.DataFrame({"q": ["a"]}))
+
+
+# --- sampling without replacement ----------------------------------------------------------------
+
+def test_floyd_sampling_is_uniform_over_subsets():
+    rng = np.random.default_rng(0)
+    chosen = _sample_without_replacement(np.full(20000, 5), 2, rng)
+    assert (chosen[:, 0] != chosen[:, 1]).all() and chosen.min() >= 0 and chosen.max() <= 4
+    subsets = Counter(frozenset(row) for row in chosen.tolist())
+    assert len(subsets) == 10
+    assert all(abs(count / 20000 - 0.1) < 0.015 for count in subsets.values())
+    short = _sample_without_replacement(np.array([0, 1, 3]), 3, rng)
+    assert short[0].tolist() == [-1, -1, -1] and short[1].tolist() == [0, -1, -1]
+    assert sorted(short[2].tolist()) == [0, 1, 2]
+
+
+# --- build_pqc_tuples: one rule per test ---------------------------------------------------------
+
+def test_only_products_with_an_mr_or_hr_query_take_part():
+    rows = [("milk", 1, IR), ("cheese", 1, IR), ("yogurt", 2, MR), ("butter", 2, IR)] + PROXY_SOURCE
+    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=3)
+    assert 1 not in set(tuples["product_id"])
+    assert set(tuples.loc[tuples["product_id"] == 2, "positive"]) == {"yogurt"}
+
+
+def test_positives_are_capped_in_the_ratio_two_to_one():
+    rows = [(f"hr {i}", 1, HR) for i in range(20)] + [(f"mr {i}", 1, MR) for i in range(20)] + PROXY_SOURCE
+    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=2, max_positives=9)
+    assert Counter(tuples.loc[tuples["product_id"] == 1, "positive_label"]) == {HR: 6, MR: 3}
+    big = ([(f"hr {i}", 1, HR) for i in range(200)] + [(f"mr {i}", 1, MR) for i in range(200)]
+           + [(f"ir {i}", 1, IR) for i in range(20)] + PROXY_SOURCE)
+    tuples = build_pqc_tuples(relevance(big), catalog(AISLES), n_negatives=2)
+    assert Counter(tuples.loc[tuples["product_id"] == 1, "positive_label"]) == {HR: 73, MR: 37}  # cap 110
+    assert tuples.loc[tuples["product_id"] == 1, "positive"].is_unique
+
+
+def test_a_short_class_gives_all_it_has_and_the_other_fills_the_cap():
+    few_hr = [(f"hr {i}", 1, HR) for i in range(2)] + [(f"mr {i}", 1, MR) for i in range(20)]
+    few_mr = [(f"hr {i}", 2, HR) for i in range(20)] + [(f"mr {i}", 2, MR) for i in range(1)]
+    under_cap = [(f"hr {i}", 3, HR) for i in range(4)] + [(f"mr {i}", 3, MR) for i in range(4)]
+    tuples = build_pqc_tuples(relevance(few_hr + few_mr + under_cap + PROXY_SOURCE), catalog(AISLES),
+                              n_negatives=2, max_positives=9)
+    by_product = {pid: Counter(group["positive_label"]) for pid, group in tuples.groupby("product_id")}
+    assert by_product[1] == {HR: 2, MR: 7}
+    assert by_product[2] == {HR: 8, MR: 1}
+    assert by_product[3] == {HR: 4, MR: 4}  # under the cap: every positive is used
+
+
+def test_hr_positives_take_negatives_from_ir_or_mr_queries():
+    rows = ([("hr", 1, HR)] + [(f"mr {i}", 1, MR) for i in range(3)] + [(f"ir {i}", 1, IR) for i in range(20)]
+            + PROXY_SOURCE)
+    ir, mr = queries_of(rows, 1, IR), queries_of(rows, 1, MR)
+    seen_kinds = Counter()
+    for seed in range(20):
+        tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=5, seed=seed)
+        hr_tuple = tuples[tuples["positive_label"] == HR].iloc[0]
+        for query, kind in zip(hr_tuple["negatives"], hr_tuple["negative_kinds"]):
+            assert kind in {"IR", "MR", "proxy"}
+            if kind != "proxy":
+                assert query in (ir if kind == "IR" else mr)
+            seen_kinds[kind] += 1
+        assert len(set(hr_tuple["negatives"])) == 5
+    assert seen_kinds["IR"] > 0 and seen_kinds["MR"] > 0
+
+
+def test_mr_positives_take_negatives_from_ir_only():
+    rows = ([("hr", 1, HR)] + [(f"mr {i}", 1, MR) for i in range(5)] + [(f"ir {i}", 1, IR) for i in range(20)]
+            + PROXY_SOURCE)
+    ir = queries_of(rows, 1, IR)
+    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=6)
+    mr_tuples = tuples[tuples["positive_label"] == MR]
+    assert len(mr_tuples) == 5
+    for negatives, kinds in zip(mr_tuples["negatives"], mr_tuples["negative_kinds"]):
+        assert "MR" not in kinds
+        assert all(q in ir for q, k in zip(negatives, kinds) if k == "IR")
+
+
+def test_missing_negatives_are_proxies_from_another_aisles_hr_queries():
+    rows = [("milk", 1, HR), ("yogurt", 1, MR), ("oat milk", 1, IR),
+            ("cheese", 2, HR),              # same aisle (dairy): never a proxy for product 1
+            ("milk", 900, HR),              # HR in another aisle but HR for product 1 itself
+            ("yogurt", 900, HR),            # HR in another aisle but MR for product 1
+            ("chips", 900, HR), ("pretzels", 900, HR), ("salsa", 900, HR), ("nachos", 900, HR),
+            ("popcorn", 900, MR)]           # only MR elsewhere: not a proxy
+    rows += [(f"snack ir {i}", 900, IR) for i in range(12)] + BAKERY  # IR: never a proxy
+    allowed = {"chips", "pretzels", "salsa", "nachos"} | {f"bread {i}" for i in range(12)}
+    for seed in range(10):
+        tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=4, seed=seed)
+        product_1 = tuples[tuples["product_id"] == 1].set_index("positive")
+        # MR "yogurt": one IR ("oat milk") then 3 proxies
+        assert product_1.loc["yogurt", "negative_kinds"] == ["IR", "proxy", "proxy", "proxy"]
+        for positive in ("milk", "yogurt"):
+            negatives, kinds = product_1.loc[positive, "negatives"], product_1.loc[positive, "negative_kinds"]
+            proxies = [q for q, k in zip(negatives, kinds) if k == "proxy"]
+            assert set(proxies) <= allowed
+            assert len(set(negatives)) == len(negatives)
+
+
+def test_an_all_ir_tuple_gets_exactly_one_proxy():
+    rows = ([("hr", 1, HR), ("mr", 1, MR)] + [(f"ir {i}", 1, IR) for i in range(30)]
+            + [("hr b", 2, HR)] + [(f"ir b {i}", 2, IR) for i in range(30)] + PROXY_SOURCE)
+    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=5, seed=4)
+    kinds = tuples.set_index(["product_id", "positive"])["negative_kinds"]
+    # MR positive with plenty of IR: 4 IR + 1 proxy
+    assert Counter(kinds[(1, "mr")]) == {"IR": 4, "proxy": 1}
+    # HR positive whose pool is IR only: 4 IR + 1 proxy
+    assert Counter(kinds[(2, "hr b")]) == {"IR": 4, "proxy": 1}
+    # no tuple anywhere is all IR; the proxy slot is not always the same one
+    many = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=5, seed=0, max_positives=110)
+    assert all(Counter(k)["IR"] < 5 for k in many["negative_kinds"])
+    slots = {build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=5, seed=s)
+             .set_index(["product_id", "positive"]).loc[(1, "mr"), "negative_kinds"].index("proxy") for s in range(12)}
+    assert len(slots) > 1
+
+
+def test_tuples_are_deterministic_and_independent_of_row_order():
+    rows = ([(f"hr {i}", p, HR) for p in (1, 2) for i in range(6)] + [(f"mr {i}", p, MR) for p in (1, 2) for i in range(4)]
+            + [(f"ir {i}", p, IR) for p in (1, 2) for i in range(15)] + PROXY_SOURCE)
+    rel = relevance(rows)
+    first = build_pqc_tuples(rel, catalog(AISLES), n_negatives=4, max_positives=7, seed=3)
+    shuffled = build_pqc_tuples(rel.sample(frac=1.0, random_state=1), catalog(AISLES), n_negatives=4,
+                                max_positives=7, seed=3)
+    pd.testing.assert_frame_equal(first, shuffled)
+    other = build_pqc_tuples(rel, catalog(AISLES), n_negatives=4, max_positives=7, seed=4)
+    assert not first.equals(other)
+    assert first["product_id"].dtype == np.int64 and first["positive_label"].dtype == np.int8
+    assert list(first.columns) == ["product_id", "positive", "positive_label", "negatives", "negative_kinds"]
+    assert all(len(n) == 4 for n in first["negatives"])
+
+
+def test_queries_are_normalised_and_duplicates_keep_the_highest_label():
+    rows = [("Milk!", 1, HR), ("milk", 1, IR), ("  CHEESE ", 1, IR)] + PROXY_SOURCE
+    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=2)
+    product_1 = tuples[tuples["product_id"] == 1]
+    assert product_1["positive"].tolist() == ["milk"]
+    assert "milk" not in product_1.iloc[0]["negatives"]
+    assert "cheese" in product_1.iloc[0]["negatives"]
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="product_id 5 .* no aisle"):
+        build_pqc_tuples(relevance([("milk", 5, HR)]), catalog(AISLES))
+    with pytest.raises(ValueError, match="no product of another aisle has an HR query"):
+        build_pqc_tuples(relevance([("milk", 1, HR), ("cheese", 2, HR)]), catalog(AISLES), n_negatives=2)
+    with pytest.raises(ValueError, match="no product has an MR or HR query"):
+        build_pqc_tuples(relevance([("milk", 1, IR)]), catalog(AISLES))
+    with pytest.raises(ValueError, match="enough distinct proxy negatives"):
+        build_pqc_tuples(relevance([("milk", 1, HR), ("chips", 900, HR)]), catalog(AISLES), n_negatives=3)
+    with pytest.raises(ValueError, match="missing column.*label"):
+        build_pqc_tuples(pd.DataFrame({"query": ["a"], "product_id": [1]}), catalog(AISLES))

@@ -1,0 +1,117 @@
+"""serving.export: TorchScript parity, a fresh process with torch + fbgemm_gpu only, the manifest, fp16 tables."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.cli import run_main
+from common.io import file_sha256, read_json
+from embeddings.tables import table_path
+from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+from ranking.model import load_model
+from ranking.plain import PlainInputModel
+from serving import export
+from tests.serving_fixtures import copy_workdir, serving_workdir  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _nw_batch(workdir: Path, rows: int = 300):
+    model = load_model(export.checkpoint_path(workdir, "dcn_pq_hist", 0))
+    cache = ImpressionCache.open(workdir)
+    data = RankingData(cache, PurchaseIndex.from_workdir(workdir), model.spec)
+    return model, data.batch(np.asarray(cache.split_index("eval"))[:rows])
+
+
+def test_manifest_records_hashes_inputs_and_parity(serving_workdir: Path):
+    out = serving_workdir / "serving"
+    manifest = read_json(out / "manifest.json")
+    assert set(manifest["files"]) == {"model", "vectors_model", "product_ids", "query_ids"}
+    for entry in manifest["files"].values():
+        assert file_sha256(out / entry["path"]) == entry["sha256"]
+    for kind in ("product", "query"):
+        assert manifest["source_tables"][kind]["sha256"] == file_sha256(table_path(serving_workdir, kind))
+    checkpoint = export.checkpoint_path(serving_workdir, "dcn_pq_hist", 0)
+    assert manifest["checkpoint"]["sha256"] == file_sha256(checkpoint)
+    assert [i["name"] for i in manifest["inputs"]] == ["dense", "sparse_ids", "product_rows", "query_rows", "history_rows"]
+    spec = load_model(checkpoint).spec
+    assert manifest["inputs"][0]["features"] == spec.dense_names == manifest["feature_spec"]["dense_names"]
+    assert manifest["feature_spec"]["dense_mean"] == spec.dense_mean
+    assert [f["column"] for f in manifest["request_fields"]["sparse"]] == spec.sparse_names
+    assert manifest["request_fields"]["dense"][0] == {"field": spec.dense_names[0].removeprefix("dense_"),
+                                                      "column": spec.dense_names[0]}
+    assert manifest["parity"]["fused_max_abs_diff"] <= 1e-5 and manifest["parity"]["vectors_max_abs_diff"] <= 1e-5
+    assert manifest["parity"]["rows"] > 0 and 0.0 <= manifest["nw_auc"]["fp32"] <= 1.0
+
+
+def test_exported_files_score_like_the_eager_model(serving_workdir: Path):
+    model, batch = _nw_batch(serving_workdir)
+    with torch.no_grad():
+        eager = PlainInputModel(model).eval()(*batch.inputs())
+        fused = torch.jit.load(str(serving_workdir / "serving" / "model.pt"))(*batch.inputs())
+        product, query = export.table_vectors(model)
+        vectors = torch.jit.load(str(serving_workdir / "serving" / "model_vectors.pt"))(
+            *export.vector_inputs(product, query, batch.inputs()))
+    assert (batch.history_rows >= 0).any(), "the parity batch should include purchase histories"
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vectors, eager, atol=1e-5, rtol=0)
+
+
+def test_fresh_process_loads_with_torch_and_fbgemm_only(serving_workdir: Path, tmp_path: Path):
+    model, batch = _nw_batch(serving_workdir)
+    with torch.no_grad():
+        expected = PlainInputModel(model).eval()(*batch.inputs())
+    torch.save(dict(zip(("dense", "sparse_ids", "product_rows", "query_rows", "history_rows"), batch.inputs())),
+               tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import sys, json, torch, fbgemm_gpu
+        inputs = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True)
+        model = torch.jit.load({str(serving_workdir / 'serving' / 'model.pt')!r})
+        with torch.no_grad():
+            logits = model(inputs["dense"], inputs["sparse_ids"], inputs["product_rows"], inputs["query_rows"],
+                           inputs["history_rows"])
+        mods = sorted(m.split(".")[0] for m in sys.modules)
+        print(json.dumps({{"logits": logits.tolist(), "torchrec": "torchrec" in sys.modules,
+                          "ranking": "ranking" in sys.modules}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["torchrec"] is False and result["ranking"] is False
+    np.testing.assert_allclose(result["logits"], expected.numpy(), atol=1e-5, rtol=0)
+
+
+def test_rerun_skips_and_fp16_tables_report_the_auc_change(serving_workdir: Path, tmp_path: Path, capsys):
+    before = (serving_workdir / "serving" / "model.pt").stat().st_mtime_ns
+    export.main(["--workdir", str(serving_workdir), "--threads", "1"])
+    assert (serving_workdir / "serving" / "model.pt").stat().st_mtime_ns == before
+
+    workdir = copy_workdir(serving_workdir, tmp_path / "fp16")
+    manifest = export.main(["--workdir", str(workdir), "--table-dtype", "fp16", "--threads", "1"])
+    auc = manifest["nw_auc"]
+    assert set(auc) == {"impressions", "fp32", "fp16", "delta"}
+    assert auc["delta"] == pytest.approx(auc["fp16"] - auc["fp32"]) and abs(auc["delta"]) < 0.01
+    assert auc["fp32"] == pytest.approx(read_json(serving_workdir / "serving" / "manifest.json")["nw_auc"]["fp32"])
+    assert "fp16 tables" in capsys.readouterr().out
+    assert manifest["parity"]["fused_max_abs_diff"] <= 1e-5
+    model, batch = _nw_batch(workdir)
+    with torch.no_grad():
+        fp32 = PlainInputModel(model).eval()(*batch.inputs())
+        fp16 = torch.jit.load(str(workdir / "serving" / "model.pt"))(*batch.inputs())
+    diff = (fp16 - fp32).abs().max().item()
+    assert 0 < diff < 1e-2, "fp16 rows change the logits a little, not at all or a lot"
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(export.main, ["--workdir", str(tmp_path), "--seed", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "seed3/model.pt" in err and "ranking.train" in err and "Traceback" not in err

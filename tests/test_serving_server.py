@@ -1,0 +1,189 @@
+"""serving.server: a real uvicorn process on a free localhost port, hit with httpx.
+
+The expected scores come from the exported TorchScript file on the ranking stage's own features
+(``ranking.features.RankingData``: the training-time 84-day history as of the impression), so a
+pass means the service turns a request into exactly the tensors the model was trained on.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data.schema import table_path as data_table_path
+from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+from ranking.model import load_model
+from serving.export import checkpoint_path
+from serving.requests import feature_key
+from serving.server import ServiceProcess
+from tests.serving_fixtures import serving_workdir  # noqa: F401  (fixture)
+
+MAX_CANDIDATES = 8
+
+
+@pytest.fixture(scope="module")
+def service(serving_workdir: Path):
+    with ServiceProcess(serving_workdir, threads=1, max_candidates=MAX_CANDIDATES) as proc:
+        with httpx.Client(base_url=proc.url, timeout=30.0) as client:
+            yield client
+
+
+@pytest.fixture(scope="module")
+def session_case(serving_workdir: Path) -> dict:
+    """A NW search (one user, query and time, several candidates) whose user has a purchase history,
+    as a request body plus the TorchScript model's scores on the ranking stage's features."""
+    spec = load_model(checkpoint_path(serving_workdir, "dcn_pq_hist", 0)).spec
+    cache = ImpressionCache.open(serving_workdir)
+    purchases = PurchaseIndex.from_workdir(serving_workdir)
+    cols = cache.columns
+    rows = np.asarray(cache.split_index("eval"))
+    _, count = purchases.history(cols["user_id"][rows], cols["ts"][rows])
+    keys = np.stack([cols["user_id"][rows], cols["ts"][rows], cols["query_code"][rows]], axis=1)
+    uniq, inverse, sizes = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    good = [g for g in range(len(uniq)) if sizes[g] >= 2 and count[inverse == g].min() > 0]
+    assert good, "the tiny data should have a NW search with several candidates and a purchase history"
+    picked = rows[inverse.reshape(-1) == good[0]][:MAX_CANDIDATES]
+    batch = RankingData(cache, purchases, spec).batch(picked)
+    model = torch.jit.load(str(serving_workdir / "serving" / "model.pt"))
+    with torch.no_grad():
+        expected = torch.sigmoid(model(*batch.inputs())).numpy()
+    raw = pq.read_table(data_table_path(serving_workdir, "impressions")).take(pa.array(picked))
+    user = int(cols["user_id"][picked[0]])
+    body = {
+        "user_id": user, "query": raw.column("query")[0].as_py(), "now": int(cols["ts"][picked[0]]),
+        "candidates": [{"product_id": int(raw.column("product_id")[i].as_py()),
+                        "position": int(raw.column("position")[i].as_py()),
+                        "dense": {feature_key(c): float(raw.column(c)[i].as_py()) for c in spec.dense_names},
+                        "sparse": {feature_key(c): int(raw.column(c)[i].as_py()) for c in spec.sparse_names}}
+                       for i in range(len(picked))],
+    }
+    all_purchases = pq.read_table(data_table_path(serving_workdir, "purchases"))
+    mine = all_purchases.filter(pa.compute.equal(all_purchases.column("user_id"), user))
+    history = [{"product_id": int(p), "ts": int(t)} for p, t in
+               zip(mine.column("product_id").to_pylist(),
+                   mine.column("ts").cast(pa.timestamp("s")).cast(pa.int64()).to_pylist())]
+    return {"body": body, "expected": expected, "history_rows": batch.history_rows[0], "purchases": history,
+            "spec": spec}
+
+
+def test_scores_equal_the_torchscript_model_on_training_features(service: httpx.Client, session_case: dict):
+    resp = service.post("/score", json=session_case["body"])
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    np.testing.assert_allclose(out["scores"], session_case["expected"], atol=1e-6, rtol=0)
+    assert out["meta"]["history_length"] == int((session_case["history_rows"] >= 0).sum()) > 0
+    assert out["meta"]["now"] == session_case["body"]["now"]
+    assert len(out["meta"]["model"]) == 16
+
+
+def test_explicit_purchase_history_is_windowed_like_the_user_lookup(service: httpx.Client, session_case: dict):
+    body = {k: v for k, v in session_case["body"].items() if k != "user_id"}
+    body["purchase_history"] = session_case["purchases"]  # every purchase of the user, in and out of the window
+    now, window = body["now"], session_case["spec"].history_days * 86_400
+    outside = [p for p in body["purchase_history"] if not now - window <= p["ts"] < now]
+    assert outside and len(outside) < len(body["purchase_history"])
+    resp = service.post("/score", json=body)
+    assert resp.status_code == 200, resp.text
+    np.testing.assert_allclose(resp.json()["scores"], session_case["expected"], atol=1e-6, rtol=0)
+    no_history = service.post("/score", json={**body, "purchase_history": []}).json()
+    assert no_history["meta"]["history_length"] == 0
+    assert np.abs(np.array(no_history["scores"]) - session_case["expected"]).max() > 1e-4, "history should matter"
+
+
+def test_unknown_query_and_products_score_with_row_zero_and_are_counted(service: httpx.Client, session_case: dict,
+                                                                        serving_workdir: Path):
+    spec = session_case["spec"]
+    body = json.loads(json.dumps(session_case["body"]))
+    original = spec.product_rows([c["product_id"] for c in body["candidates"]])
+    body["query"] = "zzqx never searched"
+    body["candidates"][0]["product_id"] = max(spec.product_ids) + 12345
+    resp = service.post("/score", json=body)
+    assert resp.status_code == 200, resp.text
+    meta = resp.json()["meta"]
+    assert meta["unknown_query"] is True and meta["unknown_products"] == int((original[1:] == 0).sum()) + 1
+    known = service.post("/score", json=session_case["body"]).json()["meta"]
+    assert known["unknown_query"] is False and known["unknown_products"] == int((original == 0).sum())
+    candidates = body["candidates"]
+    dense = torch.tensor([[c["dense"][feature_key(n)] for n in spec.dense_names] for c in candidates])
+    sparse = torch.tensor([[c["sparse"][feature_key(n)] for n in spec.sparse_names] for c in candidates])
+    rows = torch.from_numpy(spec.product_rows([c["product_id"] for c in candidates]))
+    assert rows[0] == 0
+    history = session_case["history_rows"].expand(len(candidates), -1)
+    model = torch.jit.load(str(serving_workdir / "serving" / "model.pt"))
+    with torch.no_grad():
+        expected = torch.sigmoid(model(dense, sparse, rows, torch.zeros_like(rows), history)).numpy()
+    np.testing.assert_allclose(resp.json()["scores"], expected, atol=1e-6, rtol=0)
+
+
+def _bad_requests(good: dict) -> list[tuple[str, object, int, str]]:
+    """(case, body, expected status, text the error message must contain)."""
+    cand = good["candidates"][0]
+    dense_key, sparse_key = next(iter(cand["dense"])), next(iter(cand["sparse"]))
+
+    def with_candidate(**changes) -> dict:
+        return {**good, "candidates": [{**cand, **changes}]}
+
+    missing_query = {k: v for k, v in good.items() if k != "query"}
+    nan_body = json.dumps(with_candidate(dense={**cand["dense"], dense_key: 1.0})).replace(
+        f'"{dense_key}": 1.0', f'"{dense_key}": NaN')
+    return [
+        ("missing field", missing_query, 422, "query"),
+        ("wrong type", {**good, "query": 17}, 422, "query"),
+        ("string id", with_candidate(product_id="abc"), 422, "candidates[0].product_id"),
+        ("float id", with_candidate(product_id=3.5), 422, "candidates[0].product_id"),
+        ("negative sparse id", with_candidate(sparse={**cand["sparse"], sparse_key: -1}), 422,
+         f"candidates[0].sparse.{sparse_key}"),
+        ("empty candidates", {**good, "candidates": []}, 422, "candidates"),
+        ("too many candidates", {**good, "candidates": [cand] * (MAX_CANDIDATES + 1)}, 413, "candidates"),
+        ("NaN", nan_body, 422, f"candidates[0].dense.{dense_key}"),
+        ("infinity", nan_body.replace("NaN", "-Infinity"), 422, f"candidates[0].dense.{dense_key}"),
+        ("unknown dense feature", with_candidate(dense={**cand["dense"], "not_a_feature": 1.0}), 422,
+         "candidates[0].dense.not_a_feature"),
+        ("missing sparse feature", with_candidate(sparse={k: v for k, v in cand["sparse"].items() if k != sparse_key}),
+         422, f"candidates[0].sparse.{sparse_key}"),
+        ("both history sources", {**good, "purchase_history": []}, 422, "purchase_history"),
+        ("bad time", {**good, "now": "yesterday-ish"}, 422, "now"),
+        ("not JSON", "{this is not json", 400, "JSON"),
+        ("JSON but not an object", "[1, 2, 3]", 422, "body"),
+    ]
+
+
+def test_bad_requests_get_4xx_naming_the_field_and_the_server_keeps_serving(service: httpx.Client,
+                                                                            session_case: dict):
+    good = session_case["body"]
+    for case, body, status, needle in _bad_requests(good):
+        content = body if isinstance(body, str) else json.dumps(body)
+        resp = service.post("/score", content=content, headers={"content-type": "application/json"})
+        assert resp.status_code == status, f"{case}: {resp.status_code} {resp.text[:300]}"
+        assert needle in resp.json()["message"], f"{case}: {resp.json()['message']}"
+    resp = service.post("/score", json=good)
+    assert resp.status_code == 200
+    np.testing.assert_allclose(resp.json()["scores"], session_case["expected"], atol=1e-6, rtol=0)
+    assert service.get("/healthz").json()["status"] == "ok"
+
+
+def test_openapi_describes_every_feature(service: httpx.Client, session_case: dict):
+    spec = session_case["spec"]
+    schemas = service.get("/openapi.json").json()["components"]["schemas"]
+    dense, sparse = schemas["DenseFeatures"], schemas["SparseFeatures"]
+    assert set(dense["properties"]) == set(dense["required"]) == {feature_key(c) for c in spec.dense_names}
+    assert set(sparse["properties"]) == set(sparse["required"]) == {feature_key(c) for c in spec.sparse_names}
+    assert dense["additionalProperties"] is False and sparse["additionalProperties"] is False
+    first = feature_key(spec.dense_names[0])
+    assert spec.dense_names[0] in dense["properties"][first]["description"]
+    assert all(p["minimum"] == 0 for p in sparse["properties"].values())
+    candidate = schemas["Candidate"]
+    assert {"product_id", "dense", "sparse"} <= set(candidate["required"]) and "position" in candidate["properties"]
+    request = schemas["ScoreRequest"]
+    cands = request["properties"]["candidates"]
+    assert cands["minItems"] == 1 and cands["maxItems"] == MAX_CANDIDATES
+    assert set(request["properties"]) == {"user_id", "purchase_history", "query", "now", "candidates"}
+    assert all(request["properties"][f].get("description") for f in request["properties"])
+    assert request["examples"][0]["candidates"][0]["dense"].keys() == dense["properties"].keys()
+    assert set(schemas["ScoreResponse"]["properties"]) == {"scores", "meta"}
