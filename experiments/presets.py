@@ -16,7 +16,18 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(),
+    "tiny": Preset(
+        embeddings_train=("--backbone", "tiny", "--image-size", "32", "--stage1-batch-size", "16",
+                          "--stage1-max-steps", "4", "--eval-every", "2", "--stage1-eval-max", "32",
+                          "--stage2-batch-size", "16", "--stage2-max-steps", "4", "--pqc-negatives", "4",
+                          "--stage2-eval-max", "32", "--threads", "1"),
+        embeddings_evaluate=("--probe-epochs", "3", "--tsne-points", "120"),
+        ranking_train=("--epochs", "1", "--checks-per-epoch", "2", "--patience", "2", "--batch-size", "256",
+                       "--eval-batch-size", "512", "--threads", "1", "--workers", "1"),
+        importance=("--repeats", "2", "--ig-steps", "8", "--threads", "1", "--max-rows", "300"),
+        serving_bench=("--iters", "30", "--warmup", "3", "--http-requests", "48", "--http-seconds", "30"),
+        adapter_flags={"fashion": ("--limit", "400"), "completejourney": ("--households", "40")},
+    ),
     "demo": Preset(),
     "full": Preset(),
 }
