@@ -2,6 +2,10 @@
 
 ``python -m ranking.train --workdir DIR --variant NAME|all [--seeds 5] [--epochs N] [--batch-size B] [--lr LR] [--force]``
 
+``torchrun --nproc_per_node N -m ranking.train ... [--sharding auto|table_wise|row_wise|column_wise|data_parallel] [--pg-timeout-s 120]``
+trains each variant/seed sharded over the N ranks (:mod:`ranking.distributed`); rank 0 logs the
+plan and writes the same files (``model.pt`` unsharded, metrics over the full evaluation week).
+
 Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables,
 ``DIR/embeddings/{product,query}_table.parquet``. Writes
 
@@ -26,6 +30,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +46,7 @@ from common.io import file_sha256, prepare_workdir, read_json, write_json, write
 from common.seed import seed_everything
 from data.schema import SchemaError, table_path as data_table_path
 from embeddings.tables import EmbeddingTable, table_path
+from ranking import distributed
 from ranking.features import HISTORY_LEN, FeatureSpec, ImpressionCache, PurchaseIndex, RankingData, build_spec
 from ranking.metrics import SLICES, log_loss, mean_std, paired_p_value, slice_metrics
 from ranking.model import ModelConfig, RankingModel, build_model, build_tables, save_model
@@ -72,6 +78,10 @@ class TrainConfig:
                                                       "small models; results are deterministic per thread count)"})
     workers: int = field(default=2, metadata={"help": "variant/seed jobs trained in parallel processes"})
     force: bool = field(default=False, metadata={"help": "retrain finished variant/seed runs"})
+    sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = field(default="auto", metadata={
+        "help": "under torchrun (WORLD_SIZE > 1): torchrec planner's plan, or one sharding type for every table"})
+    pg_timeout_s: float = field(default=120.0, metadata={
+        "help": "under torchrun: seconds a collective waits before failing (a dead rank stops the others)"})
 
 
 @dataclass
@@ -101,6 +111,8 @@ def load_inputs(cfg: TrainConfig, variants: Sequence[Variant]) -> Inputs:
               "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
               "early_stopping": cfg.early_stopping, "checks_per_epoch": cfg.checks_per_epoch, "patience": cfg.patience,
               "history_len": cfg.history_len, "model": asdict(ModelConfig())}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded runs use fused table optimizers: not the same run
+        shared["distributed"] = {"world_size": int(os.environ["WORLD_SIZE"]), "sharding": cfg.sharding}
     table_hashes = ({kind: file_sha256(table_path(workdir, kind)) for kind in ("product", "query")} if tables else {})
     fingerprints = {}
     for v in variants:
@@ -200,15 +212,26 @@ def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: TrainConfig, out_
     spec = inputs.data.spec if variant.uses_tables else inputs.base_spec
     tables = build_tables(variant, spec, inputs.tables, torch.Generator().manual_seed(seed))
     model = build_model(variant, spec, ModelConfig(), tables)
-    start = time.perf_counter()
-    history = train_model(model, inputs.data, cfg, seed, progress)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    labels, probs, has_history = predict(model, inputs.data, "eval", cfg.eval_batch_size)
-    eval_s = time.perf_counter() - start
+    env = distributed.current_env()
+    if env is not None:  # torchrun: DMP-sharded training, full-split predictions on every rank
+        run = distributed.run_sharded(model, inputs.data, cfg, seed, env, progress)
+        history, train_s, eval_s = run.history, run.train_seconds, run.eval_seconds
+        labels, probs, has_history = run.labels, run.probs, run.has_history
+        model = build_model(variant, spec, ModelConfig(), build_tables(variant, spec))
+        if not env.is_main:
+            return {}
+        model.load_state_dict(run.state)  # the unsharded weights: model.pt as in a single-process run
+    else:
+        start = time.perf_counter()
+        history = train_model(model, inputs.data, cfg, seed, progress)
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        labels, probs, has_history = predict(model, inputs.data, "eval", cfg.eval_batch_size)
+        eval_s = time.perf_counter() - start
     metrics = {"variant": variant.name, "seed": seed, "fingerprint": inputs.fingerprints[variant.name],
                "history": history, "train_seconds": train_s, "eval_seconds": eval_s,
                "train_impressions": inputs.data.num_rows("train"),
+               "world_size": env.world_size if env is not None else 1,
                "slices": slice_metrics(labels, probs, has_history, spec.train_click_rate)}
     save_model(model.eval(), out_dir / "model.pt")
     write_json(_clean(metrics), out_dir / "metrics.json")
@@ -330,7 +353,7 @@ def run_jobs(cfg: TrainConfig, variants: list[Variant], inputs: Inputs, jobs: li
     """Train ``jobs`` ((variant, seed) pairs): in this process, or over ``cfg.workers`` spawned
     processes (each single-job-at-a-time with ``cfg.threads`` threads; same numbers either way)."""
     workers = min(cfg.workers, len(jobs))
-    if workers <= 1:
+    if workers <= 1 or distributed.current_env() is not None:  # under torchrun the ranks are the workers
         return [_clean(run_seed(VARIANTS[name], seed, inputs, cfg, Path(cfg.workdir) / "ranking" / name / f"seed{seed}"))
                 for name, seed in jobs]
     context = multiprocessing.get_context("spawn")  # fork after torch started its threads can deadlock
@@ -351,7 +374,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not cfg.lr > 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
     root = prepare_workdir(cfg.workdir, "ranking") / "ranking"
+    env = distributed.init_from_env(cfg.pg_timeout_s)
+    if env is not None and not env.is_main:
+        torch.distributed.barrier()  # rank 0 builds the feature cache first
     inputs = load_inputs(cfg, variants)
+    if env is not None and env.is_main:
+        torch.distributed.barrier()
     if cfg.early_stopping and min(inputs.data.num_rows("fit"), inputs.data.num_rows("valid")) == 0:
         raise UserError(f"{cfg.workdir}: early stopping needs impressions both before and in the week before the "
                         f"evaluation week (fit {inputs.data.num_rows('fit')}, valid {inputs.data.num_rows('valid')}); "
@@ -370,7 +398,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             else:
                 jobs.append((variant.name, seed))
     for metrics in run_jobs(cfg, variants, inputs, jobs):
-        finished[metrics["variant"], metrics["seed"]] = metrics
+        if metrics:  # empty on ranks other than 0
+            finished[metrics["variant"], metrics["seed"]] = metrics
+    if env is not None:
+        torch.distributed.destroy_process_group()
+        if not env.is_main:
+            return {}
     results_path = root / "results.json"
     results = read_json(results_path) if results_path.exists() else {}
     for variant in variants:

@@ -1,0 +1,229 @@
+"""Sharded ranking (ranking.distributed) with 2 gloo processes on CPU against the unsharded model.
+
+Each test starts two real ranks: ``python tests/test_distributed.py SCENARIO ...`` with the
+torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free port), bounded by a
+timeout; rank 0 writes what it measured to a JSON file the test checks.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # when run as a rank script
+    sys.path.insert(0, str(REPO))
+
+from embeddings.tables import build_table  # noqa: E402
+from ranking.features import FeatureSpec, RankingBatch  # noqa: E402
+from ranking.model import ModelConfig, build_model, build_tables  # noqa: E402
+from ranking.variants import get_variant  # noqa: E402
+
+pytestmark = pytest.mark.slow
+RANK_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], world_size: int = 2, timeout: float = RANK_TIMEOUT_S,
+           module: bool = False) -> list[subprocess.CompletedProcess]:
+    """Run ``world_size`` ranks of this file (or ``python -m`` a module) with a torchrun-like environment."""
+    port = _free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        cmd = [sys.executable, *(["-m"] if module else [__file__]), *args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def tiny_model(variant: str = "dcn_pq_hist"):
+    """A small model with frozen random tables (16-dim), 2 dense and 2 sparse features; same on every rank."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    spec = FeatureSpec(dense_names=["dense_a", "dense_b"], dense_mean=[0.0, 1.0], dense_std=[1.0, 2.0],
+                       sparse_names=["sparse_a", "sparse_b"], sparse_num_embeddings=[10, 7], train_click_rate=0.3,
+                       history_len=5, table_dim=16, product_ids=list(range(100, 140)),
+                       queries=[f"query {i}" for i in range(24)])
+    tables = (build_table("product", spec.product_ids, rng.normal(size=(40, 16))),
+              build_table("query", spec.queries, rng.normal(size=(24, 16))))
+    v = get_variant(variant)
+    return build_model(v, spec, ModelConfig(), build_tables(v, spec, tables, torch.Generator().manual_seed(0)))
+
+
+def tiny_batch(batch_size: int = 13, seed: int = 1) -> RankingBatch:
+    """A global batch (odd size: ranks get 7 and 6 rows) with empty and full history bags."""
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(0, 41, (batch_size, 5), generator=g)
+    history[torch.rand(batch_size, 5, generator=g) < 0.4] = -1
+    return RankingBatch(dense=torch.randn(batch_size, 2, generator=g), sparse_ids=torch.randint(0, 12, (batch_size, 2), generator=g),
+                        product_rows=torch.randint(0, 41, (batch_size,), generator=g),
+                        query_rows=torch.randint(0, 25, (batch_size,), generator=g), history_rows=history,
+                        labels=(torch.rand(batch_size, generator=g) < 0.4).float(),
+                        has_history=(history >= 0).any(dim=1))
+
+
+# ---------------------------------------------------------------------------------------- rank side
+
+def _rank_match(shardings: str, out: str) -> None:
+    """For each sharding type: forward + one SGD step sharded vs unsharded on the same global batch;
+    frozen tables untouched. Rank 0 writes the largest differences per sharding type."""
+    from ranking import distributed
+    from ranking.plain import PlainInputModel
+    from ranking.tables import frozen_parameter_names, trainable_parameters
+
+    env = distributed.init_from_env(timeout_s=30)
+    results = {}
+    for sharding in shardings.split(","):
+        model, batch, lr = tiny_model(), tiny_batch(), 0.5
+        reference = copy.deepcopy(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        shapes = distributed.table_shapes(model)
+        ranker, optimizer = distributed.ShardedRanker.wrap(model, env, sharding, optimizer="sgd", lr=lr)
+        loaded = distributed.unsharded_state_dict(ranker.dmp, env)  # the weights made it into the shards
+        plain = PlainInputModel(reference).train()
+        sharded_probs = ranker.predict_batch(batch)
+        ref_probs = torch.sigmoid(plain(*batch.inputs())).detach()
+        ranker.dmp.train()
+        sharded_loss = ranker.train_step(batch, optimizer)
+        sgd = torch.optim.SGD(trainable_parameters(reference), lr=lr)
+        ref_loss = torch.nn.functional.binary_cross_entropy_with_logits(plain(*batch.inputs()), batch.labels)
+        ref_loss.backward()
+        sgd.step()
+        after = distributed.unsharded_state_dict(ranker.dmp, env)
+        if env.is_main:
+            ref_state = reference.state_dict()
+            results[sharding] = {
+                "loaded": max(float((loaded[k] - before[k]).abs().max()) for k in before),
+                "forward": float((sharded_probs - ref_probs).abs().max()), "loss": abs(sharded_loss - float(ref_loss)),
+                "state": {k: float((after[k] - ref_state[k]).abs().max()) for k in ref_state},
+                "keys_equal": sorted(after) == sorted(ref_state),
+                "frozen": {k: float((after[k] - before[k]).abs().max()) for k in frozen_parameter_names(reference)},
+                "changed": {k: float((ref_state[k] - before[k]).abs().max()) for k in ref_state},
+                "summary": distributed.plan_summary(ranker.plan, shapes, env.world_size)}
+    if env.is_main:
+        Path(out).write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def _rank_fail(out: str) -> None:
+    """Rank 1 is stuck (never joins the collective) and then raises; rank 0 must fail on the
+    process-group timeout (2 s), well before rank 1 ends, and records how long it waited."""
+    import time
+
+    from ranking import distributed
+
+    env = distributed.init_from_env(timeout_s=2)
+    if env.rank == 1:
+        time.sleep(8)
+        raise RuntimeError("rank 1 fails on purpose")
+    start = time.monotonic()
+    try:
+        torch.distributed.all_reduce(torch.ones(1))
+    except RuntimeError as exc:
+        Path(out).write_text(json.dumps({"waited_s": time.monotonic() - start, "error": str(exc)}))
+        raise
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+SHARDINGS = ["table_wise", "row_wise", "column_wise", "data_parallel", "auto"]
+
+
+def test_sharded_forward_and_step_match_unsharded(tmp_path):
+    out = tmp_path / "result.json"
+    procs = launch(["match", ",".join(SHARDINGS), str(out)])
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
+    results = json.loads(out.read_text())
+    assert sorted(results) == sorted(SHARDINGS)
+    for sharding, r in results.items():
+        assert r["keys_equal"], sharding
+        assert r["loaded"] == 0.0, sharding  # DMP re-initialises tables; shard_model copies the weights in
+        assert r["forward"] < 1e-5 and r["loss"] < 1e-5, (sharding, r["forward"], r["loss"])
+        worst = max(r["state"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-5, (sharding, worst)
+        assert len(r["frozen"]) == 2 and all(d == 0.0 for d in r["frozen"].values()), (sharding, r["frozen"])
+        # the step did move the trainable sparse tables and the dense layers (so the match means something)
+        assert r["changed"]["dcn_tower.sparse_ebc.embedding_bags.t_sparse_a.weight"] > 1e-4
+        assert r["changed"]["head.1.weight"] > 1e-4
+        expected = "" if sharding == "auto" else f": {sharding}, kernel {'dense' if sharding == 'data_parallel' else 'fused'}"
+        assert expected in r["summary"] and "rank 1" in r["summary"] and "KiB" in r["summary"], r["summary"]
+
+
+def test_failing_rank_does_not_hang_the_other(tmp_path):
+    out = tmp_path / "rank0.json"
+    procs = launch(["fail", str(out)], timeout=60)
+    assert procs[1].returncode != 0 and "rank 1 fails on purpose" in procs[1].stderr
+    assert procs[0].returncode != 0, procs[0].stderr[-2000:]
+    rank0 = json.loads(out.read_text())
+    assert rank0["waited_s"] < 6, rank0  # the 2 s timeout, not rank 1's 8 s
+    assert "timed out" in rank0["error"].lower() or "timeout" in rank0["error"].lower(), rank0["error"]
+
+
+def test_torchrun_style_cli_writes_the_single_process_checkpoint(tiny_workdir_copy):
+    """2 ranks of ``python -m ranking.train`` (row-wise tables): rank 0 writes model.pt in the
+    single-process format; its metrics (over the full evaluation week) are what a single process
+    computes from that model.pt; the frozen DashCLIP rows are the table files' rows."""
+    from ranking import train
+    from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+    from ranking.metrics import log_loss, slice_metrics
+    from ranking.model import load_model
+    from test_ranking_train import write_random_tables
+
+    workdir = tiny_workdir_copy
+    write_random_tables(workdir)
+    argv = ["ranking.train", "--workdir", str(workdir), "--variant", "dcn_pq_hist", "--seeds", "1", "--epochs", "1",
+            "--checks-per-epoch", "2", "--batch-size", "256", "--eval-batch-size", "512", "--sharding", "row_wise",
+            "--pg-timeout-s", "60"]
+    procs = launch(argv, module=True, timeout=150)
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
+    assert "row_wise, kernel fused, ranks [0, 1]" in procs[0].stderr and "table memory per rank" in procs[0].stderr
+    assert "sharding plan" not in procs[1].stderr  # logged once, on rank 0
+    run_dir = workdir / "ranking" / "dcn_pq_hist" / "seed0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["history"]["valid_logloss"]) == 2
+    model = load_model(run_dir / "model.pt")
+    data = RankingData(ImpressionCache.open(workdir), PurchaseIndex.from_workdir(workdir), model.spec)
+    labels, probs, hist = train.predict(model, data, "eval")
+    single = slice_metrics(labels, probs, hist, model.spec.train_click_rate)
+    for name, values in single.items():
+        assert values["impressions"] == metrics["slices"][name]["impressions"]
+        assert values["auc"] == pytest.approx(metrics["slices"][name]["auc"], abs=1e-6)
+        assert values["logloss"] == pytest.approx(metrics["slices"][name]["logloss"], abs=1e-6)
+    # early stopping restored the best check's shards: model.pt scores the validation week at the best logloss
+    valid = metrics["history"]["valid_logloss"]
+    labels, probs, _ = train.predict(model, data, "valid")
+    assert log_loss(labels, probs) == pytest.approx(min(valid), abs=1e-6)
+    assert metrics["history"]["best_check"] == int(np.argmin(valid))
+    from embeddings.tables import read_table, table_path
+    product = torch.tensor(read_table(table_path(workdir, "product"), "product").vectors)
+    assert torch.equal(model.table_tower.tables.ebc.embedding_bags["product_table"].weight, product)
+
+
+if __name__ == "__main__":
+    scenario, *rest = sys.argv[1:]
+    {"match": _rank_match, "fail": _rank_fail}[scenario](*rest)
