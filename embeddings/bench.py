@@ -4,7 +4,8 @@
 Measures, for the current device, batch size and dtype, with the training code's own step
 functions (:func:`embeddings.train.stage1_losses`, :func:`embeddings.train.pqc_batch_loss`):
 
-* stage-1 training pairs/s: ITC + hard-negative ITM (3B grounded passes), backward, AdamW step;
+* stage-1 training pairs/s: ITC + hard-negative ITM (3B grounded passes) + multimodal ITC,
+  backward, AdamW step;
 * stage-2 training tuples/s: PQC with ``1 + negatives`` queries per tuple, frozen product [CLS]
   and frozen query-layer states precomputed (as training caches them per distinct query);
 * inference products/s (image encoder + grounded text encoder + multimodal projection) and
@@ -84,21 +85,22 @@ def run_bench(cfg: BenchConfig) -> dict[str, dict[str, float]]:
     titles, title_mask = ids(batch, cfg.title_tokens)
     queries, query_mask = ids(batch * (1 + cfg.negatives), cfg.query_tokens)
     same_title = torch.zeros(batch, batch, dtype=torch.bool, device=device)
-    itc, itm, pqc = ITCLoss().to(device), ITMLoss(), PQCLoss()
+    itc, itm, mm_itc, pqc = ITCLoss().to(device), ITMLoss(), ITCLoss().to(device), PQCLoss()
     results: dict[str, dict[str, float]] = {}
 
     model.train()
     groups = model.stage_parameter_groups(1)
-    opt1 = adamw([{"params": groups["encoder"] + groups["new"] + list(itc.parameters()), "lr": 1e-5}], 0.05, device)
+    temperatures = [*itc.parameters(), *mm_itc.parameters()]
+    opt1 = adamw([{"params": groups["encoder"] + groups["new"] + temperatures, "lr": 1e-5}], 0.05, device)
 
     def stage1_step() -> None:
-        itc_loss, itm_loss = stage1_losses(model, itc, itm, pixels, titles, title_mask, same_title, gen, precision)
+        losses = stage1_losses(model, itc, itm, mm_itc, pixels, titles, title_mask, same_title, gen, precision)
         opt1.zero_grad(set_to_none=True)
-        (itc_loss + itm_loss).backward()
+        sum(losses.values()).backward()
         opt1.step()
 
     seconds = timed(stage1_step, cfg.warmup, cfg.steps, device)
-    results["stage 1 train (ITC+ITM)"] = {"ms_per_step": 1e3 * seconds, "per_s": batch / seconds, "unit": "pairs"}
+    results["stage 1 train (ITC+ITM+mm-ITC)"] = {"ms_per_step": 1e3 * seconds, "per_s": batch / seconds, "unit": "pairs"}
     del opt1
     with torch.no_grad(), precision():
         product_cls = model.product_cls(titles, title_mask, pixels, torch.ones(batch, dtype=torch.bool, device=device))

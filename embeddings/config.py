@@ -82,6 +82,9 @@ class TrainConfig(ModelConfig):
     eval_every: int = _f(25, "evaluate the held-out ITM loss every K stage-1 steps", "1")
     patience: int = _f(4, "stop stage 1 after this many evaluations without a better ITM eval loss", "1")
     itc_temperature: float = _f(0.07, "initial ITC temperature (learnable)", "1")
+    multimodal_itc_weight: float = _f(1.0, "weight of the multimodal contrastive term of stage 1: product "
+                                           "embeddings (multimodal projection of the grounded [CLS]) against the "
+                                           "batch's title and image embeddings; 0 = ITC + ITM only (the paper)", "1")
     stage2_batch_size: int = _f(32, "product-query tuples per stage-2 step", "2")
     stage2_epochs: float = _f(1.0, "passes over the stage-2 tuples", "2")
     stage2_max_steps: int = _f(0, "cap on stage-2 optimizer steps (0 = epochs decide)", "2")

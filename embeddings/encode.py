@@ -34,7 +34,7 @@ from data.text import normalize_query
 from embeddings.config import EncodeConfig, ModelConfig, model_config_from
 from embeddings.inputs import ImageSpec, ImageStore, TokenStore
 from embeddings.models import DashCLIP, build_model
-from embeddings.train import Paths, autocast, load_checkpoint, resolve_device
+from embeddings.train import Paths, autocast, encode_product_cls, load_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +89,9 @@ class DashEncoder:
         if n_text_only:
             log.info("%d of %d products have no image: their vectors come from the title alone (text encoder "
                      "without image tokens + multimodal projection)", n_text_only, len(images))
-        chunks = []
-        for start in self._batches(len(images), "products", self.batch_size):
-            rows = np.arange(start, min(start + self.batch_size, len(images)))
-            has_image = images.has_image[rows]
-            pixels = images.pixels(rows[has_image]).to(self.device) if has_image.any() else None
-            ids, mask = (t.to(self.device) for t in titles.batch(rows))
-            with autocast(self.device):
-                cls = self.model.product_cls(ids, mask, pixels, torch.as_tensor(has_image, device=self.device))
-                chunks.append(self.model.product_embedding_from_cls(cls.float()))
-        return self._numpy(chunks, self.dim)
+        cls = encode_product_cls(self.model, images, titles, np.arange(len(images)), self.device, self.batch_size,
+                                 "products")
+        return self._numpy([self.model.product_embedding_from_cls(cls)], self.dim)
 
     @torch.no_grad()
     def images(self, catalog: pd.DataFrame) -> np.ndarray:

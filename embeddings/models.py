@@ -64,17 +64,18 @@ class DashCLIP(nn.Module):
         self.pretrained_names: set[str] = set()
         self.frozen_layers: dict[str, int] = {}
         self._frozen: list[nn.Module] = []
+        self.multimodal_proj.load_state_dict(self.text_proj.state_dict())
         self.init_query_side_from_text()
 
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()
     def init_query_side_from_text(self) -> None:
-        """Copy the text encoder (without cross-attention) into the query encoder, and ``text_proj``
-        into ``query_proj`` and ``multimodal_proj``: queries and products start in the text space."""
+        """Copy the text encoder (without cross-attention) into the query encoder and ``text_proj``
+        into ``query_proj``: queries start in the title space (``multimodal_proj`` starts as a copy of
+        ``text_proj`` at construction)."""
         text_state = {k: v for k, v in self.text_encoder.state_dict().items() if ".crossattention." not in k}
         self.query_encoder.load_state_dict(text_state, strict=True)
         self.query_proj.load_state_dict(self.text_proj.state_dict())
-        self.multimodal_proj.load_state_dict(self.text_proj.state_dict())
 
     def freeze_first_layers(self, fraction: float) -> dict[str, int]:
         """Freeze the first ``round(fraction * layers)`` layers (and the embeddings/stem) of the image,
@@ -106,14 +107,15 @@ class DashCLIP(nn.Module):
     def stage_parameter_groups(self, stage: int) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters of a stage as ``{"encoder": [...], "new": [...]}`` (two learning rates).
 
-        Stage 1 trains the image and text encoders, ``image_proj``, ``text_proj`` and ``itm_head``;
+        Stage 1 trains the image and text encoders, ``image_proj``, ``text_proj``, ``itm_head`` and
+        ``multimodal_proj``;
         ``encoder`` holds the weights loaded from a pretrained backbone, ``new`` the rest
         (cross-attention, token projection, heads). Stage 2 trains the query encoder (``encoder``)
         and ``query_proj`` and ``multimodal_proj`` (``new``); the product encoders stay frozen.
         """
         groups: dict[str, list[nn.Parameter]] = {"encoder": [], "new": []}
         if stage == 1:
-            prefixes = ("image_encoder.", "text_encoder.", "image_proj.", "text_proj.", "itm_head.")
+            prefixes = ("image_encoder.", "text_encoder.", "image_proj.", "text_proj.", "itm_head.", "multimodal_proj.")
             for name, param in self.named_parameters():
                 if param.requires_grad and name.startswith(prefixes):
                     groups["encoder" if name in self.pretrained_names else "new"].append(param)
@@ -275,6 +277,7 @@ def build_model(cfg: ModelConfig) -> tuple[DashCLIP, object, ImageSpec]:
     tokenizer = blip_tokenizer(Path(cfg.init_from)) if cfg.backbone == "blip" else load_tokenizer(minilm_path())
     for head, state in heads.items():
         _load_strict(getattr(model, head), state, head)
+    model.multimodal_proj.load_state_dict(model.text_proj.state_dict())
     model.init_query_side_from_text()
     model.pretrained_names = pretrained
     if len(tokenizer) > text.cfg.vocab_size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,8 +120,8 @@ def test_frozen_first_layers_get_no_gradients(tiny):
     stage1, stage2 = model.stage_parameter_groups(1), model.stage_parameter_groups(2)
     trainable1 = {id(p) for g in stage1.values() for p in g}
     trainable2 = {id(p) for g in stage2.values() for p in g}
-    assert not trainable1 & trainable2
-    assert id(model.multimodal_proj.weight) in trainable2 and id(model.text_proj.weight) in trainable1
+    assert trainable1 & trainable2 == {id(p) for p in model.multimodal_proj.parameters()}  # trained in both
+    assert id(model.text_proj.weight) in trainable1 and id(model.query_proj.weight) in trainable2
     assert all(id(p) not in trainable2 for p in model.text_encoder.parameters())  # product encoders frozen in stage 2
 
 
@@ -279,3 +280,21 @@ def test_config_errors_are_clear():
         build_model(ModelConfig(backbone="tiny", freeze_fraction=1.5))
     with pytest.raises(ValueError, match="multiple of 16"):
         build_model(ModelConfig(backbone="tiny", image_size=40))
+
+
+def test_blip_backbone_trains_from_the_checkpoint_directory(tmp_path, tiny_workdir_copy):
+    from embeddings import encode, train
+
+    blip_dir, reference = _tiny_blip_dir(tmp_path / "blip")
+    run = tiny_workdir_copy
+    train.main(["--workdir", str(run), "--backbone", "blip", "--init-from", str(blip_dir), "--image-size", "32",
+                "--embed-dim", "16", "--stage1-batch-size", "8", "--stage1-max-steps", "2", "--eval-every", "2",
+                "--stage1-eval-max", "16", "--stage2-batch-size", "8", "--stage2-max-steps", "2",
+                "--pqc-negatives", "2", "--stage2-eval-max", "16", "--threads", "1"])
+    encoder = encode.load_encoder(run, "trained")
+    catalog = pq.read_table(run / "data" / "catalog.parquet").to_pandas().iloc[:4]
+    vectors = encoder.products(catalog)
+    assert vectors.shape == (4, 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    untuned = encode.load_encoder(run, "untuned").model.state_dict()
+    assert torch.equal(untuned["text_encoder.encoder.layer.1.output.dense.weight"],
+                       reference.state_dict()["text_encoder.encoder.layer.1.output.dense.weight"])
