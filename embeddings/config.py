@@ -94,6 +94,8 @@ class TrainConfig(ModelConfig):
     stage2_lr: float = _f(5e-5, "learning rate of the query encoder layers in stage 2", "2")
     stage2_head_lr: float = _f(5e-4, "learning rate of the multimodal and query projections in stage 2", "2")
     pqc_tau: float = _f(0.05, "PQC temperature", "2")
+    pqc_in_batch_weight: float = _f(1.0, "weight of the in-batch product<->positive-query contrast added to PQC "
+                                         "(temperature --pqc-tau); 0 = PQC only (the paper)", "2")
     pqc_negatives: int = _f(10, "negative queries per tuple", "2")
     pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
     pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")

@@ -17,7 +17,9 @@ Stage 2, product-query alignment: the product encoders are frozen, so the ground
 product is computed once; the multimodal projection, the query encoder (first layers frozen) and
 the query projection are trained with the PQC loss on tuples of
 :func:`embeddings.sampling.build_pqc_tuples` over the training side of
-:func:`embeddings.sampling.split_queries`. At the start of stage 2 the query encoder is
+:func:`embeddings.sampling.split_queries`, plus (``--pqc-in-batch-weight``, 0 = the paper) the
+symmetric in-batch contrast of products and their positive queries, which PQC alone lacks (see
+:func:`stage2_losses`). At the start of stage 2 the query encoder is
 initialised from the stage-1 text encoder.
 
 Outputs under ``DIR/embeddings/``: ``config.json`` (settings), ``train_log.json`` (losses per step,
@@ -174,16 +176,26 @@ def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, mm_itc: ITCLoss |
     return losses
 
 
-def pqc_batch_loss(model: DashCLIP, pqc: PQCLoss, product_cls: torch.Tensor, query_prefix: torch.Tensor,
-                   query_mask: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """PQC loss of B tuples: frozen grounded [CLS] ``[B, Dt]`` and the tuples' queries as
+def stage2_losses(model: DashCLIP, pqc: PQCLoss, in_batch: ITCLoss | None, product_cls: torch.Tensor,
+                  query_prefix: torch.Tensor, query_mask: torch.Tensor, precision: Precision) -> dict[str, torch.Tensor]:
+    """Stage-2 losses of B tuples: ``pqc`` and, with ``in_batch``, ``in_batch``.
+
+    Inputs: frozen grounded [CLS] ``[B, Dt]`` and the tuples' queries as
     :meth:`DashCLIP.query_prefix_states` ``[B*(1+N), L, Dq]`` with mask ``[B*(1+N), L]``, flattened
-    row-major (positive first in each tuple)."""
+    row-major (positive first in each tuple). PQC ranks each product's queries; it is blind to how
+    a product scores against every query (a per-product offset leaves it unchanged), which is what
+    retrieval over the catalog ranks on. ``in_batch`` adds the symmetric contrast of the B products
+    with their B positive queries (each query against the batch's products, and vice versa).
+    """
     batch = product_cls.shape[0]
     with precision():
-        product = model.product_embedding_from_cls(product_cls)
-        query = model.query_embedding_from_prefix(query_prefix, query_mask).view(batch, query_prefix.shape[0] // batch, -1)
-    return pqc(product.float(), query.float())
+        product = model.product_embedding_from_cls(product_cls).float()
+        query = model.query_embedding_from_prefix(query_prefix, query_mask).float()
+    query = query.view(batch, query_prefix.shape[0] // batch, -1)
+    losses = {"pqc": pqc(product, query)}
+    if in_batch is not None:
+        losses["in_batch"] = in_batch(product, query[:, 0])[0]
+    return losses
 
 
 class QueryPrefixStore:
@@ -535,6 +547,7 @@ class Stage2(StageRunner):
         self.queries, self.eval_rows, self.eval_queries = queries, eval_rows, eval_queries
         self.batch_size = min(cfg.stage2_batch_size, len(tuple_rows))
         self.pqc = PQCLoss(cfg.pqc_tau)
+        self.in_batch = (ITCLoss(cfg.pqc_tau, learnable=False).to(device) if cfg.pqc_in_batch_weight > 0 else None)
         groups = model.stage_parameter_groups(2)
         total = plan_steps(len(tuple_rows), self.batch_size, cfg.stage2_epochs, cfg.stage2_max_steps)
         super().__init__(cfg, model, device, paths,
@@ -551,15 +564,17 @@ class Stage2(StageRunner):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.evals = state["evals"]
 
-    def _loss(self, product_rows: np.ndarray, query_index: np.ndarray) -> torch.Tensor:
-        """PQC loss of tuples: product rows ``[B]`` of the [CLS] table, query indices ``[B, 1+N]``."""
+    def _losses(self, product_rows: np.ndarray, query_index: np.ndarray) -> dict[str, torch.Tensor]:
+        """Stage-2 losses of tuples: product rows ``[B]`` of the [CLS] table, query indices ``[B, 1+N]``."""
         states, mask = self.queries.batch(query_index.reshape(-1))
-        return pqc_batch_loss(self.model, self.pqc, self.product_cls[torch.as_tensor(product_rows)], states, mask,
-                              functools.partial(autocast, self.device))
+        return stage2_losses(self.model, self.pqc, self.in_batch, self.product_cls[torch.as_tensor(product_rows)],
+                             states, mask, functools.partial(autocast, self.device))
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
-        return self._loss(self.tuple_rows[picked], self.tuple_queries[picked]), {}
+        losses = self._losses(self.tuple_rows[picked], self.tuple_queries[picked])
+        total = losses["pqc"] + self.cfg.pqc_in_batch_weight * losses.get("in_batch", 0.0)
+        return total, {k: float(v.detach()) for k, v in losses.items()}
 
     @torch.no_grad()
     def mean_pqc_loss(self, rows: np.ndarray, query_index: np.ndarray) -> float:
@@ -568,7 +583,7 @@ class Stage2(StageRunner):
         total = 0.0
         for start in range(0, len(rows), self.batch_size):
             part = slice(start, start + self.batch_size)
-            total += float(self._loss(rows[part], query_index[part])) * len(rows[part])
+            total += float(self._losses(rows[part], query_index[part])["pqc"]) * len(rows[part])
         self.model.train()
         return total / len(rows)
 
