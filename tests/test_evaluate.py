@@ -15,7 +15,7 @@ from common.io import read_json
 from data.schema import read_table
 from data.text import normalize_query
 from embeddings import evaluate, export, train
-from embeddings.evaluate import (downsample_label, relevance_matrix, retrieval_metrics, split_settings,
+from embeddings.evaluate import (downsample_label, judged_ranking_metrics, relevance_matrix, retrieval_metrics, split_settings,
                                  top_k_products, train_probe)
 from embeddings.plots import plot_cosine_histograms, plot_tsne
 from embeddings.sampling import split_queries
@@ -52,6 +52,23 @@ def test_retrieval_metrics_match_hand_computed_values():
     perfect = retrieval_metrics(unit([[1, 0]]), PRODUCTS, np.array([[HR, HR, 0, 0]]), k=2)
     assert perfect == pytest.approx({"graded_relevance": 1.0, "recall_at_2": 1.0, "precision_at_2": 1.0,
                                      "n_queries": 1})
+
+
+def test_judged_ranking_ranks_labelled_candidates_only():
+    # q0 judges p0 HR, p2 MR, p3 IR (cosines 1, 0, -1: ideal order); q1 judges p1 MR, p0 IR, p3 HR with
+    # cosines 0.6, 0, 0 (the p0/p3 tie goes to pair order: p0 first); q2 has IR pairs only (skipped).
+    pair_query = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    pair_product = np.array([0, 2, 3, 1, 0, 3, 0, 1])
+    pair_label = np.array([HR, MR, IR, MR, IR, HR, IR, IR])
+    ideal_q1 = 3 + 1 / np.log2(3)
+    metrics = judged_ranking_metrics(QUERIES, PRODUCTS, pair_query, pair_product, pair_label)
+    # AUC: relevant cosines [1, 0, .6, 0] vs IR [-1, 0, .71, .99]: 4 + 1.5 + 2 + 1.5 wins of 16
+    assert metrics == pytest.approx({"ndcg_at_10": (1 + (1 + 3 / 2) / ideal_q1) / 2,
+                                     "auc_relevant_vs_ir": 9 / 16, "n_queries": 2})
+    cut = judged_ranking_metrics(QUERIES, PRODUCTS, pair_query, pair_product, pair_label, k=2)
+    assert cut["ndcg_at_2"] == pytest.approx((1 + 1 / ideal_q1) / 2)
+    with pytest.raises(ValueError, match="no query has an MR or HR pair"):
+        judged_ranking_metrics(QUERIES, PRODUCTS, pair_query[6:], pair_product[6:], pair_label[6:])
 
 
 def test_retrieval_metrics_default_cutoff_is_ten_and_sparse_labels_work():
