@@ -85,14 +85,14 @@ class TrainConfig(ModelConfig):
     multimodal_itc_weight: float = _f(1.0, "weight of the multimodal contrastive term of stage 1: product "
                                            "embeddings (multimodal projection of the grounded [CLS]) against the "
                                            "batch's title and image embeddings; 0 = ITC + ITM only (the paper)", "1")
-    stage2_batch_size: int = _f(32, "product-query tuples per stage-2 step", "2")
+    stage2_batch_size: int = _f(128, "product-query tuples per stage-2 step", "2")
     stage2_epochs: float = _f(1.0, "passes over the stage-2 tuples", "2")
     stage2_max_steps: int = _f(0, "cap on stage-2 optimizer steps (0 = epochs decide)", "2")
     stage2_eval_every: int = _f(100, "log the PQC losses of fixed training and held-out tuples every K stage-2 steps",
                                 "2")
     stage2_eval_max: int = _f(256, "at most this many tuples (held-out and training) for the logged PQC losses", "2")
-    stage2_lr: float = _f(5e-5, "learning rate of the query encoder layers in stage 2", "2")
-    stage2_head_lr: float = _f(5e-4, "learning rate of the multimodal and query projections in stage 2", "2")
+    stage2_lr: float = _f(1e-4, "learning rate of the query encoder layers in stage 2", "2")
+    stage2_head_lr: float = _f(1e-3, "learning rate of the multimodal and query projections in stage 2", "2")
     pqc_tau: float = _f(0.05, "PQC temperature", "2")
     pqc_in_batch_weight: float = _f(1.0, "weight of the in-batch product<->positive-query contrast added to PQC "
                                          "(temperature --pqc-tau); 0 = PQC only (the paper)", "2")
