@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -17,7 +18,7 @@ import torch
 
 from common.io import read_json
 from data.text import normalize_query
-from embeddings import encode, export, tables, train
+from embeddings import encode, evaluate, export, tables, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +104,22 @@ def test_end_to_end_train_export_encode(workdir, caplog):
                                atol=1e-5)
     untuned = encode.load_encoder(workdir, "untuned")
     assert not np.allclose(untuned.queries(some_queries), queries.vectors[1:4], atol=1e-3)
+
+    # retrieval of the trained queries' products improves over the untuned encoders
+    relevance = pq.read_table(workdir / "data" / "relevance.parquet").to_pandas()
+    relevance["query"] = relevance["query"].map(normalize_query)
+    trained_queries = sorted(relevance["query"].unique())
+    labels = evaluate.relevance_matrix(relevance, trained_queries, catalog["product_id"].to_numpy())
+    pair_query = pd.Index(trained_queries).get_indexer(relevance["query"])
+    pair_product = pd.Index(catalog["product_id"]).get_indexer(relevance["product_id"])
+    scores = {}
+    for name, encoder in (("untuned", untuned), ("trained", trained)):
+        query_vecs, product_vecs = encoder.queries(trained_queries), encoder.products(catalog)
+        scores[name] = {**evaluate.retrieval_metrics(query_vecs, product_vecs, labels),
+                        **evaluate.judged_ranking_metrics(query_vecs, product_vecs, pair_query, pair_product,
+                                                          relevance["label"].to_numpy())}
+    for metric in ("recall_at_10", "ndcg_at_10", "auc_relevant_vs_ir"):
+        assert scores["trained"][metric] > scores["untuned"][metric], (metric, scores)
     for vectors in (trained.images(some), trained.texts(some["title"].tolist())):
         assert vectors.shape == (5, 256)
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
