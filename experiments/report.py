@@ -81,8 +81,9 @@ def retrieval_section(root: Path) -> str:
     if judged:
         out.append("\nFull-catalog retrieval counts every unjudged product as irrelevant. Ranking each held-out "
                    "query's judged candidates only (condensed lists; the similarity the ranking stage uses):\n")
-        out.append(_table(["model", "nDCG@10 (judged)", "AUC cosine, MR/HR vs IR"],
-                          [[label, _fmt(judged[k]["ndcg_at_10"]), _fmt(judged[k]["auc_relevant_vs_ir"])]
+        out.append(_table(["model", "nDCG@10 (judged)", "AUC cosine, MR/HR vs IR", "judged share of top 10"],
+                          [[label, _fmt(judged[k]["ndcg_at_10"]), _fmt(judged[k]["auc_relevant_vs_ir"]),
+                            _fmt(judged[k].get("judged_share_of_top_10"))]
                            for k, label in names.items() if k in judged]))
         baselines = [k for k in ("untuned_text", "untuned_image", "random") if k in judged]
         ok = all(judged["dashclip"][m] > max(judged[k][m] for k in baselines)

@@ -63,10 +63,12 @@ def test_judged_ranking_ranks_labelled_candidates_only():
     ideal_q1 = 3 + 1 / np.log2(3)
     metrics = judged_ranking_metrics(QUERIES, PRODUCTS, pair_query, pair_product, pair_label)
     # AUC: relevant cosines [1, 0, .6, 0] vs IR [-1, 0, .71, .99]: 4 + 1.5 + 2 + 1.5 wins of 16
-    assert metrics == pytest.approx({"ndcg_at_10": (1 + (1 + 3 / 2) / ideal_q1) / 2,
-                                     "auc_relevant_vs_ir": 9 / 16, "n_queries": 2})
+    # every product of q0 and q1 is in their top 10 (P = 4), 3 of 4 judged for each
+    assert metrics == pytest.approx({"ndcg_at_10": (1 + (1 + 3 / 2) / ideal_q1) / 2, "auc_relevant_vs_ir": 9 / 16,
+                                     "judged_share_of_top_10": 0.75, "n_queries": 2})
     cut = judged_ranking_metrics(QUERIES, PRODUCTS, pair_query, pair_product, pair_label, k=2)
-    assert cut["ndcg_at_2"] == pytest.approx((1 + 1 / ideal_q1) / 2)
+    # top 2: q0 -> p0 (judged), p1 (not); q1 -> p2 (not), p1 (judged)
+    assert cut["ndcg_at_2"] == pytest.approx((1 + 1 / ideal_q1) / 2) and cut["judged_share_of_top_2"] == 0.5
     with pytest.raises(ValueError, match="no query has an MR or HR pair"):
         judged_ranking_metrics(QUERIES, PRODUCTS, pair_query[6:], pair_product[6:], pair_label[6:])
 
