@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -184,22 +185,27 @@ def test_failing_rank_does_not_hang_the_other(tmp_path):
     assert "timed out" in rank0["error"].lower() or "timeout" in rank0["error"].lower(), rank0["error"]
 
 
-def test_torchrun_style_cli_writes_the_single_process_checkpoint(tiny_workdir_copy):
+def test_torchrun_style_cli_writes_the_single_process_checkpoint(tiny_workdir_copy, tmp_path):
     """2 ranks of ``python -m ranking.train`` (row-wise tables): rank 0 writes model.pt in the
     single-process format; its metrics (over the full evaluation week) are what a single process
-    computes from that model.pt; the frozen DashCLIP rows are the table files' rows."""
+    computes from that model.pt, and what a single-process training run on the same data and seed
+    gets (Adagrad, the optimizer fbgemm has fused on CPU); the frozen DashCLIP rows are the table
+    files' rows; serving.export turns it into the same served model."""
     from ranking import train
     from ranking.features import ImpressionCache, PurchaseIndex, RankingData
     from ranking.metrics import log_loss, slice_metrics
     from ranking.model import load_model
+    from ranking.plain import PlainInputModel
     from test_ranking_train import write_random_tables
 
     workdir = tiny_workdir_copy
     write_random_tables(workdir)
-    argv = ["ranking.train", "--workdir", str(workdir), "--variant", "dcn_pq_hist", "--seeds", "1", "--epochs", "1",
-            "--checks-per-epoch", "2", "--batch-size", "256", "--eval-batch-size", "512", "--sharding", "row_wise",
-            "--pg-timeout-s", "60"]
-    procs = launch(argv, module=True, timeout=150)
+    flags = ["--variant", "dcn_pq_hist", "--seeds", "1", "--epochs", "1", "--checks-per-epoch", "2",
+             "--batch-size", "256", "--eval-batch-size", "512", "--optimizer", "adagrad"]
+    single_dir = tmp_path / "single"
+    shutil.copytree(workdir, single_dir)
+    procs = launch(["ranking.train", "--workdir", str(workdir), *flags, "--sharding", "row_wise", "--pg-timeout-s", "60"],
+                   module=True, timeout=150)
     assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
     assert "row_wise, kernel fused, ranks [0, 1]" in procs[0].stderr and "table memory per rank" in procs[0].stderr
     assert "sharding plan" not in procs[1].stderr  # logged once, on rank 0
@@ -219,9 +225,26 @@ def test_torchrun_style_cli_writes_the_single_process_checkpoint(tiny_workdir_co
     labels, probs, _ = train.predict(model, data, "valid")
     assert log_loss(labels, probs) == pytest.approx(min(valid), abs=1e-6)
     assert metrics["history"]["best_check"] == int(np.argmin(valid))
+    train.main(["--workdir", str(single_dir), *flags, "--threads", "1"])
+    single_run = json.loads((single_dir / "ranking" / "dcn_pq_hist" / "seed0" / "metrics.json").read_text())
+    np.testing.assert_allclose(single_run["history"]["valid_logloss"], valid, rtol=1e-4)
+    for name, values in single_run["slices"].items():
+        assert values["auc"] == pytest.approx(metrics["slices"][name]["auc"], abs=1e-4)
+        assert values["logloss"] == pytest.approx(metrics["slices"][name]["logloss"], rel=1e-4)
     from embeddings.tables import read_table, table_path
     product = torch.tensor(read_table(table_path(workdir, "product"), "product").vectors)
     assert torch.equal(model.table_tower.tables.ebc.embedding_bags["product_table"].weight, product)
+
+    # serving.export reads the sharded run's model.pt like a single-process one: the TorchScript file
+    # scores exactly what the checkpoint scores, and the NW AUC is the run's own
+    from serving import export
+    manifest = export.main(["--workdir", str(workdir), "--variant", "dcn_pq_hist", "--threads", "1"])
+    assert manifest["parity"]["fused_max_abs_diff"] <= export.PARITY_TOLERANCE
+    served = torch.jit.load(str(workdir / "serving" / "model.pt"))
+    inputs = data.batch(np.arange(64)).inputs()
+    with torch.no_grad():
+        np.testing.assert_allclose(served(*inputs).numpy(), PlainInputModel(model).eval()(*inputs).numpy(), atol=1e-5)
+    assert manifest["nw_auc"]["fp32"] == pytest.approx(metrics["slices"]["nw"]["auc"], abs=1e-6)
 
 
 if __name__ == "__main__":
