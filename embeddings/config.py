@@ -64,6 +64,8 @@ class TrainConfig(ModelConfig):
     resume: bool = _f(True, "continue an interrupted run of the same settings from its last checkpoint", "run")
     force: bool = _f(False, "retrain even when finished outputs for the same settings exist", "run")
     threads: int = _f(0, "CPU threads for torch (0 = torch default)", "run")
+    pg_timeout_s: float = _f(300.0, "under torchrun (WORLD_SIZE > 1): every collective fails after this many seconds, "
+                                    "so a rank that dies stops the others instead of hanging them", "run")
     max_steps_this_run: int = _f(0, "stop (with a checkpoint) after this many optimizer steps in this "
                                     "invocation, to split training into time slices; 0 = no limit", "run")
     checkpoint_every: int = _f(50, "save a resumable checkpoint every K optimizer steps", "run")
@@ -107,6 +109,8 @@ class TrainConfig(ModelConfig):
                      "patience", "pqc_negatives"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.pg_timeout_s > 0:
+            raise UserError(f"--pg-timeout-s must be > 0, got {self.pg_timeout_s}")
         if self.stage1_batch_size < 2:
             raise UserError("--stage1-batch-size must be >= 2 (in-batch negatives)")
         for name in ("stage1_eval_fraction", "query_eval_fraction"):

@@ -27,6 +27,14 @@ eval losses, best step, wall times), ``checkpoints/stage1.pt`` (stage-1 weights)
 ``checkpoints/model.pt`` (the trained model that ``embeddings.encode`` loads). While a stage runs,
 ``checkpoints/stage{1,2}_last.pt`` hold everything needed to resume (model, optimizer, scheduler,
 RNG states, step); a rerun of the same settings continues from there (``--no-resume`` restarts).
+
+Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) both stages train data-parallel with
+DDP over the N ranks (:mod:`embeddings.distributed`): the batch sizes stay the global batch, each
+rank computes its block of it, the contrastive terms span the global batch, stage-1 hard negatives
+are mined over the global batch, and a step equals the single-process step on the same global
+batch. Rank 0 writes every file, in the single-process format (a run of any world size resumes
+it); evaluations are rank 0's numbers on every rank. Every rank reads ``DIR`` (the data, the
+stage-1 checkpoint, a resumed checkpoint): on several nodes it must be on shared storage.
 """
 from __future__ import annotations
 
@@ -46,12 +54,15 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cli import UserError, parse_config, run_main
+from common.distributed import init_from_env
 from common.io import atomic_path, prepare_workdir, read_json, write_json
 from data import schema
 from data.text import normalize_query
 from embeddings.config import TrainConfig
+from embeddings.distributed import (Shard, broadcast_from_main, check_batch_split, data_parallel, dropout_seed,
+                                    global_batch_size, itc_loss, local_contrast, mean_over_ranks, tensor_from_main)
 from embeddings.inputs import ImageStore, TokenStore
-from embeddings.losses import ITCLoss, ITMLoss, PQCLoss, mine_hard_negatives
+from embeddings.losses import ITCLoss, ITMLoss, PQCLoss, gather_features, mine_hard_negatives
 from embeddings.models import DashCLIP, build_model
 from embeddings.sampling import build_pqc_tuples, split_queries
 
@@ -143,7 +154,7 @@ Precision = Callable[[], contextlib.AbstractContextManager]
 
 def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, mm_itc: ITCLoss | None, pixels: torch.Tensor,
                   input_ids: torch.Tensor, attention_mask: torch.Tensor, same_title: torch.Tensor,
-                  generator: torch.Generator, precision: Precision) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator, precision: Precision, shard: Shard = Shard()) -> dict[str, torch.Tensor]:
     """Stage-1 losses of a batch of B matched (image, title) pairs: ``itc``, ``itm`` and ``mm_itc``.
 
     pixels ``[B, 3, S, S]``, input_ids / attention_mask ``[B, L]``, same_title ``[B, B]`` bool (pairs
@@ -153,26 +164,44 @@ def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, mm_itc: ITCLoss |
     contrasted with the batch's title and image embeddings (mean of the two symmetric losses), which
     keeps the product content in the grounded [CLS]. ``precision`` opens the autocast region of the
     encoders; the losses themselves run in float32.
+
+    In a DDP step (``shard`` of W ranks) every argument describes the global batch except
+    ``pixels``, the images of this rank's block (:meth:`Shard.block`) ``[B/W, 3, S, S]``. The rank
+    embeds its block; ``itc`` and ``mm_itc`` (:class:`embeddings.distributed.GlobalBatchITCLoss`)
+    contrast the global batch; the hard negatives are mined from the similarities of the global
+    batch (``generator`` is in the same state on every rank; rank 0's draw is broadcast, so the
+    ranks agree even where devices round differently); the rank runs the ITM pairs whose image it
+    holds (its positives, its images with their negative titles, and the titles of any rank whose
+    negative image is one of its images), and its ITM loss is its share of the global mean, scaled
+    by W so that the mean over the ranks is the single-process loss.
     """
-    batch = pixels.shape[0]
+    batch = input_ids.shape[0]
+    local = shard.block(batch)
     with precision():
         tokens = model.image_tokens(pixels)
-        image_emb = model.image_embedding(tokens)
-        text_emb = model.text_embedding(input_ids, attention_mask)
+        image_emb = model.image_embedding(tokens).float()
+        text_emb = model.text_embedding(input_ids[local], attention_mask[local]).float()
     losses = {}
-    losses["itc"], sim_i2t = itc(image_emb.float(), text_emb.float())
-    neg_text, neg_image = mine_hard_negatives(sim_i2t, generator, same_title)
+    losses["itc"], sim_i2t = itc(image_emb, text_emb)
+    if shard.distributed:
+        all_image, all_text = gather_features(image_emb.detach(), text_emb.detach(), shard.rank, shard.world_size)
+        sim_i2t = (1.0 / itc.temperature) * all_image @ all_text.T
+    neg_text, neg_image = tensor_from_main(torch.stack(mine_hard_negatives(sim_i2t, generator, same_title)), shard)
+    on_rank = (neg_image >= local.start) & (neg_image < local.stop)
+    texts_of_own_negatives = torch.nonzero(on_rank).squeeze(1)  # in one process: every title, in order
+    title_rows = torch.cat([torch.arange(local.start, local.stop, device=neg_text.device), neg_text[local],
+                            texts_of_own_negatives])
     with precision():
-        grounded = model.text_cls(torch.cat([input_ids, input_ids[neg_text], input_ids]),
-                                  torch.cat([attention_mask, attention_mask[neg_text], attention_mask]),
-                                  torch.cat([tokens, tokens, tokens[neg_image]]))
+        grounded = model.text_cls(input_ids[title_rows], attention_mask[title_rows],
+                                  torch.cat([tokens, tokens, tokens[neg_image[texts_of_own_negatives] - local.start]]))
         logits = model.itm_head(grounded)
-    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(pixels.device)
-    losses["itm"] = itm(logits.float(), labels)
+    n_local = local.stop - local.start
+    labels = torch.cat([torch.ones(n_local), torch.zeros(len(title_rows) - n_local)]).long().to(pixels.device)
+    losses["itm"] = itm(logits.float(), labels) * (len(title_rows) * shard.world_size / (3 * batch))
     if mm_itc is not None:
         with precision():
-            product_emb = model.product_embedding_from_cls(grounded[:batch]).float()
-        losses["mm_itc"] = 0.5 * (mm_itc(product_emb, text_emb.float())[0] + mm_itc(product_emb, image_emb.float())[0])
+            product_emb = model.product_embedding_from_cls(grounded[:n_local]).float()
+        losses["mm_itc"] = 0.5 * (mm_itc(product_emb, text_emb)[0] + mm_itc(product_emb, image_emb)[0])
     return losses
 
 
@@ -293,13 +322,16 @@ class StageRunner:
 
     Subclasses provide :meth:`train_loss` (the loss of global step ``step``) and may hook
     :meth:`after_step` (evaluation, early stopping) and :meth:`extra_state`/:meth:`load_extra_state`.
+    Distributed (``shard``): the step's losses run through :meth:`parallel` (DDP), the logged
+    losses are the means over the ranks (the global batch's), and only rank 0 writes checkpoints.
     """
 
     stage: int = 0
 
     def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
-                 groups: list[dict[str, Any]], total_steps: int, budget: StepBudget) -> None:
+                 groups: list[dict[str, Any]], total_steps: int, budget: StepBudget, shard: Shard) -> None:
         self.cfg, self.model, self.device, self.paths, self.budget = cfg, model, device, paths, budget
+        self.shard = shard
         self.total_steps = total_steps
         self.optimizer = adamw(groups, cfg.weight_decay, device)
         self.scheduler = warmup_cosine(self.optimizer, total_steps, cfg.warmup_fraction)
@@ -336,6 +368,13 @@ class StageRunner:
         """Modules whose state (besides the model) a checkpoint must carry."""
         return {}
 
+    def parallel(self, compute: Callable[..., dict[str, torch.Tensor]],
+                 find_unused: bool = False) -> Callable[..., dict[str, torch.Tensor]]:
+        """``compute`` (the losses of this rank's share of a step) wrapped in DDP when distributed:
+        the optimizer's parameters (model and :meth:`trained_modules`) are synchronised."""
+        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return data_parallel(compute, {"model": self.model, **self.trained_modules()}, trained, self.shard, find_unused)
+
     # loop --------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {"settings_key": self.key, "step": self.step, "total_steps": self.total_steps,
@@ -346,7 +385,8 @@ class StageRunner:
                 "extra": self.extra_state()}
 
     def save(self) -> None:
-        save_checkpoint(self.state(), self.paths.stage_last(self.stage))
+        if self.shard.is_main:
+            save_checkpoint(self.state(), self.paths.stage_last(self.stage))
 
     def try_resume(self) -> bool:
         path = self.paths.stage_last(self.stage)
@@ -376,7 +416,7 @@ class StageRunner:
         of this invocation runs out (after checkpointing)."""
         self.model.train()
         progress = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.stage}", unit="step",
-                        dynamic_ncols=True, mininterval=1.0)
+                        dynamic_ncols=True, mininterval=1.0, disable=None if self.shard.is_main else True)
         stop = False
         loop_started = time.perf_counter()
         try:
@@ -389,6 +429,8 @@ class StageRunner:
                                  f"(--max-steps-this-run {self.budget.limit}); rerun to continue")
                 started = time.perf_counter()
                 self.model.train()
+                if self.shard.distributed:  # independent dropout per rank, reproduced on resume
+                    torch.manual_seed(dropout_seed(self.cfg.seed, self.stage, self.step, self.shard.rank))
                 loss, metrics = self.train_loss(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -397,10 +439,10 @@ class StageRunner:
                 self.step += 1
                 self.budget.used += 1
                 self.train_wall_s += time.perf_counter() - started
-                self.history.append({"step": self.step, "loss": float(loss.detach()), **metrics,
-                                     "lr": self.scheduler.get_last_lr()[0]})
+                metrics = mean_over_ranks({"loss": float(loss.detach()), **metrics}, self.shard)
+                self.history.append({"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0]})
                 progress.update(1)
-                progress.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}")
                 stop = self.after_step()
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps and not stop:
                     self.save()
@@ -417,21 +459,25 @@ class Stage1(StageRunner):
 
     def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
                  images: ImageStore, titles: TokenStore, title_text: list[str], train_rows: np.ndarray,
-                 eval_rows: np.ndarray, budget: StepBudget) -> None:
+                 eval_rows: np.ndarray, budget: StepBudget, shard: Shard = Shard()) -> None:
         self.images, self.titles, self.title_text = images, titles, title_text
         self.train_rows, self.eval_rows = train_rows, eval_rows
-        self.batch_size = min(cfg.stage1_batch_size, len(train_rows))
-        self.itc = ITCLoss(cfg.itc_temperature).to(device)
+        self.batch_size = global_batch_size(cfg.stage1_batch_size, len(train_rows), shard.world_size,
+                                            "--stage1-batch-size")
+        self.itc = itc_loss(cfg.itc_temperature, shard.world_size).to(device)
         self.itm = ITMLoss()
-        self.mm_itc = ITCLoss(cfg.itc_temperature).to(device) if cfg.multimodal_itc_weight > 0 else None
+        self.mm_itc = (itc_loss(cfg.itc_temperature, shard.world_size).to(device) if cfg.multimodal_itc_weight > 0
+                       else None)
         temperatures = [*self.itc.parameters(), *(self.mm_itc.parameters() if self.mm_itc is not None else [])]
         groups = model.stage_parameter_groups(1)
         total = plan_steps(len(train_rows), self.batch_size, cfg.stage1_epochs, cfg.stage1_max_steps)
         super().__init__(cfg, model, device, paths,
                          [{"params": groups["encoder"], "lr": cfg.stage1_lr},
                           {"params": groups["new"] + temperatures, "lr": cfg.head_lr}],
-                         total, budget)
+                         total, budget, shard)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        # without the multimodal term, multimodal_proj (trained in stage 1) gets no gradient
+        self.step_losses = self.parallel(self._step_losses, find_unused=self.mm_itc is None)
         self.evals: list[dict[str, float]] = []
         self.best_loss = math.inf
         self.best_step = 0
@@ -454,41 +500,47 @@ class Stage1(StageRunner):
         titles = np.array([self.title_text[r] for r in rows], dtype=object)
         return torch.as_tensor(titles[:, None] == titles[None, :], device=self.device)
 
-    def _losses(self, rows: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The stage-1 losses of one batch of catalog rows."""
-        pixels = self.images.pixels(rows).to(self.device)
+    def _losses(self, rows: np.ndarray, generator: torch.Generator, shard: Shard = Shard()) -> dict[str, torch.Tensor]:
+        """The stage-1 losses of one batch of catalog rows (with ``shard``: this rank's share of the global batch)."""
+        pixels = self.images.pixels(rows[shard.block(len(rows))]).to(self.device)
         ids, mask = (t.to(self.device) for t in self.titles.batch(rows))
         return stage1_losses(self.model, self.itc, self.itm, self.mm_itc, pixels, ids, mask, self._same_title(rows),
-                             generator, functools.partial(autocast, self.device))
+                             generator, functools.partial(autocast, self.device), shard)
+
+    def _step_losses(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return self._losses(rows, self.generator, self.shard)
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rows = batch_at(self.train_rows, self.batch_size, self.cfg.seed, step)
-        losses = self._losses(rows, self.generator)
+        losses = self.step_losses(rows)
         total = losses["itc"] + losses["itm"] + self.cfg.multimodal_itc_weight * losses.get("mm_itc", 0.0)
         return total, {**{k: float(v.detach()) for k, v in losses.items()}, "temperature": self.itc.temperature}
 
     @torch.no_grad()
     def eval_itm_loss(self) -> float:
-        """Mean ITM loss over the held-out products (fixed batches and negative-sampling seed)."""
+        """Mean ITM loss over the held-out products (fixed batches and negative-sampling seed); each
+        rank computes it whole (local contrast only)."""
         self.model.eval()
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + EVAL_NEGATIVES_SEED_OFFSET)
         total, count = 0.0, 0
-        for start in range(0, len(self.eval_rows), self.batch_size):
-            rows = self.eval_rows[start:start + self.batch_size]
-            if len(rows) < 2:
-                continue
-            total += float(self._losses(rows, generator)["itm"]) * len(rows)
-            count += len(rows)
+        with local_contrast(self.itc, self.mm_itc):
+            for start in range(0, len(self.eval_rows), self.batch_size):
+                rows = self.eval_rows[start:start + self.batch_size]
+                if len(rows) < 2:
+                    continue
+                total += float(self._losses(rows, generator)["itm"]) * len(rows)
+                count += len(rows)
         self.model.train()
         return total / count
 
     def evaluate(self) -> None:
-        loss = self.eval_itm_loss()
+        loss = broadcast_from_main({"itm": self.eval_itm_loss()}, self.shard)["itm"]  # every rank decides alike
         self.evals.append({"step": self.step, "itm_eval_loss": loss})
         if loss < self.best_loss:
             self.best_loss, self.best_step, self.bad_evals = loss, self.step, 0
-            save_checkpoint({"settings_key": self.key, "step": self.step, "model": self.model.state_dict(),
-                             "itc": self.itc.state_dict()}, self.paths.stage1_best)
+            if self.shard.is_main:
+                save_checkpoint({"settings_key": self.key, "step": self.step, "model": self.model.state_dict(),
+                                 "itc": self.itc.state_dict()}, self.paths.stage1_best)
         else:
             self.bad_evals += 1
         log.info("stage 1 step %d: ITM eval loss %.4f (best %.4f at step %d)", self.step, loss, self.best_loss,
@@ -512,7 +564,8 @@ class Stage1(StageRunner):
 
     def run(self) -> None:
         if not self.try_resume() and self.can_evaluate:
-            self.paths.stage1_best.unlink(missing_ok=True)
+            if self.shard.is_main:
+                self.paths.stage1_best.unlink(missing_ok=True)
             self.evaluate()  # the untrained model is a candidate too (step 0)
         super().run()
 
@@ -542,17 +595,20 @@ class Stage2(StageRunner):
     def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
                  product_cls: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
                  queries: QueryPrefixStore, eval_rows: np.ndarray, eval_queries: np.ndarray,
-                 budget: StepBudget) -> None:
+                 budget: StepBudget, shard: Shard = Shard()) -> None:
         self.product_cls, self.tuple_rows, self.tuple_queries = product_cls, tuple_rows, tuple_queries
         self.queries, self.eval_rows, self.eval_queries = queries, eval_rows, eval_queries
-        self.batch_size = min(cfg.stage2_batch_size, len(tuple_rows))
+        self.batch_size = global_batch_size(cfg.stage2_batch_size, len(tuple_rows), shard.world_size,
+                                            "--stage2-batch-size")
         self.pqc = PQCLoss(cfg.pqc_tau)
-        self.in_batch = (ITCLoss(cfg.pqc_tau, learnable=False).to(device) if cfg.pqc_in_batch_weight > 0 else None)
+        self.in_batch = (itc_loss(cfg.pqc_tau, shard.world_size, learnable=False).to(device)
+                         if cfg.pqc_in_batch_weight > 0 else None)
         groups = model.stage_parameter_groups(2)
         total = plan_steps(len(tuple_rows), self.batch_size, cfg.stage2_epochs, cfg.stage2_max_steps)
         super().__init__(cfg, model, device, paths,
                          [{"params": groups["encoder"], "lr": cfg.stage2_lr},
-                          {"params": groups["new"], "lr": cfg.stage2_head_lr}], total, budget)
+                          {"params": groups["new"], "lr": cfg.stage2_head_lr}], total, budget, shard)
+        self.step_losses = self.parallel(self._losses)
         self.order = np.arange(len(tuple_rows))
         n_probe = min(cfg.stage2_eval_max, len(tuple_rows))
         self.train_probe = np.sort(np.random.default_rng([cfg.seed, 2]).choice(len(tuple_rows), n_probe, replace=False))
@@ -572,18 +628,21 @@ class Stage2(StageRunner):
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
-        losses = self._losses(self.tuple_rows[picked], self.tuple_queries[picked])
+        picked = picked[self.shard.block(len(picked))]  # this rank's block of the global batch
+        losses = self.step_losses(self.tuple_rows[picked], self.tuple_queries[picked])
         total = losses["pqc"] + self.cfg.pqc_in_batch_weight * losses.get("in_batch", 0.0)
         return total, {k: float(v.detach()) for k, v in losses.items()}
 
     @torch.no_grad()
     def mean_pqc_loss(self, rows: np.ndarray, query_index: np.ndarray) -> float:
-        """PQC loss over fixed tuples in eval mode (no dropout): comparable across steps."""
+        """PQC loss over fixed tuples in eval mode (no dropout): comparable across steps. Each rank
+        computes it whole (local contrast only)."""
         self.model.eval()
         total = 0.0
-        for start in range(0, len(rows), self.batch_size):
-            part = slice(start, start + self.batch_size)
-            total += float(self._losses(rows[part], query_index[part])["pqc"]) * len(rows[part])
+        with local_contrast(self.in_batch):
+            for start in range(0, len(rows), self.batch_size):
+                part = slice(start, start + self.batch_size)
+                total += float(self._losses(rows[part], query_index[part])["pqc"]) * len(rows[part])
         self.model.train()
         return total / len(rows)
 
@@ -593,6 +652,7 @@ class Stage2(StageRunner):
                                                        self.tuple_queries[self.train_probe])}
         if len(self.eval_rows):
             losses["pqc_eval_loss"] = self.mean_pqc_loss(self.eval_rows, self.eval_queries)
+        losses = broadcast_from_main(losses, self.shard)
         self.evals.append({"step": self.step, **losses})
         log.info("stage 2 step %d: PQC loss %s", self.step, ", ".join(f"{k[4:]} {v:.4f}" for k, v in losses.items()))
 
@@ -617,14 +677,15 @@ class Stage2(StageRunner):
 # --------------------------------------------------------------------------------- orchestration
 @torch.no_grad()
 def encode_product_cls(model: DashCLIP, images: ImageStore, titles: TokenStore, rows: np.ndarray,
-                       device: torch.device, batch_size: int, desc: str) -> torch.Tensor:
+                       device: torch.device, batch_size: int, desc: str, progress: bool = True) -> torch.Tensor:
     """Grounded [CLS] ``[len(rows), Dt]`` (float32, on ``device``) of catalog ``rows`` in eval mode
     (products without an image: the text-only path). Batches group titles of similar length."""
     was_training = model.training
     model.eval()
     order = rows[np.argsort([len(titles.ids[r]) for r in rows], kind="stable")]
     out = []
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=1.0, leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=1.0, leave=False,
+                      disable=None if progress else True):
         part = order[start:start + batch_size]
         has_image = images.has_image[part]
         pixels = images.pixels(part[has_image]).to(device) if has_image.any() else None
@@ -640,11 +701,14 @@ def encode_product_cls(model: DashCLIP, images: ImageStore, titles: TokenStore, 
 
 
 class Trainer:
-    """Loads the data once and runs the requested stages with skip / resume logic."""
+    """Loads the data once and runs the requested stages with skip / resume logic. With a
+    distributed ``shard`` every rank runs this, rank 0 alone writes files, and the ranks wait for
+    each other (barrier) wherever rank 0 changes a file that the others read next."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, shard: Shard | None = None) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.shard = shard if shard is not None else Shard(device=resolve_device(cfg.device))
+        self.device = self.shard.device
         self.paths = Paths(prepare_workdir(cfg.workdir, "embeddings/checkpoints"))
         self.budget = StepBudget(cfg.max_steps_this_run)
         self._catalog: pd.DataFrame | None = None
@@ -669,7 +733,8 @@ class Trainer:
         return images, titles
 
     def write_log(self) -> None:
-        write_json(self.log_data, self.paths.log)
+        if self.shard.is_main:
+            write_json(self.log_data, self.paths.log)
 
     def fresh_model(self) -> tuple[DashCLIP, Any, Any]:
         model, tokenizer, spec = build_model(self.cfg.model_only())
@@ -693,8 +758,9 @@ class Trainer:
         if self.stage1_done() and not cfg.force:
             log.info("stage 1: %s is complete for these settings: skipping (--force to redo)", paths.stage_final(1))
             return
-        if cfg.force:
+        if cfg.force and self.shard.is_main:
             paths.stage_last(1).unlink(missing_ok=True)
+        self.shard.barrier()  # before any rank looks for a checkpoint to resume
         model, tokenizer, spec = self.fresh_model()
         images, titles = self._stores(spec, tokenizer)
         train_rows, eval_rows = self.split_stage1(images)
@@ -712,23 +778,26 @@ class Trainer:
             log.info("stage 1: %d training and %d held-out products, batch %d", len(train_rows), len(eval_rows),
                      min(cfg.stage1_batch_size, len(train_rows)))
             runner = Stage1(cfg, model, self.device, paths, images, titles, self.catalog["title"].astype(str).tolist(),
-                            train_rows, eval_rows, self.budget)
+                            train_rows, eval_rows, self.budget, self.shard)
             try:
                 runner.run()
             except Paused:
                 self.log_data["stage1"] = {**runner.summary(), "paused": True}
                 self.write_log()
                 raise
-            final = runner.final_state()
+            final = runner.final_state() if self.shard.is_main else {}
             summary = runner.summary()
         summary["invocation_wall_s"] = round(time.perf_counter() - started, 2)
-        save_checkpoint({"settings_key": cfg.settings_key("1"), **final, "summary": {
-            k: v for k, v in summary.items() if k not in ("steps", "evals")}}, paths.stage_final(1))
-        for stale in (paths.stage_last(1), paths.stage1_best, paths.stage_last(2), paths.stage_final(2)):
-            stale.unlink(missing_ok=True)
+        summary["world_size"] = self.shard.world_size  # of this (last) invocation
+        if self.shard.is_main:
+            save_checkpoint({"settings_key": cfg.settings_key("1"), **final, "summary": {
+                k: v for k, v in summary.items() if k not in ("steps", "evals")}}, paths.stage_final(1))
+            for stale in (paths.stage_last(1), paths.stage1_best, paths.stage_last(2), paths.stage_final(2)):
+                stale.unlink(missing_ok=True)
         self.log_data["stage1"] = summary
         self.log_data.pop("stage2", None)
         self.write_log()
+        self.shard.barrier()  # stage 2 reads stage1.pt on every rank
         log.info("stage 1 done: kept step %s -> %s", summary.get("best_step"), paths.stage_final(1))
 
     # stage 2 -------------------------------------------------------------------
@@ -761,8 +830,9 @@ class Trainer:
         if not self.stage1_done():
             raise UserError(f"stage 2 needs the stage-1 output for these settings ({paths.stage_final(1)}): "
                             f"run with --stage 1 or --stage all first")
-        if cfg.force:
+        if cfg.force and self.shard.is_main:
             paths.stage_last(2).unlink(missing_ok=True)
+        self.shard.barrier()  # before any rank looks for a checkpoint to resume
         started = time.perf_counter()
         model, tokenizer, spec = self.fresh_model()
         stage1 = load_checkpoint(paths.stage_final(1), self.device)
@@ -787,7 +857,8 @@ class Trainer:
                      "text encoder run without image tokens", n_text_only, len(needed_rows))
         precompute_started = time.perf_counter()
         product_cls = encode_product_cls(model, images, titles, needed_rows, self.device,
-                                         cfg.stage1_batch_size * 2, "stage 2: frozen product [CLS]")
+                                         cfg.stage1_batch_size * 2, "stage 2: frozen product [CLS]",
+                                         progress=self.shard.is_main)  # every rank computes all of them
         precompute_s = time.perf_counter() - precompute_started
         cls_row = pd.Index(needed)
 
@@ -810,7 +881,7 @@ class Trainer:
                  len(train_tuples), len(eval_tuples), cfg.pqc_negatives, min(cfg.stage2_batch_size, len(train_tuples)))
         runner = Stage2(cfg, model, self.device, paths, product_cls,
                         cls_row.get_indexer(train_tuples["product_id"]), train_queries, queries,
-                        cls_row.get_indexer(eval_tuples["product_id"]), eval_queries, self.budget)
+                        cls_row.get_indexer(eval_tuples["product_id"]), eval_queries, self.budget, self.shard)
         try:
             runner.run()
         except Paused:
@@ -819,11 +890,14 @@ class Trainer:
             raise
         summary = {**runner.summary(), "precompute_wall_s": round(precompute_s, 2)}
         summary["invocation_wall_s"] = round(time.perf_counter() - started, 2)
-        save_checkpoint({"settings_key": cfg.settings_key("2"), "model_config": dataclasses.asdict(cfg.model_only()),
-                         "model": model.state_dict(), "stage1_best_step": stage1["summary"].get("best_step"),
-                         "summary": {k: v for k, v in summary.items() if k not in ("steps", "evals")}},
-                        paths.stage_final(2))
-        paths.stage_last(2).unlink(missing_ok=True)
+        summary["world_size"] = self.shard.world_size  # of this (last) invocation
+        if self.shard.is_main:
+            save_checkpoint({"settings_key": cfg.settings_key("2"),
+                             "model_config": dataclasses.asdict(cfg.model_only()), "model": model.state_dict(),
+                             "stage1_best_step": stage1["summary"].get("best_step"),
+                             "summary": {k: v for k, v in summary.items() if k not in ("steps", "evals")}},
+                            paths.stage_final(2))
+            paths.stage_last(2).unlink(missing_ok=True)
         self.log_data["stage2"] = summary
         self.write_log()
         log.info("stage 2 done -> %s", paths.stage_final(2))
@@ -839,21 +913,35 @@ def write_config(cfg: TrainConfig, paths: Paths) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(TrainConfig, argv)
     cfg.validate()
+    env = init_from_env(cfg.pg_timeout_s, cfg.device)  # under torchrun (WORLD_SIZE > 1), else None
+    shard = Shard.of(env, resolve_device(cfg.device) if env is None else env.device)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    root_log = logging.getLogger()
+    level = root_log.level
+    if not shard.is_main:
+        root_log.setLevel(logging.WARNING)  # rank 0 reports the progress
     try:
-        return train(cfg)
+        for name in ("stage1_batch_size", "stage2_batch_size"):  # before any work, not when the stage starts
+            check_batch_split(getattr(cfg, name), shard.world_size, "--" + name.replace("_", "-"))
+        return train(cfg, shard)
     finally:
         torch.set_num_threads(threads)
+        root_log.setLevel(level)
+        if env is not None:
+            torch.distributed.destroy_process_group()
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the stages of ``cfg``; returns the training log (also in ``train_log.json``)."""
-    trainer = Trainer(cfg)
-    write_config(cfg, trainer.paths)
-    log.info("DashCLIP training in %s on %s (backbone %s, stage %s)", trainer.paths.emb, trainer.device,
-             cfg.backbone, cfg.stage)
+def train(cfg: TrainConfig, shard: Shard | None = None) -> dict[str, Any]:
+    """Run the stages of ``cfg`` (on this rank of ``shard``); returns the training log (rank 0
+    writes it to ``train_log.json``)."""
+    trainer = Trainer(cfg, shard)
+    if trainer.shard.is_main:
+        write_config(cfg, trainer.paths)
+    ranks = f", DDP over {trainer.shard.world_size} ranks" if trainer.shard.distributed else ""
+    log.info("DashCLIP training in %s on %s (backbone %s, stage %s%s)", trainer.paths.emb, trainer.device,
+             cfg.backbone, cfg.stage, ranks)
     try:
         if cfg.stage in ("1", "all"):
             trainer.run_stage1()
@@ -866,6 +954,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return trainer.log_data
     trainer.log_data.pop("paused", None)
     trainer.write_log()
+    trainer.shard.barrier()  # no rank ends before rank 0 has written the outputs
     return trainer.log_data
 
 

@@ -4,8 +4,9 @@
 
 :func:`ranking.train.main` switches to this module when ``WORLD_SIZE > 1`` (torchrun sets it):
 
-* :func:`init_from_env` starts the process group (gloo on CPU, nccl on CUDA) with a timeout, so
-  a rank that dies makes the others fail after ``--pg-timeout-s`` instead of waiting forever.
+* :func:`common.distributed.init_from_env` starts the process group (gloo on CPU, nccl on CUDA)
+  with a timeout, so a rank that dies makes the others fail after ``--pg-timeout-s`` instead of
+  waiting forever (re-exported here with :class:`DistEnv` and :func:`current_env`).
 * :func:`make_plan` asks torchrec's planner for a plan (``auto``; every rank runs the same
   deterministic ``planner.plan``) or forces one sharding type on every table
   (``construct_module_sharding_plan``; table-wise places tables round robin over the ranks).
@@ -27,10 +28,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,6 +50,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from common.distributed import DistEnv, current_env, init_from_env  # noqa: F401 (re-exported for ranking.train)
 from ranking.features import RankingBatch, RankingData
 from ranking.metrics import log_loss
 from ranking.model import RankingModel
@@ -65,38 +65,6 @@ log = logging.getLogger(__name__)
 SHARDING_TYPES: tuple[str, ...] = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
-
-
-@dataclass
-class DistEnv:
-    """This process's place in the job."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    pg: dist.ProcessGroup
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_from_env(timeout_s: float) -> DistEnv | None:
-    """Start the default process group from the torchrun environment (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``/``MASTER_PORT``); None when ``WORLD_SIZE`` is unset or 1. gloo on CPU, nccl
-    (one GPU per ``LOCAL_RANK``) on CUDA; every collective fails after ``timeout_s`` seconds."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return DistEnv(dist.get_rank(), dist.get_world_size(), device, dist.group.WORLD)
 
 
 def embedding_collections(model: nn.Module) -> dict[str, EmbeddingBagCollection]:
@@ -380,14 +348,6 @@ class ShardedRun:
     state: dict[str, torch.Tensor]
     train_seconds: float
     eval_seconds: float
-
-
-def current_env() -> DistEnv | None:
-    """The :class:`DistEnv` of an initialised multi-rank process group, else None."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() <= 1:
-        return None
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return DistEnv(dist.get_rank(), dist.get_world_size(), device, dist.group.WORLD)
 
 
 def run_sharded(model: RankingModel, data: RankingData, cfg: "TrainConfig", seed: int, env: DistEnv,
