@@ -104,6 +104,11 @@ history terms depend on the purchases table, which they lack; appeal is learnabl
 
 ``synth_truth.parquet`` (row-aligned with impressions): true_label, hist_aisle, hist_brand,
 hist_product, intent_kind, candidate_source, appeal, click_prob.
+
+``synth_relevance_truth.parquet`` (relevance schema): for the first ``complete_label_queries``
+relevance queries (2000; none in ``paper``), every MR/HR product of the catalog with its
+noise-free label. The relevance table judges ~20 products per query; with this file
+``embeddings.evaluate`` also scores full-catalog retrieval with complete judgments.
 """
 from __future__ import annotations
 
@@ -138,6 +143,7 @@ GENERATOR_VERSION = 1
 DAY = 86_400
 HISTORY_WINDOW_S = 84 * DAY
 TRUTH_FILE = "synth_truth.parquet"
+RELEVANCE_TRUTH_FILE = "synth_relevance_truth.parquet"
 
 # Intent kinds (``intent_kind`` in the truth file).
 TYPE, BRAND_TYPE, TYPE_VARIANT, BRAND_TYPE_VARIANT, BRAND, ORGANIC_TYPE, AISLE = range(7)
@@ -177,6 +183,9 @@ class ProfileConfig:
     catalog_rows_per_group: int = 2048  # Parquet row group sizes (fixed: part of the byte-identical output)
     rows_per_group: int = 262_144
     relevance_queries_per_chunk: int = 20_000
+    # relevance queries (the first ones drawn) whose complete noise-free MR/HR product list goes to
+    # synth_relevance_truth.parquet: retrieval over the whole catalog with complete judgments
+    complete_label_queries: int = 2000
 
     def scaled(self, factor: float) -> "ProfileConfig":
         if factor == 1.0:
@@ -197,7 +206,8 @@ PROFILES: dict[str, ProfileConfig] = {
     "demo": ProfileConfig(n_products=3500, n_users=5000, n_sessions=72_000, n_relevance_queries=2000, n_stores=40,
                           rows_per_group=65_536),
     "paper": ProfileConfig(n_products=400_000, n_users=500_000, n_sessions=4_000_000,
-                           n_relevance_queries=1_600_000, n_stores=2000, rows_per_group=1_048_576),
+                           n_relevance_queries=1_600_000, n_stores=2000, rows_per_group=1_048_576,
+                           complete_label_queries=0),  # an aisle query alone has tens of thousands of HR products
 }
 
 
@@ -697,9 +707,28 @@ class LabelCounts:
     queries: int = 0
 
 
+def complete_labels(catalog: Catalog, intents: Intents, texts: Sequence[str]) -> pa.Table:
+    """Every MR/HR product of each intent (noise-free :func:`relevance_labels` over the whole
+    catalog), as relevance rows (query text ``texts[i]`` of intent ``i``, product_id, label)."""
+    queries, products, labels = [], [], []
+    every_product = np.arange(catalog.n)
+    for i, text in enumerate(texts):
+        label = relevance_labels(catalog, intents.take(np.full(catalog.n, i)), every_product)
+        relevant = np.flatnonzero(label >= schema.MR)
+        queries += [text] * len(relevant)
+        products.append(relevant + 1)
+        labels.append(label[relevant])
+    return pa.Table.from_arrays([pa.array(queries, pa.string()),
+                                 pa.array(np.concatenate(products) if products else [], pa.int64()),
+                                 pa.array(np.concatenate(labels) if labels else [], pa.int8())],
+                                schema=schema.schema("relevance"))
+
+
 def relevance_batches(catalog: Catalog, cfg: ProfileConfig, behaviour: Behaviour, seed: int, label_noise: float,
-                      counts: LabelCounts) -> Iterator[pa.Table]:
-    """Relevance rows for ``n_relevance_queries`` distinct queries, in chunks of queries.
+                      counts: LabelCounts) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Relevance rows for ``n_relevance_queries`` distinct queries, in chunks of queries, each with
+    the complete MR/HR lists (:func:`complete_labels`) of its queries among the first
+    ``complete_label_queries``.
 
     Every normalised query text occurs once in the table; each query gets ``pairs_per_query``
     pairs on average, subsampled per chunk to the target label split.
@@ -727,6 +756,8 @@ def relevance_batches(catalog: Catalog, cfg: ProfileConfig, behaviour: Behaviour
         if not len(q_idx):
             raise RuntimeError(f"relevance chunk {chunk} found no new query text; the vocabulary is exhausted")
         seen = np.union1d(seen, hashes[q_idx])
+        complete = q_idx[:max(0, cfg.complete_label_queries - counts.queries)]
+        truth = complete_labels(catalog, intents.take(complete), [texts[i] for i in complete.tolist()])
         counts.queries += len(q_idx)
         rows = np.repeat(q_idx, per_query)
         pair_intents = intents.take(rows)
@@ -752,7 +783,7 @@ def relevance_batches(catalog: Catalog, cfg: ProfileConfig, behaviour: Behaviour
         counts.noisy += np.bincount(labels, minlength=3)
         yield pa.Table.from_arrays(
             [pa.array([texts[i] for i in rows.tolist()], pa.string()), pa.array(products + 1, pa.int64()),
-             pa.array(labels, pa.int8())], schema=schema.schema("relevance"))
+             pa.array(labels, pa.int8())], schema=schema.schema("relevance")), truth
 
 
 # --------------------------------------------------------------------------------------------
@@ -1183,12 +1214,14 @@ def _check_args(args: SynthArgs) -> ProfileConfig:
     return PROFILES[args.profile].scaled(args.scale)
 
 
-OUTPUTS = (*schema.TABLE_NAMES, "truth")
+OUTPUTS = (*schema.TABLE_NAMES, "truth", "relevance_truth")
 
 
 def _dest(workdir: Path, name: str) -> Path:
     if name == "truth":
         return workdir / "data" / TRUTH_FILE
+    if name == "relevance_truth":
+        return workdir / "data" / RELEVANCE_TRUTH_FILE
     return schema.table_path(workdir, name)  # type: ignore[arg-type]
 
 
@@ -1234,13 +1267,16 @@ def generate(args: SynthArgs) -> dict:
                                         cfg.rows_per_group, "impressions", ids),
                     "purchases": sink("purchases", PURCHASES_SCHEMA, cfg.rows_per_group, "purchases", ids),
                     "truth": sink("truth", TRUTH_SCHEMA, cfg.rows_per_group, None),
+                    "relevance_truth": sink("relevance_truth", schema.schema("relevance"), cfg.rows_per_group,
+                                            None),
                 }
                 for start in tqdm(range(0, catalog.n, cfg.catalog_rows_per_group), desc="catalog", unit="chunk"):
                     stop = min(catalog.n, start + cfg.catalog_rows_per_group)
                     sinks["catalog"].write(catalog_batch(catalog, start, stop, cfg.image_px))
-                for batch in tqdm(relevance_batches(catalog, cfg, behaviour, args.seed, args.label_noise,
-                                                    label_counts), desc="relevance", unit="chunk"):
+                for batch, truth in tqdm(relevance_batches(catalog, cfg, behaviour, args.seed, args.label_noise,
+                                                           label_counts), desc="relevance", unit="chunk"):
                     sinks["relevance"].write(batch)
+                    sinks["relevance_truth"].write(truth)
                 _simulate(cfg, catalog, users, behaviour, clicks, args.seed, start_ts, sinks, stats)
             # every table is complete and closed; the renames follow when ``outputs`` exits
             manifest_path.unlink(missing_ok=True)

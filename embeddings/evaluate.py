@@ -18,6 +18,8 @@ Metrics (pure functions over numpy arrays, unit-tested with handcrafted vectors)
 * :func:`retrieval_metrics`: top-10 products by cosine for each held-out query that has at least
   one MR/HR product; graded relevance = mean of label / 2 over the top 10 (unlabelled pairs count
   as IR = 0), Precision@10 and Recall@10 with MR and HR as relevant.
+* with synthetic data (``data/synth_relevance_truth.parquet``), :func:`retrieval_metrics` again
+  with complete judgments (``retrieval_complete``): every relevant product of the catalog known.
 * :func:`judged_ranking_metrics`: each held-out query's labelled products ranked among themselves
   (nDCG@10) and the AUC of cosine for MR/HR against IR pairs: unlike full-catalog retrieval it
   does not count unjudged products as irrelevant.
@@ -37,6 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from scipy import sparse
 from sklearn.metrics import f1_score, recall_score
@@ -50,6 +53,7 @@ from common.io import file_sha256, prepare_workdir, read_json, write_json, write
 from common.seed import seed_everything
 from data import schema
 from data.schema import HR, IR, LABEL_NAMES, MR
+from data.synth import RELEVANCE_TRUTH_FILE
 from embeddings import tables
 from embeddings.config import TrainConfig
 from embeddings.sampling import normalized_query_codes, split_queries
@@ -301,11 +305,28 @@ def split_settings(workdir: Path, seed: int) -> dict:
 def _input_fingerprint(workdir: Path) -> dict[str, str]:
     """sha256 of every file the metrics depend on: data tables, exported tables, checkpoints."""
     files = [schema.table_path(workdir, "catalog"), schema.table_path(workdir, "relevance"),
-             tables.table_path(workdir, "product"), workdir / "embeddings" / "config.json"]
+             workdir / "data" / RELEVANCE_TRUTH_FILE, tables.table_path(workdir, "product"),
+             workdir / "embeddings" / "config.json"]
     checkpoints = workdir / "embeddings" / "checkpoints"
     if checkpoints.is_dir():
         files += sorted(p for p in checkpoints.rglob("*") if p.is_file())
     return {str(p.relative_to(workdir)): file_sha256(p) for p in files if p.exists()}
+
+
+def complete_judgments(workdir: Path, queries: Sequence[str], product_ids: np.ndarray) -> sparse.csr_matrix | None:
+    """``[Q, P]`` complete MR/HR labels of the held-out ``queries`` from the synthetic generator's
+    ``data/synth_relevance_truth.parquet`` (every relevant catalog product of each query it
+    covers), or None when the run has no such file (real data)."""
+    path = workdir / "data" / RELEVANCE_TRUTH_FILE
+    if not path.exists():
+        return None
+    truth = pq.read_table(path).to_pandas()
+    codes, vocabulary = normalized_query_codes(truth["query"])
+    truth = truth.assign(query=vocabulary[codes])
+    covered = truth["query"].isin(set(queries))
+    log.info("%s: complete judgments for %d of %d held-out queries", path.name,
+             truth.loc[covered, "query"].nunique(), len(queries))
+    return relevance_matrix(truth[covered], queries, product_ids)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -339,6 +360,15 @@ def _markdown(metrics: dict) -> str:
     for key, name in RETRIEVAL_SYSTEMS.items():
         r = metrics["retrieval"][key]
         lines.append(f"| {name} | {r['graded_relevance']:.4f} | {r['recall_at_10']:.4f} | {r['precision_at_10']:.4f} |")
+    complete = metrics.get("retrieval_complete")
+    if complete:
+        lines += ["", f"With complete judgments (synthetic data: every relevant catalog product of "
+                  f"{complete['dashclip']['n_queries']} held-out queries, from `data/{RELEVANCE_TRUTH_FILE}`):", "",
+                  "| model | graded relevance | Recall@10 | Precision@10 |", "|---|---:|---:|---:|"]
+        for key, name in RETRIEVAL_SYSTEMS.items():
+            r = complete[key]
+            lines.append(f"| {name} | {r['graded_relevance']:.4f} | {r['recall_at_10']:.4f} | "
+                         f"{r['precision_at_10']:.4f} |")
     judged = metrics["retrieval_judged"]
     lines += ["", "Full-catalog retrieval counts every unjudged product as IR: with "
               f"{metrics['split']['n_heldout_pairs'] / max(metrics['split']['n_heldout_queries'], 1):.0f} judged "
@@ -456,6 +486,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                  for name, (q, p) in tqdm(retrieval_pairs.items(), desc="retrieval")}
     retrieval_judged = {name: judged_ranking_metrics(vectors[q], vectors[p], pair_query, pair_product, pair_label)
                         for name, (q, p) in retrieval_pairs.items()}
+    complete = complete_judgments(workdir, queries, product_ids)
+    retrieval_complete = ({name: retrieval_metrics(vectors[q], vectors[p], complete)
+                           for name, (q, p) in retrieval_pairs.items()} if complete is not None else None)
 
     systems = ("untuned", "dashclip")
     probe_kwargs = dict(seed=cfg.seed, hidden=cfg.probe_hidden, epochs=cfg.probe_epochs)
@@ -481,6 +514,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     metrics = {
         "retrieval": retrieval,
         "retrieval_judged": retrieval_judged,
+        **({"retrieval_complete": retrieval_complete} if retrieval_complete is not None else {}),
         "aisle_f1": {name: r.macro_f1 for name, r in aisle_probe.items()},
         "relevance_f1": {name: r.macro_f1 for name, r in relevance_probe.items()},
         "aisle_probe": {name: asdict(r) for name, r in aisle_probe.items()},

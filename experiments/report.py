@@ -77,6 +77,18 @@ def retrieval_section(root: Path) -> str:
              for m in keys)
     out.append("\n" + _verdict(ok, "DashCLIP above every untuned encoder and random on all three metrics")
                + f" (DashCLIP Recall@10 {ret['dashclip']['recall_at_10']:.3f} vs best baseline {best_untuned:.3f}).\n")
+    complete = metrics.get("retrieval_complete")
+    if complete:
+        out.append("\nThe relevance table judges a few products per query and counts the rest as irrelevant. With "
+                   "complete judgments (the synthetic generator's every relevant product, "
+                   f"{complete['dashclip']['n_queries']} held-out queries):\n")
+        out.append(_table(["model", "graded relevance", "Recall@10", "Precision@10"],
+                          [[label] + [_fmt(complete[k].get(m)) for m in keys]
+                           for k, label in names.items() if k in complete]))
+        baselines = [k for k in ("untuned_text", "untuned_image", "random") if k in complete]
+        ok = all(complete["dashclip"][m] > max(complete[k][m] for k in baselines) for m in keys)
+        out.append("\n" + _verdict(ok, "DashCLIP above every untuned encoder and random on all three metrics, with "
+                                        "complete judgments") + "\n")
     judged = metrics.get("retrieval_judged")
     if judged:
         out.append("\nFull-catalog retrieval counts every unjudged product as irrelevant. Ranking each held-out "

@@ -189,6 +189,11 @@ def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
     for system in ("random", "untuned_text", "untuned_image", "dashclip"):
         scores = metrics["retrieval"][system]
         assert all(0.0 <= scores[k] <= 1.0 for k in ("graded_relevance", "recall_at_10", "precision_at_10"))
+    # complete judgments from the synthetic generator: every held-out query, far more relevant products
+    complete, judged = metrics["retrieval_complete"]["dashclip"], metrics["retrieval"]["dashclip"]
+    assert complete["n_queries"] == metrics["split"]["n_heldout_queries"] >= judged["n_queries"]
+    assert complete["precision_at_10"] >= judged["precision_at_10"]
+    assert "With complete judgments" in (workdir / "embeddings" / "metrics.md").read_text()
     for task in ("aisle_f1", "relevance_f1"):
         assert set(metrics[task]) == {"untuned", "dashclip"} and all(0 <= v <= 1 for v in metrics[task].values())
     assert set(metrics["relevance_probe"]["dashclip"]["per_class_recall"]) == {"IR", "MR", "HR"}

@@ -25,7 +25,7 @@ from data.vocab import vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_FILES = ("catalog.parquet", "relevance.parquet", "impressions.parquet", "purchases.parquet",
-              synth.TRUTH_FILE, "manifest.json")
+              synth.TRUTH_FILE, synth.RELEVANCE_TRUTH_FILE, "manifest.json")
 
 
 def _manifest(workdir: Path) -> dict:
@@ -178,6 +178,22 @@ def test_eval_week_has_mostly_unseen_queries(tables: dict[str, pd.DataFrame]) ->
     unseen = ~query[in_eval].isin(set(query[~in_eval]))
     assert unseen.mean() > 0.3
     assert query.nunique() > 0.4 * imp.session_id.nunique()  # a long tail of distinct queries
+
+
+def test_complete_judgments_contain_every_judged_relevant_pair(tables: dict[str, pd.DataFrame],
+                                                               tiny_workdir: Path) -> None:
+    """synth_relevance_truth.parquet lists every MR/HR product of each query: the noise-free
+    relevance table's MR/HR pairs are in it with the same label, its IR pairs are not, and it knows
+    many relevant products the relevance table never judged."""
+    truth = pq.read_table(tiny_workdir / "data" / synth.RELEVANCE_TRUTH_FILE).to_pandas()
+    assert set(truth["label"]) == {schema.MR, schema.HR}
+    assert not truth.duplicated(["query", "product_id"]).any()
+    assert set(truth["query"]) == set(tables["relevance"]["query"])  # the tiny profile covers every query
+    merged = tables["relevance"].merge(truth, on=["query", "product_id"], how="left", suffixes=("", "_truth"))
+    judged_relevant = merged["label"] >= schema.MR
+    assert (merged.loc[judged_relevant, "label_truth"] == merged.loc[judged_relevant, "label"]).all()
+    assert merged.loc[~judged_relevant, "label_truth"].isna().all()
+    assert len(truth) > 2 * judged_relevant.sum()
 
 
 def test_label_noise_flips_adjacent_labels_and_is_recorded(tiny_workdir: Path, tmp_path: Path) -> None:
