@@ -98,9 +98,6 @@ class TrainConfig(ModelConfig):
     pqc_tau: float = _f(0.05, "PQC temperature", "2")
     pqc_in_batch_weight: float = _f(1.0, "weight of the in-batch product<->positive-query contrast added to PQC "
                                          "(temperature --pqc-tau); 0 = PQC only (the paper)", "2")
-    stage2_aisle_window: int = _f(0, "sort each window of K consecutive stage-2 batches by aisle, so the in-batch "
-                                        "contrast meets same-aisle products (harder negatives); 0 = uniform batches",
-                                  "2")
     pqc_negatives: int = _f(10, "negative queries per tuple", "2")
     pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
     pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")

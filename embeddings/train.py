@@ -137,23 +137,11 @@ def epoch_order(items: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(items)
 
 
-def batch_at(items: np.ndarray, batch_size: int, seed: int, step: int, groups: np.ndarray | None = None,
-             window: int = 0) -> np.ndarray:
-    """The ``step``-th batch of an endless sequence of epochs (last partial batch of each epoch dropped).
-
-    With ``groups`` (a group id per item, e.g. its product's aisle) and ``window`` > 0, each run of
-    ``window`` consecutive batches of the epoch order is sorted by group before it is cut into
-    batches: the same items per window, but each batch holds few groups."""
+def batch_at(items: np.ndarray, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The ``step``-th batch of an endless sequence of epochs (last partial batch of each epoch dropped)."""
     per_epoch = len(items) // batch_size
     epoch, offset = divmod(step, per_epoch)
-    order = epoch_order(items, seed, epoch)
-    if groups is None or window <= 0:
-        return order[offset * batch_size:(offset + 1) * batch_size]
-    first = (offset // window) * window * batch_size
-    block = order[first:first + window * batch_size]
-    block = block[np.argsort(groups[block], kind="stable")]
-    within = offset % window
-    return block[within * batch_size:(within + 1) * batch_size]
+    return epoch_order(items, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
 
 
 def plan_steps(n_items: int, batch_size: int, epochs: float, max_steps: int) -> int:
@@ -607,9 +595,8 @@ class Stage2(StageRunner):
     def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
                  product_cls: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
                  queries: QueryPrefixStore, eval_rows: np.ndarray, eval_queries: np.ndarray,
-                 budget: StepBudget, shard: Shard = Shard(), tuple_aisles: np.ndarray | None = None) -> None:
+                 budget: StepBudget, shard: Shard = Shard()) -> None:
         self.product_cls, self.tuple_rows, self.tuple_queries = product_cls, tuple_rows, tuple_queries
-        self.tuple_aisles = tuple_aisles  # [T] aisle code of each tuple's product (for --stage2-aisle-window)
         self.queries, self.eval_rows, self.eval_queries = queries, eval_rows, eval_queries
         self.batch_size = global_batch_size(cfg.stage2_batch_size, len(tuple_rows), shard.world_size,
                                             "--stage2-batch-size")
@@ -640,8 +627,7 @@ class Stage2(StageRunner):
                              states, mask, functools.partial(autocast, self.device))
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        picked = batch_at(self.order, self.batch_size, self.cfg.seed, step, self.tuple_aisles,
-                          self.cfg.stage2_aisle_window)
+        picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
         picked = picked[self.shard.block(len(picked))]  # this rank's block of the global batch
         losses = self.step_losses(self.tuple_rows[picked], self.tuple_queries[picked])
         total = losses["pqc"] + self.cfg.pqc_in_batch_weight * losses.get("in_batch", 0.0)
@@ -893,11 +879,9 @@ class Trainer:
         model.train()
         log.info("stage 2: %d training tuples (%d held-out for the eval loss), %d negatives each, batch %d",
                  len(train_tuples), len(eval_tuples), cfg.pqc_negatives, min(cfg.stage2_batch_size, len(train_tuples)))
-        aisle_codes = pd.Series(pd.factorize(catalog["aisle"])[0], index=catalog["product_id"])
         runner = Stage2(cfg, model, self.device, paths, product_cls,
                         cls_row.get_indexer(train_tuples["product_id"]), train_queries, queries,
-                        cls_row.get_indexer(eval_tuples["product_id"]), eval_queries, self.budget, self.shard,
-                        aisle_codes.loc[train_tuples["product_id"]].to_numpy())
+                        cls_row.get_indexer(eval_tuples["product_id"]), eval_queries, self.budget, self.shard)
         try:
             runner.run()
         except Paused:

@@ -199,15 +199,3 @@ def test_cli_reports_missing_data_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "catalog.parquet" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_aisle_window_batches_cover_the_epoch_with_few_aisles_each():
-    items, aisles = np.arange(1000), np.arange(1000) % 7
-    uniform = [train.batch_at(items, 32, 0, step) for step in range(31)]
-    grouped = [train.batch_at(items, 32, 0, step, aisles, window=4) for step in range(31)]
-    for batches in (uniform, grouped):  # one epoch: 31 disjoint batches of 32
-        assert len(np.unique(np.concatenate(batches))) == 31 * 32
-    # each window of 4 batches holds the same items as the uniform order, sorted by aisle
-    assert set(np.concatenate(grouped[:4])) == set(np.concatenate(uniform[:4]))
-    assert max(len(np.unique(aisles[b])) for b in grouped) <= 4 < min(len(np.unique(aisles[b])) for b in uniform)
-    assert not np.array_equal(grouped[0], train.batch_at(items, 32, 0, 31, aisles, window=4))  # epoch 2: new order
