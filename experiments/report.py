@@ -126,18 +126,21 @@ def ranking_section(root: Path) -> str:
     variants = [v for v in RANKING_VARIANTS if v in results]
     out = [head]
     for slice_key, slice_name in SLICES.items():
-        base = results.get("dcn", {}).get(slice_key, {})
+        base = results.get("dcn", {}).get(slice_key) or {}
         rows = []
         for v in variants:
             r = results[v].get(slice_key)
-            if not r:
+            if not r or r.get("auc_mean") is None:
                 continue
-            gain = (r["auc_mean"] - base["auc_mean"]) * 100 if base else None
+            gain = (r["auc_mean"] - base["auc_mean"]) * 100 if base.get("auc_mean") is not None else None
             rows.append([v, f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}",
                          "" if gain is None else f"{gain:+.2f} pt",
                          f"{r['norm_logloss_mean']:.4f} ± {r['norm_logloss_std']:.4f}",
                          "—" if r.get("p_value_vs_dcn") is None else f"{r['p_value_vs_dcn']:.2g}"])
         out.append(f"\n**{slice_name}** (`{slice_key}`)\n")
+        if not rows:
+            out.append(f"No impressions in this slice ({results.get('dcn', {}).get(slice_key, {}).get('impressions', 0)}).")
+            continue
         out.append(_table(["variant", "ROC-AUC (mean ± std)", "AUC vs dcn", "normalized logloss", "p vs dcn"], rows))
     out.append("\nPaper (DashCLIP, Table 2):\n")
     out.append(_table(["variant", *paper.TABLE2_COLUMNS], [[v, *vals] for v, vals in paper.TABLE2.items()]))
@@ -145,10 +148,13 @@ def ranking_section(root: Path) -> str:
     checks = []
     if {"dcn", "dcn_pq", "dcn_pq_hist"} <= auc.keys():
         checks.append((auc["dcn_pq_hist"] > auc["dcn_pq"] > auc["dcn"], "AUC dcn_pq_hist > dcn_pq > dcn on NW"))
-        gain = {s: results["dcn_pq_hist"][s]["auc_mean"] - results["dcn"][s]["auc_mean"] for s in ("nw_hist", "nw_nohist")}
-        checks.append((gain["nw_hist"] > gain["nw_nohist"],
-                       f"users with history gain more (+{gain['nw_hist'] * 100:.2f} pt) than users without "
-                       f"(+{gain['nw_nohist'] * 100:.2f} pt)"))
+        slice_auc = {(v, s): results[v].get(s, {}).get("auc_mean") for v in ("dcn", "dcn_pq_hist")
+                     for s in ("nw_hist", "nw_nohist")}
+        if None not in slice_auc.values():
+            gain = {s: slice_auc["dcn_pq_hist", s] - slice_auc["dcn", s] for s in ("nw_hist", "nw_nohist")}
+            checks.append((gain["nw_hist"] > gain["nw_nohist"],
+                           f"users with history gain more ({gain['nw_hist'] * 100:+.2f} pt) than users without "
+                           f"({gain['nw_nohist'] * 100:+.2f} pt)"))
     if {"dcn_pq_hist", "dcn_pq_hist_random"} <= auc.keys():
         checks.append((auc["dcn_pq_hist_random"] < auc["dcn_pq_hist"],
                        "randomly initialised tables below the frozen DashCLIP tables"))

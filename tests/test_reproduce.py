@@ -56,3 +56,21 @@ def test_bad_source_and_stage_are_one_line_errors(tmp_path: Path) -> None:
         assert proc.returncode == 2
         assert needle in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ranking_section_handles_a_slice_without_impressions(tmp_path: Path) -> None:
+    """Real sources where every user has a purchase history leave ``nw_nohist`` empty (None metrics)."""
+    from experiments.report import ranking_section
+
+    def slice_(auc: float | None) -> dict:
+        return {"auc_mean": auc, "auc_std": None if auc is None else 0.01, "norm_logloss_mean": None if auc is None
+                else 0.9, "norm_logloss_std": None if auc is None else 0.01, "p_value_vs_dcn": None,
+                "impressions": 0 if auc is None else 100}
+
+    results = {v: {"nw": slice_(auc), "nw_hist": slice_(auc), "nw_nohist": slice_(None)}
+               for v, auc in (("dcn", 0.70), ("dcn_pq", 0.72), ("dcn_pq_hist", 0.75), ("dcn_pq_hist_random", 0.71))}
+    (tmp_path / "ranking").mkdir()
+    (tmp_path / "ranking" / "results.json").write_text(json.dumps(results))
+    section = ranking_section(tmp_path)
+    assert "No impressions in this slice (0)" in section and "| dcn_pq_hist | 0.7500 ± 0.0100 | +5.00 pt" in section
+    assert "AUC dcn_pq_hist > dcn_pq > dcn on NW" in section and "users with history gain more" not in section
