@@ -88,7 +88,7 @@ class TrainConfig(ModelConfig):
                                            "embeddings (multimodal projection of the grounded [CLS]) against the "
                                            "batch's title and image embeddings; 0 = ITC + ITM only (the paper)", "1")
     stage2_batch_size: int = _f(128, "product-query tuples per stage-2 step", "2")
-    stage2_epochs: float = _f(1.0, "passes over the stage-2 tuples", "2")
+    stage2_epochs: float = _f(3.0, "passes over the stage-2 tuples", "2")
     stage2_max_steps: int = _f(0, "cap on stage-2 optimizer steps (0 = epochs decide)", "2")
     stage2_eval_every: int = _f(100, "log the PQC losses of fixed training and held-out tuples every K stage-2 steps",
                                 "2")
