@@ -13,6 +13,8 @@ class Preset:
     importance: tuple[str, ...] = ()
     serving_bench: tuple[str, ...] = ()
     adapter_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # extra embeddings.train flags per real source (after embeddings_train)
+    source_embeddings_train: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
@@ -28,6 +30,9 @@ PRESETS: dict[str, Preset] = {
         serving_bench=("--iters", "30", "--warmup", "3", "--http-requests", "48", "--http-seconds", "30"),
         adapter_flags={"fashion": ("--limit", "400"), "completejourney": ("--households", "40")},
     ),
-    "demo": Preset(),
+    # real sources: one stage-2 epoch keeps each within the ~1 hour `make real` budget on 2 cores
+    # (completejourney alone has ~50k products and ~25k PQC tuples)
+    "demo": Preset(source_embeddings_train={source: ("--stage2-epochs", "1")
+                                            for source in ("fashion", "instacart", "completejourney")}),
     "full": Preset(),
 }

@@ -86,7 +86,8 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
     stages = [
         Stage("data", (data_cmd,)),
         Stage("embeddings", (
-            ("embeddings.train", "--stage", "all", *seed, *common, *preset.embeddings_train),
+            ("embeddings.train", "--stage", "all", *seed, *common, *preset.embeddings_train,
+             *preset.source_embeddings_train.get(kind, ())),
             ("embeddings.export", *common),
             ("embeddings.evaluate", *seed, *common, *preset.embeddings_evaluate),
         )),

@@ -74,3 +74,15 @@ def test_ranking_section_handles_a_slice_without_impressions(tmp_path: Path) -> 
     section = ranking_section(tmp_path)
     assert "No impressions in this slice (0)" in section and "| dcn_pq_hist | 0.7500 ± 0.0100 | +5.00 pt" in section
     assert "AUC dcn_pq_hist > dcn_pq > dcn on NW" in section and "users with history gain more" not in section
+
+
+def test_demo_preset_trains_real_sources_one_stage2_epoch() -> None:
+    from experiments.presets import PRESETS
+
+    def train_cmd(source: str) -> tuple[str, ...]:
+        cfg = reproduce.ReproduceConfig(workdir="runs/x", source=source)
+        return next(s for s in reproduce.plan_stages(cfg, PRESETS["demo"]) if s.name == "embeddings").commands[0]
+
+    assert train_cmd("completejourney")[-2:] == ("--stage2-epochs", "1")
+    assert train_cmd("fashion")[-2:] == ("--stage2-epochs", "1")
+    assert "--stage2-epochs" not in train_cmd("synth:demo")
