@@ -20,8 +20,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.reproduce --workdir $(WORKDIR) --source synth:demo
 
-# Real public sources that fit in about an hour on 2 cores; their reports are published to
-# experiments/results/<source>/ (commit them).
+# Real public sources; their reports are published to experiments/results/<source>/ (commit them).
+# Measured on 2 cores shared with other jobs: instacart 33 min, fashion 93 min, completejourney ~70 min
+# (alone, each runs in roughly half that).
 REAL_SOURCES ?= instacart fashion completejourney
 real: $(STAMP)
 	for src in $(REAL_SOURCES); do \
