@@ -139,7 +139,8 @@ def ranking_section(root: Path) -> str:
                          "—" if r.get("p_value_vs_dcn") is None else f"{r['p_value_vs_dcn']:.2g}"])
         out.append(f"\n**{slice_name}** (`{slice_key}`)\n")
         if not rows:
-            out.append(f"No impressions in this slice ({results.get('dcn', {}).get(slice_key, {}).get('impressions', 0)}).")
+            n = results.get("dcn", {}).get(slice_key, {}).get("impressions", 0)
+            out.append(f"No metrics for this slice ({n} impressions: none, or only one class).")
             continue
         out.append(_table(["variant", "ROC-AUC (mean ± std)", "AUC vs dcn", "normalized logloss", "p vs dcn"], rows))
     out.append("\nPaper (DashCLIP, Table 2):\n")

@@ -72,7 +72,7 @@ def test_ranking_section_handles_a_slice_without_impressions(tmp_path: Path) -> 
     (tmp_path / "ranking").mkdir()
     (tmp_path / "ranking" / "results.json").write_text(json.dumps(results))
     section = ranking_section(tmp_path)
-    assert "No impressions in this slice (0)" in section and "| dcn_pq_hist | 0.7500 ± 0.0100 | +5.00 pt" in section
+    assert "No metrics for this slice (0 impressions: none, or only one class)" in section and "| dcn_pq_hist | 0.7500 ± 0.0100 | +5.00 pt" in section
     assert "AUC dcn_pq_hist > dcn_pq > dcn on NW" in section and "users with history gain more" not in section
 
 
