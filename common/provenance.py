@@ -5,10 +5,12 @@ writes together (synth's four tables, export's product and query tables, a ranki
 and metrics, ...). Each set has a manifest, a JSON file written last::
 
     {"made_from": {"inputs": {"data/catalog.parquet": "<sha256>", ...}, "settings": {...}},
-     "files": {"embeddings/product_table.parquet": {"sha256": "...", "size": 123, "mtime_ns": ...}, ...},
+     "files": {"embeddings/product_table.parquet": {"sha256": "...", "size": 123}, ...},
      ...anything the stage adds}
 
-Paths are relative to the workdir, so a copied workdir keeps its manifests valid.
+Paths are relative to the workdir, so a copied workdir keeps its manifests valid, and a manifest
+holds no times: the same outputs give a byte-identical manifest. Hashes are computed once per
+process and file (:func:`common.io.file_sha256`).
 
 * **Reuse.** :meth:`OutputSet.current` is true only when the manifest's ``made_from`` equals the
   stage's :class:`MadeFrom` of this invocation (hashes of its input files and its settings) and
@@ -121,10 +123,10 @@ class OutputSet:
                 return f"{rel} is not listed in {self.manifest_rel}"
             if not path.is_file():
                 return f"{path} is missing"
-            stat = path.stat()
-            if stat.st_size != entry.get("size"):
-                return f"{path} has {stat.st_size} bytes, {self.manifest_rel} lists {entry.get('size')}"
-            if stat.st_mtime_ns != entry.get("mtime_ns") and file_sha256(path) != entry.get("sha256"):
+            size = path.stat().st_size
+            if size != entry.get("size"):
+                return f"{path} has {size} bytes, {self.manifest_rel} lists {entry.get('size')}"
+            if file_sha256(path) != entry.get("sha256"):
                 return f"{path} is not the file {self.manifest_rel} lists (another run wrote it)"
         return None
 
@@ -155,7 +157,9 @@ class OutputSet:
     @contextlib.contextmanager
     def publish(self, made_from: MadeFrom, extra: Mapping[str, Any] | None = None) -> Iterator[dict[str, Path]]:
         """Yield ``{relative path: temp path}``; write every temp path in the block. On success the
-        set is published as one unit (see the module docstring); on failure nothing changes."""
+        set is published as one unit (see the module docstring); on failure nothing changes.
+        ``extra`` holds more manifest fields; it is read when the block ends, so the block may
+        still fill it in (row counts, statistics)."""
         self.recover()
         staged = {rel: temp_sibling(self.path(rel)) for rel in self.files}
         for tmp in staged.values():
@@ -191,8 +195,7 @@ class OutputSet:
             self.manifest_path.unlink(missing_ok=True)
             files = {}
             for rel, tmp in staged.items():
-                stat = tmp.stat()
-                files[rel] = {"sha256": file_sha256(tmp), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+                files[rel] = {"sha256": file_sha256(tmp), "size": tmp.stat().st_size}
                 os.replace(tmp, self.path(rel))
             for directory in {self.path(rel).parent for rel in self.files}:
                 fsync_path(directory)

@@ -131,8 +131,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
-from common.io import atomic_path, file_sha256, prepare_workdir, read_json, write_json
+from common.io import prepare_workdir
+from common.provenance import MadeFrom, canonical
 from data import schema
+from data.dataset import data_set, table_rel
 from data.packshot import Packshot, render
 from data.text import normalize_query
 from data.vocab import CONTAINER_PLURAL, MODIFIERS, Vocabulary, brand_names, vocabulary
@@ -1198,10 +1200,6 @@ def _settings(args: SynthArgs, cfg: ProfileConfig, behaviour: Behaviour, clicks:
             "click_model": dataclasses.asdict(clicks)}
 
 
-def _json_roundtrip(obj: dict) -> dict:
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
 def _check_args(args: SynthArgs) -> ProfileConfig:
     if args.profile not in PROFILES:
         raise UserError(f"unknown --profile {args.profile!r}; expected one of {', '.join(PROFILES)}")
@@ -1217,12 +1215,17 @@ def _check_args(args: SynthArgs) -> ProfileConfig:
 OUTPUTS = (*schema.TABLE_NAMES, "truth", "relevance_truth")
 
 
-def _dest(workdir: Path, name: str) -> Path:
+def _rel(name: str) -> str:
+    """The output's path relative to the workdir."""
     if name == "truth":
-        return workdir / "data" / TRUTH_FILE
+        return f"data/{TRUTH_FILE}"
     if name == "relevance_truth":
-        return workdir / "data" / RELEVANCE_TRUTH_FILE
-    return schema.table_path(workdir, name)  # type: ignore[arg-type]
+        return f"data/{RELEVANCE_TRUTH_FILE}"
+    return table_rel(name)  # type: ignore[arg-type]
+
+
+def _dest(workdir: Path, name: str) -> Path:
+    return workdir / _rel(name)
 
 
 def generate(args: SynthArgs) -> dict:
@@ -1230,17 +1233,13 @@ def generate(args: SynthArgs) -> dict:
     cfg = _check_args(args)
     workdir = prepare_workdir(args.workdir, "data")
     behaviour, clicks = Behaviour(), ClickModel()
-    settings = _json_roundtrip(_settings(args, cfg, behaviour, clicks))
-    manifest_path = workdir / "data" / "manifest.json"
-    if not args.force and manifest_path.exists():
-        try:
-            old = read_json(manifest_path)
-        except ValueError:
-            old = {}
-        if old.get("settings") == settings and all(_dest(workdir, n).exists() for n in OUTPUTS):
-            log.info("outputs in %s already match these settings; skipping (use --force to regenerate)",
-                     workdir / "data")
-            return old
+    settings = canonical(_settings(args, cfg, behaviour, clicks))
+    output = data_set(workdir, [_rel(name) for name in OUTPUTS], what="python -m data.synth")
+    made_from = MadeFrom(settings=settings)
+    if not args.force and output.current(made_from):
+        log.info("outputs in %s already match these settings; skipping (use --force to regenerate)",
+                 workdir / "data")
+        return output.manifest() or {}
 
     log.info("profile %s (scale %g, seed %d): %d products, %d users, %d sessions, %d relevance queries, %d days",
              args.profile, args.scale, args.seed, cfg.n_products, cfg.n_users, cfg.n_sessions,
@@ -1250,9 +1249,10 @@ def generate(args: SynthArgs) -> dict:
     start_ts = int(datetime.fromisoformat(cfg.start_date).replace(tzinfo=timezone.utc).timestamp())
     ids = catalog.product_id
     label_counts, stats = LabelCounts(), ImpressionStats()
+    manifest: dict = {}
     try:
-        with contextlib.ExitStack() as outputs:
-            tmp = {name: outputs.enter_context(atomic_path(_dest(workdir, name))) for name in OUTPUTS}
+        with output.publish(made_from, manifest) as staged:
+            tmp = {name: staged[_rel(name)] for name in OUTPUTS}
             with contextlib.ExitStack() as writers:
                 def sink(name: str, table_schema: pa.Schema, rows_per_group: int, validate_as: str | None,
                          known_ids: np.ndarray | None = None) -> TableSink:
@@ -1278,16 +1278,14 @@ def generate(args: SynthArgs) -> dict:
                     sinks["relevance"].write(batch)
                     sinks["relevance_truth"].write(truth)
                 _simulate(cfg, catalog, users, behaviour, clicks, args.seed, start_ts, sinks, stats)
-            # every table is complete and closed; the renames follow when ``outputs`` exits
-            manifest_path.unlink(missing_ok=True)
+            # every table is complete and closed; the set is published when ``publish`` exits
+            row_counts = {name: sinks[name].rows for name in schema.TABLE_NAMES}
+            manifest.update(_manifest(settings, cfg, row_counts, label_counts, stats, catalog, users, start_ts))
     except OSError as exc:
         raise UserError(f"cannot write the tables under {workdir / 'data'}: {exc.strerror or exc}") from None
-    row_counts = {name: sinks[name].rows for name in schema.TABLE_NAMES}
-    manifest = _manifest(settings, cfg, row_counts, label_counts, stats, catalog, users, start_ts, workdir)
-    write_json(manifest, manifest_path)
     log.info("wrote %s: %s; click rate %.4f; label split %s", workdir / "data", row_counts, manifest["click_rate"],
              manifest["label_split"])
-    return manifest
+    return output.manifest() or manifest
 
 
 def _simulate(cfg: ProfileConfig, catalog: Catalog, users: Users, behaviour: Behaviour, clicks: ClickModel,
@@ -1323,7 +1321,7 @@ def _simulate(cfg: ProfileConfig, catalog: Catalog, users: Users, behaviour: Beh
 
 
 def _manifest(settings: dict, cfg: ProfileConfig, row_counts: dict, labels: LabelCounts, stats: ImpressionStats,
-              catalog: Catalog, users: Users, start_ts: int, workdir: Path) -> dict:
+              catalog: Catalog, users: Users, start_ts: int) -> dict:
     def split(counts: np.ndarray) -> dict[str, float]:
         total = max(1, int(counts.sum()))
         return {schema.LABEL_NAMES[k]: round(int(counts[k]) / total, 4) for k in (schema.IR, schema.MR, schema.HR)}
@@ -1337,8 +1335,6 @@ def _manifest(settings: dict, cfg: ProfileConfig, row_counts: dict, labels: Labe
         "source": f"synth:{settings['profile']}",
         "settings": settings,
         "row_counts": row_counts,
-        "files": {name: {"path": str(_dest(workdir, name).relative_to(workdir)),
-                         "sha256": file_sha256(_dest(workdir, name))} for name in OUTPUTS},
         "click_rate": round(stats.clicks / max(1, stats.rows), 4),
         "label_split": split(labels.noisy),
         "label_split_clean": split(labels.clean),

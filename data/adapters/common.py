@@ -29,7 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.cli import DEFAULT_WORKDIR, UserError
-from common.io import file_sha256, prepare_workdir, write_json, write_parquet
+from common.io import prepare_workdir
+from common.provenance import MadeFrom
+from data.dataset import data_set, table_rel
 from data.schema import (DENSE_PREFIX, HR, IR, LABEL_NAMES, MR, SCHEMA_VERSION, SPARSE_PREFIX, TABLE_NAMES,
                          SchemaError, TableName, schema, table_path, validate)
 from data.text import normalize_query
@@ -38,8 +40,6 @@ log = logging.getLogger(__name__)
 
 # The paper's relevance label split (Section 4.1): 69% IR, 20.5% MR, 9.9% HR.
 PAPER_LABEL_SPLIT: dict[int, float] = {IR: 0.69, MR: 0.205, HR: 0.099}
-
-MANIFEST = "manifest.json"
 
 # Repository root (.../main); the shared real data sit beside it in ../shared/data.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -219,15 +219,14 @@ def settings_of(config: AdapterConfig) -> dict[str, Any]:
     return json.loads(json.dumps(settings, default=str))
 
 
-def _is_complete(data_dir: Path, generator: str, settings: dict[str, Any]) -> bool:
-    manifest_path = data_dir / MANIFEST
-    if not manifest_path.is_file() or not all(table_path(data_dir.parent, n).is_file() for n in TABLE_NAMES):
-        return False
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return manifest.get("generator") == generator and manifest.get("settings") == settings
+def source_fingerprint(source: str) -> list[list[Any]]:
+    """``[relative path, size]`` of every file under the source (a cheap check that it is the same
+    data set; content hashes of multi-GB image folders would cost more than the adapter)."""
+    root = Path(source)
+    if not source or not root.exists():
+        return []
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return [[p.relative_to(root).as_posix() if p != root else p.name, p.stat().st_size] for p in files]
 
 
 def validate_output(out: AdapterOutput, data_dir: Path) -> dict[TableName, pa.Table]:
@@ -249,10 +248,13 @@ def run_adapter(config: AdapterConfig, generator: str, build: Callable[[AdapterC
     root = prepare_workdir(config.workdir, "data")
     data_dir = root / "data"
     settings = settings_of(config)
-    if not config.force and _is_complete(data_dir, generator, settings):
-        log.info("%s: %s already holds this data set with the same settings; skipping (--force to redo)",
+    output = data_set(root, [table_rel(name) for name in TABLE_NAMES], what=f"python -m {generator}")
+    made_from = MadeFrom(settings={"generator": generator, **settings,
+                                   "source_files": source_fingerprint(settings["source"])})
+    if not config.force and output.current(made_from):
+        log.info("%s: %s already holds this data set from the same source and settings; skipping (--force to redo)",
                  generator, data_dir)
-        return json.loads((data_dir / MANIFEST).read_text())
+        return output.manifest() or {}
     started = time.perf_counter()
     out = build(config)
     log.info("validating the four tables before writing")
@@ -260,29 +262,27 @@ def run_adapter(config: AdapterConfig, generator: str, build: Callable[[AdapterC
         tables = validate_output(out, data_dir)
     except SchemaError as exc:  # e.g. an undecodable source image: nothing is written
         raise UserError(f"the source {settings['source']} gives an invalid table: {exc}") from None
-    (data_dir / MANIFEST).unlink(missing_ok=True)  # the data set is incomplete until the manifest is back
-    for name, table in tables.items():
-        write_parquet(table, table_path(root, name))
-    counts = {name: table.num_rows for name, table in tables.items()}
-    labels = label_counts(tables["relevance"].column("label").to_pandas())
-    clicks = tables["impressions"].column("clicked").to_numpy()
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "source": generator.rsplit(".", 1)[-1],
-        "generator": generator,
-        "source_path": settings["source"],
-        "settings": settings,
-        "proxy_labels": out.proxy_labels,
-        "rules": out.rules,
-        "derived": out.derived,
-        "row_counts": counts,
-        "files": {name: {"path": f"data/{name}.parquet", "sha256": file_sha256(table_path(root, name))}
-                  for name in TABLE_NAMES},
-        "click_rate": round(float(clicks.mean()), 4) if clicks.size else None,
-        "label_counts": labels,
-        "label_split": {name: round(n / max(1, sum(labels.values())), 4) for name, n in labels.items()},
-    }
-    write_json(manifest, data_dir / MANIFEST)
+    manifest: dict[str, Any] = {}
+    with output.publish(made_from, manifest) as staged:
+        for name, table in tables.items():
+            pq.write_table(table, staged[table_rel(name)])
+        counts = {name: table.num_rows for name, table in tables.items()}
+        labels = label_counts(tables["relevance"].column("label").to_pandas())
+        clicks = tables["impressions"].column("clicked").to_numpy()
+        manifest.update({
+            "schema_version": SCHEMA_VERSION,
+            "source": generator.rsplit(".", 1)[-1],
+            "generator": generator,
+            "source_path": settings["source"],
+            "settings": settings,
+            "proxy_labels": out.proxy_labels,
+            "rules": out.rules,
+            "derived": out.derived,
+            "row_counts": counts,
+            "click_rate": round(float(clicks.mean()), 4) if clicks.size else None,
+            "label_counts": labels,
+            "label_split": {name: round(n / max(1, sum(labels.values())), 4) for name, n in labels.items()},
+        })
     log.info("%s: wrote %s to %s in %.1f s", generator,
              ", ".join(f"{n} {c:,} rows" for n, c in counts.items()), data_dir, time.perf_counter() - started)
-    return manifest
+    return output.manifest() or manifest
