@@ -3,18 +3,20 @@
 Images are decoded once with PIL, padded to a square on white (product photos sit on white),
 resized to ``S x S`` and kept as ``uint8`` in memory up to a budget; :meth:`ImageStore.pixels`
 turns a batch into normalised float pixels ``[B, 3, S, S]``. Text is tokenised once per distinct
-string and padded per batch to its longest member.
+string and padded per batch to its longest member. Bytes that do not decode raise
+:class:`data.schema.SchemaError` naming the catalog file, the column ``image`` and the product_id.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from data.schema import SchemaError, load_image
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,11 @@ class ImageSpec:
 
 
 def decode_image(blob: bytes, size: int) -> torch.Tensor:
-    """PNG/JPEG bytes -> ``uint8`` ``[3, size, size]`` (aspect kept, padded with white)."""
-    with Image.open(io.BytesIO(blob)) as img:
-        img = img.convert("RGB")
-        img = ImageOps.pad(img, (size, size), method=Image.Resampling.BICUBIC, color=(255, 255, 255))
-        array = np.asarray(img, dtype=np.uint8).copy()
+    """PNG/JPEG bytes -> ``uint8`` ``[3, size, size]`` (aspect kept, padded with white).
+
+    Raises ``ValueError`` with a one-line reason when the bytes do not decode."""
+    img = ImageOps.pad(load_image(blob), (size, size), method=Image.Resampling.BICUBIC, color=(255, 255, 255))
+    array = np.asarray(img, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -43,13 +45,18 @@ class ImageStore:
         product_ids: the products' ids (named in errors).
         spec: target size and normalisation.
         cache_mb: memory budget of the decoded cache (images beyond it are decoded on every use).
+        source: the file the blobs come from (named in errors), e.g. ``schema.table_path(workdir, "catalog")``.
+
+    Raises :class:`~data.schema.SchemaError` (one line: file, column ``image``, row, product_id)
+    when a blob does not decode.
     """
 
     def __init__(self, blobs: Sequence[bytes | None], product_ids: Sequence[int], spec: ImageSpec,
-                 cache_mb: int = 2048) -> None:
+                 cache_mb: int = 2048, source: str | Path = "catalog.parquet") -> None:
         self.blobs = list(blobs)
         self.product_ids = list(product_ids)
         self.spec = spec
+        self.source = source
         self.has_image = np.array([b is not None for b in self.blobs], dtype=bool)
         per_image = 3 * spec.size * spec.size
         self.cache_capacity = max(0, cache_mb * 2**20 // per_image)
@@ -69,9 +76,9 @@ class ImageStore:
             raise ValueError(f"product_id {self.product_ids[index]} has no image")
         try:
             image = decode_image(blob, self.spec.size)
-        except Exception as exc:  # PIL raises many types for corrupt data
-            raise ValueError(f"catalog column 'image': cannot decode the image of product_id "
-                             f"{self.product_ids[index]}: {exc}") from None
+        except ValueError as exc:
+            raise SchemaError(self.source, "image", f"cannot decode the image at row {index} "
+                                                    f"(product_id {self.product_ids[index]}): {exc}") from None
         if len(self._cache) < self.cache_capacity:
             self._cache[index] = image
         return image

@@ -1,6 +1,7 @@
 """The data contract: every kind of bad table is rejected with a message naming file, column and row/value."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from data import schema
 from data.schema import SchemaError, read_table, validate, validate_workdir
@@ -37,6 +39,15 @@ def _set_value(table: pa.Table, column: str, row: int, value, type_: pa.DataType
     values = table.column(column).to_pylist()
     values[row] = value
     return _replace(table, column, pa.array(values, type_ or table.schema.field(column).type))
+
+
+def jpeg_bytes(truncated: bool = False) -> bytes:
+    """A small noisy JPEG, or its first half (decodes no further than the cut)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    blob = buf.getvalue()
+    return blob[:len(blob) // 2] if truncated else blob
 
 
 Mutation = Callable[[pa.Table], pa.Table]
@@ -66,6 +77,22 @@ BAD_TABLES: dict[str, tuple[str, Mutation, list[str]]] = {
                           ["'dense_price'", "dense feature must be numeric"]),
     "float_timestamp": ("purchases", lambda t: _replace(t, "ts", pa.array(np.zeros(t.num_rows))),
                         ["'ts'", "expected dtype timestamp[s], got double"]),
+    "nan_dense": ("impressions", lambda t: _set_value(t, "dense_price", 5, float("nan")),
+                  ["'dense_price'", "value nan at row 5 is not a finite float32"]),
+    "inf_dense": ("impressions", lambda t: _set_value(t, "dense_discount", 8, float("-inf")),
+                  ["'dense_discount'", "value -inf at row 8"]),
+    "dense_overflows_float32": ("impressions", lambda t: _set_value(t, "dense_hour", 3, 1e39, pa.float64()),
+                                ["'dense_hour'", "value 1e+39 at row 3 is not a finite float32"]),
+    "emoji_query": ("relevance", lambda t: _set_value(t, "query", 4, "\U0001F355\U0001F355!"),
+                    ["'query'", "query '\U0001F355\U0001F355!' at row 4 normalises to the empty string"]),
+    "blank_impression_query": ("impressions", lambda t: _set_value(t, "query", 2, " \t "),
+                               ["'query'", "query ' \\t ' at row 2 normalises to the empty string"]),
+    "truncated_jpeg": ("catalog", lambda t: _set_value(t, "image", 2, jpeg_bytes(truncated=True)),
+                       ["'image'", "unreadable image at row 2 (product_id 3)", "truncated"]),
+    "empty_catalog": ("catalog", lambda t: t.slice(0, 0), ["the catalog table is empty (0 rows)"]),
+    "empty_relevance": ("relevance", lambda t: t.slice(0, 0), ["the relevance table is empty (0 rows)"]),
+    "relevance_without_positives": ("relevance", lambda t: t.filter(pc.equal(t.column("label"), schema.IR)),
+                                    ["'label'", "no MR (1) or HR (2) label"]),
 }
 
 

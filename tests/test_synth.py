@@ -363,3 +363,31 @@ def test_cli_full_disk_is_one_line_and_keeps_old_outputs(tmp_path: Path, how: st
     finally:
         if how == "enospc":
             subprocess.run(["umount", str(workdir)], capture_output=True)
+
+
+def test_killed_between_renames_leaves_the_old_data_set(tiny_workdir_copy: Path) -> None:
+    """kill -9 after two tables of a new seed were renamed into place: the next reader rolls the
+    set back to the old seed, and nothing trusts a mix of two seeds."""
+    tables = [tiny_workdir_copy / "data" / f"{name}.parquet" for name in schema.TABLE_NAMES]
+    before = [p.read_bytes() for p in tables]
+    script = (
+        "import os, sys\n"
+        "real, calls = os.replace, []\n"
+        "def replace(src, dst):\n"
+        "    calls.append(dst)\n"
+        "    if str(dst).endswith('relevance.parquet'):\n"
+        "        os._exit(9)\n"
+        "    real(src, dst)\n"
+        "os.replace = replace\n"
+        "from data import synth\n"
+        f"synth.main(['--profile', 'tiny', '--seed', '1', '--workdir', {str(tiny_workdir_copy)!r}])\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert tables[0].read_bytes() != before[0]  # the new catalog is in place, the manifest gone: a mix
+    assert not (tiny_workdir_copy / "data" / "manifest.json").exists()
+    validate = subprocess.run([sys.executable, "-m", "data.validate", "--workdir", str(tiny_workdir_copy)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert validate.returncode == 0, validate.stderr[-2000:]
+    assert [p.read_bytes() for p in tables] == before
+    assert _manifest(tiny_workdir_copy)["settings"]["seed"] == 0
+    assert not [p.name for p in (tiny_workdir_copy / "data").iterdir() if p.name.startswith(".")]
