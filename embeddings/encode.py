@@ -13,10 +13,14 @@ queries without retraining::
 
     python -m embeddings.encode --workdir DIR --kind product --input new_catalog.parquet --out vecs.parquet
     python -m embeddings.encode --workdir DIR --kind query --input queries.txt --out qvecs.parquet
+
+An existing ``--out`` file is left untouched (exit 2) unless ``--force`` is given.
 """
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -40,6 +44,13 @@ log = logging.getLogger(__name__)
 
 CATALOG_COLUMNS = ("product_id", "title", "image")
 TEXT_BATCH_FACTOR = 4
+
+
+@dataclass
+class EncodeCommandConfig(EncodeConfig):
+    """Embed a catalog file or queries into a Parquet file (replacing an existing --out only with --force)."""
+
+    force: bool = field(default=False, metadata={"help": "overwrite --out if it exists"})
 
 
 class DashEncoder:
@@ -202,12 +213,16 @@ def read_catalog_file(path: Path) -> pd.DataFrame:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    cfg = parse_config(EncodeConfig, argv)
+    cfg = parse_config(EncodeCommandConfig, argv)
     if not cfg.input or not cfg.out:
         raise UserError("--input FILE and --out FILE are required")
     source_path, out_path = Path(cfg.input), Path(cfg.out)
     if not source_path.exists():
         raise UserError(f"--input {source_path}: no such file")
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path}: is a directory; give a file path")
+    if os.path.lexists(out_path) and not cfg.force:
+        raise UserError(f"--out {out_path}: file exists; pass --force to overwrite it")
     encoder = load_encoder(cfg.workdir, cfg.which, cfg.device, cfg.batch_size)
     if cfg.kind == "query":
         queries = [normalize_query(q) for q in read_queries(source_path)]

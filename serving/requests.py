@@ -5,6 +5,13 @@ the OpenAPI schema names every dense and sparse feature the model takes, and a r
 misses one, adds an unknown one, or sends a non-finite number is rejected with an error naming
 the field (``candidates[3].dense.price``).
 
+Dense values must lie within the training mean +- ``max_dense_z`` (default :data:`DENSE_MAX_Z`)
+training standard deviations, each feature's bounds being its schema ``minimum``/``maximum``: far
+beyond them the model's arithmetic overflows (``price: 1e20`` gives NaN). Integer fields (ids,
+``position``) also take a JSON number with a zero fraction (``785.0``); ``785.5`` is refused.
+A query that normalises to the empty string (whitespace, emoji or punctuation only) is an unknown
+query: it is scored with row 0 like any query missing from the table.
+
 Time: ``now`` and purchase ``ts`` are ISO 8601 strings or unix seconds; a time without a zone
 is UTC (the data's ``timestamp[s]`` columns are UTC). The purchase history is the one the model
 was trained with: purchases with ``now - history_days <= ts < now``, most recent first, cut to
@@ -14,11 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from data.text import normalize_query
 from embeddings.tables import UNKNOWN_ROW
@@ -27,10 +34,19 @@ from ranking.features import FeatureSpec, PurchaseIndex
 INT64_MAX = 2**63 - 1
 MAX_HISTORY_ITEMS = 10_000
 MAX_QUERY_CHARS = 512
+DENSE_MAX_Z = 1000.0
 
-ProductId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX, description="catalog product_id (int64)")]
+
+def _whole_float_to_int(value: Any) -> Any:
+    """``785.0`` -> ``785``; anything else unchanged (the strict integer check then refuses ``785.5``)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# after the constraints in ``Annotated``, so that they stay in the JSON schema
+ACCEPT_WHOLE_FLOATS = BeforeValidator(_whole_float_to_int)
+Id64 = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX), ACCEPT_WHOLE_FLOATS]
+ProductId = Annotated[Id64, Field(description="catalog product_id (int64)")]
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-SparseId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
 
 
 class Purchase(BaseModel):
@@ -47,15 +63,16 @@ class ScoreRequestBase(BaseModel):
     """Fields of every scoring request; ``candidates`` is added per model (see :func:`build_score_request_model`)."""
 
     model_config = ConfigDict(extra="forbid")
-    user_id: Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)] | None = Field(
+    user_id: Id64 | None = Field(
         default=None, description="shopper id; their 84-day purchase history is read from purchases.parquet "
                                   "(unknown user = empty history). Give exactly one of user_id and purchase_history.")
     purchase_history: list[Purchase] | None = Field(
         default=None, max_length=MAX_HISTORY_ITEMS,
         description="the shopper's purchases (instead of user_id); only those in the history window before "
                     "`now` count. Give exactly one of user_id and purchase_history ([] for none).")
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS,
-                       description="search query as typed; normalised with data.text.normalize_query")
+    query: str = Field(max_length=MAX_QUERY_CHARS,
+                       description="search query as typed; normalised with data.text.normalize_query (one that "
+                                   "normalises to the empty string is an unknown query, scored with row 0)")
     now: datetime | None = Field(default=None, description="request time (ISO 8601 or unix seconds; no zone = "
                                                             "UTC); default: the latest impression time in the data")
 
@@ -80,13 +97,33 @@ class ScoreMeta(BaseModel):
 class ScoreResponse(BaseModel):
     """Scores in candidate order and what the model saw."""
 
-    scores: list[float] = Field(description="click probability per candidate, in request order")
+    scores: list[float] = Field(description="click probability per candidate, in request order (always finite)")
     meta: ScoreMeta
 
 
-def _feature_fields(names: dict[str, str], annotation: Any, describe) -> dict[str, Any]:
-    """Pydantic fields keyed ``f<i>`` with the request name as alias (names need not be identifiers)."""
-    return {f"f{i}": (annotation, Field(alias=key, description=describe(i, key, column)))
+class ErrorDetail(BaseModel):
+    """One reason a request was refused."""
+
+    field: str = Field(description="what was wrong: a body field (candidates[2].dense.price), 'body', "
+                                   "'content-type', 'path' or 'method'")
+    type: str = Field(description="machine-readable kind (pydantic error types, json_invalid, too_long, "
+                                  "too_large, unsupported_media_type, not_found, method_not_allowed, "
+                                  "non_finite_score)")
+    msg: str = Field(description="human-readable explanation")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (4xx and the 500 for a non-finite score)."""
+
+    message: str = Field(description="'field: msg' of every error, joined with '; '")
+    detail: list[ErrorDetail]
+
+
+def _feature_fields(names: dict[str, str], annotation: Any,
+                    field_args: Callable[[int, str], dict[str, Any]]) -> dict[str, Any]:
+    """Pydantic fields keyed ``f<i>`` with the request name as alias (names need not be identifiers);
+    ``field_args(i, column)`` gives the rest of ``Field``'s arguments."""
+    return {f"f{i}": (annotation, Field(alias=key, **field_args(i, column)))
             for i, (key, column) in enumerate(names.items())}
 
 
@@ -101,27 +138,36 @@ def request_fields(spec: FeatureSpec) -> dict[str, dict[str, str]]:
             "sparse": {feature_key(c): c for c in spec.sparse_names}}
 
 
-def build_score_request_model(spec: FeatureSpec, max_candidates: int) -> type[ScoreRequestBase]:
+def dense_bounds(spec: FeatureSpec, max_dense_z: float = DENSE_MAX_Z) -> list[tuple[float, float]]:
+    """``(lowest, highest)`` raw value accepted per dense feature: training mean -+ ``max_dense_z`` stds."""
+    return [(mean - max_dense_z * std, mean + max_dense_z * std) for mean, std in zip(spec.dense_mean, spec.dense_std)]
+
+
+def build_score_request_model(spec: FeatureSpec, max_candidates: int,
+                              max_dense_z: float = DENSE_MAX_Z) -> type[ScoreRequestBase]:
     """The ``ScoreRequest`` pydantic model of one exported model: every dense and sparse feature of
     ``spec`` is a required field named by :func:`feature_key`, unknown ones are rejected, dense values
-    must be finite numbers and ids non-negative integers."""
+    must be finite numbers within :func:`dense_bounds` and ids non-negative integers."""
     fields = request_fields(spec)
     dense, sparse = fields["dense"], fields["sparse"]
+    bounds = dense_bounds(spec, max_dense_z)
     forbid = ConfigDict(extra="forbid")
     dense_model = create_model(
-        "DenseFeatures", __config__=forbid, __doc__="Raw dense features (all required, finite).",
-        **_feature_fields(dense, FiniteFloat, lambda i, key, col: (
-            f"raw value of impressions column {col} (training mean {spec.dense_mean[i]:.4g}, "
-            f"std {spec.dense_std[i]:.4g}; the model normalises)")))
+        "DenseFeatures", __config__=forbid,
+        __doc__=f"Raw dense features (all required, finite, within training mean +- {max_dense_z:g} stds).",
+        **_feature_fields(dense, FiniteFloat, lambda i, col: {
+            "ge": bounds[i][0], "le": bounds[i][1],
+            "description": f"raw value of impressions column {col} (training mean {spec.dense_mean[i]:.4g}, "
+                           f"std {spec.dense_std[i]:.4g}; the model normalises)"}))
     sparse_model = create_model(
         "SparseFeatures", __config__=forbid, __doc__="Categorical ids (all required, >= 0).",
-        **_feature_fields(sparse, SparseId, lambda i, key, col: (
-            f"id of impressions column {col}; ids >= {spec.sparse_num_embeddings[i] - 1} (unseen in training) "
-            f"share one reserved bucket")))
+        **_feature_fields(sparse, Id64, lambda i, col: {
+            "description": f"id of impressions column {col}; ids >= {spec.sparse_num_embeddings[i] - 1} (unseen "
+                           f"in training) share one reserved bucket"}))
     candidate = create_model(
         "Candidate", __config__=forbid, __doc__="One candidate product to score.",
         product_id=(ProductId, ...),
-        position=(Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)] | None, Field(
+        position=(Annotated[int, Field(strict=True, ge=0, le=2**31 - 1), ACCEPT_WHOLE_FLOATS] | None, Field(
             default=None, description="ad slot (0 = top); informational: this model has no position input")),
         dense=(dense_model, ... if dense else Field(default_factory=dense_model)),
         sparse=(sparse_model, ... if sparse else Field(default_factory=sparse_model)),
@@ -208,7 +254,7 @@ class RequestEncoder:
         product_ids = [c.product_id for c in candidates]
         product_rows = spec.product_rows(product_ids)
         query = normalize_query(request.query)
-        query_row = spec.query_rows([query])
+        query_row = spec.query_rows([query]) if query else np.array([UNKNOWN_ROW], np.int64)
         history_ids = self.history_ids(request, now)
         history = spec.history_rows([history_ids])
         has_tables = spec.table_dim > 0  # a model without tables (variant dcn) has no unknown ids

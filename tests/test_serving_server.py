@@ -2,7 +2,9 @@
 
 The expected scores come from the exported TorchScript file on the ranking stage's own features
 (``ranking.features.RankingData``: the training-time 84-day history as of the impression), so a
-pass means the service turns a request into exactly the tensors the model was trained on.
+pass means the service turns a request into exactly the tensors the model was trained on. The
+one check that needs other limits (``max_dense_z``) drives the same app in process with FastAPI's
+``TestClient``.
 """
 from __future__ import annotations
 
@@ -15,16 +17,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from data.schema import table_path as data_table_path
-from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+from embeddings.tables import UNKNOWN_ROW
+from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData
 from ranking.model import load_model
 from serving.export import checkpoint_path
-from serving.requests import feature_key
-from serving.server import ServiceProcess
+from serving.requests import ErrorResponse, RequestEncoder, build_score_request_model, dense_bounds, feature_key
+from serving.server import Scorer, ServerConfig, ServiceProcess, create_app
 from tests.serving_fixtures import serving_workdir  # noqa: F401  (fixture)
 
 MAX_CANDIDATES = 8
+EXAMPLE_REQUEST = Path(__file__).resolve().parents[1] / "examples" / "request.json"
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +102,18 @@ def test_explicit_purchase_history_is_windowed_like_the_user_lookup(service: htt
     assert np.abs(np.array(no_history["scores"]) - session_case["expected"]).max() > 1e-4, "history should matter"
 
 
+def _unknown_query_scores(workdir: Path, session_case: dict, body: dict) -> np.ndarray:
+    """The TorchScript model's scores of ``body``'s candidates with the session's history and query row 0."""
+    spec, candidates = session_case["spec"], body["candidates"]
+    dense = torch.tensor([[c["dense"][feature_key(n)] for n in spec.dense_names] for c in candidates])
+    sparse = torch.tensor([[c["sparse"][feature_key(n)] for n in spec.sparse_names] for c in candidates])
+    rows = torch.from_numpy(spec.product_rows([c["product_id"] for c in candidates]))
+    history = session_case["history_rows"].expand(len(candidates), -1)
+    model = torch.jit.load(str(workdir / "serving" / "model.pt"))
+    with torch.no_grad():
+        return torch.sigmoid(model(dense, sparse, rows, torch.full_like(rows, UNKNOWN_ROW), history)).numpy()
+
+
 def test_unknown_query_and_products_score_with_row_zero_and_are_counted(service: httpx.Client, session_case: dict,
                                                                         serving_workdir: Path):
     spec = session_case["spec"]
@@ -109,16 +127,32 @@ def test_unknown_query_and_products_score_with_row_zero_and_are_counted(service:
     assert meta["unknown_query"] is True and meta["unknown_products"] == int((original[1:] == 0).sum()) + 1
     known = service.post("/score", json=session_case["body"]).json()["meta"]
     assert known["unknown_query"] is False and known["unknown_products"] == int((original == 0).sum())
-    candidates = body["candidates"]
-    dense = torch.tensor([[c["dense"][feature_key(n)] for n in spec.dense_names] for c in candidates])
-    sparse = torch.tensor([[c["sparse"][feature_key(n)] for n in spec.sparse_names] for c in candidates])
-    rows = torch.from_numpy(spec.product_rows([c["product_id"] for c in candidates]))
-    assert rows[0] == 0
-    history = session_case["history_rows"].expand(len(candidates), -1)
-    model = torch.jit.load(str(serving_workdir / "serving" / "model.pt"))
-    with torch.no_grad():
-        expected = torch.sigmoid(model(dense, sparse, rows, torch.zeros_like(rows), history)).numpy()
-    np.testing.assert_allclose(resp.json()["scores"], expected, atol=1e-6, rtol=0)
+    assert spec.product_rows([body["candidates"][0]["product_id"]])[0] == UNKNOWN_ROW
+    np.testing.assert_allclose(resp.json()["scores"], _unknown_query_scores(serving_workdir, session_case, body),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\U0001F6D2\U0001F642", " ?!* "])
+def test_a_query_that_normalises_to_nothing_is_an_unknown_query(service: httpx.Client, session_case: dict,
+                                                                 serving_workdir: Path, query: str):
+    body = {**session_case["body"], "query": query}
+    resp = service.post("/score", json=body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["meta"]["unknown_query"] is True
+    np.testing.assert_allclose(resp.json()["scores"], _unknown_query_scores(serving_workdir, session_case, body),
+                               atol=1e-6, rtol=0)
+
+
+def test_an_empty_query_is_unknown_even_when_the_query_table_has_an_empty_key(serving_workdir: Path,
+                                                                              session_case: dict):
+    spec = session_case["spec"]
+    with_empty = FeatureSpec.from_dict({**spec.to_dict(), "queries": [*spec.queries, ""]})
+    assert with_empty.query_rows([""])[0] == len(spec.queries) + 1
+    encoder = RequestEncoder(with_empty, PurchaseIndex.from_workdir(serving_workdir), default_now=0)
+    request_model = build_score_request_model(with_empty, MAX_CANDIDATES)
+    encoded = encoder.encode(request_model.model_validate({**session_case["body"], "query": "\U0001F642 !"}))
+    assert encoded.query == "" and encoded.meta["unknown_query"] is True
+    assert encoded.query_rows.tolist() == [UNKNOWN_ROW] * len(session_case["body"]["candidates"])
 
 
 def _bad_requests(good: dict) -> list[tuple[str, object, int, str]]:
@@ -132,17 +166,21 @@ def _bad_requests(good: dict) -> list[tuple[str, object, int, str]]:
     missing_query = {k: v for k, v in good.items() if k != "query"}
     nan_body = json.dumps(with_candidate(dense={**cand["dense"], dense_key: 1.0})).replace(
         f'"{dense_key}": 1.0', f'"{dense_key}": NaN')
+    dense_field, sparse_field = f"candidates[0].dense.{dense_key}", f"candidates[0].sparse.{sparse_key}"
     return [
         ("missing field", missing_query, 422, "query"),
         ("wrong type", {**good, "query": 17}, 422, "query"),
         ("string id", with_candidate(product_id="abc"), 422, "candidates[0].product_id"),
         ("float id", with_candidate(product_id=3.5), 422, "candidates[0].product_id"),
-        ("negative sparse id", with_candidate(sparse={**cand["sparse"], sparse_key: -1}), 422,
-         f"candidates[0].sparse.{sparse_key}"),
+        ("negative sparse id", with_candidate(sparse={**cand["sparse"], sparse_key: -1}), 422, sparse_field),
+        ("fractional sparse id", with_candidate(sparse={**cand["sparse"], sparse_key: 785.5}), 422, sparse_field),
+        ("string sparse id", with_candidate(sparse={**cand["sparse"], sparse_key: "785"}), 422, sparse_field),
         ("empty candidates", {**good, "candidates": []}, 422, "candidates"),
         ("too many candidates", {**good, "candidates": [cand] * (MAX_CANDIDATES + 1)}, 413, "candidates"),
-        ("NaN", nan_body, 422, f"candidates[0].dense.{dense_key}"),
-        ("infinity", nan_body.replace("NaN", "-Infinity"), 422, f"candidates[0].dense.{dense_key}"),
+        ("NaN", nan_body, 422, dense_field),
+        ("infinity", nan_body.replace("NaN", "-Infinity"), 422, dense_field),
+        ("huge dense value", with_candidate(dense={**cand["dense"], dense_key: 1e20}), 422, dense_field),
+        ("hugely negative dense value", with_candidate(dense={**cand["dense"], dense_key: -1e20}), 422, dense_field),
         ("unknown dense feature", with_candidate(dense={**cand["dense"], "not_a_feature": 1.0}), 422,
          "candidates[0].dense.not_a_feature"),
         ("missing sparse feature", with_candidate(sparse={k: v for k, v in cand["sparse"].items() if k != sparse_key}),
@@ -154,18 +192,100 @@ def _bad_requests(good: dict) -> list[tuple[str, object, int, str]]:
     ]
 
 
+def _error_body(resp: httpx.Response, case: str) -> ErrorResponse:
+    """The response's :class:`ErrorResponse` (and nothing else in the body)."""
+    assert resp.headers["content-type"] == "application/json", f"{case}: {resp.headers['content-type']}"
+    body = resp.json()
+    assert set(body) == {"message", "detail"} and body["detail"], f"{case}: {body}"
+    assert all(set(d) == {"field", "type", "msg"} for d in body["detail"]), f"{case}: {body}"
+    return ErrorResponse.model_validate(body)
+
+
 def test_bad_requests_get_4xx_naming_the_field_and_the_server_keeps_serving(service: httpx.Client,
                                                                             session_case: dict):
     good = session_case["body"]
     for case, body, status, needle in _bad_requests(good):
         content = body if isinstance(body, str) else json.dumps(body)
-        resp = service.post("/score", content=content, headers={"content-type": "application/json"})
+        resp = service.post("/score", content=content, headers=JSON)
         assert resp.status_code == status, f"{case}: {resp.status_code} {resp.text[:300]}"
-        assert needle in resp.json()["message"], f"{case}: {resp.json()['message']}"
+        assert needle in _error_body(resp, case).message, f"{case}: {resp.json()['message']}"
     resp = service.post("/score", json=good)
     assert resp.status_code == 200
     np.testing.assert_allclose(resp.json()["scores"], session_case["expected"], atol=1e-6, rtol=0)
     assert service.get("/healthz").json()["status"] == "ok"
+
+
+def test_every_http_error_has_the_one_error_body(service: httpx.Client, session_case: dict):
+    body = json.dumps(session_case["body"]).encode()
+    limit = int(ServerConfig.max_body_mb * 2**20)
+    cases = [  # case, method, path, content, headers, status, field of the error
+        ("not JSON", "POST", "/score", b"{this is not json", JSON, 400, "body"),
+        ("unknown path", "GET", "/nope", None, {}, 404, "path"),
+        ("wrong method", "GET", "/score", None, {}, 405, "method"),
+        ("declared body over the limit", "POST", "/score", b" " * (limit + 1), JSON, 413, "body"),
+        ("chunked body over the limit", "POST", "/score", iter([b" " * 2**20] * (limit // 2**20 + 1)), JSON, 413,
+         "body"),
+        ("text/plain", "POST", "/score", body, {"content-type": "text/plain"}, 415, "content-type"),
+        ("curl -d default", "POST", "/score", body, {"content-type": "application/x-www-form-urlencoded"}, 415,
+         "content-type"),
+        ("no content type", "POST", "/score", body, {}, 415, "content-type"),
+        ("unknown field", "POST", "/score", json.dumps({**session_case["body"], "x": 1}).encode(), JSON, 422, "x"),
+    ]
+    for case, method, path, content, headers, status, field in cases:
+        resp = service.request(method, path, content=content, headers=headers)
+        assert resp.status_code == status, f"{case}: {resp.status_code} {resp.text[:300]}"
+        assert [d.field for d in _error_body(resp, case).detail] == [field], case
+    assert service.post("/score", content=body, headers={"content-type": "application/merge-patch+json"}).is_success
+    assert service.get("/healthz").json()["status"] == "ok"
+
+
+def test_dense_values_are_bounded_and_scores_are_always_finite(service: httpx.Client, session_case: dict,
+                                                              serving_workdir: Path):
+    spec = session_case["spec"]
+    bounds = dense_bounds(spec)
+    schema = service.get("/openapi.json").json()["components"]["schemas"]["DenseFeatures"]["properties"]
+    assert [(schema[feature_key(c)]["minimum"], schema[feature_key(c)]["maximum"]) for c in spec.dense_names] == bounds
+    cand = session_case["body"]["candidates"][0]
+    extremes = [{**cand, "dense": {feature_key(c): bound[side] for c, bound in zip(spec.dense_names, bounds)}}
+                for side in (0, 1)]
+    resp = service.post("/score", json={**session_case["body"], "candidates": extremes})
+    assert resp.status_code == 200, resp.text
+    assert np.isfinite(resp.json()["scores"]).all()
+    first = feature_key(spec.dense_names[0])
+    beyond = {**cand, "dense": {**cand["dense"], first: float(np.nextafter(bounds[0][1], np.inf))}}
+    resp = service.post("/score", json={**session_case["body"], "candidates": [cand, beyond]})
+    assert resp.status_code == 422 and _error_body(resp, "beyond").detail[0].field == f"candidates[1].dense.{first}"
+
+    # with the bound lifted, a price of 1e20 overflows the model: a 500 naming the candidate, never a null score
+    loose = TestClient(create_app(Scorer(serving_workdir), MAX_CANDIDATES, max_dense_z=1e30))
+    huge = {**cand, "dense": {**cand["dense"], first: 1e20}}
+    resp = loose.post("/score", json={**session_case["body"], "candidates": [cand, huge]})
+    assert resp.status_code == 500, resp.text
+    assert [(d.field, d.type) for d in _error_body(resp, "1e20").detail] == [("candidates[1]", "non_finite_score")]
+
+
+def test_whole_floats_are_accepted_as_ids(service: httpx.Client, session_case: dict):
+    body = json.loads(json.dumps(session_case["body"]))
+    body["user_id"] = float(body["user_id"])
+    for cand in body["candidates"]:
+        cand["product_id"], cand["position"] = float(cand["product_id"]), float(cand["position"])
+        cand["sparse"] = {key: float(value) for key, value in cand["sparse"].items()}
+    assert '.0' in json.dumps(body["candidates"][0]["sparse"])
+    resp = service.post("/score", json=body)
+    assert resp.status_code == 200, resp.text
+    np.testing.assert_allclose(resp.json()["scores"], session_case["expected"], atol=1e-6, rtol=0)
+
+
+def test_the_example_request_scores(service: httpx.Client):
+    example = json.loads(EXAMPLE_REQUEST.read_text())
+    schemas = service.get("/openapi.json").json()["components"]["schemas"]
+    for cand in example["candidates"]:
+        assert cand["dense"].keys() == schemas["DenseFeatures"]["properties"].keys()
+        assert cand["sparse"].keys() == schemas["SparseFeatures"]["properties"].keys()
+    resp = service.post("/score", content=EXAMPLE_REQUEST.read_bytes(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    scores = resp.json()["scores"]
+    assert len(scores) == len(example["candidates"]) and all(0 <= s <= 1 for s in scores)
 
 
 def test_openapi_describes_every_feature(service: httpx.Client, session_case: dict):
@@ -187,3 +307,20 @@ def test_openapi_describes_every_feature(service: httpx.Client, session_case: di
     assert all(request["properties"][f].get("description") for f in request["properties"])
     assert request["examples"][0]["candidates"][0]["dense"].keys() == dense["properties"].keys()
     assert set(schemas["ScoreResponse"]["properties"]) == {"scores", "meta"}
+    assert "minLength" not in request["properties"]["query"]
+
+
+def test_openapi_gives_every_error_response_the_error_body(service: httpx.Client):
+    api = service.get("/openapi.json").json()
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    expected = {"/score": {"post": {"400", "413", "415", "422", "500", "4XX"}}, "/healthz": {"get": {"4XX"}}}
+    for path, methods in expected.items():
+        for method, codes in methods.items():
+            responses = api["paths"][path][method]["responses"]
+            assert set(responses) == codes | {"200"}, (path, set(responses))
+            assert all(responses[code]["content"] == error and responses[code]["description"] for code in codes)
+    schemas = api["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
+    assert set(schemas["ErrorResponse"]["properties"]) == set(schemas["ErrorResponse"]["required"]) == {"message",
+                                                                                                         "detail"}
+    assert set(schemas["ErrorDetail"]["properties"]) == {"field", "type", "msg"}
