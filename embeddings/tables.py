@@ -11,6 +11,12 @@ Row 0 of each table is reserved for unknown ids and is all zeros. The id maps (k
 are the first two columns of each file; :func:`read_id_map` returns them as a dict.
 The file-level metadata records ``dashrec.kind`` (product/query), ``dashrec.dim`` and
 ``dashrec.source`` (which encoder produced the vectors).
+
+``embeddings.export`` publishes both files as one :class:`common.provenance.OutputSet`
+(:func:`tables_set`, manifest ``DIR/embeddings/tables.manifest.json``). A reader calls
+``tables_set(workdir).verify()``: it returns ``{relative path: sha256}`` of the two tables (the
+reader's input fingerprints) or raises a one-line error when they are missing or not from the
+same export.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.io import write_parquet
+from common.provenance import OutputSet
 from data.schema import SchemaError
 from data.text import normalize_query
 
@@ -31,8 +38,19 @@ KEY_COLUMN: dict[str, str] = {"product": "product_id", "query": "query"}
 UNKNOWN_ROW = 0
 
 
+def table_rel(kind: TableKind) -> str:
+    """``embeddings/<kind>_table.parquet``: the table's path relative to the workdir."""
+    return f"embeddings/{kind}_table.parquet"
+
+
 def table_path(workdir: str | Path, kind: TableKind) -> Path:
-    return Path(workdir) / "embeddings" / f"{kind}_table.parquet"
+    return Path(workdir) / table_rel(kind)
+
+
+def tables_set(workdir: str | Path) -> OutputSet:
+    """The product and query tables of ``workdir``, published together by ``embeddings.export``."""
+    return OutputSet(workdir, "embeddings/tables.manifest.json", [table_rel("product"), table_rel("query")],
+                     what="python -m embeddings.export")
 
 
 @dataclass

@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -367,9 +368,9 @@ def run_sharded(model: RankingModel, data: RankingData, cfg: "TrainConfig", seed
 
 def train_sharded(ranker: ShardedRanker, optimizer: ShardedOptimizer, data: RankingData, cfg: "TrainConfig",
                   seed: int, variant: str, progress: bool = True) -> dict:
-    """:func:`ranking.train.train_model` on the sharded model (same batches, same early stopping;
-    validation logloss over the full ``valid`` split on every rank, so every rank decides alike).
-    Restores the best check's parameters. Returns the history."""
+    """:func:`ranking.train.train_model` on the sharded model (same batches, same early stopping,
+    same stop at a non-finite training loss; validation logloss over the full ``valid`` split on
+    every rank, so every rank decides alike). Restores the best check's parameters. Returns the history."""
     split = "fit" if cfg.early_stopping else "train"
     steps = -(-data.num_rows(split) // cfg.batch_size)
     check_every = -(-steps // cfg.checks_per_epoch) if cfg.early_stopping else steps
@@ -388,20 +389,21 @@ def train_sharded(ranker: ShardedRanker, optimizer: ShardedOptimizer, data: Rank
                 continue
             history["train_loss"].append(total / count)
             total, count = 0.0, 0
-            if not cfg.early_stopping:
-                continue
-            labels, probs, _ = ranker.predict(data, "valid", cfg.eval_batch_size)
-            history["valid_logloss"].append(log_loss(labels, probs))
-            if history["valid_logloss"][-1] < best_loss:
-                best_loss, since_best = history["valid_logloss"][-1], 0
-                best_state = ranker.local_snapshot()
-            else:
-                since_best += 1
+            if cfg.early_stopping:
+                labels, probs, _ = ranker.predict(data, "valid", cfg.eval_batch_size)
+                history["valid_logloss"].append(log_loss(labels, probs))
+                if history["valid_logloss"][-1] < best_loss:
+                    best_loss, since_best = history["valid_logloss"][-1], 0
+                    best_state = ranker.local_snapshot()
+                else:
+                    since_best += 1
+            if not math.isfinite(history["train_loss"][-1]):
+                break  # diverged (the all-reduced loss: every rank stops here); run_seed publishes nothing
         if ranker.env.is_main:
             log.info("%s seed %d epoch %d (%d ranks): train loss %.5f%s", variant, seed, epoch + 1,
                      ranker.env.world_size, history["train_loss"][-1],
                      f", valid logloss {history['valid_logloss'][-1]:.5f}" if cfg.early_stopping else "")
-        if cfg.early_stopping and since_best >= cfg.patience:
+        if (cfg.early_stopping and since_best >= cfg.patience) or not math.isfinite(history["train_loss"][-1]):
             break
     if best_state is not None:
         ranker.restore(best_state)

@@ -7,7 +7,10 @@ Pipeline (every step streams or is vectorised; nothing holds the impression tabl
    columns under ``DIR/ranking/cache/<key>/`` (read back as memory maps), where ``key`` hashes
    the impressions file and the split settings. It also computes training-split statistics
    (dense mean/std, sparse max ids, click rate) and the query vocabulary (normalised with
-   :func:`data.text.normalize_query`). A complete cache is reused; a killed build leaves none.
+   :func:`data.text.normalize_query`). A complete cache is reused. A build writes to a temp
+   directory named by :func:`common.io.temp_sibling` (it carries the builder's pid) that is
+   renamed only when complete; the leftover of a killed build is removed by the next
+   :meth:`ImpressionCache.open` (:func:`common.io.prepare_workdir` on ``DIR/ranking/cache``).
 2. :class:`PurchaseIndex` holds the purchases in memory, sorted by (user, ts), and answers
    "this user's purchases with ``ts - 84 days <= purchase_ts < ts``" for a whole batch with one
    ``numpy.searchsorted`` (strictly before the impression: no leakage).
@@ -40,7 +43,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from common.io import file_sha256, read_json, write_json
+from common.io import prepare_workdir, read_json, temp_sibling, write_json
+from data.dataset import input_hashes, table_rel
 from data.schema import SchemaError, feature_columns, read_table, table_path, validate
 from data.text import normalize_query
 from embeddings.tables import UNKNOWN_ROW, EmbeddingTable
@@ -182,11 +186,12 @@ class ImpressionCache:
 
     @staticmethod
     def cache_key(workdir: str | Path, eval_days: int = EVAL_DAYS) -> str:
-        path = table_path(workdir, "impressions")
-        if not path.exists():
-            raise SchemaError(path, None, "missing table file (expected the impressions table; run "
-                                          "`python -m data.synth` or an adapter first)")
-        blob = json.dumps({"impressions": file_sha256(path), "eval_days": eval_days, "version": CACHE_VERSION})
+        """The key of the impressions table's cache (after checking the published data set)."""
+        digest = input_hashes(workdir, ["impressions"])[table_rel("impressions")]
+        if digest is None:
+            raise SchemaError(table_path(workdir, "impressions"), None, "missing table file (expected the impressions "
+                                                                       "table; run `python -m data.synth` or an adapter first)")
+        blob = json.dumps({"impressions": digest, "eval_days": eval_days, "version": CACHE_VERSION})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod
@@ -194,13 +199,12 @@ class ImpressionCache:
         """Reuse ``DIR/ranking/cache/<key>`` when complete, else build it (atomically) and remove
         the caches of other keys (older impressions files)."""
         key = cls.cache_key(workdir, eval_days)
-        directory = Path(workdir) / "ranking" / "cache" / key
+        directory = prepare_workdir(workdir, "ranking/cache") / "ranking" / "cache" / key
         if (directory / "meta.json").exists():
             log.info("feature cache %s is complete; reusing it", directory)
             return cls(directory)
-        tmp = directory.with_name(f".{key}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = temp_sibling(directory)
+        tmp.mkdir()
         try:
             _build_cache(workdir, tmp, key, eval_days, batch_rows)
             try:
@@ -212,7 +216,7 @@ class ImpressionCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         for stale in directory.parent.iterdir():  # caches of impressions files that are gone
-            if stale.is_dir() and stale != directory and (stale / "meta.json").exists():
+            if stale.is_dir() and stale != directory and not stale.name.startswith(".") and (stale / "meta.json").exists():
                 shutil.rmtree(stale, ignore_errors=True)
         return cls(directory)
 

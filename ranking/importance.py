@@ -3,9 +3,12 @@
 ``python -m ranking.importance --workdir DIR [--variant dcn_pq_hist] [--seed 0]
 [--method permutation|ablation|ig|all] [--repeats 5] [--max-rows N] [--force]``
 
-Reads ``DIR/ranking/<variant>/seed<k>/model.pt`` (from ``python -m ranking.train``) and the
-evaluation week ("NW", the last 7 days of ``DIR/data/impressions.parquet``); writes
-``DIR/importance/importance.json``, ``importance.md`` (ranked table) and ``importance.png``.
+Reads ``DIR/ranking/<variant>/seed<k>/model.pt`` (from ``python -m ranking.train``; its set must be
+intact) and the evaluation week ("NW", the last 7 days of ``DIR/data/impressions.parquet``); writes
+``DIR/importance/importance.json``, ``importance.md`` (ranked table) and ``importance.png`` as one
+:class:`common.provenance.OutputSet` (manifest ``DIR/importance/manifest.json``) made from the
+trained set's hashes, the impressions and purchases tables' hashes and the settings (not
+``--threads`` or ``--batch-size``); a rerun with the same inputs and settings is skipped.
 
 Feature groups
     ``query_embedding``, ``product_embedding``, ``purchase_history`` (the mean-pooled 84-day bag),
@@ -46,8 +49,6 @@ Rows: the NW impressions, or ``--max-rows`` of them drawn without replacement wi
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,12 +61,14 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
-from common.io import atomic_path, file_sha256, prepare_workdir, read_json, write_json, write_text
+from common.io import atomic_path, prepare_workdir, read_json, write_json, write_text
+from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
+from data.dataset import input_hashes
 from data.schema import SchemaError, table_path as data_table_path
 from ranking.features import ImpressionCache, PurchaseIndex, RankingBatch, RankingData
 from ranking.metrics import roc_auc
-from ranking.model import RankingModel, load_model
+from ranking.model import RankingModel, load_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE
 from ranking.variants import get_variant
@@ -473,11 +476,15 @@ def plot_importance(report: dict, path: Path) -> Path:
     return path
 
 
-def _fingerprint(cfg: ImportanceConfig, model_path: Path, cache: ImpressionCache, workdir: Path) -> str:
+def importance_set(workdir: str | Path) -> OutputSet:
+    """The output set of this stage: ``importance.json``, ``importance.md`` and ``importance.png``."""
+    return OutputSet(workdir, "importance/manifest.json", [f"importance/importance.{ext}" for ext in ("json", "md", "png")],
+                     what="python -m ranking.importance")
+
+
+def _made_from(cfg: ImportanceConfig, model_hashes: dict[str, str]) -> MadeFrom:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force", "threads", "batch_size")}
-    settings.update(model=file_sha256(model_path), cache=cache.meta.key,
-                    purchases=file_sha256(data_table_path(workdir, "purchases")))
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return MadeFrom({**model_hashes, **input_hashes(cfg.workdir, ["impressions", "purchases"])}, settings)
 
 
 def _check_config(cfg: ImportanceConfig) -> None:
@@ -489,23 +496,26 @@ def _check_config(cfg: ImportanceConfig) -> None:
             raise UserError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(cfg, flag)}")
 
 
-def load_trained(cfg: ImportanceConfig) -> tuple[RankingModel, Path]:
-    """The model of ``cfg.variant`` / ``cfg.seed``; a clear error when it has not been trained."""
-    path = Path(cfg.workdir) / "ranking" / cfg.variant / f"seed{cfg.seed}" / "model.pt"
+def load_trained(cfg: ImportanceConfig) -> tuple[RankingModel, Path, dict[str, str]]:
+    """The model of ``cfg.variant`` / ``cfg.seed``, its path and the hashes of its (intact) set;
+    a clear error when it has not been trained."""
+    trained = trained_set(cfg.workdir, cfg.variant, cfg.seed)
+    path = trained.path(trained.files[0])
     if not path.exists():
         raise UserError(f"{path}: missing ranking model; run `python -m ranking.train --workdir {cfg.workdir} "
                         f"--variant {cfg.variant} --seeds {cfg.seed + 1}` first")
+    hashes = trained.verify()
     model = load_model(path)
     if model.variant != cfg.variant:
         raise UserError(f"{path}: holds variant {model.variant!r}, expected {cfg.variant!r}")
-    return model, path
+    return model, path, hashes
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(ImportanceConfig, argv)
     _check_config(cfg)
     workdir = Path(cfg.workdir)
-    model, model_path = load_trained(cfg)
+    model, model_path, model_hashes = load_trained(cfg)
     torch.set_num_threads(cfg.threads)
     try:
         cache = ImpressionCache.open(workdir)
@@ -517,14 +527,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError(f"{model_path}: trained on features {spec.dense_names + spec.sparse_names}, but "
                         f"{data_table_path(workdir, 'impressions')} has {cache.meta.dense_names + cache.meta.sparse_names}; "
                         "retrain with `python -m ranking.train --force`")
-    out_dir = prepare_workdir(workdir, "importance") / "importance"
-    json_path, md_path, png_path = (out_dir / f"importance.{ext}" for ext in ("json", "md", "png"))
-    fingerprint = _fingerprint(cfg, model_path, cache, workdir)
-    if not cfg.force and all(p.exists() for p in (json_path, md_path, png_path)):
-        previous = read_json(json_path)
-        if previous.get("fingerprint") == fingerprint:
-            log.info("%s is complete for these settings; skipping (--force redoes it)", json_path)
-            return previous
+    prepare_workdir(workdir, "importance")
+    out = importance_set(workdir)
+    json_rel, md_rel, png_rel = out.files
+    made_from = _made_from(cfg, model_hashes)
+    if not cfg.force and out.current(made_from):
+        log.info("%s is complete for these inputs and settings; skipping (--force redoes it)", out.path(json_rel))
+        return read_json(out.path(json_rel))
 
     rng = seed_everything(cfg.seed)
     eval_rows = np.asarray(cache.split_index("eval"))
@@ -566,14 +575,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "groups": groups_json(results[primary], inputs.groups),
         "by_method": {m: groups_json(r, inputs.groups) for m, r in results.items()},
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")},
-        "model": str(model_path.relative_to(workdir)), "fingerprint": fingerprint,
+        "model": str(model_path.relative_to(workdir)),
     }
     if len(results) > 1:
         report["agreement"] = agreement(results)
-    write_text(importance_markdown(report), md_path)
-    plot_importance(report, png_path)
-    write_json(report, json_path)  # last: its fingerprint marks the outputs complete
-    log.info("wrote %s, %s and %s", json_path, md_path, png_path)
+    with out.publish(made_from) as staged:
+        write_json(report, staged[json_rel])
+        write_text(importance_markdown(report), staged[md_rel])
+        plot_importance(report, staged[png_rel])
+    log.info("wrote %s, %s and %s", *(out.path(rel) for rel in out.files))
     return report
 
 

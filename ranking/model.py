@@ -16,7 +16,8 @@ k projection dim of the table vectors (P, Q: learned projections d -> k).
 KeyedJaggedTensor holding every sparse key) like ``torchrec.models.dlrm.DLRM`` does, so DMP can
 shard its two EBCs. :class:`ranking.plain.PlainInputModel` is the plain-tensor front door
 (serving, Captum, training). :func:`build_model`, :func:`save_model` and :func:`load_model`
-construct, write and read a variant with its :class:`ranking.features.FeatureSpec`.
+construct, write and read a variant with its :class:`ranking.features.FeatureSpec`;
+:func:`trained_set` is the output set of one trained variant/seed (``model.pt`` + ``metrics.json``).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from common.cli import UserError
 from common.io import atomic_path
+from common.provenance import OutputSet
 from embeddings.tables import EmbeddingTable
 from ranking.features import FeatureSpec
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, PretrainedEmbeddingBagCollection
@@ -213,12 +215,24 @@ def build_model(variant: Variant | str, spec: FeatureSpec, config: ModelConfig |
     return RankingModel(dcn, tower, config.head_sizes, variant=variant.name, spec=spec, config=config)
 
 
+def trained_set(workdir: str | Path, variant: str, seed: int) -> OutputSet:
+    """The output set of ``ranking.train``'s run of ``variant`` with ``seed``: ``model.pt`` and
+    ``metrics.json`` (in that order) under ``DIR/ranking/<variant>/seed<k>/``, published together."""
+    rel = f"ranking/{variant}/seed{seed}"
+    return OutputSet(workdir, f"{rel}/manifest.json", [f"{rel}/model.pt", f"{rel}/metrics.json"],
+                     what=f"python -m ranking.train --workdir {workdir} --variant {variant} --seeds {seed + 1}")
+
+
 def save_model(model: RankingModel, path: str | Path) -> Path:
-    """Write ``{state_dict, variant, model_config, feature_spec}`` atomically (``torch.load(weights_only=True)``-safe)."""
+    """Write ``{state_dict, variant, model_config, feature_spec}`` atomically (``torch.load(weights_only=True)``-safe).
+
+    The same model gives the same bytes: ``torch.save`` gets an open file, so the zip archive's
+    inner folder is torch's fixed ``archive`` rather than the (temporary) file name.
+    """
     payload = {"state_dict": model.state_dict(), "variant": model.variant, "model_config": asdict(model.config),
                "feature_spec": model.spec.to_dict()}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return Path(path)
 
 

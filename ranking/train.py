@@ -9,28 +9,43 @@ plan and writes the same files (``model.pt`` unsharded, metrics over the full ev
 Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables,
 ``DIR/embeddings/{product,query}_table.parquet``. Writes
 
-* ``DIR/ranking/<variant>/seed<k>/model.pt`` (:func:`ranking.model.load_model` reads it) and
-  ``metrics.json`` (per-slice AUC / normalized logloss and the settings fingerprint);
-* ``DIR/ranking/results.json``: ``results[variant][slice]`` with ``auc_mean``, ``auc_std``,
-  ``norm_logloss_mean``, ``norm_logloss_std``, ``p_value_vs_dcn`` (paired t-test on per-seed AUC,
-  null for ``dcn``), relative gains over ``dcn`` and the per-seed values; merged with the
-  variants already there, so variants can run one at a time;
-* ``DIR/ranking/results.md``: Table 2 (rows = variants, AUC and normalized logloss per slice).
+* per variant/seed, one :class:`common.provenance.OutputSet` (manifest
+  ``DIR/ranking/<variant>/seed<k>/manifest.json``): ``model.pt`` (:func:`ranking.model.load_model`
+  reads it) and ``metrics.json`` (history and per-slice AUC / normalized logloss), published
+  together. The set is made from the SHA-256 of the impressions and purchases tables, of the
+  product and query tables for variants with tables, and the settings that change what is
+  trained (not ``--threads``, ``--workers`` or ``--eval-batch-size``). Neither file holds wall
+  times or file names (the train and eval seconds are logged): the same settings and inputs give
+  byte-identical files (on CPU, for a fixed ``--threads``), so the stages that read them skip.
+* ``DIR/ranking/results.json`` and ``results.md`` (one set, manifest
+  ``DIR/ranking/results.manifest.json``): ``results["inputs"]`` = the hashes of the data tables
+  (and of the tables, when a variant with tables is listed) and ``results[variant][slice]`` with
+  ``auc_mean``, ``auc_std``, ``norm_logloss_mean``, ``norm_logloss_std``, ``p_value_vs_dcn``
+  (paired t-test on per-seed AUC, null for ``dcn``), relative gains over ``dcn`` and the
+  per-seed values. Variants already in ``results.json`` are kept, so variants can run one at a
+  time, but only when they were trained on the same data (and tables) as this run; the others
+  are dropped with a warning naming the changed input. Every variant listed is therefore
+  evaluated on the same evaluation week, which makes the paired tests meaningful.
 
 Seed ``k`` trains from scratch with everything seeded by ``k`` (deterministic on CPU for a
 fixed ``--threads``; ``--workers`` processes run variant/seed jobs in parallel without changing
-any number). Early stopping (default) holds out the last week before the evaluation week
-(``valid``), checks its logloss ``--checks-per-epoch`` times an epoch and keeps the best
-parameters; the evaluation week is never used for any choice. A variant/seed whose
-``metrics.json`` has the same settings fingerprint is skipped unless ``--force``.
+any number; they die with the main process, see :func:`die_with_parent`). Early stopping
+(default) holds out the last week before the evaluation week (``valid``), checks its logloss
+``--checks-per-epoch`` times an epoch and keeps the best parameters; the evaluation week is
+never used for any choice. A variant/seed whose set is complete and made from the same inputs
+and settings is skipped unless ``--force``. A run whose training loss, validation logloss,
+evaluation predictions or parameters are not finite publishes nothing and ends with one
+``error:`` line naming the variant, seed and value; earlier files stay as they were.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import ctypes
 import logging
+import math
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,14 +57,17 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main, setup_logging
-from common.io import file_sha256, prepare_workdir, read_json, write_json, write_text
+from common.io import prepare_workdir, read_json, write_json, write_text
+from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
-from data.schema import SchemaError, table_path as data_table_path
-from embeddings.tables import EmbeddingTable, table_path
+from data.dataset import input_hashes
+from data.schema import SchemaError
+from embeddings.tables import EmbeddingTable, table_path, tables_set
 from ranking import distributed
-from ranking.features import HISTORY_LEN, FeatureSpec, ImpressionCache, PurchaseIndex, RankingData, build_spec
+from ranking.features import (CACHE_VERSION, EVAL_DAYS, HISTORY_LEN, VALID_DAYS, FeatureSpec, ImpressionCache,
+                              PurchaseIndex, RankingData, build_spec)
 from ranking.metrics import SLICES, log_loss, mean_std, paired_p_value, slice_metrics
-from ranking.model import ModelConfig, RankingModel, build_model, build_tables, save_model
+from ranking.model import ModelConfig, RankingModel, build_model, build_tables, save_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.tables import load_tables, sparse_gradient_parameters, trainable_parameters
 from ranking.variants import BASELINE, VARIANTS, Variant, resolve_variants
@@ -84,6 +102,68 @@ class TrainConfig:
         "help": "under torchrun: seconds a collective waits before failing (a dead rank stops the others)"})
 
 
+DATA_TABLES = ("impressions", "purchases")
+INPUTS_KEY = "inputs"  # the key of results.json holding the input hashes (the others are variants)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def results_set(workdir: str | Path) -> OutputSet:
+    """The output set of Table 2: ``results.json`` and ``results.md``."""
+    return OutputSet(workdir, "ranking/results.manifest.json", ["ranking/results.json", "ranking/results.md"],
+                     what="python -m ranking.train")
+
+
+def table_hashes(workdir: str | Path) -> dict[str, str | None]:
+    """SHA-256 of the product and query tables: those of their published set (checked:
+    :func:`embeddings.tables.tables_set`), or, for tables placed by hand (no manifest), of the
+    files (None for an absent one)."""
+    published = tables_set(workdir)
+    if published.manifest() is not None:
+        return published.verify()
+    return MadeFrom.of(workdir, published.files, {}).inputs
+
+
+def training_settings(cfg: TrainConfig) -> dict:
+    """The settings that change what a run trains (not threads, workers or the evaluation batch size)."""
+    settings = {name: getattr(cfg, name) for name in (
+        "epochs", "early_stopping", "checks_per_epoch", "patience", "batch_size", "lr", "optimizer", "history_len")}
+    settings.update(model=asdict(ModelConfig()),
+                    features={"cache_version": CACHE_VERSION, "eval_days": EVAL_DAYS, "valid_days": VALID_DAYS})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded runs use fused table optimizers: not the same run
+        settings["distributed"] = {"world_size": int(os.environ["WORLD_SIZE"]), "sharding": cfg.sharding}
+    return settings
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What this invocation's runs are made from: data and table hashes and the training settings."""
+
+    data: dict[str, str | None]
+    tables: dict[str, str | None]
+    settings: dict
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, with_tables: bool) -> "Provenance":
+        """Hash the inputs in ``cfg.workdir`` (checking the published sets). The tables must be
+        usable ``with_tables``; otherwise unusable tables count as absent (no variant with tables
+        then stays in results.json)."""
+        try:
+            tables = table_hashes(cfg.workdir)
+        except UserError:
+            if with_tables:
+                raise
+            tables = dict.fromkeys(tables_set(cfg.workdir).files)
+        return cls(input_hashes(cfg.workdir, DATA_TABLES), tables, training_settings(cfg))
+
+    def inputs(self, with_tables: bool) -> dict[str, str | None]:
+        """The data hashes, plus the table hashes ``with_tables``."""
+        return {**self.data, **(self.tables if with_tables else {})}
+
+    def made_from(self, variant: Variant, seed: int) -> MadeFrom:
+        """The :class:`MadeFrom` of ``variant`` trained with ``seed``."""
+        return MadeFrom(self.inputs(variant.uses_tables), {**self.settings, "variant": variant.name, "seed": seed})
+
+
 @dataclass
 class Inputs:
     """Everything a run reads, loaded once for all variants and seeds."""
@@ -91,7 +171,6 @@ class Inputs:
     data: RankingData
     base_spec: FeatureSpec
     tables: tuple[EmbeddingTable, EmbeddingTable] | None
-    fingerprints: dict[str, str]  # variant name -> settings fingerprint
 
 
 def load_inputs(cfg: TrainConfig, variants: Sequence[Variant]) -> Inputs:
@@ -107,18 +186,7 @@ def load_inputs(cfg: TrainConfig, variants: Sequence[Variant]) -> Inputs:
         raise UserError(str(exc)) from None
     base_spec = build_spec(cache.meta, history_len=cfg.history_len)
     data = RankingData(cache, purchases, base_spec.with_tables(*tables) if tables else base_spec)
-    shared = {"cache": cache.meta.key, "purchases": file_sha256(data_table_path(workdir, "purchases")),
-              "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
-              "early_stopping": cfg.early_stopping, "checks_per_epoch": cfg.checks_per_epoch, "patience": cfg.patience,
-              "history_len": cfg.history_len, "model": asdict(ModelConfig())}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded runs use fused table optimizers: not the same run
-        shared["distributed"] = {"world_size": int(os.environ["WORLD_SIZE"]), "sharding": cfg.sharding}
-    table_hashes = ({kind: file_sha256(table_path(workdir, kind)) for kind in ("product", "query")} if tables else {})
-    fingerprints = {}
-    for v in variants:
-        settings = {**shared, "variant": v.name, "tables": table_hashes if v.uses_tables else {}}
-        fingerprints[v.name] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return Inputs(data, base_spec, tables, fingerprints)
+    return Inputs(data, base_spec, tables)
 
 
 def make_optimizers(model: nn.Module, optimizer: str, lr: float) -> list[torch.optim.Optimizer]:
@@ -170,19 +238,20 @@ def train_model(model: RankingModel, data: RankingData, cfg: TrainConfig, seed: 
                 continue
             history["train_loss"].append(total / count)
             total, count = 0.0, 0
-            if not cfg.early_stopping:
-                continue
-            labels, probs, _ = predict(model, data, "valid", cfg.eval_batch_size)
-            plain.train()
-            history["valid_logloss"].append(log_loss(labels, probs))
-            if history["valid_logloss"][-1] < best_loss:
-                best_loss, since_best = history["valid_logloss"][-1], 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                since_best += 1
+            if cfg.early_stopping:
+                labels, probs, _ = predict(model, data, "valid", cfg.eval_batch_size)
+                plain.train()
+                history["valid_logloss"].append(log_loss(labels, probs))
+                if history["valid_logloss"][-1] < best_loss:
+                    best_loss, since_best = history["valid_logloss"][-1], 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    since_best += 1
+            if not math.isfinite(history["train_loss"][-1]):
+                break  # diverged: run_seed refuses to publish the run
         log.info("%s seed %d epoch %d: train loss %.5f%s", model.variant, seed, epoch + 1, history["train_loss"][-1],
                  f", valid logloss {history['valid_logloss'][-1]:.5f}" if cfg.early_stopping else "")
-        if cfg.early_stopping and since_best >= cfg.patience:
+        if (cfg.early_stopping and since_best >= cfg.patience) or not math.isfinite(history["train_loss"][-1]):
             break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -204,9 +273,28 @@ def predict(model: RankingModel, data: RankingData, split: str = "eval",
     return np.concatenate(labels), np.concatenate(probs), np.concatenate(hist)
 
 
-def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: TrainConfig, out_dir: Path,
+def non_finite(history: dict, probs: np.ndarray, model: nn.Module | None = None) -> str | None:
+    """The first value of a finished run that is not finite (training loss, validation logloss,
+    evaluation predictions, ``model``'s parameters and buffers), described; None when all are."""
+    for key in ("train_loss", "valid_logloss"):
+        values = history[key]
+        bad = next((i for i, x in enumerate(values) if not math.isfinite(x)), None)
+        if bad is not None:
+            return f"{key.replace('_', ' ')} {values[bad]} at check {bad + 1}"
+    if not np.isfinite(probs).all():
+        return f"click probability of {int((~np.isfinite(probs)).sum())} of {len(probs)} evaluation impressions"
+    for name, tensor in (model.state_dict().items() if model is not None else ()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"model parameter {name}"
+    return None
+
+
+def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: TrainConfig, made_from: MadeFrom,
              progress: bool = True) -> dict:
-    """Train one variant from scratch with ``seed``, evaluate it, write model.pt + metrics.json."""
+    """Train one variant from scratch with ``seed``, evaluate it and publish its set (model.pt +
+    metrics.json, :func:`ranking.model.trained_set`) as made from ``made_from``; returns the
+    metrics ({} on ranks other than 0). Raises :class:`UserError`, publishing nothing, when a
+    value is not finite (:func:`non_finite`)."""
     torch.set_num_threads(cfg.threads)
     seed_everything(seed)
     spec = inputs.data.spec if variant.uses_tables else inputs.base_spec
@@ -218,6 +306,7 @@ def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: TrainConfig, out_
         history, train_s, eval_s = run.history, run.train_seconds, run.eval_seconds
         labels, probs, has_history = run.labels, run.probs, run.has_history
         model = build_model(variant, spec, ModelConfig(), build_tables(variant, spec))
+        _refuse_non_finite(variant, seed, non_finite(history, probs))  # on every rank: all stop alike
         if not env.is_main:
             return {}
         model.load_state_dict(run.state)  # the unsharded weights: model.pt as in a single-process run
@@ -228,17 +317,30 @@ def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: TrainConfig, out_
         start = time.perf_counter()
         labels, probs, has_history = predict(model, inputs.data, "eval", cfg.eval_batch_size)
         eval_s = time.perf_counter() - start
-    metrics = {"variant": variant.name, "seed": seed, "fingerprint": inputs.fingerprints[variant.name],
-               "history": history, "train_seconds": train_s, "eval_seconds": eval_s,
-               "train_impressions": inputs.data.num_rows("train"),
-               "world_size": env.world_size if env is not None else 1,
-               "slices": slice_metrics(labels, probs, has_history, spec.train_click_rate)}
-    save_model(model.eval(), out_dir / "model.pt")
-    write_json(_clean(metrics), out_dir / "metrics.json")
+    _refuse_non_finite(variant, seed, non_finite(history, probs, model))
+    metrics = _clean({"variant": variant.name, "seed": seed, "history": history,
+                      "train_impressions": inputs.data.num_rows("train"),
+                      "world_size": env.world_size if env is not None else 1,
+                      "slices": slice_metrics(labels, probs, has_history, spec.train_click_rate)})
+    out = trained_set(cfg.workdir, variant.name, seed)
+    model_rel, metrics_rel = out.files
+    with out.publish(made_from) as staged:
+        save_model(model.eval(), staged[model_rel])
+        write_json(metrics, staged[metrics_rel])
     nw = metrics["slices"]["nw"]
-    log.info("%s seed %d: NW AUC %.4f, normalized logloss %.4f (train %.1f s, eval %.1f s)",
-             variant.name, seed, nw["auc"], nw["norm_logloss"], train_s, eval_s)
+    log.info("%s seed %d: NW AUC %s, normalized logloss %s (train %.1f s, eval %.1f s)", variant.name, seed,
+             _number(nw["auc"]), _number(nw["norm_logloss"]), train_s, eval_s)
     return metrics
+
+
+def _refuse_non_finite(variant: Variant, seed: int, problem: str | None) -> None:
+    if problem is not None:
+        raise UserError(f"ranking {variant.name} seed {seed}: {problem} is not finite; nothing written for this run "
+                        f"(check the dense features for NaN/inf or huge values, or lower --lr)")
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _clean(obj):
@@ -268,7 +370,9 @@ def summarize_variant(per_seed: list[dict]) -> dict[str, dict]:
 
 
 def add_comparisons(results: dict[str, dict]) -> dict[str, dict]:
-    """Set ``p_value_vs_dcn`` (paired on common seeds) and relative gains over ``dcn`` for every variant."""
+    """Set ``p_value_vs_dcn`` (paired on common seeds) and relative gains over ``dcn`` for every
+    variant of ``results`` (``{variant: {slice: summary}}``). Only pass variants evaluated on the
+    same evaluation set (:func:`merge_results` makes sure): the test pairs their per-seed AUCs."""
     base = results.get(BASELINE)
     for variant, slices in results.items():
         for name, r in slices.items():
@@ -287,10 +391,46 @@ def _on_seeds(slice_result: dict, key: str, seeds: list[int]) -> list[float]:
     return [slice_result[key][slice_result["seeds"].index(s)] for s in seeds]
 
 
-def results_markdown(results: dict[str, dict]) -> str:
+def merge_results(trained: dict[str, dict], previous: dict, provenance: Provenance) -> dict:
+    """``results.json`` of this run: the variants summarised now (``trained``, ``{variant: {slice:
+    summary}}``) and those of the ``previous`` results.json made from the same data (and, for a
+    variant with tables, the same tables) as this run; each other one is dropped with a warning.
+    Adds the comparisons with ``dcn`` and the input hashes (``results["inputs"]``)."""
+    recorded = previous.get(INPUTS_KEY, {})
+    kept: dict[str, dict] = {}
+    for name in VARIANTS:
+        if name in trained:
+            kept[name] = trained[name]
+        elif name in previous:
+            changed = [rel for rel, digest in provenance.inputs(VARIANTS[name].uses_tables).items()
+                       if recorded.get(rel) != digest]
+            if changed:
+                log.warning("results.json: dropping %s, trained on other inputs than this run (changed: %s); "
+                            "rerun it with `python -m ranking.train --variant %s`", name, ", ".join(changed), name)
+            else:
+                kept[name] = previous[name]
+    inputs = provenance.inputs(any(VARIANTS[name].uses_tables for name in kept))
+    return {INPUTS_KEY: inputs, **add_comparisons(kept)}
+
+
+def previous_results(workdir: str | Path) -> dict:
+    """The published ``results.json`` ({} when there is none, or when it is not an intact set)."""
+    out = results_set(workdir)
+    json_rel = out.files[0]
+    if out.manifest() is None and not out.path(json_rel).exists():
+        return {}
+    try:
+        out.verify()
+    except UserError as exc:
+        log.warning("%s; results.json starts afresh with this run's variants", exc)
+        return {}
+    return read_json(out.path(json_rel))
+
+
+def results_markdown(results: dict) -> str:
     """Table 2 layout: one row per variant; per slice ROC-AUC and normalized logloss (mean ± std
     over seeds) with the relative gain over ``dcn`` in brackets (logloss gain = reduction)."""
-    order = [v for v in VARIANTS if v in results] + [v for v in results if v not in VARIANTS]
+    order = [v for v in VARIANTS if v in results]
     head = ["variant"]
     for name in SLICES:
         head += [f"{name} AUC", f"{name} NLL"]
@@ -307,12 +447,14 @@ def results_markdown(results: dict[str, dict]) -> str:
         rows.append(row)
     seeds = max(len(results[v]["nw"]["seeds"]) for v in order)
     sizes = ", ".join(f"{name} {results[order[0]][name]['impressions']:,}" for name in SLICES)
+    inputs = ", ".join(f"`{rel}` {digest[:12] if digest else 'absent'}" for rel, digest in results[INPUTS_KEY].items())
     lines = ["# Ranking: paper Table 2 layout", "",
              f"ROC-AUC and normalized logloss (NLL = logloss / logloss of always predicting the training click "
              f"rate; lower is better) on the evaluation week (nw), its impressions whose user bought something in "
              f"the 84 days before (nw_hist) and the others (nw_nohist); impressions: {sizes}. Mean ± std over up "
              f"to {seeds} seeds; in brackets the relative gain over dcn (for NLL: the relative reduction). "
-             f"p: paired t-test of per-seed nw AUC against dcn.", "",
+             f"p: paired t-test of per-seed nw AUC against dcn. Every variant was trained and evaluated on the "
+             f"same inputs (SHA-256): {inputs}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -324,40 +466,52 @@ def _cell(mean: float | None, std: float | None, gain: float | None) -> str:
     return f"{mean:.4f} ± {std:.4f}" + ("" if gain is None else f" ({gain * 100:+.2f}%)")
 
 
-def seed_done(out_dir: Path, fingerprint: str) -> dict | None:
-    """The finished metrics of a seed directory when its fingerprint matches."""
-    metrics_path = out_dir / "metrics.json"
-    if not metrics_path.exists() or not (out_dir / "model.pt").exists():
-        return None
-    metrics = read_json(metrics_path)
-    return metrics if metrics.get("fingerprint") == fingerprint else None
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process die with ``parent_pid``, the process that started it.
+
+    On Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` has the kernel kill it when its parent dies, so a
+    ``kill -9`` of ``ranking.train`` does not leave workers training and publishing seed sets. The
+    signal follows the parent *thread* that created the worker: the pool's workers are created by
+    the main thread, which lives as long as the process. A parent that died before the request
+    took effect (the worker was re-parented) is caught by the pid check right after it. Elsewhere
+    only that check runs.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: TrainConfig, variant_names: list[str]) -> None:
+def _init_worker(cfg: TrainConfig, variant_names: list[str], provenance: Provenance, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     setup_logging()
     torch.set_num_threads(cfg.threads)
-    _WORKER.update(cfg=cfg, inputs=load_inputs(cfg, [VARIANTS[n] for n in variant_names]))
+    _WORKER.update(cfg=cfg, provenance=provenance, inputs=load_inputs(cfg, [VARIANTS[n] for n in variant_names]))
 
 
 def _run_job(job: tuple[str, int]) -> dict:
-    name, seed = job
-    cfg: TrainConfig = _WORKER["cfg"]
-    out_dir = Path(cfg.workdir) / "ranking" / name / f"seed{seed}"
-    return _clean(run_seed(VARIANTS[name], seed, _WORKER["inputs"], cfg, out_dir, progress=False))
+    variant, seed = VARIANTS[job[0]], job[1]
+    return run_seed(variant, seed, _WORKER["inputs"], _WORKER["cfg"], _WORKER["provenance"].made_from(variant, seed),
+                    progress=False)
 
 
-def run_jobs(cfg: TrainConfig, variants: list[Variant], inputs: Inputs, jobs: list[tuple[str, int]]) -> list[dict]:
+def run_jobs(cfg: TrainConfig, variants: list[Variant], inputs: Inputs, provenance: Provenance,
+             jobs: list[tuple[str, int]]) -> list[dict]:
     """Train ``jobs`` ((variant, seed) pairs): in this process, or over ``cfg.workers`` spawned
     processes (each single-job-at-a-time with ``cfg.threads`` threads; same numbers either way)."""
     workers = min(cfg.workers, len(jobs))
     if workers <= 1 or distributed.current_env() is not None:  # under torchrun the ranks are the workers
-        return [_clean(run_seed(VARIANTS[name], seed, inputs, cfg, Path(cfg.workdir) / "ranking" / name / f"seed{seed}"))
+        return [run_seed(VARIANTS[name], seed, inputs, cfg, provenance.made_from(VARIANTS[name], seed))
                 for name, seed in jobs]
     context = multiprocessing.get_context("spawn")  # fork after torch started its threads can deadlock
-    with context.Pool(workers, initializer=_init_worker, initargs=(cfg, [v.name for v in variants])) as pool:
+    initargs = (cfg, [v.name for v in variants], provenance, os.getpid())
+    with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
         return list(tqdm(pool.imap_unordered(_run_job, jobs), total=len(jobs), desc=f"ranking jobs ({workers} workers)",
                          unit="run", disable=None))
 
@@ -373,10 +527,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(cfg, flag)}")
     if not cfg.lr > 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
-    root = prepare_workdir(cfg.workdir, "ranking") / "ranking"
+    workdir = prepare_workdir(cfg.workdir, "ranking", *(f"ranking/{v.name}/seed{k}" for v in variants
+                                                        for k in range(cfg.seeds)))
     env = distributed.init_from_env(cfg.pg_timeout_s)
     if env is not None and not env.is_main:
         torch.distributed.barrier()  # rank 0 builds the feature cache first
+    provenance = Provenance.of(cfg, any(v.uses_tables for v in variants))
     inputs = load_inputs(cfg, variants)
     if env is not None and env.is_main:
         torch.distributed.barrier()
@@ -391,27 +547,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     jobs = []
     for variant in variants:
         for seed in range(cfg.seeds):
-            done = None if cfg.force else seed_done(root / variant.name / f"seed{seed}", inputs.fingerprints[variant.name])
-            if done is not None:
-                log.info("%s seed %d: finished with the same settings; skipping (--force redoes it)", variant.name, seed)
-                finished[variant.name, seed] = done
+            out = trained_set(workdir, variant.name, seed)
+            if not cfg.force and out.current(provenance.made_from(variant, seed)):
+                log.info("%s seed %d: complete for these inputs and settings; skipping (--force redoes it)",
+                         variant.name, seed)
+                finished[variant.name, seed] = read_json(out.path(out.files[1]))
             else:
                 jobs.append((variant.name, seed))
-    for metrics in run_jobs(cfg, variants, inputs, jobs):
+    for metrics in run_jobs(cfg, variants, inputs, provenance, jobs):
         if metrics:  # empty on ranks other than 0
             finished[metrics["variant"], metrics["seed"]] = metrics
     if env is not None:
         torch.distributed.destroy_process_group()
         if not env.is_main:
             return {}
-    results_path = root / "results.json"
-    results = read_json(results_path) if results_path.exists() else {}
-    for variant in variants:
-        results[variant.name] = summarize_variant([finished[variant.name, seed] for seed in range(cfg.seeds)])
-    results = add_comparisons(results)
-    write_json(results, results_path)
-    write_text(results_markdown(results), root / "results.md")
-    log.info("wrote %s and %s", results_path, root / "results.md")
+    trained = {v.name: summarize_variant([finished[v.name, seed] for seed in range(cfg.seeds)]) for v in variants}
+    results = merge_results(trained, previous_results(workdir), provenance)
+    out = results_set(workdir)
+    json_rel, md_rel = out.files
+    listed = [name for name in VARIANTS if name in results]
+    with out.publish(MadeFrom(results[INPUTS_KEY], {"variants": listed})) as staged:
+        write_json(results, staged[json_rel])
+        write_text(results_markdown(results), staged[md_rel])
+    log.info("wrote %s and %s (variants %s)", out.path(json_rel), out.path(md_rel), ", ".join(listed))
     return results
 
 

@@ -46,11 +46,14 @@ import numpy as np
 import torch
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
-from common.io import read_json, write_json, write_text
+from common.io import prepare_workdir, read_json, write_json, write_text
+from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
+from data.dataset import input_hashes
 from data.schema import SchemaError
 from embeddings.tables import EmbeddingTable
 from ranking.features import ImpressionCache
+from serving.export import published_export
 from serving.redis_store import RedisServer, RedisUnavailable, VectorStore
 from serving.requests import EncodedRequest, feature_key
 from serving.server import Scorer, ServiceProcess
@@ -275,14 +278,15 @@ def run(cfg: BenchConfig, argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(cfg.threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per load-test request
     scorer = Scorer(cfg.workdir)
-    out = Path(cfg.workdir) / "serving"
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")}
-    if not cfg.force and (out / "bench.json").exists() and (out / "bench.md").exists():
-        previous = read_json(out / "bench.json")
-        if previous.get("settings") == settings and previous["model"]["sha256"] == scorer.manifest["files"]["model"]["sha256"]:
-            log.info("%s has these settings for this model; skipping (--force runs again)", out / "bench.json")
-            print((out / "bench.md").read_text())
-            return previous
+    out = bench_set(prepare_workdir(cfg.workdir, "serving"))
+    json_rel, md_rel = out.files
+    made_from = MadeFrom({**published_export(cfg.workdir).verify(),
+                          **input_hashes(cfg.workdir, ["impressions", "purchases"])}, settings)
+    if not cfg.force and out.current(made_from):
+        log.info("%s is complete for this export and these settings; skipping (--force runs again)", out.path(json_rel))
+        print(out.path(md_rel).read_text())
+        return read_json(out.path(json_rel))
     try:
         cache = ImpressionCache.open(cfg.workdir)
     except SchemaError as exc:
@@ -322,11 +326,18 @@ def run(cfg: BenchConfig, argv: Sequence[str] | None = None) -> dict:
             "fetch_path_over_fused_p50_max": max(path_ratios)},
         "http": http,
     }
-    write_json(results, out / "bench.json")
     table = markdown(results)
-    write_text(table, out / "bench.md")
+    with out.publish(made_from) as staged:
+        write_json(results, staged[json_rel])
+        write_text(table, staged[md_rel])
     print(table)
     return results
+
+
+def bench_set(workdir: str | Path) -> OutputSet:
+    """The output set of the benchmark: ``bench.json`` and ``bench.md``, made from the export set's hashes."""
+    return OutputSet(workdir, "serving/bench.manifest.json", ["serving/bench.json", "serving/bench.md"],
+                     what="python -m serving.bench")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

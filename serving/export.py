@@ -18,8 +18,18 @@ evaluation week of ``DIR/data/impressions.parquet`` (through the ranking feature
     The id maps of the tables inside the model (``row_id`` -> ``product_id`` / normalised ``query``).
 ``DIR/serving/manifest.json``
     Input names, shapes and dtypes, the feature order and dense normalisation, the request field
-    names, the sha256 of every file written and of the checkpoint and source table files, the
-    parity check and the NW ROC-AUC of the exported model (and its change for fp16/int8 tables).
+    names, the sha256 of every file written and of the checkpoint and of the table files the
+    model was trained from, the parity check and the NW ROC-AUC of the exported model (and its
+    change for fp16/int8 tables).
+
+These files are one :class:`common.provenance.OutputSet` (:func:`export_set`, manifest
+``DIR/serving/export.manifest.json``), made from the hashes of the trained set (``model.pt`` and
+``metrics.json`` of ``ranking.train``, which must be intact), of the impressions and purchases
+tables, and the settings (not ``--threads`` or ``--eval-batch-size``). They are published
+together and a rerun with the same inputs and settings is skipped (a forced one writes new
+TorchScript bytes: ``torch.jit.save`` stamps each file with a random serialization id). A file of
+an earlier export of a variant with tables that the new set lacks (``model_vectors.pt``, the id
+maps) is deleted after the publication.
 
 Parity: the loaded files must score the first ``--parity-rows`` NW impressions like the eager
 model (max |logit diff| <= 1e-5), else the export fails and writes nothing.
@@ -32,8 +42,6 @@ against fp32 tables is measured on the whole NW split.
 # No `from __future__ import annotations` here: fx copies VectorInputModel.forward's signature into
 # the traced module, and TorchScript cannot read string annotations there.
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -46,11 +54,12 @@ from torch.nn import functional as F
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
 from common.io import file_sha256, prepare_workdir, read_json, write_json, write_parquet
+from common.provenance import MadeFrom, OutputSet
+from data.dataset import input_hashes
 from data.schema import SchemaError
-from embeddings.tables import table_path as embedding_table_path
 from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData
 from ranking.metrics import roc_auc
-from ranking.model import RankingModel, load_model
+from ranking.model import RankingModel, load_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
 from ranking.variants import get_variant
@@ -61,7 +70,10 @@ log = logging.getLogger("serving.export")
 MANIFEST_VERSION = 1
 PARITY_TOLERANCE = 1e-5
 TableDtype = Literal["fp32", "fp16", "int8"]
-OPTIONAL_FILES = ("model_vectors.pt", "product_ids.parquet", "query_ids.parquet")  # only for variants with tables
+EXPORT_MANIFEST = "serving/export.manifest.json"
+FILES = {"model": "model.pt", "manifest": "manifest.json"}
+TABLE_FILES = {"vectors_model": "model_vectors.pt", "product_ids": "product_ids.parquet",
+               "query_ids": "query_ids.parquet"}  # only for variants with tables
 QUANT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "int8": torch.qint8}
 
 
@@ -81,7 +93,24 @@ class ExportConfig:
 
 
 def checkpoint_path(workdir: str | Path, variant: str, seed: int) -> Path:
-    return Path(workdir) / "ranking" / variant / f"seed{seed}" / "model.pt"
+    trained = trained_set(workdir, variant, seed)
+    return trained.path(trained.files[0])
+
+
+def export_files(with_tables: bool) -> dict[str, str]:
+    """File key -> workdir-relative path of the files of an export (with the table files ``with_tables``)."""
+    return {key: f"serving/{name}" for key, name in {**FILES, **(TABLE_FILES if with_tables else {})}.items()}
+
+
+def export_set(workdir: str | Path, with_tables: bool) -> OutputSet:
+    """The output set of an export (with the vectors model and id maps ``with_tables``)."""
+    return OutputSet(workdir, EXPORT_MANIFEST, list(export_files(with_tables).values()), what="python -m serving.export")
+
+
+def published_export(workdir: str | Path) -> OutputSet:
+    """The export set as last published (its manifest says whether it has the table files)."""
+    manifest = export_set(workdir, False).manifest() or {}
+    return export_set(workdir, export_files(True)["vectors_model"] in manifest.get("files", {}))
 
 
 class VectorInputModel(nn.Module):
@@ -184,13 +213,11 @@ def _inputs_spec(spec: FeatureSpec) -> tuple[list[dict], list[dict]]:
     ]
 
 
-def _write_id_maps(spec: FeatureSpec, out: Path) -> dict[str, Path]:
-    paths = {"product_ids": out / "product_ids.parquet", "query_ids": out / "query_ids.parquet"}
+def _write_id_maps(spec: FeatureSpec, paths: dict[str, Path]) -> None:
     write_parquet(pa.table({"row_id": pa.array(np.arange(1, spec.num_product_rows), pa.int64()),
                             "product_id": pa.array(spec.product_ids, pa.int64())}), paths["product_ids"])
     write_parquet(pa.table({"row_id": pa.array(np.arange(1, spec.num_query_rows), pa.int64()),
                             "query": pa.array(spec.queries, pa.string())}), paths["query_ids"])
-    return paths
 
 
 @torch.no_grad()
@@ -203,47 +230,13 @@ def _nw_auc(module: nn.Module, data: RankingData, batch_size: int) -> tuple[floa
     return roc_auc(y, np.concatenate(logits)), int(len(y))
 
 
-def _settings(cfg: ExportConfig, checkpoint: Path, data_key: str) -> dict:
+def _settings(cfg: ExportConfig) -> dict:
     return {"variant": cfg.variant, "seed": cfg.seed, "table_dtype": cfg.table_dtype, "parity_rows": cfg.parity_rows,
-            "checkpoint_sha256": file_sha256(checkpoint), "impressions_cache": data_key,
             "manifest_version": MANIFEST_VERSION}
 
 
-def export_complete(out: Path, settings: dict) -> dict | None:
-    """The manifest when every file it lists is present with its recorded hash and the settings match."""
-    path = out / "manifest.json"
-    if not path.exists():
-        return None
-    manifest = read_json(path)
-    if manifest.get("settings") != settings:
-        return None
-    for entry in manifest.get("files", {}).values():
-        target = out / entry["path"]
-        if not target.exists() or file_sha256(target) != entry["sha256"]:
-            return None
-    return manifest
-
-
-def _staging_dir(out: Path) -> Path:
-    staging = out / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    return staging
-
-
-def _publish(staging: Path, out: Path, names: Sequence[str]) -> None:
-    """Move the staged files into ``out``: the old manifest goes first and the new one last, so a run
-    killed in between leaves no manifest that vouches for a mix of old and new files."""
-    (out / "manifest.json").unlink(missing_ok=True)
-    for stale in OPTIONAL_FILES:
-        if stale not in names:
-            (out / stale).unlink(missing_ok=True)
-    for name in names:
-        os.replace(staging / name, out / name)
-
-
 def export(cfg: ExportConfig) -> dict:
-    """Run the export (see module docstring); returns the manifest."""
+    """Run the export (see module docstring); returns the manifest (``serving/manifest.json``)."""
     workdir = Path(cfg.workdir)
     get_variant(cfg.variant)
     if cfg.seed < 0 or cfg.parity_rows < 1 or cfg.eval_batch_size < 1 or cfg.threads < 1:
@@ -252,33 +245,43 @@ def export(cfg: ExportConfig) -> dict:
     if not checkpoint.exists():
         raise UserError(f"{checkpoint}: missing ranking model (run `python -m ranking.train --workdir {workdir} "
                         f"--variant {cfg.variant}` first)")
+    trained = trained_set(workdir, cfg.variant, cfg.seed)
+    made_from = MadeFrom({**trained.verify(), **input_hashes(workdir, ["impressions", "purchases"])}, _settings(cfg))
     torch.set_num_threads(cfg.threads)
-    out = prepare_workdir(workdir, "serving") / "serving"
+    prepare_workdir(workdir, "serving")
+    eager = load_model(checkpoint)
+    files = export_files(eager.table_tower is not None)
+    out = export_set(workdir, eager.table_tower is not None)
+    if not cfg.force and out.current(made_from):
+        log.info("serving export in %s is complete for these inputs and settings; skipping (--force redoes it)",
+                 workdir / "serving")
+        return read_manifest(workdir)
     try:
-        settings = _settings(cfg, checkpoint, ImpressionCache.cache_key(workdir))
-        done = None if cfg.force else export_complete(out, settings)
-        if done is not None:
-            log.info("serving export in %s is complete for these settings; skipping (--force redoes it)", out)
-            return done
         cache = ImpressionCache.open(workdir)
         purchases = PurchaseIndex.from_workdir(workdir)
     except SchemaError as exc:
         raise UserError(str(exc)) from None
-    staging = _staging_dir(out)
-    try:
-        manifest = _export_to(staging, cfg, workdir, checkpoint, settings, cache, purchases)
-        _publish(staging, out, [entry["path"] for entry in manifest["files"].values()] + ["manifest.json"])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with out.publish(made_from) as staged:
+        paths = {key: staged[rel] for key, rel in files.items()}
+        manifest = _export_to(paths, cfg, workdir, checkpoint, eager, trained, cache, purchases)
+    for rel in set(export_files(True).values()) - set(files.values()):  # an earlier export's table files
+        (workdir / rel).unlink(missing_ok=True)
     log.info("exported %s seed %d (%s tables) to %s; model sha256 %s", cfg.variant, cfg.seed, cfg.table_dtype,
-             out, manifest["files"]["model"]["sha256"][:16])
+             workdir / "serving", manifest["files"]["model"]["sha256"][:16])
     return manifest
 
 
-def _export_to(staging: Path, cfg: ExportConfig, workdir: Path, checkpoint: Path, settings: dict,
-               cache: ImpressionCache, purchases: PurchaseIndex) -> dict:
-    """Script, check and describe the model into ``staging``; returns the manifest written there."""
-    eager = load_model(checkpoint)
+def read_manifest(workdir: str | Path) -> dict:
+    """``serving/manifest.json`` of the published export (checked against its set first)."""
+    out = published_export(workdir)
+    out.verify()
+    return read_json(out.path(export_files(False)["manifest"]))
+
+
+def _export_to(paths: dict[str, Path], cfg: ExportConfig, workdir: Path, checkpoint: Path, eager: RankingModel,
+               trained: OutputSet, cache: ImpressionCache, purchases: PurchaseIndex) -> dict:
+    """Script, check and describe the model into ``paths`` (file key -> temp path of the set, keys
+    of :data:`FILES` and, for a model with tables, :data:`TABLE_FILES`); returns the manifest."""
     spec = eager.spec
     data = RankingData(cache, purchases, spec)
     if data.num_rows("eval") == 0:
@@ -289,22 +292,20 @@ def _export_to(staging: Path, cfg: ExportConfig, workdir: Path, checkpoint: Path
     quantize_tables(served, cfg.table_dtype)
     has_tables = eager.table_tower is not None
     log.info("tracing and scripting %s (tables %s)", cfg.variant, cfg.table_dtype)
-    files = {"model": staging / "model.pt"}
-    torch.jit.save(script(served_plain), str(files["model"]))
+    torch.jit.save(script(served_plain), str(paths["model"]))
     if has_tables:
-        files["vectors_model"] = staging / "model_vectors.pt"
-        torch.jit.save(script(VectorInputModel(load_model(checkpoint))), str(files["vectors_model"]))
+        torch.jit.save(script(VectorInputModel(load_model(checkpoint))), str(paths["vectors_model"]))
 
     parity_batch = data.batch(np.asarray(cache.split_index("eval"))[: cfg.parity_rows])
     inputs = parity_batch.inputs()
-    loaded = torch.jit.load(str(files["model"]))
+    loaded = torch.jit.load(str(paths["model"]))
     with torch.no_grad():
         parity = {"rows": len(parity_batch), "tolerance": PARITY_TOLERANCE,
                   "fused_max_abs_diff": float((loaded(*inputs) - served_plain(*inputs)).abs().max()),
                   "reference": "eager model" + (f" with {cfg.table_dtype} tables" if cfg.table_dtype != "fp32" else "")}
         if has_tables:
             product, query = table_vectors(eager)
-            vectors_loaded = torch.jit.load(str(files["vectors_model"]))
+            vectors_loaded = torch.jit.load(str(paths["vectors_model"]))
             parity["vectors_max_abs_diff"] = float(
                 (vectors_loaded(*vector_inputs(product, query, inputs)) - eager_plain(*inputs)).abs().max())
     bad = {k: v for k, v in parity.items() if k.endswith("max_abs_diff") and not v <= PARITY_TOLERANCE}
@@ -324,23 +325,22 @@ def _export_to(staging: Path, cfg: ExportConfig, workdir: Path, checkpoint: Path
         print(f"NW ROC-AUC over {n} impressions: {auc_exported:.6f} (fp32 tables)")
 
     if has_tables:
-        files.update(_write_id_maps(spec, staging))
-    sources = {}
-    for kind in ("product", "query"):
-        path = embedding_table_path(workdir, kind)
-        if path.exists():
-            sources[kind] = {"path": str(path.relative_to(workdir)), "sha256": file_sha256(path)}
+        _write_id_maps(spec, paths)
+    trained_from = (trained.manifest() or {})["made_from"]["inputs"]
+    sources = {rel.split("/")[-1].removesuffix("_table.parquet"): {"path": rel, "sha256": digest}
+               for rel, digest in trained_from.items() if rel.startswith("embeddings/") and digest}
     fused_inputs, vector_input_spec = _inputs_spec(spec)
     import fbgemm_gpu  # noqa: F401  (version for the manifest)
     import torchrec
 
+    file_names = {**FILES, **TABLE_FILES}
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "variant": cfg.variant, "seed": cfg.seed, "table_dtype": cfg.table_dtype,
-        "settings": settings,
-        "checkpoint": {"path": str(checkpoint.relative_to(workdir)), "sha256": settings["checkpoint_sha256"]},
-        "files": {name: {"path": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
-                  for name, path in files.items()},
+        "settings": _settings(cfg),
+        "checkpoint": {"path": str(checkpoint.relative_to(workdir)), "sha256": file_sha256(checkpoint)},
+        "files": {key: {"path": file_names[key], "sha256": file_sha256(path), "bytes": path.stat().st_size}
+                  for key, path in paths.items() if key != "manifest"},
         "source_tables": sources,
         "inputs": fused_inputs,
         "vectors_inputs": vector_input_spec if has_tables else [],
@@ -356,7 +356,7 @@ def _export_to(staging: Path, cfg: ExportConfig, workdir: Path, checkpoint: Path
                      "torchrec": getattr(torchrec, "__version__", "unknown")},
         "load": "import torch, fbgemm_gpu; torch.jit.load(path)",
     }
-    write_json(manifest, staging / "manifest.json")
+    write_json(manifest, paths["manifest"])
     return manifest
 
 

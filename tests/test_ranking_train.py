@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-import torch
 
 from common.cli import run_main
 from data.schema import read_table
@@ -79,13 +78,10 @@ def test_all_variants_two_seeds_end_to_end(tiny_workdir_copy, caplog):
     assert "skipping" in caplog.text
     assert (workdir / "ranking" / "dcn" / "seed0" / "model.pt").stat().st_mtime_ns == mtime
     seed0 = workdir / "ranking" / "dcn_pq_hist_random" / "seed0"
-    before = json.loads((seed0 / "metrics.json").read_text())["slices"]
-    state = torch.load(seed0 / "model.pt", weights_only=True)["state_dict"]
+    before = {name: (seed0 / name).read_bytes() for name in ("model.pt", "metrics.json")}  # trained by a worker
     merged = train.main(["--workdir", str(workdir), "--variant", "dcn_pq_hist_random", "--seeds", "1", "--force", *FAST])
-    assert json.loads((seed0 / "metrics.json").read_text())["slices"] == before
-    state_again = torch.load(seed0 / "model.pt", weights_only=True)["state_dict"]
-    assert state.keys() == state_again.keys() and all(torch.equal(state[k], state_again[k]) for k in state)
-    assert set(merged) == set(VARIANTS)  # merged with the variants already there
+    assert {name: (seed0 / name).read_bytes() for name in before} == before
+    assert set(merged) == {"inputs", *VARIANTS}  # merged with the variants already there (same data and tables)
 
 
 def test_unknown_variant_is_one_line_exit_2():

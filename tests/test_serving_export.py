@@ -36,6 +36,8 @@ def test_manifest_records_hashes_inputs_and_parity(serving_workdir: Path):
     assert set(manifest["files"]) == {"model", "vectors_model", "product_ids", "query_ids"}
     for entry in manifest["files"].values():
         assert file_sha256(out / entry["path"]) == entry["sha256"]
+    published = export.published_export(serving_workdir).verify()  # one set, with the descriptive manifest
+    assert set(published) == {f"serving/{e['path']}" for e in manifest["files"].values()} | {"serving/manifest.json"}
     for kind in ("product", "query"):
         assert manifest["source_tables"][kind]["sha256"] == file_sha256(table_path(serving_workdir, kind))
     checkpoint = export.checkpoint_path(serving_workdir, "dcn_pq_hist", 0)
@@ -115,3 +117,15 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "seed3/model.pt" in err and "ranking.train" in err and "Traceback" not in err
+
+
+def test_a_mixed_trained_set_is_refused_and_nothing_is_exported(serving_workdir: Path, tmp_path: Path, capsys):
+    workdir = copy_workdir(serving_workdir, tmp_path / "mixed")
+    metrics = workdir / "ranking" / "dcn_pq_hist" / "seed0" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace('"seed": 0', '"seed": 0 '))  # as if another run wrote it
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(export.main, ["--workdir", str(workdir), "--threads", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "metrics.json" in err[-1] and "ranking.train" in err[-1]
+    assert not (workdir / "serving").exists()
