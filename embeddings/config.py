@@ -2,13 +2,12 @@
 
 Field metadata ``stage`` says which outputs a setting changes: ``model`` (the architecture and its
 initialisation: every stage), ``1`` (stage 1), ``2`` (stage 2) or ``run`` (how a run executes, not
-what it computes). A finished stage is reused when its settings are unchanged.
+what it computes). A finished stage is reused only when it was made from the same inputs and
+these settings (:meth:`TrainConfig.settings`, recorded in its :class:`common.provenance.MadeFrom`).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -61,8 +60,9 @@ class TrainConfig(ModelConfig):
     workdir: str = _f(DEFAULT_WORKDIR, "run directory (reads DIR/data, writes DIR/embeddings)", "run")
     stage: Literal["1", "2", "all"] = _f("all", "which stage(s) to run", "run")
     device: Device = _f("auto", "auto = cuda when available (bf16 autocast, fused AdamW), else cpu", "run")
-    resume: bool = _f(True, "continue an interrupted run of the same settings from its last checkpoint", "run")
-    force: bool = _f(False, "retrain even when finished outputs for the same settings exist", "run")
+    resume: bool = _f(True, "continue an interrupted run of the same data and settings from its last "
+                            "checkpoint", "run")
+    force: bool = _f(False, "retrain even when finished outputs for the same data and settings exist", "run")
     threads: int = _f(0, "CPU threads for torch (0 = torch default)", "run")
     pg_timeout_s: float = _f(300.0, "under torchrun (WORLD_SIZE > 1): every collective fails after this many seconds, "
                                     "so a rank that dies stops the others instead of hanging them", "run")
@@ -122,10 +122,6 @@ class TrainConfig(ModelConfig):
         stages = {"model", "1"} if upto == "1" else {"model", "1", "2"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("stage") in stages}
 
-    def settings_key(self, upto: str) -> str:
-        blob = json.dumps(self.settings(upto), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 def model_config_from(settings: dict[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` recorded in a run's ``config.json``."""
@@ -156,7 +152,8 @@ class ExportConfig:
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     device: Device = field(default="auto", metadata={"help": "device"})
     batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
-    force: bool = field(default=False, metadata={"help": "re-export even if the tables match the checkpoint"})
+    force: bool = field(default=False, metadata={"help": "re-export even if the tables were made from the same "
+                                                           "checkpoint, data and settings"})
 
 
 @dataclass

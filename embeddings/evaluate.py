@@ -1,7 +1,11 @@
 """Evaluate DashCLIP embeddings on held-out queries (paper Table 1 and section 5).
 
 ``python -m embeddings.evaluate --workdir DIR [--seed 0] [--force]`` writes
-``DIR/embeddings/metrics.json``, ``metrics.md`` and ``plots/{tsne,cosine_by_relevance}.png``.
+``DIR/embeddings/metrics.json``, ``metrics.md`` and ``plots/{tsne,cosine_by_relevance}.png``,
+published as one set (:func:`metrics_set`, manifest ``metrics.manifest.json``) made from the
+catalog and relevance tables, the synthetic complete judgments (when present), the trained model's
+set (``model.pt``, ``config.json``), the exported product table when it is used, and the flags;
+a set made from exactly these is kept (``--force`` recomputes).
 
 Held-out queries are the eval side of :func:`embeddings.sampling.split_queries`, with the seed and
 fraction that training recorded in ``DIR/embeddings/config.json`` (defaults when it has none).
@@ -33,9 +37,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,14 +55,16 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
-from common.io import file_sha256, prepare_workdir, read_json, write_json, write_text
+from common.io import prepare_workdir, read_json, temp_sibling, write_json, write_text
+from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
-from data import schema
+from data import dataset, schema
 from data.schema import HR, IR, LABEL_NAMES, MR
 from data.synth import RELEVANCE_TRUTH_FILE
 from embeddings import tables
 from embeddings.config import TrainConfig
 from embeddings.sampling import normalized_query_codes, split_queries
+from embeddings.train import MODEL_CHECKPOINT, data_inputs, stage_set
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,9 @@ TOP_K = 10
 DEFAULT_EVAL_FRACTION = TrainConfig.query_eval_fraction
 RETRIEVAL_SYSTEMS = {"random": "Random vectors", "untuned_text": "Untuned query vs title-text encoder",
                      "untuned_image": "Untuned query vs image encoder", "dashclip": "DashCLIP (trained)"}
+METRICS_JSON, METRICS_MD = "embeddings/metrics.json", "embeddings/metrics.md"
+PLOTS_DIR = "embeddings/plots"
+PLOT_FILES = ("cosine_by_relevance.png", "tsne.png")  # t-SNE is left out when too few products remain
 
 
 # ----------------------------------------------------------------------------------- retrieval
@@ -302,15 +313,43 @@ def split_settings(workdir: Path, seed: int) -> dict:
             "source": "defaults (no query_eval_fraction in embeddings/config.json)"}
 
 
-def _input_fingerprint(workdir: Path) -> dict[str, str]:
-    """sha256 of every file the metrics depend on: data tables, exported tables, checkpoints."""
-    files = [schema.table_path(workdir, "catalog"), schema.table_path(workdir, "relevance"),
-             workdir / "data" / RELEVANCE_TRUTH_FILE, tables.table_path(workdir, "product"),
-             workdir / "embeddings" / "config.json"]
-    checkpoints = workdir / "embeddings" / "checkpoints"
-    if checkpoints.is_dir():
-        files += sorted(p for p in checkpoints.rglob("*") if p.is_file())
-    return {str(p.relative_to(workdir)): file_sha256(p) for p in files if p.exists()}
+def metrics_set(workdir: str | Path, plots: Sequence[str] = ()) -> OutputSet:
+    """The evaluation's outputs: ``metrics.json``, ``metrics.md`` and the ``plots`` drawn (names in ``plots/``)."""
+    return OutputSet(workdir, "embeddings/metrics.manifest.json",
+                     [METRICS_JSON, METRICS_MD, *(f"{PLOTS_DIR}/{name}" for name in plots)],
+                     what="python -m embeddings.evaluate")
+
+
+def published_metrics(workdir: Path) -> OutputSet:
+    """The metrics set with the plots its manifest lists (none when there is no manifest)."""
+    manifest = metrics_set(workdir).manifest()
+    listed = manifest.get("files") if manifest else None
+    prefix = PLOTS_DIR + "/"
+    return metrics_set(workdir, sorted(rel[len(prefix):] for rel in listed if rel.startswith(prefix))
+                       if isinstance(listed, dict) else [])
+
+
+def exported_product_table(workdir: Path, inputs: dict[str, str | None]) -> dict[str, str]:
+    """``{product table: sha256}`` when the exported tables are an intact set made from the checkpoint
+    and catalog of ``inputs`` (their product vectors then stand in for encoding the catalog), else ``{}``."""
+    output = tables.tables_set(workdir)
+    made = ((output.manifest() or {}).get("made_from") or {}).get("inputs") or {}
+    if any(made.get(rel) != inputs[rel] for rel in (MODEL_CHECKPOINT, dataset.table_rel("catalog"))):
+        return {}
+    try:
+        hashes = output.verify()
+    except UserError:
+        return {}
+    rel = tables.table_rel("product")
+    return {rel: hashes[rel]}
+
+
+def evaluation_inputs(workdir: Path) -> dict[str, str | None]:
+    """What the metrics are made from: the catalog and relevance tables, the trained model's set,
+    the complete judgments (None when absent) and the exported product table when it is used."""
+    inputs = {**data_inputs(workdir, ("catalog", "relevance")), **stage_set(workdir, 2).verify(),
+              **MadeFrom.of(workdir, [f"data/{RELEVANCE_TRUTH_FILE}"], {}).inputs}
+    return {**inputs, **exported_product_table(workdir, inputs)}
 
 
 def complete_judgments(workdir: Path, queries: Sequence[str], product_ids: np.ndarray) -> sparse.csr_matrix | None:
@@ -334,18 +373,15 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-def trained_product_vectors(workdir: Path, encoder, catalog: pd.DataFrame) -> np.ndarray:
-    """Trained multimodal product vectors ``[P, d]``: from the exported product table when it covers
-    the whole catalog (no re-encoding), else from the trained encoder."""
+def trained_product_vectors(workdir: Path, encoder, catalog: pd.DataFrame, exported: bool) -> np.ndarray:
+    """Trained multimodal product vectors ``[P, d]``: from the exported product table when
+    ``exported`` (made from this checkpoint and catalog: no re-encoding), else from the trained encoder."""
+    if not exported:
+        return encoder.products(catalog)
     path = tables.table_path(workdir, "product")
-    if path.exists():
-        table = tables.read_table(path, "product")
-        rows = table.lookup(catalog["product_id"].to_numpy())
-        if (rows > 0).all():
-            log.info("trained product vectors: read from %s", path)
-            return table.vectors[rows]
-        log.info("exported product table misses %d catalog products: encoding them all", int((rows == 0).sum()))
-    return encoder.products(catalog)
+    log.info("trained product vectors: read from %s", path)
+    table = tables.read_table(path, "product")
+    return table.vectors[table.lookup(catalog["product_id"].to_numpy())]
 
 
 def _markdown(metrics: dict) -> str:
@@ -407,9 +443,11 @@ def _markdown(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def encode_all(workdir: Path, catalog: pd.DataFrame, queries: list[str], rng: np.random.Generator) -> dict[str, np.ndarray]:
+def encode_all(workdir: Path, catalog: pd.DataFrame, queries: list[str], rng: np.random.Generator,
+               exported: bool) -> dict[str, np.ndarray]:
     """Every vector set the evaluation compares, L2-normalised, keyed ``<system>_<kind>``:
-    ``{untuned,dashclip,random}_{query,product}`` plus ``untuned_text`` and ``untuned_image``."""
+    ``{untuned,dashclip,random}_{query,product}`` plus ``untuned_text`` and ``untuned_image``
+    (trained product vectors from the exported table when ``exported``)."""
     from embeddings.encode import load_encoder  # the encoders are heavy: import only when evaluating
 
     steps = tqdm(total=6, desc="encode", unit="set")
@@ -424,7 +462,7 @@ def encode_all(workdir: Path, catalog: pd.DataFrame, queries: list[str], rng: np
     trained = load_encoder(workdir, "trained")
     vectors["dashclip_query"] = _unit(trained.queries(queries))
     steps.update()
-    vectors["dashclip_product"] = _unit(trained_product_vectors(workdir, trained, catalog))
+    vectors["dashclip_product"] = _unit(trained_product_vectors(workdir, trained, catalog, exported))
     steps.update()
     steps.close()
     dim = vectors["dashclip_product"].shape[1]
@@ -437,28 +475,44 @@ def _cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarra
     return np.sort(rng.choice(rows, cap, replace=False)) if len(rows) > cap else rows
 
 
+def publish_metrics(workdir: Path, made_from: MadeFrom, metrics: dict,
+                    draw: Callable[[Path], list[Path | None]]) -> dict:
+    """Draw the plots into a scratch directory (``draw(directory)`` returns their paths, None for a
+    plot left out), then publish them with ``metrics.json`` and ``metrics.md`` as one set. Returns
+    the metrics with their ``plots``."""
+    scratch = temp_sibling(workdir / PLOTS_DIR)
+    scratch.mkdir(parents=True)
+    try:
+        drawn = [path for path in draw(scratch) if path is not None]
+        metrics = {**metrics, "plots": [f"plots/{path.name}" for path in drawn]}
+        with metrics_set(workdir, [path.name for path in drawn]).publish(made_from) as staged:
+            for path in drawn:
+                os.replace(path, staged[f"{PLOTS_DIR}/{path.name}"])
+            write_json(metrics, staged[METRICS_JSON])
+            write_text(_markdown(metrics), staged[METRICS_MD])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for left_out in set(PLOT_FILES) - {path.name for path in drawn}:  # an earlier run's plot: not of these metrics
+        (workdir / PLOTS_DIR / left_out).unlink(missing_ok=True)
+    return metrics
+
+
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Run the whole evaluation; returns the metrics written to ``metrics.json``."""
-    workdir = Path(cfg.workdir)
-    out_dir = workdir / "embeddings"
+    workdir = prepare_workdir(cfg.workdir, "embeddings")
     rng = seed_everything(cfg.seed)
+    inputs = evaluation_inputs(workdir)
     split = split_settings(workdir, cfg.seed)
-    settings = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")},
-                "split": split, "inputs": _input_fingerprint(workdir)}
-    metrics_path = out_dir / "metrics.json"
-    if not cfg.force and metrics_path.exists() and (out_dir / "metrics.md").exists():
-        previous = read_json(metrics_path)
-        if previous.get("settings") == settings and all((out_dir / p).exists() for p in previous.get("plots", [])):
-            log.info("%s is up to date for these settings and inputs: skipping (--force to redo)", metrics_path)
-            return previous
+    made_from = MadeFrom(inputs, {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")},
+                                  "split": split})
+    if not cfg.force and published_metrics(workdir).current(made_from):
+        log.info("%s is up to date for these inputs and settings: skipping (--force to redo)", workdir / METRICS_JSON)
+        return read_json(workdir / METRICS_JSON)
 
     # Held-out queries and their labelled pairs.
-    try:
-        catalog = schema.read_table(workdir, "catalog").to_pandas()
-        relevance = schema.read_table(workdir, "relevance").to_pandas()
-    except schema.SchemaError as exc:
-        raise UserError(str(exc)) from None
-    prepare_workdir(workdir, "embeddings/plots")
+    schema.validate_tables(workdir, ("catalog", "relevance"), check_images=True)
+    catalog = schema.read_table(workdir, "catalog").to_pandas()
+    relevance = schema.read_table(workdir, "relevance").to_pandas()
     _, heldout = split_queries(relevance, split["eval_fraction"], split["seed"])
     if heldout.empty:
         raise UserError(f"no held-out queries (eval_fraction {split['eval_fraction']} of "
@@ -474,7 +528,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     log.info("evaluating on %d held-out queries (%d labelled pairs) over %d products",
              len(queries), len(pairs), len(product_ids))
 
-    vectors = encode_all(workdir, catalog, queries, rng)
+    vectors = encode_all(workdir, catalog, queries, rng, tables.table_rel("product") in inputs)
 
     # Table 1: retrieval.
     labels = relevance_matrix(pairs, queries, product_ids)
@@ -507,9 +561,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                                          vectors[f"{name}_query"][pair_query[probe_rows]]], axis=1),
                                          probe_labels, **probe_kwargs)
                        for name in tqdm(systems, desc="relevance probe")}
-    plots = [plot_cosine_histograms(cosines, out_dir / "plots" / "cosine_by_relevance.png"),
-             plot_tsne({name: vectors[f"{name}_product"] for name in systems}, catalog["aisle"].to_numpy(),
-                       out_dir / "plots" / "tsne.png", seed=cfg.seed, max_points=cfg.tsne_points)]
+
+    def draw(directory: Path) -> list[Path | None]:
+        return [plot_cosine_histograms(cosines, directory / PLOT_FILES[0]),
+                plot_tsne({name: vectors[f"{name}_product"] for name in systems}, catalog["aisle"].to_numpy(),
+                          directory / PLOT_FILES[1], seed=cfg.seed, max_points=cfg.tsne_points)]
 
     metrics = {
         "retrieval": retrieval,
@@ -523,13 +579,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                             for name, (cos, lab) in cosines.items()},
         "split": {**split, "n_heldout_queries": len(queries), "n_heldout_pairs": int(len(pairs))},
         "counts": {"products": int(len(product_ids)), "relevance_pairs": int(len(relevance))},
-        "plots": [str(p.relative_to(out_dir)) for p in plots if p is not None],
-        "settings": settings,
     }
-    write_json(metrics, metrics_path)
-    write_text(_markdown(metrics), out_dir / "metrics.md")
+    metrics = publish_metrics(workdir, made_from, metrics, draw)
     log.info("wrote %s: DashCLIP Recall@10 %.3f (untuned text %.3f, random %.3f); judged nDCG@10 %.3f (untuned "
-             "text %.3f); aisle F1 %.3f vs %.3f; relevance F1 %.3f vs %.3f", metrics_path,
+             "text %.3f); aisle F1 %.3f vs %.3f; relevance F1 %.3f vs %.3f", workdir / METRICS_JSON,
              retrieval["dashclip"]["recall_at_10"], retrieval["untuned_text"]["recall_at_10"],
              retrieval["random"]["recall_at_10"], retrieval_judged["dashclip"]["ndcg_at_10"],
              retrieval_judged["untuned_text"]["ndcg_at_10"],

@@ -2,9 +2,11 @@
 
 Writes ``DIR/embeddings/product_table.parquet`` (every catalog product, multimodal vectors) and
 ``DIR/embeddings/query_table.parquet`` (every distinct normalised query of the relevance and the
-impressions tables) in the layout of :mod:`embeddings.tables` (row 0 = zeros for unknown ids).
-The file metadata ``dashrec.source`` names the checkpoint and its hash; tables whose source
-matches the current checkpoint are kept (``--force`` re-exports).
+impressions tables) in the layout of :mod:`embeddings.tables` (row 0 = zeros for unknown ids),
+published as one set (:func:`embeddings.tables.tables_set`). The set is made from the trained
+checkpoint (``model.pt`` with its ``config.json``), the catalog, relevance and impressions
+tables and ``--batch-size``; tables made from exactly these are kept (``--force`` re-exports).
+The file metadata ``dashrec.source`` names the checkpoint and its hash.
 """
 from __future__ import annotations
 
@@ -15,52 +17,60 @@ from typing import Sequence
 
 import pyarrow.compute as pc
 
-from common.cli import UserError, parse_config, run_main
+from common.cli import parse_config, run_main
 from common.io import prepare_workdir
+from common.provenance import MadeFrom
 from data import schema
-from data.schema import SchemaError
 from data.text import normalize_query
 from embeddings import tables
 from embeddings.config import ExportConfig
 from embeddings.encode import load_encoder
+from embeddings.train import data_inputs, stage_set
 
 log = logging.getLogger(__name__)
 
+QUERY_TABLES: tuple[schema.TableName, ...] = ("relevance", "impressions")
+
 
 def distinct_queries(workdir: Path) -> list[str]:
-    """Sorted distinct normalised queries of the relevance and impressions tables."""
+    """Sorted distinct normalised queries of the relevance and impressions tables (validated)."""
     found: set[str] = set()
-    for name in ("relevance", "impressions"):
+    for name in QUERY_TABLES:
         column = schema.read_table(workdir, name, columns=["query"]).column("query")
-        if column.null_count:
-            raise SchemaError(schema.table_path(workdir, name), "query", "null query; this column must not be null")
         found.update(normalize_query(q) for q in pc.unique(column).to_pylist())
     return sorted(found)
 
 
+def made_from(workdir: Path, cfg: ExportConfig) -> MadeFrom:
+    """The trained model's published set, the tables the export reads, and its settings."""
+    inputs = {**stage_set(workdir, 2).verify(), **data_inputs(workdir, ("catalog", *QUERY_TABLES))}
+    return MadeFrom(inputs, {"batch_size": cfg.batch_size})
+
+
 def export(cfg: ExportConfig) -> dict[str, Path]:
     workdir = prepare_workdir(cfg.workdir, "embeddings")
-    encoder = load_encoder(workdir, "trained", cfg.device, cfg.batch_size)
+    output = tables.tables_set(workdir)
     paths = {kind: tables.table_path(workdir, kind) for kind in ("product", "query")}
-    if not cfg.force and all(p.exists() for p in paths.values()):
-        sources = {tables.read_table(p).source for p in paths.values()}
-        if sources == {encoder.source}:
-            log.info("product and query tables are up to date with %s: skipping (--force to redo)", encoder.source)
-            return paths
-    try:
-        catalog = schema.read_table(workdir, "catalog").select(["product_id", "title", "image"]).to_pandas()
-        queries = distinct_queries(workdir)
-    except SchemaError as exc:
-        raise UserError(str(exc)) from None
+    source = made_from(workdir, cfg)
+    if not cfg.force and output.current(source):
+        log.info("product and query tables are made from these checkpoint, data and settings: skipping "
+                 "(--force to redo)")
+        return paths
+    schema.validate_tables(workdir, ("catalog", *QUERY_TABLES), check_images=True)
+    encoder = load_encoder(workdir, "trained", cfg.device, cfg.batch_size)
+    catalog = schema.read_table(workdir, "catalog").select(["product_id", "title", "image"]).to_pandas()
+    queries = distinct_queries(workdir)
     started = time.perf_counter()
     product_vectors = encoder.products(catalog)
     product_s = time.perf_counter() - started
-    tables.write_table(tables.build_table("product", catalog["product_id"].tolist(), product_vectors, encoder.source),
-                       paths["product"])
     started = time.perf_counter()
     query_vectors = encoder.queries(queries)
     query_s = time.perf_counter() - started
-    tables.write_table(tables.build_table("query", queries, query_vectors, encoder.source), paths["query"])
+    with output.publish(source, {"source": encoder.source}) as staged:
+        tables.write_table(tables.build_table("product", catalog["product_id"].tolist(), product_vectors,
+                                              encoder.source), staged[tables.table_rel("product")])
+        tables.write_table(tables.build_table("query", queries, query_vectors, encoder.source),
+                           staged[tables.table_rel("query")])
     log.info("exported %d products (%.1f/s) to %s and %d queries (%.1f/s) to %s", len(catalog),
              len(catalog) / max(product_s, 1e-9), paths["product"], len(queries), len(queries) / max(query_s, 1e-9),
              paths["query"])

@@ -22,11 +22,22 @@ symmetric in-batch contrast of products and their positive queries, which PQC al
 :func:`stage2_losses`). At the start of stage 2 the query encoder is
 initialised from the stage-1 text encoder.
 
-Outputs under ``DIR/embeddings/``: ``config.json`` (settings), ``train_log.json`` (losses per step,
-eval losses, best step, wall times), ``checkpoints/stage1.pt`` (stage-1 weights) and
-``checkpoints/model.pt`` (the trained model that ``embeddings.encode`` loads). While a stage runs,
-``checkpoints/stage{1,2}_last.pt`` hold everything needed to resume (model, optimizer, scheduler,
-RNG states, step); a rerun of the same settings continues from there (``--no-resume`` restarts).
+Outputs under ``DIR/embeddings/``, each stage's published as one :class:`common.provenance.OutputSet`
+(:func:`stage_set`): ``checkpoints/stage1.pt`` (stage-1 weights; manifest ``stage1.manifest.json``),
+``checkpoints/model.pt`` (the trained model that ``embeddings.encode`` loads) with ``config.json``
+(the settings it was trained with; manifest ``model.manifest.json``), and ``train_log.json``
+(losses per step, eval losses, best step, wall times). Stage 1 is made from the catalog and its
+settings, stage 2 from the catalog, the relevance table, ``stage1.pt`` and its settings; a stage
+whose output is made from exactly these is skipped (``--force`` redoes it). Before anything is
+cleared or trained, the tables the pending stages read are validated (images decoded); a training
+loss that is not finite stops the run with an error and publishes nothing.
+
+While a stage runs, ``checkpoints/stage{1,2}_last.pt`` hold everything needed to resume (model,
+optimizer, scheduler, RNG states, step); a rerun made from the same inputs and settings continues
+from there (``--no-resume`` restarts). Every checkpoint holds tensors, numbers, strings, lists and
+dicts only: it loads with ``torch.load(weights_only=True)`` (:func:`load_checkpoint` refuses
+anything else), and the published ones are byte-identical for the same data, settings and seed on
+CPU (wall times live in ``train_log.json``).
 
 Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) both stages train data-parallel with
 DDP over the N ranks (:mod:`embeddings.distributed`): the batch sizes stay the global batch, each
@@ -56,7 +67,9 @@ from tqdm import tqdm
 from common.cli import UserError, parse_config, run_main
 from common.distributed import init_from_env
 from common.io import atomic_path, prepare_workdir, read_json, write_json
+from common.provenance import MadeFrom, OutputSet
 from data import schema
+from data.dataset import data_set, input_hashes, table_rel
 from data.text import normalize_query
 from embeddings.config import TrainConfig
 from embeddings.distributed import (Shard, broadcast_from_main, check_batch_split, data_parallel, dropout_seed,
@@ -70,6 +83,12 @@ log = logging.getLogger(__name__)
 
 EVAL_NEGATIVES_SEED_OFFSET = 1_000_003
 MIN_STAGE1_PRODUCTS = 4
+TRAIN_COMMAND = "python -m embeddings.train"
+STAGE1_CHECKPOINT = "embeddings/checkpoints/stage1.pt"
+MODEL_CHECKPOINT = "embeddings/checkpoints/model.pt"
+RUN_CONFIG = "embeddings/config.json"
+# the data tables each stage reads
+STAGE_TABLES: dict[int, tuple[schema.TableName, ...]] = {1: ("catalog",), 2: ("catalog", "relevance")}
 
 
 # ------------------------------------------------------------------------------------ plumbing
@@ -120,16 +139,57 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def write_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through a file object: the archive's inner name is then fixed (from a path it
+    would be the file's name, a random temp name here), so equal objects give equal bytes."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """:func:`write_checkpoint` to a temp name, renamed over ``path``."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        write_checkpoint(obj, tmp)
+
+
+def _load_failure(exc: Exception) -> str:
+    """The first line of why ``torch.load`` refused a file (past its generic preamble)."""
+    text = str(exc)
+    if "WeightsUnpickler error: " in text:
+        text = text.split("WeightsUnpickler error: ", 1)[1]
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's dict, loaded with ``weights_only=True``: a file that would run code or build
+    other objects when unpickled (tampered or foreign), or is truncated, is a one-line error."""
     try:
-        return torch.load(path, map_location=device, weights_only=False, mmap=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"{path}: not a readable DashCLIP checkpoint ({exc})") from None
+        state = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except Exception as exc:  # a truncated, foreign or tampered file
+        raise UserError(f"{path}: not a DashCLIP checkpoint that loads as plain data, refused "
+                        f"({_load_failure(exc)})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a DashCLIP checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
+
+
+def stage_set(workdir: str | Path, stage: int) -> OutputSet:
+    """The published output of ``stage``: ``stage1.pt`` (1), or ``model.pt`` with ``config.json`` (2)."""
+    if stage == 1:
+        return OutputSet(workdir, "embeddings/stage1.manifest.json", [STAGE1_CHECKPOINT], what=TRAIN_COMMAND)
+    return OutputSet(workdir, "embeddings/model.manifest.json", [MODEL_CHECKPOINT, RUN_CONFIG], what=TRAIN_COMMAND)
+
+
+def data_inputs(workdir: str | Path, names: Sequence[schema.TableName]) -> dict[str, str | None]:
+    """The hashes of the data tables a stage reads (:func:`data.dataset.input_hashes`); a missing
+    table is a one-line error naming its file."""
+    hashes = input_hashes(workdir, names)
+    for name in names:
+        if hashes[table_rel(name)] is None:
+            raise schema.SchemaError(schema.table_path(workdir, name), None, f"missing table file (expected the "
+                                     f"{name} table; run `python -m data.synth` or an adapter first)")
+    return hashes
 
 
 def epoch_order(items: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -150,6 +210,10 @@ def plan_steps(n_items: int, batch_size: int, epochs: float, max_steps: int) -> 
 
 
 Precision = Callable[[], contextlib.AbstractContextManager]
+
+
+class NonFinite(UserError):
+    """Training diverged: a loss or the similarities it is built from became NaN or infinite."""
 
 
 def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, mm_itc: ITCLoss | None, pixels: torch.Tensor,
@@ -186,6 +250,8 @@ def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, mm_itc: ITCLoss |
     if shard.distributed:
         all_image, all_text = gather_features(image_emb.detach(), text_emb.detach(), shard.rank, shard.world_size)
         sim_i2t = (1.0 / itc.temperature) * all_image @ all_text.T
+    if not torch.isfinite(sim_i2t).all():  # the same global similarities on every rank: all stop together
+        raise NonFinite("the image-text similarities are not finite")
     neg_text, neg_image = tensor_from_main(torch.stack(mine_hard_negatives(sim_i2t, generator, same_title)), shard)
     on_rank = (neg_image >= local.start) & (neg_image < local.stop)
     texts_of_own_negatives = torch.nonzero(on_rank).squeeze(1)  # in one process: every title, in order
@@ -284,7 +350,7 @@ class Paths:
         return self.emb / "checkpoints"
 
     def stage_final(self, stage: int) -> Path:
-        return self.ckpt / ("stage1.pt" if stage == 1 else "model.pt")
+        return self.root / (STAGE1_CHECKPOINT if stage == 1 else MODEL_CHECKPOINT)
 
     def stage_last(self, stage: int) -> Path:
         return self.ckpt / f"stage{stage}_last.pt"
@@ -299,7 +365,7 @@ class Paths:
 
     @property
     def config(self) -> Path:
-        return self.emb / "config.json"
+        return self.root / RUN_CONFIG
 
 
 class Paused(Exception):
@@ -324,14 +390,16 @@ class StageRunner:
     :meth:`after_step` (evaluation, early stopping) and :meth:`extra_state`/:meth:`load_extra_state`.
     Distributed (``shard``): the step's losses run through :meth:`parallel` (DDP), the logged
     losses are the means over the ranks (the global batch's), and only rank 0 writes checkpoints.
+    ``key`` (:meth:`MadeFrom.key` of the stage's output) marks the resume checkpoint: a run
+    continues only from one made from the same inputs and settings.
     """
 
     stage: int = 0
 
     def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
-                 groups: list[dict[str, Any]], total_steps: int, budget: StepBudget, shard: Shard) -> None:
+                 groups: list[dict[str, Any]], total_steps: int, budget: StepBudget, shard: Shard, key: str) -> None:
         self.cfg, self.model, self.device, self.paths, self.budget = cfg, model, device, paths, budget
-        self.shard = shard
+        self.shard, self.key = shard, key
         self.total_steps = total_steps
         self.optimizer = adamw(groups, cfg.weight_decay, device)
         self.scheduler = warmup_cosine(self.optimizer, total_steps, cfg.warmup_fraction)
@@ -339,7 +407,6 @@ class StageRunner:
         self.history: list[dict[str, float]] = []
         self.train_wall_s = 0.0  # optimizer steps only
         self.wall_s = 0.0  # the whole loop: steps, evaluations, checkpoints (summed over resumed runs)
-        self.key = cfg.settings_key(str(self.stage))
         torch.manual_seed(cfg.seed + self.stage)  # dropout; a resumed run restores the saved state
 
     # hooks -------------------------------------------------------------------
@@ -377,7 +444,7 @@ class StageRunner:
 
     # loop --------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"settings_key": self.key, "step": self.step, "total_steps": self.total_steps,
+        return {"made_from": self.key, "step": self.step, "total_steps": self.total_steps,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.device),
                 "modules": {k: m.state_dict() for k, m in self.trained_modules().items()},
@@ -393,8 +460,8 @@ class StageRunner:
         if not path.exists():
             return False
         state = load_checkpoint(path, self.device)
-        if state.get("settings_key") != self.key or state.get("total_steps") != self.total_steps:
-            log.info("stage %d: %s is from other settings; starting over", self.stage, path)
+        if state.get("made_from") != self.key or state.get("total_steps") != self.total_steps:
+            log.info("stage %d: %s is from other data or settings; starting over", self.stage, path)
             return False
         if not self.cfg.resume:
             log.info("stage %d: --no-resume: discarding the interrupted run at step %d", self.stage, state["step"])
@@ -411,9 +478,18 @@ class StageRunner:
         log.info("stage %d: resumed from %s at step %d of %d", self.stage, path, self.step, self.total_steps)
         return True
 
+    @staticmethod
+    def check_finite(metrics: dict[str, float]) -> None:
+        """:class:`NonFinite` when the loss of the step about to be taken is NaN or infinite (the
+        same on every rank: ``metrics`` are the means over the ranks)."""
+        if not math.isfinite(metrics["loss"]):
+            raise NonFinite("the training loss is not finite (" + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                            + ")")
+
     def run(self) -> None:
         """Train to ``total_steps`` (or an early stop). Raises :class:`Paused` when the step budget
-        of this invocation runs out (after checkpointing)."""
+        of this invocation runs out (after checkpointing), and a one-line :class:`UserError` when a
+        loss becomes NaN or infinite (:class:`NonFinite`)."""
         self.model.train()
         progress = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.stage}", unit="step",
                         dynamic_ncols=True, mininterval=1.0, disable=None if self.shard.is_main else True)
@@ -432,6 +508,8 @@ class StageRunner:
                 if self.shard.distributed:  # independent dropout per rank, reproduced on resume
                     torch.manual_seed(dropout_seed(self.cfg.seed, self.stage, self.step, self.shard.rank))
                 loss, metrics = self.train_loss(self.step)
+                metrics = mean_over_ranks({"loss": float(loss.detach()), **metrics}, self.shard)
+                self.check_finite(metrics)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -439,13 +517,15 @@ class StageRunner:
                 self.step += 1
                 self.budget.used += 1
                 self.train_wall_s += time.perf_counter() - started
-                metrics = mean_over_ranks({"loss": float(loss.detach()), **metrics}, self.shard)
                 self.history.append({"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0]})
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}")
                 stop = self.after_step()
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps and not stop:
                     self.save()
+        except NonFinite as exc:
+            raise UserError(f"stage {self.stage} diverged after {self.step} steps: {exc}; nothing was published "
+                            f"(lower the learning rates, or check the data)") from None
         finally:
             progress.close()
             self.wall_s += time.perf_counter() - loop_started
@@ -459,7 +539,7 @@ class Stage1(StageRunner):
 
     def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
                  images: ImageStore, titles: TokenStore, title_text: list[str], train_rows: np.ndarray,
-                 eval_rows: np.ndarray, budget: StepBudget, shard: Shard = Shard()) -> None:
+                 eval_rows: np.ndarray, budget: StepBudget, key: str, shard: Shard = Shard()) -> None:
         self.images, self.titles, self.title_text = images, titles, title_text
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.batch_size = global_batch_size(cfg.stage1_batch_size, len(train_rows), shard.world_size,
@@ -474,7 +554,7 @@ class Stage1(StageRunner):
         super().__init__(cfg, model, device, paths,
                          [{"params": groups["encoder"], "lr": cfg.stage1_lr},
                           {"params": groups["new"] + temperatures, "lr": cfg.head_lr}],
-                         total, budget, shard)
+                         total, budget, shard, key)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         # without the multimodal term, multimodal_proj (trained in stage 1) gets no gradient
         self.step_losses = self.parallel(self._step_losses, find_unused=self.mm_itc is None)
@@ -539,8 +619,8 @@ class Stage1(StageRunner):
         if loss < self.best_loss:
             self.best_loss, self.best_step, self.bad_evals = loss, self.step, 0
             if self.shard.is_main:
-                save_checkpoint({"settings_key": self.key, "step": self.step, "model": self.model.state_dict(),
-                                 "itc": self.itc.state_dict()}, self.paths.stage1_best)
+                save_checkpoint({"step": self.step, "model": self.model.state_dict(), "itc": self.itc.state_dict()},
+                                self.paths.stage1_best)
         else:
             self.bad_evals += 1
         log.info("stage 1 step %d: ITM eval loss %.4f (best %.4f at step %d)", self.step, loss, self.best_loss,
@@ -595,7 +675,7 @@ class Stage2(StageRunner):
     def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
                  product_cls: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
                  queries: QueryPrefixStore, eval_rows: np.ndarray, eval_queries: np.ndarray,
-                 budget: StepBudget, shard: Shard = Shard()) -> None:
+                 budget: StepBudget, key: str, shard: Shard = Shard()) -> None:
         self.product_cls, self.tuple_rows, self.tuple_queries = product_cls, tuple_rows, tuple_queries
         self.queries, self.eval_rows, self.eval_queries = queries, eval_rows, eval_queries
         self.batch_size = global_batch_size(cfg.stage2_batch_size, len(tuple_rows), shard.world_size,
@@ -607,7 +687,7 @@ class Stage2(StageRunner):
         total = plan_steps(len(tuple_rows), self.batch_size, cfg.stage2_epochs, cfg.stage2_max_steps)
         super().__init__(cfg, model, device, paths,
                          [{"params": groups["encoder"], "lr": cfg.stage2_lr},
-                          {"params": groups["new"], "lr": cfg.stage2_head_lr}], total, budget, shard)
+                          {"params": groups["new"], "lr": cfg.stage2_head_lr}], total, budget, shard, key)
         self.step_losses = self.parallel(self._losses)
         self.order = np.arange(len(tuple_rows))
         n_probe = min(cfg.stage2_eval_max, len(tuple_rows))
@@ -713,17 +793,48 @@ class Trainer:
         self.budget = StepBudget(cfg.max_steps_this_run)
         self._catalog: pd.DataFrame | None = None
         self.log_data: dict[str, Any] = read_json(self.paths.log) if self.paths.log.exists() else {}
+        if self.shard.is_main:  # roll back publications a killed run left half done, once, before the ranks read
+            for output in (data_set(self.paths.root, []), stage_set(self.paths.root, 1), stage_set(self.paths.root, 2)):
+                output.recover()
+        self.shard.barrier()
 
     # data ----------------------------------------------------------------------
     @property
     def catalog(self) -> pd.DataFrame:
         if self._catalog is None:
-            try:
-                table = schema.read_table(self.cfg.workdir, "catalog")
-            except schema.SchemaError as exc:
-                raise UserError(str(exc)) from None
+            table = schema.read_table(self.cfg.workdir, "catalog")
             self._catalog = table.select(["product_id", "title", "aisle", "image"]).to_pandas()
         return self._catalog
+
+    # provenance ----------------------------------------------------------------
+    def made_from(self, stage: int) -> MadeFrom:
+        """What the output of ``stage`` is made from in this run: the tables it reads, for stage 2
+        also the published ``stage1.pt`` (which must be current), and the stage's settings."""
+        inputs = data_inputs(self.paths.root, STAGE_TABLES[stage])
+        if stage == 2:
+            if not stage_set(self.paths.root, 1).current(self.made_from(1)):
+                raise UserError(f"stage 2 needs the stage-1 output for these settings and data "
+                                f"({self.paths.stage_final(1)}): run with --stage 1 or --stage all first")
+            inputs.update(stage_set(self.paths.root, 1).verify())
+        return MadeFrom(inputs, self.cfg.settings(str(stage)))
+
+    def reusable(self, stage: int, made_from: MadeFrom) -> bool:
+        """True when the published output of ``stage`` is made from ``made_from`` (and no --force)."""
+        if self.cfg.force or not stage_set(self.paths.root, stage).current(made_from):
+            return False
+        log.info("stage %d: %s is complete for these data and settings: skipping (--force to redo)", stage,
+                 self.paths.stage_final(stage))
+        return True
+
+    def validate_inputs(self, stages: Sequence[int]) -> None:
+        """Validate the tables of the stages that will train (images decoded) before any file is
+        changed; nothing to check when every stage is reusable."""
+        for i, stage in enumerate(stages):
+            if self.cfg.force or not stage_set(self.paths.root, stage).current(self.made_from(stage)):
+                tables = sorted({name for later in stages[i:] for name in STAGE_TABLES[later]})
+                log.info("validating %s before training", ", ".join(tables))
+                schema.validate_tables(self.paths.root, tables, check_images=True)
+                return
 
     def _stores(self, model_spec, tokenizer) -> tuple[ImageStore, TokenStore]:
         catalog = self.catalog
@@ -741,10 +852,6 @@ class Trainer:
         return model.to(self.device), tokenizer, spec
 
     # stage 1 -------------------------------------------------------------------
-    def stage1_done(self) -> bool:
-        path = self.paths.stage_final(1)
-        return path.exists() and load_checkpoint(path).get("settings_key") == self.cfg.settings_key("1")
-
     def split_stage1(self, images: ImageStore) -> tuple[np.ndarray, np.ndarray]:
         with_image = np.flatnonzero(images.has_image)
         shuffled = np.random.default_rng([self.cfg.seed, 1]).permutation(with_image)
@@ -755,8 +862,8 @@ class Trainer:
 
     def run_stage1(self) -> None:
         cfg, paths = self.cfg, self.paths
-        if self.stage1_done() and not cfg.force:
-            log.info("stage 1: %s is complete for these settings: skipping (--force to redo)", paths.stage_final(1))
+        made_from = self.made_from(1)
+        if self.reusable(1, made_from):
             return
         if cfg.force and self.shard.is_main:
             paths.stage_last(1).unlink(missing_ok=True)
@@ -778,7 +885,7 @@ class Trainer:
             log.info("stage 1: %d training and %d held-out products, batch %d", len(train_rows), len(eval_rows),
                      min(cfg.stage1_batch_size, len(train_rows)))
             runner = Stage1(cfg, model, self.device, paths, images, titles, self.catalog["title"].astype(str).tolist(),
-                            train_rows, eval_rows, self.budget, self.shard)
+                            train_rows, eval_rows, self.budget, made_from.key(), self.shard)
             try:
                 runner.run()
             except Paused:
@@ -790,9 +897,9 @@ class Trainer:
         summary["invocation_wall_s"] = round(time.perf_counter() - started, 2)
         summary["world_size"] = self.shard.world_size  # of this (last) invocation
         if self.shard.is_main:
-            save_checkpoint({"settings_key": cfg.settings_key("1"), **final, "summary": {
-                k: v for k, v in summary.items() if k not in ("steps", "evals")}}, paths.stage_final(1))
-            for stale in (paths.stage_last(1), paths.stage1_best, paths.stage_last(2), paths.stage_final(2)):
+            self.publish(1, made_from, final, summary)
+            stage_set(paths.root, 2).clear()  # trained on another stage-1 output
+            for stale in (paths.stage_last(1), paths.stage1_best, paths.stage_last(2)):
                 stale.unlink(missing_ok=True)
         self.log_data["stage1"] = summary
         self.log_data.pop("stage2", None)
@@ -800,11 +907,16 @@ class Trainer:
         self.shard.barrier()  # stage 2 reads stage1.pt on every rank
         log.info("stage 1 done: kept step %s -> %s", summary.get("best_step"), paths.stage_final(1))
 
-    # stage 2 -------------------------------------------------------------------
-    def stage2_done(self) -> bool:
-        path = self.paths.stage_final(2)
-        return path.exists() and load_checkpoint(path).get("settings_key") == self.cfg.settings_key("2")
+    def publish(self, stage: int, made_from: MadeFrom, checkpoint: dict[str, Any], summary: dict[str, Any]) -> None:
+        """Publish the output set of ``stage``: its checkpoint (and, for stage 2, ``config.json``);
+        the manifest records the summary without the per-step rows."""
+        record = {"summary": {k: v for k, v in summary.items() if k not in ("steps", "evals")}}
+        with stage_set(self.paths.root, stage).publish(made_from, record) as staged:
+            write_checkpoint(checkpoint, staged[STAGE1_CHECKPOINT if stage == 1 else MODEL_CHECKPOINT])
+            if stage == 2:
+                write_json(self.cfg.settings("2"), staged[RUN_CONFIG])
 
+    # stage 2 -------------------------------------------------------------------
     def _tuples(self, relevance: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         cfg = self.cfg
         train_df, eval_df = split_queries(relevance, cfg.query_eval_fraction, cfg.seed)
@@ -824,12 +936,9 @@ class Trainer:
 
     def run_stage2(self) -> None:
         cfg, paths = self.cfg, self.paths
-        if self.stage2_done() and not cfg.force:
-            log.info("stage 2: %s is complete for these settings: skipping (--force to redo)", paths.stage_final(2))
+        made_from = self.made_from(2)
+        if self.reusable(2, made_from):
             return
-        if not self.stage1_done():
-            raise UserError(f"stage 2 needs the stage-1 output for these settings ({paths.stage_final(1)}): "
-                            f"run with --stage 1 or --stage all first")
         if cfg.force and self.shard.is_main:
             paths.stage_last(2).unlink(missing_ok=True)
         self.shard.barrier()  # before any rank looks for a checkpoint to resume
@@ -838,10 +947,7 @@ class Trainer:
         stage1 = load_checkpoint(paths.stage_final(1), self.device)
         model.load_state_dict(stage1["model"])
         model.init_query_side_from_text()
-        try:
-            relevance = schema.read_table(cfg.workdir, "relevance").to_pandas()
-        except schema.SchemaError as exc:
-            raise UserError(str(exc)) from None
+        relevance = schema.read_table(cfg.workdir, "relevance").to_pandas()
         train_tuples, eval_tuples = self._tuples(relevance)
         if train_tuples.empty:
             raise UserError(f"{schema.table_path(cfg.workdir, 'relevance')}: no training tuples (no query with an "
@@ -881,7 +987,8 @@ class Trainer:
                  len(train_tuples), len(eval_tuples), cfg.pqc_negatives, min(cfg.stage2_batch_size, len(train_tuples)))
         runner = Stage2(cfg, model, self.device, paths, product_cls,
                         cls_row.get_indexer(train_tuples["product_id"]), train_queries, queries,
-                        cls_row.get_indexer(eval_tuples["product_id"]), eval_queries, self.budget, self.shard)
+                        cls_row.get_indexer(eval_tuples["product_id"]), eval_queries, self.budget, made_from.key(),
+                        self.shard)
         try:
             runner.run()
         except Paused:
@@ -892,22 +999,12 @@ class Trainer:
         summary["invocation_wall_s"] = round(time.perf_counter() - started, 2)
         summary["world_size"] = self.shard.world_size  # of this (last) invocation
         if self.shard.is_main:
-            save_checkpoint({"settings_key": cfg.settings_key("2"),
-                             "model_config": dataclasses.asdict(cfg.model_only()), "model": model.state_dict(),
-                             "stage1_best_step": stage1["summary"].get("best_step"),
-                             "summary": {k: v for k, v in summary.items() if k not in ("steps", "evals")}},
-                            paths.stage_final(2))
+            self.publish(2, made_from, {"model_config": dataclasses.asdict(cfg.model_only()),
+                                        "model": model.state_dict()}, summary)
             paths.stage_last(2).unlink(missing_ok=True)
         self.log_data["stage2"] = summary
         self.write_log()
         log.info("stage 2 done -> %s", paths.stage_final(2))
-
-
-def write_config(cfg: TrainConfig, paths: Paths) -> None:
-    """``config.json``: the settings that determine the outputs (flat: model, stage 1, stage 2)
-    and the settings keys of both stages; how a run executes (device, threads, ...) is left out."""
-    write_json({**cfg.settings("2"), "stage1_key": cfg.settings_key("1"), "stage2_key": cfg.settings_key("2")},
-               paths.config)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -937,15 +1034,15 @@ def train(cfg: TrainConfig, shard: Shard | None = None) -> dict[str, Any]:
     """Run the stages of ``cfg`` (on this rank of ``shard``); returns the training log (rank 0
     writes it to ``train_log.json``)."""
     trainer = Trainer(cfg, shard)
-    if trainer.shard.is_main:
-        write_config(cfg, trainer.paths)
     ranks = f", DDP over {trainer.shard.world_size} ranks" if trainer.shard.distributed else ""
     log.info("DashCLIP training in %s on %s (backbone %s, stage %s%s)", trainer.paths.emb, trainer.device,
              cfg.backbone, cfg.stage, ranks)
+    stages = [1, 2] if cfg.stage == "all" else [int(cfg.stage)]
+    trainer.validate_inputs(stages)
     try:
-        if cfg.stage in ("1", "all"):
+        if 1 in stages:
             trainer.run_stage1()
-        if cfg.stage in ("2", "all"):
+        if 2 in stages:
             trainer.run_stage2()
     except Paused as paused:
         log.info("%s", paused)

@@ -14,7 +14,7 @@ import torch
 from common.io import read_json
 from data.schema import read_table
 from data.text import normalize_query
-from embeddings import evaluate, export, train
+from embeddings import evaluate, export, tables, train
 from embeddings.evaluate import (downsample_label, judged_ranking_metrics, relevance_matrix, retrieval_metrics, split_settings,
                                  top_k_products, train_probe)
 from embeddings.plots import plot_cosine_histograms, plot_tsne
@@ -208,6 +208,13 @@ def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
     assert "| DashCLIP (trained) |" in markdown and "Recall@10" in markdown and "macro F1" in markdown
     assert sorted(metrics["plots"]) == ["plots/cosine_by_relevance.png", "plots/tsne.png"]
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in metrics["plots"])
+
+    # made from the trained model, the data and the exported product table (whose vectors it used)
+    made_from = evaluate.published_metrics(workdir).manifest()["made_from"]
+    exported = tables.tables_set(workdir).verify()
+    assert made_from["inputs"]["embeddings/product_table.parquet"] == exported["embeddings/product_table.parquet"]
+    assert {"data/catalog.parquet", "data/relevance.parquet", "embeddings/checkpoints/model.pt",
+            "embeddings/config.json"} <= made_from["inputs"].keys()
 
     caplog.set_level("INFO")
     assert evaluate.main(["--workdir", str(workdir), *EVAL_FLAGS]) == read_json(out / "metrics.json")
