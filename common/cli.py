@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import errno
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -107,3 +108,15 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def with_fixed_hash_seed(module: str) -> None:
+    """Re-execute ``python -m module`` with ``PYTHONHASHSEED=0`` unless it is already set so.
+
+    For commands that write TorchScript: the compiler lists a module's constants in the order of
+    a Python set of their names, which follows the per-process string hash seed, so the same
+    model would give other bytes in every process. Call it first in the ``__main__`` block.
+    """
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
+                  {**os.environ, "PYTHONHASHSEED": "0"})

@@ -26,8 +26,9 @@ These files are one :class:`common.provenance.OutputSet` (:func:`export_set`, ma
 ``DIR/serving/export.manifest.json``), made from the hashes of the trained set (``model.pt`` and
 ``metrics.json`` of ``ranking.train``, which must be intact), of the impressions and purchases
 tables, and the settings (not ``--threads`` or ``--eval-batch-size``). They are published
-together and a rerun with the same inputs and settings is skipped (a forced one writes new
-TorchScript bytes: ``torch.jit.save`` stamps each file with a random serialization id). A file of
+together and a rerun with the same inputs and settings is skipped; a forced one writes the same
+bytes (the TorchScript archives are written through an open file, so no temp name enters them,
+and the command runs with ``PYTHONHASHSEED=0``, see :func:`common.cli.with_fixed_hash_seed`). A file of
 an earlier export of a variant with tables that the new set lacks (``model_vectors.pt``, the id
 maps) is deleted after the publication.
 
@@ -52,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main, with_fixed_hash_seed
 from common.io import file_sha256, prepare_workdir, read_json, write_json, write_parquet
 from common.provenance import MadeFrom, OutputSet
 from data.dataset import input_hashes
@@ -90,6 +91,14 @@ class ExportConfig:
     eval_batch_size: int = field(default=8192, metadata={"help": "batch size of the NW AUC pass"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     force: bool = field(default=False, metadata={"help": "export again even when the outputs are complete"})
+
+
+
+def save_script(module: torch.jit.ScriptModule, path: Path) -> None:
+    """``torch.jit.save`` through an open file: a path would name the archive inside the zip after
+    the (temporary) file name, and the same model would give other bytes on every export."""
+    with open(path, "wb") as sink:
+        torch.jit.save(module, sink)
 
 
 def checkpoint_path(workdir: str | Path, variant: str, seed: int) -> Path:
@@ -292,9 +301,9 @@ def _export_to(paths: dict[str, Path], cfg: ExportConfig, workdir: Path, checkpo
     quantize_tables(served, cfg.table_dtype)
     has_tables = eager.table_tower is not None
     log.info("tracing and scripting %s (tables %s)", cfg.variant, cfg.table_dtype)
-    torch.jit.save(script(served_plain), str(paths["model"]))
+    save_script(script(served_plain), paths["model"])
     if has_tables:
-        torch.jit.save(script(VectorInputModel(load_model(checkpoint))), str(paths["vectors_model"]))
+        save_script(script(VectorInputModel(load_model(checkpoint))), paths["vectors_model"])
 
     parity_batch = data.batch(np.asarray(cache.split_index("eval"))[: cfg.parity_rows])
     inputs = parity_batch.inputs()
@@ -365,4 +374,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    with_fixed_hash_seed("serving.export")
     run_main(main)

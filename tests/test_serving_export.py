@@ -129,3 +129,15 @@ def test_a_mixed_trained_set_is_refused_and_nothing_is_exported(serving_workdir:
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and "metrics.json" in err[-1] and "ranking.train" in err[-1]
     assert not (workdir / "serving").exists()
+
+
+def test_forced_export_writes_the_same_bytes(serving_workdir: Path, tmp_path: Path):
+    """Two processes exporting the same checkpoint write byte-identical TorchScript files."""
+    written = []
+    for run in ("a", "b"):
+        workdir = copy_workdir(serving_workdir, tmp_path / run)
+        proc = subprocess.run([sys.executable, "-m", "serving.export", "--workdir", str(workdir), "--force",
+                               "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        written.append({name: (workdir / "serving" / name).read_bytes() for name in ("model.pt", "model_vectors.pt")})
+    assert written[0] == written[1]
