@@ -13,8 +13,6 @@ from tests.serving_fixtures import copy_workdir, serving_workdir  # noqa: F401  
 
 @pytest.mark.slow
 def test_bench_writes_latency_tables_and_skips_a_rerun(serving_workdir: Path, tmp_path: Path, capsys):
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs a real redis-server (apt-get install -y redis-server)")
     workdir = copy_workdir(serving_workdir, tmp_path / "bench")
     shutil.copytree(serving_workdir / "serving", workdir / "serving")
     argv = ["--workdir", str(workdir), "--iters", "5", "--warmup", "1", "--candidates", "1", "9",
