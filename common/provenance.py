@@ -153,6 +153,13 @@ class OutputSet:
                             f"run {self.what} again")
         return {rel: manifest["files"][rel]["sha256"] for rel in self.files}
 
+    def hashes(self) -> dict[str, str | None]:
+        """The files' SHA-256: checked against the manifest when the set was published
+        (:meth:`verify`), else those of the files as they are (placed by hand; None when absent)."""
+        if self.manifest() is not None:
+            return dict(self.verify())
+        return MadeFrom.of(self.root, self.files, {}).inputs
+
     # writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def publish(self, made_from: MadeFrom, extra: Mapping[str, Any] | None = None) -> Iterator[dict[str, Path]]:

@@ -41,15 +41,11 @@ def published_set(workdir: str | Path) -> OutputSet | None:
     return data_set(workdir, sorted(listed), what=f"the data stage ({manifest.get('source', 'unknown source')})")
 
 
-def input_hashes(workdir: str | Path, names: Iterable[schema.TableName]) -> dict[str, str | None]:
-    """``{data/<name>.parquet: sha256 or None when absent}`` for the tables a stage reads, after
-    checking that the published set (when there is one) is intact."""
+def input_hashes(workdir: str | Path, names: Iterable[schema.TableName]) -> dict[str, str]:
+    """``{data/<name>.parquet: sha256}`` for the tables a stage reads, after checking that the
+    published set (when there is one) is intact; a missing table is a one-line error naming it."""
     root = Path(workdir)
     published = published_set(root)
     verified = published.verify() if published is not None else {}
-    hashes: dict[str, str | None] = {}
-    for name in names:
-        rel = table_rel(name)
-        path = root / rel
-        hashes[rel] = verified.get(rel) or (file_sha256(path) if path.is_file() else None)
-    return hashes
+    return {table_rel(name): verified.get(table_rel(name)) or file_sha256(schema.existing_table_path(root, name))
+            for name in names}

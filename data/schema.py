@@ -370,11 +370,17 @@ def _reading(path: Path) -> Iterator[None]:
         raise SchemaError(path, None, f"not a readable Parquet file: {exc}") from None
 
 
-def _parquet_file(workdir: str | Path, name: TableName) -> pq.ParquetFile:
+def existing_table_path(workdir: str | Path, name: TableName) -> Path:
+    """``DIR/data/<name>.parquet``; a one-line :class:`SchemaError` naming it when it is missing."""
     path = table_path(workdir, name)
-    if not path.exists():
+    if not path.is_file():
         raise SchemaError(path, None, f"missing table file (expected the {name} table; run `python -m data.synth` "
                                       f"or an adapter first)")
+    return path
+
+
+def _parquet_file(workdir: str | Path, name: TableName) -> pq.ParquetFile:
+    path = existing_table_path(workdir, name)
     with _reading(path):
         return pq.ParquetFile(path)
 

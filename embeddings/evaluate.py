@@ -59,12 +59,13 @@ from common.io import prepare_workdir, read_json, temp_sibling, write_json, writ
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
 from data import dataset, schema
+from data.dataset import input_hashes
 from data.schema import HR, IR, LABEL_NAMES, MR
 from data.synth import RELEVANCE_TRUTH_FILE
 from embeddings import tables
 from embeddings.config import TrainConfig
 from embeddings.sampling import normalized_query_codes, split_queries
-from embeddings.train import MODEL_CHECKPOINT, data_inputs, stage_set
+from embeddings.train import MODEL_CHECKPOINT, stage_set
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +348,7 @@ def exported_product_table(workdir: Path, inputs: dict[str, str | None]) -> dict
 def evaluation_inputs(workdir: Path) -> dict[str, str | None]:
     """What the metrics are made from: the catalog and relevance tables, the trained model's set,
     the complete judgments (None when absent) and the exported product table when it is used."""
-    inputs = {**data_inputs(workdir, ("catalog", "relevance")), **stage_set(workdir, 2).verify(),
+    inputs = {**input_hashes(workdir, ("catalog", "relevance")), **stage_set(workdir, 2).verify(),
               **MadeFrom.of(workdir, [f"data/{RELEVANCE_TRUTH_FILE}"], {}).inputs}
     return {**inputs, **exported_product_table(workdir, inputs)}
 

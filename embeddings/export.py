@@ -21,11 +21,12 @@ from common.cli import parse_config, run_main
 from common.io import prepare_workdir
 from common.provenance import MadeFrom
 from data import schema
+from data.dataset import input_hashes
 from data.text import normalize_query
 from embeddings import tables
 from embeddings.config import ExportConfig
 from embeddings.encode import load_encoder
-from embeddings.train import data_inputs, stage_set
+from embeddings.train import stage_set
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def distinct_queries(workdir: Path) -> list[str]:
 
 def made_from(workdir: Path, cfg: ExportConfig) -> MadeFrom:
     """The trained model's published set, the tables the export reads, and its settings."""
-    inputs = {**stage_set(workdir, 2).verify(), **data_inputs(workdir, ("catalog", *QUERY_TABLES))}
+    inputs = {**stage_set(workdir, 2).verify(), **input_hashes(workdir, ("catalog", *QUERY_TABLES))}
     return MadeFrom(inputs, {"batch_size": cfg.batch_size})
 
 

@@ -69,7 +69,7 @@ from common.distributed import init_from_env
 from common.io import atomic_path, prepare_workdir, read_json, write_json
 from common.provenance import MadeFrom, OutputSet
 from data import schema
-from data.dataset import data_set, input_hashes, table_rel
+from data.dataset import data_set, input_hashes
 from data.text import normalize_query
 from embeddings.config import TrainConfig
 from embeddings.distributed import (Shard, broadcast_from_main, check_batch_split, data_parallel, dropout_seed,
@@ -179,17 +179,6 @@ def stage_set(workdir: str | Path, stage: int) -> OutputSet:
     if stage == 1:
         return OutputSet(workdir, "embeddings/stage1.manifest.json", [STAGE1_CHECKPOINT], what=TRAIN_COMMAND)
     return OutputSet(workdir, "embeddings/model.manifest.json", [MODEL_CHECKPOINT, RUN_CONFIG], what=TRAIN_COMMAND)
-
-
-def data_inputs(workdir: str | Path, names: Sequence[schema.TableName]) -> dict[str, str | None]:
-    """The hashes of the data tables a stage reads (:func:`data.dataset.input_hashes`); a missing
-    table is a one-line error naming its file."""
-    hashes = input_hashes(workdir, names)
-    for name in names:
-        if hashes[table_rel(name)] is None:
-            raise schema.SchemaError(schema.table_path(workdir, name), None, f"missing table file (expected the "
-                                     f"{name} table; run `python -m data.synth` or an adapter first)")
-    return hashes
 
 
 def epoch_order(items: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -810,7 +799,7 @@ class Trainer:
     def made_from(self, stage: int) -> MadeFrom:
         """What the output of ``stage`` is made from in this run: the tables it reads, for stage 2
         also the published ``stage1.pt`` (which must be current), and the stage's settings."""
-        inputs = data_inputs(self.paths.root, STAGE_TABLES[stage])
+        inputs: dict[str, str | None] = dict(input_hashes(self.paths.root, STAGE_TABLES[stage]))
         if stage == 2:
             if not stage_set(self.paths.root, 1).current(self.made_from(1)):
                 raise UserError(f"stage 2 needs the stage-1 output for these settings and data "

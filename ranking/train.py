@@ -113,16 +113,6 @@ def results_set(workdir: str | Path) -> OutputSet:
                      what="python -m ranking.train")
 
 
-def table_hashes(workdir: str | Path) -> dict[str, str | None]:
-    """SHA-256 of the product and query tables: those of their published set (checked:
-    :func:`embeddings.tables.tables_set`), or, for tables placed by hand (no manifest), of the
-    files (None for an absent one)."""
-    published = tables_set(workdir)
-    if published.manifest() is not None:
-        return published.verify()
-    return MadeFrom.of(workdir, published.files, {}).inputs
-
-
 def training_settings(cfg: TrainConfig) -> dict:
     """The settings that change what a run trains (not threads, workers or the evaluation batch size)."""
     settings = {name: getattr(cfg, name) for name in (
@@ -148,7 +138,7 @@ class Provenance:
         usable ``with_tables``; otherwise unusable tables count as absent (no variant with tables
         then stays in results.json)."""
         try:
-            tables = table_hashes(cfg.workdir)
+            tables = tables_set(cfg.workdir).hashes()
         except UserError:
             if with_tables:
                 raise

@@ -53,7 +53,7 @@ from data.dataset import input_hashes
 from data.schema import SchemaError
 from embeddings.tables import EmbeddingTable
 from ranking.features import ImpressionCache
-from serving.export import published_export
+from serving.published import published_export
 from serving.redis_store import RedisServer, RedisUnavailable, VectorStore
 from serving.requests import EncodedRequest, feature_key
 from serving.server import Scorer, ServiceProcess

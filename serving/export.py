@@ -64,6 +64,7 @@ from ranking.model import RankingModel, load_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
 from ranking.variants import get_variant
+from serving.published import FILES, TABLE_FILES, export_files, export_set, published_export
 from serving.requests import request_fields
 
 log = logging.getLogger("serving.export")
@@ -71,10 +72,6 @@ log = logging.getLogger("serving.export")
 MANIFEST_VERSION = 1
 PARITY_TOLERANCE = 1e-5
 TableDtype = Literal["fp32", "fp16", "int8"]
-EXPORT_MANIFEST = "serving/export.manifest.json"
-FILES = {"model": "model.pt", "manifest": "manifest.json"}
-TABLE_FILES = {"vectors_model": "model_vectors.pt", "product_ids": "product_ids.parquet",
-               "query_ids": "query_ids.parquet"}  # only for variants with tables
 QUANT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "int8": torch.qint8}
 
 
@@ -104,22 +101,6 @@ def save_script(module: torch.jit.ScriptModule, path: Path) -> None:
 def checkpoint_path(workdir: str | Path, variant: str, seed: int) -> Path:
     trained = trained_set(workdir, variant, seed)
     return trained.path(trained.files[0])
-
-
-def export_files(with_tables: bool) -> dict[str, str]:
-    """File key -> workdir-relative path of the files of an export (with the table files ``with_tables``)."""
-    return {key: f"serving/{name}" for key, name in {**FILES, **(TABLE_FILES if with_tables else {})}.items()}
-
-
-def export_set(workdir: str | Path, with_tables: bool) -> OutputSet:
-    """The output set of an export (with the vectors model and id maps ``with_tables``)."""
-    return OutputSet(workdir, EXPORT_MANIFEST, list(export_files(with_tables).values()), what="python -m serving.export")
-
-
-def published_export(workdir: str | Path) -> OutputSet:
-    """The export set as last published (its manifest says whether it has the table files)."""
-    manifest = export_set(workdir, False).manifest() or {}
-    return export_set(workdir, export_files(True)["vectors_model"] in manifest.get("files", {}))
 
 
 class VectorInputModel(nn.Module):

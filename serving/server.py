@@ -4,7 +4,7 @@
 [--max-body-mb 8] [--max-dense-z 1000] [--threads 1]``
 
 Loads ``DIR/serving/{model.pt, manifest.json, product_ids.parquet, query_ids.parquet}`` (written
-by :mod:`serving.export`; the model file's sha256 must match the manifest) and
+by :mod:`serving.export`; the files must be one published export, :mod:`serving.published`) and
 ``DIR/data/purchases.parquet`` (to turn a ``user_id`` into the 84-day purchase history as of the
 request time). The model runs with ``import torch, fbgemm_gpu`` only: the service never imports
 torchrec.
@@ -51,16 +51,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fbgemm_gpu  # noqa: F401  (registers the fbgemm:: ops the TorchScript model calls)
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
-from common.io import file_sha256, read_json
+from common.io import read_json
 from data.schema import SchemaError
 from ranking.features import FeatureSpec, PurchaseIndex
+from serving.published import published_export
 from serving.redis_store import free_port
 from serving.requests import (DENSE_MAX_Z, ErrorResponse, RequestEncoder, ScoreRequestBase, ScoreResponse,
                               build_score_request_model)
 
 log = logging.getLogger("serving.server")
 
-SERVING_FILES = ("model.pt", "manifest.json")
 JSON_TYPES = "application/json or application/*+json"
 # status -> (field, type) of the error body for HTTP errors raised outside request validation
 HTTP_ERRORS = {404: ("path", "not_found"), 405: ("method", "method_not_allowed"), 413: ("body", "too_large"),
@@ -117,15 +117,8 @@ class Scorer:
     def __init__(self, workdir: str | Path) -> None:
         self.workdir = Path(workdir)
         serving = self.workdir / "serving"
-        for name in SERVING_FILES:
-            if not (serving / name).exists():
-                raise UserError(f"{serving / name}: missing (run `python -m serving.export --workdir {workdir}` first)")
+        published_export(self.workdir).verify()  # the files of one export, or a one-line error
         self.manifest: dict[str, Any] = read_json(serving / "manifest.json")
-        for name, entry in self.manifest["files"].items():
-            path = serving / entry["path"]
-            if not path.exists() or file_sha256(path) != entry["sha256"]:
-                raise UserError(f"{path}: missing or does not match the sha256 in {serving / 'manifest.json'} "
-                                f"(a partial export? run `python -m serving.export --force`)")
         self.model_hash: str = self.manifest["files"]["model"]["sha256"][:16]
         product_ids, queries = read_id_maps(serving) if "product_ids" in self.manifest["files"] else ([], [])
         self.spec = FeatureSpec.from_dict({**self.manifest["feature_spec"], "product_ids": product_ids,

@@ -25,6 +25,7 @@ from common.io import read_json
 from data import synth
 from data.dataset import MANIFEST, input_hashes
 from data.schema import table_path as data_table_path
+from embeddings.tables import tables_set
 from ranking import importance, train
 from ranking.features import DAY_S, EVAL_DAYS, ImpressionCache
 from ranking.model import trained_set
@@ -57,7 +58,7 @@ def test_new_data_drops_stale_variants_from_results_and_retrains(tiny_workdir_co
     train.main(["--workdir", str(workdir), "--variant", "dcn,dcn_pq", "--seeds", "2", *FAST])
     first = read_json(workdir / "ranking" / "results.json")
     assert {"dcn", "dcn_pq"} <= first.keys() and first["dcn_pq"]["nw"]["p_value_vs_dcn"] is not None
-    assert first["inputs"] == {**input_hashes(workdir, ["impressions", "purchases"]), **train.table_hashes(workdir)}
+    assert first["inputs"] == {**input_hashes(workdir, ["impressions", "purchases"]), **tables_set(workdir).hashes()}
     old_metrics = (workdir / "ranking" / "dcn" / "seed0" / "metrics.json").read_bytes()
 
     synth.main(["--profile", "tiny", "--workdir", str(workdir), "--seed", "1"])  # other data, same tables
