@@ -1,7 +1,8 @@
 """Serving latency (paper section 4.3.2): fused tables vs vectors fetched from Redis, and the HTTP service.
 
 ``python -m serving.bench --workdir DIR [--iters 200] [--threads 1] [--candidates 1 64 512]
-[--http-clients 8] [--http-requests 400] [--http-candidates 64] [--http-seconds 60] [--seed 0]``
+[--http-clients 8] [--http-requests 4000] [--http-candidates 64] [--http-seconds 60]
+[--http-sequential 300] [--http-workers 0] [--http-batch | --no-http-batch] [--seed 0]``
 
 Needs ``python -m serving.export`` first and the ``redis-server`` binary. Requests are built from
 the evaluation-week impressions (a random impression gives the shopper, query and time; the
@@ -18,10 +19,24 @@ the service's own code (:mod:`serving.requests`). Per candidate count (1, 64, 51
                    on localhost (started here on a free port; float32 blobs keyed by id) + decoding.
 ``fetch_and_model`` fetch + vectors model: the feature-store alternative, end to end.
 
-Then a bounded load test of the real service (``python -m serving.server`` in a subprocess on a
-free localhost port): ``--http-clients`` threads with their own ``httpx`` client send
-``--http-requests`` requests of ``--http-candidates`` candidates in total (stopping after
-``--http-seconds``), and it reports requests/s, p50/p99 and errors.
+Then the real service (``python -m serving.server`` in a subprocess on a free localhost port,
+``--http-workers`` processes, 0 = the server's default), with ``--http-candidates`` candidates per request
+in both forms, ``POST /score`` (a list of candidate objects) and ``POST /score/columns`` (one
+array per field):
+
+``sequential``  one client, one request at a time (``--http-sequential`` per form), interleaved
+                with calls of the model alone (``fused``, in this process) on the same requests:
+                client-observed and server-side p50/p99 (the ``server-timing`` header: the
+                service's own handling time) against the model's p50, measured side by side.
+``load``        ``--http-clients`` keep-alive connections send ``--http-requests`` requests in all
+                (stopping after ``--http-seconds``), each its next one as soon as its answer is
+                complete: requests/s, p50/p99 (client and server side), errors, and the CPU time
+                per request of the service (all its processes, from psutil) and of the load
+                generator. The load generator (one thread, non-blocking sockets, request bytes
+                built once) runs in this process and shares the machine's cores with the service.
+
+Targets (issue #13; 2-core machine, 64 candidates, 8 clients): >= 1,000 requests/s and p99 <= 25 ms
+under load, and the one-client server-side p50 within 5x the model's own p50.
 
 Writes ``DIR/serving/bench.json`` and ``DIR/serving/bench.md`` (Markdown tables; the report embeds
 it) and prints the paper comparison: fusion overhead at p99 (``fused - vectors_model``; paper:
@@ -34,15 +49,18 @@ import json
 import logging
 import os
 import platform
+import selectors
 import shlex
+import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
+import psutil
 import torch
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
@@ -56,13 +74,17 @@ from ranking.features import ImpressionCache
 from serving.published import published_export
 from serving.redis_store import RedisServer, RedisUnavailable, VectorStore
 from serving.requests import EncodedRequest, feature_key
-from serving.server import Scorer, ServiceProcess
+from serving.server import Scorer, ServiceProcess, http_implementation
 
 log = logging.getLogger("serving.bench")
 
 PAPER_FUSION_OVERHEAD_P99_MS = 4.0
 PAPER_FETCH_RATIO = 5.0
 REQUEST_POOL = 32  # distinct requests per candidate count, cycled through the timed calls
+# issue #13: POST /score at 64 candidates, 8 clients, on a 2-core machine
+HTTP_TARGET_RPS = 1000.0
+HTTP_TARGET_P99_MS = 25.0
+HTTP_TARGET_MODEL_RATIO = 5.0  # server-side handling time p50 / the model's own p50, one client
 
 
 @dataclass
@@ -75,9 +97,13 @@ class BenchConfig:
     threads: int = field(default=1, metadata={"help": "torch intra-op threads (bench process and server)"})
     candidates: list[int] = field(default_factory=lambda: [1, 64, 512], metadata={"help": "candidate counts"})
     http_clients: int = field(default=8, metadata={"help": "concurrent HTTP clients in the load test (0 = skip it)"})
-    http_requests: int = field(default=400, metadata={"help": "total requests of the load test"})
+    http_requests: int = field(default=4000, metadata={"help": "total requests of each load test (per form)"})
     http_candidates: int = field(default=64, metadata={"help": "candidates per load-test request"})
-    http_seconds: float = field(default=60.0, metadata={"help": "time cap of the load test"})
+    http_seconds: float = field(default=60.0, metadata={"help": "time cap of each load test"})
+    http_sequential: int = field(default=300, metadata={
+        "help": "one-client requests per form, interleaved with calls of the model alone"})
+    http_workers: int = field(default=0, metadata={"help": "server worker processes (0 = the server's default)"})
+    http_batch: bool = field(default=True, metadata={"help": "the server batches concurrent requests"})
     seed: int = field(default=0, metadata={"help": "which impressions make the requests"})
     force: bool = field(default=False, metadata={"help": "run again even when bench.json has these settings"})
 
@@ -175,60 +201,294 @@ def bench_models(cfg: BenchConfig, scorer: Scorer, store: VectorStore, cache: Im
     return results
 
 
-def load_test(url: str, bodies: list[bytes], clients: int, total: int, seconds: float) -> dict:
-    """``clients`` threads POST ``bodies`` (cycled) to ``url`` until ``total`` requests or ``seconds``."""
-    import httpx
+def columns_body(body: dict) -> dict:
+    """The same request with its candidates column-wise (``POST /score/columns``)."""
+    rows = body["candidates"]
+    columns: dict = {"product_id": [c["product_id"] for c in rows]}
+    for group in ("dense", "sparse"):
+        columns[group] = {key: [c[group][key] for c in rows] for key in rows[0][group]}
+    return {**body, "candidates": columns}
 
-    lock = threading.Lock()
-    state = {"issued": 0}
+
+def http_request_bytes(host: str, port: int, path: str, body: bytes) -> bytes:
+    """A complete HTTP/1.1 keep-alive POST of a JSON body."""
+    return (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+class _Response:
+    """Incremental reader of one HTTP/1.1 response with a ``content-length``."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._size: int | None = None
+
+    def feed(self, data: bytes) -> bool:
+        """Add received bytes; True once the response is complete."""
+        self.buffer += data
+        if self._size is None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+            self.status = int(lines[0].split(" ", 2)[1])
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            if "content-length" not in self.headers:
+                raise ConnectionError(f"HTTP {self.status} without content-length")
+            self._size = end + 4 + int(self.headers["content-length"])
+        return len(self.buffer) >= self._size
+
+    @property
+    def body(self) -> bytes:
+        return bytes(self.buffer[self.buffer.find(b"\r\n\r\n") + 4:])
+
+    def server_ms(self) -> float | None:
+        """``dur`` of the ``server-timing`` header (the service's own handling time), if any."""
+        timing = self.headers.get("server-timing", "")
+        for part in timing.split(";"):
+            if part.strip().startswith("dur="):
+                return float(part.strip()[4:])
+        return None
+
+
+class RawConnection:
+    """One blocking keep-alive connection (a lean client: raw socket, pre-built request bytes)."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = 30.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def request(self, data: bytes) -> _Response:
+        self.sock.sendall(data)
+        response = _Response()
+        while True:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            if response.feed(chunk):
+                return response
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def load_test(url: str, bodies: list[bytes], clients: int, total: int, seconds: float) -> dict:
+    """``clients`` keep-alive connections POST ``bodies`` (cycled) to ``url`` until ``total`` requests
+    or ``seconds``: each sends its next request as soon as its previous answer is complete.
+
+    A lean load generator, so that it takes little of the CPU it shares with the service: one thread,
+    non-blocking sockets (``selectors``), the request bytes built once. Returns requests/s, the
+    client-observed p50/p99, the service's own handling time (``server-timing``) p50/p99, errors
+    and this process's CPU time per request.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    requests = [http_request_bytes(host, port, parts.path, b) for b in bodies]
+    selector = selectors.DefaultSelector()
     latencies: list[float] = []
+    server_ms: list[float] = []
     errors: list[str] = []
+    state = {"issued": 0}
     deadline = time.monotonic() + seconds
 
-    def worker() -> None:
-        with httpx.Client(timeout=30.0) as client:
-            while True:
-                with lock:
-                    if state["issued"] >= total or time.monotonic() > deadline:
-                        return
-                    i = state["issued"]
-                    state["issued"] += 1
-                start = time.perf_counter()
-                try:
-                    resp = client.post(url, content=bodies[i % len(bodies)],
-                                       headers={"content-type": "application/json"})
-                    ok = resp.status_code == 200
-                    problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                except httpx.HTTPError as exc:
-                    ok, problem = False, f"{type(exc).__name__}: {exc}"
-                elapsed = time.perf_counter() - start
-                with lock:
-                    if ok:
-                        latencies.append(elapsed)
-                    else:
-                        errors.append(problem)
+    class Client:
+        sock: socket.socket
+        out: memoryview
+        response: _Response
+        start: float
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    out = {"clients": clients, "requests": len(latencies) + len(errors), "errors": len(errors),
-           "error_examples": errors[:3], "seconds": wall, "requests_per_s": (len(latencies) + len(errors)) / wall}
+    def connect(client: Client) -> None:
+        client.sock = socket.create_connection((host, port))
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.sock.setblocking(False)
+        selector.register(client.sock, selectors.EVENT_WRITE, client)
+
+    def next_request(client: Client) -> bool:
+        if state["issued"] >= total or time.monotonic() > deadline:
+            selector.unregister(client.sock)
+            client.sock.close()
+            return False
+        client.out = memoryview(requests[state["issued"] % len(requests)])
+        state["issued"] += 1
+        client.response = _Response()
+        client.start = time.perf_counter()
+        selector.modify(client.sock, selectors.EVENT_WRITE, client)
+        return True
+
+    def fail(client: Client, problem: str) -> bool:
+        errors.append(problem)
+        selector.unregister(client.sock)
+        client.sock.close()
+        connect(client)
+        return next_request(client)
+
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    active = 0
+    for _ in range(clients):
+        client = Client()
+        connect(client)
+        active += next_request(client)
+    while active:
+        events = selector.select(timeout=30.0)
+        if not events:
+            errors.extend(["no answer within 30 s"] * active)
+            break
+        for key, mask in events:
+            client = key.data
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    sent = client.sock.send(client.out)
+                    client.out = client.out[sent:]
+                    if not client.out:
+                        selector.modify(client.sock, selectors.EVENT_READ, client)
+                    continue
+                chunk = client.sock.recv(1 << 20)
+                if not chunk:
+                    raise ConnectionError("the server closed the connection")
+                if not client.response.feed(chunk):
+                    continue
+            except (OSError, ValueError) as exc:
+                active -= not fail(client, f"{type(exc).__name__}: {exc}")
+                continue
+            response = client.response
+            if response.status == 200:
+                latencies.append(time.perf_counter() - client.start)
+                ms = response.server_ms()
+                if ms is not None:
+                    server_ms.append(ms / 1e3)
+            else:
+                errors.append(f"HTTP {response.status}: {response.body[:200]!r}")
+            active -= not next_request(client)
+    wall = time.perf_counter() - wall_start
+    done = len(latencies) + len(errors)
+    out = {"clients": clients, "requests": done, "errors": len(errors), "error_examples": errors[:3],
+           "seconds": wall, "requests_per_s": done / wall,
+           "client_cpu_ms_per_request": (time.process_time() - cpu_start) / max(done, 1) * 1e3}
     if latencies:
         out.update(percentiles(latencies))
+    if server_ms:
+        out["server"] = percentiles(server_ms)
+    return out
+
+
+def _cpu_seconds(processes: Sequence[psutil.Process]) -> dict[int, float]:
+    """User + system CPU seconds of each live process, by pid."""
+    out = {}
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+            out[proc.pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def service_cpu(service: ServiceProcess, run: Callable[[], dict]) -> dict:
+    """``run()``'s result plus the service's CPU time per request (all its processes) and each worker's share."""
+    parent = psutil.Process(service.pid)
+    processes = [parent, *(p for p in parent.children(recursive=True)
+                           if "resource_tracker" not in " ".join(p.cmdline()))]  # multiprocessing's helper
+    before = _cpu_seconds(processes)
+    result = run()
+    after = _cpu_seconds(processes)
+    used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+    total = sum(used.values())
+    result["server_cpu_ms_per_request"] = total / max(result["requests"], 1) * 1e3
+    # what the machine's cores could serve with nothing else running: CPU time is what other jobs'
+    # load inflates least (wall-clock figures on a shared machine measure the sharing)
+    # (the workers can use at most min(workers, cores) cores, and the load generator needs its share)
+    server_ms, client_ms = result["server_cpu_ms_per_request"], result["client_cpu_ms_per_request"]
+    cores = os.cpu_count() or 1
+    result["cpu_capacity_requests_per_s"] = min(cores * 1e3 / (server_ms + client_ms),
+                                                min(cores, service.worker_count) * 1e3 / server_ms) if server_ms > 0 else 0.0
+    workers = sorted((v for pid, v in used.items() if pid != parent.pid or len(processes) == 1), reverse=True)
+    result["worker_cpu_shares"] = [round(v / total, 3) if total > 0 else 0.0 for v in workers]
+    return result
+
+
+def sequential(service: ServiceProcess, forms: dict[str, list[bytes]], encoded: list[EncodedRequest],
+               scorer: Scorer, count: int) -> dict:
+    """One client, one request at a time, interleaved with calls of the model alone on the same
+    requests in this process (so a burst of load from elsewhere hits both alike): the latency of
+    the HTTP path without queueing, against the model's own."""
+    parts = urlsplit(service.url)
+    host, port = parts.hostname or "127.0.0.1", int(parts.port or 80)
+    requests = {path: [http_request_bytes(host, port, path, b) for b in bodies] for path, bodies in forms.items()}
+    connections = {path: RawConnection(host, port) for path in forms}
+    client: dict[str, list[float]] = {path: [] for path in forms}
+    server: dict[str, list[float]] = {path: [] for path in forms}
+    model: list[float] = []
+    errors: list[str] = []
+    try:
+        with torch.inference_mode():
+            for i in range(count):
+                inputs = encoded[i % len(encoded)].fused_inputs()
+                start = time.perf_counter()
+                scorer.model(*inputs)
+                model.append(time.perf_counter() - start)
+                for path, connection in connections.items():
+                    start = time.perf_counter()
+                    response = connection.request(requests[path][i % len(requests[path])])
+                    elapsed = time.perf_counter() - start
+                    if response.status != 200:
+                        errors.append(f"{path}: HTTP {response.status}: {response.body[:200]!r}")
+                        continue
+                    client[path].append(elapsed)
+                    ms = response.server_ms()
+                    if ms is not None:
+                        server[path].append(ms / 1e3)
+    finally:
+        for connection in connections.values():
+            connection.close()
+    out: dict = {"requests": count, "errors": len(errors), "error_examples": errors[:3],
+                 "model": percentiles(model)}
+    for path in forms:
+        if client[path]:
+            out[path] = {"client": percentiles(client[path]),
+                         **({"server": percentiles(server[path])} if server[path] else {})}
     return out
 
 
 def bench_http(cfg: BenchConfig, scorer: Scorer, cache: ImpressionCache) -> dict:
+    """The service under load (see module docstring)."""
     rng = np.random.default_rng([cfg.seed, 1])
-    bodies = [json.dumps(b).encode() for b in build_requests(cache, scorer.spec, REQUEST_POOL, cfg.http_candidates, rng)]
-    with ServiceProcess(scorer.workdir, cfg.threads, max(cfg.http_candidates, 1)) as service:
-        result = load_test(f"{service.url}/score", bodies, cfg.http_clients, cfg.http_requests, cfg.http_seconds)
-    result["candidates"] = cfg.http_candidates
-    return result
+    requests = build_requests(cache, scorer.spec, REQUEST_POOL, cfg.http_candidates, rng)
+    forms = {"/score": [json.dumps(b).encode() for b in requests],
+             "/score/columns": [json.dumps(columns_body(b)).encode() for b in requests]}
+    request_model = scorer.request_model(cfg.http_candidates)
+    encoded = [scorer.encoder.encode(request_model.model_validate(b)) for b in requests]
+    with ServiceProcess(scorer.workdir, cfg.threads, max(cfg.http_candidates, 1), workers=cfg.http_workers,
+                        batch=cfg.http_batch) as service:
+        warm = max(cfg.http_clients * 4, 8)
+        for path, bodies in forms.items():  # every worker's first requests, and the model in this process
+            load_test(f"{service.url}{path}", bodies, cfg.http_clients, warm, cfg.http_seconds)
+        with torch.inference_mode():
+            for e in encoded[:4]:
+                scorer.model(*e.fused_inputs())
+        alone = sequential(service, forms, encoded, scorer, cfg.http_sequential)
+        load = {path: service_cpu(service, lambda path=path, bodies=bodies: load_test(
+                    f"{service.url}{path}", bodies, cfg.http_clients, cfg.http_requests, cfg.http_seconds))
+                for path, bodies in forms.items()}
+    model_p50 = alone["model"]["p50_ms"]
+    rows, rows_load = alone.get("/score", {}), load["/score"]
+    ratios = {"server_p50_over_model_p50": rows.get("server", {}).get("p50_ms", float("nan")) / model_p50,
+              "client_p50_over_model_p50": rows.get("client", {}).get("p50_ms", float("nan")) / model_p50,
+              "load_server_p50_over_model_p50": rows_load.get("server", {}).get("p50_ms", float("nan")) / model_p50}
+    targets = {"requests_per_s": {"target": HTTP_TARGET_RPS, "value": rows_load["requests_per_s"],
+                                  "met": rows_load["requests_per_s"] >= HTTP_TARGET_RPS},
+               "p99_ms": {"target": HTTP_TARGET_P99_MS, "value": rows_load.get("p99_ms", float("nan")),
+                          "met": rows_load.get("p99_ms", float("inf")) <= HTTP_TARGET_P99_MS},
+               "server_p50_over_model_p50": {"target": HTTP_TARGET_MODEL_RATIO,
+                                             "value": ratios["server_p50_over_model_p50"],
+                                             "met": ratios["server_p50_over_model_p50"] <= HTTP_TARGET_MODEL_RATIO}}
+    return {"candidates": cfg.http_candidates, "clients": cfg.http_clients, "workers": service.worker_count,
+            "batch": cfg.http_batch, "http_implementation": http_implementation(), "sequential": alone,
+            "load": load, "ratios": ratios, "targets": targets,
+            "errors": alone["errors"] + sum(r["errors"] for r in load.values())}
 
 
 def markdown(results: dict) -> str:
@@ -258,25 +518,60 @@ def markdown(results: dict) -> str:
                   f"model pools the same bag once per candidate inside its EBC."]
     http = results.get("http")
     if http:
-        lines += ["", "| HTTP load test | clients | candidates | requests | errors | requests/s | p50 ms | p99 ms |",
-                  "|---|---|---|---|---|---|---|---|",
-                  f"| POST /score (uvicorn, localhost) | {http['clients']} | {http['candidates']} | {http['requests']} "
-                  f"| {http['errors']} | {http['requests_per_s']:.1f} | {http.get('p50_ms', float('nan')):.2f} "
-                  f"| {http.get('p99_ms', float('nan')):.2f} |"]
+        seq, load, ratios = http["sequential"], http["load"], http["ratios"]
+        model = seq["model"]
+
+        def ms(part: dict, key: str) -> str:
+            return f"{part[key]:.2f}" if key in part else "n/a"
+
+        lines += ["", f"HTTP service: {http['workers']} worker process(es), {http['http_implementation']}, "
+                      f"{'batching concurrent requests' if http['batch'] else 'one model call per request'}; "
+                      f"{http['candidates']} candidates per request. Model alone (same requests, interleaved with "
+                      f"the one-client requests): p50 {model['p50_ms']:.3f} / p99 {model['p99_ms']:.3f} ms. "
+                      f"Server side = the service's `server-timing` (its own handling time).", "",
+                  "| POST | clients | requests | errors | requests/s | client p50 / p99 ms | server p50 / p99 ms "
+                  "| server CPU ms/request | load generator CPU ms/request | CPU-bound capacity requests/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for path in ("/score", "/score/columns"):
+            part = seq.get(path)
+            if part:
+                server = part.get("server", {})
+                lines.append(f"| {path} | 1 | {part['client']['n']} | - | - | {ms(part['client'], 'p50_ms')} / "
+                             f"{ms(part['client'], 'p99_ms')} | {ms(server, 'p50_ms')} / {ms(server, 'p99_ms')} "
+                             f"| - | - | - |")
+        for path, part in load.items():
+            server = part.get("server", {})
+            lines.append(f"| {path} | {part['clients']} | {part['requests']} | {part['errors']} "
+                         f"| {part['requests_per_s']:.0f} | {ms(part, 'p50_ms')} / {ms(part, 'p99_ms')} "
+                         f"| {ms(server, 'p50_ms')} / {ms(server, 'p99_ms')} | {part['server_cpu_ms_per_request']:.2f} "
+                         f"| {part['client_cpu_ms_per_request']:.3f} | {part['cpu_capacity_requests_per_s']:.0f} |")
+        met = lambda t: "met" if t["met"] else "NOT met"  # noqa: E731
+        t = http["targets"]
+        lines += ["", f"One client: /score server side p50 = {ratios['server_p50_over_model_p50']:.1f}x the model "
+                      f"(client-observed {ratios['client_p50_over_model_p50']:.1f}x; target <= "
+                      f"{t['server_p50_over_model_p50']['target']:g}x: {met(t['server_p50_over_model_p50'])}). "
+                      f"{http['clients']} clients: {t['requests_per_s']['value']:.0f} requests/s (target >= "
+                      f"{t['requests_per_s']['target']:,.0f}: {met(t['requests_per_s'])}), p99 "
+                      f"{t['p99_ms']['value']:.1f} ms (target <= {t['p99_ms']['target']:g}: {met(t['p99_ms'])}). "
+                      f"The load generator shares the {env['cpu_count']} cores with the service (CPU per request "
+                      f"above); the 1-minute load average says how busy the machine was otherwise. CPU-bound "
+                      f"capacity = the lesser of cores / (service + load generator CPU time per request) and "
+                      f"min(workers, cores) / service CPU time per request: an estimate of this machine's "
+                      f"requests/s with nothing else running (CPU time is what others' load inflates least)."]
     return "\n".join(lines) + "\n"
 
 
 def run(cfg: BenchConfig, argv: Sequence[str] | None = None) -> dict:
-    for flag in ("iters", "threads", "http_requests", "http_candidates"):
+    for flag in ("iters", "threads", "http_requests", "http_candidates", "http_sequential"):
         if getattr(cfg, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(cfg, flag)}")
-    if cfg.warmup < 0 or cfg.http_clients < 0 or not cfg.http_seconds > 0:
-        raise UserError("--warmup and --http-clients must be >= 0 and --http-seconds > 0")
+    if cfg.warmup < 0 or cfg.http_clients < 0 or cfg.http_workers < 0 or not cfg.http_seconds > 0:
+        raise UserError("--warmup, --http-clients and --http-workers must be >= 0 and --http-seconds > 0")
     if not cfg.candidates or min(cfg.candidates) < 1:
         raise UserError(f"--candidates must be counts >= 1, got {cfg.candidates}")
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per load-test request
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per health check
     scorer = Scorer(cfg.workdir)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")}
     out = bench_set(prepare_workdir(cfg.workdir, "serving"))

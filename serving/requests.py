@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Any, Callable
+from itertools import chain
+from operator import itemgetter
+from typing import Annotated, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from data.text import normalize_query
 from embeddings.tables import UNKNOWN_ROW
@@ -46,6 +48,8 @@ def _whole_float_to_int(value: Any) -> Any:
 ACCEPT_WHOLE_FLOATS = BeforeValidator(_whole_float_to_int)
 Id64 = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX), ACCEPT_WHOLE_FLOATS]
 ProductId = Annotated[Id64, Field(description="catalog product_id (int64)")]
+POSITION_MAX = 2**31 - 1
+Position = Annotated[int, Field(strict=True, ge=0, le=POSITION_MAX), ACCEPT_WHOLE_FLOATS]
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
@@ -167,7 +171,7 @@ def build_score_request_model(spec: FeatureSpec, max_candidates: int,
     candidate = create_model(
         "Candidate", __config__=forbid, __doc__="One candidate product to score.",
         product_id=(ProductId, ...),
-        position=(Annotated[int, Field(strict=True, ge=0, le=2**31 - 1), ACCEPT_WHOLE_FLOATS] | None, Field(
+        position=(Position | None, Field(
             default=None, description="ad slot (0 = top); informational: this model has no position input")),
         dense=(dense_model, ... if dense else Field(default_factory=dense_model)),
         sparse=(sparse_model, ... if sparse else Field(default_factory=sparse_model)),
@@ -180,6 +184,65 @@ def build_score_request_model(spec: FeatureSpec, max_candidates: int,
         "ScoreRequest", __base__=ScoreRequestBase, __doc__="Score candidate products for one shopper and query.",
         candidates=(list[candidate], Field(min_length=1, max_length=max_candidates,
                                            description=f"products to score (1 to {max_candidates})")))
+    request.model_config["json_schema_extra"] = {"examples": [example]}
+    request.model_rebuild(force=True)
+    return request
+
+
+def build_columns_request_model(spec: FeatureSpec, max_candidates: int,
+                                max_dense_z: float = DENSE_MAX_Z) -> type[ScoreRequestBase]:
+    """The ``ScoreColumnsRequest`` model: :func:`build_score_request_model`'s request with the candidates
+    given column-wise, ``{"product_id": [..], "position": [..]?, "dense": {"price": [..], ..},
+    "sparse": {"store": [..], ..}}``: the same field names and constraints, one array per field, every
+    array one value per candidate (in the same order)."""
+    fields = request_fields(spec)
+    dense, sparse = fields["dense"], fields["sparse"]
+    bounds = dense_bounds(spec, max_dense_z)
+    forbid = ConfigDict(extra="forbid")
+    sized = {"min_length": 1, "max_length": max_candidates}
+    dense_model = create_model(
+        "DenseColumns", __config__=forbid,
+        __doc__=f"Raw dense features, one array per feature (all required, finite, within training mean +- "
+                f"{max_dense_z:g} stds).",
+        **{f"f{i}": (list[Annotated[FiniteFloat, Field(ge=bounds[i][0], le=bounds[i][1])]], Field(
+            alias=key, **sized, description=f"raw values of impressions column {col} (training mean "
+                                            f"{spec.dense_mean[i]:.4g}, std {spec.dense_std[i]:.4g})"))
+           for i, (key, col) in enumerate(dense.items())})
+    sparse_model = create_model(
+        "SparseColumns", __config__=forbid, __doc__="Categorical ids, one array per feature (all required, >= 0).",
+        **{f"f{i}": (list[Id64], Field(alias=key, **sized, description=f"ids of impressions column {col}"))
+           for i, (key, col) in enumerate(sparse.items())})
+
+    def same_lengths(self: Any) -> Any:
+        lengths = {"product_id": len(self.product_id)}
+        if self.position is not None:
+            lengths["position"] = len(self.position)
+        for group, names in (("dense", dense), ("sparse", sparse)):
+            values = getattr(self, group).__dict__.values()
+            lengths.update({f"{group}.{key}": len(column) for key, column in zip(names, values)})
+        if len(set(lengths.values())) > 1:
+            raise ValueError("every column needs one value per candidate; lengths: "
+                             + ", ".join(f"{k} {n}" for k, n in lengths.items()))
+        return self
+
+    columns = create_model(
+        "CandidateColumns", __config__=forbid, __validators__={"same_lengths": model_validator(mode="after")(
+            same_lengths)},
+        __doc__="The candidates column-wise: one array per Candidate field, one value per candidate.",
+        product_id=(list[ProductId], Field(**sized, description="catalog product_id per candidate")),
+        position=(list[Position | None] | None, Field(default=None, max_length=max_candidates,
+                                                     description="ad slot per candidate (informational)")),
+        dense=(dense_model, ... if dense else Field(default_factory=dense_model)),
+        sparse=(sparse_model, ... if sparse else Field(default_factory=sparse_model)),
+    )
+    ids = [int(p) for p in spec.product_ids[:2]] or [1, 2]
+    example = {"user_id": 42, "query": "Organic Whole Milk", "candidates": {
+        "product_id": ids, "dense": {key: [round(spec.dense_mean[i], 3)] * len(ids) for i, key in enumerate(dense)},
+        "sparse": {key: [0] * len(ids) for key in sparse}}}
+    request = create_model(
+        "ScoreColumnsRequest", __base__=ScoreRequestBase,
+        __doc__="Score candidate products for one shopper and query, the candidates given column-wise.",
+        candidates=(columns, Field(description=f"products to score (1 to {max_candidates}), one array per field")))
     request.model_config["json_schema_extra"] = {"examples": [example]}
     request.model_rebuild(force=True)
     return request
@@ -244,14 +307,17 @@ class RequestEncoder:
         return ids[0][ids[0] >= 0]
 
     def encode(self, request: ScoreRequestBase) -> EncodedRequest:
+        """A validated ``ScoreRequest`` or ``ScoreColumnsRequest`` as model inputs."""
+        return self.encode_arrays(request, *candidate_arrays(request, self.spec))
+
+    def encode_arrays(self, request: ScoreRequestBase, product_ids: np.ndarray, dense: np.ndarray,
+                      sparse: np.ndarray) -> EncodedRequest:
+        """Model inputs from the request's shopper, query and time (``request``'s own candidates, if any,
+        are not read) and the candidates' ``product_ids [B]`` int64, ``dense [B, D]`` float32 and
+        ``sparse [B, S]`` int64 in feature-spec order."""
         spec = self.spec
         now = unix_seconds(request.now) if request.now is not None else self.default_now
-        candidates = request.candidates  # type: ignore[attr-defined]
-        dense = np.array([tuple(c.dense.__dict__.values()) for c in candidates], np.float32).reshape(
-            len(candidates), len(spec.dense_names))
-        sparse = np.array([tuple(c.sparse.__dict__.values()) for c in candidates], np.int64).reshape(
-            len(candidates), len(spec.sparse_names))
-        product_ids = [c.product_id for c in candidates]
+        batch = len(product_ids)
         product_rows = spec.product_rows(product_ids)
         query = normalize_query(request.query)
         query_row = spec.query_rows([query]) if query else np.array([UNKNOWN_ROW], np.int64)
@@ -264,6 +330,178 @@ class RequestEncoder:
                 "history_length": int(len(history_ids)), "now": now}
         return EncodedRequest(
             dense=torch.from_numpy(dense), sparse_ids=torch.from_numpy(sparse),
-            product_rows=torch.from_numpy(product_rows), query_rows=torch.from_numpy(np.repeat(query_row, len(candidates))),
-            history_rows=torch.from_numpy(history), product_ids=product_ids, query=query,
+            product_rows=torch.from_numpy(product_rows), query_rows=torch.from_numpy(np.repeat(query_row, batch)),
+            history_rows=torch.from_numpy(history), product_ids=product_ids.tolist(), query=query,
             history_ids=[int(i) for i in history_ids], meta=meta)
+
+
+def candidate_arrays(request: ScoreRequestBase, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(product_ids [B] int64, dense [B, D] float32, sparse [B, S] int64)`` of a validated request's
+    candidates, row-wise (``ScoreRequest``) or column-wise (``ScoreColumnsRequest``)."""
+    candidates = request.candidates  # type: ignore[attr-defined]
+    dims = len(spec.dense_names), len(spec.sparse_names)
+    if isinstance(candidates, list):
+        batch = len(candidates)
+        dense = np.array([tuple(c.dense.__dict__.values()) for c in candidates], np.float32).reshape(batch, dims[0])
+        sparse = np.array([tuple(c.sparse.__dict__.values()) for c in candidates], np.int64).reshape(batch, dims[1])
+        return np.array([c.product_id for c in candidates], np.int64), dense, sparse
+    batch = len(candidates.product_id)
+    dense = np.array(list(candidates.dense.__dict__.values()), np.float32).reshape(dims[0], batch)
+    sparse = np.array(list(candidates.sparse.__dict__.values()), np.int64).reshape(dims[1], batch)
+    return (np.array(candidates.product_id, np.int64), np.ascontiguousarray(dense.T),
+            np.ascontiguousarray(sparse.T))
+
+
+@dataclass
+class ParsedRequest:
+    """A request that :class:`FastRequestParser` accepted: the validated shopper/query/time fields
+    (a ``ScoreRequestBase``, no candidates) and the candidates as arrays (see
+    :meth:`RequestEncoder.encode_arrays`)."""
+
+    head: ScoreRequestBase
+    product_ids: np.ndarray
+    dense: np.ndarray
+    sparse: np.ndarray
+
+
+_MISSING = object()
+_NUMBER = frozenset({int, float})
+_INT = frozenset({int})
+
+
+def _getter(keys: Sequence[str]) -> Callable[[dict], tuple]:
+    """``d -> tuple(d[k] for k in keys)`` (``itemgetter`` returns a bare value for one key)."""
+    if len(keys) >= 2:
+        return itemgetter(*keys)
+    return (lambda d: (d[keys[0]],)) if keys else (lambda d: ())
+
+
+class FastRequestParser:
+    """Parsed JSON body -> :class:`ParsedRequest` in a few vectorised steps, or ``None``.
+
+    The service's fast path. It accepts a subset of what the pydantic request models accept, and
+    gives the same values: every model field present (``position`` optional) and no other, ids
+    and positions as JSON integers in range, dense values as JSON numbers within
+    :func:`dense_bounds`; the shopper/query/time fields are validated by ``ScoreRequestBase``
+    itself. Anything else (a missing, unknown or mistyped field, a whole float as an id, NaN, a
+    value out of range, too many candidates) returns ``None``: the caller then validates with the
+    pydantic model, which gives the answer (whole-float ids) or the exact error.
+    """
+
+    def __init__(self, spec: FeatureSpec, max_candidates: int, max_dense_z: float = DENSE_MAX_Z) -> None:
+        fields = request_fields(spec)
+        self.dense_keys, self.sparse_keys = tuple(fields["dense"]), tuple(fields["sparse"])
+        self._dense_set, self._sparse_set = frozenset(self.dense_keys), frozenset(self.sparse_keys)
+        self._get_dense, self._get_sparse = _getter(self.dense_keys), _getter(self.sparse_keys)
+        bounds = np.array(dense_bounds(spec, max_dense_z), np.float64).reshape(len(self.dense_keys), 2)
+        self._low, self._high = bounds[:, 0], bounds[:, 1]
+        self.max_candidates = max_candidates
+        self._fields = frozenset({"product_id", "dense", "sparse"})
+        self._fields_position = self._fields | {"position"}
+        self._get_candidate = itemgetter("product_id", "dense", "sparse")
+        self._dense_len, self._sparse_len = {len(self.dense_keys)}, {len(self.sparse_keys)}
+        self._three, self._three_four, self._dict = {3}, {3, 4}, {dict}
+
+    def _head(self, body: dict) -> ScoreRequestBase | None:
+        try:
+            return ScoreRequestBase.model_validate({k: v for k, v in body.items() if k != "candidates"})
+        except ValidationError:
+            return None
+
+    @staticmethod
+    def _checked(product_ids: Sequence, dense: list[Sequence], sparse: list[Sequence]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(ids, dense values, sparse ids)`` flat (``dense`` and ``sparse`` concatenated), if every
+        id is an int, every dense value an int or float and each fits its dtype, else None."""
+        if not (set(map(type, product_ids)) <= _INT and set(map(type, chain.from_iterable(dense))) <= _NUMBER
+                and set(map(type, chain.from_iterable(sparse))) <= _INT):
+            return None
+        try:  # an int beyond int64 or float64 raises OverflowError
+            return (np.fromiter(product_ids, np.int64, len(product_ids)),
+                    np.fromiter(chain.from_iterable(dense), np.float64, sum(map(len, dense))),
+                    np.fromiter(chain.from_iterable(sparse), np.int64, sum(map(len, sparse))))
+        except (OverflowError, ValueError, TypeError):
+            return None
+
+    def _in_range(self, ids: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> bool:
+        """ids and sparse ids >= 0 (int64 caps them), dense values within bounds (NaN is not)."""
+        return bool((ids >= 0).all() and (sparse >= 0).all() and (dense >= self._low).all()
+                    and (dense <= self._high).all())
+
+    @staticmethod
+    def _positions_ok(positions: list) -> bool:
+        return all(p is None or (type(p) is int and 0 <= p <= POSITION_MAX) for p in positions)
+
+    def rows(self, body: Any) -> ParsedRequest | None:
+        """``{.., "candidates": [{"product_id", "position"?, "dense": {..}, "sparse": {..}}, ..]}``."""
+        if type(body) is not dict:
+            return None
+        candidates = body.get("candidates")
+        if type(candidates) is not list or not 1 <= len(candidates) <= self.max_candidates:
+            return None
+        # C-level maps over the candidates: a missing key raises KeyError, a non-object TypeError,
+        # and an extra key shows in the lengths (the JSON objects have no duplicate keys)
+        try:
+            ids, dense, sparse = zip(*map(self._get_candidate, candidates))
+            sizes = set(map(len, candidates))
+            dense_rows = list(map(self._get_dense, dense))
+            sparse_rows = list(map(self._get_sparse, sparse))
+            if set(map(len, dense)) != self._dense_len or set(map(len, sparse)) != self._sparse_len:
+                return None
+        except (KeyError, TypeError):
+            return None
+        if sizes != self._three:
+            if not sizes <= self._three_four:
+                return None
+            positions = [c.get("position", _MISSING) for c in candidates if len(c) == 4]
+            if any(p is _MISSING for p in positions) or not self._positions_ok(positions):
+                return None  # a fourth field other than position, or a bad position
+        if {*map(type, dense), *map(type, sparse)} != self._dict:  # (a list or string of length 0 has no keys)
+            return None
+        arrays = self._checked(ids, dense_rows, sparse_rows)
+        if arrays is None:
+            return None
+        ids_array, dense_values, sparse_ids = arrays
+        batch = len(candidates)
+        dense_values = dense_values.reshape(batch, len(self.dense_keys))
+        sparse_ids = sparse_ids.reshape(batch, len(self.sparse_keys))
+        head = self._head(body) if self._in_range(ids_array, dense_values, sparse_ids) else None
+        if head is None:
+            return None
+        return ParsedRequest(head, ids_array, dense_values.astype(np.float32), sparse_ids)
+
+    def columns(self, body: Any) -> ParsedRequest | None:
+        """``{.., "candidates": {"product_id": [..], "position": [..]?, "dense": {"price": [..], ..},
+        "sparse": {..}}}``."""
+        if type(body) is not dict:
+            return None
+        candidates = body.get("candidates")
+        if type(candidates) is not dict or not (candidates.keys() == self._fields
+                                                or candidates.keys() == self._fields_position):
+            return None
+        ids, dense, sparse = candidates["product_id"], candidates["dense"], candidates["sparse"]
+        if type(ids) is not list or not 1 <= len(ids) <= self.max_candidates:
+            return None
+        batch = len(ids)
+        if not (type(dense) is dict and dense.keys() == self._dense_set
+                and type(sparse) is dict and sparse.keys() == self._sparse_set):
+            return None
+        dense_columns = [dense[k] for k in self.dense_keys]
+        sparse_columns = [sparse[k] for k in self.sparse_keys]
+        if not all(type(c) is list and len(c) == batch for c in chain(dense_columns, sparse_columns)):
+            return None
+        positions = candidates.get("position")
+        if positions is not None and not (type(positions) is list and len(positions) == batch
+                                          and self._positions_ok(positions)):
+            return None
+        arrays = self._checked(ids, dense_columns, sparse_columns)
+        if arrays is None:
+            return None
+        ids, dense_values, sparse_ids = arrays
+        dense_values = dense_values.reshape(len(self.dense_keys), batch).T
+        sparse_ids = sparse_ids.reshape(len(self.sparse_keys), batch).T
+        head = self._head(body) if self._in_range(ids, dense_values, sparse_ids) else None
+        if head is None:
+            return None
+        return ParsedRequest(head, ids, np.ascontiguousarray(dense_values, np.float32),
+                             np.ascontiguousarray(sparse_ids))

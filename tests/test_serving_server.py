@@ -8,6 +8,7 @@ one check that needs other limits (``max_dense_z``) drives the same app in proce
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -18,14 +19,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from data.schema import table_path as data_table_path
 from embeddings.tables import UNKNOWN_ROW
 from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData
 from ranking.model import load_model
 from serving.export import checkpoint_path
-from serving.requests import ErrorResponse, RequestEncoder, build_score_request_model, dense_bounds, feature_key
-from serving.server import Scorer, ServerConfig, ServiceProcess, create_app
+from serving.requests import (ErrorResponse, FastRequestParser, RequestEncoder, build_columns_request_model,
+                              build_score_request_model, dense_bounds, feature_key)
+from serving.server import MicroBatcher, Scorer, ServerConfig, ServiceProcess, create_app
 from tests.serving_fixtures import serving_workdir  # noqa: F401  (fixture)
 
 MAX_CANDIDATES = 8
@@ -324,3 +327,153 @@ def test_openapi_gives_every_error_response_the_error_body(service: httpx.Client
     assert set(schemas["ErrorResponse"]["properties"]) == set(schemas["ErrorResponse"]["required"]) == {"message",
                                                                                                          "detail"}
     assert set(schemas["ErrorDetail"]["properties"]) == {"field", "type", "msg"}
+
+
+def _columns(body: dict) -> dict:
+    """``body`` with its candidates column-wise (``POST /score/columns``)."""
+    rows = body["candidates"]
+    columns = {"product_id": [c["product_id"] for c in rows], "position": [c.get("position") for c in rows]}
+    for group in ("dense", "sparse"):
+        columns[group] = {key: [c[group][key] for c in rows] for key in rows[0][group]}
+    return {**body, "candidates": columns}
+
+
+def test_the_columnar_form_scores_like_the_per_candidate_form(service: httpx.Client, session_case: dict):
+    rows = service.post("/score", json=session_case["body"])
+    columns = service.post("/score/columns", json=_columns(session_case["body"]))
+    assert rows.status_code == columns.status_code == 200, columns.text
+    assert columns.json() == rows.json()
+    np.testing.assert_allclose(columns.json()["scores"], session_case["expected"], atol=1e-6, rtol=0)
+    # the pydantic route (another JSON content type skips the fast path) answers the same
+    slow = service.post("/score/columns", content=json.dumps(_columns(session_case["body"])),
+                        headers={"content-type": "application/merge-patch+json"})
+    assert slow.status_code == 200 and slow.json() == rows.json()
+    assert all(r.headers["server-timing"].startswith("app;dur=") for r in (rows, columns, slow))
+
+
+def test_the_columnar_form_rejects_like_the_per_candidate_form(service: httpx.Client, session_case: dict):
+    good = _columns(session_case["body"])
+    cols = good["candidates"]
+    first = next(iter(cols["dense"]))
+    n = len(cols["product_id"])
+    cases = [  # case, candidates, status, field
+        ("short column", {**cols, "dense": {**cols["dense"], first: cols["dense"][first][:-1]}}, 422, "candidates"),
+        ("value beyond the bounds", {**cols, "dense": {**cols["dense"], first: [*cols["dense"][first][:-1], 1e20]}}, 422,
+         f"candidates.dense.{first}[{n - 1}]"),
+        ("unknown column", {**cols, "sparse": {**cols["sparse"], "nope": [0] * n}}, 422, "candidates.sparse.nope"),
+        ("too many", {k: (v * (MAX_CANDIDATES + 1) if isinstance(v, list) else
+                          {f: c * (MAX_CANDIDATES + 1) for f, c in v.items()}) for k, v in cols.items()}, 413,
+         "candidates"),
+        ("rows sent to columns", session_case["body"]["candidates"], 422, "candidates"),
+    ]
+    for case, candidates, status, field in cases:
+        resp = service.post("/score/columns", json={**good, "candidates": candidates})
+        assert resp.status_code == status, f"{case}: {resp.status_code} {resp.text[:300]}"
+        assert field in [d.field for d in _error_body(resp, case).detail], f"{case}: {resp.json()['message']}"
+    whole = {**cols, "product_id": [float(p) for p in cols["product_id"]]}  # whole floats: the pydantic route
+    resp = service.post("/score/columns", json={**good, "candidates": whole})
+    assert resp.status_code == 200 and resp.json() == service.post("/score", json=session_case["body"]).json()
+
+
+def test_openapi_describes_the_columnar_form(service: httpx.Client, session_case: dict):
+    spec = session_case["spec"]
+    api = service.get("/openapi.json").json()
+    schemas = api["components"]["schemas"]
+    body = api["paths"]["/score/columns"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ScoreColumnsRequest"}
+    dense, columns = schemas["DenseColumns"], schemas["CandidateColumns"]
+    assert set(dense["properties"]) == set(dense["required"]) == {feature_key(c) for c in spec.dense_names}
+    first = feature_key(spec.dense_names[0])
+    assert dense["properties"][first]["type"] == "array" and dense["properties"][first]["maxItems"] == MAX_CANDIDATES
+    assert (dense["properties"][first]["items"]["minimum"],
+            dense["properties"][first]["items"]["maximum"]) == dense_bounds(spec)[0]
+    assert set(schemas["SparseColumns"]["properties"]) == {feature_key(c) for c in spec.sparse_names}
+    assert {"product_id", "dense", "sparse"} <= set(columns["required"]) and "position" in columns["properties"]
+    assert set(api["paths"]["/score/columns"]["post"]["responses"]) == {"200", "400", "413", "415", "422", "500",
+                                                                       "4XX"}
+
+
+def _tricky_bodies(good: dict) -> list[tuple[str, dict]]:
+    """Bodies that differ from a good one in the ways the fast parser must get right or leave alone."""
+    cand = good["candidates"][0]
+    dense_key, sparse_key = next(iter(cand["dense"])), next(iter(cand["sparse"]))
+
+    def with_candidate(**changes) -> dict:
+        return {**good, "candidates": [*good["candidates"][:-1], {**good["candidates"][-1], **changes}]}
+
+    reordered = [{"sparse": dict(reversed(c["sparse"].items())), "dense": dict(reversed(c["dense"].items())),
+                  "product_id": c["product_id"]} for c in good["candidates"]]
+    return [
+        ("good", good),
+        ("keys in another order", {**good, "candidates": reordered}),
+        ("position on some candidates", with_candidate(position=3)),
+        ("null position", with_candidate(position=None)),
+        ("negative position", with_candidate(position=-1)),
+        ("int dense value", with_candidate(dense={**cand["dense"], dense_key: 2})),
+        ("bool dense value", with_candidate(dense={**cand["dense"], dense_key: True})),
+        ("string dense value", with_candidate(dense={**cand["dense"], dense_key: "1.5"})),
+        ("bool sparse id", with_candidate(sparse={**cand["sparse"], sparse_key: True})),
+        ("whole float id", with_candidate(product_id=float(cand["product_id"]))),
+        ("id beyond int64", with_candidate(product_id=2**63)),
+        ("dense beyond float64", with_candidate(dense={**cand["dense"], dense_key: 10**400})),
+        ("extra candidate field", with_candidate(colour="red")),
+        ("dense as a list", with_candidate(dense=list(cand["dense"].values()))),
+        ("missing sparse", {**good, "candidates": [{k: v for k, v in cand.items() if k != "sparse"}]}),
+        ("candidate not an object", {**good, "candidates": [1]}),
+        ("extra top-level field", {**good, "debug": True}),
+        ("both history sources", {**good, "purchase_history": []}),
+        ("purchase history", {k: v for k, v in good.items() if k != "user_id"} | {
+            "purchase_history": [{"product_id": cand["product_id"], "ts": good["now"] - 3600}]}),
+    ]
+
+
+def test_the_fast_parser_gives_the_pydantic_models_values_or_leaves_the_body_to_them(session_case: dict,
+                                                                                     serving_workdir: Path):
+    spec = session_case["spec"]
+    encoder = RequestEncoder(spec, PurchaseIndex.from_workdir(serving_workdir), default_now=0)
+    parser = FastRequestParser(spec, MAX_CANDIDATES)
+    models = {"rows": build_score_request_model(spec, MAX_CANDIDATES),
+              "columns": build_columns_request_model(spec, MAX_CANDIDATES)}
+    accepted = set()
+    for case, body in _tricky_bodies(json.loads(json.dumps(session_case["body"]))):
+        for form in ("rows", "columns"):
+            try:
+                candidate_body = _columns(body) if form == "columns" else body
+            except (KeyError, TypeError):
+                continue  # no columnar equivalent
+            fast = getattr(parser, form)(json.loads(json.dumps(candidate_body)))
+            try:
+                reference = encoder.encode(models[form].model_validate(candidate_body))
+            except ValidationError:
+                assert fast is None, f"{form}, {case}: the fast parser accepted what pydantic refuses"
+                continue
+            if fast is None:
+                continue  # left to pydantic, which gives the answer
+            accepted.add((form, case))
+            encoded = encoder.encode_arrays(fast.head, fast.product_ids, fast.dense, fast.sparse)
+            for name in ("dense", "sparse_ids", "product_rows", "query_rows", "history_rows"):
+                assert torch.equal(getattr(encoded, name), getattr(reference, name)), (form, case, name)
+            assert encoded.meta == reference.meta and encoded.product_ids == reference.product_ids, (form, case)
+    assert {("rows", "good"), ("columns", "good"), ("rows", "keys in another order"), ("rows", "int dense value"),
+            ("rows", "position on some candidates"), ("rows", "purchase history")} <= accepted
+
+
+def test_requests_ready_together_share_one_model_call(serving_workdir: Path, session_case: dict):
+    scorer = Scorer(serving_workdir)
+    request_model = scorer.request_model(MAX_CANDIDATES)
+    bodies = [session_case["body"], {**session_case["body"], "query": "zzqx never searched"},
+              {**session_case["body"], "candidates": session_case["body"]["candidates"][:1]}]
+    encoded = [scorer.encoder.encode(request_model.model_validate(b)) for b in bodies]
+    alone = [scorer.probabilities([e])[0] for e in encoded]
+    batcher = MicroBatcher(scorer, max_rows=1024)
+
+    async def together(batcher: MicroBatcher) -> list[torch.Tensor]:
+        return await asyncio.gather(*(batcher.score(e) for e in encoded))
+
+    batched = asyncio.run(together(batcher))
+    assert batcher.calls == 1
+    for a, b in zip(alone, batched):  # rows are independent; kernels may round differently per batch size
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-6, rtol=0)
+    small = MicroBatcher(scorer, max_rows=len(bodies[0]["candidates"]) + 1)  # [0], then [1] and [2] together
+    asyncio.run(together(small))
+    assert small.calls == 2
