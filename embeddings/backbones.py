@@ -88,11 +88,36 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.fused = False
+
+    @torch.no_grad()
+    def fuse_projections(self, self_attention: bool) -> None:
+        """For inference: one matrix product for key + value (and, for a ``self_attention`` block,
+        for query + key + value when it attends to its own input), from concatenated copies of the
+        projections. The copies are a snapshot: call it on an inference copy
+        (:meth:`DashCLIP.inference_copy`), not on a model that still trains."""
+        weights = [self.query.weight, self.key.weight, self.value.weight]
+        biases = [self.query.bias, self.key.bias, self.value.bias]
+        self.register_buffer("kv_weight", torch.cat(weights[1:]), persistent=False)
+        self.register_buffer("kv_bias", torch.cat(biases[1:]), persistent=False)
+        if self_attention:
+            self.register_buffer("qkv_weight", torch.cat(weights), persistent=False)
+            self.register_buffer("qkv_bias", torch.cat(biases), persistent=False)
+        self.fused = True
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         """hidden ``[B, L, D]``, context ``[B, Lc, Dc]``, context_mask ``[B, Lc]`` -> ``[B, L, D]``."""
-        return _sdpa(self.query(hidden), self.key(context), self.value(context), context_mask, self.num_heads,
-                     self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if not self.fused:
+            return _sdpa(self.query(hidden), self.key(context), self.value(context), context_mask, self.num_heads,
+                         dropout)
+        width = self.query.out_features
+        if hidden is context and hasattr(self, "qkv_weight"):
+            query, key, value = F.linear(hidden, self.qkv_weight, self.qkv_bias).split(width, dim=-1)
+        else:
+            query = self.query(hidden)
+            key, value = F.linear(context, self.kv_weight, self.kv_bias).split(width, dim=-1)
+        return _sdpa(query, key, value, context_mask, self.num_heads, dropout)
 
 
 class BertOutput(nn.Module):
@@ -205,6 +230,14 @@ class TextTransformer(nn.Module):
         for i, layer in enumerate(layers):
             hidden = layer(hidden, mask, image_tokens, img_mask, cls_only=cls_only and i == len(layers) - 1)
         return hidden
+
+    def fuse_projections(self) -> None:
+        """Inference only: fused query/key/value products in every attention block
+        (:meth:`BertSelfAttention.fuse_projections`)."""
+        for layer in self.encoder.layer:
+            layer.attention.self.fuse_projections(self_attention=True)
+            if hasattr(layer, "crossattention"):
+                layer.crossattention.self.fuse_projections(self_attention=False)
 
     def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_layers: int) -> torch.Tensor:
         """Plain-mode hidden states ``[B, L, D]`` after the embeddings and the first ``num_layers`` layers."""
@@ -496,6 +529,143 @@ class ConvTokenEncoder(nn.Module):
 
     def frozen_prefix(self, num_layers: int) -> list[nn.Module]:
         return self.backbone.frozen_prefix(num_layers)
+
+
+# ------------------------------------------------------------------ fused CPU inference of the CNN
+def _same_pad_amounts(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """:class:`SamePad` with the same result, in ``x``'s memory format; when nothing goes before
+    (the usual case: even sides), only the right/bottom strips are zeroed instead of the whole tensor."""
+    (top, bottom), (left, right) = (_same_pad_amounts(x.shape[-2], kernel, stride),
+                                    _same_pad_amounts(x.shape[-1], kernel, stride))
+    if top or left or x.dim() != 4:
+        return F.pad(x, [left, right, top, bottom])
+    batch, channels, height, width = x.shape
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty(batch, channels, height + bottom, width + right, dtype=x.dtype, device=x.device,
+                      memory_format=fmt)
+    out[:, :, :height, :width].copy_(x)
+    if bottom:
+        out[:, :, height:].zero_()
+    if right:
+        out[:, :, :height, width:].zero_()
+    return out
+
+
+def _pointwise_conv_available() -> bool:
+    """Whether this torch build has oneDNN's fused convolution + activation/addition operator."""
+    try:
+        x = torch.ones(1, 2, 4, 4).contiguous(memory_format=torch.channels_last)
+        w = torch.ones(2, 1, 3, 3)
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, None, [1, 1], [1, 1], [1, 1], 2, "hardtanh", [0.0, 6.0], "")
+        return bool(torch.equal(y, F.conv2d(x, w, None, 1, 1, 1, 2).clamp(0.0, 6.0)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_POINTWISE: bool | None = None
+
+
+class FusedConvBN(nn.Module):
+    """Inference only: one :func:`_conv_bn` block (TF "same" padding, convolution, BatchNorm, optional
+    ReLU6) with the BatchNorm folded into the convolution's weight and bias (channels-last). On CPU
+    in float32 it runs as one oneDNN operator with the ReLU6 (or the residual addition) fused in;
+    elsewhere as ``conv2d`` + ``clamp`` (+ addition). Same function as the block in eval mode, up to
+    float rounding of the folding (about 1e-5 relative).
+
+    A strided depthwise convolution with uneven "same" padding (``a`` before, ``b > a`` after) runs
+    without a padded copy of its input: as the same convolution with its kernel extended by
+    ``b - a`` leading zero taps and symmetric padding ``b``, which reads exactly the same input
+    pixels with the same weights (:meth:`_unpadded`)."""
+
+    def __init__(self, block: nn.Sequential) -> None:
+        super().__init__()
+        parts = list(block)
+        self.same_pad = isinstance(parts[0], SamePad)
+        conv, bn = parts[1 if self.same_pad else 0], parts[2 if self.same_pad else 1]
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            names = [type(m).__name__ for m in parts]
+            raise TypeError(f"expected [SamePad,] Conv2d, BatchNorm2d[, ReLU6]; got {names}")
+        self.act = isinstance(parts[-1], nn.ReLU6)
+        with torch.no_grad():
+            weight, bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        self.register_buffer("weight", weight.detach().contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", bias.detach().clone())
+        self.kernel, self.stride, self.padding = conv.kernel_size[0], list(conv.stride), list(conv.padding)
+        self.groups = conv.groups
+        self._extended: dict[tuple[int, int, torch.device], tuple[torch.Tensor, list[int]]] = {}
+
+    def _unpadded(self, height: int, width: int) -> tuple[torch.Tensor, list[int]] | None:
+        """``(weight, symmetric padding)`` that computes the TF-"same" convolution of an unpadded
+        ``height x width`` input (depthwise layers only; None = pad the input instead)."""
+        if self.groups == 1:  # a dense convolution (the stem, 3 channels): padding the input is cheaper
+            return None
+        key = (height, width, self.weight.device)
+        if key not in self._extended:
+            (top, bottom), (left, right) = (_same_pad_amounts(height, self.kernel, self.stride[0]),
+                                            _same_pad_amounts(width, self.kernel, self.stride[1]))
+            extra_h, extra_w = bottom - top, right - left
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in every mode later
+                weight = self.weight.new_zeros((*self.weight.shape[:2], self.kernel + extra_h, self.kernel + extra_w))
+                weight[:, :, extra_h:, extra_w:] = self.weight
+                self._extended[key] = (weight.contiguous(memory_format=torch.channels_last), [bottom, right])
+        return self._extended[key]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        global _POINTWISE
+        weight, padding = self.weight, self.padding
+        if self.same_pad:
+            unpadded = self._unpadded(x.shape[-2], x.shape[-1])
+            if unpadded is None:
+                x = pad_same(x, self.kernel, self.stride[0])
+            else:
+                weight, padding = unpadded
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            if _POINTWISE is None:
+                _POINTWISE = _pointwise_conv_available()
+            if _POINTWISE:
+                pointwise = torch.ops.mkldnn._convolution_pointwise
+                if residual is not None:  # conv + bias + residual in one pass (project convolutions: no activation)
+                    return pointwise.binary(x, residual, weight, self.bias, padding, self.stride, [1, 1],
+                                            self.groups, "add", None, None, [], None)
+                return pointwise(x, weight, self.bias, padding, self.stride, [1, 1], self.groups,
+                                 "hardtanh" if self.act else "none", [0.0, 6.0] if self.act else [], "")
+        y = F.conv2d(x, weight.to(x.dtype), self.bias.to(x.dtype), self.stride, padding, 1, self.groups)
+        if self.act:
+            y = y.clamp(0.0, 6.0)
+        return y + residual if residual is not None else y
+
+
+class FusedEfficientNetLite0(nn.Module):
+    """Inference-only EfficientNet-Lite0 (:class:`EfficientNetLite0` in eval mode): every block a
+    :class:`FusedConvBN`, residual additions fused into the project convolutions, channels-last
+    activations. ``[B, 3, S, S]`` -> feature map ``[B, 1280, S/32, S/32]`` (channels-last)."""
+
+    out_channels = EfficientNetLite0.out_channels
+
+    def __init__(self, net: EfficientNetLite0) -> None:
+        super().__init__()
+        if net.classifier is not None:
+            raise ValueError("FusedEfficientNetLite0 takes the feature extractor (num_classes=0)")
+        self.stem = FusedConvBN(net.stem)
+        self.blocks = nn.ModuleList(nn.ModuleList(FusedConvBN(part) for part in block.body)
+                                    for stage in net.stages for block in stage)
+        self.residual = [block.residual for stage in net.stages for block in stage]
+        self.head = FusedConvBN(net.head)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.stem(pixels.contiguous(memory_format=torch.channels_last))
+        for parts, residual in zip(self.blocks, self.residual):
+            y = x
+            for part in parts[:-1]:
+                y = part(y)
+            x = parts[-1](y, x if residual else None)
+        return self.head(x)
 
 
 # ------------------------------------------------------------------------------- text weights

@@ -9,26 +9,46 @@ functions (:func:`embeddings.train.stage1_losses`, :func:`embeddings.train.stage
 * stage-2 training tuples/s: PQC with ``1 + negatives`` queries per tuple, frozen product [CLS]
   and frozen query-layer states precomputed (as training caches them per distinct query);
 * inference products/s (image encoder + grounded text encoder + multimodal projection) and
-  queries/s (query encoder + projection).
+  queries/s (query encoder + projection), model only, at ``--dtype``;
+* the encoder end to end, as ``embeddings.export`` runs it (:class:`embeddings.encode.DashEncoder`:
+  image decoding, tokenisation, length-sorted batches, encoders, projection), precision ``fp32``
+  (the reference) against ``fast`` in alternating rounds of the same run: products/s and queries/s
+  (medians), the paired speed-up, the cosine of every fast vector with its fp32 vector (min and
+  mean) and whether each precision gave byte-identical vectors in every round. Inputs: the first
+  ``--encode-products`` rows of ``DIR/data/catalog.parquet`` and DIR's relevance queries when they
+  exist, else synthetic packshots and titles of :mod:`data.synth`; weights: the untuned
+  ``--backbone`` or, with ``--checkpoint trained``, DIR's trained model.
 
-``blip-base`` is BLIP-base (ViT-B/16 + BERT-base with cross-attention) with random weights. Prints a
-Markdown table and merges the figures into ``DIR/embeddings/bench.json``.
+``blip-base`` is BLIP-base (ViT-B/16 + BERT-base with cross-attention) with random weights. Prints
+Markdown tables and merges the figures into ``DIR/embeddings/bench.json`` (with the load average
+before and after: on a shared machine, compare the ratios of one run).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
+import statistics
 import time
 from dataclasses import asdict
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from common.cli import parse_config, run_main
 from common.io import prepare_workdir, read_json, write_json
-from embeddings.backbones import TextConfig, TextTransformer, VisionConfig, VisionTransformer
+from data import schema
+from data.text import normalize_query
+from embeddings.backbones import (CLIP_MEAN, CLIP_STD, TextConfig, TextTransformer, VisionConfig, VisionTransformer,
+                                  load_tokenizer, minilm_path)
 from embeddings.config import BenchConfig, ModelConfig
+from embeddings.inputs import ImageSpec
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_model
 from embeddings.train import adamw, resolve_device, stage1_losses, stage2_losses
@@ -38,18 +58,18 @@ BLIP_BASE_TEXT = TextConfig(vocab_size=30524, hidden_size=768, num_layers=12, nu
                             cross_attention_width=768)
 
 
-def bench_model(cfg: BenchConfig, image_size: int) -> DashCLIP:
-    """The model to time: mini/tiny as built for training, blip-base from its config (random)."""
+def bench_model(cfg: BenchConfig, image_size: int) -> tuple[DashCLIP, Any, ImageSpec]:
+    """The model to time with its tokenizer and image spec: mini/tiny as built for training,
+    blip-base from its config (random weights, MiniLM's uncased WordPiece tokenizer, CLIP's pixel
+    normalisation)."""
     if cfg.backbone == "blip-base":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = DashCLIP(VisionTransformer(VisionConfig(image_size=image_size)), TextTransformer(BLIP_BASE_TEXT),
                              embed_dim=256)
         model.freeze_first_layers(cfg.freeze_fraction)
-        return model
-    model, _, _ = build_model(ModelConfig(backbone=cfg.backbone, image_size=image_size,
-                                          freeze_fraction=cfg.freeze_fraction))
-    return model
+        return model, load_tokenizer(minilm_path()), ImageSpec(image_size, CLIP_MEAN, CLIP_STD)
+    return build_model(ModelConfig(backbone=cfg.backbone, image_size=image_size, freeze_fraction=cfg.freeze_fraction))
 
 
 def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
@@ -69,7 +89,7 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
 def run_bench(cfg: BenchConfig) -> dict[str, dict[str, float]]:
     device = resolve_device(cfg.device)
     image_size = cfg.image_size or (384 if cfg.backbone == "blip-base" else 96)
-    model = bench_model(cfg, image_size).to(device)
+    model = bench_model(cfg, image_size)[0].to(device)
     vocab = model.text_encoder.cfg.vocab_size
     batch = cfg.batch_size
     precision: Callable[[], contextlib.AbstractContextManager] = (
@@ -143,12 +163,123 @@ def run_bench(cfg: BenchConfig) -> dict[str, dict[str, float]]:
     return results
 
 
-def markdown(cfg: BenchConfig, device: torch.device, results: dict[str, dict[str, float]]) -> str:
+# ------------------------------------------------------------------ encoder end to end: fp32 vs fast
+def _queries_from_titles(titles: Sequence[str], n: int) -> list[str]:
+    """``n`` query-like strings: 1-4 consecutive words of the titles (seeded)."""
+    rng = np.random.default_rng(0)
+    words = [normalize_query(t).split() or ["item"] for t in titles]
+    out = []
+    for i in range(n):
+        w = words[i % len(words)]
+        k = int(rng.integers(1, min(4, len(w)) + 1))
+        start = int(rng.integers(0, len(w) - k + 1))
+        out.append(" ".join(w[start:start + k]))
+    return out
+
+
+def encoder_inputs(cfg: BenchConfig, image_size: int) -> tuple[pd.DataFrame, list[str], str]:
+    """``(catalog [product_id, title, image], queries, description)`` for the encoder comparison."""
+    workdir = Path(cfg.workdir)
+    catalog_path = schema.table_path(workdir, "catalog")
+    if catalog_path.exists():
+        table = pq.read_table(catalog_path, columns=["product_id", "title", "image"]).slice(0, cfg.encode_products)
+        catalog, source = table.to_pandas(), str(catalog_path)
+    else:
+        from data import synth  # only without a catalog: synthetic packshots
+
+        profile = synth.PROFILES["tiny"]
+        made = synth.build_catalog(profile.scaled(max(1.0, cfg.encode_products / profile.n_products)), 0,
+                                   synth.ClickModel())
+        n = min(cfg.encode_products, len(made.product_id))
+        catalog = synth.catalog_batch(made, 0, n, image_size).select(["product_id", "title", "image"]).to_pandas()
+        source = f"synthetic packshots of data.synth ({image_size} px)"
+    queries: list[str] = []
+    relevance_path = schema.table_path(workdir, "relevance")
+    if relevance_path.exists():
+        column = pq.read_table(relevance_path, columns=["query"]).column("query")
+        queries = sorted({normalize_query(q) for q in pc.unique(column).to_pylist() if q is not None} - {""})
+        queries = queries[:cfg.encode_queries]
+    if len(queries) < cfg.encode_queries:
+        queries += _queries_from_titles(catalog["title"].astype(str).tolist(), cfg.encode_queries - len(queries))
+    return catalog, queries, source
+
+
+def compare_encoders(cfg: BenchConfig, device: torch.device, image_size: int) -> dict[str, Any]:
+    """The end-to-end encoder, precision fp32 against fast, alternating rounds (see the module docstring)."""
+    from embeddings.encode import DashEncoder, load_encoder  # encode imports train: only when comparing
+
+    if cfg.checkpoint == "trained":
+        loaded = load_encoder(cfg.workdir, "trained", device, cfg.encode_batch_size, "fp32")
+        model, tokenizer, spec, model_cfg = loaded.model, loaded.tokenizer, loaded.spec, loaded.cfg
+        source = loaded.source
+    else:
+        model, tokenizer, spec = bench_model(cfg, image_size)
+        model_cfg = ModelConfig(image_size=spec.size)
+        source = f"untuned {cfg.backbone}"
+    encoders = {precision: DashEncoder(model, tokenizer, spec, model_cfg, device, source, cfg.encode_batch_size,
+                                       precision) for precision in ("fp32", "fast")}
+    catalog, queries, inputs = encoder_inputs(cfg, spec.size)
+    work = {"products": (len(catalog), lambda e: e.products(catalog)),
+            "queries": (len(queries), lambda e: e.queries(queries))}
+    for encoder in encoders.values():  # untimed warm-up: one batch of each
+        encoder.products(catalog.iloc[:cfg.encode_batch_size])
+        encoder.queries(queries[:cfg.encode_batch_size])
+    load_before = os.getloadavg()
+    wall: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
+    first: dict[tuple[str, str], np.ndarray] = {}
+    same = True
+    for _ in range(max(1, cfg.encode_rounds)):
+        for precision, encoder in encoders.items():
+            for kind, (_, run) in work.items():
+                started, cpu_started = time.perf_counter(), time.process_time()
+                vectors = run(encoder)
+                wall.setdefault((precision, kind), []).append(time.perf_counter() - started)
+                cpu.setdefault((precision, kind), []).append(time.process_time() - cpu_started)
+                if (precision, kind) in first:
+                    same = same and vectors.tobytes() == first[precision, kind].tobytes()
+                else:
+                    first[precision, kind] = vectors
+    summary: dict[str, Any] = {"inputs": inputs, "weights": source, "n_products": len(catalog),
+                               "n_queries": len(queries), "batch_size": cfg.encode_batch_size,
+                               "rounds": max(1, cfg.encode_rounds), "threads": torch.get_num_threads(),
+                               "deterministic": same, "load_average_before": [round(x, 2) for x in load_before],
+                               "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    for kind, (n, _) in work.items():
+        cos = np.sum(first["fp32", kind] * first["fast", kind], axis=1) if n else np.ones(1)
+        summary[kind] = {
+            **{f"{precision}_per_s": n / statistics.median(wall[precision, kind]) for precision in encoders},
+            **{f"{precision}_cpu_ms_per_item": 1e3 * statistics.median(cpu[precision, kind]) / max(n, 1)
+               for precision in encoders},
+            "speedup": statistics.median(f / q for f, q in zip(wall["fp32", kind], wall["fast", kind])),
+            "cpu_speedup": statistics.median(f / q for f, q in zip(cpu["fp32", kind], cpu["fast", kind])),
+            "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
+            "wall_s": {precision: [round(x, 4) for x in wall[precision, kind]] for precision in encoders}}
+    return summary
+
+
+def markdown(cfg: BenchConfig, device: torch.device, results: dict[str, dict[str, float]],
+             comparison: dict[str, Any] | None = None) -> str:
     head = (f"DashCLIP bench: backbone {cfg.backbone}, device {device} ({platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads), dtype {cfg.dtype}, batch {cfg.batch_size}, "
             f"{cfg.title_tokens}-token titles, {cfg.query_tokens}-token queries, {cfg.negatives} negatives")
-    lines = [head, "", "| measurement | ms/step | throughput |", "|---|---:|---:|"]
-    lines += [f"| {name} | {r['ms_per_step']:.1f} | {r['per_s']:.1f} {r['unit']}/s |" for name, r in results.items()]
+    lines = [head]
+    if results:
+        lines += ["", "| measurement | ms/step | throughput |", "|---|---:|---:|"]
+        lines += [f"| {name} | {r['ms_per_step']:.1f} | {r['per_s']:.1f} {r['unit']}/s |" for name, r in results.items()]
+    if comparison:
+        c = comparison
+        lines += ["", f"Encoder end to end ({c['weights']}; {c['n_products']} products and {c['n_queries']} queries "
+                      f"from {c['inputs']}; batch {c['batch_size']}; {c['threads']} threads; medians of "
+                      f"{c['rounds']} alternating rounds; load average {c['load_average_before'][0]:.2f} before, "
+                      f"{c['load_average_after'][0]:.2f} after)", "",
+                  "| inputs | fp32 /s | fast /s | speed-up (wall) | speed-up (CPU time) | cosine min | cosine mean |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for kind in ("products", "queries"):
+            r = c[kind]
+            lines.append(f"| {kind} | {r['fp32_per_s']:.1f} | {r['fast_per_s']:.1f} | {r['speedup']:.2f}x | "
+                         f"{r['cpu_speedup']:.2f}x | {r['cos_min']:.7f} | {r['cos_mean']:.7f} |")
+        lines += ["", f"byte-identical vectors in every round, per precision: {'yes' if c['deterministic'] else 'NO'}"]
     return "\n".join(lines)
 
 
@@ -157,12 +288,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    results = run_bench(cfg)
-    print(markdown(cfg, device, results))
+    results = {} if cfg.inference_only else run_bench(cfg)
+    image_size = cfg.image_size or (384 if cfg.backbone == "blip-base" else 96)
+    comparison = compare_encoders(cfg, device, image_size) if cfg.encode_products > 0 else None
+    print(markdown(cfg, device, results, comparison))
     out = prepare_workdir(cfg.workdir, "embeddings") / "embeddings" / "bench.json"
     recorded = read_json(out) if out.exists() else {}
-    key = f"{cfg.backbone}/{device.type}/{cfg.dtype}/batch{cfg.batch_size}/threads{torch.get_num_threads()}"
-    recorded[key] = {"config": asdict(cfg), "results": results}
+    backbone = "trained" if cfg.checkpoint == "trained" else cfg.backbone
+    key = f"{backbone}/{device.type}/{cfg.dtype}/batch{cfg.batch_size}/threads{torch.get_num_threads()}"
+    entry = dict(recorded.get(key, {})) if cfg.inference_only else {}
+    entry["config"] = asdict(cfg)
+    if not cfg.inference_only:
+        entry["results"] = results
+    if comparison is not None:
+        entry["encoder_fp32_vs_fast"] = comparison
+    recorded[key] = entry
     write_json(recorded, out)
     return results
 

@@ -45,7 +45,7 @@ def distinct_queries(workdir: Path) -> list[str]:
 def made_from(workdir: Path, cfg: ExportConfig) -> MadeFrom:
     """The trained model's published set, the tables the export reads, and its settings."""
     inputs = {**stage_set(workdir, 2).verify(), **input_hashes(workdir, ("catalog", *QUERY_TABLES))}
-    return MadeFrom(inputs, {"batch_size": cfg.batch_size})
+    return MadeFrom(inputs, {"batch_size": cfg.batch_size, "precision": cfg.precision})
 
 
 def export(cfg: ExportConfig) -> dict[str, Path]:
@@ -58,7 +58,7 @@ def export(cfg: ExportConfig) -> dict[str, Path]:
                  "(--force to redo)")
         return paths
     schema.validate_tables(workdir, ("catalog", *QUERY_TABLES), check_images=True)
-    encoder = load_encoder(workdir, "trained", cfg.device, cfg.batch_size)
+    encoder = load_encoder(workdir, "trained", cfg.device, cfg.batch_size, cfg.precision)
     catalog = schema.read_table(workdir, "catalog").select(["product_id", "title", "image"]).to_pandas()
     queries = distinct_queries(workdir)
     started = time.perf_counter()

@@ -28,13 +28,22 @@ class ImageSpec:
     std: tuple[float, float, float]
 
 
+def decode_image_hwc(blob: bytes, size: int) -> torch.Tensor:
+    """PNG/JPEG bytes -> ``uint8`` ``[size, size, 3]`` (aspect kept, padded with white; pixel order
+    as decoded, no copy into channels-first).
+
+    Raises ``ValueError`` with a one-line reason when the bytes do not decode."""
+    img = load_image(blob)
+    if img.size != (size, size):  # ImageOps.pad returns a same-size image unchanged
+        img = ImageOps.pad(img, (size, size), method=Image.Resampling.BICUBIC, color=(255, 255, 255))
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
 def decode_image(blob: bytes, size: int) -> torch.Tensor:
     """PNG/JPEG bytes -> ``uint8`` ``[3, size, size]`` (aspect kept, padded with white).
 
     Raises ``ValueError`` with a one-line reason when the bytes do not decode."""
-    img = ImageOps.pad(load_image(blob), (size, size), method=Image.Resampling.BICUBIC, color=(255, 255, 255))
-    array = np.asarray(img, dtype=np.uint8).copy()
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return decode_image_hwc(blob, size).permute(2, 0, 1).contiguous()
 
 
 class ImageStore:
@@ -60,7 +69,7 @@ class ImageStore:
         self.has_image = np.array([b is not None for b in self.blobs], dtype=bool)
         per_image = 3 * spec.size * spec.size
         self.cache_capacity = max(0, cache_mb * 2**20 // per_image)
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict[int, torch.Tensor] = {}  # index -> uint8 [S, S, 3]
         self._mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std).view(1, 3, 1, 1)
 
@@ -75,7 +84,7 @@ class ImageStore:
         if blob is None:
             raise ValueError(f"product_id {self.product_ids[index]} has no image")
         try:
-            image = decode_image(blob, self.spec.size)
+            image = decode_image_hwc(blob, self.spec.size)
         except ValueError as exc:
             raise SchemaError(self.source, "image", f"cannot decode the image at row {index} "
                                                     f"(product_id {self.product_ids[index]}): {exc}") from None
@@ -83,10 +92,15 @@ class ImageStore:
             self._cache[index] = image
         return image
 
-    def pixels(self, indices: Sequence[int]) -> torch.Tensor:
-        """Normalised float pixels ``[B, 3, S, S]`` of the products at ``indices`` (all with images)."""
-        batch = torch.stack([self._decoded(int(i)) for i in indices]).float().div_(255.0)
-        return (batch - self._mean) / self._std
+    def pixels(self, indices: Sequence[int], channels_last: bool = False) -> torch.Tensor:
+        """Normalised float pixels ``[B, 3, S, S]`` of the products at ``indices`` (all with images).
+
+        ``channels_last`` returns them in channels-last memory (what the fused CPU image encoder
+        reads), normalised in place in one buffer; the values are the same either way."""
+        batch = torch.stack([self._decoded(int(i)) for i in indices]).permute(0, 3, 1, 2)  # [B, 3, S, S] view
+        if channels_last:
+            return batch.float().div_(255.0).sub_(self._mean).div_(self._std)
+        return (batch.contiguous().float().div_(255.0) - self._mean) / self._std
 
 
 class TokenStore:
@@ -116,3 +130,23 @@ def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torc
         ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, :len(seq)] = 1
     return ids, mask
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Index batches of inputs of similar length (so each pads little): the indices sorted by length
+    (stable: ties keep input order) and cut into runs of ``batch_size``. Their concatenation is the
+    permutation that :func:`restore_order` undoes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def restore_order(batches: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """``rows`` (outputs of the concatenated ``batches``, in that order) back in input order."""
+    order = np.concatenate(batches) if len(batches) else np.zeros(0, dtype=np.int64)
+    if len(order) != len(rows):
+        raise ValueError(f"{len(rows)} rows for {len(order)} batched indices")
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out

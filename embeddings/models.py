@@ -16,6 +16,7 @@ L2-normalised.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -24,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embeddings.backbones import (LITE0_MEAN, LITE0_STD, ConvTokenEncoder, TextConfig, TextTransformer,
-                                  VisionConfig, VisionTransformer, bert_text_config, load_bert_weights,
+from embeddings.backbones import (LITE0_MEAN, LITE0_STD, ConvTokenEncoder, EfficientNetLite0,
+                                  FusedEfficientNetLite0, TextConfig, TextTransformer, VisionConfig,
+                                  VisionTransformer, bert_text_config, load_bert_weights,
                                   load_efficientnet_lite0, load_tokenizer, minilm_path, read_blip_checkpoint,
                                   resize_position_embedding)
 from embeddings.config import ModelConfig
@@ -150,12 +152,18 @@ class DashCLIP(nn.Module):
     def product_cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor | None,
                     has_image: torch.Tensor) -> torch.Tensor:
         """Grounded [CLS] ``[B, Dt]`` of products; ``pixels`` ``[K, 3, S, S]`` holds the images of the
-        K rows where ``has_image`` ``[B]`` is True; the other rows run without image tokens."""
-        out = self.text_cls(input_ids, attention_mask)
-        if has_image.any():
-            rows = has_image.nonzero().squeeze(1)
-            grounded = self.text_cls(input_ids[rows], attention_mask[rows], self.image_tokens(pixels))
-            out = out.index_copy(0, rows, grounded.to(out.dtype))
+        K rows where ``has_image`` ``[B]`` is True; the other rows run without image tokens (only
+        those rows run the plain mode)."""
+        if bool(has_image.all()):
+            return self.text_cls(input_ids, attention_mask, self.image_tokens(pixels))
+        if not bool(has_image.any()):
+            return self.text_cls(input_ids, attention_mask)
+        rows, plain_rows = has_image.nonzero().squeeze(1), (~has_image).nonzero().squeeze(1)
+        grounded = self.text_cls(input_ids[rows], attention_mask[rows], self.image_tokens(pixels))
+        plain = self.text_cls(input_ids[plain_rows], attention_mask[plain_rows])
+        out = plain.new_empty((len(has_image), plain.shape[1]))
+        out[plain_rows] = plain
+        out[rows] = grounded.to(out.dtype)
         return out
 
     def product_embedding_from_cls(self, cls: torch.Tensor) -> torch.Tensor:
@@ -165,6 +173,27 @@ class DashCLIP(nn.Module):
     def query_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Queries ``[B, L]`` -> ``[B, d]``."""
         return F.normalize(self.query_proj(self.query_encoder.cls(input_ids, attention_mask)), dim=-1)
+
+    def inference_copy(self) -> "DashCLIP":
+        """A copy of this model for fast inference, in eval mode (use it under ``torch.inference_mode``).
+
+        It shares the weights of this model except for: an EfficientNet-Lite0 image encoder becomes
+        :class:`~embeddings.backbones.FusedEfficientNetLite0` (BatchNorm folded into the
+        convolutions, ReLU6 and residual additions fused, channels-last), and every attention block
+        computes its query/key/value projections as one matrix product
+        (:meth:`~embeddings.backbones.TextTransformer.fuse_projections`). The same function as this
+        model in eval mode up to float rounding. A snapshot: it does not follow later training of
+        this model.
+        """
+        shared = {id(t): t for t in (*self.parameters(), *self.buffers())}
+        model = copy.deepcopy(self, shared).eval()
+        image = model.image_encoder
+        if isinstance(image, ConvTokenEncoder) and isinstance(image.backbone, EfficientNetLite0):
+            image.backbone = FusedEfficientNetLite0(image.backbone)
+        model.text_encoder.fuse_projections()
+        model.query_encoder.fuse_projections()
+        model._frozen = []
+        return model
 
     def query_prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[B, L, Dq]`` of queries after the frozen first layers of the query encoder

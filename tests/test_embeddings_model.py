@@ -146,6 +146,51 @@ def test_query_embedding_from_cached_frozen_states_matches_the_full_pass(tiny):
         torch.testing.assert_close(model.query_embedding_from_prefix(prefix, mask), model.query_embedding(ids, mask))
 
 
+def test_inference_copy_fuses_attention_projections_and_computes_the_same(tiny):
+    """One matrix product for query/key/value (self-attention) and key/value (cross-attention):
+    the same encodings, in plain, grounded and [CLS]-only mode; the model itself is untouched."""
+    model, tokenizer, spec = tiny
+    model.eval()
+    fast = model.inference_copy()
+    ids, mask = _batch(tokenizer, ["oat milk", "gluten free pasta family size", "tea"])
+    has_image = torch.tensor([True, False, True])
+    pixels = torch.randn(2, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tokens = model.image_tokens(pixels)
+        for image_tokens in (None, tokens[[0, 0, 1]]):
+            torch.testing.assert_close(fast.text_encoder(ids, mask, image_tokens),
+                                       model.text_encoder(ids, mask, image_tokens), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.product_cls(ids, mask, pixels, has_image),
+                                   model.product_cls(ids, mask, pixels, has_image), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.query_embedding(ids, mask), model.query_embedding(ids, mask),
+                                   atol=1e-5, rtol=1e-5)
+    attention = fast.text_encoder.encoder.layer[0]
+    assert attention.attention.self.fused and attention.crossattention.self.fused
+    assert attention.attention.self.qkv_weight.shape == (3 * 64, 64)
+    assert not hasattr(attention.crossattention.self, "qkv_weight")  # its keys/values come from image tokens
+    assert not model.text_encoder.encoder.layer[0].attention.self.fused
+
+
+def test_product_cls_runs_each_row_in_one_mode_only(tiny):
+    """Rows with an image run the grounded mode only, rows without one the plain mode only."""
+    model, tokenizer, spec = tiny
+    model.eval()
+    ids, mask = _batch(tokenizer, ["oat milk", "tea", "rye bread"])
+    calls = []
+    original = model.text_encoder.cls
+    model.text_encoder.cls = lambda i, m, t=None, *a: calls.append((len(i), t is not None)) or original(i, m, t, *a)
+    try:
+        with torch.no_grad():
+            for has_image, expected in (([True, False, True], [(1, False), (2, True)]), ([True] * 3, [(3, True)]),
+                                        ([False] * 3, [(3, False)])):
+                calls.clear()
+                rows = torch.tensor(has_image)
+                model.product_cls(ids, mask, torch.randn(int(rows.sum()), 3, spec.size, spec.size), rows)
+                assert sorted(calls) == expected, has_image
+    finally:
+        del model.text_encoder.cls
+
+
 def test_untuned_build_is_deterministic_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(1)

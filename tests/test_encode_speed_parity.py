@@ -1,0 +1,234 @@
+"""The fast inference path of embeddings.encode (``precision="fast"``, the default) against the fp32
+reference: parity per vector, the fused EfficientNet, order restoration of length-sorted batches,
+determinism. Throughput itself is measured by ``python -m embeddings.bench``, never in tests."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.cli import UserError, parse_config
+from data.text import normalize_query
+from embeddings.backbones import (LITE0_MEAN, LITE0_STD, ConvTokenEncoder, EfficientNetLite0, FusedConvBN,
+                                  FusedEfficientNetLite0, TextTransformer, load_tokenizer, minilm_path, pad_same)
+from embeddings.config import ExportConfig, ModelConfig
+from embeddings.encode import DashEncoder, EncodeCommandConfig
+from embeddings.inputs import ImageSpec, length_sorted_batches, restore_order
+from embeddings.models import TINY_TEXT, DashCLIP, build_model
+
+PARITY = 0.999  # the contract: cosine of every fast vector with its fp32 vector
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: small batches on a shared 2-core machine run faster and steadier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _randomise_batchnorm(net: torch.nn.Module, seed: int) -> None:
+    """Non-trivial BatchNorm statistics and affine terms, so folding them is actually tested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+                module.weight.copy_(1 + 0.1 * torch.randn(n, generator=gen))
+                module.bias.copy_(0.1 * torch.randn(n, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(minilm_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn(tokenizer):
+    """A small DashCLIP with the EfficientNet-Lite0 image encoder (random weights) and the tiny text
+    encoder: the fused CNN path in seconds (64 px; the catalog's 96 px images are resized)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = EfficientNetLite0()
+        _randomise_batchnorm(net, 0)
+        image = ConvTokenEncoder(net, width=64)
+        model = DashCLIP(image, TextTransformer(replace(TINY_TEXT, cross_attention_width=64)), embed_dim=32)
+    return model.eval(), tokenizer, ImageSpec(64, LITE0_MEAN, LITE0_STD)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer, spec = build_model(ModelConfig(backbone="tiny", image_size=32))
+    return model.eval(), tokenizer, spec
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_workdir):
+    """32 products of the tiny catalog, two of them without an image (mixed batches)."""
+    frame = pq.read_table(tiny_workdir / "data" / "catalog.parquet").to_pandas().iloc[:32].copy()
+    frame.loc[frame.index[[3, 30]], "image"] = None
+    return frame.reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def queries(tiny_workdir):
+    relevance = pq.read_table(tiny_workdir / "data" / "relevance.parquet", columns=["query"]).column(0).to_pylist()
+    return sorted({normalize_query(q) for q in relevance})[:48]
+
+
+def _encoders(model, tokenizer, spec, batch_size: int = 16) -> dict[str, DashEncoder]:
+    cfg = ModelConfig(image_size=spec.size)
+    return {p: DashEncoder(model, tokenizer, spec, cfg, torch.device("cpu"), "test", batch_size, p)
+            for p in ("fp32", "fast")}
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sum(a * b, axis=1).min())
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_cnn"])
+def test_fast_vectors_match_fp32_per_vector(which, request, catalog, queries):
+    model, tokenizer, spec = request.getfixturevalue(which)
+    encoders = _encoders(model, tokenizer, spec)
+    if which == "tiny_cnn":
+        assert isinstance(encoders["fast"].net.image_encoder.backbone, FusedEfficientNetLite0)
+    for kind, run in (("products", lambda e: e.products(catalog)), ("images", lambda e: e.images(catalog)),
+                      ("texts", lambda e: e.texts(catalog["title"])), ("queries", lambda e: e.queries(queries))):
+        reference, fast = run(encoders["fp32"]), run(encoders["fast"])
+        assert reference.shape == fast.shape and fast.dtype == np.float32
+        if kind == "images":  # products without an image: zero rows on both paths
+            has = catalog["image"].notna().to_numpy()
+            assert not fast[~has].any() and not reference[~has].any()
+            reference, fast = reference[has], fast[has]
+        assert _min_cosine(reference, fast) >= PARITY, kind
+        np.testing.assert_allclose(fast, reference, atol=1e-4)  # in fact much closer than the contract
+
+
+def test_fused_efficientnet_is_the_eval_mode_network():
+    net = EfficientNetLite0()
+    _randomise_batchnorm(net, 1)
+    net.eval()
+    fused = FusedEfficientNetLite0(net)
+    gen = torch.Generator().manual_seed(0)
+    for size in (64, 71):  # even sides (pads only after) and odd ones (pads on both sides)
+        pixels = torch.randn(2, 3, size, size, generator=gen)
+        with torch.inference_mode():
+            expected, got = net(pixels), fused(pixels)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # no_grad (not inference mode) and grad mode (the plain conv2d path) agree too
+        torch.testing.assert_close(fused(pixels), net(pixels), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused(pixels).detach(), net(pixels).detach(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size,kernel", [(48, 3), (24, 5), (25, 5), (13, 3)])
+def test_pad_free_strided_depthwise_convolution_equals_the_padded_one(size, kernel):
+    """The extended-kernel form of TF "same" padding reads the same pixels with the same weights."""
+    channels = 8
+    conv = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Conv2d(channels, channels, kernel, 2, 0, groups=channels,
+                                                                     bias=False),
+                               torch.nn.BatchNorm2d(channels, eps=1e-3), torch.nn.ReLU6())
+    from embeddings.backbones import SamePad
+
+    conv[0] = SamePad(kernel, 2)
+    _randomise_batchnorm(conv, 2)
+    conv.eval()
+    block = FusedConvBN(conv)
+    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(3))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        padded = F.conv2d(pad_same(x, kernel, 2), block.weight, block.bias, 2, 0, 1, channels).clamp(0, 6)
+        torch.testing.assert_close(block(x), padded, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(block(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_length_sorted_batches_put_outputs_back_in_input_order():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 20, size=103)
+    batches = length_sorted_batches(lengths, 16)
+    assert [len(b) for b in batches] == [16] * 6 + [7]
+    order = np.concatenate(batches)
+    assert sorted(order.tolist()) == list(range(103))
+    assert np.all(np.diff(lengths[order]) >= 0)  # similar lengths batch together
+    ties = order[lengths[order] == lengths[order][0]]
+    assert np.all(np.diff(ties) > 0)  # stable: equal lengths keep input order
+    rows = np.stack([order, -order], axis=1)  # outputs in batch order, tagged with their input index
+    restored = restore_order(batches, rows)
+    np.testing.assert_array_equal(restored[:, 0], np.arange(103))
+    np.testing.assert_array_equal(restore_order([], np.zeros((0, 3))), np.zeros((0, 3)))
+    with pytest.raises(ValueError):
+        restore_order(batches, rows[:-1])
+    with pytest.raises(ValueError):
+        length_sorted_batches(lengths, 0)
+
+
+def test_encoder_outputs_follow_the_input_order(tiny_cnn, catalog, queries):
+    """Batches are formed by length, but row i of the output is always input i."""
+    encoder = _encoders(*tiny_cnn, batch_size=8)["fast"]
+    forward, backward = encoder.queries(queries), encoder.queries(queries[::-1])
+    np.testing.assert_allclose(backward[::-1], forward, atol=1e-5)
+    for i in (0, 17, len(queries) - 1):  # each alone (no batch at all)
+        np.testing.assert_allclose(encoder.queries([queries[i]])[0], forward[i], atol=1e-5)
+    products = encoder.products(catalog)
+    shuffled = np.random.default_rng(1).permutation(len(catalog))
+    np.testing.assert_allclose(encoder.products(catalog.iloc[shuffled]), products[shuffled], atol=1e-5)
+    np.testing.assert_allclose(encoder.products(catalog.iloc[[30]])[0], products[30], atol=1e-5)  # no image
+
+
+def test_fast_path_is_deterministic(tiny_cnn, catalog, queries):
+    first, second = _encoders(*tiny_cnn)["fast"], _encoders(*tiny_cnn)["fast"]
+    assert first.products(catalog).tobytes() == second.products(catalog).tobytes() == first.products(catalog).tobytes()
+    assert first.queries(queries).tobytes() == second.queries(queries).tobytes()
+
+
+def test_inference_copy_shares_weights_and_leaves_the_model_alone(tiny_cnn):
+    model = tiny_cnn[0]
+    model.train()
+    try:
+        copy = model.inference_copy()
+        assert model.training and not copy.training
+        assert copy.text_proj.weight is model.text_proj.weight  # shared, not duplicated
+        assert isinstance(model.image_encoder.backbone, EfficientNetLite0)
+        assert not model.text_encoder.encoder.layer[0].attention.self.fused
+        assert copy.text_encoder.encoder.layer[0].attention.self.fused
+        assert copy.query_encoder.encoder.layer[0].attention.self.fused
+        assert not any("kv_" in key for key in copy.state_dict())  # the fused projections are not saved
+    finally:
+        model.eval()
+
+
+def test_precision_is_a_setting_of_encode_and_export(tiny):
+    assert parse_config(EncodeCommandConfig, ["--precision", "fp32"]).precision == "fp32"
+    assert parse_config(EncodeCommandConfig, []).precision == "fast"
+    assert ExportConfig().precision == "fast"
+    with pytest.raises((UserError, SystemExit)):
+        parse_config(EncodeCommandConfig, ["--precision", "int4"])
+    model, tokenizer, spec = tiny
+    with pytest.raises(ValueError, match="precision"):
+        DashEncoder(model, tokenizer, spec, ModelConfig(), torch.device("cpu"), "test", precision="bf16")
+
+
+def test_bench_compares_fp32_and_fast_in_one_run(tmp_path):
+    """``embeddings.bench --inference-only``: the JSON has both throughputs, the paired speed-up and the
+    parity cosines (the figures themselves are machine-dependent and not checked)."""
+    import json
+
+    from embeddings import bench
+
+    bench.main(["--backbone", "tiny", "--inference-only", "--encode-products", "12", "--encode-queries", "20",
+                "--encode-batch-size", "8", "--encode-rounds", "1", "--workdir", str(tmp_path)])
+    recorded = json.loads((tmp_path / "embeddings" / "bench.json").read_text())
+    (entry,) = recorded.values()
+    comparison = entry["encoder_fp32_vs_fast"]
+    assert comparison["n_products"] == 12 and comparison["n_queries"] == 20 and comparison["deterministic"]
+    for kind in ("products", "queries"):
+        result = comparison[kind]
+        assert result["fp32_per_s"] > 0 and result["fast_per_s"] > 0 and result["speedup"] > 0
+        assert result["cos_min"] >= PARITY
