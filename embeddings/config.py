@@ -15,6 +15,12 @@ from common.cli import DEFAULT_WORKDIR, UserError
 
 Backbone = Literal["mini", "blip", "tiny"]
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fast", "fp32"]
+PRECISIONS: tuple[str, ...] = ("fast", "fp32")
+PRECISION_HELP = ("fast: the fused inference copy of the model (BatchNorm folded into the convolutions, ReLU6 and "
+                  "residual additions fused, channels-last images, one matrix product for query/key/value; bf16 "
+                  "autocast on CUDA); fp32: the model as trained, in float32 (the reference). On CPU they agree to "
+                  "a cosine above 0.9999 per vector")
 
 
 def _f(default: Any, help: str, stage: str) -> Any:
@@ -102,6 +108,9 @@ class TrainConfig(ModelConfig):
     pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
     pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")
     query_eval_fraction: float = _f(0.2, "share of distinct queries held out of stage 2 (for evaluation)", "2")
+    cold_product_fraction: float = _f(0.1, "share of products (stratified by aisle, seeded by --seed) held out of "
+                                           "both stages, catalog rows and relevance pairs, for the cold-start "
+                                           "evaluation; 0 = train on every product", "1")
 
     def validate(self) -> None:
         super().validate()
@@ -113,7 +122,7 @@ class TrainConfig(ModelConfig):
             raise UserError(f"--pg-timeout-s must be > 0, got {self.pg_timeout_s}")
         if self.stage1_batch_size < 2:
             raise UserError("--stage1-batch-size must be >= 2 (in-batch negatives)")
-        for name in ("stage1_eval_fraction", "query_eval_fraction"):
+        for name in ("stage1_eval_fraction", "query_eval_fraction", "cold_product_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
 
@@ -143,6 +152,7 @@ class EncodeConfig:
                                                                                       "untrained initialisation"})
     device: Device = field(default="auto", metadata={"help": "device"})
     batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
+    precision: Precision = field(default="fast", metadata={"help": PRECISION_HELP})
 
 
 @dataclass
@@ -152,6 +162,7 @@ class ExportConfig:
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     device: Device = field(default="auto", metadata={"help": "device"})
     batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
+    precision: Precision = field(default="fast", metadata={"help": PRECISION_HELP})
     force: bool = field(default=False, metadata={"help": "re-export even if the tables were made from the same "
                                                            "checkpoint, data and settings"})
 
@@ -174,3 +185,17 @@ class BenchConfig:
     warmup: int = field(default=2, metadata={"help": "untimed warm-up steps"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = torch default)"})
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "bench.json is written to DIR/embeddings/"})
+    inference_only: bool = field(default=False, metadata={"help": "skip the training and model-only measurements: "
+                                                                  "only the end-to-end encoder comparison"})
+    encode_products: int = field(default=512, metadata={
+        "help": "products of the end-to-end encoder comparison (decode, tokenise, encode; fp32 against fast, same "
+                "run): the first rows of DIR/data/catalog.parquet when it exists, else synthetic packshots; 0 = skip"})
+    encode_queries: int = field(default=2048, metadata={
+        "help": "queries of the encoder comparison (DIR's relevance queries when present, else made from the titles)"})
+    encode_batch_size: int = field(default=64, metadata={"help": "batch size of the encoder comparison (export's "
+                                                                 "default)"})
+    encode_rounds: int = field(default=3, metadata={"help": "alternating fp32/fast rounds of the encoder comparison "
+                                                            "(medians are reported)"})
+    checkpoint: Literal["untuned", "trained"] = field(default="untuned", metadata={
+        "help": "weights of the encoder comparison: untuned (the --backbone as built, random for blip-base) or "
+                "trained (DIR's embeddings checkpoint: its backbone and image size)"})

@@ -9,13 +9,30 @@ a set made from exactly these is kept (``--force`` recomputes).
 
 Held-out queries are the eval side of :func:`embeddings.sampling.split_queries`, with the seed and
 fraction that training recorded in ``DIR/embeddings/config.json`` (defaults when it has none).
-The systems compared:
+Cold-start products are :func:`embeddings.sampling.split_cold_products` of the catalog with the
+seed and ``cold_product_fraction`` recorded there (0, none, for a model trained before that setting
+existed): the products no training stage saw. The systems compared:
 
 * ``random``: seeded random unit vectors for queries and products;
 * ``untuned_text`` / ``untuned_image``: the encoders before any training, query vectors against
   title-only / image-only product vectors;
-* ``untuned`` (probes): the untuned multimodal product vector (fusion before training);
+* ``untuned``: the untuned query vectors against the untuned multimodal product vectors (fusion
+  before training); the probes' untuned baseline;
 * ``dashclip``: the trained query and multimodal product vectors.
+
+The views of ``metrics.json``:
+
+* ``retrieval`` (candidates: the whole catalog), ``retrieval_complete`` (synthetic data: complete
+  judgments), ``retrieval_judged`` (each query's judged candidates only), ``aisle_probe`` and
+  ``relevance_probe`` (random 80/20 splits), ``cosine_by_label``;
+* ``retrieval_table1``: the paper's Table 1 protocol. The candidates are the products of the
+  held-out relevance pairs (any label) that training saw (the cold-start products are scored in
+  ``cold_start`` instead), the queries are the held-out ones with an MR/HR product among them;
+  with ``chance``, the expected metrics of a uniformly random ranking of that pool;
+* ``cold_start``: retrieval of the held-out queries that have an MR/HR cold product, over the cold
+  products only (with ``chance``, and ``retrieval_complete`` on synthetic data), and the aisle
+  probe trained on the seen products and tested on the cold ones (macro F1 over the aisles of the
+  cold products), for every system including ``random`` (chance).
 
 Metrics (pure functions over numpy arrays, unit-tested with handcrafted vectors):
 
@@ -27,8 +44,9 @@ Metrics (pure functions over numpy arrays, unit-tested with handcrafted vectors)
 * :func:`judged_ranking_metrics`: each held-out query's labelled products ranked among themselves
   (nDCG@10) and the AUC of cosine for MR/HR against IR pairs: unlike full-catalog retrieval it
   does not count unjudged products as irrelevant.
+* :func:`chance_retrieval`: the same metrics' expected values under a uniformly random ranking.
 * :func:`train_probe`: an MLP (hidden layer, ReLU, dropout, linear) on frozen vectors, stratified
-  80/20 split, macro F1 and per-class recall. Used for aisle classification of products
+  80/20 split (or given test rows), macro F1 and per-class recall. Used for aisle classification of products
   (section 5.1) and 3-class relevance of (product, query) pairs of the held-out queries with IR
   downsampled by half (section 5.2).
 """
@@ -64,15 +82,24 @@ from data.schema import HR, IR, LABEL_NAMES, MR
 from data.synth import RELEVANCE_TRUTH_FILE
 from embeddings import tables
 from embeddings.config import TrainConfig
-from embeddings.sampling import normalized_query_codes, split_queries
+from embeddings.sampling import normalized_query_codes, split_cold_products, split_queries
 from embeddings.train import MODEL_CHECKPOINT, stage_set
 
 log = logging.getLogger(__name__)
 
 TOP_K = 10
 DEFAULT_EVAL_FRACTION = TrainConfig.query_eval_fraction
+DEFAULT_COLD_FRACTION = TrainConfig.cold_product_fraction
 RETRIEVAL_SYSTEMS = {"random": "Random vectors", "untuned_text": "Untuned query vs title-text encoder",
-                     "untuned_image": "Untuned query vs image encoder", "dashclip": "DashCLIP (trained)"}
+                     "untuned_image": "Untuned query vs image encoder",
+                     "untuned": "Untuned query vs multimodal fusion", "dashclip": "DashCLIP (trained)"}
+# (query vectors, product vectors) of each system, keys of encode_all
+RETRIEVAL_VECTORS = {"random": ("random_query", "random_product"), "untuned_text": ("untuned_query", "untuned_text"),
+                     "untuned_image": ("untuned_query", "untuned_image"), "untuned": ("untuned_query", "untuned_product"),
+                     "dashclip": ("dashclip_query", "dashclip_product")}
+PROBE_SYSTEMS = {"random": "random vectors (chance)", "untuned_text": "untuned title-text encoder",
+                 "untuned_image": "untuned image encoder", "untuned": "untuned multimodal fusion",
+                 "dashclip": "DashCLIP"}
 METRICS_JSON, METRICS_MD = "embeddings/metrics.json", "embeddings/metrics.md"
 PLOTS_DIR = "embeddings/plots"
 PLOT_FILES = ("cosine_by_relevance.png", "tsne.png")  # t-SNE is left out when too few products remain
@@ -143,6 +170,39 @@ def retrieval_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, labels: 
         f"precision_at_{k}": float(np.mean(hits / k)),
         "n_queries": int(len(keep)),
     }
+
+
+def chance_retrieval(labels: sparse.spmatrix | np.ndarray, k: int = TOP_K) -> dict[str, float]:
+    """The expected :func:`retrieval_metrics` of a uniformly random ranking of the ``P`` candidates
+    of ``labels`` ``[Q, P]``: over the same queries (those with an MR/HR product), with
+    ``k' = min(k, P)`` slots, Recall@k = k'/P, Precision@k = k' n_relevant / (P k), graded relevance
+    = k' sum(labels) / (P 2 k)."""
+    labels = sparse.csr_matrix(labels)
+    n_products = labels.shape[1]
+    n_relevant = np.asarray((labels >= MR).sum(axis=1)).ravel()
+    keep = n_relevant > 0
+    if not keep.any():
+        raise ValueError("no query has an MR or HR product: retrieval metrics are undefined")
+    slots = min(k, n_products)
+    label_sum = np.asarray(labels.sum(axis=1)).ravel()[keep]
+    return {"graded_relevance": float(np.mean(slots * label_sum / (n_products * HR * k))),
+            f"recall_at_{k}": float(slots / n_products),
+            f"precision_at_{k}": float(np.mean(slots * n_relevant[keep] / (n_products * k))),
+            "n_queries": int(keep.sum())}
+
+
+def pool_retrieval(vectors: dict[str, np.ndarray], labels: sparse.csr_matrix, pool: np.ndarray,
+                   k: int = TOP_K) -> dict:
+    """Retrieval of every system of :data:`RETRIEVAL_VECTORS` with the candidates cut to the
+    catalog rows ``pool`` (``labels`` ``[Q, P]`` over the whole catalog): ``{"n_products",
+    "chance": ..., "systems": {name: metrics}}``, or ``{"n_products", "skipped": why}`` when no
+    query has an MR/HR product in the pool."""
+    pooled = sparse.csr_matrix(labels)[:, pool]
+    if len(pool) == 0 or pooled.max() < MR:
+        return {"n_products": int(len(pool)), "skipped": "no held-out query has an MR or HR product among them"}
+    return {"n_products": int(len(pool)), "chance": chance_retrieval(pooled, k),
+            "systems": {name: retrieval_metrics(vectors[q], vectors[p][pool], pooled, k)
+                        for name, (q, p) in RETRIEVAL_VECTORS.items()}}
 
 
 def judged_ranking_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, pair_query: np.ndarray,
@@ -231,26 +291,47 @@ class ProbeResult:
 
 
 def train_probe(features: np.ndarray, labels: np.ndarray, *, seed: int, hidden: int = 256, dropout: float = 0.2,
-                epochs: int = 40, lr: float = 1e-3, batch_size: int = 256, test_fraction: float = 0.2) -> ProbeResult:
+                epochs: int = 40, lr: float = 1e-3, batch_size: int = 256, test_fraction: float = 0.2,
+                test_rows: np.ndarray | None = None) -> ProbeResult:
     """Train :class:`ProbeMLP` on ``features`` ``[N, F]`` to predict ``labels`` ``[N]`` (any
-    hashable values) and score it on a stratified held-out ``test_fraction``.
+    hashable values) and score it on a stratified held-out ``test_fraction``, or, with
+    ``test_rows`` (row indices), on those rows after training on all the others.
 
-    Classes with fewer than 2 examples cannot be stratified and are dropped (logged). Features are
+    Stratified split: classes with fewer than 2 examples cannot be stratified and are dropped
+    (logged). Given ``test_rows``: test rows of a class with no training row are dropped (logged),
+    and macro F1 and the per-class recall are over the classes of the test rows. Features are
     standardised with the training split's mean and std; the cross entropy is weighted by inverse
     class frequency so that minority classes count as much as they do in macro F1. Deterministic
     for ``seed``; the global torch RNG state is left as it was.
     """
     labels = np.asarray(labels)
-    classes, y, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    usable = counts[y] >= 2
-    if (~usable).any():
-        log.info("probe: dropping %d classes with a single example", int((counts < 2).sum()))
-    features, y = np.asarray(features, np.float32)[usable], y[usable]
-    classes, y = np.unique(classes[y], return_inverse=True)
-    if len(classes) < 2:
-        raise ValueError(f"a probe needs at least 2 classes with 2+ examples, got {len(classes)}")
-    n_test = max(int(round(test_fraction * len(y))), len(classes))
-    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=n_test, stratify=y, random_state=seed)
+    features = np.asarray(features, np.float32)
+    if test_rows is None:
+        classes, y, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        usable = counts[y] >= 2
+        if (~usable).any():
+            log.info("probe: dropping %d classes with a single example", int((counts < 2).sum()))
+        features, y = features[usable], y[usable]
+        classes, y = np.unique(classes[y], return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(f"a probe needs at least 2 classes with 2+ examples, got {len(classes)}")
+        n_test = max(int(round(test_fraction * len(y))), len(classes))
+        train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=n_test, stratify=y, random_state=seed)
+        scored = np.arange(len(classes))
+    else:
+        is_test = np.zeros(len(labels), dtype=bool)
+        is_test[np.asarray(test_rows, dtype=np.int64)] = True
+        known = np.isin(labels, np.unique(labels[~is_test]))
+        if (is_test & ~known).any():
+            log.info("probe: dropping %d test rows of classes without a training row", int((is_test & ~known).sum()))
+        keep = ~is_test | known
+        features, is_test = features[keep], is_test[keep]
+        classes, y = np.unique(labels[keep], return_inverse=True)
+        train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+        if len(classes) < 2 or len(test_idx) == 0:
+            raise ValueError(f"a probe needs at least 2 classes and a test row of a trained class, got "
+                             f"{len(classes)} classes and {len(test_idx)} test rows")
+        scored = np.unique(y[test_idx])
     mean = features[train_idx].mean(axis=0)
     std = features[train_idx].std(axis=0) + 1e-6
     x_train = torch.from_numpy((features[train_idx] - mean) / std)
@@ -273,11 +354,11 @@ def train_probe(features: np.ndarray, labels: np.ndarray, *, seed: int, hidden: 
         with torch.no_grad():
             predicted = model(x_test).argmax(dim=1).numpy()
     truth = y[test_idx]
-    recall = recall_score(truth, predicted, labels=np.arange(len(classes)), average=None, zero_division=0)
+    recall = recall_score(truth, predicted, labels=scored, average=None, zero_division=0)
     return ProbeResult(
-        macro_f1=float(f1_score(truth, predicted, labels=np.arange(len(classes)), average="macro", zero_division=0)),
-        per_class_recall={str(c): float(r) for c, r in zip(classes, recall)},
-        n_train=int(len(train_idx)), n_test=int(len(test_idx)), n_classes=int(len(classes)))
+        macro_f1=float(f1_score(truth, predicted, labels=scored, average="macro", zero_division=0)),
+        per_class_recall={str(c): float(r) for c, r in zip(classes[scored], recall)},
+        n_train=int(len(train_idx)), n_test=int(len(test_idx)), n_classes=int(len(scored)))
 
 
 def downsample_label(labels: np.ndarray, label: int, keep_fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -303,14 +384,17 @@ class EvaluateConfig:
 
 
 def split_settings(workdir: Path, seed: int) -> dict:
-    """The query split used by training: the ``seed`` and ``query_eval_fraction`` recorded in
-    ``DIR/embeddings/config.json``, else ``--seed`` and the training default fraction."""
+    """The query split and the cold-start products used by training: the ``seed``,
+    ``query_eval_fraction`` and ``cold_product_fraction`` recorded in ``DIR/embeddings/config.json``,
+    else ``--seed`` and the training defaults. A config that records a query split but no cold
+    fraction is from a model trained before that setting, on every product: ``cold_fraction`` 0."""
     path = workdir / "embeddings" / "config.json"
     recorded = read_json(path) if path.exists() else {}
     if "query_eval_fraction" in recorded:
         return {"seed": int(recorded.get("seed", seed)), "eval_fraction": float(recorded["query_eval_fraction"]),
+                "cold_fraction": float(recorded.get("cold_product_fraction", 0.0)),
                 "source": str(path.relative_to(workdir))}
-    return {"seed": seed, "eval_fraction": DEFAULT_EVAL_FRACTION,
+    return {"seed": seed, "eval_fraction": DEFAULT_EVAL_FRACTION, "cold_fraction": DEFAULT_COLD_FRACTION,
             "source": "defaults (no query_eval_fraction in embeddings/config.json)"}
 
 
@@ -385,15 +469,43 @@ def trained_product_vectors(workdir: Path, encoder, catalog: pd.DataFrame, expor
     return table.vectors[table.lookup(catalog["product_id"].to_numpy())]
 
 
+def _retrieval_rows(view: dict) -> list[str]:
+    """Table rows of a :func:`pool_retrieval` view: every system, then chance."""
+    rows = [(name, view["systems"][key]) for key, name in RETRIEVAL_SYSTEMS.items()]
+    rows.append(("Chance (expected, uniformly random ranking)", view["chance"]))
+    return [f"| {name} | {r['graded_relevance']:.4f} | {r['recall_at_10']:.4f} | {r['precision_at_10']:.4f} |"
+            for name, r in rows]
+
+
 def _markdown(metrics: dict) -> str:
     split = metrics["split"]
+    n_cold = split.get("n_cold_products", 0)
     lines = ["# DashCLIP embedding evaluation", "",
              f"Held-out queries: {split['n_heldout_queries']} ({split['eval_fraction']:.0%} of distinct queries, "
-             f"split seed {split['seed']}, from {split['source']}); {metrics['retrieval']['dashclip']['n_queries']} "
-             f"have at least one MR/HR product and are scored. Candidates: all {metrics['counts']['products']} "
-             "catalog products.", "",
-             "## Retrieval (paper Table 1 layout)", "",
-             "| model | graded relevance | Recall@10 | Precision@10 |", "|---|---:|---:|---:|"]
+             f"split seed {split['seed']}, from {split['source']}). "
+             + (f"Cold-start products: {n_cold} ({split.get('cold_fraction', 0.0):.0%} of the catalog, stratified by "
+                "aisle), left out of both training stages." if n_cold else
+                "Cold-start products: none (the model was trained on every product)."), ""]
+    table1 = metrics.get("retrieval_table1")
+    if table1:
+        lines += ["## Retrieval, paper Table 1 protocol", "",
+                  f"Candidates: the {table1['n_products']} products of the held-out relevance pairs seen in training"
+                  + (f" ({table1['n_cold_excluded']} cold-start products of those pairs are scored under Cold start)"
+                     if table1["n_cold_excluded"] else "") + ". "]
+        if "systems" in table1:
+            lines[-1] += (f"{table1['systems']['dashclip']['n_queries']} held-out queries with an MR/HR product "
+                          "among them are scored; graded relevance uses IR/MR/HR, Recall@10 and Precision@10 count "
+                          "MR and HR as relevant.")
+            lines += ["", "| model | graded relevance | Recall@10 | Precision@10 |", "|---|---:|---:|---:|",
+                      *_retrieval_rows(table1)]
+        else:
+            lines[-1] += f"Not scored: {table1['skipped']}."
+        lines.append("")
+    lines += ["## Retrieval over the whole catalog (Table 1 layout)", "",
+              f"{metrics['retrieval']['dashclip']['n_queries']} held-out queries have at least one MR/HR product and "
+              f"are scored. Candidates: all {metrics['counts']['products']} catalog products "
+              f"({n_cold} of them cold-start).", "",
+              "| model | graded relevance | Recall@10 | Precision@10 |", "|---|---:|---:|---:|"]
     for key, name in RETRIEVAL_SYSTEMS.items():
         r = metrics["retrieval"][key]
         lines.append(f"| {name} | {r['graded_relevance']:.4f} | {r['recall_at_10']:.4f} | {r['precision_at_10']:.4f} |")
@@ -435,6 +547,7 @@ def _markdown(metrics: dict) -> str:
         lines.append(f"| {name} | {metrics['relevance_f1'][key]:.4f} | "
                      + " | ".join(f"{rec.get(LABEL_NAMES[c], float('nan')):.4f}" for c in (IR, MR, HR))
                      + f" | {d['n_test']} |")
+    lines += _cold_start_markdown(metrics.get("cold_start"))
     lines += ["", "## Cosine(product, query) by relevance label (held-out pairs, mean)", "",
               "| vectors | IR | MR | HR |", "|---|---:|---:|---:|"]
     for key, means in metrics["cosine_by_label"].items():
@@ -442,6 +555,38 @@ def _markdown(metrics: dict) -> str:
                      + " |")
     lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in metrics["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _cold_start_markdown(cold: dict | None) -> list[str]:
+    if not cold:
+        return []
+    lines = ["", "## Cold start: products no training stage saw", ""]
+    if "skipped" in cold:
+        return lines + [f"Not evaluated: {cold['skipped']}."]
+    lines.append(f"{cold['n_products']} products ({cold['fraction']:.0%} of the catalog, stratified by aisle, seed "
+                 f"{cold['seed']}, {cold['n_aisles']} aisles) were left out of stage 1 and stage 2.")
+    retrieval = cold["retrieval"]
+    lines += ["", "### Retrieval over the cold products only", ""]
+    if "systems" in retrieval:
+        lines += [f"Candidates: the {retrieval['n_products']} cold products; "
+                  f"{retrieval['systems']['dashclip']['n_queries']} held-out queries with an MR/HR cold product.", "",
+                  "| model | graded relevance | Recall@10 | Precision@10 |", "|---|---:|---:|---:|",
+                  *_retrieval_rows(retrieval)]
+    else:
+        lines.append(f"Not scored: {retrieval['skipped']}.")
+    complete = cold.get("retrieval_complete")
+    if complete and "systems" in complete:
+        lines += ["", f"With complete judgments (synthetic data, {complete['systems']['dashclip']['n_queries']} "
+                  "held-out queries with a relevant cold product):", "",
+                  "| model | graded relevance | Recall@10 | Precision@10 |", "|---|---:|---:|---:|",
+                  *_retrieval_rows(complete)]
+    lines += ["", "### Aisle probe: trained on seen products, tested on the cold ones", "",
+              "| product vectors | macro F1 | aisles tested | train products | test products |",
+              "|---|---:|---:|---:|---:|"]
+    for key, name in PROBE_SYSTEMS.items():
+        d = cold["aisle_probe"][key]
+        lines.append(f"| {name} | {d['macro_f1']:.4f} | {d['n_classes']} | {d['n_train']} | {d['n_test']} |")
+    return lines
 
 
 def encode_all(workdir: Path, catalog: pd.DataFrame, queries: list[str], rng: np.random.Generator,
@@ -474,6 +619,34 @@ def encode_all(workdir: Path, catalog: pd.DataFrame, queries: list[str], rng: np
 
 def _cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(rows, cap, replace=False)) if len(rows) > cap else rows
+
+
+def cold_start_views(vectors: dict[str, np.ndarray], catalog: pd.DataFrame, is_cold: np.ndarray,
+                     labels: sparse.csr_matrix, complete: sparse.csr_matrix | None, split: dict,
+                     cfg: "EvaluateConfig", rng: np.random.Generator) -> dict:
+    """The ``cold_start`` view: retrieval of the held-out queries over the cold products only
+    (``labels`` and ``complete`` ``[Q, P]`` over the catalog), and the aisle probe of every system
+    trained on the seen products (at most ``probe_max_rows``) and tested on the cold ones."""
+    cold_rows = np.flatnonzero(is_cold)
+    view: dict = {"fraction": split["cold_fraction"], "seed": split["seed"], "n_products": int(len(cold_rows))}
+    if len(cold_rows) == 0:
+        return {**view, "skipped": f"the model was trained on every product (cold_product_fraction "
+                                   f"{split['cold_fraction']:g} in {split['source']})"}
+    aisles = catalog["aisle"].astype(str).to_numpy()
+    view["n_aisles"] = int(len(np.unique(aisles[cold_rows])))
+    view["retrieval"] = pool_retrieval(vectors, labels, cold_rows)
+    if complete is not None:
+        view["retrieval_complete"] = pool_retrieval(vectors, complete, cold_rows)
+    seen_rows = _cap_rows(np.flatnonzero(~is_cold), cfg.probe_max_rows, rng)
+    rows = np.concatenate([seen_rows, cold_rows])
+    test_rows = np.arange(len(seen_rows), len(rows))
+    product_vectors = {name: p for name, (_, p) in RETRIEVAL_VECTORS.items()}
+    probe = {name: train_probe(vectors[product_vectors[name]][rows], aisles[rows], seed=cfg.seed,
+                               hidden=cfg.probe_hidden, epochs=cfg.probe_epochs, test_rows=test_rows)
+             for name in tqdm(PROBE_SYSTEMS, desc="cold-start aisle probe")}
+    view["aisle_f1"] = {name: r.macro_f1 for name, r in probe.items()}
+    view["aisle_probe"] = {name: asdict(r) for name, r in probe.items()}
+    return view
 
 
 def publish_metrics(workdir: Path, made_from: MadeFrom, metrics: dict,
@@ -531,19 +704,28 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     vectors = encode_all(workdir, catalog, queries, rng, tables.table_rel("product") in inputs)
 
-    # Table 1: retrieval.
+    # Retrieval over the whole catalog, with complete judgments, of the judged candidates.
     labels = relevance_matrix(pairs, queries, product_ids)
-    retrieval_pairs = {"random": ("random_query", "random_product"),
-                       "untuned_text": ("untuned_query", "untuned_text"),
-                       "untuned_image": ("untuned_query", "untuned_image"),
-                       "dashclip": ("dashclip_query", "dashclip_product")}
     retrieval = {name: retrieval_metrics(vectors[q], vectors[p], labels)
-                 for name, (q, p) in tqdm(retrieval_pairs.items(), desc="retrieval")}
+                 for name, (q, p) in tqdm(RETRIEVAL_VECTORS.items(), desc="retrieval")}
     retrieval_judged = {name: judged_ranking_metrics(vectors[q], vectors[p], pair_query, pair_product, pair_label)
-                        for name, (q, p) in retrieval_pairs.items()}
+                        for name, (q, p) in RETRIEVAL_VECTORS.items()}
     complete = complete_judgments(workdir, queries, product_ids)
     retrieval_complete = ({name: retrieval_metrics(vectors[q], vectors[p], complete)
-                           for name, (q, p) in retrieval_pairs.items()} if complete is not None else None)
+                           for name, (q, p) in RETRIEVAL_VECTORS.items()} if complete is not None else None)
+
+    # Table 1 protocol: the candidates are the seen products of the held-out pairs.
+    cold_ids = split_cold_products(catalog, split["cold_fraction"], split["seed"])
+    trained_on = ((stage_set(workdir, 2).manifest() or {}).get("made_from") or {}).get("inputs") or {}
+    catalog_rel = dataset.table_rel("catalog")
+    if len(cold_ids) and trained_on.get(catalog_rel, inputs[catalog_rel]) != inputs[catalog_rel]:
+        log.warning("the model was trained on another %s: its cold-start products are recomputed on this one and "
+                    "may include products it saw", catalog_rel)
+    is_cold = np.isin(product_ids, cold_ids)
+    heldout_products = np.unique(pair_product)
+    table1 = {"pool": "products of the held-out relevance pairs seen in training",
+              "n_cold_excluded": int(is_cold[heldout_products].sum()),
+              **pool_retrieval(vectors, labels, heldout_products[~is_cold[heldout_products]])}
 
     systems = ("untuned", "dashclip")
     probe_kwargs = dict(seed=cfg.seed, hidden=cfg.probe_hidden, epochs=cfg.probe_epochs)
@@ -563,6 +745,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                          probe_labels, **probe_kwargs)
                        for name in tqdm(systems, desc="relevance probe")}
 
+    # Cold start: products no training stage saw.
+    cold_start = cold_start_views(vectors, catalog, is_cold, labels, complete, split, cfg, rng)
+
     def draw(directory: Path) -> list[Path | None]:
         return [plot_cosine_histograms(cosines, directory / PLOT_FILES[0]),
                 plot_tsne({name: vectors[f"{name}_product"] for name in systems}, catalog["aisle"].to_numpy(),
@@ -572,13 +757,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "retrieval": retrieval,
         "retrieval_judged": retrieval_judged,
         **({"retrieval_complete": retrieval_complete} if retrieval_complete is not None else {}),
+        "retrieval_table1": table1,
+        "cold_start": cold_start,
         "aisle_f1": {name: r.macro_f1 for name, r in aisle_probe.items()},
         "relevance_f1": {name: r.macro_f1 for name, r in relevance_probe.items()},
         "aisle_probe": {name: asdict(r) for name, r in aisle_probe.items()},
         "relevance_probe": {name: asdict(r) for name, r in relevance_probe.items()},
         "cosine_by_label": {name: {LABEL_NAMES[c]: float(cos[lab == c].mean()) for c in (IR, MR, HR) if (lab == c).any()}
                             for name, (cos, lab) in cosines.items()},
-        "split": {**split, "n_heldout_queries": len(queries), "n_heldout_pairs": int(len(pairs))},
+        "split": {**split, "n_heldout_queries": len(queries), "n_heldout_pairs": int(len(pairs)),
+                  "n_cold_products": int(is_cold.sum())},
         "counts": {"products": int(len(product_ids)), "relevance_pairs": int(len(relevance))},
     }
     metrics = publish_metrics(workdir, made_from, metrics, draw)
@@ -589,6 +777,18 @@ def evaluate(cfg: EvaluateConfig) -> dict:
              retrieval_judged["untuned_text"]["ndcg_at_10"],
              metrics["aisle_f1"]["dashclip"], metrics["aisle_f1"]["untuned"],
              metrics["relevance_f1"]["dashclip"], metrics["relevance_f1"]["untuned"])
+    if "systems" in table1:
+        log.info("Table 1 protocol (%d products): DashCLIP Recall@10 %.3f, Precision@10 %.3f (chance %.3f, %.3f)",
+                 table1["n_products"], table1["systems"]["dashclip"]["recall_at_10"],
+                 table1["systems"]["dashclip"]["precision_at_10"], table1["chance"]["recall_at_10"],
+                 table1["chance"]["precision_at_10"])
+    if "systems" in cold_start.get("retrieval", {}):
+        log.info("cold start (%d products): DashCLIP Recall@10 %.3f (untuned fusion %.3f, chance %.3f); aisle F1 "
+                 "%.3f (untuned fusion %.3f, random %.3f)", cold_start["n_products"],
+                 cold_start["retrieval"]["systems"]["dashclip"]["recall_at_10"],
+                 cold_start["retrieval"]["systems"]["untuned"]["recall_at_10"],
+                 cold_start["retrieval"]["chance"]["recall_at_10"], cold_start["aisle_f1"]["dashclip"],
+                 cold_start["aisle_f1"]["untuned"], cold_start["aisle_f1"]["random"])
     return metrics
 
 

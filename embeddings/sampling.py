@@ -3,6 +3,11 @@
 :func:`split_queries` holds out a fraction of the distinct (normalised) queries for evaluation,
 so the evaluation measures queries the query encoder has never seen.
 
+:func:`split_cold_products` holds out a fraction of the catalog's products (stratified by aisle)
+from both training stages, for the cold-start evaluation of products no stage has seen; training
+(:mod:`embeddings.train`) and evaluation (:mod:`embeddings.evaluate`) both call it with the seed and
+fraction that training records, so they agree on which products are cold.
+
 :func:`build_pqc_tuples` turns the relevance table into product-query contrastive tuples
 (one product, one positive query, ``n_negatives`` negative queries), following section 3.2.2 of
 the DashCLIP paper:
@@ -64,9 +69,9 @@ def normalized_query_codes(queries: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return norm_codes[raw_codes].astype(np.int64), np.asarray(vocabulary, dtype=object)
 
 
-def _hash_key(seed: int) -> str:
-    """The 16-character key of pandas' SipHash for ``seed``."""
-    return hashlib.sha256(f"dashrec-split-{seed}".encode()).hexdigest()[:16]
+def _hash_key(seed: int, what: str = "split") -> str:
+    """The 16-character key of pandas' SipHash for ``seed`` (and the split ``what``)."""
+    return hashlib.sha256(f"dashrec-{what}-{seed}".encode()).hexdigest()[:16]
 
 
 def split_queries(relevance_df: pd.DataFrame, eval_fraction: float = 0.1,
@@ -88,6 +93,39 @@ def split_queries(relevance_df: pd.DataFrame, eval_fraction: float = 0.1,
     is_eval = is_eval_query[codes]
     return (relevance_df.loc[~is_eval].reset_index(drop=True),
             relevance_df.loc[is_eval].reset_index(drop=True))
+
+
+def split_cold_products(catalog_df: pd.DataFrame, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """The product_ids held out of training for the cold-start evaluation: sorted int64 ``[C]``.
+
+    Stratified by aisle: aisle ``a`` with ``n_a`` products gets ``floor(fraction * n_a)`` cold
+    products, and the largest remainders (ties: aisle name) take one more each until the total is
+    ``round(fraction * n_products)``; an aisle always keeps at least one seen product (an aisle of
+    one product is never cold), so the aisle probe can learn every aisle it is tested on. Within an
+    aisle the products with the smallest seeded hash of their product_id are cold, so the split
+    depends only on the set of (product_id, aisle) and the seed, not on row order, and a product's
+    membership changes little when products are added. ``fraction`` 0 gives no cold product.
+    """
+    _require_columns(catalog_df, "catalog", ("product_id", "aisle"))
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"cold product fraction must be in [0, 1), got {fraction}")
+    products = catalog_df[["product_id", "aisle"]].drop_duplicates("product_id")
+    product_ids = products["product_id"].to_numpy(dtype=np.int64)
+    if fraction == 0.0 or len(product_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    aisle, _ = pd.factorize(products["aisle"].astype(str).to_numpy(), sort=True)
+    n_aisle = np.bincount(aisle)
+    cap = np.maximum(n_aisle - 1, 0)
+    exact = fraction * n_aisle
+    quota = np.minimum(np.floor(exact).astype(np.int64), cap)
+    total = min(int(round(fraction * len(product_ids))), int(cap.sum()))
+    extra = np.flatnonzero(quota < cap)
+    extra = extra[np.lexsort((extra, -(exact - np.floor(exact))[extra]))][:max(total - int(quota.sum()), 0)]
+    quota[extra] += 1
+    hashes = pd.util.hash_array(product_ids.astype(str).astype(object), hash_key=_hash_key(seed, "cold"))
+    order = np.lexsort((product_ids, hashes, aisle))
+    cold = order[_within_group_rank(aisle[order]) < quota[aisle[order]]]
+    return np.sort(product_ids[cold])
 
 
 def _group_starts(sorted_groups: np.ndarray, n_groups: int) -> np.ndarray:

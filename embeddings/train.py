@@ -22,6 +22,14 @@ symmetric in-batch contrast of products and their positive queries, which PQC al
 :func:`stage2_losses`). At the start of stage 2 the query encoder is
 initialised from the stage-1 text encoder.
 
+Cold start (``--cold-product-fraction``, default 0.1; 0 turns it off): the products of
+:func:`embeddings.sampling.split_cold_products` (stratified by aisle, seeded by ``--seed``) take no
+part in either stage. Stage 1 neither trains on nor early-stops with their (image, title) pairs
+(:func:`stage1_rows`); stage 2 drops their relevance pairs after the query split
+(:func:`stage2_relevance`), so no tuple has them as its product and no proxy negative comes from
+their HR queries. ``embeddings.evaluate`` recomputes the same split from ``config.json`` and scores
+retrieval and the aisle probe on them.
+
 Outputs under ``DIR/embeddings/``, each stage's published as one :class:`common.provenance.OutputSet`
 (:func:`stage_set`): ``checkpoints/stage1.pt`` (stage-1 weights; manifest ``stage1.manifest.json``),
 ``checkpoints/model.pt`` (the trained model that ``embeddings.encode`` loads) with ``config.json``
@@ -77,7 +85,7 @@ from embeddings.distributed import (Shard, broadcast_from_main, check_batch_spli
 from embeddings.inputs import ImageStore, TokenStore
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss, gather_features, mine_hard_negatives
 from embeddings.models import DashCLIP, build_model
-from embeddings.sampling import build_pqc_tuples, split_queries
+from embeddings.sampling import build_pqc_tuples, split_cold_products, split_queries
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +199,37 @@ def batch_at(items: np.ndarray, batch_size: int, seed: int, step: int) -> np.nda
     per_epoch = len(items) // batch_size
     epoch, offset = divmod(step, per_epoch)
     return epoch_order(items, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
+
+
+def stage1_rows(has_image: np.ndarray, cold: np.ndarray, seed: int, eval_fraction: float,
+                eval_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-1 catalog rows: ``(train, eval)`` sorted row indices, disjoint.
+
+    Only products with an image take part and cold products (``cold`` ``[P]`` bool) never do: they
+    are neither trained on nor used for the ITM eval loss. A seeded shuffle of the rest gives
+    ``min(eval_max, round(eval_fraction * n))`` eval rows (none when fewer than 2 training rows
+    would remain). Without cold products the split is the one of earlier versions.
+    """
+    usable = np.flatnonzero(np.asarray(has_image, dtype=bool) & ~np.asarray(cold, dtype=bool))
+    shuffled = np.random.default_rng([seed, 1]).permutation(usable)
+    n_eval = min(eval_max, round(eval_fraction * len(shuffled)))
+    if len(shuffled) - n_eval < 2:
+        n_eval = 0
+    return np.sort(shuffled[n_eval:]), np.sort(shuffled[:n_eval])
+
+
+def stage2_relevance(relevance: pd.DataFrame, cold_products: np.ndarray, query_eval_fraction: float,
+                     seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The relevance rows stage 2 samples its ``(train, eval)`` tuples from.
+
+    The query split (:func:`split_queries`) is taken on the whole table, so it is the one the
+    evaluation recomputes; then the rows of ``cold_products`` (product_ids) are dropped from both
+    sides: no tuple has a cold product, and their queries are proxies only through seen products.
+    """
+    train_df, eval_df = split_queries(relevance, query_eval_fraction, seed)
+    cold = np.asarray(cold_products, dtype=np.int64)
+    return (train_df.loc[~train_df["product_id"].isin(cold)].reset_index(drop=True),
+            eval_df.loc[~eval_df["product_id"].isin(cold)].reset_index(drop=True))
 
 
 def plan_steps(n_items: int, batch_size: int, epochs: float, max_steps: int) -> int:
@@ -781,6 +820,7 @@ class Trainer:
         self.paths = Paths(prepare_workdir(cfg.workdir, "embeddings/checkpoints"))
         self.budget = StepBudget(cfg.max_steps_this_run)
         self._catalog: pd.DataFrame | None = None
+        self._cold: np.ndarray | None = None
         self.log_data: dict[str, Any] = read_json(self.paths.log) if self.paths.log.exists() else {}
         if self.shard.is_main:  # roll back publications a killed run left half done, once, before the ranks read
             for output in (data_set(self.paths.root, []), stage_set(self.paths.root, 1), stage_set(self.paths.root, 2)):
@@ -794,6 +834,17 @@ class Trainer:
             table = schema.read_table(self.cfg.workdir, "catalog")
             self._catalog = table.select(["product_id", "title", "aisle", "image"]).to_pandas()
         return self._catalog
+
+    @property
+    def cold_products(self) -> np.ndarray:
+        """The product_ids held out of both stages (:func:`split_cold_products`), sorted."""
+        if self._cold is None:
+            self._cold = split_cold_products(self.catalog, self.cfg.cold_product_fraction, self.cfg.seed)
+            if len(self._cold):
+                log.info("cold start: %d of %d products (--cold-product-fraction %g, stratified by aisle) take no "
+                         "part in training", len(self._cold), self.catalog["product_id"].nunique(),
+                         self.cfg.cold_product_fraction)
+        return self._cold
 
     # provenance ----------------------------------------------------------------
     def made_from(self, stage: int) -> MadeFrom:
@@ -842,12 +893,10 @@ class Trainer:
 
     # stage 1 -------------------------------------------------------------------
     def split_stage1(self, images: ImageStore) -> tuple[np.ndarray, np.ndarray]:
-        with_image = np.flatnonzero(images.has_image)
-        shuffled = np.random.default_rng([self.cfg.seed, 1]).permutation(with_image)
-        n_eval = min(self.cfg.stage1_eval_max, round(self.cfg.stage1_eval_fraction * len(shuffled)))
-        if len(shuffled) - n_eval < 2:
-            n_eval = 0
-        return np.sort(shuffled[n_eval:]), np.sort(shuffled[:n_eval])
+        """Stage-1 (train, eval) catalog rows (:func:`stage1_rows`), cold products left out."""
+        cold = self.catalog["product_id"].isin(self.cold_products).to_numpy()
+        return stage1_rows(images.has_image, cold, self.cfg.seed, self.cfg.stage1_eval_fraction,
+                           self.cfg.stage1_eval_max)
 
     def run_stage1(self) -> None:
         cfg, paths = self.cfg, self.paths
@@ -885,6 +934,7 @@ class Trainer:
             summary = runner.summary()
         summary["invocation_wall_s"] = round(time.perf_counter() - started, 2)
         summary["world_size"] = self.shard.world_size  # of this (last) invocation
+        summary["n_cold_products"] = int(len(self.cold_products))
         if self.shard.is_main:
             self.publish(1, made_from, final, summary)
             stage_set(paths.root, 2).clear()  # trained on another stage-1 output
@@ -908,7 +958,7 @@ class Trainer:
     # stage 2 -------------------------------------------------------------------
     def _tuples(self, relevance: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         cfg = self.cfg
-        train_df, eval_df = split_queries(relevance, cfg.query_eval_fraction, cfg.seed)
+        train_df, eval_df = stage2_relevance(relevance, self.cold_products, cfg.query_eval_fraction, cfg.seed)
         kwargs = dict(n_negatives=cfg.pqc_negatives, max_positives=cfg.pqc_max_positives,
                       hr_mr_ratio=cfg.pqc_hr_mr_ratio, seed=cfg.seed)
         catalog = self.catalog
@@ -940,7 +990,8 @@ class Trainer:
         train_tuples, eval_tuples = self._tuples(relevance)
         if train_tuples.empty:
             raise UserError(f"{schema.table_path(cfg.workdir, 'relevance')}: no training tuples (no query with an "
-                            f"MR or HR label outside the held-out {cfg.query_eval_fraction:.0%} of queries)")
+                            f"MR or HR label outside the held-out {cfg.query_eval_fraction:.0%} of queries, for a "
+                            f"product outside the {len(self.cold_products)} cold-start products)")
         catalog = self.catalog
         position = pd.Index(catalog["product_id"])
         needed = np.unique(np.concatenate([train_tuples["product_id"].to_numpy(), eval_tuples["product_id"].to_numpy()]))
@@ -984,7 +1035,8 @@ class Trainer:
             self.log_data["stage2"] = {**runner.summary(), "paused": True}
             self.write_log()
             raise
-        summary = {**runner.summary(), "precompute_wall_s": round(precompute_s, 2)}
+        summary = {**runner.summary(), "precompute_wall_s": round(precompute_s, 2),
+                   "n_cold_products": int(len(self.cold_products))}
         summary["invocation_wall_s"] = round(time.perf_counter() - started, 2)
         summary["world_size"] = self.shard.world_size  # of this (last) invocation
         if self.shard.is_main:

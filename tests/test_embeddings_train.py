@@ -81,6 +81,10 @@ def test_end_to_end_train_export_encode(workdir, caplog):
     assert fixed_tuples_loss[-1] < fixed_tuples_loss[0] - 0.15
     config = read_json(workdir / "embeddings" / "config.json")
     assert config["backbone"] == "tiny" and config["query_eval_fraction"] == 0.0 and config["seed"] == 0
+    # the cold-start products (10% by default) take no part: neither stage-1 rows nor stage-2 tuples
+    assert config["cold_product_fraction"] == 0.1
+    assert stage1["n_cold_products"] == log["stage2"]["n_cold_products"] == 40
+    assert stage1["n_train_products"] + stage1["n_eval_products"] == 400 - 40
 
     # a rerun with the same settings skips both stages
     caplog.clear()

@@ -18,7 +18,7 @@ from embeddings import evaluate, export, tables, train
 from embeddings.evaluate import (downsample_label, judged_ranking_metrics, relevance_matrix, retrieval_metrics, split_settings,
                                  top_k_products, train_probe)
 from embeddings.plots import plot_cosine_histograms, plot_tsne
-from embeddings.sampling import split_queries
+from embeddings.sampling import split_cold_products, split_queries
 
 IR, MR, HR = 0, 1, 2
 
@@ -165,8 +165,9 @@ def test_split_settings_come_from_the_training_config(tmp_path):
     (tmp_path / "embeddings").mkdir()
     (tmp_path / "embeddings" / "config.json").write_text(json.dumps({"seed": 7, "query_eval_fraction": 0.25}))
     recorded = split_settings(tmp_path, seed=3)
-    assert (recorded["seed"], recorded["eval_fraction"]) == (7, 0.25)
+    assert (recorded["seed"], recorded["eval_fraction"], recorded["cold_fraction"]) == (7, 0.25, 0.0)
     assert recorded["source"] == "embeddings/config.json"
+    assert fallback["cold_fraction"] == train.TrainConfig.cold_product_fraction
 
 
 # --- the command, end to end on the tiny synthetic data ------------------------------------------
@@ -186,9 +187,33 @@ def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
 
     out = workdir / "embeddings"
     assert read_json(out / "metrics.json") == json.loads(json.dumps(metrics))
-    for system in ("random", "untuned_text", "untuned_image", "dashclip"):
-        scores = metrics["retrieval"][system]
-        assert all(0.0 <= scores[k] <= 1.0 for k in ("graded_relevance", "recall_at_10", "precision_at_10"))
+    systems = {"random", "untuned_text", "untuned_image", "untuned", "dashclip"}
+    scored = ("graded_relevance", "recall_at_10", "precision_at_10")
+    for view in (metrics["retrieval"], metrics["retrieval_table1"]["systems"],
+                 metrics["cold_start"]["retrieval"]["systems"]):
+        assert set(view) == systems
+        assert all(0.0 <= scores[k] <= 1.0 for scores in view.values() for k in scored)
+
+    # the paper's Table 1 protocol: the seen products of the held-out pairs
+    config = read_json(out / "config.json")
+    catalog = read_table(workdir, "catalog").to_pandas()
+    _, heldout = split_queries(read_table(workdir, "relevance").to_pandas(), config["query_eval_fraction"],
+                               config["seed"])
+    cold = split_cold_products(catalog, config["cold_product_fraction"], config["seed"])
+    table1 = metrics["retrieval_table1"]
+    assert table1["n_products"] == heldout.loc[~heldout["product_id"].isin(cold), "product_id"].nunique()
+    assert table1["n_cold_excluded"] == heldout.loc[heldout["product_id"].isin(cold), "product_id"].nunique() > 0
+    assert 0 < table1["chance"]["recall_at_10"] < 1
+    # cold start: the products training left out (10% by default), every baseline, the probe near chance for random
+    cold_start = metrics["cold_start"]
+    assert config["cold_product_fraction"] == 0.1 and cold_start["n_products"] == len(cold) == 40
+    assert metrics["split"]["n_cold_products"] == 40 and cold_start["retrieval"]["n_products"] == 40
+    assert 0 < cold_start["retrieval"]["systems"]["dashclip"]["n_queries"] <= metrics["split"]["n_heldout_queries"]
+    assert set(cold_start["aisle_f1"]) == systems and all(0 <= v <= 1 for v in cold_start["aisle_f1"].values())
+    assert cold_start["aisle_probe"]["dashclip"]["n_test"] == 40
+    assert cold_start["aisle_probe"]["dashclip"]["n_train"] == len(catalog) - 40
+    assert cold_start["aisle_f1"]["random"] < 0.35  # 24 aisles: chance is about 0.04
+    assert "systems" in cold_start["retrieval_complete"]
     # complete judgments from the synthetic generator: every held-out query, far more relevant products
     complete, judged = metrics["retrieval_complete"]["dashclip"], metrics["retrieval"]["dashclip"]
     assert complete["n_queries"] == metrics["split"]["n_heldout_queries"] >= judged["n_queries"]
@@ -198,7 +223,6 @@ def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
         assert set(metrics[task]) == {"untuned", "dashclip"} and all(0 <= v <= 1 for v in metrics[task].values())
     assert set(metrics["relevance_probe"]["dashclip"]["per_class_recall"]) == {"IR", "MR", "HR"}
     # the held-out queries are those training left out
-    config = read_json(out / "config.json")
     assert metrics["split"]["source"] == "embeddings/config.json"
     assert metrics["split"]["eval_fraction"] == config["query_eval_fraction"]
     _, heldout = split_queries(read_table(workdir, "relevance").to_pandas(), config["query_eval_fraction"],
@@ -206,6 +230,10 @@ def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
     assert metrics["split"]["n_heldout_queries"] == heldout["query"].map(normalize_query).nunique()
     markdown = (out / "metrics.md").read_text()
     assert "| DashCLIP (trained) |" in markdown and "Recall@10" in markdown and "macro F1" in markdown
+    assert "## Retrieval, paper Table 1 protocol" in markdown and "## Cold start" in markdown
+    from experiments import report
+    rendered = report.table1_protocol_section(workdir) + report.cold_start_section(workdir)
+    assert "DashCLIP (image-text) | 0.667" in rendered and "### Aisle probe" in rendered
     assert sorted(metrics["plots"]) == ["plots/cosine_by_relevance.png", "plots/tsne.png"]
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in metrics["plots"])
 
