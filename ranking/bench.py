@@ -4,7 +4,8 @@
 
 On the workdir's real features (the feature cache of :mod:`ranking.features`; the exported
 tables when present, else random tables of the same shapes, which time the same), for every
-variant and for ``torchrec.models.dlrm.DLRM_DCN`` on the same batches:
+variant (the architecture flags of :class:`ranking.config.ModelConfig`, as in ``ranking.train``)
+and for ``torchrec.models.dlrm.DLRM_DCN`` on the same batches:
 
 * train samples/s: forward + BCE + backward + optimizer step (:func:`ranking.train.make_optimizers`:
   Adam on the dense parameters, SparseAdam on trainable tables, nothing on frozen ones; Adam
@@ -40,7 +41,8 @@ from common.seed import seed_everything
 from data.schema import SchemaError
 from embeddings.tables import build_table, table_path
 from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingBatch, RankingData, build_spec
-from ranking.model import ModelConfig, build_model, build_tables
+from ranking.config import ModelConfig
+from ranking.model import build_model, build_tables
 from ranking.plain import PlainFeatures, PlainInputModel
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, load_tables
 from ranking.train import make_optimizers
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(ModelConfig):
     """Training and evaluation samples/s of every ranking variant next to torchrec's DLRM_DCN."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (its data and tables)"})
@@ -169,7 +171,7 @@ def run(cfg: BenchConfig) -> tuple[list[dict], torch.device]:
         data_s += time.perf_counter() - start
     data_ms = 1000 * data_s / n_batches
     batches = [_to(b, device) for b in batches]
-    config = ModelConfig()
+    config = cfg.model_only()
     models: list[tuple[str, Callable[[], tuple[nn.Module, list[torch.optim.Optimizer]]]]] = []
     for name, variant in VARIANTS.items():
         def make(variant=variant):
@@ -212,6 +214,7 @@ def format_table(rows: list[dict], cfg: BenchConfig, device: torch.device) -> st
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     cfg = parse_config(BenchConfig, argv)
+    cfg.validate()
     if cfg.batch_size < 1 or cfg.steps < 1 or cfg.warmup < 0:
         raise UserError("--batch-size and --steps must be >= 1 and --warmup >= 0")
     if cfg.device not in ("auto", "cpu", "cuda"):

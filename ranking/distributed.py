@@ -2,36 +2,35 @@
 
 ``torchrun --nproc_per_node N -m ranking.train --workdir DIR --variant NAME [--sharding auto|table_wise|row_wise|column_wise|data_parallel] [--pg-timeout-s 120]``
 
-:func:`ranking.train.main` switches to this module when ``WORLD_SIZE > 1`` (torchrun sets it):
+:func:`ranking.train.main` trains a :class:`ShardedRanker` when ``WORLD_SIZE > 1`` (torchrun sets
+it; :func:`common.distributed.init_from_env` starts the process group with a timeout on every
+collective). The early-stopping loop is :func:`ranking.train.fit`, the same for a single process:
 
-* :func:`common.distributed.init_from_env` starts the process group (gloo on CPU, nccl on CUDA)
-  with a timeout, so a rank that dies makes the others fail after ``--pg-timeout-s`` instead of
-  waiting forever (re-exported here with :class:`DistEnv` and :func:`current_env`).
 * :func:`make_plan` asks torchrec's planner for a plan (``auto``; every rank runs the same
   deterministic ``planner.plan``) or forces one sharding type on every table
   (``construct_module_sharding_plan``; table-wise places tables round robin over the ranks).
   :func:`plan_summary` says where each table went and the table memory per rank.
 * :func:`shard_model` wraps a :class:`ranking.model.RankingModel` in DMP. Optimizers: frozen
   DashCLIP tables get a fused SGD with ``lr=0`` (``requires_grad`` does not survive sharding,
-  the fused kernels update every table they own), trainable tables a fused optimizer applied
-  in backward, dense parameters a regular one (:class:`ShardedOptimizer`).
-* :func:`train_sharded` is :func:`ranking.train.train_model` for DMP: every rank draws the same
-  global batch and trains on rows ``rank::world`` of it (padded with a zero-weight row so all
-  ranks see the same local size); the loss is scaled so the gradient equals the single-process
-  gradient of the global batch mean. :func:`predict_sharded` evaluates each batch the same way
-  and all-gathers the probabilities, so every rank holds the metrics of the FULL split.
+  the fused kernels update every table they own), trainable tables (the random and finetune
+  variants, the sparse features) a fused optimizer applied in backward, which updates only the
+  rows a batch looks up, and dense parameters a regular one (:class:`ShardedOptimizer`).
+* :class:`ShardedRanker` is the sharded :class:`ranking.train.Ranker`: every rank passes the same
+  global batch to :meth:`ShardedRanker.step` and trains on rows ``rank::world`` of it (padded
+  with a zero-weight row so all ranks see the same local size); the loss is scaled so the
+  gradient equals the single-process gradient of the global batch mean.
+  :meth:`ShardedRanker.predict` scores each rank's rows the same way and all-gathers the
+  probabilities, so every rank holds the predictions (and metrics) of the FULL split.
 * :func:`unsharded_state_dict` gathers sharded tables to full tensors (collective; the result
-  is complete on rank 0), i.e. exactly the ``state_dict`` of the unsharded model: the
-  ``model.pt`` written from it (:func:`ranking.model.save_model`) is the single-process format,
-  so a run of any world size (or serving.export) reads it with :func:`ranking.model.load_model`.
+  is complete on rank 0), i.e. exactly the ``state_dict`` of the unsharded model:
+  :meth:`ShardedRanker.unsharded` loads it into a :class:`ranking.model.RankingModel`, whose
+  ``model.pt`` (:func:`ranking.model.save_model`) is the single-process format, so a run of any
+  world size (or serving.export) reads it with :func:`ranking.model.load_model`.
 """
 from __future__ import annotations
 
 import logging
-import math
-import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,17 +48,14 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from tqdm import tqdm
 
-from common.distributed import DistEnv, current_env, init_from_env  # noqa: F401 (re-exported for ranking.train)
-from ranking.features import RankingBatch, RankingData
-from ranking.metrics import log_loss
-from ranking.model import RankingModel
+from common.distributed import DistEnv
+from ranking.config import ModelConfig
+from ranking.features import FeatureSpec, RankingBatch
+from ranking.model import RankingModel, build_model, build_tables
 from ranking.plain import PlainFeatures, PlainInputModel
 from ranking.tables import frozen_parameter_names
-
-if TYPE_CHECKING:
-    from ranking.train import TrainConfig
+from ranking.variants import get_variant
 
 log = logging.getLogger(__name__)
 
@@ -245,71 +241,88 @@ def take(batch: RankingBatch, rows: np.ndarray) -> RankingBatch:
 
 
 class ShardedRanker:
-    """A DMP-wrapped :class:`RankingModel` plus its plain-tensor front door (:class:`PlainFeatures`)."""
+    """A DMP-wrapped :class:`RankingModel` with its optimizer and plain-tensor front door
+    (:class:`PlainFeatures`): the sharded :class:`ranking.train.Ranker`. :meth:`step`,
+    :meth:`predict` and :meth:`unsharded` are collective (every rank calls them, with the same
+    global batch); snapshots hold each rank's own shards (local).
+    """
 
-    def __init__(self, dmp: DistributedModelParallel, features: PlainFeatures, env: DistEnv, plan: ShardingPlan) -> None:
-        self.dmp, self.features, self.env, self.plan = dmp, features, env, plan
+    def __init__(self, dmp: DistributedModelParallel, optimizer: ShardedOptimizer, features: PlainFeatures,
+                 env: DistEnv, plan: ShardingPlan, variant: str, spec: FeatureSpec, config: ModelConfig) -> None:
+        self.dmp, self.optimizer, self.features, self.env, self.plan = dmp, optimizer, features, env, plan
+        self.variant, self.spec, self.config = variant, spec, config  # to rebuild the unsharded model
 
     @classmethod
     def wrap(cls, model: RankingModel, env: DistEnv, sharding: str = "auto", optimizer: str = "adam",
-             lr: float = 2e-3) -> tuple["ShardedRanker", ShardedOptimizer]:
+             lr: float = 2e-3) -> "ShardedRanker":
+        """Shard ``model`` (:func:`shard_model`; ``model`` must not be used afterwards)."""
         features = PlainInputModel(model).features
+        variant, spec, config = model.variant, model.spec, model.config
         dmp, opt, plan = shard_model(model, env, sharding, optimizer, lr)
-        return cls(dmp, features, env, plan), opt
+        return cls(dmp, opt, features, env, plan, variant, spec, config)
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
 
     def logits(self, batch: RankingBatch) -> torch.Tensor:
         """Local batch -> logits ``[b]`` through the sharded model (collective: every rank calls it)."""
         kjt = self.features(batch.sparse_ids, batch.product_rows, batch.query_rows, batch.history_rows)
         return self.dmp(batch.dense.to(self.env.device), kjt.to(self.env.device)).cpu()
 
-    def train_step(self, batch: RankingBatch, optimizer: ShardedOptimizer) -> float:
-        """One step on the GLOBAL ``batch`` (every rank passes the same): this rank trains on its
-        slice; the gradient equals that of the global mean loss. Returns the global mean loss."""
+    def step(self, batch: RankingBatch) -> float:
+        """One step on the GLOBAL ``batch`` (``B`` rows, the same on every rank): this rank trains on
+        its slice; the gradient equals that of the global mean loss. Returns the global mean loss."""
+        self.dmp.train()
         rows, real = local_rows(len(batch), self.env)
         local = take(batch, rows)
         weight = (torch.arange(len(rows)) < real).float()
-        optimizer.zero_grad()
+        self.optimizer.zero_grad()
         losses = nn.functional.binary_cross_entropy_with_logits(self.logits(local), local.labels, reduction="none")
         # DDP (dense) and the embedding all-to-all (tables) average over ranks: scale by world / B
         loss = (losses * weight).sum() * (self.env.world_size / len(batch))
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         total = (losses * weight).sum().detach().reshape(1)
         dist.all_reduce(total, group=self.env.pg)
         return float(total) / len(batch)
 
     @torch.no_grad()
-    def predict_batch(self, batch: RankingBatch) -> torch.Tensor:
-        """Click probabilities ``[B]`` of the GLOBAL ``batch`` on every rank (each rank scores its slice, then all-gather)."""
+    def predict(self, batch: RankingBatch) -> torch.Tensor:
+        """Click probabilities ``[B]`` of the GLOBAL ``batch`` on every rank (each rank scores its
+        slice in eval mode, then all-gather)."""
+        self.dmp.eval()
         rows, _ = local_rows(len(batch), self.env)
         probs = torch.sigmoid(self.logits(take(batch, rows)))
         gathered = [torch.empty_like(probs) for _ in range(self.env.world_size)]
         dist.all_gather(gathered, probs, group=self.env.pg)
         return torch.stack(gathered, dim=1).reshape(-1)[: len(batch)]  # row j = rank j % W, position j // W
 
-    def predict(self, data: RankingData, split: str = "eval",
-                batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(labels, probabilities, has_history)`` over the full ``split`` in cache order, on every rank
-        (same contract as :func:`ranking.train.predict`)."""
-        self.dmp.eval()
-        labels, probs, hist = [], [], []
-        for batch in data.batches(split, batch_size):
-            probs.append(self.predict_batch(batch).numpy())
-            labels.append(batch.labels.numpy())
-            hist.append(batch.has_history.numpy())
-        self.dmp.train()
-        return np.concatenate(labels), np.concatenate(probs), np.concatenate(hist)
-
-    def local_snapshot(self) -> dict[str, list[torch.Tensor]]:
-        """Copies of this rank's parameters and buffers (its shards only), for :meth:`restore`."""
+    def snapshot(self) -> dict[str, list[torch.Tensor]]:
+        """Copies of this rank's parameters and buffers (its shards only), for :meth:`restore`. Local."""
         return {k: [t.clone() for t in _local_tensors(v)] for k, v in self.dmp.state_dict().items()}
 
     @torch.no_grad()
     def restore(self, snapshot: dict[str, list[torch.Tensor]]) -> None:
-        """Write a :meth:`local_snapshot` back into the live (sharded) weights."""
+        """Write a :meth:`snapshot` back into the live (sharded) weights. Local."""
         for k, v in self.dmp.state_dict().items():
             for live, saved in zip(_local_tensors(v), snapshot[k]):
                 live.copy_(saved)
+
+    def unsharded(self) -> RankingModel | None:
+        """The trained weights in a single-process :class:`RankingModel` on rank 0 (None on the other
+        ranks). Collective (:func:`unsharded_state_dict`)."""
+        state = unsharded_state_dict(self.dmp, self.env)
+        if not self.env.is_main:
+            return None
+        variant = get_variant(self.variant)
+        model = build_model(variant, self.spec, self.config, build_tables(variant, self.spec))
+        model.load_state_dict(state)
+        return model
 
 
 def _local_tensors(value: Any) -> list[torch.Tensor]:
@@ -335,78 +348,3 @@ def unsharded_state_dict(dmp: DistributedModelParallel, env: DistEnv) -> dict[st
         else:
             out[key] = value.detach().cpu().clone()
     return out
-
-
-@dataclass
-class ShardedRun:
-    """What :func:`run_sharded` hands back: the history, full-split predictions (every rank) and
-    the unsharded ``state_dict`` (complete on rank 0 only)."""
-
-    history: dict
-    labels: np.ndarray
-    probs: np.ndarray
-    has_history: np.ndarray
-    state: dict[str, torch.Tensor]
-    train_seconds: float
-    eval_seconds: float
-
-
-def run_sharded(model: RankingModel, data: RankingData, cfg: "TrainConfig", seed: int, env: DistEnv,
-                progress: bool = True) -> ShardedRun:
-    """Shard ``model`` (``cfg.sharding``), train it (:func:`train_sharded`), score the ``eval``
-    split and gather the unsharded weights. ``model`` is consumed (DMP rewrites it in place)."""
-    variant = model.variant
-    ranker, optimizer = ShardedRanker.wrap(model, env, cfg.sharding, cfg.optimizer, cfg.lr)
-    start = time.perf_counter()
-    history = train_sharded(ranker, optimizer, data, cfg, seed, variant, progress)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    labels, probs, has_history = ranker.predict(data, "eval", cfg.eval_batch_size)
-    eval_s = time.perf_counter() - start
-    return ShardedRun(history, labels, probs, has_history, unsharded_state_dict(ranker.dmp, env), train_s, eval_s)
-
-
-def train_sharded(ranker: ShardedRanker, optimizer: ShardedOptimizer, data: RankingData, cfg: "TrainConfig",
-                  seed: int, variant: str, progress: bool = True) -> dict:
-    """:func:`ranking.train.train_model` on the sharded model (same batches, same early stopping,
-    same stop at a non-finite training loss; validation logloss over the full ``valid`` split on
-    every rank, so every rank decides alike). Restores the best check's parameters. Returns the history."""
-    split = "fit" if cfg.early_stopping else "train"
-    steps = -(-data.num_rows(split) // cfg.batch_size)
-    check_every = -(-steps // cfg.checks_per_epoch) if cfg.early_stopping else steps
-    history: dict = {"train_loss": [], "valid_logloss": [], "checks_per_epoch": cfg.checks_per_epoch if cfg.early_stopping else 1}
-    best_loss, best_state, since_best = float("inf"), None, 0
-    total, count = 0.0, 0
-    ranker.dmp.train()
-    for epoch in range(cfg.epochs):
-        bar = tqdm(data.batches(split, cfg.batch_size, shuffle=True, rng=np.random.default_rng([seed, epoch])), total=steps,
-                   disable=None if progress and ranker.env.is_main else True, unit="batch", leave=False,
-                   desc=f"{variant} seed {seed} epoch {epoch + 1}/{cfg.epochs} ({ranker.env.world_size} ranks)")
-        for step, batch in enumerate(bar):
-            total += ranker.train_step(batch, optimizer) * len(batch)
-            count += len(batch)
-            if (step + 1) % check_every and step + 1 != steps:
-                continue
-            history["train_loss"].append(total / count)
-            total, count = 0.0, 0
-            if cfg.early_stopping:
-                labels, probs, _ = ranker.predict(data, "valid", cfg.eval_batch_size)
-                history["valid_logloss"].append(log_loss(labels, probs))
-                if history["valid_logloss"][-1] < best_loss:
-                    best_loss, since_best = history["valid_logloss"][-1], 0
-                    best_state = ranker.local_snapshot()
-                else:
-                    since_best += 1
-            if not math.isfinite(history["train_loss"][-1]):
-                break  # diverged (the all-reduced loss: every rank stops here); run_seed publishes nothing
-        if ranker.env.is_main:
-            log.info("%s seed %d epoch %d (%d ranks): train loss %.5f%s", variant, seed, epoch + 1,
-                     ranker.env.world_size, history["train_loss"][-1],
-                     f", valid logloss {history['valid_logloss'][-1]:.5f}" if cfg.early_stopping else "")
-        if (cfg.early_stopping and since_best >= cfg.patience) or not math.isfinite(history["train_loss"][-1]):
-            break
-    if best_state is not None:
-        ranker.restore(best_state)
-        history["best_check"] = int(np.argmin(history["valid_logloss"]))
-        history["best_epoch"] = (history["best_check"] + 1) / cfg.checks_per_epoch
-    return history

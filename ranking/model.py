@@ -10,18 +10,19 @@ k projection dim of the table vectors (P, Q: learned projections d -> k).
     sparse_* KJT --EBC(SUM)---+                                                                    |
                                                                                                    +-- concat -- MLP -- Linear --> logit [B]
     product_id, query_id,      Pp, Qq, cos(p,q) [, Ph, cos(p,h)]                                    |
-    purchase_history_84d KJT --> frozen tables --> [B, 2k+1 (+k+1)] -- LowRankCrossNet -- MLP ------+
+    purchase_history_84d KJT --> DashCLIP tables --> [B, 2k+1 (+k+1)] -- LowRankCrossNet -- MLP ----+
 
 ``RankingModel.forward(dense_features, features)`` takes the torchrec inputs (one
 KeyedJaggedTensor holding every sparse key) like ``torchrec.models.dlrm.DLRM`` does, so DMP can
-shard its two EBCs. :class:`ranking.plain.PlainInputModel` is the plain-tensor front door
+shard its two EBCs. The widths are a :class:`ranking.config.ModelConfig` (``ranking.train`` flags).
+:class:`ranking.plain.PlainInputModel` is the plain-tensor front door
 (serving, Captum, training). :func:`build_model`, :func:`save_model` and :func:`load_model`
 construct, write and read a variant with its :class:`ranking.features.FeatureSpec`;
 :func:`trained_set` is the output set of one trained variant/seed (``model.pt`` + ``metrics.json``).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,24 +38,10 @@ from common.cli import UserError
 from common.io import atomic_path
 from common.provenance import OutputSet
 from embeddings.tables import EmbeddingTable
+from ranking.config import ModelConfig
 from ranking.features import FeatureSpec
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, PretrainedEmbeddingBagCollection
 from ranking.variants import Variant, get_variant
-
-
-@dataclass
-class ModelConfig:
-    """Widths of the three parts (the defaults are sized for the demo on 2 CPU cores)."""
-
-    sparse_embedding_dim: int = 16
-    dcn_cross_layers: int = 2
-    dcn_low_rank: int = 32
-    dcn_deep_sizes: list[int] = field(default_factory=lambda: [128, 64])
-    table_proj_dim: int = 32
-    table_cross_layers: int = 2
-    table_low_rank: int = 16
-    table_deep_sizes: list[int] = field(default_factory=lambda: [128, 64])
-    head_sizes: list[int] = field(default_factory=lambda: [64])
 
 
 def sparse_feature_ebc(spec: FeatureSpec, embedding_dim: int) -> EmbeddingBagCollection | None:
@@ -156,8 +143,9 @@ class RankingModel(nn.Module):
 
     Embedding collections (what DMP shards): ``dcn_tower.sparse_ebc`` (trainable, one SUM table
     per sparse feature) and ``table_tower.tables.ebc`` (product + query tables; frozen in the
-    pretrained variants: :func:`ranking.tables.frozen_parameter_names` lists them for the
-    optimizer to leave out, since ``requires_grad`` does not survive sharding).
+    pretrained variants unless ``Variant.train_tables``: :func:`ranking.tables.frozen_parameter_names`
+    lists the frozen ones for the optimizer to leave out, since ``requires_grad`` does not survive
+    sharding).
     """
 
     def __init__(self, dcn_tower: DCNTower, table_tower: TableTower | None, head_sizes: list[int], *,
@@ -179,9 +167,9 @@ class RankingModel(nn.Module):
 
 def build_tables(variant: Variant, spec: FeatureSpec, tables: tuple[EmbeddingTable, EmbeddingTable] | None = None,
                  generator: torch.Generator | None = None) -> PretrainedEmbeddingBagCollection | None:
-    """The table module of ``variant``: frozen copies of ``tables`` (pretrained variants), random
-    tables of the spec's shapes (the random variant), or zeros of those shapes when ``tables`` is
-    None (to load a state dict into)."""
+    """The table module of ``variant``: copies of ``tables`` (pretrained variants; frozen unless
+    ``variant.train_tables``), random trainable tables of the spec's shapes (the random variant),
+    or zeros of those shapes when ``tables`` is None (to load a state dict into)."""
     if not variant.uses_tables:
         return None
     if spec.table_dim <= 0:
@@ -189,15 +177,16 @@ def build_tables(variant: Variant, spec: FeatureSpec, tables: tuple[EmbeddingTab
     if variant.table_init == "random":
         return PretrainedEmbeddingBagCollection.random(spec.num_product_rows, spec.num_query_rows, spec.table_dim,
                                                        generator=generator, with_history=variant.use_history)
+    frozen = not variant.train_tables
     if tables is None:
         return PretrainedEmbeddingBagCollection(torch.zeros(spec.num_product_rows, spec.table_dim),
                                                 torch.zeros(spec.num_query_rows, spec.table_dim),
-                                                with_history=variant.use_history, frozen=True)
+                                                with_history=variant.use_history, frozen=frozen)
     product, query = tables
     if product.vectors.shape != (spec.num_product_rows, spec.table_dim) or query.vectors.shape != (spec.num_query_rows, spec.table_dim):
         raise ValueError(f"tables {product.vectors.shape}/{query.vectors.shape} do not match the feature spec "
                          f"({spec.num_product_rows}/{spec.num_query_rows} x {spec.table_dim})")
-    return PretrainedEmbeddingBagCollection.from_tables(product, query, with_history=variant.use_history, frozen=True)
+    return PretrainedEmbeddingBagCollection.from_tables(product, query, with_history=variant.use_history, frozen=frozen)
 
 
 def build_model(variant: Variant | str, spec: FeatureSpec, config: ModelConfig | None = None,

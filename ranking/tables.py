@@ -89,7 +89,7 @@ class PretrainedEmbeddingBagCollection(nn.Module):
             self.ebc.embedding_bags[QUERY_TABLE].weight.copy_(query_vectors)
         if frozen:
             self.ebc.requires_grad_(False)
-        else:  # trainable (random variant): row-sparse gradients, for SparseAdam / Adagrad (ranking.train)
+        else:  # trainable (random, finetune): row-sparse gradients, for SparseAdam / Adagrad (ranking.train)
             for bag in self.ebc.embedding_bags.values():
                 bag.sparse = True
 

@@ -6,6 +6,11 @@
 trains each variant/seed sharded over the N ranks (:mod:`ranking.distributed`); rank 0 logs the
 plan and writes the same files (``model.pt`` unsharded, metrics over the full evaluation week).
 
+The flags are :class:`ranking.config.TrainConfig`, the architecture flags (``--dcn-deep-sizes
+128 64``, ``--table-proj-dim 32``, ...) included. One early-stopping loop (:func:`fit`) trains a
+:class:`Ranker`: a :class:`LocalRanker` in a single process, a
+:class:`ranking.distributed.ShardedRanker` under torchrun.
+
 Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables,
 ``DIR/embeddings/{product,query}_table.parquet``. Writes
 
@@ -14,9 +19,10 @@ Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables
   reads it) and ``metrics.json`` (history and per-slice AUC / normalized logloss), published
   together. The set is made from the SHA-256 of the impressions and purchases tables, of the
   product and query tables for variants with tables, and the settings that change what is
-  trained (not ``--threads``, ``--workers`` or ``--eval-batch-size``). Neither file holds wall
-  times or file names (the train and eval seconds are logged): the same settings and inputs give
-  byte-identical files (on CPU, for a fixed ``--threads``), so the stages that read them skip.
+  trained, the architecture included (not ``--threads``, ``--workers`` or
+  ``--eval-batch-size``). Neither file holds wall times or file names (the train and eval
+  seconds are logged): the same settings and inputs give byte-identical files (on CPU, for a
+  fixed ``--threads``), so the stages that read them skip.
 * ``DIR/ranking/results.json`` and ``results.md`` (one set, manifest
   ``DIR/ranking/results.manifest.json``): ``results["inputs"]`` = the hashes of the data tables
   (and of the tables, when a variant with tables is listed) and ``results[variant][slice]`` with
@@ -47,59 +53,34 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main, setup_logging
+from common.cli import UserError, parse_config, run_main, setup_logging
+from common.distributed import DistEnv, current_env, init_from_env
 from common.io import prepare_workdir, read_json, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
 from data.dataset import input_hashes
 from data.schema import SchemaError
 from embeddings.tables import EmbeddingTable, table_path, tables_set
-from ranking import distributed
-from ranking.features import (CACHE_VERSION, EVAL_DAYS, HISTORY_LEN, VALID_DAYS, FeatureSpec, ImpressionCache,
-                              PurchaseIndex, RankingData, build_spec)
+from ranking.config import TrainConfig
+from ranking.distributed import ShardedRanker
+from ranking.features import (CACHE_VERSION, EVAL_DAYS, VALID_DAYS, FeatureSpec, ImpressionCache, PurchaseIndex,
+                              RankingBatch, RankingData, build_spec)
 from ranking.metrics import SLICES, log_loss, mean_std, paired_p_value, slice_metrics
-from ranking.model import ModelConfig, RankingModel, build_model, build_tables, save_model, trained_set
+from ranking.model import RankingModel, build_model, build_tables, save_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.tables import load_tables, sparse_gradient_parameters, trainable_parameters
 from ranking.variants import BASELINE, VARIANTS, Variant, resolve_variants
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Train the ranking variants (paper Table 2) over seeds and write DIR/ranking/results.{json,md}."""
-
-    workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
-    variant: str = field(default="all", metadata={"help": f"'all' or a comma list of: {', '.join(VARIANTS)}"})
-    seeds: int = field(default=5, metadata={"help": "seeds 0..N-1, each trained from scratch"})
-    epochs: int = field(default=4, metadata={"help": "passes over the training split (at most, with early stopping)"})
-    early_stopping: bool = field(default=True, metadata={
-        "help": "hold out the last week of the training split, keep the parameters with its best logloss"})
-    checks_per_epoch: int = field(default=4, metadata={"help": "validation checks per epoch (early stopping)"})
-    patience: int = field(default=3, metadata={"help": "stop after this many checks without a better validation logloss"})
-    batch_size: int = field(default=2048, metadata={"help": "training batch size"})
-    lr: float = field(default=2e-3, metadata={"help": "learning rate"})
-    optimizer: Literal["adam", "adagrad"] = field(default="adam", metadata={"help": "optimizer of the trainable parameters"})
-    history_len: int = field(default=HISTORY_LEN, metadata={"help": "cap of the purchase-history bag (most recent kept)"})
-    eval_batch_size: int = field(default=8192, metadata={"help": "evaluation batch size"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads per training job (1 is fastest for these "
-                                                      "small models; results are deterministic per thread count)"})
-    workers: int = field(default=2, metadata={"help": "variant/seed jobs trained in parallel processes"})
-    force: bool = field(default=False, metadata={"help": "retrain finished variant/seed runs"})
-    sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = field(default="auto", metadata={
-        "help": "under torchrun (WORLD_SIZE > 1): torchrec planner's plan, or one sharding type for every table"})
-    pg_timeout_s: float = field(default=120.0, metadata={
-        "help": "under torchrun: seconds a collective waits before failing (a dead rank stops the others)"})
 
 
 DATA_TABLES = ("impressions", "purchases")
@@ -117,7 +98,7 @@ def training_settings(cfg: TrainConfig) -> dict:
     """The settings that change what a run trains (not threads, workers or the evaluation batch size)."""
     settings = {name: getattr(cfg, name) for name in (
         "epochs", "early_stopping", "checks_per_epoch", "patience", "batch_size", "lr", "optimizer", "history_len")}
-    settings.update(model=asdict(ModelConfig()),
+    settings.update(model=asdict(cfg.model_only()),
                     features={"cache_version": CACHE_VERSION, "eval_days": EVAL_DAYS, "valid_days": VALID_DAYS})
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded runs use fused table optimizers: not the same run
         settings["distributed"] = {"world_size": int(os.environ["WORLD_SIZE"]), "sharding": cfg.sharding}
@@ -192,80 +173,163 @@ def make_optimizers(model: nn.Module, optimizer: str, lr: float) -> list[torch.o
     return [torch.optim.Adam(dense, lr=lr)] + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
 
 
-def train_model(model: RankingModel, data: RankingData, cfg: TrainConfig, seed: int,
-                progress: bool = True) -> dict:
-    """Train in place with binary cross-entropy on clicks.
-
-    With ``cfg.early_stopping``: fit on the ``fit`` split, measure logloss on ``valid`` (the last
-    week before the evaluation week) ``cfg.checks_per_epoch`` times an epoch, stop after
-    ``cfg.patience`` checks without improvement and restore the best parameters. Without it:
-    all of ``train`` for ``cfg.epochs`` epochs. Returns the history (losses per check).
+class Ranker(Protocol):
+    """A model in training: in this process (:class:`LocalRanker`) or sharded over the ranks of a
+    torchrun job (:class:`ranking.distributed.ShardedRanker`). :func:`fit` and :func:`predictions`
+    drive either. ``step`` and ``predict`` take the GLOBAL batch, the same on every rank; on a
+    sharded ranker they and ``unsharded`` are collective (every rank calls them in the same order).
     """
-    plain = PlainInputModel(model).train()
-    optimizers = make_optimizers(model, cfg.optimizer, cfg.lr)
-    loss_fn = nn.BCEWithLogitsLoss()
+
+    @property
+    def world_size(self) -> int:
+        """Processes that train the model together (1 for a single process)."""
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs and publishes (rank 0)."""
+
+    def step(self, batch: RankingBatch) -> float:
+        """One optimizer step (train mode) on binary cross-entropy over ``batch`` (``B`` rows);
+        returns the batch's mean loss."""
+
+    def predict(self, batch: RankingBatch) -> torch.Tensor:
+        """Click probabilities ``[B]`` of ``batch`` (eval mode, no gradients)."""
+
+    def snapshot(self) -> Any:
+        """A copy of the current parameters and buffers, only for :meth:`restore`."""
+
+    def restore(self, snapshot: Any) -> None:
+        """Set the parameters and buffers of a :meth:`snapshot`."""
+
+    def unsharded(self) -> RankingModel | None:
+        """The trained weights as one single-process :class:`RankingModel` (None on ranks other than 0)."""
+
+
+class LocalRanker:
+    """A :class:`RankingModel` trained in this process through :class:`PlainInputModel`: the
+    single-process :class:`Ranker`. ``optimizers`` (:func:`make_optimizers`) own every parameter
+    that ``step`` updates; without any, ``step`` updates nothing."""
+
+    world_size: int = 1
+    is_main: bool = True
+
+    def __init__(self, model: RankingModel, optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
+        self.model = model
+        self.plain = PlainInputModel(model)
+        self.optimizers = list(optimizers)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def step(self, batch: RankingBatch) -> float:
+        """One step of every optimizer on the mean BCE of ``batch`` (``B`` rows); returns that loss."""
+        self.plain.train()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.plain(*batch.inputs()), batch.labels)
+        loss.backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def predict(self, batch: RankingBatch) -> torch.Tensor:
+        """Click probabilities ``[B]`` (eval mode, no gradients)."""
+        self.plain.eval()
+        return torch.sigmoid(self.plain(*batch.inputs()))
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the model's ``state_dict``."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`snapshot` into the model."""
+        self.model.load_state_dict(snapshot)
+
+    def unsharded(self) -> RankingModel:
+        """The model itself (it is not sharded)."""
+        return self.model
+
+
+def make_ranker(model: RankingModel, cfg: TrainConfig, env: DistEnv | None) -> Ranker:
+    """``model`` ready to train with ``cfg.optimizer`` at ``cfg.lr``: in this process, or sharded
+    (``cfg.sharding``) over the ranks of ``env`` (which consumes ``model``)."""
+    if env is None:
+        return LocalRanker(model, make_optimizers(model, cfg.optimizer, cfg.lr))
+    return ShardedRanker.wrap(model, env, cfg.sharding, cfg.optimizer, cfg.lr)
+
+
+def fit(ranker: Ranker, data: RankingData, cfg: TrainConfig, seed: int, name: str, progress: bool = True) -> dict:
+    """Train ``ranker`` (the model of variant ``name``) in place with binary cross-entropy on clicks.
+
+    Batches of ``cfg.batch_size`` in an order seeded by ``(seed, epoch)``, the same on every rank.
+    With ``cfg.early_stopping``: fit on the ``fit`` split, measure logloss on ``valid`` (the last
+    week before the evaluation week; over the full split on every rank, so all ranks decide
+    alike) ``cfg.checks_per_epoch`` times an epoch, stop after ``cfg.patience`` checks without
+    improvement and restore the best check's parameters. Without it: all of ``train`` for
+    ``cfg.epochs`` epochs. Stops at a non-finite training loss (:func:`run_seed` then publishes
+    nothing). Returns the history (losses per check, the best check).
+    """
     split = "fit" if cfg.early_stopping else "train"
     steps = -(-data.num_rows(split) // cfg.batch_size)
     check_every = -(-steps // cfg.checks_per_epoch) if cfg.early_stopping else steps
     history: dict = {"train_loss": [], "valid_logloss": [], "checks_per_epoch": cfg.checks_per_epoch if cfg.early_stopping else 1}
     best_loss, best_state, since_best = float("inf"), None, 0
     total, count = 0.0, 0
+    ranks = f" ({ranker.world_size} ranks)" if ranker.world_size > 1 else ""
     for epoch in range(cfg.epochs):
         rng = np.random.default_rng([seed, epoch])
         bar = tqdm(data.batches(split, cfg.batch_size, shuffle=True, rng=rng), total=steps,
-                   disable=None if progress else True,
-                   desc=f"{model.variant} seed {seed} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+                   disable=None if progress and ranker.is_main else True,
+                   desc=f"{name} seed {seed} epoch {epoch + 1}/{cfg.epochs}{ranks}", unit="batch", leave=False)
         for step, batch in enumerate(bar):
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(plain(*batch.inputs()), batch.labels)
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-            total += loss.item() * len(batch)
+            total += ranker.step(batch) * len(batch)
             count += len(batch)
             if (step + 1) % check_every and step + 1 != steps:
                 continue
             history["train_loss"].append(total / count)
             total, count = 0.0, 0
             if cfg.early_stopping:
-                labels, probs, _ = predict(model, data, "valid", cfg.eval_batch_size)
-                plain.train()
+                labels, probs, _ = predictions(ranker, data, "valid", cfg.eval_batch_size)
                 history["valid_logloss"].append(log_loss(labels, probs))
                 if history["valid_logloss"][-1] < best_loss:
                     best_loss, since_best = history["valid_logloss"][-1], 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = ranker.snapshot()
                 else:
                     since_best += 1
             if not math.isfinite(history["train_loss"][-1]):
-                break  # diverged: run_seed refuses to publish the run
-        log.info("%s seed %d epoch %d: train loss %.5f%s", model.variant, seed, epoch + 1, history["train_loss"][-1],
-                 f", valid logloss {history['valid_logloss'][-1]:.5f}" if cfg.early_stopping else "")
+                break  # diverged (sharded: the all-reduced loss, so every rank stops here)
+        if ranker.is_main:
+            log.info("%s seed %d epoch %d%s: train loss %.5f%s", name, seed, epoch + 1, ranks, history["train_loss"][-1],
+                     f", valid logloss {history['valid_logloss'][-1]:.5f}" if cfg.early_stopping else "")
         if (cfg.early_stopping and since_best >= cfg.patience) or not math.isfinite(history["train_loss"][-1]):
             break
     if best_state is not None:
-        model.load_state_dict(best_state)
+        ranker.restore(best_state)
         history["best_check"] = int(np.argmin(history["valid_logloss"]))
         history["best_epoch"] = (history["best_check"] + 1) / cfg.checks_per_epoch
     return history
 
 
-@torch.no_grad()
-def predict(model: RankingModel, data: RankingData, split: str = "eval",
-            batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(labels, click probabilities, has_history)`` over ``split`` in cache order."""
-    plain = PlainInputModel(model).eval()
+def predictions(ranker: Ranker, data: RankingData, split: str = "eval",
+                batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels, click probabilities, has_history)`` over the full ``split`` in cache order (on
+    every rank of a sharded ranker)."""
     labels, probs, hist = [], [], []
     for batch in data.batches(split, batch_size):
-        probs.append(torch.sigmoid(plain(*batch.inputs())).numpy())
+        probs.append(ranker.predict(batch).numpy())
         labels.append(batch.labels.numpy())
         hist.append(batch.has_history.numpy())
     return np.concatenate(labels), np.concatenate(probs), np.concatenate(hist)
 
 
-def non_finite(history: dict, probs: np.ndarray, model: nn.Module | None = None) -> str | None:
+def predict(model: RankingModel, data: RankingData, split: str = "eval",
+            batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`predictions` of a trained ``model`` (left in eval mode)."""
+    return predictions(LocalRanker(model), data, split, batch_size)
+
+
+def non_finite(history: dict, probs: np.ndarray) -> str | None:
     """The first value of a finished run that is not finite (training loss, validation logloss,
-    evaluation predictions, ``model``'s parameters and buffers), described; None when all are."""
+    evaluation predictions), described; None when all are."""
     for key in ("train_loss", "valid_logloss"):
         values = history[key]
         bad = next((i for i, x in enumerate(values) if not math.isfinite(x)), None)
@@ -273,7 +337,13 @@ def non_finite(history: dict, probs: np.ndarray, model: nn.Module | None = None)
             return f"{key.replace('_', ' ')} {values[bad]} at check {bad + 1}"
     if not np.isfinite(probs).all():
         return f"click probability of {int((~np.isfinite(probs)).sum())} of {len(probs)} evaluation impressions"
-    for name, tensor in (model.state_dict().items() if model is not None else ()):
+    return None
+
+
+def non_finite_parameters(model: nn.Module) -> str | None:
+    """The first floating-point parameter or buffer of ``model`` that is not finite, described;
+    None when all are."""
+    for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return f"model parameter {name}"
     return None
@@ -281,36 +351,29 @@ def non_finite(history: dict, probs: np.ndarray, model: nn.Module | None = None)
 
 def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: TrainConfig, made_from: MadeFrom,
              progress: bool = True) -> dict:
-    """Train one variant from scratch with ``seed``, evaluate it and publish its set (model.pt +
-    metrics.json, :func:`ranking.model.trained_set`) as made from ``made_from``; returns the
-    metrics ({} on ranks other than 0). Raises :class:`UserError`, publishing nothing, when a
-    value is not finite (:func:`non_finite`)."""
+    """Train one variant from scratch with ``seed`` (:func:`fit`; sharded under torchrun), evaluate
+    it on the full evaluation week and publish its set (model.pt + metrics.json,
+    :func:`ranking.model.trained_set`) as made from ``made_from``; returns the metrics ({} on
+    ranks other than 0). Raises :class:`UserError`, publishing nothing, when a value is not
+    finite (:func:`non_finite`, :func:`non_finite_parameters`)."""
     torch.set_num_threads(cfg.threads)
     seed_everything(seed)
     spec = inputs.data.spec if variant.uses_tables else inputs.base_spec
     tables = build_tables(variant, spec, inputs.tables, torch.Generator().manual_seed(seed))
-    model = build_model(variant, spec, ModelConfig(), tables)
-    env = distributed.current_env()
-    if env is not None:  # torchrun: DMP-sharded training, full-split predictions on every rank
-        run = distributed.run_sharded(model, inputs.data, cfg, seed, env, progress)
-        history, train_s, eval_s = run.history, run.train_seconds, run.eval_seconds
-        labels, probs, has_history = run.labels, run.probs, run.has_history
-        model = build_model(variant, spec, ModelConfig(), build_tables(variant, spec))
-        _refuse_non_finite(variant, seed, non_finite(history, probs))  # on every rank: all stop alike
-        if not env.is_main:
-            return {}
-        model.load_state_dict(run.state)  # the unsharded weights: model.pt as in a single-process run
-    else:
-        start = time.perf_counter()
-        history = train_model(model, inputs.data, cfg, seed, progress)
-        train_s = time.perf_counter() - start
-        start = time.perf_counter()
-        labels, probs, has_history = predict(model, inputs.data, "eval", cfg.eval_batch_size)
-        eval_s = time.perf_counter() - start
-    _refuse_non_finite(variant, seed, non_finite(history, probs, model))
+    ranker = make_ranker(build_model(variant, spec, cfg.model_only(), tables), cfg, current_env())
+    start = time.perf_counter()
+    history = fit(ranker, inputs.data, cfg, seed, variant.name, progress)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    labels, probs, has_history = predictions(ranker, inputs.data, "eval", cfg.eval_batch_size)
+    eval_s = time.perf_counter() - start
+    _refuse_non_finite(variant, seed, non_finite(history, probs))  # on every rank: all stop alike
+    model = ranker.unsharded()  # model.pt as in a single-process run, whatever the world size
+    if model is None:
+        return {}
+    _refuse_non_finite(variant, seed, non_finite_parameters(model))
     metrics = _clean({"variant": variant.name, "seed": seed, "history": history,
-                      "train_impressions": inputs.data.num_rows("train"),
-                      "world_size": env.world_size if env is not None else 1,
+                      "train_impressions": inputs.data.num_rows("train"), "world_size": ranker.world_size,
                       "slices": slice_metrics(labels, probs, has_history, spec.train_click_rate)})
     out = trained_set(cfg.workdir, variant.name, seed)
     model_rel, metrics_rel = out.files
@@ -496,7 +559,7 @@ def run_jobs(cfg: TrainConfig, variants: list[Variant], inputs: Inputs, provenan
     """Train ``jobs`` ((variant, seed) pairs): in this process, or over ``cfg.workers`` spawned
     processes (each single-job-at-a-time with ``cfg.threads`` threads; same numbers either way)."""
     workers = min(cfg.workers, len(jobs))
-    if workers <= 1 or distributed.current_env() is not None:  # under torchrun the ranks are the workers
+    if workers <= 1 or current_env() is not None:  # under torchrun the ranks are the workers
         return [run_seed(VARIANTS[name], seed, inputs, cfg, provenance.made_from(VARIANTS[name], seed))
                 for name, seed in jobs]
     context = multiprocessing.get_context("spawn")  # fork after torch started its threads can deadlock
@@ -511,15 +574,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     variants = resolve_variants(cfg.variant)
     if not variants:
         raise UserError(f"--variant {cfg.variant!r}: no variant named")
-    for flag in ("seeds", "epochs", "batch_size", "eval_batch_size", "history_len", "threads", "workers",
-                 "checks_per_epoch", "patience"):
-        if getattr(cfg, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(cfg, flag)}")
-    if not cfg.lr > 0:
-        raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    cfg.validate()
     workdir = prepare_workdir(cfg.workdir, "ranking", *(f"ranking/{v.name}/seed{k}" for v in variants
                                                         for k in range(cfg.seeds)))
-    env = distributed.init_from_env(cfg.pg_timeout_s)
+    env = init_from_env(cfg.pg_timeout_s)
     if env is not None and not env.is_main:
         torch.distributed.barrier()  # rank 0 builds the feature cache first
     provenance = Provenance.of(cfg, any(v.uses_tables for v in variants))

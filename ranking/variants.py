@@ -7,7 +7,14 @@
                           (the paper's best)
 ``dcn_pq_hist_random``    the architecture of ``dcn_pq_hist`` with randomly initialised tables
                           trained end to end (are the pretrained vectors what helps?)
+``dcn_pq_hist_finetune``  ``dcn_pq_hist`` warm-started: the DashCLIP tables are trained further
+                          with row-sparse updates (only the rows a batch looks up change)
 ========================  ======================================================================
+
+Trainable tables (``train_tables``) get row-sparse gradients and their own optimizer: SparseAdam
+or Adagrad in a single process (:func:`ranking.train.make_optimizers`), torchrec's fused
+optimizer applied in backward when sharded (:func:`ranking.distributed.shard_model`). Frozen
+tables are never updated.
 """
 from __future__ import annotations
 
@@ -21,12 +28,18 @@ TableInit = Literal["none", "pretrained", "random"]
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of Table 2: which towers and features the model has and how its tables start."""
+    """One row of Table 2: which towers and features the model has, how its tables start and
+    whether training updates them (``train_tables``; random tables are always trained)."""
 
     name: str
     description: str
     table_init: TableInit
     use_history: bool
+    train_tables: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.table_init == "none" and self.train_tables) or (self.table_init == "random" and not self.train_tables):
+            raise ValueError(f"variant {self.name}: tables {self.table_init!r} cannot have train_tables={self.train_tables}")
 
     @property
     def uses_tables(self) -> bool:
@@ -40,7 +53,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("dcn_pq", "+ frozen product and query vectors, cosine(p, q)", "pretrained", use_history=False),
     Variant("dcn_pq_hist", "+ mean-pooled 84-day purchase history, cosine(p, history)", "pretrained",
             use_history=True),
-    Variant("dcn_pq_hist_random", "dcn_pq_hist with random tables trained end to end", "random", use_history=True),
+    Variant("dcn_pq_hist_random", "dcn_pq_hist with random tables trained end to end", "random", use_history=True,
+            train_tables=True),
+    Variant("dcn_pq_hist_finetune", "dcn_pq_hist with the DashCLIP tables fine-tuned (row-sparse updates)",
+            "pretrained", use_history=True, train_tables=True),
 )}
 BASELINE = "dcn"
 

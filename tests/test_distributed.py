@@ -76,55 +76,65 @@ def tiny_model(variant: str = "dcn_pq_hist"):
     return build_model(v, spec, ModelConfig(), build_tables(v, spec, tables, torch.Generator().manual_seed(0)))
 
 
-def tiny_batch(batch_size: int = 13, seed: int = 1) -> RankingBatch:
-    """A global batch (odd size: ranks get 7 and 6 rows) with empty and full history bags."""
+def tiny_batch(batch_size: int = 13, seed: int = 1, first_row: int = 0) -> RankingBatch:
+    """A global batch (odd size: ranks get 7 and 6 rows) with empty and full history bags; table rows
+    from ``first_row`` on (1: no lookup of the all-zero row 0, where the cosine's gradient is ~1/eps)."""
     g = torch.Generator().manual_seed(seed)
-    history = torch.randint(0, 41, (batch_size, 5), generator=g)
+    history = torch.randint(first_row, 41, (batch_size, 5), generator=g)
     history[torch.rand(batch_size, 5, generator=g) < 0.4] = -1
     return RankingBatch(dense=torch.randn(batch_size, 2, generator=g), sparse_ids=torch.randint(0, 12, (batch_size, 2), generator=g),
-                        product_rows=torch.randint(0, 41, (batch_size,), generator=g),
-                        query_rows=torch.randint(0, 25, (batch_size,), generator=g), history_rows=history,
+                        product_rows=torch.randint(first_row, 41, (batch_size,), generator=g),
+                        query_rows=torch.randint(first_row, 25, (batch_size,), generator=g), history_rows=history,
                         labels=(torch.rand(batch_size, generator=g) < 0.4).float(),
                         has_history=(history >= 0).any(dim=1))
 
 
 # ---------------------------------------------------------------------------------------- rank side
 
-def _rank_match(shardings: str, out: str) -> None:
-    """For each sharding type: forward + one SGD step sharded vs unsharded on the same global batch;
-    frozen tables untouched. Rank 0 writes the largest differences per sharding type."""
+def _rank_match(cases: str, out: str) -> None:
+    """For each ``variant:sharding`` case: forward + one SGD step sharded vs unsharded on the same
+    global batch. Rank 0 writes per case the largest differences, the change of the frozen tables
+    and which rows of the DashCLIP tables the step changed and the batch looked up."""
+    from common.distributed import init_from_env
     from ranking import distributed
     from ranking.plain import PlainInputModel
-    from ranking.tables import frozen_parameter_names, trainable_parameters
+    from ranking.tables import PRODUCT_TABLE, QUERY_TABLE, frozen_parameter_names, trainable_parameters
 
-    env = distributed.init_from_env(timeout_s=30)
+    env = init_from_env(timeout_s=30)
     results = {}
-    for sharding in shardings.split(","):
-        model, batch, lr = tiny_model(), tiny_batch(), 0.5
+    for case in cases.split(","):
+        variant, sharding = case.split(":")
+        trains_tables = get_variant(variant).train_tables
+        model, batch, lr = tiny_model(variant), tiny_batch(first_row=1 if trains_tables else 0), 0.5
         reference = copy.deepcopy(model)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         shapes = distributed.table_shapes(model)
-        ranker, optimizer = distributed.ShardedRanker.wrap(model, env, sharding, optimizer="sgd", lr=lr)
+        ranker = distributed.ShardedRanker.wrap(model, env, sharding, optimizer="sgd", lr=lr)
         loaded = distributed.unsharded_state_dict(ranker.dmp, env)  # the weights made it into the shards
         plain = PlainInputModel(reference).train()
-        sharded_probs = ranker.predict_batch(batch)
+        sharded_probs = ranker.predict(batch)
         ref_probs = torch.sigmoid(plain(*batch.inputs())).detach()
-        ranker.dmp.train()
-        sharded_loss = ranker.train_step(batch, optimizer)
+        sharded_loss = ranker.step(batch)
         sgd = torch.optim.SGD(trainable_parameters(reference), lr=lr)
         ref_loss = torch.nn.functional.binary_cross_entropy_with_logits(plain(*batch.inputs()), batch.labels)
         ref_loss.backward()
         sgd.step()
-        after = distributed.unsharded_state_dict(ranker.dmp, env)
+        unsharded = ranker.unsharded()
         if env.is_main:
-            ref_state = reference.state_dict()
-            results[sharding] = {
+            after, ref_state = unsharded.state_dict(), reference.state_dict()
+            table_key = "table_tower.tables.ebc.embedding_bags.{}.weight".format
+            seen = {PRODUCT_TABLE: torch.cat([batch.product_rows, batch.history_rows[batch.history_rows >= 0]]),
+                    QUERY_TABLE: batch.query_rows}
+            results[case] = {
                 "loaded": max(float((loaded[k] - before[k]).abs().max()) for k in before),
                 "forward": float((sharded_probs - ref_probs).abs().max()), "loss": abs(sharded_loss - float(ref_loss)),
                 "state": {k: float((after[k] - ref_state[k]).abs().max()) for k in ref_state},
                 "keys_equal": sorted(after) == sorted(ref_state),
                 "frozen": {k: float((after[k] - before[k]).abs().max()) for k in frozen_parameter_names(reference)},
                 "changed": {k: float((ref_state[k] - before[k]).abs().max()) for k in ref_state},
+                "rows_changed": {t: torch.nonzero((after[table_key(t)] != before[table_key(t)]).any(dim=1)).flatten().tolist()
+                                 for t in seen},
+                "rows_seen": {t: sorted(set(rows.tolist())) for t, rows in seen.items()},
                 "summary": distributed.plan_summary(ranker.plan, shapes, env.world_size)}
     if env.is_main:
         Path(out).write_text(json.dumps(results))
@@ -136,9 +146,9 @@ def _rank_fail(out: str) -> None:
     process-group timeout (2 s), well before rank 1 ends, and records how long it waited."""
     import time
 
-    from ranking import distributed
+    from common.distributed import init_from_env
 
-    env = distributed.init_from_env(timeout_s=2)
+    env = init_from_env(timeout_s=2)
     if env.rank == 1:
         time.sleep(8)
         raise RuntimeError("rank 1 fails on purpose")
@@ -153,26 +163,35 @@ def _rank_fail(out: str) -> None:
 # ---------------------------------------------------------------------------------------- tests
 
 SHARDINGS = ["table_wise", "row_wise", "column_wise", "data_parallel", "auto"]
+FINETUNE_SHARDINGS = ["row_wise", "table_wise"]
 
 
 def test_sharded_forward_and_step_match_unsharded(tmp_path):
     out = tmp_path / "result.json"
-    procs = launch(["match", ",".join(SHARDINGS), str(out)])
+    cases = [f"dcn_pq_hist:{s}" for s in SHARDINGS] + [f"dcn_pq_hist_finetune:{s}" for s in FINETUNE_SHARDINGS]
+    procs = launch(["match", ",".join(cases), str(out)])
     assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
     results = json.loads(out.read_text())
-    assert sorted(results) == sorted(SHARDINGS)
-    for sharding, r in results.items():
-        assert r["keys_equal"], sharding
-        assert r["loaded"] == 0.0, sharding  # DMP re-initialises tables; shard_model copies the weights in
-        assert r["forward"] < 1e-5 and r["loss"] < 1e-5, (sharding, r["forward"], r["loss"])
+    assert sorted(results) == sorted(cases)
+    for case, r in results.items():
+        variant, sharding = case.split(":")
+        assert r["keys_equal"], case
+        assert r["loaded"] == 0.0, case  # DMP re-initialises tables; shard_model copies the weights in
+        assert r["forward"] < 1e-5 and r["loss"] < 1e-5, (case, r["forward"], r["loss"])
         worst = max(r["state"].items(), key=lambda kv: kv[1])
-        assert worst[1] < 1e-5, (sharding, worst)
-        assert len(r["frozen"]) == 2 and all(d == 0.0 for d in r["frozen"].values()), (sharding, r["frozen"])
+        assert worst[1] < 1e-5, (case, worst)
         # the step did move the trainable sparse tables and the dense layers (so the match means something)
         assert r["changed"]["dcn_tower.sparse_ebc.embedding_bags.t_sparse_a.weight"] > 1e-4
         assert r["changed"]["head.1.weight"] > 1e-4
         expected = "" if sharding == "auto" else f": {sharding}, kernel {'dense' if sharding == 'data_parallel' else 'fused'}"
         assert expected in r["summary"] and "rank 1" in r["summary"] and "KiB" in r["summary"], r["summary"]
+        if variant == "dcn_pq_hist":
+            assert len(r["frozen"]) == 2 and all(d == 0.0 for d in r["frozen"].values()), (case, r["frozen"])
+            assert r["rows_changed"] == {"product_table": [], "query_table": []}, case
+        else:  # fine-tuned by the fused row-wise kernels: exactly the rows the batch looked up moved
+            assert r["frozen"] == {}, case
+            assert r["rows_changed"] == r["rows_seen"], case
+            assert 0 < len(r["rows_seen"]["product_table"]) < 40 and 0 < len(r["rows_seen"]["query_table"]) < 24, r
 
 
 def test_failing_rank_does_not_hang_the_other(tmp_path):

@@ -12,7 +12,7 @@ from ranking.features import FeatureSpec
 from ranking.model import ModelConfig, build_model, build_tables
 from ranking.plain import PlainInputModel
 from ranking.tables import (HISTORY_FEATURE, PRODUCT_TABLE, QUERY_TABLE, PretrainedEmbeddingBagCollection,
-                            frozen_parameter_names, load_tables, trainable_parameters)
+                            frozen_parameter_names, load_tables, sparse_gradient_parameters, trainable_parameters)
 from ranking.variants import VARIANTS, get_variant
 
 DIM = 8
@@ -120,6 +120,19 @@ def test_random_variant_has_same_shapes_and_trains_its_tables(table_files):
     model = build_model("dcn_pq_hist_random", spec, SMALL, tables)
     assert frozen_parameter_names(model) == []
     assert any(p is weight for p in trainable_parameters(model))
+
+
+def test_finetune_variant_starts_from_the_tables_and_trains_them_row_sparse(table_files):
+    _, product, query = table_files
+    spec = _spec(product, query)
+    variant = get_variant("dcn_pq_hist_finetune")
+    model = build_model(variant, spec, SMALL, build_tables(variant, spec, (product, query)))
+    bags = model.table_tower.tables.ebc.embedding_bags
+    assert torch.equal(bags[PRODUCT_TABLE].weight, torch.from_numpy(product.vectors))
+    assert torch.equal(bags[QUERY_TABLE].weight, torch.from_numpy(query.vectors))
+    assert frozen_parameter_names(model) == []
+    sparse = {id(p) for p in sparse_gradient_parameters(model)}  # SparseAdam / Adagrad: only looked-up rows move
+    assert all(bag.sparse and bag.weight.requires_grad and id(bag.weight) in sparse for bag in bags.values())
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,13 @@ from common.cli import run_main
 from data.schema import read_table
 from data.text import normalize_query
 from embeddings.tables import build_table, table_path, write_table
+from embeddings.tables import read_table as read_embedding_table
 from ranking import train
+from ranking.config import ModelConfig
 from ranking.features import ImpressionCache, PurchaseIndex, RankingData
 from ranking.metrics import SLICES, log_loss, roc_auc
-from ranking.model import load_model
+from ranking.model import load_model, trained_set
+from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
 from ranking.variants import VARIANTS
 
 FAST = ["--epochs", "2", "--checks-per-epoch", "2", "--patience", "2", "--batch-size", "256", "--eval-batch-size", "512",
@@ -110,3 +114,55 @@ def test_missing_or_mismatched_tables_name_the_file(tiny_workdir_copy, capsys):
     line = _cli_error(argv, capsys)
     assert "embeddings/query_table.parquet" in line and "dimension 8 does not match" in line
 
+
+def test_finetune_moves_exactly_the_table_rows_it_trains_on(tiny_workdir_copy):
+    """dcn_pq_hist_finetune starts from the table files and its row-sparse updates change exactly the
+    rows that training batches look up; dcn_pq_hist's frozen tables stay the files' rows."""
+    workdir = tiny_workdir_copy
+    write_random_tables(workdir)
+    results = train.main(["--workdir", str(workdir), "--variant", "dcn_pq_hist,dcn_pq_hist_finetune", "--seeds", "1",
+                          *FAST, "--epochs", "1", "--no-early-stopping"])
+    files = {PRODUCT_TABLE: read_embedding_table(table_path(workdir, "product"), "product").vectors,
+             QUERY_TABLE: read_embedding_table(table_path(workdir, "query"), "query").vectors}
+    finetuned, frozen = (load_model(workdir / "ranking" / v / "seed0" / "model.pt")
+                         for v in ("dcn_pq_hist_finetune", "dcn_pq_hist"))
+    data = RankingData(ImpressionCache.open(workdir), PurchaseIndex.from_workdir(workdir), finetuned.spec)
+    seen: dict[str, set[int]] = {PRODUCT_TABLE: set(), QUERY_TABLE: set()}
+    for batch in data.batches("train", 4096):  # without early stopping every step trains on the train split
+        seen[PRODUCT_TABLE].update(batch.product_rows.tolist() + batch.history_rows[batch.history_rows >= 0].tolist())
+        seen[QUERY_TABLE].update(batch.query_rows.tolist())
+    for table, vectors in files.items():
+        def weights(model):
+            return model.table_tower.tables.ebc.embedding_bags[table].weight.detach().numpy()
+        np.testing.assert_array_equal(weights(frozen), vectors)
+        changed = set(np.flatnonzero((weights(finetuned) != vectors).any(axis=1)).tolist())
+        assert 0 < len(seen[table]) < len(vectors) and changed == seen[table], table
+    auc = results["dcn_pq_hist_finetune"]["nw"]["auc_mean"]
+    assert math.isfinite(auc) and 0.0 < auc < 1.0
+
+
+def test_architecture_flags_build_the_model_and_decide_reuse(tiny_workdir_copy, caplog):
+    workdir = tiny_workdir_copy
+    argv = ["--workdir", str(workdir), "--variant", "dcn", "--seeds", "1", *FAST, "--epochs", "1"]
+    small = ["--sparse-embedding-dim", "4", "--dcn-deep-sizes", "16", "8", "--head-sizes", "8"]
+    train.main([*argv, *small])
+    out = trained_set(workdir, "dcn", 0)
+    model = load_model(out.path(out.files[0]))
+    assert model.config == ModelConfig(sparse_embedding_dim=4, dcn_deep_sizes=[16, 8], head_sizes=[8])
+    assert model.dcn_tower.out_features == 8 and model.head[1].in_features == 8
+    assert out.manifest()["made_from"]["settings"]["model"]["dcn_deep_sizes"] == [16, 8]
+    for flags, reused in ((small, True), ([], False)):  # the architecture is part of what a run is made from
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            train.main([*argv, *flags])
+        assert ("skipping" in caplog.text) == reused
+    assert load_model(out.path(out.files[0])).config == ModelConfig()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--head-sizes"], "--head-sizes must be one or more values >= 1, got []"),
+    (["--table-deep-sizes", "16", "0"], "--table-deep-sizes must be one or more values >= 1, got [16, 0]"),
+    (["--table-proj-dim", "0"], "--table-proj-dim must be >= 1, got 0"),
+])
+def test_bad_architecture_flags_are_one_line(flags, message, capsys):
+    assert _cli_error(["--workdir", "/nonexistent", *flags], capsys) == f"error: {message}"

@@ -1,0 +1,89 @@
+"""Dataclass configs of the ranking commands; every field is a ``--flag`` (common.cli.parse_config).
+
+:class:`ModelConfig` is the architecture of :class:`ranking.model.RankingModel` (its widths and
+depths). :class:`TrainConfig` adds the training flags of ``python -m ranking.train``. The
+architecture and the flags that change what is trained are the settings a trained set is made
+from (:func:`ranking.train.training_settings`, recorded in its :class:`common.provenance.MadeFrom`),
+so a changed width retrains instead of reusing a run of another architecture.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from common.cli import DEFAULT_WORKDIR, UserError
+from ranking.features import HISTORY_LEN
+from ranking.variants import VARIANTS
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the ranking model: widths of the DCN tower, the table tower and the head
+    (the defaults are sized for the demo on 2 CPU cores)."""
+
+    sparse_embedding_dim: int = _f(16, "width E of each sparse feature's trainable table (DCN tower)")
+    dcn_cross_layers: int = _f(2, "cross layers of the DCN tower's LowRankCrossNet")
+    dcn_low_rank: int = _f(32, "rank of the DCN tower's cross layers")
+    dcn_deep_sizes: list[int] = _f([128, 64], "layer widths of the DCN tower's MLP (the last is its output width)")
+    table_proj_dim: int = _f(32, "width k of the learned projections of the product, query and history vectors")
+    table_cross_layers: int = _f(2, "cross layers of the table tower's LowRankCrossNet")
+    table_low_rank: int = _f(16, "rank of the table tower's cross layers")
+    table_deep_sizes: list[int] = _f([128, 64], "layer widths of the table tower's MLP (the last is its output width)")
+    head_sizes: list[int] = _f([64], "layer widths of the head MLP before the final logit layer")
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` naming the flag of a width, depth or size list below 1 (or empty)."""
+        for f in dataclasses.fields(ModelConfig):
+            value = getattr(self, f.name)
+            sizes = value if isinstance(value, list) else [value]
+            if not sizes or min(sizes) < 1:
+                what = "one or more values " if isinstance(value, list) else ""
+                raise UserError(f"--{f.name.replace('_', '-')} must be {what}>= 1, got {value}")
+
+    def model_only(self) -> "ModelConfig":
+        """The architecture part of this config (of a subclass such as :class:`TrainConfig` too)."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """Train the ranking variants (paper Table 2) over seeds and write DIR/ranking/results.{json,md}."""
+
+    workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
+    variant: str = field(default="all", metadata={"help": f"'all' or a comma list of: {', '.join(VARIANTS)}"})
+    seeds: int = field(default=5, metadata={"help": "seeds 0..N-1, each trained from scratch"})
+    epochs: int = field(default=4, metadata={"help": "passes over the training split (at most, with early stopping)"})
+    early_stopping: bool = field(default=True, metadata={
+        "help": "hold out the last week of the training split, keep the parameters with its best logloss"})
+    checks_per_epoch: int = field(default=4, metadata={"help": "validation checks per epoch (early stopping)"})
+    patience: int = field(default=3, metadata={"help": "stop after this many checks without a better validation logloss"})
+    batch_size: int = field(default=2048, metadata={"help": "training batch size"})
+    lr: float = field(default=2e-3, metadata={"help": "learning rate"})
+    optimizer: Literal["adam", "adagrad"] = field(default="adam", metadata={"help": "optimizer of the trainable parameters"})
+    history_len: int = field(default=HISTORY_LEN, metadata={"help": "cap of the purchase-history bag (most recent kept)"})
+    eval_batch_size: int = field(default=8192, metadata={"help": "evaluation batch size"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per training job (1 is fastest for these "
+                                                      "small models; results are deterministic per thread count)"})
+    workers: int = field(default=2, metadata={"help": "variant/seed jobs trained in parallel processes"})
+    force: bool = field(default=False, metadata={"help": "retrain finished variant/seed runs"})
+    sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = field(default="auto", metadata={
+        "help": "under torchrun (WORLD_SIZE > 1): torchrec planner's plan, or one sharding type for every table"})
+    pg_timeout_s: float = field(default=120.0, metadata={
+        "help": "under torchrun: seconds a collective waits before failing (a dead rank stops the others)"})
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` naming the first flag out of range."""
+        super().validate()
+        for flag in ("seeds", "epochs", "batch_size", "eval_batch_size", "history_len", "threads", "workers",
+                     "checks_per_epoch", "patience"):
+            if getattr(self, flag) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
