@@ -31,7 +31,14 @@ from torch import nn
 # --------------------------------------------------------------------------------------- text
 @dataclass(frozen=True)
 class TextConfig:
-    """Shape of a BERT-family encoder. ``cross_attention_width`` 0 = text only."""
+    """Shape of a BERT-family encoder. ``cross_attention_width`` 0 = text only.
+
+    ``pooling``: the text state an encoder hands on, ``cls`` (the [CLS] position, BLIP's choice)
+    or ``mean`` (the mean over the tokens, the pooling sentence encoders such as all-MiniLM-L6-v2
+    are trained with). ``cross_attention_gate``: each cross-attention block is blended into its
+    input through ``tanh(gate)``, a learnable scalar that starts at 0, so the image-grounded mode
+    begins as the plain text mode and training opens the image path as far as it helps.
+    """
 
     vocab_size: int = 30522
     hidden_size: int = 384
@@ -44,6 +51,8 @@ class TextConfig:
     attention_dropout: float = 0.1
     cross_attention_width: int = 0
     pad_token_id: int = 0
+    pooling: str = "cls"
+    cross_attention_gate: bool = False
 
 
 class TextEmbeddings(nn.Module):
@@ -162,6 +171,8 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(cfg, cfg.hidden_size)
         if cfg.cross_attention_width:
             self.crossattention = BertAttention(cfg, cfg.cross_attention_width)
+            if cfg.cross_attention_gate:
+                self.cross_gate = nn.Parameter(torch.zeros(1))
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg.intermediate_size, cfg)
 
@@ -171,7 +182,9 @@ class BertLayer(nn.Module):
         every token is still attended to, but only [CLS] is updated (the last layer of a [CLS] encoder)."""
         hidden = self.attention(hidden[:, :1] if cls_only else hidden, hidden, mask)
         if image_tokens is not None:
-            hidden = self.crossattention(hidden, image_tokens, image_mask)
+            grounded = self.crossattention(hidden, image_tokens, image_mask)
+            gate = getattr(self, "cross_gate", None)
+            hidden = grounded if gate is None else hidden + torch.tanh(gate).to(hidden.dtype) * (grounded - hidden)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -211,11 +224,20 @@ class TextTransformer(nn.Module):
         """
         return self.forward_from(self.embeddings(input_ids), attention_mask, 0, image_tokens, image_mask)
 
-    def cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor | None = None,
-            image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The [CLS] state ``[B, D]`` (same as ``forward(...)[:, 0]``; the last layer updates [CLS] only)."""
-        return self.forward_from(self.embeddings(input_ids), attention_mask, 0, image_tokens, image_mask,
-                                 cls_only=True)[:, 0]
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor | None = None,
+               image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled state ``[B, D]`` (``cfg.pooling``: [CLS] or the mean over the tokens)."""
+        return self.pooled_from(self.embeddings(input_ids), attention_mask, 0, image_tokens, image_mask)
+
+    def pooled_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start_layer: int,
+                    image_tokens: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward_from` pooled to ``[B, D]``. For [CLS] pooling the last layer updates the
+        [CLS] position only (every token is still attended to)."""
+        if self.cfg.pooling == "cls":
+            return self.forward_from(hidden, attention_mask, start_layer, image_tokens, image_mask, cls_only=True)[:, 0]
+        states = self.forward_from(hidden, attention_mask, start_layer, image_tokens, image_mask)
+        weights = attention_mask.to(states.dtype).unsqueeze(-1)
+        return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
     def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start_layer: int,
                      image_tokens: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
@@ -696,7 +718,7 @@ def load_bert_weights(encoder: TextTransformer, model_dir: Path) -> list[str]:
 
     BERT adds ``token_type_embeddings[0]`` to every token (one segment); it is folded into the
     position embeddings, which gives the same outputs without a token-type table. The pooler is
-    not used. Returns the names left at their initial values (the cross-attention blocks).
+    not used. Returns the names left at their initial values (the cross-attention blocks and gates).
     """
     from safetensors.torch import load_file
 
@@ -709,7 +731,7 @@ def load_bert_weights(encoder: TextTransformer, model_dir: Path) -> list[str]:
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{model_dir}: unexpected BERT weights {unexpected[:5]}")
-    not_cross = [k for k in missing if ".crossattention." not in k]
+    not_cross = [k for k in missing if ".crossattention." not in k and not k.endswith(".cross_gate")]
     if not_cross:
         raise ValueError(f"{model_dir}: BERT weights missing for {not_cross[:5]}")
     return list(missing)

@@ -124,8 +124,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, dict[str, float]]:
     results["stage 1 train (ITC+ITM+mm-ITC)"] = {"ms_per_step": 1e3 * seconds, "per_s": batch / seconds, "unit": "pairs"}
     del opt1
     with torch.no_grad(), precision():
-        product_cls = model.product_cls(titles, title_mask, pixels, torch.ones(batch, dtype=torch.bool, device=device))
-    product_cls = product_cls.float()
+        product_state = model.product_state(titles, title_mask, pixels, torch.ones(batch, dtype=torch.bool, device=device))
+    product_state = product_state.float()
     groups = model.stage_parameter_groups(2)
     opt2 = adamw([{"params": groups["encoder"] + groups["new"], "lr": 1e-5}], 0.05, device)
 
@@ -135,7 +135,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, dict[str, float]]:
 
     def stage2_step() -> None:
         prefix = query_prefix if cached else model.query_prefix_states(queries, query_mask)
-        loss = sum(stage2_losses(model, pqc, in_batch, product_cls, prefix, query_mask, precision).values())
+        loss = sum(stage2_losses(model, pqc, in_batch, product_state, prefix, query_mask, precision).values())
         opt2.zero_grad(set_to_none=True)
         loss.backward()
         opt2.step()
@@ -150,7 +150,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, dict[str, float]]:
     @torch.no_grad()
     def products() -> None:
         with precision():
-            model.product_embedding_from_cls(model.product_cls(titles, title_mask, pixels, has_image))
+            model.product_embedding_from_state(model.product_state(titles, title_mask, pixels, has_image))
 
     @torch.no_grad()
     def query_step() -> None:

@@ -41,6 +41,14 @@ class ModelConfig:
     query_max_tokens: int = _f(16, "queries are truncated to this many tokens", "model")
     freeze_fraction: float = _f(0.67, "share of the first layers of each encoder that stay frozen "
                                       "(paper: 8 of 12)", "model")
+    pooling: Literal["auto", "cls", "mean"] = _f(
+        "auto", "text state handed to the projections: cls (the [CLS] position, BLIP and the paper), mean (the mean "
+                "over the tokens, how sentence encoders such as MiniLM are trained); auto = mean for mini, cls "
+                "otherwise", "model")
+    cross_attention: Literal["auto", "gated", "plain"] = _f(
+        "auto", "image-grounded text encoder: gated (each new cross-attention block enters through a tanh gate "
+                "that starts at 0, so the grounded encoder begins as the text encoder), plain (BLIP and the paper); "
+                "auto = gated for mini and tiny (new cross-attention), plain for blip (pretrained)", "model")
     seed: int = _f(0, "seed of the initialisation, the data order and the sampling", "model")
 
     def validate(self) -> None:
@@ -54,6 +62,12 @@ class ModelConfig:
             raise UserError("--embed-dim must be >= 1 and --image-size >= 32")
         if self.seed < 0:
             raise UserError(f"--seed must be >= 0, got {self.seed}")
+
+    def resolved_pooling(self) -> str:
+        return ("mean" if self.backbone == "mini" else "cls") if self.pooling == "auto" else self.pooling
+
+    def resolved_cross_attention_gate(self) -> bool:
+        return self.backbone != "blip" if self.cross_attention == "auto" else self.cross_attention == "gated"
 
     def model_only(self) -> "ModelConfig":
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
@@ -105,6 +119,10 @@ class TrainConfig(ModelConfig):
     pqc_in_batch_weight: float = _f(1.0, "weight of the in-batch product<->positive-query contrast added to PQC "
                                          "(temperature --pqc-tau); 0 = PQC only (the paper)", "2")
     pqc_negatives: int = _f(10, "negative queries per tuple", "2")
+    query_side_negatives: int = _f(10, "per tuple, products its positive query ranks lower in the relevance labels "
+                                       "(IR, and MR under an HR positive), contrasted with the tuple's product for "
+                                       "that query (temperature --pqc-tau): the order retrieval ranks in; 0 = PQC "
+                                       "only (the paper)", "2")
     pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
     pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")
     query_eval_fraction: float = _f(0.2, "share of distinct queries held out of stage 2 (for evaluation)", "2")
@@ -114,6 +132,8 @@ class TrainConfig(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.query_side_negatives < 0:
+            raise UserError(f"--query-side-negatives must be >= 0, got {self.query_side_negatives}")
         for name in ("stage1_batch_size", "stage2_batch_size", "checkpoint_every", "eval_every", "stage2_eval_every",
                      "patience", "pqc_negatives"):
             if getattr(self, name) < 1:
@@ -132,10 +152,14 @@ class TrainConfig(ModelConfig):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("stage") in stages}
 
 
+# what a run recorded before a setting existed trained with
+SETTINGS_BEFORE_RECORDED = {"pooling": "cls", "cross_attention": "plain"}
+
+
 def model_config_from(settings: dict[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` recorded in a run's ``config.json``."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in settings.items() if k in names})
+    return ModelConfig(**{**SETTINGS_BEFORE_RECORDED, **{k: v for k, v in settings.items() if k in names}})
 
 
 @dataclass

@@ -46,7 +46,6 @@ from common.cli import UserError, parse_config, run_main
 from common.io import file_sha256, read_json, write_parquet
 from data import schema
 from data.text import normalize_query
-from embeddings.backbones import FusedEfficientNetLite0
 from embeddings.config import PRECISIONS, EncodeConfig, ModelConfig, Precision, model_config_from
 from embeddings.inputs import ImageSpec, ImageStore, TokenStore, length_sorted_batches, restore_order
 from embeddings.models import DashCLIP, build_model
@@ -84,8 +83,6 @@ class DashEncoder:
         self.net = self.model.inference_copy() if precision == "fast" else self.model
         self.tokenizer, self.spec, self.cfg, self.device = tokenizer, spec, cfg, device
         self.source, self.batch_size, self.precision = source, batch_size, precision
-        backbone = getattr(self.net.image_encoder, "backbone", None)
-        self._channels_last = isinstance(backbone, FusedEfficientNetLite0)  # what the fused CNN reads
 
     @property
     def dim(self) -> int:
@@ -122,7 +119,7 @@ class DashEncoder:
         return torch.cat(chunks).float().cpu().numpy()
 
     def _pixels(self, images: ImageStore, rows: np.ndarray) -> torch.Tensor:
-        return images.pixels(rows, channels_last=self._channels_last).to(self.device)
+        return images.pixels(rows, channels_last=self.net.reads_channels_last).to(self.device)
 
     @torch.inference_mode()
     def products(self, catalog: pd.DataFrame) -> np.ndarray:
@@ -140,8 +137,8 @@ class DashEncoder:
             pixels = self._pixels(images, rows[has_image]) if has_image.any() else None
             ids, mask = (t.to(self.device) for t in titles.batch(rows))
             with self._autocast():
-                cls = self.net.product_cls(ids, mask, pixels, torch.as_tensor(has_image, device=self.device))
-            chunks.append(self.net.product_embedding_from_cls(cls.float()))
+                cls = self.net.product_state(ids, mask, pixels, torch.as_tensor(has_image, device=self.device))
+            chunks.append(self.net.product_embedding_from_state(cls.float()))
         return restore_order(batches, self._numpy(chunks, self.dim))
 
     @torch.inference_mode()

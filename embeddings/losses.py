@@ -186,7 +186,9 @@ class PQCLoss(nn.Module):
 
         loss = -log( exp(cos(p, q+) / tau) / sum_{q in {q+, q1..qN}} exp(cos(p, q) / tau) )
 
-    averaged over the batch. ``tau`` is a fixed hyperparameter.
+    averaged over the batch. ``tau`` is a fixed hyperparameter. The same contrast with the roles
+    swapped (a query as the anchor, its positive product against products it ranks lower) is the
+    query-side term of stage 2; ``valid`` drops the empty candidate slots of such tuples.
     """
 
     def __init__(self, tau: float = 0.05) -> None:
@@ -195,10 +197,13 @@ class PQCLoss(nn.Module):
             raise ValueError(f"tau must be > 0, got {tau}")
         self.tau = tau
 
-    def forward(self, product_emb: torch.Tensor, query_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, product_emb: torch.Tensor, query_emb: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
         """Args:
-            product_emb: ``[B, d]`` product embeddings (normalised here, cosine similarity).
-            query_emb: ``[B, 1+N, d]`` query embeddings; index 0 of dim 1 is the positive.
+            product_emb: ``[B, d]`` anchor embeddings (normalised here, cosine similarity).
+            query_emb: ``[B, 1+N, d]`` candidate embeddings; index 0 of dim 1 is the positive.
+            valid: ``[B, 1+N]`` bool, False = an empty slot left out of the softmax (the positive
+                must be valid); None = every slot.
 
         Returns: the scalar mean loss.
         """
@@ -207,5 +212,10 @@ class PQCLoss(nn.Module):
             raise ValueError(f"expected product_emb [B, d] and query_emb [B, 1+N, d] with N >= 1, got "
                              f"{tuple(product_emb.shape)} and {tuple(query_emb.shape)}")
         cosine = torch.einsum("bd,bnd->bn", F.normalize(product_emb, dim=-1), F.normalize(query_emb, dim=-1))
+        logits = cosine / self.tau
+        if valid is not None:
+            if valid.shape != cosine.shape or not bool(valid[:, 0].all()):
+                raise ValueError(f"valid must be [B, 1+N] = {tuple(cosine.shape)} with every positive valid")
+            logits = logits.masked_fill(~valid, float("-inf"))
         targets = torch.zeros(product_emb.shape[0], dtype=torch.long, device=product_emb.device)
-        return F.cross_entropy(cosine / self.tau, targets)
+        return F.cross_entropy(logits, targets)

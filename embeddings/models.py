@@ -3,15 +3,19 @@
 ::
 
     pixels [B,3,S,S] --image_encoder--> image tokens [B,1+P,Dv] --image_proj(token 0)--> image emb [B,d]
-    title ids [B,L] --text_encoder (plain)--> [CLS] [B,Dt] --text_proj--> text emb [B,d]
-    title ids + image tokens --text_encoder (image-grounded, cross-attention)--> grounded [CLS] [B,Dt]
+    title ids [B,L] --text_encoder (plain)--> text state [B,Dt] --text_proj--> text emb [B,d]
+    title ids + image tokens --text_encoder (image-grounded, cross-attention)--> grounded state [B,Dt]
         --multimodal_proj--> product emb [B,d]          --itm_head--> match logits [B,2]
-    query ids [B,L] --query_encoder--> [CLS] [B,Dq] --query_proj--> query emb [B,d]
+    query ids [B,L] --query_encoder--> query state [B,Dq] --query_proj--> query emb [B,d]
+
+A text "state" is the encoder's pooled output: its [CLS] position (BLIP, the paper) or the mean
+over its tokens (``--pooling``, :class:`~embeddings.backbones.TextConfig`). With a gated
+cross-attention (``--cross-attention gated``) the grounded state starts equal to the plain one.
 
 The plain and the image-grounded text encoder are one module (shared weights; the grounded mode
 adds the cross-attention blocks). The query encoder is a separate text-only copy of the text
 encoder. A product without an image gets the grounded encoder run without image tokens, i.e. the
-plain text [CLS], through the same multimodal projection. Every ``*_embedding`` output is
+plain text state, through the same multimodal projection. Every ``*_embedding`` output is
 L2-normalised.
 """
 from __future__ import annotations
@@ -63,6 +67,10 @@ class DashCLIP(nn.Module):
         self.multimodal_proj = nn.Linear(width, embed_dim)
         self.query_proj = nn.Linear(width, embed_dim)
         self.itm_head = nn.Linear(width, 2)
+        # a semi-orthogonal title projection keeps the text encoder's geometry as far as d allows
+        # (the identity when d equals the width): the untuned title vectors rank like the encoder's own
+        nn.init.orthogonal_(self.text_proj.weight)
+        nn.init.zeros_(self.text_proj.bias)
         self.pretrained_names: set[str] = set()
         self.frozen_layers: dict[str, int] = {}
         self._frozen: list[nn.Module] = []
@@ -75,7 +83,8 @@ class DashCLIP(nn.Module):
         """Copy the text encoder (without cross-attention) into the query encoder and ``text_proj``
         into ``query_proj``: queries start in the title space (``multimodal_proj`` starts as a copy of
         ``text_proj`` at construction)."""
-        text_state = {k: v for k, v in self.text_encoder.state_dict().items() if ".crossattention." not in k}
+        text_state = {k: v for k, v in self.text_encoder.state_dict().items()
+                      if ".crossattention." not in k and not k.endswith(".cross_gate")}
         self.query_encoder.load_state_dict(text_state, strict=True)
         self.query_proj.load_state_dict(self.text_proj.state_dict())
 
@@ -135,44 +144,44 @@ class DashCLIP(nn.Module):
         """Image tokens ``[B, 1+P, Dv]`` -> ``[B, d]`` from the global token 0."""
         return F.normalize(self.image_proj(tokens[:, 0]), dim=-1)
 
-    def text_cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def text_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  image_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """[CLS] state ``[B, Dt]``: plain mode without ``image_tokens``, image-grounded with them."""
-        return self.text_encoder.cls(input_ids, attention_mask, image_tokens)
+        """Pooled text state ``[B, Dt]``: plain mode without ``image_tokens``, image-grounded with them."""
+        return self.text_encoder.pooled(input_ids, attention_mask, image_tokens)
 
     def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Titles ``[B, L]`` -> unimodal text embeddings ``[B, d]``."""
-        return F.normalize(self.text_proj(self.text_cls(input_ids, attention_mask)), dim=-1)
+        return F.normalize(self.text_proj(self.text_state(input_ids, attention_mask)), dim=-1)
 
     def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    image_tokens: torch.Tensor) -> torch.Tensor:
         """Match logits ``[B, 2]`` (index 1 = matched) of title i with image tokens i."""
-        return self.itm_head(self.text_cls(input_ids, attention_mask, image_tokens))
+        return self.itm_head(self.text_state(input_ids, attention_mask, image_tokens))
 
-    def product_cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor | None,
+    def product_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor | None,
                     has_image: torch.Tensor) -> torch.Tensor:
-        """Grounded [CLS] ``[B, Dt]`` of products; ``pixels`` ``[K, 3, S, S]`` holds the images of the
+        """Grounded states ``[B, Dt]`` of products; ``pixels`` ``[K, 3, S, S]`` holds the images of the
         K rows where ``has_image`` ``[B]`` is True; the other rows run without image tokens (only
         those rows run the plain mode)."""
         if bool(has_image.all()):
-            return self.text_cls(input_ids, attention_mask, self.image_tokens(pixels))
+            return self.text_state(input_ids, attention_mask, self.image_tokens(pixels))
         if not bool(has_image.any()):
-            return self.text_cls(input_ids, attention_mask)
+            return self.text_state(input_ids, attention_mask)
         rows, plain_rows = has_image.nonzero().squeeze(1), (~has_image).nonzero().squeeze(1)
-        grounded = self.text_cls(input_ids[rows], attention_mask[rows], self.image_tokens(pixels))
-        plain = self.text_cls(input_ids[plain_rows], attention_mask[plain_rows])
+        grounded = self.text_state(input_ids[rows], attention_mask[rows], self.image_tokens(pixels))
+        plain = self.text_state(input_ids[plain_rows], attention_mask[plain_rows])
         out = plain.new_empty((len(has_image), plain.shape[1]))
         out[plain_rows] = plain
         out[rows] = grounded.to(out.dtype)
         return out
 
-    def product_embedding_from_cls(self, cls: torch.Tensor) -> torch.Tensor:
-        """Grounded [CLS] ``[B, Dt]`` -> multimodal product embeddings ``[B, d]``."""
-        return F.normalize(self.multimodal_proj(cls), dim=-1)
+    def product_embedding_from_state(self, state: torch.Tensor) -> torch.Tensor:
+        """Grounded states ``[B, Dt]`` -> multimodal product embeddings ``[B, d]``."""
+        return F.normalize(self.multimodal_proj(state), dim=-1)
 
     def query_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Queries ``[B, L]`` -> ``[B, d]``."""
-        return F.normalize(self.query_proj(self.query_encoder.cls(input_ids, attention_mask)), dim=-1)
+        return F.normalize(self.query_proj(self.query_encoder.pooled(input_ids, attention_mask)), dim=-1)
 
     def inference_copy(self) -> "DashCLIP":
         """A copy of this model for fast inference, in eval mode (use it under ``torch.inference_mode``).
@@ -195,6 +204,11 @@ class DashCLIP(nn.Module):
         model._frozen = []
         return model
 
+    @property
+    def reads_channels_last(self) -> bool:
+        """True when the image encoder wants channels-last pixels (the fused CNN of :meth:`inference_copy`)."""
+        return isinstance(getattr(self.image_encoder, "backbone", None), FusedEfficientNetLite0)
+
     def query_prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[B, L, Dq]`` of queries after the frozen first layers of the query encoder
         (fixed while training: they can be computed once per distinct query)."""
@@ -213,15 +227,19 @@ class DashCLIP(nn.Module):
         parts = []
         for rows in order.chunk(max(1, min(length_buckets, len(order)))):
             longest = int(lengths[rows].max())
-            hidden = self.query_encoder.forward_from(prefix_states[rows, :longest], attention_mask[rows, :longest],
-                                                     start_layer, cls_only=True)
-            parts.append(hidden[:, 0])
-        cls = torch.cat(parts)[torch.argsort(order)]
-        return F.normalize(self.query_proj(cls), dim=-1)
+            parts.append(self.query_encoder.pooled_from(prefix_states[rows, :longest], attention_mask[rows, :longest],
+                                                        start_layer))
+        state = torch.cat(parts)[torch.argsort(order)]
+        return F.normalize(self.query_proj(state), dim=-1)
 
 
 # ------------------------------------------------------------------------------------ builders
 Built = tuple[nn.Module, TextTransformer, ImageSpec, set[str], dict[str, dict[str, torch.Tensor]]]
+
+
+def text_options(cfg: ModelConfig) -> dict[str, object]:
+    """The :class:`TextConfig` fields that ``cfg`` chooses (pooling, cross-attention gate)."""
+    return {"pooling": cfg.resolved_pooling(), "cross_attention_gate": cfg.resolved_cross_attention_gate()}
 
 
 def _tiny(cfg: ModelConfig) -> Built:
@@ -229,7 +247,7 @@ def _tiny(cfg: ModelConfig) -> Built:
         raise ValueError(f"--image-size must be a multiple of {TINY_PATCH} for the tiny backbone")
     vision = VisionTransformer(VisionConfig(image_size=cfg.image_size, patch_size=TINY_PATCH, hidden_size=64,
                                             num_layers=2, num_heads=2, intermediate_size=128))
-    text = TextTransformer(replace(TINY_TEXT, cross_attention_width=vision.width))
+    text = TextTransformer(replace(TINY_TEXT, cross_attention_width=vision.width, **text_options(cfg)))
     return vision, text, ImageSpec(cfg.image_size, LITE0_MEAN, LITE0_STD), set(), {}
 
 
@@ -237,7 +255,7 @@ def _mini(cfg: ModelConfig) -> Built:
     text_dir = minilm_path()
     text_cfg = bert_text_config(text_dir, cross_attention_width=0)
     image = ConvTokenEncoder(load_efficientnet_lite0(), width=text_cfg.hidden_size)
-    text = TextTransformer(replace(text_cfg, cross_attention_width=image.width))
+    text = TextTransformer(replace(text_cfg, cross_attention_width=image.width, **text_options(cfg)))
     missing = set(load_bert_weights(text, text_dir))
     pretrained = {f"image_encoder.{k}" for k, _ in image.backbone.named_parameters(prefix="backbone")}
     pretrained |= {f"text_encoder.{k}" for k, _ in text.named_parameters() if k not in missing}
@@ -247,7 +265,10 @@ def _mini(cfg: ModelConfig) -> Built:
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``module``; only cross-attention gates (new with ``--cross-attention gated``)
+    may be missing."""
     missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not name.endswith(".cross_gate")]
     if missing or unexpected:
         raise ValueError(f"BLIP checkpoint {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -260,7 +281,7 @@ def _blip(cfg: ModelConfig) -> Built:
     if not weights.text.cross_attention_width:
         raise ValueError(f"{cfg.init_from}: the BLIP text encoder has no cross-attention (is_decoder=False)")
     vision = VisionTransformer(replace(weights.vision, image_size=cfg.image_size))
-    text = TextTransformer(weights.text)
+    text = TextTransformer(replace(weights.text, **text_options(cfg)))
     sub = {prefix: {k[len(prefix):]: v for k, v in weights.state.items() if k.startswith(prefix)}
            for prefix in ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")}
     vision_state = sub["vision_model."]
@@ -275,7 +296,7 @@ def _blip(cfg: ModelConfig) -> Built:
                  "text_encoder")
     heads = {"image_proj": sub["vision_proj."], "text_proj": sub["text_proj."], "itm_head": sub["itm_head."]}
     pretrained = {f"image_encoder.{k}" for k, _ in vision.named_parameters()}
-    pretrained |= {f"text_encoder.{k}" for k, _ in text.named_parameters()}
+    pretrained |= {f"text_encoder.{k}" for k, _ in text.named_parameters() if not k.endswith(".cross_gate")}
     pretrained |= {f"{head}.{k}" for head, state in heads.items() for k in state}
     spec = ImageSpec(cfg.image_size, weights.image_mean, weights.image_std)
     if weights.embed_dim != cfg.embed_dim:

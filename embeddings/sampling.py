@@ -272,6 +272,43 @@ def build_pqc_tuples(relevance_df: pd.DataFrame, catalog_df: pd.DataFrame, n_neg
     return tuples
 
 
+def sample_negative_products(relevance_df: pd.DataFrame, tuples: pd.DataFrame, n_negatives: int,
+                             seed: int = 0) -> np.ndarray:
+    """Products each tuple's positive query ranks below the tuple's product: ``[T, n_negatives]``
+    product_ids, -1 in slots left empty.
+
+    The query side of the tuples of :func:`build_pqc_tuples`: for a tuple (product p, positive query
+    q labelled HR or MR for p) the negatives are drawn uniformly without replacement from the
+    products labelled for q in ``relevance_df`` with a lower label (IR and MR products under an HR
+    positive, IR products under an MR one): the products retrieval must rank below p for q, often of
+    the same type with another brand, variant or size. A query with fewer such products leaves
+    slots empty. Queries are normalised as in :func:`build_pqc_tuples`; deterministic for ``seed``.
+    """
+    _require_columns(relevance_df, "relevance", ("query", "product_id", "label"))
+    _require_columns(tuples, "tuples", ("positive", "positive_label"))
+    if n_negatives < 1:
+        raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
+    rng = np.random.default_rng([seed, 3])
+    query_codes, query_text = normalized_query_codes(relevance_df["query"])
+    pairs = (pd.DataFrame({"query": query_codes, "product_id": relevance_df["product_id"].to_numpy(dtype=np.int64),
+                           "label": relevance_df["label"].to_numpy(dtype=np.int8)})
+             .groupby(["query", "product_id"], sort=True)["label"].max().reset_index())
+    pairs = pairs.loc[pairs["label"] <= MR].sort_values(["query", "label", "product_id"], kind="stable")
+    pair_query = pairs["query"].to_numpy(dtype=np.int64)
+    n_queries = len(query_text)
+    pool_start = _group_starts(pair_query, n_queries)
+    n_ir = np.bincount(pair_query[pairs["label"].to_numpy() == IR], minlength=n_queries)
+    n_mr = np.bincount(pair_query[pairs["label"].to_numpy() == MR], minlength=n_queries)
+    tuple_query = pd.Index(query_text).get_indexer(tuples["positive"].to_numpy(dtype=object))
+    known = tuple_query >= 0  # a positive absent from relevance_df has no labelled products to rank
+    query = np.where(known, tuple_query, 0)
+    positive_label = tuples["positive_label"].to_numpy(dtype=np.int8)
+    pool_size = np.where(known, np.where(positive_label == HR, n_ir[query] + n_mr[query], n_ir[query]), 0)
+    local = _sample_without_replacement(pool_size, n_negatives, rng)
+    products = np.append(pairs["product_id"].to_numpy(dtype=np.int64), -1)  # trailing sentinel: the empty slot
+    return products[np.where(local >= 0, pool_start[query][:, None] + local, len(products) - 1)]
+
+
 def _fill_proxies(negatives: np.ndarray, row_product: np.ndarray, product_aisle: np.ndarray, *,
                   hr_aisle: np.ndarray, hr_query: np.ndarray, relevant_keys: np.ndarray, n_queries: int,
                   n_aisles: int, product_keys: np.ndarray, rng: np.random.Generator) -> None:

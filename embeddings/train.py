@@ -19,8 +19,18 @@ the query projection are trained with the PQC loss on tuples of
 :func:`embeddings.sampling.build_pqc_tuples` over the training side of
 :func:`embeddings.sampling.split_queries`, plus (``--pqc-in-batch-weight``, 0 = the paper) the
 symmetric in-batch contrast of products and their positive queries, which PQC alone lacks (see
-:func:`stage2_losses`). At the start of stage 2 the query encoder is
+:func:`stage2_losses`), and (``--query-side-negatives``, 0 = the paper) the query-side contrast:
+each tuple's positive query ranks its product above products that query is labelled lower for
+(:func:`embeddings.sampling.sample_negative_products`), often the same type of another brand or
+variant, which is the order retrieval ranks in. At the start of stage 2 the query encoder is
 initialised from the stage-1 text encoder.
+
+The architecture's own departures from the paper (``--pooling``, ``--cross-attention``,
+:class:`embeddings.config.ModelConfig`; ``auto`` picks them per backbone): the mini backbone hands
+on the mean of MiniLM's token states (how that sentence encoder was pretrained) instead of its
+[CLS], and its new cross-attention blocks enter through gates that start at zero, so the grounded
+encoder starts as the text encoder and stage 1 opens the image path only as far as the losses
+reward it. ``python -m experiments.ablation`` measures each change.
 
 Cold start (``--cold-product-fraction``, default 0.1; 0 turns it off): the products of
 :func:`embeddings.sampling.split_cold_products` (stratified by aisle, seeded by ``--seed``) take no
@@ -85,7 +95,7 @@ from embeddings.distributed import (Shard, broadcast_from_main, check_batch_spli
 from embeddings.inputs import ImageStore, TokenStore
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss, gather_features, mine_hard_negatives
 from embeddings.models import DashCLIP, build_model
-from embeddings.sampling import build_pqc_tuples, split_cold_products, split_queries
+from embeddings.sampling import build_pqc_tuples, sample_negative_products, split_cold_products, split_queries
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +296,7 @@ def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, mm_itc: ITCLoss |
     title_rows = torch.cat([torch.arange(local.start, local.stop, device=neg_text.device), neg_text[local],
                             texts_of_own_negatives])
     with precision():
-        grounded = model.text_cls(input_ids[title_rows], attention_mask[title_rows],
+        grounded = model.text_state(input_ids[title_rows], attention_mask[title_rows],
                                   torch.cat([tokens, tokens, tokens[neg_image[texts_of_own_negatives] - local.start]]))
         logits = model.itm_head(grounded)
     n_local = local.stop - local.start
@@ -294,30 +304,42 @@ def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, mm_itc: ITCLoss |
     losses["itm"] = itm(logits.float(), labels) * (len(title_rows) * shard.world_size / (3 * batch))
     if mm_itc is not None:
         with precision():
-            product_emb = model.product_embedding_from_cls(grounded[:n_local]).float()
+            product_emb = model.product_embedding_from_state(grounded[:n_local]).float()
         losses["mm_itc"] = 0.5 * (mm_itc(product_emb, text_emb)[0] + mm_itc(product_emb, image_emb)[0])
     return losses
 
 
-def stage2_losses(model: DashCLIP, pqc: PQCLoss, in_batch: ITCLoss | None, product_cls: torch.Tensor,
-                  query_prefix: torch.Tensor, query_mask: torch.Tensor, precision: Precision) -> dict[str, torch.Tensor]:
-    """Stage-2 losses of B tuples: ``pqc`` and, with ``in_batch``, ``in_batch``.
+def stage2_losses(model: DashCLIP, pqc: PQCLoss, in_batch: ITCLoss | None, product_state: torch.Tensor,
+                  query_prefix: torch.Tensor, query_mask: torch.Tensor, precision: Precision,
+                  negative_product_state: torch.Tensor | None = None,
+                  negative_product_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Stage-2 losses of B tuples: ``pqc``; with ``in_batch``, ``in_batch``; with negative products,
+    ``query_side``.
 
-    Inputs: frozen grounded [CLS] ``[B, Dt]`` and the tuples' queries as
+    Inputs: frozen grounded states ``[B, Dt]`` and the tuples' queries as
     :meth:`DashCLIP.query_prefix_states` ``[B*(1+N), L, Dq]`` with mask ``[B*(1+N), L]``, flattened
     row-major (positive first in each tuple). PQC ranks each product's queries; it is blind to how
     a product scores against every query (a per-product offset leaves it unchanged), which is what
     retrieval over the catalog ranks on. ``in_batch`` adds the symmetric contrast of the B products
     with their B positive queries (each query against the batch's products, and vice versa).
+    ``query_side`` ranks, for each positive query, the tuple's product above M products that query
+    ranks lower (:func:`embeddings.sampling.sample_negative_products`): frozen states
+    ``[B, M, Dt]`` with ``negative_product_valid`` ``[B, M]`` bool (False = empty slot).
     """
-    batch = product_cls.shape[0]
+    batch = product_state.shape[0]
     with precision():
-        product = model.product_embedding_from_cls(product_cls).float()
+        product = model.product_embedding_from_state(product_state).float()
         query = model.query_embedding_from_prefix(query_prefix, query_mask).float()
     query = query.view(batch, query_prefix.shape[0] // batch, -1)
     losses = {"pqc": pqc(product, query)}
     if in_batch is not None:
         losses["in_batch"] = in_batch(product, query[:, 0])[0]
+    if negative_product_state is not None:
+        with precision():
+            negatives = model.product_embedding_from_state(negative_product_state).float()
+        candidates = torch.cat([product[:, None], negatives], dim=1)
+        valid = torch.cat([torch.ones_like(negative_product_valid[:, :1]), negative_product_valid], dim=1)
+        losses["query_side"] = pqc(query[:, 0], candidates, valid)
     return losses
 
 
@@ -701,10 +723,11 @@ class Stage2(StageRunner):
     stage = 2
 
     def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
-                 product_cls: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
-                 queries: QueryPrefixStore, eval_rows: np.ndarray, eval_queries: np.ndarray,
-                 budget: StepBudget, key: str, shard: Shard = Shard()) -> None:
-        self.product_cls, self.tuple_rows, self.tuple_queries = product_cls, tuple_rows, tuple_queries
+                 product_state: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
+                 tuple_negative_rows: np.ndarray | None, queries: QueryPrefixStore, eval_rows: np.ndarray,
+                 eval_queries: np.ndarray, budget: StepBudget, key: str, shard: Shard = Shard()) -> None:
+        self.product_state, self.tuple_rows, self.tuple_queries = product_state, tuple_rows, tuple_queries
+        self.tuple_negative_rows = tuple_negative_rows
         self.queries, self.eval_rows, self.eval_queries = queries, eval_rows, eval_queries
         self.batch_size = global_batch_size(cfg.stage2_batch_size, len(tuple_rows), shard.world_size,
                                             "--stage2-batch-size")
@@ -728,17 +751,26 @@ class Stage2(StageRunner):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.evals = state["evals"]
 
-    def _losses(self, product_rows: np.ndarray, query_index: np.ndarray) -> dict[str, torch.Tensor]:
-        """Stage-2 losses of tuples: product rows ``[B]`` of the [CLS] table, query indices ``[B, 1+N]``."""
+    def _losses(self, product_rows: np.ndarray, query_index: np.ndarray,
+                negative_rows: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """Stage-2 losses of tuples: product rows ``[B]`` of the state table, query indices ``[B, 1+N]``,
+        optionally the rows ``[B, M]`` (-1 = empty) of the products the positive query ranks lower."""
         states, mask = self.queries.batch(query_index.reshape(-1))
-        return stage2_losses(self.model, self.pqc, self.in_batch, self.product_cls[torch.as_tensor(product_rows)],
-                             states, mask, functools.partial(autocast, self.device))
+        negatives = {}
+        if negative_rows is not None:
+            rows = torch.as_tensor(negative_rows)
+            negatives = {"negative_product_state": self.product_state[rows.clamp_min(0)],
+                         "negative_product_valid": (rows >= 0).to(self.product_state.device)}
+        return stage2_losses(self.model, self.pqc, self.in_batch, self.product_state[torch.as_tensor(product_rows)],
+                             states, mask, functools.partial(autocast, self.device), **negatives)
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
         picked = picked[self.shard.block(len(picked))]  # this rank's block of the global batch
-        losses = self.step_losses(self.tuple_rows[picked], self.tuple_queries[picked])
-        total = losses["pqc"] + self.cfg.pqc_in_batch_weight * losses.get("in_batch", 0.0)
+        negative_rows = None if self.tuple_negative_rows is None else self.tuple_negative_rows[picked]
+        losses = self.step_losses(self.tuple_rows[picked], self.tuple_queries[picked], negative_rows)
+        total = losses["pqc"] + self.cfg.pqc_in_batch_weight * losses.get("in_batch", 0.0) \
+            + losses.get("query_side", 0.0)
         return total, {k: float(v.detach()) for k, v in losses.items()}
 
     @torch.no_grad()
@@ -784,24 +816,25 @@ class Stage2(StageRunner):
 
 # --------------------------------------------------------------------------------- orchestration
 @torch.no_grad()
-def encode_product_cls(model: DashCLIP, images: ImageStore, titles: TokenStore, rows: np.ndarray,
-                       device: torch.device, batch_size: int, desc: str, progress: bool = True) -> torch.Tensor:
-    """Grounded [CLS] ``[len(rows), Dt]`` (float32, on ``device``) of catalog ``rows`` in eval mode
-    (products without an image: the text-only path). Batches group titles of similar length."""
-    was_training = model.training
-    model.eval()
+def encode_product_states(model: DashCLIP, images: ImageStore, titles: TokenStore, rows: np.ndarray,
+                          device: torch.device, batch_size: int, desc: str, progress: bool = True) -> torch.Tensor:
+    """Grounded states ``[len(rows), Dt]`` (float32, on ``device``) of catalog ``rows`` in eval mode
+    (products without an image: the text-only path), computed by the fused inference copy of the
+    model (:meth:`DashCLIP.inference_copy`, the same function up to float rounding). Batches group
+    titles of similar length."""
+    net = model.inference_copy()
     order = rows[np.argsort([len(titles.ids[r]) for r in rows], kind="stable")]
     out = []
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=1.0, leave=False,
                       disable=None if progress else True):
         part = order[start:start + batch_size]
         has_image = images.has_image[part]
-        pixels = images.pixels(part[has_image]).to(device) if has_image.any() else None
+        pixels = (images.pixels(part[has_image], channels_last=net.reads_channels_last).to(device)
+                  if has_image.any() else None)
         ids, mask = (t.to(device) for t in titles.batch(part))
         with autocast(device):
-            cls = model.product_cls(ids, mask, pixels, torch.as_tensor(has_image, device=device))
-        out.append(cls.float())
-    model.train(was_training)
+            states = net.product_state(ids, mask, pixels, torch.as_tensor(has_image, device=device))
+        out.append(states.float())
     if not out:
         return torch.zeros(0, model.text_encoder.width, device=device)
     position = {int(r): i for i, r in enumerate(order)}
@@ -956,7 +989,9 @@ class Trainer:
                 write_json(self.cfg.settings("2"), staged[RUN_CONFIG])
 
     # stage 2 -------------------------------------------------------------------
-    def _tuples(self, relevance: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def _tuples(self, relevance: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None]:
+        """Training and held-out PQC tuples, and the training tuples' negative products
+        ``[T, --query-side-negatives]`` (-1 = empty; None when that term is off)."""
         cfg = self.cfg
         train_df, eval_df = stage2_relevance(relevance, self.cold_products, cfg.query_eval_fraction, cfg.seed)
         kwargs = dict(n_negatives=cfg.pqc_negatives, max_positives=cfg.pqc_max_positives,
@@ -971,7 +1006,12 @@ class Trainer:
                 log.warning("stage 2: no held-out PQC eval loss (%s)", exc)
         if len(eval_tuples) > cfg.stage2_eval_max:
             eval_tuples = eval_tuples.sample(n=cfg.stage2_eval_max, random_state=cfg.seed).sort_index()
-        return train_tuples, eval_tuples
+        negative_products = None
+        if cfg.query_side_negatives and len(train_tuples):
+            negative_products = sample_negative_products(train_df, train_tuples, cfg.query_side_negatives, cfg.seed)
+            log.info("stage 2: %.1f products per tuple that its positive query ranks lower (--query-side-negatives "
+                     "%d)", float((negative_products >= 0).sum(axis=1).mean()), cfg.query_side_negatives)
+        return train_tuples, eval_tuples, negative_products
 
     def run_stage2(self) -> None:
         cfg, paths = self.cfg, self.paths
@@ -987,14 +1027,16 @@ class Trainer:
         model.load_state_dict(stage1["model"])
         model.init_query_side_from_text()
         relevance = schema.read_table(cfg.workdir, "relevance").to_pandas()
-        train_tuples, eval_tuples = self._tuples(relevance)
+        train_tuples, eval_tuples, negative_products = self._tuples(relevance)
         if train_tuples.empty:
             raise UserError(f"{schema.table_path(cfg.workdir, 'relevance')}: no training tuples (no query with an "
                             f"MR or HR label outside the held-out {cfg.query_eval_fraction:.0%} of queries, for a "
                             f"product outside the {len(self.cold_products)} cold-start products)")
         catalog = self.catalog
         position = pd.Index(catalog["product_id"])
-        needed = np.unique(np.concatenate([train_tuples["product_id"].to_numpy(), eval_tuples["product_id"].to_numpy()]))
+        needed = np.unique(np.concatenate([train_tuples["product_id"].to_numpy(), eval_tuples["product_id"].to_numpy(),
+                                           *([] if negative_products is None
+                                             else [negative_products[negative_products >= 0]])]))
         needed_rows = position.get_indexer(needed)
         images, titles = self._stores(spec, tokenizer)
         n_text_only = int((~images.has_image[needed_rows]).sum())
@@ -1002,7 +1044,7 @@ class Trainer:
             log.info("stage 2: %d of %d products have no image: product embedding = multimodal projection of the "
                      "text encoder run without image tokens", n_text_only, len(needed_rows))
         precompute_started = time.perf_counter()
-        product_cls = encode_product_cls(model, images, titles, needed_rows, self.device,
+        product_state = encode_product_states(model, images, titles, needed_rows, self.device,
                                          cfg.stage1_batch_size * 2, "stage 2: frozen product [CLS]",
                                          progress=self.shard.is_main)  # every rank computes all of them
         precompute_s = time.perf_counter() - precompute_started
@@ -1025,8 +1067,11 @@ class Trainer:
         model.train()
         log.info("stage 2: %d training tuples (%d held-out for the eval loss), %d negatives each, batch %d",
                  len(train_tuples), len(eval_tuples), cfg.pqc_negatives, min(cfg.stage2_batch_size, len(train_tuples)))
-        runner = Stage2(cfg, model, self.device, paths, product_cls,
-                        cls_row.get_indexer(train_tuples["product_id"]), train_queries, queries,
+        negative_rows = (None if negative_products is None
+                         else np.where(negative_products >= 0, cls_row.get_indexer(negative_products.reshape(-1))
+                                       .reshape(negative_products.shape), -1))
+        runner = Stage2(cfg, model, self.device, paths, product_state,
+                        cls_row.get_indexer(train_tuples["product_id"]), train_queries, negative_rows, queries,
                         cls_row.get_indexer(eval_tuples["product_id"]), eval_queries, self.budget, made_from.key(),
                         self.shard)
         try:

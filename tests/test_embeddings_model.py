@@ -20,7 +20,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer, spec = build_model(ModelConfig(backbone="tiny", image_size=32, freeze_fraction=0.5))
+    model, tokenizer, spec = build_model(ModelConfig(backbone="tiny", image_size=32, freeze_fraction=0.5,
+                                                     cross_attention="plain"))
     return model, tokenizer, spec
 
 
@@ -43,20 +44,20 @@ def test_tiny_shapes_and_unit_norm(tiny):
         assert model.itm_logits(ids, mask, tokens).shape == (3, 2)
         # a mixed batch: rows 0 and 2 have images, row 1 does not
         has_image = torch.tensor([True, False, True])
-        cls = model.product_cls(ids, mask, pixels[has_image], has_image)
-        assert cls.shape == (3, 64)
-        torch.testing.assert_close(cls[1], model.text_cls(ids[1:2], mask[1:2])[0])  # text-only row = plain mode
-        torch.testing.assert_close(cls[2], model.text_cls(ids[2:3], mask[2:3], tokens[2:3])[0], atol=1e-5, rtol=1e-5)
+        states = model.product_state(ids, mask, pixels[has_image], has_image)
+        assert states.shape == (3, 64)
+        torch.testing.assert_close(states[1], model.text_state(ids[1:2], mask[1:2])[0])  # text-only row = plain mode
+        torch.testing.assert_close(states[2], model.text_state(ids[2:3], mask[2:3], tokens[2:3])[0], atol=1e-5, rtol=1e-5)
 
 
-def test_cls_only_last_layer_matches_the_full_pass(tiny):
+def test_cls_pooling_updates_only_cls_in_the_last_layer_like_the_full_pass(tiny):
     model, tokenizer, spec = tiny
     model.eval()
     ids, mask = _batch(tokenizer, ["green tea", "dark chocolate bar with sea salt"])
     tokens = model.image_tokens(torch.randn(2, 3, spec.size, spec.size))
     with torch.no_grad():
         for image_tokens in (None, tokens):
-            torch.testing.assert_close(model.text_encoder.cls(ids, mask, image_tokens),
+            torch.testing.assert_close(model.text_encoder.pooled(ids, mask, image_tokens),
                                        model.text_encoder(ids, mask, image_tokens)[:, 0], atol=1e-5, rtol=1e-5)
 
 
@@ -86,7 +87,7 @@ def test_grounded_and_plain_modes_share_weights(tiny):
 
     def grads(image_tokens):
         model.zero_grad(set_to_none=True)
-        (model.text_cls(ids, mask, image_tokens) @ direction).sum().backward()
+        (model.text_state(ids, mask, image_tokens) @ direction).sum().backward()
         return {n for n, p in text.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
     plain, grounded = grads(None), grads(tokens)
@@ -94,7 +95,47 @@ def test_grounded_and_plain_modes_share_weights(tiny):
     assert plain <= grounded  # the grounded mode uses every weight of the plain mode ...
     assert any(".crossattention." in n for n in grounded)  # ... plus the cross-attention
     with torch.no_grad():
-        assert not torch.allclose(model.text_cls(ids, mask), model.text_cls(ids, mask, tokens))
+        assert not torch.allclose(model.text_state(ids, mask), model.text_state(ids, mask, tokens))
+
+
+def test_gated_cross_attention_starts_as_the_plain_encoder_and_learns_to_open():
+    model, tokenizer, spec = build_model(ModelConfig(backbone="tiny", image_size=32, cross_attention="gated"))
+    model.eval()
+    ids, mask = _batch(tokenizer, ["green tea", "dark chocolate bar"])
+    tokens = model.image_tokens(torch.randn(2, 3, spec.size, spec.size)).detach()
+    gates = [layer.cross_gate for layer in model.text_encoder.encoder.layer]
+    assert all(float(gate) == 0.0 for gate in gates) and all(gate.requires_grad for gate in gates)
+    torch.testing.assert_close(model.text_state(ids, mask, tokens), model.text_state(ids, mask))
+    model.zero_grad(set_to_none=True)
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    (model.text_state(ids, mask, tokens) @ direction).sum().backward()
+    assert all(gate.grad is not None and gate.grad.abs().item() > 0 for gate in gates)  # the image path can open
+    with torch.no_grad():
+        gates[-1].fill_(0.5)
+        assert not torch.allclose(model.text_state(ids, mask, tokens), model.text_state(ids, mask))
+        gates[-1].zero_()
+
+
+def test_mean_pooling_is_the_masked_token_mean():
+    model, tokenizer, _ = build_model(ModelConfig(backbone="tiny", image_size=32, pooling="mean"))
+    model.eval()
+    ids, mask = _batch(tokenizer, ["soda", "a much longer product title"])
+    with torch.no_grad():
+        states = model.text_encoder(ids, mask)
+        expected = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        torch.testing.assert_close(model.text_state(ids, mask), expected, atol=1e-6, rtol=1e-5)
+        # the query path through the frozen prefix pools the same way
+        prefix = model.query_prefix_states(ids, mask)
+        torch.testing.assert_close(model.query_embedding_from_prefix(prefix, mask), model.query_embedding(ids, mask),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_untuned_title_projection_is_semi_orthogonal(tiny):
+    model, _, _ = tiny
+    weight = model.text_proj.weight.detach()  # [d, width], d > width for tiny: orthonormal columns
+    gram = weight.T @ weight if weight.shape[0] >= weight.shape[1] else weight @ weight.T
+    torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=1e-5, rtol=0)
+    assert not model.text_proj.bias.detach().any()
 
 
 def test_frozen_first_layers_get_no_gradients(tiny):
@@ -160,8 +201,8 @@ def test_inference_copy_fuses_attention_projections_and_computes_the_same(tiny):
         for image_tokens in (None, tokens[[0, 0, 1]]):
             torch.testing.assert_close(fast.text_encoder(ids, mask, image_tokens),
                                        model.text_encoder(ids, mask, image_tokens), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(fast.product_cls(ids, mask, pixels, has_image),
-                                   model.product_cls(ids, mask, pixels, has_image), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.product_state(ids, mask, pixels, has_image),
+                                   model.product_state(ids, mask, pixels, has_image), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fast.query_embedding(ids, mask), model.query_embedding(ids, mask),
                                    atol=1e-5, rtol=1e-5)
     attention = fast.text_encoder.encoder.layer[0]
@@ -171,24 +212,24 @@ def test_inference_copy_fuses_attention_projections_and_computes_the_same(tiny):
     assert not model.text_encoder.encoder.layer[0].attention.self.fused
 
 
-def test_product_cls_runs_each_row_in_one_mode_only(tiny):
+def test_product_state_runs_each_row_in_one_mode_only(tiny):
     """Rows with an image run the grounded mode only, rows without one the plain mode only."""
     model, tokenizer, spec = tiny
     model.eval()
     ids, mask = _batch(tokenizer, ["oat milk", "tea", "rye bread"])
     calls = []
-    original = model.text_encoder.cls
-    model.text_encoder.cls = lambda i, m, t=None, *a: calls.append((len(i), t is not None)) or original(i, m, t, *a)
+    original = model.text_encoder.pooled
+    model.text_encoder.pooled = lambda i, m, t=None, *a: calls.append((len(i), t is not None)) or original(i, m, t, *a)
     try:
         with torch.no_grad():
             for has_image, expected in (([True, False, True], [(1, False), (2, True)]), ([True] * 3, [(3, True)]),
                                         ([False] * 3, [(3, False)])):
                 calls.clear()
                 rows = torch.tensor(has_image)
-                model.product_cls(ids, mask, torch.randn(int(rows.sum()), 3, spec.size, spec.size), rows)
+                model.product_state(ids, mask, torch.randn(int(rows.sum()), 3, spec.size, spec.size), rows)
                 assert sorted(calls) == expected, has_image
     finally:
-        del model.text_encoder.cls
+        del model.text_encoder.pooled
 
 
 def test_untuned_build_is_deterministic_and_leaves_the_global_rng_alone():

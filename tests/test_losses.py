@@ -192,3 +192,19 @@ def test_pqc_rejects_bad_shapes():
         PQCLoss()(torch.zeros(2, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="tau"):
         PQCLoss(tau=0.0)
+
+
+def test_pqc_leaves_invalid_slots_out_of_the_softmax():
+    gen = torch.Generator().manual_seed(7)
+    anchor = torch.randn(3, 8, generator=gen)
+    candidates = torch.randn(3, 1 + 4, 8, generator=gen)
+    valid = torch.tensor([[True, True, False, True, False], [True] * 5, [True, False, False, False, False]])
+    loss = PQCLoss(tau=0.1)(anchor, candidates, valid)
+    expected = 0.0
+    for b in range(3):
+        kept = candidates[b][valid[b]]
+        cos = F.cosine_similarity(anchor[b][None], kept, dim=1)
+        expected += -torch.log_softmax(cos / 0.1, dim=0)[0].item()
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)  # a row with no negative adds 0
+    with pytest.raises(ValueError, match="positive valid"):
+        PQCLoss()(anchor, candidates, ~valid)

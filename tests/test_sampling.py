@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embeddings.sampling import _sample_without_replacement, build_pqc_tuples, split_queries
+from embeddings.sampling import _sample_without_replacement, build_pqc_tuples, sample_negative_products, split_queries
 
 IR, MR, HR = 0, 1, 2
 
@@ -205,3 +205,30 @@ def test_bad_inputs_raise_clear_errors():
         build_pqc_tuples(relevance([("milk", 1, HR), ("chips", 900, HR)]), catalog(AISLES), n_negatives=3)
     with pytest.raises(ValueError, match="missing column.*label"):
         build_pqc_tuples(pd.DataFrame({"query": ["a"], "product_id": [1]}), catalog(AISLES))
+
+
+# --- sample_negative_products --------------------------------------------------------------------
+
+def test_negative_products_are_those_the_positive_query_ranks_lower():
+    # "milk": HR for 1, MR for 2, IR for 3 and 4; "oat milk": MR for 1, IR for 5
+    rows = [("milk", 1, HR), ("milk", 2, MR), ("Milk ", 3, IR), ("milk", 4, IR), ("oat milk", 1, MR), ("oat milk", 5, IR)]
+    tuples = pd.DataFrame({"product_id": [1, 2, 1], "positive": ["milk", "milk", "oat milk"],
+                           "positive_label": np.array([HR, MR, MR], dtype=np.int8)})
+    negatives = sample_negative_products(relevance(rows), tuples, n_negatives=4, seed=3)
+    assert negatives.shape == (3, 4)
+    assert set(negatives[0]) == {2, 3, 4, -1}  # under an HR positive: the MR and IR products of the query
+    assert set(negatives[1]) == {3, 4, -1}  # under an MR positive: its IR products only
+    assert set(negatives[2]) == {5, -1}
+    assert (negatives[:, -1] == -1).all() and (np.sort(negatives[0][:3]) == [2, 3, 4]).all()
+    again = sample_negative_products(relevance(rows[::-1]), tuples, n_negatives=4, seed=3)
+    assert (np.sort(again, axis=1) == np.sort(negatives, axis=1)).all()
+
+
+def test_negative_products_draw_uniformly_without_replacement():
+    rows = [("tea", 1, HR)] + [("tea", p, IR) for p in range(10, 16)]
+    tuples = pd.DataFrame({"product_id": [1] * 3000, "positive": ["tea"] * 3000,
+                           "positive_label": np.full(3000, HR, dtype=np.int8)})
+    negatives = sample_negative_products(relevance(rows), tuples, n_negatives=2, seed=0)
+    assert (negatives[:, 0] != negatives[:, 1]).all() and np.isin(negatives, np.arange(10, 16)).all()
+    counts = np.bincount(negatives.ravel() - 10, minlength=6)
+    assert counts.min() > 0.9 * 1000 and counts.max() < 1.1 * 1000
