@@ -1,4 +1,5 @@
-"""Feature importance (ranking.importance): Captum permutation / ablation / IG over feature groups.
+"""Feature importance (ranking.importance, ranking.attribution): Captum permutation / ablation / IG over
+feature groups.
 
 One tiny model is trained once for the module: the tiny synthetic workdir, random embedding
 tables, and a planted dense feature ``dense_click_signal`` that is a noisy copy of the click
@@ -23,6 +24,9 @@ from data.schema import feature_columns, table_path as data_table_path
 from data.text import normalize_query
 from embeddings.tables import build_table, table_path, write_table
 from ranking import importance, train
+from ranking.attribution.groups import build_inputs
+from ranking.attribution.interaction import InteractionInputModel, embed_batch
+from ranking.attribution.methods import ablation_importance, batched_forward, ig_importance, permutation_importance
 from ranking.features import ImpressionCache, PurchaseIndex, RankingData
 from ranking.model import load_model
 from ranking.plain import PlainInputModel
@@ -63,18 +67,18 @@ def _eval_data(workdir: Path, model) -> tuple[RankingData, np.ndarray]:
     return RankingData(cache, PurchaseIndex.from_workdir(workdir), model.spec), np.asarray(cache.split_index("eval"))
 
 
-def test_vector_input_model_reproduces_the_plain_model_and_groups_partition_the_inputs(trained: Path):
+def test_interaction_input_model_reproduces_the_plain_model_and_groups_partition_the_inputs(trained: Path):
     model = load_model(trained / "ranking" / "dcn_pq_hist" / "seed0" / "model.pt")
     data, rows = _eval_data(trained, model)
     batch = data.batch(rows)
     plain = PlainInputModel(model).eval()
-    vectors = importance.embed_batch(plain, *batch.inputs())
+    vectors = embed_batch(plain, *batch.inputs())
     with torch.no_grad():
         expected = plain(*batch.inputs())
-        got = importance.VectorInputModel(model).eval()(**vectors)
+        got = InteractionInputModel(model).eval()(**vectors)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
-    inputs = importance.build_inputs(model, data, rows, batch_size=64)  # several embedding batches
+    inputs = build_inputs(model, data, rows, batch_size=64)  # several embedding batches
     torch.testing.assert_close(inputs.tensors["product"], vectors["product"])
     masks = inputs.feature_masks()
     ids = torch.cat([m.flatten() for m in masks]).unique().tolist()
@@ -92,15 +96,15 @@ def test_irrelevant_feature_scores_zero_and_planted_signal_scores_high(trained: 
     with torch.no_grad():
         model.dcn_tower.dense_std[hour] = float("inf")  # normalised dense_hour == 0: the model cannot use it
     data, rows = _eval_data(trained, model)
-    inputs = importance.build_inputs(model, data, rows, batch_size=4096)
-    vmodel = importance.VectorInputModel(model).eval()
+    inputs = build_inputs(model, data, rows, batch_size=4096)
+    vmodel = InteractionInputModel(model).eval()
     with torch.no_grad():
-        logits = importance.batched_forward(vmodel, inputs, 4096)(*inputs.captum_inputs()).double().numpy()
+        logits = batched_forward(vmodel, inputs, 4096)(*inputs.captum_inputs()).double().numpy()
     names = [g.name for g in inputs.groups]
     results = {
-        "permutation": importance.permutation_importance(vmodel, inputs, logits, repeats=2, seed=0, batch_size=4096),
-        "ablation": importance.ablation_importance(vmodel, inputs, logits, batch_size=4096),
-        "ig": importance.ig_importance(vmodel, inputs, np.arange(len(rows)), steps=8, batch_size=4096),
+        "permutation": permutation_importance(vmodel, inputs, logits, repeats=2, seed=0, batch_size=4096),
+        "ablation": ablation_importance(vmodel, inputs, logits, batch_size=4096),
+        "ig": ig_importance(vmodel, inputs, np.arange(len(rows)), steps=8, batch_size=4096),
     }
     for method, result in results.items():
         assert result.scores[names.index("dense_hour")] == pytest.approx(0.0, abs=1e-9), method

@@ -6,9 +6,10 @@ An adapter turns one public data set into the four tables of the on-disk contrac
 * :class:`AdapterConfig`: the flags every adapter has (``--source --workdir --seed --force``).
 * :func:`require_dir`, :func:`require_file`, :func:`read_parquet`, :func:`require_columns`: a bad source
   becomes one :class:`~common.cli.UserError` line naming the path, file or column.
-* :func:`draw_from_pools` and :func:`balance_labels`: relevance pairs are drawn per query from
-  candidate pools (same exact attributes, same type, same category, anywhere), labelled by the
-  adapter's rule, then subsampled so that IR/MR/HR lands on the paper's 69/20.5/9.9 split.
+* :func:`sample_relevance_pairs`: relevance pairs of the attribute-derived queries are drawn per
+  query from candidate pools (:func:`draw_from_pools`: e.g. same exact attributes, same type, same
+  category, then anywhere), labelled by the adapter's rule, then subsampled so that IR/MR/HR lands
+  on the paper's 69/20.5/9.9 split (:func:`balance_labels`).
 * :func:`run_adapter`: skip when the manifest says the same settings are already written, else
   build, validate all four tables in memory (ids against the catalog, images decoded), and only
   then write each table atomically; the manifest goes last, so it marks a complete data set.
@@ -21,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,13 +34,16 @@ from common.io import prepare_workdir
 from common.provenance import MadeFrom
 from data.dataset import data_set, table_rel
 from data.schema import (DENSE_PREFIX, HR, IR, LABEL_NAMES, MR, SCHEMA_VERSION, SPARSE_PREFIX, TABLE_NAMES,
-                         SchemaError, TableName, schema, table_path, validate)
+                         SchemaError, TableName, schema, validate)
 from data.text import normalize_query
 
 log = logging.getLogger(__name__)
 
 # The paper's relevance label split (Section 4.1): 69% IR, 20.5% MR, 9.9% HR.
 PAPER_LABEL_SPLIT: dict[int, float] = {IR: 0.69, MR: 0.205, HR: 0.099}
+# Draws per query from the pool of every product, in units of the draws from one attribute pool:
+# that pool (nearly all IR) needs about 7x an attribute pool for the paper's 69% IR to 9.9% HR.
+ANYWHERE_DRAWS = 7
 
 # Repository root (.../main); the shared real data sit beside it in ../shared/data.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -152,8 +156,41 @@ def balance_labels(pairs: pd.DataFrame, rng: np.random.Generator,
 
 
 def label_counts(labels: pd.Series) -> dict[str, int]:
+    """Pairs per label name (IR, MR, HR) of a label column."""
     counts = labels.value_counts()
     return {LABEL_NAMES[lab]: int(counts.get(lab, 0)) for lab in (IR, MR, HR)}
+
+
+def sample_relevance_pairs(queries: np.ndarray, pools: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                           products: np.ndarray, pairs_per_query: int,
+                           label: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                           rng: np.random.Generator) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The relevance table of attribute-derived queries: draw pairs, label them, balance the labels.
+
+    ``queries`` [Q] holds the query texts; each attribute pool is ``(query keys [Q], pool keys
+    [P], pool products [P])`` as :func:`draw_from_pools` takes it. Every query draws
+    ``pairs_per_query`` products from each attribute pool in order, then ``ANYWHERE_DRAWS *
+    pairs_per_query`` from ``products`` [P] (any product). The distinct (query, product) pairs,
+    sorted, are labelled by ``label(query index [N], product id [N]) -> int8 labels [N]`` and
+    subsampled to the paper's split (:func:`balance_labels`).
+
+    Returns the relevance table (``query``, ``product_id``, ``label`` int8; sorted by query and
+    product) and the label counts drawn before balancing.
+    """
+    anywhere = (np.zeros(len(queries), np.int64), np.zeros(len(products), np.int64), products)
+    draws = [1] * len(pools) + [ANYWHERE_DRAWS]
+    drawn = [draw_from_pools(query_keys, pool_keys, pool_products, pairs_per_query * times, rng)
+             for (query_keys, pool_keys, pool_products), times in zip([*pools, anywhere], draws)]
+    pairs = pd.DataFrame({"query_idx": np.concatenate([query_idx for query_idx, _ in drawn]),
+                          "product_id": np.concatenate([product_ids for _, product_ids in drawn])}).drop_duplicates()
+    pairs = pairs.sort_values(["query_idx", "product_id"]).reset_index(drop=True)
+    pairs["label"] = label(pairs["query_idx"].to_numpy(), pairs["product_id"].to_numpy())
+    drawn_counts = label_counts(pairs["label"])
+    pairs = balance_labels(pairs, rng)
+    relevance = pd.DataFrame({"query": queries[pairs["query_idx"].to_numpy()],
+                              "product_id": pairs["product_id"].to_numpy(),
+                              "label": pairs["label"].to_numpy(np.int8)})
+    return relevance.sort_values(["query", "product_id"]).reset_index(drop=True), drawn_counts
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import string
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -32,8 +33,8 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from common.cli import UserError, parse_config, run_main
-from data.adapters.common import (AdapterConfig, AdapterOutput, balance_labels, compact_codes, draw_from_pools,
-                                  label_counts, normalized, rank_within, read_parquet, require_dir, require_file, run_adapter)
+from data.adapters.common import (AdapterConfig, AdapterOutput, compact_codes, normalized, rank_within, read_parquet,
+                                  require_dir, require_file, run_adapter, sample_relevance_pairs)
 from data.schema import HR, IR, MR
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ HISTORY_WEEKS = 12  # 84 days
 POPULARITY_WEEKS = 4
 NOT_PROMOTED = "0"  # display_location / mailer_location code for "not placed"
 LOCATION_CODES = list(string.digits + string.ascii_uppercase)  # single-character placement codes
-POOL_DRAWS = (1, 1, 1, 7)
-PRODUCT_KEY = 10**9  # household_id * PRODUCT_KEY + product_id (or category code) keys a pair (ids < 1e9)  # draws per query from [same type, same category, same department, anywhere] pools
 
 RULES = {
     "catalog": "products referenced by the purchases or impressions; title = product_type, product_category "
@@ -338,6 +337,17 @@ def build_catalog(products: pd.DataFrame) -> pd.DataFrame:
                          }).sort_values("product_id").reset_index(drop=True)
 
 
+def label_pairs(queries: pd.DataFrame, products: pd.DataFrame, query_idx: np.ndarray,
+                product_ids: np.ndarray) -> np.ndarray:
+    """The relevance label of each (query, product) pair by RULES['labels'] (int8 [N])."""
+    qry = queries.iloc[query_idx]
+    prod = products.set_index("product_id").loc[product_ids]
+    same_cat = qry["product_category"].to_numpy() == prod["product_category"].to_numpy()
+    type_ok = qry["product_type"].isna().to_numpy() | (qry["product_type"].to_numpy() == prod["product_type"].to_numpy())
+    same_dept = qry["department"].to_numpy() == prod["department"].to_numpy()
+    return np.where(same_cat & type_ok, HR, np.where(same_cat | same_dept, MR, IR)).astype(np.int8)
+
+
 def build_relevance(catalog: pd.DataFrame, rng: np.random.Generator,
                     config: CompleteJourneyConfig) -> tuple[pd.DataFrame, dict]:
     prods = catalog.dropna(subset=["product_category", "department"]).reset_index(drop=True)
@@ -363,27 +373,13 @@ def build_relevance(catalog: pd.DataFrame, rng: np.random.Generator,
     codes = {name: pd.Index(sorted(values.dropna().unique())) for name, values in
              (("type", type_key), ("category", prods["product_category"]), ("department", prods["department"]))}
     pid = prods["product_id"].to_numpy()
-    pools = [
+    pools = [  # same type, same category, same department (then any catalog product)
         (codes["type"].get_indexer(query_type_key), codes["type"].get_indexer(type_key), pid),
         (codes["category"].get_indexer(queries["product_category"]), codes["category"].get_indexer(prods["product_category"]), pid),
         (codes["department"].get_indexer(queries["department"]), codes["department"].get_indexer(prods["department"]), pid),
-        (np.zeros(len(queries), np.int64), np.zeros(len(pid), np.int64), pid),
     ]
-    drawn = [draw_from_pools(qk, pk, pp, config.pairs_per_query * mult, rng) for (qk, pk, pp), mult in zip(pools, POOL_DRAWS)]
-    pairs = pd.DataFrame({"query_idx": np.concatenate([d[0] for d in drawn]),
-                          "product_id": np.concatenate([d[1] for d in drawn])}).drop_duplicates()
-    pairs = pairs.sort_values(["query_idx", "product_id"]).reset_index(drop=True)
-    qry = queries.iloc[pairs["query_idx"].to_numpy()]
-    prod = prods.set_index("product_id").loc[pairs["product_id"].to_numpy()]
-    same_cat = qry["product_category"].to_numpy() == prod["product_category"].to_numpy()
-    type_ok = qry["product_type"].isna().to_numpy() | (qry["product_type"].to_numpy() == prod["product_type"].to_numpy())
-    same_dept = qry["department"].to_numpy() == prod["department"].to_numpy()
-    pairs["label"] = np.where(same_cat & type_ok, HR, np.where(same_cat | same_dept, MR, IR)).astype(np.int8)
-    drawn_counts = label_counts(pairs["label"])
-    pairs = balance_labels(pairs, rng)
-    relevance = pd.DataFrame({"query": queries["query"].to_numpy()[pairs["query_idx"].to_numpy()],
-                              "product_id": pairs["product_id"].to_numpy(), "label": pairs["label"].to_numpy()})
-    relevance = relevance.sort_values(["query", "product_id"]).reset_index(drop=True)
+    relevance, drawn_counts = sample_relevance_pairs(queries["query"].to_numpy(), pools, pid, config.pairs_per_query,
+                                                     partial(label_pairs, queries, prods), rng)
     return relevance, {"queries_by_kind": {k: int(v) for k, v in queries["kind"].value_counts().sort_index().items()},
                        "pairs_drawn_before_balancing": drawn_counts}
 

@@ -15,14 +15,15 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
 
 from common.cli import UserError, parse_config, run_main
-from data.adapters.common import (SHARED_DATA, AdapterConfig, AdapterOutput, balance_labels, draw_from_pools,
-                                  label_counts, normalized, read_parquet, require_dir, require_file, run_adapter)
+from data.adapters.common import (SHARED_DATA, AdapterConfig, AdapterOutput, normalized, read_parquet, require_dir,
+                                  require_file, run_adapter, sample_relevance_pairs)
 from data.schema import HR, IR, MR
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,6 @@ QUERY_TEMPLATES: tuple[tuple[str, ...], ...] = (
     ("colour", "gender", "article_type"),
 )
 OPTIONAL_QUERY_ATTRIBUTES = ("colour", "gender", "usage")
-# Draws per query from the pools [all attributes match, same type, same sub_category, anywhere], in
-# units of --pairs-per-query: the anywhere pool (nearly all IR) needs about 7x the HR pool for 69/9.9.
-POOL_DRAWS = (1, 1, 1, 7)
 
 RULES = {
     "attributes": "description split on ' - ' into master_category, sub_category, article_type, colour, usage",
@@ -181,23 +179,13 @@ def build_relevance(products: pd.DataFrame, rng: np.random.Generator, pairs_per_
     type_codes = pd.Index(sorted(products["article_type"].unique()))
     sub_codes = pd.Index(sorted(products["sub_category"].unique()))
     pid = products["product_id"].to_numpy()
-    pools = [
+    pools = [  # all query attributes match, same article_type, same sub_category (then any product)
         (queries["query_id"].to_numpy(), exact_pool["query_id"].to_numpy(), exact_pool["product_id"].to_numpy()),
         (type_codes.get_indexer(queries["article_type"]), type_codes.get_indexer(products["article_type"]), pid),
         (sub_codes.get_indexer(queries["type_sub_category"]), sub_codes.get_indexer(products["sub_category"]), pid),
-        (np.zeros(len(queries), np.int64), np.zeros(len(pid), np.int64), pid),
     ]
-    drawn = [draw_from_pools(qk, pk, pp, pairs_per_query * mult, rng) for (qk, pk, pp), mult in zip(pools, POOL_DRAWS)]
-    pairs = pd.DataFrame({"query_idx": np.concatenate([d[0] for d in drawn]),
-                          "product_id": np.concatenate([d[1] for d in drawn])}).drop_duplicates()
-    pairs = pairs.sort_values(["query_idx", "product_id"]).reset_index(drop=True)
-    pairs["label"] = label_pairs(queries, products, pairs["query_idx"].to_numpy(), pairs["product_id"].to_numpy())
-    drawn_counts = label_counts(pairs["label"])
-    pairs = balance_labels(pairs, rng)
-    relevance = pd.DataFrame({"query": queries["query"].to_numpy()[pairs["query_idx"].to_numpy()],
-                              "product_id": pairs["product_id"].to_numpy(),
-                              "label": pairs["label"].to_numpy(np.int8)})
-    relevance = relevance.sort_values(["query", "product_id"]).reset_index(drop=True)
+    relevance, drawn_counts = sample_relevance_pairs(queries["query"].to_numpy(), pools, pid, pairs_per_query,
+                                                     partial(label_pairs, queries, products), rng)
     derived = {"queries": int(relevance["query"].nunique()),
                "queries_by_template": {k: int(v) for k, v in queries.groupby("template").size().items()},
                "pairs_drawn_before_balancing": drawn_counts}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -34,9 +35,8 @@ import numpy as np
 import pandas as pd
 
 from common.cli import UserError, parse_config, run_main
-from data.adapters.common import (SHARED_DATA, AdapterConfig, AdapterOutput, balance_labels, draw_from_pools,
-                                  label_counts, normalized, rank_within, require_columns, require_dir, require_file,
-                                  run_adapter)
+from data.adapters.common import (SHARED_DATA, AdapterConfig, AdapterOutput, normalized, rank_within,
+                                  require_columns, require_dir, require_file, run_adapter, sample_relevance_pairs)
 from data.schema import HR, IR, MR
 from data.text import normalize_query
 
@@ -49,7 +49,6 @@ ORDER_COLUMNS = ["order_id", "user_id", "order_number", "order_dow", "order_hour
 NEVER_BOUGHT_DAYS = 365.0  # dense_days_since_last_bought of a product the user never bought (real gaps < 365)
 MISSING = "missing"  # Instacart's placeholder aisle and department: never used as a query
 WORD_STOPWORDS = frozenset({"and", "with", "the", "for", "from", "made", "style", "size", "pack", "count"})
-POOL_DRAWS = (1, 1, 1, 7)  # draws per query from [same aisle, same department, title word, anywhere] pools
 
 RULES = {
     "catalog": "every product of products.csv; title = product_name (the inner CSV quoting of names that "
@@ -299,6 +298,20 @@ def title_words(products: pd.DataFrame) -> pd.DataFrame:
     return words.drop_duplicates().reset_index(drop=True)
 
 
+def label_pairs(queries: pd.DataFrame, products: pd.DataFrame, words: pd.DataFrame, query_idx: np.ndarray,
+                product_ids: np.ndarray) -> np.ndarray:
+    """The relevance label of each (query, product) pair by RULES['labels'] (int8 [N]); ``words`` holds
+    the (product_id, word) pairs of the titles."""
+    qry = queries.iloc[query_idx]
+    prod = products.set_index("product_id").loc[product_ids]
+    in_aisle = prod["aisle_id"].to_numpy() == qry["aisle_id"].to_numpy()
+    in_dept = prod["department_id"].to_numpy() == qry["department_id"].to_numpy()
+    has_word = pd.DataFrame({"product_id": product_ids, "word": qry["word"].to_numpy()}).merge(
+        words.assign(has=True), on=["product_id", "word"], how="left")["has"].fillna(False).to_numpy(bool)
+    is_hr = in_dept & ((qry["aisle_id"].to_numpy() < 0) | in_aisle) & (qry["word"].isna().to_numpy() | has_word)
+    return np.where(is_hr, HR, np.where(in_aisle | in_dept | has_word, MR, IR)).astype(np.int8)
+
+
 def build_relevance(products: pd.DataFrame, rng: np.random.Generator, config: InstacartConfig) -> tuple[pd.DataFrame, dict]:
     words = title_words(products)
     prods = products[products["aisle"] != MISSING]
@@ -325,27 +338,13 @@ def build_relevance(products: pd.DataFrame, rng: np.random.Generator, config: In
     word_codes = pd.Index(sorted(frequent["word"].unique()))
     query_word = word_codes.get_indexer(queries["word"].fillna(""))
     pid = products["product_id"].to_numpy()
-    pools = [
+    pools = [  # same aisle, same department, products with the word (then any product)
         (queries["aisle_id"].to_numpy(), products["aisle_id"].to_numpy(), pid),
         (queries["department_id"].to_numpy(), products["department_id"].to_numpy(), pid),
         (query_word, word_codes.get_indexer(frequent["word"]), frequent["product_id"].to_numpy()),
-        (np.zeros(len(queries), np.int64), np.zeros(len(pid), np.int64), pid),
     ]
-    drawn = [draw_from_pools(qk, pk, pp, config.pairs_per_query * mult, rng) for (qk, pk, pp), mult in zip(pools, POOL_DRAWS)]
-    pairs = pd.DataFrame({"query_idx": np.concatenate([d[0] for d in drawn]),
-                          "product_id": np.concatenate([d[1] for d in drawn])}).drop_duplicates()
-    pairs = pairs.sort_values(["query_idx", "product_id"]).reset_index(drop=True)
-    pairs = pairs.merge(queries, left_on="query_idx", right_index=True)
-    prod = products.set_index("product_id").loc[pairs["product_id"]]
-    in_aisle = prod["aisle_id"].to_numpy() == pairs["aisle_id"].to_numpy()
-    in_dept = prod["department_id"].to_numpy() == pairs["department_id"].to_numpy()
-    has_word = pairs[["product_id", "word"]].merge(words.assign(has=True), on=["product_id", "word"],
-                                                    how="left")["has"].fillna(False).to_numpy(bool)
-    is_hr = in_dept & ((pairs["aisle_id"].to_numpy() < 0) | in_aisle) & (pairs["word"].isna().to_numpy() | has_word)
-    pairs["label"] = np.where(is_hr, HR, np.where(in_aisle | in_dept | has_word, MR, IR)).astype(np.int8)
-    drawn_counts = label_counts(pairs["label"])
-    pairs = balance_labels(pairs, rng)
-    relevance = pairs[["query", "product_id", "label"]].sort_values(["query", "product_id"]).reset_index(drop=True)
+    relevance, drawn_counts = sample_relevance_pairs(queries["query"].to_numpy(), pools, pid, config.pairs_per_query,
+                                                     partial(label_pairs, queries, products, words), rng)
     return relevance, {"queries_by_kind": {k: int(v) for k, v in queries["kind"].value_counts().sort_index().items()},
                        "pairs_drawn_before_balancing": drawn_counts}
 
