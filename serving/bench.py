@@ -2,7 +2,8 @@
 
 ``python -m serving.bench --workdir DIR [--iters 200] [--threads 1] [--candidates 1 64 512]
 [--http-clients 8] [--http-requests 4000] [--http-candidates 64] [--http-seconds 60]
-[--http-sequential 300] [--http-workers 0] [--http-batch | --no-http-batch] [--seed 0]``
+[--http-sequential 300] [--http-workers 0] [--http-batch | --no-http-batch] [--funnel-candidates 200]
+[--funnel-k 10] [--seed 0]``
 
 Needs ``python -m serving.export`` first and the ``redis-server`` binary. Requests are built from
 the evaluation-week impressions (a random impression gives the shopper, query and time; the
@@ -35,8 +36,19 @@ array per field):
                 generator. The load generator (one thread, non-blocking sockets, request bytes
                 built once) runs in this process and shares the machine's cores with the service.
 
+``funnel``      when the service has its funnel (the product index, the DashCLIP tables and
+                checkpoint): one client, one request at a time (``--http-sequential`` each), of
+                ``POST /retrieve`` (k = ``--funnel-k``) with a query of the query table and with a
+                new query (a catalog title, encoded by DashCLIP for the request), and of
+                ``POST /recommend`` (retrieve ``--funnel-candidates``, rank, return ``--funnel-k``;
+                shopper, query, time and request-level features from a NW impression).
+
 Targets (issue #13; 2-core machine, 64 candidates, 8 clients): >= 1,000 requests/s and p99 <= 25 ms
-under load, and the one-client server-side p50 within 5x the model's own p50.
+under load, the one-client server-side p50 within 5x the model's own p50, and ``/recommend``
+(200 retrieved, 10 returned, one client) p99 <= 30 ms.
+
+The in-process timings use the export's model (:class:`serving.server.Scorer` without the added
+set); the service serves what is published (the added set when there is one).
 
 Writes ``DIR/serving/bench.json`` and ``DIR/serving/bench.md`` (Markdown tables; the report embeds
 it) and prints the paper comparison: fusion overhead at p99 (``fused - vectors_model``; paper:
@@ -59,19 +71,23 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
+import httpx
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import torch
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
-from common.io import prepare_workdir, read_json, write_json, write_text
+from common.io import file_sha256, prepare_workdir, read_json, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
 from data.dataset import input_hashes
 from data.schema import SchemaError
-from embeddings.tables import EmbeddingTable
+from data.text import normalize_query
+from embeddings.tables import EmbeddingTable, read_id_map, table_path, tables_set
 from ranking.features import ImpressionCache
-from serving.published import published_export
+from serving.index import index_set
+from serving.published import ENCODER_CHECKPOINT, added_set, published_export
 from serving.redis_store import RedisServer, RedisUnavailable, VectorStore
 from serving.requests import EncodedRequest, feature_key
 from serving.server import Scorer, ServiceProcess, http_implementation
@@ -85,6 +101,7 @@ REQUEST_POOL = 32  # distinct requests per candidate count, cycled through the t
 HTTP_TARGET_RPS = 1000.0
 HTTP_TARGET_P99_MS = 25.0
 HTTP_TARGET_MODEL_RATIO = 5.0  # server-side handling time p50 / the model's own p50, one client
+RECOMMEND_TARGET_P99_MS = 30.0  # POST /recommend, 200 retrieved, 10 returned, one client
 
 
 @dataclass
@@ -104,6 +121,8 @@ class BenchConfig:
         "help": "one-client requests per form, interleaved with calls of the model alone"})
     http_workers: int = field(default=0, metadata={"help": "server worker processes (0 = the server's default)"})
     http_batch: bool = field(default=True, metadata={"help": "the server batches concurrent requests"})
+    funnel_candidates: int = field(default=200, metadata={"help": "POST /recommend: candidates retrieved and ranked"})
+    funnel_k: int = field(default=10, metadata={"help": "POST /retrieve and /recommend: products returned"})
     seed: int = field(default=0, metadata={"help": "which impressions make the requests"})
     force: bool = field(default=False, metadata={"help": "run again even when bench.json has these settings"})
 
@@ -208,6 +227,12 @@ def columns_body(body: dict) -> dict:
     for group in ("dense", "sparse"):
         columns[group] = {key: [c[group][key] for c in rows] for key in rows[0][group]}
     return {**body, "candidates": columns}
+
+
+def host_port(url: str) -> tuple[str, int]:
+    """``(host, port)`` of an ``http://`` URL."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", int(parts.port or 80)
 
 
 def http_request_bytes(host: str, port: int, path: str, body: bytes) -> bytes:
@@ -415,8 +440,7 @@ def sequential(service: ServiceProcess, forms: dict[str, list[bytes]], encoded: 
     """One client, one request at a time, interleaved with calls of the model alone on the same
     requests in this process (so a burst of load from elsewhere hits both alike): the latency of
     the HTTP path without queueing, against the model's own."""
-    parts = urlsplit(service.url)
-    host, port = parts.hostname or "127.0.0.1", int(parts.port or 80)
+    host, port = host_port(service.url)
     requests = {path: [http_request_bytes(host, port, path, b) for b in bodies] for path, bodies in forms.items()}
     connections = {path: RawConnection(host, port) for path in forms}
     client: dict[str, list[float]] = {path: [] for path in forms}
@@ -453,6 +477,81 @@ def sequential(service: ServiceProcess, forms: dict[str, list[bytes]], encoded: 
     return out
 
 
+def timed_requests(service: ServiceProcess, path: str, bodies: list[bytes], count: int) -> dict:
+    """``count`` POSTs of ``bodies`` (cycled) to ``path`` on one keep-alive connection, one at a time:
+    client-observed and server-side (``server-timing``) p50/p99, and the errors."""
+    host, port = host_port(service.url)
+    requests = [http_request_bytes(host, port, path, b) for b in bodies]
+    connection = RawConnection(host, port)
+    client: list[float] = []
+    server: list[float] = []
+    errors: list[str] = []
+    try:
+        for i in range(count):
+            start = time.perf_counter()
+            response = connection.request(requests[i % len(requests)])
+            elapsed = time.perf_counter() - start
+            if response.status != 200:
+                errors.append(f"{path}: HTTP {response.status}: {response.body[:200]!r}")
+                continue
+            client.append(elapsed)
+            ms = response.server_ms()
+            if ms is not None:
+                server.append(ms / 1e3)
+    finally:
+        connection.close()
+    out: dict = {"path": path, "requests": count, "errors": len(errors), "error_examples": errors[:3]}
+    if client:
+        out["client"] = percentiles(client)
+    if server:
+        out["server"] = percentiles(server)
+    return out
+
+
+def funnel_requests(cfg: BenchConfig, cache: ImpressionCache, scorer: Scorer,
+                    rng: np.random.Generator) -> dict[str, list[dict]]:
+    """JSON bodies of the funnel rows (see the module docstring): ``retrieve`` (queries of the query
+    table), ``retrieve_encoded`` (catalog titles that are not) and ``recommend``."""
+    eval_rows = np.asarray(cache.split_index("eval"))
+    cols, queries, spec = cache.columns, cache.queries, scorer.spec
+    split = scorer.manifest["features"]
+    known = read_id_map(table_path(cfg.workdir, "query"))
+    names = {"dense": spec.dense_names, "sparse": spec.sparse_names}
+    convert = {"dense": float, "sparse": int}
+    recommend, in_table = [], []
+    for anchor in rng.choice(eval_rows, size=REQUEST_POOL):
+        query = queries[int(cols["query_code"][anchor])]
+        features = {kind: {e["field"]: convert[kind](cols[kind][anchor, names[kind].index(e["column"])])
+                           for e in split["request"] if e["kind"] == kind} for kind in ("dense", "sparse")}
+        recommend.append({"user_id": int(cols["user_id"][anchor]), "query": query, "now": int(cols["ts"][anchor]),
+                          "k": cfg.funnel_k, "candidates_n": cfg.funnel_candidates, "features": features})
+        if query in known:
+            in_table.append({"query": query, "k": cfg.funnel_k})
+    titles = pq.read_table(Path(cfg.workdir) / "data" / "catalog.parquet", columns=["title"]).column(0).to_pylist()
+    new = [t for t in rng.permutation(np.array(titles, dtype=object)).tolist() if normalize_query(t) not in known]
+    return {"retrieve": in_table, "retrieve_encoded": [{"query": t, "k": cfg.funnel_k} for t in new[:REQUEST_POOL]],
+            "recommend": recommend}
+
+
+def bench_funnel(cfg: BenchConfig, service: ServiceProcess, cache: ImpressionCache, scorer: Scorer) -> dict:
+    """One client: ``POST /retrieve`` (query in the table, and encoded for the request) and
+    ``POST /recommend``, ``--http-sequential`` requests each after a warm-up."""
+    bodies = funnel_requests(cfg, cache, scorer, np.random.default_rng([cfg.seed, 2]))
+    paths = {"retrieve": "/retrieve", "retrieve_encoded": "/retrieve", "recommend": "/recommend"}
+    rows = {}
+    for name, path in paths.items():
+        encoded = [json.dumps(b).encode() for b in bodies[name]]
+        if not encoded:
+            continue
+        timed_requests(service, path, encoded, min(len(encoded), 20))  # warm-up
+        rows[name] = timed_requests(service, path, encoded, cfg.http_sequential)
+    p99 = rows["recommend"].get("client", {}).get("p99_ms", float("inf"))
+    return {"candidates": cfg.funnel_candidates, "k": cfg.funnel_k, "rows": rows,
+            "target": {"recommend_p99_ms": RECOMMEND_TARGET_P99_MS, "value": p99,
+                       "met": p99 <= RECOMMEND_TARGET_P99_MS},
+            "errors": sum(r["errors"] for r in rows.values())}
+
+
 def bench_http(cfg: BenchConfig, scorer: Scorer, cache: ImpressionCache) -> dict:
     """The service under load (see module docstring)."""
     rng = np.random.default_rng([cfg.seed, 1])
@@ -461,8 +560,8 @@ def bench_http(cfg: BenchConfig, scorer: Scorer, cache: ImpressionCache) -> dict
              "/score/columns": [json.dumps(columns_body(b)).encode() for b in requests]}
     request_model = scorer.request_model(cfg.http_candidates)
     encoded = [scorer.encoder.encode(request_model.model_validate(b)) for b in requests]
-    with ServiceProcess(scorer.workdir, cfg.threads, max(cfg.http_candidates, 1), workers=cfg.http_workers,
-                        batch=cfg.http_batch) as service:
+    with ServiceProcess(scorer.workdir, cfg.threads, max(cfg.http_candidates, cfg.funnel_candidates),
+                        workers=cfg.http_workers, batch=cfg.http_batch) as service:
         warm = max(cfg.http_clients * 4, 8)
         for path, bodies in forms.items():  # every worker's first requests, and the model in this process
             load_test(f"{service.url}{path}", bodies, cfg.http_clients, warm, cfg.http_seconds)
@@ -473,6 +572,8 @@ def bench_http(cfg: BenchConfig, scorer: Scorer, cache: ImpressionCache) -> dict
         load = {path: service_cpu(service, lambda path=path, bodies=bodies: load_test(
                     f"{service.url}{path}", bodies, cfg.http_clients, cfg.http_requests, cfg.http_seconds))
                 for path, bodies in forms.items()}
+        health = httpx.get(f"{service.url}/healthz", timeout=30.0).json()
+        funnel = bench_funnel(cfg, service, cache, scorer) if health["funnel"] else {"skipped": health["funnel_error"]}
     model_p50 = alone["model"]["p50_ms"]
     rows, rows_load = alone.get("/score", {}), load["/score"]
     ratios = {"server_p50_over_model_p50": rows.get("server", {}).get("p50_ms", float("nan")) / model_p50,
@@ -487,8 +588,9 @@ def bench_http(cfg: BenchConfig, scorer: Scorer, cache: ImpressionCache) -> dict
                                              "met": ratios["server_p50_over_model_p50"] <= HTTP_TARGET_MODEL_RATIO}}
     return {"candidates": cfg.http_candidates, "clients": cfg.http_clients, "workers": service.worker_count,
             "batch": cfg.http_batch, "http_implementation": http_implementation(), "sequential": alone,
-            "load": load, "ratios": ratios, "targets": targets,
-            "errors": alone["errors"] + sum(r["errors"] for r in load.values())}
+            "load": load, "ratios": ratios, "targets": targets, "funnel": funnel,
+            "errors": alone["errors"] + sum(r["errors"] for r in load.values()) + funnel.get("errors", 0)}
+
 
 
 def markdown(results: dict) -> str:
@@ -558,13 +660,36 @@ def markdown(results: dict) -> str:
                       f"capacity = the lesser of cores / (service + load generator CPU time per request) and "
                       f"min(workers, cores) / service CPU time per request: an estimate of this machine's "
                       f"requests/s with nothing else running (CPU time is what others' load inflates least)."]
+        lines += funnel_markdown(http["funnel"])
     return "\n".join(lines) + "\n"
 
 
+def funnel_markdown(funnel: dict) -> list[str]:
+    """``bench.md``'s lines on ``POST /retrieve`` and ``POST /recommend``."""
+    if "skipped" in funnel:
+        return ["", f"Funnel (POST /retrieve, /recommend): not measured, the service has no funnel: "
+                    f"{funnel['skipped']}"]
+    titles = {"retrieve": "/retrieve, query in the table", "retrieve_encoded": "/retrieve, query encoded by DashCLIP",
+              "recommend": f"/recommend, retrieve {funnel['candidates']}, rank, return {funnel['k']}"}
+    lines = ["", f"Funnel, one client, one request at a time (k = {funnel['k']}); milliseconds:", "",
+             "| POST | requests | errors | client p50 / p99 | server p50 / p99 |", "|---|---|---|---|---|"]
+    for name, row in funnel["rows"].items():
+        client, server = row.get("client", {}), row.get("server", {})
+        cell = lambda part: (f"{part['p50_ms']:.2f} / {part['p99_ms']:.2f}" if part else "n/a")  # noqa: E731
+        lines.append(f"| {titles[name]} | {row['requests']} | {row['errors']} | {cell(client)} | {cell(server)} |")
+    target = funnel["target"]
+    lines += ["", f"/recommend p99 {target['value']:.1f} ms (target <= {target['recommend_p99_ms']:g} ms: "
+                  f"{'met' if target['met'] else 'NOT met'})."]
+    return lines
+
+
 def run(cfg: BenchConfig, argv: Sequence[str] | None = None) -> dict:
-    for flag in ("iters", "threads", "http_requests", "http_candidates", "http_sequential"):
+    for flag in ("iters", "threads", "http_requests", "http_candidates", "http_sequential", "funnel_candidates",
+                 "funnel_k"):
         if getattr(cfg, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(cfg, flag)}")
+    if cfg.funnel_k > cfg.funnel_candidates:
+        raise UserError(f"--funnel-k ({cfg.funnel_k}) must not exceed --funnel-candidates ({cfg.funnel_candidates})")
     if cfg.warmup < 0 or cfg.http_clients < 0 or cfg.http_workers < 0 or not cfg.http_seconds > 0:
         raise UserError("--warmup, --http-clients and --http-workers must be >= 0 and --http-seconds > 0")
     if not cfg.candidates or min(cfg.candidates) < 1:
@@ -572,12 +697,12 @@ def run(cfg: BenchConfig, argv: Sequence[str] | None = None) -> dict:
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per health check
-    scorer = Scorer(cfg.workdir)
+    scorer = Scorer(cfg.workdir, with_added=False)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")}
     out = bench_set(prepare_workdir(cfg.workdir, "serving"))
     json_rel, md_rel = out.files
-    made_from = MadeFrom({**published_export(cfg.workdir).verify(),
-                          **input_hashes(cfg.workdir, ["impressions", "purchases"])}, settings)
+    made_from = MadeFrom({**served_hashes(cfg.workdir), **input_hashes(cfg.workdir, ["impressions", "purchases"])},
+                         settings)
     if not cfg.force and out.current(made_from):
         log.info("%s is complete for this export and these settings; skipping (--force runs again)", out.path(json_rel))
         print(out.path(md_rel).read_text())
@@ -627,6 +752,19 @@ def run(cfg: BenchConfig, argv: Sequence[str] | None = None) -> dict:
         write_text(table, staged[md_rel])
     print(table)
     return results
+
+
+def served_hashes(workdir: str | Path) -> dict[str, str]:
+    """SHA-256 of what the service serves: the export, and the product index, the added set, the
+    DashCLIP tables and checkpoint where they are published."""
+    hashes = dict(published_export(workdir).verify())
+    for out in (index_set(workdir), added_set(workdir), tables_set(workdir)):
+        if out.manifest() is not None:
+            hashes.update(out.verify())
+    checkpoint = Path(workdir) / ENCODER_CHECKPOINT
+    if checkpoint.is_file():
+        hashes[ENCODER_CHECKPOINT] = file_sha256(checkpoint)
+    return hashes
 
 
 def bench_set(workdir: str | Path) -> OutputSet:

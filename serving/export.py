@@ -16,11 +16,17 @@ evaluation week of ``DIR/data/impressions.parquet`` (through the ranking feature
     history_vecs [B|1,L,d], history_mask [B|1,L] bool) -> logits [B]``. Only for variants with tables.
 ``DIR/serving/product_ids.parquet``, ``query_ids.parquet``
     The id maps of the tables inside the model (``row_id`` -> ``product_id`` / normalised ``query``).
+``DIR/serving/product_features.parquet``
+    The product-level ranking features of every product with impressions (``product_id`` sorted,
+    then one column per product-level feature, its value on the product's latest impression), for
+    the candidates of ``POST /recommend``. Which features are product-level is decided from the
+    impressions (:func:`serving.funnel.feature_split`, rule in :mod:`serving.funnel`).
 ``DIR/serving/manifest.json``
     Input names, shapes and dtypes, the feature order and dense normalisation, the request field
-    names, the sha256 of every file written and of the checkpoint and of the table files the
-    model was trained from, the parity check and the NW ROC-AUC of the exported model (and its
-    change for fp16/int8 tables).
+    names, the feature split (``features``: product-level and request-level columns, the rule and
+    each column's default), the sha256 of every file written and of the checkpoint and of the
+    table files the model was trained from, the parity check and the NW ROC-AUC of the exported
+    model (and its change for fp16/int8 tables).
 
 These files are one :class:`common.provenance.OutputSet` (:func:`export_set`, manifest
 ``DIR/serving/export.manifest.json``), made from the hashes of the trained set (``model.pt`` and
@@ -64,12 +70,13 @@ from ranking.model import RankingModel, load_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
 from ranking.variants import get_variant
+from serving.funnel import feature_split, product_feature_table
 from serving.published import FILES, TABLE_FILES, export_files, export_set, published_export
 from serving.requests import request_fields
 
 log = logging.getLogger("serving.export")
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: product_features.parquet and the feature split
 PARITY_TOLERANCE = 1e-5
 TableDtype = Literal["fp32", "fp16", "int8"]
 QUANT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "int8": torch.qint8}
@@ -157,6 +164,14 @@ def quantize_tables(model: RankingModel, table_dtype: TableDtype) -> None:
     tables.ebc.qconfig = torch.ao.quantization.QConfig(activation=observer.with_args(dtype=torch.float),
                                                        weight=observer.with_args(dtype=QUANT_DTYPES[table_dtype]))
     tables.ebc = QuantEmbeddingBagCollection.from_float(tables.ebc)
+
+
+def fused_model(model: RankingModel, table_dtype: TableDtype) -> PlainInputModel:
+    """What ``model.pt`` holds: ``model`` behind the plain-tensor front door (eval mode), its frozen
+    tables swapped in place for ``table_dtype`` ones (:func:`quantize_tables`)."""
+    plain = PlainInputModel(model).eval()
+    quantize_tables(model, table_dtype)
+    return plain
 
 
 def script(module: nn.Module) -> torch.jit.ScriptModule:
@@ -277,9 +292,7 @@ def _export_to(paths: dict[str, Path], cfg: ExportConfig, workdir: Path, checkpo
     if data.num_rows("eval") == 0:
         raise UserError(f"{workdir}/data/impressions.parquet: no NW (last-week) impressions for the parity check")
     eager_plain = PlainInputModel(eager).eval()
-    served = load_model(checkpoint)
-    served_plain = PlainInputModel(served).eval()
-    quantize_tables(served, cfg.table_dtype)
+    served_plain = fused_model(load_model(checkpoint), cfg.table_dtype)
     has_tables = eager.table_tower is not None
     log.info("tracing and scripting %s (tables %s)", cfg.variant, cfg.table_dtype)
     save_script(script(served_plain), paths["model"])
@@ -316,6 +329,11 @@ def _export_to(paths: dict[str, Path], cfg: ExportConfig, workdir: Path, checkpo
 
     if has_tables:
         _write_id_maps(spec, paths)
+    split = feature_split(cache, spec)
+    product_features = product_feature_table(cache, spec, split)
+    write_parquet(product_features, paths["product_features"])
+    log.info("feature split: product-level %s; request-level %s", [e["field"] for e in split["product"]],
+             [e["field"] for e in split["request"]])
     trained_from = (trained.manifest() or {})["made_from"]["inputs"]
     sources = {rel.split("/")[-1].removesuffix("_table.parquet"): {"path": rel, "sha256": digest}
                for rel, digest in trained_from.items() if rel.startswith("embeddings/") and digest}
@@ -339,6 +357,8 @@ def _export_to(paths: dict[str, Path], cfg: ExportConfig, workdir: Path, checkpo
         "request_fields": {kind: [{"field": key, "column": column} for key, column in names.items()]
                            for kind, names in request_fields(spec).items()},
         "table_rows": {"product": spec.num_product_rows, "query": spec.num_query_rows},
+        "features": {**split, "file": FILES["product_features"], "products": product_features.num_rows,
+                     "as_of": int(cache.meta.max_ts)},
         "data_max_ts": int(cache.meta.max_ts),
         "parity": parity,
         "nw_auc": auc,

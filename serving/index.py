@@ -38,7 +38,9 @@ but the same bytes are not guaranteed.
 Serving: :class:`ProductIndex` (``ProductIndex.load(DIR).search(query_vectors [Q, d], k)`` ->
 ``(product_ids [Q, k'] int64, cosines [Q, k'] float32)``, ``k' = min(k, N)``). Searches are
 read-only on the FAISS index (per-call search parameters, FAISS releases the GIL), so one
-instance serves many threads.
+instance serves many threads. ``python -m serving.add_products`` serves its own copy of the index
+with the added products (:func:`index_with`, read with :meth:`ProductIndex.read`); this set stays
+the index of the exported product table.
 
 Benchmark: ``python -m serving.index --bench [--bench-n 400000] [--bench-dim 256]
 [--bench-data clustered|uniform] [--bench-kinds exact hnsw ivf]`` builds each kind over random
@@ -63,6 +65,7 @@ Measured (2 shared cores, load average 5-13 from other jobs, faiss-cpu 1.15.1 AV
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -75,7 +78,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -232,15 +235,25 @@ def index_input(table: tables.EmbeddingTable, path: str | Path = "product table"
 
 
 # building -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _omp_threads(threads: int) -> Iterator[None]:
+    """FAISS's OpenMP threads set to ``threads`` for the block (and restored)."""
+    faiss = _faiss()
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def build_faiss_index(vectors: np.ndarray, settings: dict[str, Any]):
     """A FAISS index of ``settings["kind"]`` over unit ``vectors`` ``[N, d]`` (float32, contiguous),
     built with ``settings.get("build_threads", 1)`` threads."""
     faiss = _faiss()
     n, d = vectors.shape
     kind = settings["kind"]
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(int(settings.get("build_threads", 1)))
-    try:
+    with _omp_threads(int(settings.get("build_threads", 1))):
         if kind == "exact":
             index = faiss.IndexFlatIP(d)
         elif kind == "hnsw":
@@ -259,9 +272,42 @@ def build_faiss_index(vectors: np.ndarray, settings: dict[str, Any]):
         else:
             raise ValueError(f"unknown index kind {kind!r}")
         index.add(vectors)
-    finally:
-        faiss.omp_set_num_threads(previous)
     return index
+
+
+def write_index_files(index: Any, product_ids: np.ndarray, index_path: Path, ids_path: Path) -> None:
+    """``faiss.write_index`` and the id map (``np.save``, int64 ``[N]``: index position -> ``product_id``)."""
+    _faiss().write_index(index, str(index_path))
+    with open(ids_path, "wb") as sink:
+        np.save(sink, np.asarray(product_ids, np.int64), allow_pickle=False)
+
+
+def index_with(workdir: str | Path, product_ids: np.ndarray, vectors: np.ndarray) -> tuple[Any, np.ndarray]:
+    """The published index of ``workdir`` with the products ``product_ids [M]`` (vectors ``[M, d]``)
+    put in: one the index holds is replaced, a new one added. Returns ``(FAISS index, ids [N'] int64)``.
+
+    Without replacements the published file is read and the vectors added to it (FAISS inserts into a
+    flat, HNSW or IVF index alike; for IVF the new vectors go to the lists trained before). A
+    replacement rebuilds with the index's settings over the product table's rows (an HNSW graph
+    cannot drop a vector): at the scale of ``--bench`` that takes as long as ``serving.index``.
+    Same inputs, same index (the index's ``build_threads``, 1 by default)."""
+    out = index_set(workdir)
+    out.verify()
+    settings = (out.manifest() or {})["made_from"]["settings"]
+    unit, norms = unit_rows(vectors)
+    if not (norms > 0).all():
+        raise UserError(f"product_id {int(product_ids[np.flatnonzero(norms == 0)[0]])}: all-zero vector")
+    indexed = np.load(out.path(IDS_REL), allow_pickle=False)
+    if not np.isin(indexed, product_ids).any():
+        index = _faiss().read_index(str(out.path(INDEX_REL)))
+        with _omp_threads(int(settings.get("build_threads", 1))):
+            index.add(unit)
+        return index, np.concatenate([indexed, product_ids]).astype(np.int64)
+    rows = index_input(tables.read_table(tables.table_path(workdir, "product"), "product"))
+    keep = ~np.isin(rows.product_ids, product_ids)
+    log.info("rebuilding the %s index: %d of its products are replaced", settings["kind"], int((~keep).sum()))
+    index = build_faiss_index(np.ascontiguousarray(np.concatenate([rows.vectors[keep], unit])), settings)
+    return index, np.concatenate([rows.product_ids[keep], product_ids]).astype(np.int64)
 
 
 def _product_count(path: Path) -> int:
@@ -309,9 +355,7 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
              "table_source": table.source, "faiss_version": faiss.__version__,
              "load": "serving.index.ProductIndex.load(workdir)"}
     with out.publish(made_from, extra) as staged:
-        faiss.write_index(index, str(staged[INDEX_REL]))
-        with open(staged[IDS_REL], "wb") as f:
-            np.save(f, rows.product_ids, allow_pickle=False)
+        write_index_files(index, rows.product_ids, staged[INDEX_REL], staged[IDS_REL])
     manifest = out.manifest() or {}
     log.info("built %s (%s, %d products, %d bytes) in %.1f s (%.1f s CPU)", out.path(INDEX_REL), kind,
              len(rows.product_ids), out.path(INDEX_REL).stat().st_size, build_s, build_cpu_s)
@@ -363,9 +407,14 @@ class ProductIndex:
             if tables.tables_set(workdir).verify()[rel] != built_from:
                 raise UserError(f"{out.path(INDEX_REL)} was built from another {rel}: "
                                 f"run python -m serving.index --workdir {workdir} again")
-        index = _faiss().read_index(str(out.path(INDEX_REL)))
-        ids = np.load(out.path(IDS_REL), allow_pickle=False)
-        return cls(index, ids, manifest.get("kind", ""), manifest, threads)
+        return cls.read(out.path(INDEX_REL), out.path(IDS_REL), manifest.get("kind", ""), manifest, threads)
+
+    @classmethod
+    def read(cls, index_path: Path, ids_path: Path, kind: str = "", manifest: dict | None = None,
+             threads: int | None = 1) -> "ProductIndex":
+        """An index from its two files (whose set the caller has checked)."""
+        return cls(_faiss().read_index(str(index_path)), np.load(ids_path, allow_pickle=False), kind, manifest,
+                   threads)
 
     @property
     def dim(self) -> int:
@@ -409,13 +458,8 @@ class ProductIndex:
         if self.threads is None:
             scores, positions = self.index.search(unit, k, params=params)
         else:
-            faiss = _faiss()
-            previous = faiss.omp_get_max_threads()  # this thread's setting
-            faiss.omp_set_num_threads(self.threads)
-            try:
+            with _omp_threads(self.threads):  # this thread's setting, restored after
                 scores, positions = self.index.search(unit, k, params=params)
-            finally:
-                faiss.omp_set_num_threads(previous)
         missing = positions < 0
         ids = self._ids[np.where(missing, len(self.product_ids), positions)]
         scores = np.where(missing, np.float32(-np.inf), scores).astype(np.float32, copy=False)

@@ -1,20 +1,55 @@
-"""The files of a serving export as one output set, readable without torchrec.
+"""The published serving files, readable without torchrec: the export, and the products added to it.
 
-``python -m serving.export`` publishes ``DIR/serving/{model.pt, manifest.json}`` (and, for a model
-with tables, ``model_vectors.pt`` and the id maps) as one :class:`common.provenance.OutputSet`
-with the manifest ``DIR/serving/export.manifest.json``. The service and the benchmark read the
-export through :func:`published_export`, which imports neither torchrec nor the exporter.
+``python -m serving.export`` publishes ``DIR/serving/{model.pt, manifest.json, product_features.parquet}``
+(and, for a model with tables, ``model_vectors.pt`` and the id maps) as one
+:class:`common.provenance.OutputSet` with the manifest ``DIR/serving/export.manifest.json``.
+
+``python -m serving.add_products`` publishes the *added set* (:func:`added_set`, manifest
+``DIR/serving/added.manifest.json``): the served versions of the fused model (its product table
+grown by the added products), the product id map, the per-product features and the product index,
+plus ``added/products.parquet``, the record of every product added so far (catalog columns and
+vector). It is made from the export, the index and the DashCLIP checkpoint (:func:`added_inputs`);
+when any of them is published again, the added set no longer applies (:func:`current_added`
+raises, naming the file that changed).
+
+The service and the benchmark read these files through :func:`published_export` and
+:func:`current_added`, which import neither torchrec nor the exporter.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
+
+from common.cli import UserError
+from common.io import file_sha256
 from common.provenance import OutputSet
 
 EXPORT_MANIFEST = "serving/export.manifest.json"
-FILES = {"model": "model.pt", "manifest": "manifest.json"}
+FILES = {"model": "model.pt", "manifest": "manifest.json", "product_features": "product_features.parquet"}
 TABLE_FILES = {"vectors_model": "model_vectors.pt", "product_ids": "product_ids.parquet",
                "query_ids": "query_ids.parquet"}  # only for variants with tables
+
+ADDED_MANIFEST = "serving/added.manifest.json"
+ADDED_FILES = {"model": "serving/added/model.pt", "product_ids": "serving/added/product_ids.parquet",
+               "product_features": "serving/added/product_features.parquet", "index": "serving/added/index.faiss",
+               "index_ids": "serving/added/index_ids.npy", "products": "serving/added/products.parquet"}
+ENCODER_CHECKPOINT = "embeddings/checkpoints/model.pt"
+
+
+def read_id_map(path: Path, key: str) -> list:
+    """The keys (``product_id`` or ``query``) of an exported id map in row order (row ``r`` at index ``r - 1``)."""
+    if not path.exists():
+        raise UserError(f"{path}: missing id map (run `python -m serving.export --force`)")
+    table = pq.read_table(path)
+    if "row_id" not in table.column_names or key not in table.column_names:
+        raise UserError(f"{path}: expected columns row_id and {key}, found {table.column_names}")
+    rows = table.column("row_id").to_numpy()
+    if not np.array_equal(rows, np.arange(1, len(rows) + 1)):
+        raise UserError(f"{path}: column 'row_id' must be 1..R-1 in order")
+    return table.column(key).to_pylist()
 
 
 def export_files(with_tables: bool) -> dict[str, str]:
@@ -31,3 +66,41 @@ def published_export(workdir: str | Path) -> OutputSet:
     """The export set as last published (its manifest says whether it has the table files)."""
     manifest = export_set(workdir, False).manifest() or {}
     return export_set(workdir, export_files(True)["vectors_model"] in manifest.get("files", {}))
+
+
+def added_set(workdir: str | Path) -> OutputSet:
+    """The output set of ``python -m serving.add_products`` (see the module docstring)."""
+    return OutputSet(workdir, ADDED_MANIFEST, list(ADDED_FILES.values()), what="python -m serving.add_products")
+
+
+def added_inputs(workdir: str | Path) -> dict[str, str]:
+    """What an added set is made from: the SHA-256 of the export's files, of the product index
+    (``serving.index``) and of the DashCLIP checkpoint that encodes the products. One-line
+    :class:`UserError` when one of them is missing or not one publication."""
+    from serving.index import index_set  # (faiss is imported only when an index is read)
+
+    checkpoint = Path(workdir) / ENCODER_CHECKPOINT
+    if not checkpoint.is_file():
+        raise UserError(f"{checkpoint} not found: no trained DashCLIP model to encode products with "
+                        f"(run python -m embeddings.train --workdir {workdir})")
+    return {**published_export(workdir).verify(), **index_set(workdir).verify(),
+            ENCODER_CHECKPOINT: file_sha256(checkpoint)}
+
+
+def current_added(workdir: str | Path) -> dict[str, Any] | None:
+    """The added set's manifest when one is published and made from the current export, index and
+    DashCLIP checkpoint; None when none is published. A set made from other files (an export,
+    index or checkpoint published since) is a one-line :class:`UserError` naming the file."""
+    out = added_set(workdir)
+    if out.manifest() is None:
+        return None
+    out.verify()
+    manifest = out.manifest() or {}
+    made_from = manifest.get("made_from", {}).get("inputs", {})
+    for rel, digest in added_inputs(workdir).items():
+        if made_from.get(rel) != digest:
+            raise UserError(f"{out.manifest_path} was made from another {Path(workdir) / rel} (published since): "
+                            f"run python -m serving.add_products --workdir {workdir} --catalog FILE again (it "
+                            f"encodes the products added before anew), or delete {out.manifest_path} to serve the "
+                            f"export alone")
+    return manifest

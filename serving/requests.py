@@ -1,4 +1,8 @@
-"""The scoring API's request and response models and the request -> tensors conversion.
+"""The service's request and response models and the request -> tensors conversion.
+
+``POST /score`` (:func:`build_score_request_model`, :func:`build_columns_request_model`),
+``POST /retrieve`` (:class:`RetrieveRequest`) and ``POST /recommend``
+(:func:`build_recommend_request_model`); every error has the :class:`ErrorResponse` body.
 
 The request model is built from the exported feature spec (:func:`build_score_request_model`), so
 the OpenAPI schema names every dense and sparse feature the model takes, and a request that
@@ -27,7 +31,8 @@ from typing import Annotated, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from data.text import normalize_query
 from embeddings.tables import UNKNOWN_ROW
@@ -37,6 +42,9 @@ INT64_MAX = 2**63 - 1
 MAX_HISTORY_ITEMS = 10_000
 MAX_QUERY_CHARS = 512
 DENSE_MAX_Z = 1000.0
+RETRIEVE_MAX_K = 1000
+DEFAULT_K = 10
+DEFAULT_CANDIDATES_N = 200
 
 
 def _whole_float_to_int(value: Any) -> Any:
@@ -109,10 +117,10 @@ class ErrorDetail(BaseModel):
     """One reason a request was refused."""
 
     field: str = Field(description="what was wrong: a body field (candidates[2].dense.price), 'body', "
-                                   "'content-type', 'path' or 'method'")
+                                   "'content-type', 'path', 'method' or 'funnel' (retrieval unavailable)")
     type: str = Field(description="machine-readable kind (pydantic error types, json_invalid, too_long, "
                                   "too_large, unsupported_media_type, not_found, method_not_allowed, "
-                                  "non_finite_score)")
+                                  "non_finite_score, unavailable)")
     msg: str = Field(description="human-readable explanation")
 
 
@@ -121,6 +129,90 @@ class ErrorResponse(BaseModel):
 
     message: str = Field(description="'field: msg' of every error, joined with '; '")
     detail: list[ErrorDetail]
+
+
+def _retrievable(query: str) -> str:
+    """``query`` unchanged, if it keeps a character under :func:`data.text.normalize_query`."""
+    if not normalize_query(query):
+        raise ValueError("the query normalises to the empty string (only whitespace, emoji or punctuation): "
+                         "nothing to retrieve")
+    return query
+
+
+RetrievableQuery = Annotated[str, Field(max_length=MAX_QUERY_CHARS), AfterValidator(_retrievable)]
+
+
+class RetrieveRequest(BaseModel):
+    """Retrieve the products nearest to a query by DashCLIP cosine."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"query": "organic whole milk",
+                                                                                 "k": DEFAULT_K}]})
+    query: RetrievableQuery = Field(description="search query as typed; normalised with data.text.normalize_query. "
+                                                "Its vector is the exported query table's row when the normalised "
+                                                "query is in it, else the trained DashCLIP query encoder computes it "
+                                                "for this request. One that normalises to nothing is refused (422).")
+    k: Annotated[int, Field(strict=True, ge=1, le=RETRIEVE_MAX_K), ACCEPT_WHOLE_FLOATS] = Field(
+        default=DEFAULT_K, description=f"how many products (1 to {RETRIEVE_MAX_K}; fewer when the index holds fewer)")
+
+
+class RetrievedProduct(BaseModel):
+    """One retrieved product."""
+
+    product_id: int = Field(description="catalog product_id")
+    cosine: float = Field(description="cosine of the product's and the query's DashCLIP vectors")
+
+
+class RetrieveMeta(BaseModel):
+    """How the products were found."""
+
+    query: str = Field(description="the normalised query")
+    query_encoded: bool = Field(description="the query is not in the exported query table: the DashCLIP query "
+                                            "encoder computed its vector for this request")
+    indexed_products: int = Field(description="products in the served index (row 0, the unknown product, is never "
+                                              "one)")
+    index: str = Field(description="index kind (exact, hnsw or ivf)")
+
+
+class RetrieveResponse(BaseModel):
+    """The nearest products, best first."""
+
+    products: list[RetrievedProduct]
+    meta: RetrieveMeta
+
+
+class RecommendRequestBase(ScoreRequestBase):
+    """Fields of every recommendation request; ``k``, ``candidates_n`` and ``features`` are added per
+    model (see :func:`build_recommend_request_model`)."""
+
+    @field_validator("query")
+    @classmethod
+    def _query_retrievable(cls, query: str) -> str:
+        return _retrievable(query)
+
+
+class RecommendedProduct(BaseModel):
+    """One recommended product."""
+
+    product_id: int = Field(description="catalog product_id")
+    cosine: float = Field(description="cosine of the product's and the query's DashCLIP vectors (retrieval)")
+    score: float = Field(description="click probability from the pCTR model (ranking; always finite)")
+
+
+class RecommendMeta(ScoreMeta):
+    """What retrieval and the ranking model saw for this request."""
+
+    query_encoded: bool = Field(description="the query is not in the exported query table: the DashCLIP query "
+                                            "encoder computed its vector for retrieval (the ranking model then sees "
+                                            "an unknown query, row 0, as unknown_query says)")
+    retrieved: int = Field(description="candidates retrieved and scored (candidates_n, or fewer when the index "
+                                       "holds fewer)")
+
+
+class RecommendResponse(BaseModel):
+    """The ``k`` candidates most likely to be clicked, best first, with both scores."""
+
+    products: list[RecommendedProduct]
+    meta: RecommendMeta
 
 
 def _feature_fields(names: dict[str, str], annotation: Any,
@@ -246,6 +338,76 @@ def build_columns_request_model(spec: FeatureSpec, max_candidates: int,
     request.model_config["json_schema_extra"] = {"examples": [example]}
     request.model_rebuild(force=True)
     return request
+
+
+def build_recommend_request_model(spec: FeatureSpec, split: dict[str, Any], max_candidates: int,
+                                  max_dense_z: float = DENSE_MAX_Z) -> type[RecommendRequestBase]:
+    """The ``RecommendRequest`` pydantic model of one exported model: the shopper and query of a
+    ``ScoreRequest``, ``k`` and ``candidates_n`` (at most ``max_candidates``), and ``features``: the
+    request-level features of ``split`` (the export manifest's ``features`` section,
+    :func:`serving.funnel.feature_split`), each optional with its documented default, dense values
+    within :func:`dense_bounds`. Product-level features are not request fields (an extra field is
+    refused): they come from the per-product file."""
+    bounds = dict(zip(spec.dense_names, dense_bounds(spec, max_dense_z)))
+    forbid = ConfigDict(extra="forbid")
+    product_level = ", ".join(entry["field"] for entry in split["product"]) or "none"
+    dense = [e for e in split["request"] if e["kind"] == "dense"]
+    sparse = [e for e in split["request"] if e["kind"] == "sparse"]
+
+    def described(entry: dict[str, Any]) -> str:
+        return f"request-level feature (impressions column {entry['column']}); default {entry['default']:.6g} " \
+               f"({entry['default_is']})"
+
+    dense_model = create_model(
+        "RequestDenseFeatures", __config__=forbid,
+        __doc__=f"Request-level dense features (optional; finite, within training mean +- {max_dense_z:g} stds).",
+        **{f"f{i}": (FiniteFloat, Field(default=e["default"], alias=e["field"], ge=bounds[e["column"]][0],
+                                        le=bounds[e["column"]][1], description=described(e)))
+           for i, e in enumerate(dense)})
+    sparse_model = create_model(
+        "RequestSparseFeatures", __config__=forbid, __doc__="Request-level categorical ids (optional, >= 0).",
+        **{f"f{i}": (Id64, Field(default=e["default"], alias=e["field"], description=described(e)))
+           for i, e in enumerate(sparse)})
+    features_model = create_model(
+        "RequestFeatures", __config__=forbid,
+        __doc__=f"The request-level ranking features of every candidate (each optional, with a default). The "
+                f"product-level ones ({product_level}) come from the served per-product file.",
+        dense=(dense_model, Field(default_factory=dense_model)),
+        sparse=(sparse_model, Field(default_factory=sparse_model)))
+
+    def k_within_candidates(self: Any) -> Any:
+        if self.k > self.candidates_n:
+            raise ValueError(f"k ({self.k}) must not exceed candidates_n ({self.candidates_n})")
+        return self
+
+    count = Annotated[int, Field(strict=True, ge=1, le=max_candidates), ACCEPT_WHOLE_FLOATS]
+    request = create_model(
+        "RecommendRequest", __base__=RecommendRequestBase,
+        __validators__={"k_within_candidates": model_validator(mode="after")(k_within_candidates)},
+        __doc__="Recommend products for one shopper and query: retrieve candidates_n by DashCLIP cosine, score "
+                "them with the pCTR model, return the k most likely to be clicked.",
+        k=(count, Field(default=min(DEFAULT_K, max_candidates),
+                        description="how many products to return (1 to candidates_n)")),
+        candidates_n=(count, Field(default=min(DEFAULT_CANDIDATES_N, max_candidates),
+                                   description=f"how many products to retrieve and score (1 to {max_candidates})")),
+        features=(features_model, Field(default_factory=features_model, description=(
+            f"request-level features (hour, platform, ...; every candidate gets the same); product-level features "
+            f"({product_level}) come from the served per-product file"))))
+    request.model_config["json_schema_extra"] = {"examples": [{
+        "user_id": 42, "query": "Organic Whole Milk", "k": min(DEFAULT_K, max_candidates),
+        "candidates_n": min(DEFAULT_CANDIDATES_N, max_candidates),
+        "features": {"dense": {e["field"]: round(e["default"], 3) for e in dense},
+                     "sparse": {e["field"]: e["default"] for e in sparse}}}]}
+    request.model_rebuild(force=True)
+    return request
+
+
+def request_feature_values(request: RecommendRequestBase) -> tuple[np.ndarray, np.ndarray]:
+    """``(dense [Rd] float32, sparse [Rs] int64)``: the request-level feature values of a validated
+    ``RecommendRequest``, in the order of the split's ``request`` list."""
+    features = request.features  # type: ignore[attr-defined]
+    return (np.array(list(features.dense.__dict__.values()), np.float32),
+            np.array(list(features.sparse.__dict__.values()), np.int64))
 
 
 def unix_seconds(value: datetime) -> int:

@@ -1,13 +1,18 @@
-"""HTTP scoring service for the exported model (FastAPI + uvicorn).
+"""HTTP service for the exported model (FastAPI + uvicorn): scoring, and the retrieve -> rank funnel.
 
 ``python -m serving.server --workdir DIR [--host 127.0.0.1] [--port 8000] [--max-candidates 1000]
-[--max-body-mb 8] [--max-dense-z 1000] [--threads 1] [--workers 0] [--batch | --no-batch]``
+[--max-body-mb 8] [--max-dense-z 1000] [--threads 1] [--workers 0] [--batch | --no-batch] [--watch-s 1]``
 
-Loads ``DIR/serving/{model.pt, manifest.json, product_ids.parquet, query_ids.parquet}`` (written
-by :mod:`serving.export`; the files must be one published export, :mod:`serving.published`) and
-``DIR/data/purchases.parquet`` (to turn a ``user_id`` into the 84-day purchase history as of the
-request time). The model runs with ``import torch, fbgemm_gpu`` only: the service never imports
-torchrec.
+Loads ``DIR/serving/{model.pt, manifest.json, product_ids.parquet, query_ids.parquet,
+product_features.parquet}`` (written by :mod:`serving.export`; the files must be one published
+export, :mod:`serving.published`) and ``DIR/data/purchases.parquet`` (to turn a ``user_id`` into the
+84-day purchase history as of the request time). When ``python -m serving.add_products`` has
+published products added since the export, the added set's model, id map, product features and
+index are served instead (:func:`serving.published.current_added`). The funnel endpoints also need
+the product index (``python -m serving.index``), the DashCLIP tables and the trained DashCLIP
+checkpoint (:func:`serving.funnel.load_funnel`); without them the service scores, and the funnel
+endpoints answer 503 naming what is missing (``/healthz`` says so too). The model runs with
+``import torch, fbgemm_gpu`` only: the service never imports torchrec.
 
 Endpoints:
 
@@ -16,8 +21,38 @@ Endpoints:
     -> ``{scores: [click probability per candidate, in order], meta: {unknown_query,
     unknown_products, unknown_history_products, history_length, now, model}}``. Unknown queries
     and products are scored with row 0 (zeros) and counted in ``meta``.
+``POST /retrieve``
+    ``{query, k?}`` -> ``{products: [{product_id, cosine}], meta: {query, query_encoded,
+    indexed_products, index}}``: the ``k`` (default 10, at most 1000) products nearest to the
+    query's DashCLIP vector, best first: the exported query table's row when the normalised query
+    is in it, else the trained DashCLIP query encoder's vector (``query_encoded: true``). Row 0 (the
+    unknown product) is never a result.
+``POST /recommend``
+    ``{user_id | purchase_history, query, now?, k?, candidates_n?, features?: {dense: {..},
+    sparse: {..}}}`` -> ``{products: [{product_id, cosine, score}], meta: {..ScoreMeta,
+    query_encoded, retrieved}}``: retrieves ``candidates_n`` (default 200) products like
+    ``/retrieve``, scores them with the fused pCTR model through the same path as ``/score``
+    (:meth:`Scorer.probabilities`, micro-batched with concurrent ``/score`` requests) and returns the
+    ``k`` (default 10) most likely to be clicked, best first (ties: higher cosine, then lower id).
+    The candidates' product-level features (constant per product, or a daily product statistic
+    such as past click rate at its latest value) come from the served ``product_features.parquet``;
+    the request-level ones (hour, platform, ...) from ``features``, each defaulting to its training
+    mean (dense) or most frequent training id (sparse). Which is which was decided from the
+    impressions at export (:mod:`serving.funnel`); ``/openapi.json`` lists the request-level ones
+    with their defaults and names the product-level ones.
 ``GET /healthz``
-    ``{status: "ok", model, variant, table_dtype}``.
+    ``{status: "ok", model, variant, table_dtype, products, added_products, funnel, funnel_error,
+    reload_error}``.
+
+Reload (a file watch): every ``--watch-s`` seconds (default 1; 0 = never) each worker process
+looks at the manifests of the export, the added set, the product index and the DashCLIP tables
+(inode, size, modification time). When one changed and no publication is in progress, it loads
+the new files beside the served ones (in a thread, warmed up) and swaps them in between requests,
+so ``python -m serving.add_products`` is served within about a second by every worker, with no
+restart and no request failing. A reload is refused, and the served files kept, when the new
+files do not load, would change the request schema (the feature spec or split: restart), or would
+lose the funnel (e.g. an export published before its index is rebuilt); ``/healthz`` then shows
+``reload_error``.
 
 Every error has one JSON body, :class:`serving.requests.ErrorResponse`, whose message names each
 offending field: ``{"message": "candidates[2].dense.price: Input should be a finite number",
@@ -25,9 +60,12 @@ offending field: ``{"message": "candidates[2].dense.price: Input should be a fin
 400: the body is not JSON; 404: unknown path; 405: wrong method; 413: too many candidates or a
 body over ``--max-body-mb``; 415: a content type other than ``application/json`` (or
 ``application/*+json``); 422: the rest (missing, unknown, mistyped or out-of-range fields, dense
-values beyond ``--max-dense-z`` training stds). A score that comes out non-finite anyway is never
-sent: 500 names the candidate. ``/openapi.json`` describes the request model exactly (every
-feature, constraints, an example) and the error body of every response code.
+values beyond ``--max-dense-z`` training stds, ``k`` or ``candidates_n`` out of range, a query
+that normalises to nothing for ``/retrieve`` and ``/recommend``); 503: the funnel's files are
+missing or do not belong together (``/retrieve``, ``/recommend``). A score that comes out
+non-finite anyway is never sent: 500 names the candidate. ``/openapi.json`` describes the request
+models exactly (every feature, constraints, defaults, an example) and the error body of every
+response code.
 
 Speed: :class:`FastScorePath`, an ASGI middleware in front of FastAPI, answers a well-formed
 ``POST /score`` (or ``/score/columns``) itself: the body parsed with ``pydantic_core.from_json``,
@@ -62,7 +100,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,14 +110,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fbgemm_gpu  # noqa: F401  (registers the fbgemm:: ops the TorchScript model calls)
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
-from common.io import read_json
+from common.io import file_sha256, read_json
+from common.provenance import OutputSet
 from data.schema import SchemaError
+from embeddings.tables import tables_set
 from ranking.features import FeatureSpec, PurchaseIndex
-from serving.published import published_export
+from serving.funnel import Funnel, FunnelUnavailable, load_encoder_once, load_funnel
+from serving.index import index_set
+from serving.published import ADDED_FILES, added_set, current_added, export_set, published_export, read_id_map
 from serving.redis_store import free_port
 from serving.requests import (DENSE_MAX_Z, EncodedRequest, ErrorResponse, FastRequestParser, ParsedRequest,
-                              RequestEncoder, ScoreRequestBase, ScoreResponse, build_columns_request_model,
-                              build_score_request_model)
+                              RecommendedProduct, RecommendMeta, RecommendResponse,
+                              RequestEncoder, RetrievedProduct, RetrieveMeta, RetrieveRequest, RetrieveResponse,
+                              ScoreRequestBase, ScoreResponse, build_columns_request_model,
+                              build_recommend_request_model, build_score_request_model, request_feature_values)
 
 log = logging.getLogger("serving.server")
 
@@ -93,7 +136,7 @@ HTTP_ERRORS = {404: ("path", "not_found"), 405: ("method", "method_not_allowed")
 
 @dataclass
 class ServerConfig:
-    """Serve the exported ranking model over HTTP (POST /score, GET /healthz)."""
+    """Serve the exported ranking model over HTTP (POST /score, /retrieve, /recommend, GET /healthz)."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (reads DIR/serving, DIR/data)"})
     host: str = field(default="127.0.0.1", metadata={"help": "interface to bind"})
@@ -107,25 +150,10 @@ class ServerConfig:
         "help": "worker processes sharing the port (0 = one per CPU core)"})
     batch: bool = field(default=True, metadata={
         "help": "score the requests that are ready at the same moment in one model call (no waiting)"})
+    watch_s: float = field(default=1.0, metadata={
+        "help": "seconds between looks at the served files' manifests; a change is loaded and swapped in (0 = never)"})
     log_level: str = field(default="warning", metadata={"help": "uvicorn log level",
                                                         "choices": ["critical", "error", "warning", "info", "debug"]})
-
-
-def read_id_maps(serving: Path) -> tuple[list[int], list[str]]:
-    """``(product_ids, queries)`` in row order (row ``r`` at index ``r - 1``) from the exported id maps."""
-    out: list[list] = []
-    for name, key in (("product_ids", "product_id"), ("query_ids", "query")):
-        path = serving / f"{name}.parquet"
-        if not path.exists():
-            raise UserError(f"{path}: missing id map (run `python -m serving.export --force`)")
-        table = pq.read_table(path)
-        if "row_id" not in table.column_names or key not in table.column_names:
-            raise UserError(f"{path}: expected columns row_id and {key}, found {table.column_names}")
-        rows = table.column("row_id").to_numpy()
-        if not np.array_equal(rows, np.arange(1, len(rows) + 1)):
-            raise UserError(f"{path}: column 'row_id' must be 1..R-1 in order")
-        out.append(table.column(key).to_pylist())
-    return out[0], out[1]
 
 
 class NonFiniteScoreError(Exception):
@@ -137,21 +165,31 @@ class NonFiniteScoreError(Exception):
 
 
 class Scorer:
-    """The exported model, its feature spec and the purchase history: request in, scores out.
+    """The served model, its feature spec and the purchase history: request in, scores out.
 
-    Thread-safe for concurrent :meth:`score` calls (TorchScript inference, read-only state).
+    Serves the export, or the added set when ``with_added`` and one is published for this export
+    (:func:`serving.published.current_added`): the same weights with the added products' rows in
+    the product table. Thread-safe for concurrent :meth:`score` calls (TorchScript inference,
+    read-only state).
     """
 
-    def __init__(self, workdir: str | Path) -> None:
+    def __init__(self, workdir: str | Path, with_added: bool = True) -> None:
         self.workdir = Path(workdir)
         serving = self.workdir / "serving"
         published_export(self.workdir).verify()  # the files of one export, or a one-line error
         self.manifest: dict[str, Any] = read_json(serving / "manifest.json")
-        self.model_hash: str = self.manifest["files"]["model"]["sha256"][:16]
-        product_ids, queries = read_id_maps(serving) if "product_ids" in self.manifest["files"] else ([], [])
+        has_tables = "product_ids" in self.manifest["files"]
+        self.added: dict[str, Any] | None = current_added(self.workdir) if with_added and has_tables else None
+        model_path = self.workdir / ADDED_FILES["model"] if self.added else serving / "model.pt"
+        self.model_hash: str = file_sha256(model_path)[:16]
+        product_ids, queries = [], []
+        if has_tables:
+            product_ids = read_id_map(self.workdir / ADDED_FILES["product_ids"] if self.added
+                                      else serving / "product_ids.parquet", "product_id")
+            queries = read_id_map(serving / "query_ids.parquet", "query")
         self.spec = FeatureSpec.from_dict({**self.manifest["feature_spec"], "product_ids": product_ids,
                                            "queries": queries})
-        self.model = torch.jit.load(str(serving / "model.pt")).eval()
+        self.model = torch.jit.load(str(model_path)).eval()
         try:
             purchases = PurchaseIndex.from_workdir(self.workdir)
         except SchemaError as exc:
@@ -198,6 +236,81 @@ class Scorer:
         """Click probabilities of the request's candidates; :class:`NonFiniteScoreError` if any is NaN or infinite."""
         encoded = self.encoder.encode(request)
         return self.response(encoded, self.probabilities([encoded])[0])
+
+    def request_schema(self) -> tuple[Any, Any]:
+        """What the request models are built from: the feature spec (without id maps) and the feature split."""
+        return self.manifest["feature_spec"], self.manifest.get("features")
+
+
+def served_sets(workdir: Path) -> tuple[OutputSet, ...]:
+    """The sets the service reads (constructing them reads no file)."""
+    return export_set(workdir, True), added_set(workdir), index_set(workdir), tables_set(workdir)
+
+
+def served_signature(workdir: Path) -> tuple:
+    """``(inode, size, mtime_ns)`` of each served set's manifest (None when absent): what the watch compares."""
+    signature = []
+    for rel in (out.manifest_rel for out in served_sets(workdir)):
+        try:
+            stat = (workdir / rel).stat()
+            signature.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        except FileNotFoundError:
+            signature.append(None)
+    return tuple(signature)
+
+
+def publication_in_progress(workdir: Path) -> bool:
+    """A served set is being published (its journal exists): read it later. (Reading it now would
+    roll the publication back: :meth:`common.provenance.OutputSet.recover`.)"""
+    return any(out.journal_path.exists() for out in served_sets(workdir))
+
+
+@dataclass
+class Served:
+    """What the service serves: the scorer, the funnel (None, with the reason, when its files are
+    missing or do not belong together) and the manifests' signature when they were loaded."""
+
+    scorer: Scorer
+    funnel: Funnel | None = None
+    funnel_error: str | None = "not loaded"
+    signature: tuple = ()
+
+    def require_funnel(self) -> Funnel:
+        if self.funnel is None:
+            raise FunnelUnavailable(f"retrieval is not available: {self.funnel_error}")
+        return self.funnel
+
+    def warm_up(self) -> None:
+        self.scorer.warm_up()
+        if self.funnel is not None:
+            self.funnel.warm_up()
+
+
+class EncoderOnce:
+    """The trained DashCLIP encoder of ``workdir``, loaded the first time a funnel needs it (then kept:
+    a new checkpoint needs a restart)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._loaded: tuple[Any, str] | None = None
+
+    def __call__(self) -> tuple[Any, str] | None:
+        if self._loaded is None:
+            self._loaded = load_encoder_once(self.workdir)
+        return self._loaded
+
+
+def load_served(workdir: str | Path, encoder: EncoderOnce) -> Served:
+    """The served files of ``workdir`` loaded and checked (see the module docstring), not yet warmed up."""
+    workdir = Path(workdir)
+    signature = served_signature(workdir)
+    scorer = Scorer(workdir)
+    try:
+        funnel = load_funnel(workdir, scorer.spec, scorer.manifest, scorer.added, encoder)
+    except FunnelUnavailable as exc:
+        log.warning("POST /retrieve and /recommend are not available: %s", exc)
+        return Served(scorer, None, str(exc), signature)
+    return Served(scorer, funnel, None, signature)
 
 
 class MicroBatcher:
@@ -275,9 +388,9 @@ class FastScorePath:
     header (see the module docstring).
     """
 
-    def __init__(self, app: ASGIApp, scorer: Scorer, batcher: MicroBatcher,
-                 forms: dict[str, Callable[[Any], ParsedRequest | None]], max_bytes: int) -> None:
-        self.app, self.scorer, self.batcher, self.forms, self.max_bytes = app, scorer, batcher, forms, max_bytes
+    def __init__(self, app: ASGIApp, batcher: MicroBatcher, forms: dict[str, Callable[[Any], ParsedRequest | None]],
+                 max_bytes: int) -> None:
+        self.app, self.batcher, self.forms, self.max_bytes = app, batcher, forms, max_bytes
         self.answered = 0  # requests answered here (the rest went to the FastAPI routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -342,8 +455,9 @@ class FastScorePath:
             return None
         if parsed is None:
             return None
+        scorer = self.batcher.scorer  # (the served one: a reload swaps it)
         try:
-            encoded = self.scorer.encoder.encode_arrays(parsed.head, parsed.product_ids, parsed.dense, parsed.sparse)
+            encoded = scorer.encoder.encode_arrays(parsed.head, parsed.product_ids, parsed.dense, parsed.sparse)
         except Exception:  # noqa: BLE001
             log.exception("fast path: encoding failed; leaving the request to the route")
             return None
@@ -355,7 +469,7 @@ class FastScorePath:
         scores = probs.numpy()
         if not np.isfinite(scores).all():
             return None
-        return to_json({"scores": scores.tolist(), "meta": {**encoded.meta, "model": self.scorer.model_hash}})
+        return to_json({"scores": scores.tolist(), "meta": {**encoded.meta, "model": scorer.model_hash}})
 
 
 class BodySizeLimit:
@@ -420,32 +534,97 @@ def _error_doc(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
-def create_app(scorer: Scorer, max_candidates: int = 1000, max_body_mb: float = 8.0,
-               max_dense_z: float = DENSE_MAX_Z, batch: bool = True) -> FastAPI:
-    """The FastAPI app serving ``scorer`` (see module docstring), with :class:`FastScorePath` in front."""
+class ServedWatch:
+    """A worker's file watch (see the module docstring): every ``interval_s`` seconds, when the served
+    sets' manifests changed and no publication is in progress, ``load()`` them in a thread, check that
+    they keep the request schema and the funnel, warm them up and ``swap`` them in (on the event loop,
+    between requests). A load that fails is logged and kept in ``error``; the served files stay."""
+
+    def __init__(self, workdir: Path, load: Callable[[], Served], swap: Callable[[Served], None],
+                 current: Callable[[], Served], interval_s: float) -> None:
+        self.workdir, self.load, self.swap, self.current, self.interval_s = workdir, load, swap, current, interval_s
+        self.error: str | None = None
+        self._failed: tuple | None = None  # the signature whose load failed (tried again once it changes)
+
+    def _load_checked(self, served: Served) -> Served:
+        new = self.load()
+        if new.scorer.request_schema() != served.scorer.request_schema():
+            raise UserError("the new export has another feature spec or feature split (the request schema): "
+                            "restart the service to serve it")
+        if served.funnel is not None and new.funnel is None:
+            raise UserError(f"the new files would leave retrieval unavailable: {new.funnel_error}")
+        new.warm_up()
+        return new
+
+    async def check(self) -> bool:
+        """Look once; True when new files were swapped in."""
+        served = self.current()
+        signature = served_signature(self.workdir)
+        if signature in (served.signature, self._failed) or publication_in_progress(self.workdir):
+            return False
+        try:
+            new = await asyncio.to_thread(self._load_checked, served)
+        except Exception as exc:  # noqa: BLE001  (whatever the files are, the served ones stay)
+            self._failed, self.error = signature, str(exc) if isinstance(exc, UserError) else repr(exc)
+            log.error("reload refused, still serving model %s: %s", served.scorer.model_hash, self.error)
+            return False
+        self.swap(new)
+        self.error = None
+        log.warning("reloaded: model %s, %d products (%d added), retrieval %s", new.scorer.model_hash,
+                    len(new.scorer.spec.product_ids), (new.scorer.added or {}).get("added_products", 0),
+                    "available" if new.funnel is not None else f"not available ({new.funnel_error})")
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.check()
+
+
+def create_app(served: Served, max_candidates: int = 1000, max_body_mb: float = 8.0,
+               max_dense_z: float = DENSE_MAX_Z, batch: bool = True, reload: Callable[[], Served] | None = None,
+               watch_s: float = 0.0) -> FastAPI:
+    """The FastAPI app serving ``served`` (see module docstring), with :class:`FastScorePath` in front.
+    With ``reload`` (a loader of the served files as they are on disk) and ``watch_s`` > 0, a
+    :class:`ServedWatch` swaps in new files."""
+    scorer = served.scorer
     ScoreRequest = scorer.request_model(max_candidates, max_dense_z)  # noqa: N806  (a class)
     ScoreColumnsRequest = scorer.columns_request_model(max_candidates, max_dense_z)  # noqa: N806
+    split = scorer.manifest.get("features") or {"product": [], "request": []}
+    RecommendRequest = build_recommend_request_model(scorer.spec, split, max_candidates, max_dense_z)  # noqa: N806
+    batcher = MicroBatcher(scorer, max_rows=max(max_candidates, 1024), enabled=batch)
+
+    def swap(new: Served) -> None:
+        app.state.served = new
+        batcher.scorer = new.scorer
+        gc.freeze()  # the new model and tables, like the first ones (see lifespan)
+
+    watch = (ServedWatch(scorer.workdir, reload, swap, lambda: app.state.served, watch_s)
+             if reload is not None and watch_s > 0 else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         # the model, tables and modules live as long as the process: move them out of the garbage
         # collector's reach, so that a full collection (~0.1-0.4 s over ~270k objects) never stalls requests
-        scorer.warm_up()
+        app.state.served.warm_up()
         gc.freeze()
         print(f"{READY_LINE} {os.getpid()}", flush=True)
+        task = asyncio.create_task(watch.run()) if watch is not None else None
         yield
+        if task is not None:
+            task.cancel()
 
     app = FastAPI(title="dashrec scoring service", version=str(scorer.manifest["manifest_version"]),
                   description=f"pCTR scores from the exported {scorer.manifest['variant']} model "
-                              f"(seed {scorer.manifest['seed']}, {scorer.manifest['table_dtype']} tables). "
-                              f"Every error response has the ErrorResponse body.", lifespan=lifespan)
+                              f"(seed {scorer.manifest['seed']}, {scorer.manifest['table_dtype']} tables), and "
+                              f"the retrieve -> rank funnel over the DashCLIP product index. Every error response "
+                              f"has the ErrorResponse body.", lifespan=lifespan)
+    app.state.served, app.state.batcher, app.state.watch = served, batcher, watch
     max_bytes = int(max_body_mb * 2**20)
     app.add_middleware(BodySizeLimit, max_bytes=max_bytes)
     parser = FastRequestParser(scorer.spec, max_candidates, max_dense_z)
-    batcher = MicroBatcher(scorer, max_rows=max(max_candidates, 1024), enabled=batch)
-    app.add_middleware(FastScorePath, scorer=scorer, batcher=batcher,
-                       forms={"/score": parser.rows, "/score/columns": parser.columns}, max_bytes=max_bytes)
-    app.state.batcher = batcher
+    app.add_middleware(FastScorePath, batcher=batcher, forms={"/score": parser.rows, "/score/columns": parser.columns},
+                       max_bytes=max_bytes)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -456,10 +635,14 @@ def create_app(scorer: Scorer, max_candidates: int = 1000, max_body_mb: float = 
 
     @app.exception_handler(NonFiniteScoreError)
     async def non_finite_score(request: Request, exc: NonFiniteScoreError) -> JSONResponse:
-        log.error("%s (model %s)", exc, scorer.model_hash)
+        log.error("%s (model %s)", exc, batcher.scorer.model_hash)
         return _error_response(500, [{"loc": ("body", "candidates", i), "type": "non_finite_score",
                                       "msg": "the model's score is not finite (dense values far outside the "
                                              "training range?)"} for i in exc.candidates])
+
+    @app.exception_handler(FunnelUnavailable)
+    async def funnel_unavailable(request: Request, exc: FunnelUnavailable) -> JSONResponse:
+        return _error_response(503, [{"loc": ("funnel",), "type": "unavailable", "msg": str(exc)}])
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -474,19 +657,32 @@ def create_app(scorer: Scorer, max_candidates: int = 1000, max_body_mb: float = 
         return _error_response(422, errors)
 
     other_errors = {"4XX": _error_doc("any other client error: 404 unknown path, 405 wrong method")}
-    score_errors = {400: _error_doc("body is not JSON"),
+    json_errors = {400: _error_doc("body is not JSON"),
+                   413: _error_doc(f"a body over {max_body_mb:g} MiB"),
+                   415: _error_doc(f"content type is not {JSON_TYPES}")}
+    score_errors = {**json_errors,
                     413: _error_doc(f"more than {max_candidates} candidates, or a body over {max_body_mb:g} MiB"),
-                    415: _error_doc(f"content type is not {JSON_TYPES}"),
                     422: _error_doc("a field is missing, unknown, of the wrong type or out of range"),
                     500: _error_doc("the model scored a candidate with NaN or infinity (nothing is returned)"),
                     **other_errors}
+    unavailable = _error_doc("retrieval is not available: the product index, the DashCLIP tables or the "
+                             "trained DashCLIP checkpoint is missing or does not belong to the served model "
+                             "(the message says which)")
+    retrieve_errors = {**json_errors, 422: _error_doc("a field is missing, unknown, of the wrong type or out of "
+                                                      "range, or the query normalises to nothing"),
+                       503: unavailable, **other_errors}
+    recommend_errors = {**json_errors, 422: _error_doc("a field is missing, unknown, of the wrong type or out of "
+                                                       "range (k above candidates_n, a product-level feature in "
+                                                       "features), or the query normalises to nothing"),
+                        500: _error_doc("the model scored a candidate with NaN or infinity (nothing is returned)"),
+                        503: unavailable, **other_errors}
 
     # The routes run inline on the event loop, like the fast path: they see the requests that
     # FastScorePath leaves to them (other JSON content types, whole-float ids, errors).
     @app.post("/score", response_model=ScoreResponse, summary="Score candidates for a shopper and a query",
               dependencies=[Depends(require_json)], responses=score_errors)
     async def score(body: ScoreRequest) -> ScoreResponse:
-        return scorer.score(body)
+        return batcher.scorer.score(body)
 
     @app.post("/score/columns", response_model=ScoreResponse,
               summary="Score candidates given column-wise (one array per field)",
@@ -496,12 +692,58 @@ def create_app(scorer: Scorer, max_candidates: int = 1000, max_body_mb: float = 
                           "(`candidates.dense.price[3]`).",
               dependencies=[Depends(require_json)], responses=score_errors)
     async def score_columns(body: ScoreColumnsRequest) -> ScoreResponse:
-        return scorer.score(body)
+        return batcher.scorer.score(body)
 
-    @app.get("/healthz", summary="Liveness and the model served", responses=other_errors)
+    @app.post("/retrieve", response_model=RetrieveResponse, summary="The products nearest to a query (DashCLIP)",
+              description="The k products whose DashCLIP vectors are nearest (cosine) to the query's, best first. "
+                          "The query's vector is the exported query table's row when the normalised query is in "
+                          "it, else the trained DashCLIP query encoder computes it (meta.query_encoded). Row 0, "
+                          "the unknown product, is never a result.",
+              dependencies=[Depends(require_json)], responses=retrieve_errors)
+    async def retrieve(body: RetrieveRequest) -> RetrieveResponse:
+        funnel = app.state.served.require_funnel()
+        found = funnel.retrieve(body.query, body.k)
+        return RetrieveResponse(
+            products=[RetrievedProduct(product_id=p, cosine=c) for p, c in zip(found.product_ids.tolist(),
+                                                                               found.cosines.tolist())],
+            meta=RetrieveMeta(query=found.query, query_encoded=found.encoded, indexed_products=len(funnel.index),
+                              index=funnel.index.kind))
+
+    @app.post("/recommend", response_model=RecommendResponse,
+              summary="Retrieve candidates for a query, rank them for the shopper, return the best k",
+              description="Retrieves candidates_n products like POST /retrieve, scores them with the pCTR model "
+                          "(the path of POST /score) and returns the k with the highest click probability, best "
+                          "first. Product-level features ("
+                          + (", ".join(e["field"] for e in split["product"]) or "none")
+                          + ") come from the served per-product file (defaults for a product without "
+                            "impressions); the request-level ones from `features`, each with its default.",
+              dependencies=[Depends(require_json)], responses=recommend_errors)
+    async def recommend(body: RecommendRequest) -> RecommendResponse:
+        served_now = app.state.served
+        funnel = served_now.require_funnel()
+        found = funnel.retrieve(body.query, body.candidates_n)
+        dense, sparse = funnel.features.arrays(found.product_ids, *request_feature_values(body))
+        encoded = served_now.scorer.encoder.encode_arrays(body, found.product_ids, dense, sparse)
+        probs = (await batcher.score(encoded)).numpy()
+        bad = np.flatnonzero(~np.isfinite(probs)).tolist()
+        if bad:
+            raise NonFiniteScoreError(bad)
+        best = np.lexsort((found.product_ids, -found.cosines, -probs))[:body.k]
+        return RecommendResponse(
+            products=[RecommendedProduct(product_id=int(found.product_ids[i]), cosine=float(found.cosines[i]),
+                                         score=float(probs[i])) for i in best],
+            meta=RecommendMeta(**encoded.meta, model=served_now.scorer.model_hash, query_encoded=found.encoded,
+                               retrieved=len(found.product_ids)))
+
+    @app.get("/healthz", summary="Liveness and what is served", responses=other_errors)
     async def healthz() -> dict:
-        return {"status": "ok", "model": scorer.model_hash, "variant": scorer.manifest["variant"],
-                "table_dtype": scorer.manifest["table_dtype"]}
+        served_now: Served = app.state.served
+        scorer_now = served_now.scorer
+        return {"status": "ok", "model": scorer_now.model_hash, "variant": scorer_now.manifest["variant"],
+                "table_dtype": scorer_now.manifest["table_dtype"], "products": len(scorer_now.spec.product_ids),
+                "added_products": (scorer_now.added or {}).get("added_products", 0),
+                "funnel": served_now.funnel is not None, "funnel_error": served_now.funnel_error,
+                "reload_error": watch.error if watch is not None else None}
 
     return app
 
@@ -593,9 +835,11 @@ def http_implementation() -> str:
 
 
 def build_app(cfg: ServerConfig) -> FastAPI:
-    """One worker's app: its torch threads set, the export loaded."""
+    """One worker's app: its torch threads set, the served files loaded."""
     torch.set_num_threads(cfg.threads)
-    return create_app(Scorer(cfg.workdir), cfg.max_candidates, cfg.max_body_mb, cfg.max_dense_z, cfg.batch)
+    workdir, encoder = Path(cfg.workdir), EncoderOnce(Path(cfg.workdir))
+    return create_app(load_served(workdir, encoder), cfg.max_candidates, cfg.max_body_mb, cfg.max_dense_z,
+                      cfg.batch, reload=lambda: load_served(workdir, encoder), watch_s=cfg.watch_s)
 
 
 def worker_app() -> FastAPI:
@@ -608,15 +852,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     cfg = parse_config(ServerConfig, argv)
     if (cfg.max_candidates < 1 or cfg.threads < 1 or cfg.workers < 0 or not cfg.max_body_mb > 0
-            or not 0 < cfg.max_dense_z < float("inf") or not 0 < cfg.port < 65536):
+            or not 0 < cfg.max_dense_z < float("inf") or not 0 < cfg.port < 65536 or not cfg.watch_s >= 0):
         raise UserError("--max-candidates and --threads must be >= 1, --workers >= 0, --max-body-mb > 0, "
-                        "--max-dense-z finite > 0, --port in 1..65535")
+                        "--max-dense-z finite > 0, --port in 1..65535, --watch-s >= 0")
     workers = cfg.workers or default_workers()
     options = {"host": cfg.host, "port": cfg.port, "log_level": cfg.log_level,
                "access_log": cfg.log_level in ("info", "debug")}
     if workers == 1:
         app = build_app(cfg)
-        scorer_manifest, model_hash = app.state.batcher.scorer.manifest, app.state.batcher.scorer.model_hash
+        scorer_manifest, model_hash = app.state.served.scorer.manifest, app.state.served.scorer.model_hash
     else:
         scorer = Scorer(cfg.workdir)  # a bad export fails here, once, before any worker starts
         scorer_manifest, model_hash = scorer.manifest, scorer.model_hash

@@ -35,7 +35,7 @@ def test_bench_writes_latency_tables_and_skips_a_rerun(serving_workdir: Path, tm
     shutil.copytree(serving_workdir / "serving", workdir / "serving")
     argv = ["--workdir", str(workdir), "--iters", "5", "--warmup", "1", "--candidates", "1", "9",
             "--http-clients", "2", "--http-requests", "6", "--http-candidates", "4", "--http-sequential", "3",
-            "--http-workers", "2"]
+            "--http-workers", "2", "--funnel-candidates", "20", "--funnel-k", "5"]
     results = bench.main(argv)
     saved = read_json(workdir / "serving" / "bench.json")
     assert saved["latency"].keys() == {"1", "9"} == results["latency"].keys()
@@ -55,8 +55,16 @@ def test_bench_writes_latency_tables_and_skips_a_rerun(serving_workdir: Path, tm
         assert seq["client"]["n"] == seq["server"]["n"] == 3 and seq["server"]["p50_ms"] <= seq["client"]["p99_ms"]
     assert http["sequential"]["model"]["n"] == 3 and http["ratios"]["server_p50_over_model_p50"] > 0
     assert set(http["targets"]) == {"requests_per_s", "p99_ms", "server_p50_over_model_p50"}
+    funnel = http["funnel"]
+    assert (funnel["candidates"], funnel["k"], funnel["errors"]) == (20, 5, 0)
+    assert set(funnel["rows"]) == {"retrieve", "retrieve_encoded", "recommend"}
+    for row in funnel["rows"].values():
+        assert row["requests"] == 3 and 0 < row["server"]["p50_ms"] <= row["client"]["p99_ms"]
+    assert funnel["target"]["recommend_p99_ms"] == 30.0 and funnel["target"]["value"] == \
+        funnel["rows"]["recommend"]["client"]["p99_ms"]
     md = (workdir / "serving" / "bench.md").read_text()
     assert "| 9 |" in md and "| /score | 2 | 6 | 0 |" in md and "| /score/columns |" in md and "fusion" in md
+    assert "| /recommend, retrieve 20, rank, return 5 | 3 | 0 |" in md and "/retrieve, query encoded" in md
     assert md in capsys.readouterr().out
     before = (workdir / "serving" / "bench.json").stat().st_mtime_ns
     bench.main(argv)

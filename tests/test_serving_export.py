@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -33,7 +34,7 @@ def _nw_batch(workdir: Path, rows: int = 300):
 def test_manifest_records_hashes_inputs_and_parity(serving_workdir: Path):
     out = serving_workdir / "serving"
     manifest = read_json(out / "manifest.json")
-    assert set(manifest["files"]) == {"model", "vectors_model", "product_ids", "query_ids"}
+    assert set(manifest["files"]) == {"model", "vectors_model", "product_ids", "query_ids", "product_features"}
     for entry in manifest["files"].values():
         assert file_sha256(out / entry["path"]) == entry["sha256"]
     published = export.published_export(serving_workdir).verify()  # one set, with the descriptive manifest
@@ -51,6 +52,34 @@ def test_manifest_records_hashes_inputs_and_parity(serving_workdir: Path):
                                                       "column": spec.dense_names[0]}
     assert manifest["parity"]["fused_max_abs_diff"] <= 1e-5 and manifest["parity"]["vectors_max_abs_diff"] <= 1e-5
     assert manifest["parity"]["rows"] > 0 and 0.0 <= manifest["nw_auc"]["fp32"] <= 1.0
+
+
+def test_the_feature_split_and_the_product_features_follow_the_impressions(serving_workdir: Path):
+    split = read_json(serving_workdir / "serving" / "manifest.json")["features"]
+    spec = load_model(export.checkpoint_path(serving_workdir, "dcn_pq_hist", 0)).spec
+    levels = {e["column"]: e.get("value", "request") for e in split["product"] + split["request"]}
+    assert sorted(levels) == sorted(spec.dense_names + spec.sparse_names)
+    # the synthetic marketplace's features (data/synth.py): what the rule should find
+    assert levels["dense_price"] == levels["sparse_brand"] == levels["sparse_product"] == "one value per product"
+    assert levels["dense_product_ctr_past"].startswith("value on the product's latest impression")
+    assert levels["dense_hour"] == levels["sparse_platform"] == levels["sparse_weekday"] == "request"
+    impressions = pq.read_table(serving_workdir / "data" / "impressions.parquet").to_pandas()
+    day = impressions["ts"].dt.floor("D")
+    for entry in split["product"]:
+        assert impressions.groupby(["product_id", day])[entry["column"]].nunique().max() == 1, entry["column"]
+    for entry in split["request"]:
+        per_product_day = impressions.groupby(["product_id", day])[entry["column"]].nunique().max()
+        assert per_product_day > 1 or impressions.groupby(day)[entry["column"]].nunique().max() == 1, entry["column"]
+    latest = impressions.sort_values(["product_id", "ts"], kind="stable").groupby("product_id").tail(1)
+    table = pq.read_table(serving_workdir / "serving" / "product_features.parquet").to_pandas()
+    assert table["product_id"].tolist() == sorted(impressions["product_id"].unique())
+    assert list(table.columns) == ["product_id", *(e["column"] for e in split["product"])]
+    for entry in split["product"]:
+        np.testing.assert_array_equal(table[entry["column"]].to_numpy(), latest[entry["column"]].to_numpy())
+    means = dict(zip(spec.dense_names, spec.dense_mean))
+    assert all(e["default"] == means[e["column"]] for e in split["product"] + split["request"] if e["kind"] == "dense")
+    reserved = dict(zip(spec.sparse_names, spec.sparse_num_embeddings))
+    assert all(e["default"] == reserved[e["column"]] - 1 for e in split["product"] if e["kind"] == "sparse")
 
 
 def test_exported_files_score_like_the_eager_model(serving_workdir: Path):

@@ -242,6 +242,29 @@ def test_bad_inputs(tmp_path: Path) -> None:
         build(tmp_path, "--kind", "ivf", "--nlist", "50")
 
 
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivf"])
+def test_index_with_added_and_replaced_products(tmp_path: Path, kind: str) -> None:
+    products, _ = bench_vectors(800, DIM, 1, "clustered", seed=9)
+    ids = publish_tables(tmp_path, products)
+    build(tmp_path, "--kind", kind, "--hnsw-m", "8", "--ef-construction", "32", "--nlist", "8", "--nprobe", "8")
+    published = {rel: (tmp_path / rel).read_bytes() for rel in (INDEX_REL, IDS_REL)}
+    rng = np.random.default_rng(10)
+    new_ids, new_vectors = np.array([10**9, 10**9 + 1]), unit(rng, 2) * 2.0  # normalised on the way in
+    index, index_ids = product_index.index_with(tmp_path, new_ids, new_vectors)
+    assert index.ntotal == len(index_ids) == len(ids) + 2 and index_ids[-2:].tolist() == new_ids.tolist()
+    grown = ProductIndex(index, index_ids, kind)
+    assert grown.search(new_vectors, 1)[0][:, 0].tolist() == new_ids.tolist()
+    assert grown.search(products[:50], 1)[0][:, 0].tolist() == ids[:50].tolist()  # the others stay found
+    # replacing an indexed product: its old vector is gone (a rebuild), its new one found
+    replaced, replaced_ids = product_index.index_with(tmp_path, ids[:1], new_vectors[:1])
+    assert replaced.ntotal == len(ids) and int((replaced_ids == ids[0]).sum()) == 1
+    found, cosines = ProductIndex(replaced, replaced_ids, kind).search(new_vectors[:1], 1)
+    assert found[0, 0] == ids[0] and cosines[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert {rel: (tmp_path / rel).read_bytes() for rel in (INDEX_REL, IDS_REL)} == published  # the set untouched
+    with pytest.raises(UserError, match="all-zero vector"):
+        product_index.index_with(tmp_path, new_ids[:1], np.zeros((1, DIM), np.float32))
+
+
 def test_bench_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     results = product_index.main(["--bench", "--workdir", str(tmp_path), "--bench-n", "2000", "--bench-dim", "16",
                                   "--bench-queries", "60", "--hnsw-m", "8", "--ef-construction", "32",

@@ -28,19 +28,11 @@ from ranking.model import load_model
 from serving.export import checkpoint_path
 from serving.requests import (ErrorResponse, FastRequestParser, RequestEncoder, build_columns_request_model,
                               build_score_request_model, dense_bounds, feature_key)
-from serving.server import MicroBatcher, Scorer, ServerConfig, ServiceProcess, create_app
-from tests.serving_fixtures import serving_workdir  # noqa: F401  (fixture)
+from serving.server import MicroBatcher, Scorer, Served, ServerConfig, create_app
+from tests.serving_fixtures import MAX_CANDIDATES, serving_workdir, service  # noqa: F401  (fixtures)
 
-MAX_CANDIDATES = 8
 EXAMPLE_REQUEST = Path(__file__).resolve().parents[1] / "examples" / "request.json"
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def service(serving_workdir: Path):
-    with ServiceProcess(serving_workdir, threads=1, max_candidates=MAX_CANDIDATES) as proc:
-        with httpx.Client(base_url=proc.url, timeout=30.0) as client:
-            yield client
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +252,7 @@ def test_dense_values_are_bounded_and_scores_are_always_finite(service: httpx.Cl
     assert resp.status_code == 422 and _error_body(resp, "beyond").detail[0].field == f"candidates[1].dense.{first}"
 
     # with the bound lifted, a price of 1e20 overflows the model: a 500 naming the candidate, never a null score
-    loose = TestClient(create_app(Scorer(serving_workdir), MAX_CANDIDATES, max_dense_z=1e30))
+    loose = TestClient(create_app(Served(Scorer(serving_workdir)), MAX_CANDIDATES, max_dense_z=1e30))
     huge = {**cand, "dense": {**cand["dense"], first: 1e20}}
     resp = loose.post("/score", json={**session_case["body"], "candidates": [cand, huge]})
     assert resp.status_code == 500, resp.text
@@ -316,7 +308,9 @@ def test_openapi_describes_every_feature(service: httpx.Client, session_case: di
 def test_openapi_gives_every_error_response_the_error_body(service: httpx.Client):
     api = service.get("/openapi.json").json()
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-    expected = {"/score": {"post": {"400", "413", "415", "422", "500", "4XX"}}, "/healthz": {"get": {"4XX"}}}
+    expected = {"/score": {"post": {"400", "413", "415", "422", "500", "4XX"}}, "/healthz": {"get": {"4XX"}},
+                "/retrieve": {"post": {"400", "413", "415", "422", "503", "4XX"}},
+                "/recommend": {"post": {"400", "413", "415", "422", "500", "503", "4XX"}}}
     for path, methods in expected.items():
         for method, codes in methods.items():
             responses = api["paths"][path][method]["responses"]
