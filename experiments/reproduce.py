@@ -139,6 +139,7 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
             Stage("importance", (("ranking.importance", "--variant", "dcn_pq_hist", *seed, *common,
                                   *preset.importance),)),
             Stage("serving", (("serving.export", "--variant", "dcn_pq_hist", *common),
+                              ("serving.index", *common),
                               ("serving.bench", *common, *preset.serving_bench))),
         ]
     return stages
