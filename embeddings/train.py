@@ -312,13 +312,16 @@ def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, mm_itc: ITCLoss |
 def stage2_losses(model: DashCLIP, pqc: PQCLoss, in_batch: ITCLoss | None, product_state: torch.Tensor,
                   query_prefix: torch.Tensor, query_mask: torch.Tensor, precision: Precision,
                   negative_product_state: torch.Tensor | None = None,
-                  negative_product_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  negative_product_valid: torch.Tensor | None = None,
+                  query_slots: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Stage-2 losses of B tuples: ``pqc``; with ``in_batch``, ``in_batch``; with negative products,
     ``query_side``.
 
     Inputs: frozen grounded states ``[B, Dt]`` and the tuples' queries as
     :meth:`DashCLIP.query_prefix_states` ``[B*(1+N), L, Dq]`` with mask ``[B*(1+N), L]``, flattened
-    row-major (positive first in each tuple). PQC ranks each product's queries; it is blind to how
+    row-major (positive first in each tuple), or, with ``query_slots`` ``[B*(1+N)]`` (int64), the
+    batch's distinct queries ``[Q, L, Dq]`` and each slot's row among them (a query that fills
+    several slots is encoded once). PQC ranks each product's queries; it is blind to how
     a product scores against every query (a per-product offset leaves it unchanged), which is what
     retrieval over the catalog ranks on. ``in_batch`` adds the symmetric contrast of the B products
     with their B positive queries (each query against the batch's products, and vice versa).
@@ -330,7 +333,9 @@ def stage2_losses(model: DashCLIP, pqc: PQCLoss, in_batch: ITCLoss | None, produ
     with precision():
         product = model.product_embedding_from_state(product_state).float()
         query = model.query_embedding_from_prefix(query_prefix, query_mask).float()
-    query = query.view(batch, query_prefix.shape[0] // batch, -1)
+    if query_slots is not None:
+        query = query[query_slots]
+    query = query.view(batch, query.shape[0] // batch, -1)
     losses = {"pqc": pqc(product, query)}
     if in_batch is not None:
         losses["in_batch"] = in_batch(product, query[:, 0])[0]
@@ -755,14 +760,16 @@ class Stage2(StageRunner):
                 negative_rows: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Stage-2 losses of tuples: product rows ``[B]`` of the state table, query indices ``[B, 1+N]``,
         optionally the rows ``[B, M]`` (-1 = empty) of the products the positive query ranks lower."""
-        states, mask = self.queries.batch(query_index.reshape(-1))
+        distinct, slots = np.unique(query_index.reshape(-1), return_inverse=True)
+        states, mask = self.queries.batch(distinct)
         negatives = {}
         if negative_rows is not None:
             rows = torch.as_tensor(negative_rows)
             negatives = {"negative_product_state": self.product_state[rows.clamp_min(0)],
                          "negative_product_valid": (rows >= 0).to(self.product_state.device)}
         return stage2_losses(self.model, self.pqc, self.in_batch, self.product_state[torch.as_tensor(product_rows)],
-                             states, mask, functools.partial(autocast, self.device), **negatives)
+                             states, mask, functools.partial(autocast, self.device), **negatives,
+                             query_slots=torch.as_tensor(slots.reshape(-1), device=self.product_state.device))
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
