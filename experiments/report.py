@@ -15,26 +15,15 @@ from typing import Any, Callable
 
 from experiments import paper
 
-RANKING_VARIANTS = ("dcn", "dcn_pq", "dcn_pq_hist", "dcn_pq_hist_random")
+RANKING_VARIANTS = ("dcn", "dcn_pq", "dcn_pq_hist", "dcn_pq_hist_random", "dcn_pq_hist_finetune")
 RETRIEVAL_NAMES = {"random": "Random vectors", "untuned_text": "Untuned text encoder (title)",
                    "untuned_image": "Untuned image encoder", "untuned": "Untuned multimodal fusion",
                    "dashclip": "DashCLIP (ours, trained)"}
 RETRIEVAL_BASELINES = ("random", "untuned_text", "untuned_image", "untuned")
-RETRIEVAL_KEYS = ("graded_relevance", "recall_at_10", "precision_at_10")
-# The paper's Table 1 (Gurjar et al. 2025; /work/shared/PAPER.md): graded relevance, Recall@10,
-# Precision@10 over the held-out relevance pairs' products, on DoorDash's private data.
-PAPER_LABEL = "paper (DoorDash, private data)"
-PAPER_TABLE1: dict[str, tuple[float, float, float]] = {
-    "Random": (0.102, 0.194, 0.027),
-    "CLIP ViT-B/32 (text)": (0.346, 0.530, 0.164),
-    "CLIP ViT-B/32 (image)": (0.529, 0.666, 0.325),
-    "BLIP-14M (text)": (0.328, 0.457, 0.190),
-    "BLIP-14M (image)": (0.316, 0.468, 0.178),
-    "FLAVA (text)": (0.276, 0.446, 0.137),
-    "FLAVA (image)": (0.393, 0.562, 0.230),
-    "DashCLIP (image-text)": (0.667, 0.743, 0.515),
-}
-PAPER_DASHCLIP = "DashCLIP (image-text)"
+RETRIEVAL_KEYS = paper.TABLE1_METRICS
+PAPER_LABEL = paper.LABEL
+PAPER_TABLE1 = paper.TABLE1
+PAPER_DASHCLIP = paper.TABLE1_DASHCLIP
 # our system -> the paper's closest row (DashCLIP starts from BLIP-14M: its untuned encoders)
 PAPER_ANALOGUE = {"random": "Random", "untuned_text": "BLIP-14M (text)", "untuned_image": "BLIP-14M (image)",
                   "dashclip": PAPER_DASHCLIP}
@@ -53,6 +42,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _relative(ours: float | None, base: float | None) -> str:
+    """``ours`` over ``base`` as a signed percentage."""
+    return "n/a" if ours is None or not base else f"{(ours / base - 1.0) * 100:+.1f}%"
 
 
 def _verdict(ok: bool, claim: str) -> str:
@@ -76,12 +70,6 @@ def data_section(root: Path) -> str:
     extra = {k: manifest[k] for k in ("label_split", "click_rate", "proxy_labels") if k in manifest}
     return ("## Data\n\n" + (_table(["table", "rows"], rows) + "\n\n" if rows else "")
             + "".join(f"- {k}: `{json.dumps(v)}`\n" for k, v in extra.items()))
-
-
-def _paper_gains() -> dict[str, float]:
-    """The paper's DashCLIP minus its best baseline, per Table 1 metric."""
-    return {m: PAPER_TABLE1[PAPER_DASHCLIP][i] - max(v[i] for name, v in PAPER_TABLE1.items() if name != PAPER_DASHCLIP)
-            for i, m in enumerate(RETRIEVAL_KEYS)}
 
 
 def _pool_table(view: dict, *, paper_columns: bool = False) -> str:
@@ -134,12 +122,12 @@ def table1_protocol_section(root: Path) -> str:
     out.append(_table(["embedding", "graded relevance", "Recall@10", "Precision@10"],
                       [[name, *(_fmt(v, 3) for v in vals)] for name, vals in PAPER_TABLE1.items()]))
     baselines = [k for k in RETRIEVAL_BASELINES if k in systems]
-    ours = {m: systems["dashclip"][m] - max(systems[k][m] for k in baselines) for m in RETRIEVAL_KEYS}
-    theirs = _paper_gains()
-    out.append("\nDashCLIP minus the best baseline on each metric:\n")
+    ours = {m: systems["dashclip"][m] / max(systems[k][m] for k in baselines) - 1.0 for m in RETRIEVAL_KEYS}
+    theirs = paper.table1_relative_gains()
+    out.append("\nDashCLIP over the best baseline on each metric, relative:\n")
     out.append(_table(["", "graded relevance", "Recall@10", "Precision@10"],
-                      [["ours (best of random and the untuned encoders)", *(f"{ours[m]:+.3f}" for m in RETRIEVAL_KEYS)],
-                       [f"{PAPER_LABEL}, best of its 7 baselines", *(f"{theirs[m]:+.3f}" for m in RETRIEVAL_KEYS)]]))
+                      [["ours (best of random and the untuned encoders)", *(f"{ours[m]:+.1%}" for m in RETRIEVAL_KEYS)],
+                       [f"{PAPER_LABEL}, best of its 7 baselines", *(f"{theirs[m]:+.1%}" for m in RETRIEVAL_KEYS)]]))
     out.append("\n" + _verdict(_beats_baselines(systems), "DashCLIP above random and every untuned encoder on "
                                                           "all three metrics, as in the paper") + "\n")
     return "\n".join(out)
@@ -237,9 +225,12 @@ def retrieval_section(root: Path) -> str:
     rows = []
     for task, label in (("aisle_f1", "aisle-category macro F1"), ("relevance_f1", "3-class relevance macro F1")):
         if task in metrics:
+            dashclip, blip = paper.SECTION5[task]
             rows.append([label, _fmt(metrics[task].get("untuned")), _fmt(metrics[task].get("dashclip")),
-                         paper.SECTION5.get(task, "n/a")])
-    out.append(_table(["task", "untuned", "DashCLIP", "paper"], rows))
+                         _relative(metrics[task].get("dashclip"), metrics[task].get("untuned")),
+                         f"{blip:.3f}", f"{dashclip:.3f}", _relative(dashclip, blip)])
+    out.append(_table(["task", "untuned", "DashCLIP", "relative gain", f"{PAPER_LABEL}: BLIP-14M", "DashCLIP",
+                       "relative gain"], rows))
     out.append("")
     for task, claim in (("aisle_f1", "DashCLIP product vectors classify aisles better than untuned ones"),
                         ("relevance_f1", "DashCLIP vectors classify (query, product) relevance better than untuned ones")):
@@ -274,8 +265,14 @@ def ranking_section(root: Path) -> str:
             out.append(f"No metrics for this slice ({n} impressions: none, or only one class).")
             continue
         out.append(_table(["variant", "ROC-AUC (mean ± std)", "AUC vs dcn", "normalized logloss", "p vs dcn"], rows))
-    out.append("\nPaper (DashCLIP, Table 2):\n")
-    out.append(_table(["variant", *paper.TABLE2_COLUMNS], [[v, *vals] for v, vals in paper.TABLE2.items()]))
+    out.append(f"\n{PAPER_LABEL}, Table 2 (ROC-AUC over 5 runs; AUC points against its DCN baseline):\n")
+    paper_rows = []
+    for v, by_slice in paper.TABLE2_AUC.items():
+        base = paper.TABLE2_AUC["dcn"]
+        paper_rows.append([v, *(f"{by_slice[s]:.4f} ({(by_slice[s] - base[s]) * 100:+.2f} pt)" if s in by_slice else "—"
+                                for s in paper.TABLE2_SLICES)])
+    out.append(_table(["variant", *(SLICES[s] for s in paper.TABLE2_SLICES)], paper_rows))
+    out.append(f"\nPaper: {paper.TABLE2_NOTE}.")
     auc = {v: results[v]["nw"]["auc_mean"] for v in variants}
     checks = []
     if {"dcn", "dcn_pq", "dcn_pq_hist"} <= auc.keys():
