@@ -41,7 +41,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser(config_cls: type, description: str | None = None) -> argparse.ArgumentParser:
     """Build an argparse parser from a dataclass: one flag per field."""
-    parser = _OneLineParser(description=description or (config_cls.__doc__ or "").strip().splitlines()[0])
+    parser = _OneLineParser(description=description or (config_cls.__doc__ or "").strip().splitlines()[0],
+                            allow_abbrev=False)  # a misspelt or shortened flag is an error, never another flag
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         if not field.init:
