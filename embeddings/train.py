@@ -976,6 +976,11 @@ class Trainer:
         summary["world_size"] = self.shard.world_size  # of this (last) invocation
         summary["n_cold_products"] = int(len(self.cold_products))
         if self.shard.is_main:
+            gates = {name: round(math.tanh(float(value)), 4) for name, value in final["model"].items()
+                     if name.endswith(".cross_gate")}
+            if gates:  # how far stage 1 opened the image path of each layer (0 = text only)
+                summary["cross_attention_gates"] = gates
+                log.info("stage 1: cross-attention gates tanh(gate) %s", " ".join(f"{v:+.3f}" for v in gates.values()))
             self.publish(1, made_from, final, summary)
             stage_set(paths.root, 2).clear()  # trained on another stage-1 output
             for stale in (paths.stage_last(1), paths.stage1_best, paths.stage_last(2)):

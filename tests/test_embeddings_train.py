@@ -75,6 +75,9 @@ def test_end_to_end_train_export_encode(workdir, caplog):
     assert [e["step"] for e in stage1["evals"]] == [0, 2, 4]
     assert stage1["best_step"] in (0, 2, 4) and len(stage1["steps"]) == 4
     assert all(np.isfinite([s["itc"] for s in stage1["steps"]] + [s["itm"] for s in stage1["steps"]]))
+    gates = stage1["cross_attention_gates"]  # tiny: gated cross-attention, one gate per layer
+    assert len(gates) == 2 and all(-1.0 < g < 1.0 for g in gates.values())
+    assert "query_side" in log["stage2"]["steps"][-1]
     losses = _losses(log, "stage2")
     assert len(losses) == 20 and np.mean(losses[-5:]) < np.mean(losses[:5])
     fixed_tuples_loss = [e["pqc_train_loss"] for e in log["stage2"]["evals"]]  # eval mode: no dropout noise
