@@ -4,6 +4,7 @@ Each section reads one stage's documented output (``embeddings/metrics.json``,
 ``ranking/results.json``, ``importance/importance.json``, ``serving/bench.json``), lays it out
 like the paper's table, puts the paper's own figures next to it (:mod:`experiments.paper`) and
 states whether our result agrees in direction. A stage that has not run yields a short note.
+The Cost section reads ``reproduce.json``: each command's wall time and peak memory.
 """
 from __future__ import annotations
 
@@ -47,6 +48,21 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _relative(ours: float | None, base: float | None) -> str:
     """``ours`` over ``base`` as a signed percentage."""
     return "n/a" if ours is None or not base else f"{(ours / base - 1.0) * 100:+.1f}%"
+
+
+def format_duration(seconds: float) -> str:
+    """``12.3 s``, ``4 min 05 s`` or ``1 h 02 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def format_bytes(n: int) -> str:
+    """``512 MB`` or ``3.25 GB`` (decimal units)."""
+    return f"{n / 1e6:.0f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 def _verdict(ok: bool, claim: str) -> str:
@@ -97,16 +113,23 @@ def _beats_baselines(systems: dict, keys: tuple[str, ...] = RETRIEVAL_KEYS) -> b
     return all(systems["dashclip"][m] > max(systems[k][m] for k in baselines) for m in keys)
 
 
+def _metrics_view(root: Path, key: str) -> tuple[dict | None, str]:
+    """The view ``key`` of ``embeddings/metrics.json``, or None and a note saying why it is missing."""
+    metrics = _load(root / "embeddings" / "metrics.json")
+    if metrics is None:
+        return None, "\nThe embedding evaluation has not run.\n"
+    if metrics.get(key) is None:
+        return None, ("\nNot in this run's `embeddings/metrics.json` (written before this view existed): rerun "
+                      "`python -m embeddings.evaluate --force`.\n")
+    return metrics[key], ""
+
+
 def table1_protocol_section(root: Path) -> str:
     """The paper's Table 1 protocol (``retrieval_table1``) with the paper's figures beside ours."""
     head = "## Retrieval, paper Table 1 protocol (held-out products)\n"
-    metrics = _load(root / "embeddings" / "metrics.json")
-    if metrics is None:
-        return head + "\nThe embedding evaluation has not run.\n"
-    view = metrics.get("retrieval_table1")
+    view, missing = _metrics_view(root, "retrieval_table1")
     if view is None:
-        return head + ("\nNot in this run's `embeddings/metrics.json` (written before this view existed): rerun "
-                       "`python -m embeddings.evaluate --force`.\n")
+        return head + missing
     excluded = view.get("n_cold_excluded", 0)
     out = [head, f"Candidates: the {view['n_products']} products of the held-out relevance pairs that training saw"
                  + (f" ({excluded} cold-start products of those pairs are scored under Cold start)" if excluded else "")
@@ -136,13 +159,9 @@ def table1_protocol_section(root: Path) -> str:
 def cold_start_section(root: Path) -> str:
     """Retrieval over, and the aisle probe on, the products no training stage saw (``cold_start``)."""
     head = "## Cold start: products no training stage saw\n"
-    metrics = _load(root / "embeddings" / "metrics.json")
-    if metrics is None:
-        return head + "\nThe embedding evaluation has not run.\n"
-    cold = metrics.get("cold_start")
+    cold, missing = _metrics_view(root, "cold_start")
     if cold is None:
-        return head + ("\nNot in this run's `embeddings/metrics.json` (written before this view existed): rerun "
-                       "`python -m embeddings.evaluate --force`.\n")
+        return head + missing
     if "skipped" in cold:
         return head + f"\nNot evaluated: {cold['skipped']}.\n"
     out = [head, f"{cold['n_products']} products ({cold['fraction']:.0%} of the catalog, stratified by aisle, seed "
@@ -318,6 +337,29 @@ def serving_section(root: Path) -> str:
     return head + "\n" + body + f"\n\nPaper: {paper.SERVING}\n"
 
 
+def cost_section(root: Path) -> str:
+    """Wall time and peak resident memory of each command of the last ``experiments.reproduce`` run."""
+    head = "## Cost\n"
+    record = _load(root / "reproduce.json")
+    costs = (record or {}).get("command_costs")
+    if not costs:
+        return head + "\nNo command costs in `reproduce.json` (written by `python -m experiments.reproduce`).\n"
+    rows = [[stage, f"`{c['command'].split()[2]}`", format_duration(c["seconds"]), format_bytes(c["peak_rss_bytes"]),
+             format_bytes(c["max_process_rss_bytes"]), f"{c['load_average']:.1f}"]
+            for stage, stage_costs in costs.items() for c in stage_costs]
+    every = [c for stage_costs in costs.values() for c in stage_costs]
+    top = max(every, key=lambda c: c["peak_rss_bytes"])
+    rows.append(["**all**", "", format_duration(sum(c["seconds"] for c in every)),
+                 format_bytes(top["peak_rss_bytes"]), "", ""])
+    return (head + "\nEach command of this invocation of `experiments.reproduce` (a command that found its outputs "
+            "complete only checked them). Peak RSS: the most resident memory the command's process tree held at "
+            "once (sampled every 0.5 s, a page shared by several processes counted in each); largest process: the "
+            "kernel's high-water mark of its largest single process; load: the mean 1-minute load average while "
+            f"it ran, on {record.get('cpus', '?')} CPUs.\n\n"
+            + _table(["stage", "command", "wall time", "peak RSS", "largest process", "load"], rows)
+            + f"\n\nThe most memory: `{top['command'].split()[2]}`, {format_bytes(top['peak_rss_bytes'])}.\n")
+
+
 def plots_section(root: Path) -> str:
     pngs = sorted(p for sub in ("embeddings", "ranking", "importance", "serving") for p in (root / sub).rglob("*.png"))
     if not pngs:
@@ -327,7 +369,7 @@ def plots_section(root: Path) -> str:
 
 SECTIONS: tuple[Callable[[Path], str], ...] = (
     data_section, table1_protocol_section, retrieval_section, cold_start_section, ranking_section, importance_section,
-    serving_section, plots_section)
+    serving_section, cost_section, plots_section)
 
 
 def build_report(root: Path, source: str, commands: dict[str, list[str]], invocation: str) -> str:
