@@ -381,6 +381,8 @@ class EvaluateConfig:
     probe_hidden: int = field(default=256, metadata={"help": "hidden width of the MLP probes"})
     probe_max_rows: int = field(default=200_000, metadata={"help": "subsample each probe's rows to at most this"})
     tsne_points: int = field(default=2000, metadata={"help": "products per t-SNE map"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads for encoding (0 = torch default); the "
+                                                      "probes always train on one thread (see single_threaded)"})
 
 
 def split_settings(workdir: Path, seed: int) -> dict:
@@ -677,7 +679,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     rng = seed_everything(cfg.seed)
     inputs = evaluation_inputs(workdir)
     split = split_settings(workdir, cfg.seed)
-    made_from = MadeFrom(inputs, {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")},
+    made_from = MadeFrom(inputs, {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force",
+                                                                                               "threads")},
                                   "split": split})
     if not cfg.force and published_metrics(workdir).current(made_from):
         log.info("%s is up to date for these inputs and settings: skipping (--force to redo)", workdir / METRICS_JSON)
@@ -794,7 +797,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(EvaluateConfig, argv)
-    torch.set_num_threads(2)
+    if cfg.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {cfg.threads}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     return evaluate(cfg)
 
 
