@@ -14,11 +14,21 @@ and for ``torchrec.models.dlrm.DLRM_DCN`` on the same batches:
 * data ms/batch: building the batch (memory-mapped gather, history lookup, id maps), and the
   data share = data time / (data time + train step time) of a training loop without prefetch.
 
+Every model is built first; then the models take turns batch by batch (on each batch every model
+makes its training step, then its eval forward), so a change of machine load during the run (the
+CPU may be shared) touches every model alike, and every model sees the same batches in the same
+order. Each step is timed in wall-clock seconds (the samples/s columns) and, on CPU, in CPU
+seconds of this process, which other jobs on a shared machine do not inflate.
+
 DLRM_DCN needs one embedding dim for every feature and a dense arch ending in that dim, so it
-runs with every table at ``sparse_embedding_dim``: ``DLRM_DCN (dense+sparse)`` sees the features
-of ``dcn``; ``DLRM_DCN (+p,q,hist)`` also gets ``product_id``, ``query_id`` and the mean-pooled
-``purchase_history_84d`` bags as trainable tables. Prints a table and writes
-``DIR/ranking/bench.json``.
+runs with every table at ``sparse_embedding_dim`` (E), the dense arch ``[dcn_deep_sizes[0], E]``,
+the DCN interaction with the DCN tower's cross layers and rank and the over arch
+``[*dcn_deep_sizes, 1]`` (the widths of our DCN tower and head; one thread for every model).
+``DLRM_DCN (dense+sparse)`` sees the features of ``dcn``; ``DLRM_DCN (+p,q,hist)`` also gets
+``product_id``, ``query_id`` and the mean-pooled ``purchase_history_84d`` bags as trainable
+E-dim tables. "vs torchrec" is a variant's rate over the rate of its reference in the same run
+(the dense+sparse one for ``dcn``, the one with the table features for the variants with
+tables), from wall-clock and from CPU seconds. Prints a table and writes ``DIR/ranking/bench.json``.
 """
 from __future__ import annotations
 
@@ -26,7 +36,7 @@ import logging
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -50,6 +60,9 @@ from ranking.variants import VARIANTS
 
 log = logging.getLogger(__name__)
 
+# The torchrec reference of a variant, by whether the variant has the product/query tables.
+REFERENCES: dict[bool, str] = {False: "torchrec DLRM_DCN (dense+sparse)", True: "torchrec DLRM_DCN (+p,q,hist)"}
+
 
 @dataclass
 class BenchConfig(ModelConfig):
@@ -58,8 +71,8 @@ class BenchConfig(ModelConfig):
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (its data and tables)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     batch_size: int = field(default=4096, metadata={"help": "batch size of every measurement"})
-    steps: int = field(default=20, metadata={"help": "timed steps per measurement"})
-    warmup: int = field(default=3, metadata={"help": "untimed steps first"})
+    steps: int = field(default=20, metadata={"help": "timed batches: a train and an eval step of every model on each"})
+    warmup: int = field(default=3, metadata={"help": "untimed batches first"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (intra-op)"})
     table_dim: int = field(default=256, metadata={"help": "dim of the random tables used when none are exported"})
     seed: int = field(default=0, metadata={"help": "seed of the models and the batch order"})
@@ -102,34 +115,37 @@ def _to(batch: RankingBatch, device: torch.device) -> RankingBatch:
                                                                   batch.has_history)))
 
 
-def measure(model: nn.Module, optimizers: list[torch.optim.Optimizer], batches: list[RankingBatch], warmup: int,
-            device: torch.device) -> tuple[float, float]:
-    """(train samples/s, eval samples/s) over ``batches`` (the first ``warmup`` untimed)."""
-    loss_fn = nn.BCEWithLogitsLoss()
+class TimedModel:
+    """One model under test, its optimizers and the summed times of its timed steps.
 
-    def train_step(b: RankingBatch) -> None:
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(*b.inputs()), b.labels).backward()
-        for optimizer in optimizers:
-            optimizer.step()
+    ``step(batch, train)``: a training step (forward + BCE + backward + optimizer step, train
+    mode) or an eval forward (``no_grad``, eval mode); a timed step adds its wall-clock and CPU
+    seconds to ``seconds[(train, clock)]``, clock ``"wall"`` or ``"cpu"``.
+    """
 
-    def eval_step(b: RankingBatch) -> None:
-        with torch.no_grad():
-            model(*b.inputs())
+    def __init__(self, name: str, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                 device: torch.device) -> None:
+        self.name, self.model, self.optimizers, self.device = name, model, optimizers, device
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.seconds = {(train, clock): 0.0 for train in (True, False) for clock in ("wall", "cpu")}
 
-    rates = []
-    for step in (train_step, eval_step):
-        model.train(step is train_step)
-        for b in batches[:warmup]:
-            step(b)
-        _sync(device)
-        start = time.perf_counter()
-        for b in batches[warmup:]:
-            step(b)
-        _sync(device)
-        rates.append(sum(len(b) for b in batches[warmup:]) / (time.perf_counter() - start))
-    return rates[0], rates[1]
+    def step(self, batch: RankingBatch, train: bool, timed: bool = True) -> None:
+        self.model.train(train)
+        _sync(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        if train:
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            self.loss_fn(self.model(*batch.inputs()), batch.labels).backward()
+            for optimizer in self.optimizers:
+                optimizer.step()
+        else:
+            with torch.no_grad():
+                self.model(*batch.inputs())
+        _sync(self.device)
+        if timed:
+            self.seconds[train, "wall"] += time.perf_counter() - wall
+            self.seconds[train, "cpu"] += time.process_time() - cpu
 
 
 def _load(cfg: BenchConfig) -> tuple[RankingData, FeatureSpec, tuple]:
@@ -172,42 +188,62 @@ def run(cfg: BenchConfig) -> tuple[list[dict], torch.device]:
     data_ms = 1000 * data_s / n_batches
     batches = [_to(b, device) for b in batches]
     config = cfg.model_only()
-    models: list[tuple[str, Callable[[], tuple[nn.Module, list[torch.optim.Optimizer]]]]] = []
+    models: list[TimedModel] = []
     for name, variant in VARIANTS.items():
-        def make(variant=variant):
-            seed_everything(cfg.seed)
-            model = build_model(variant, spec, config, build_tables(variant, spec, tables, torch.Generator().manual_seed(cfg.seed)))
-            return PlainInputModel(model).to(device), make_optimizers(model.to(device), "adam", 1e-3)
-        models.append((name, make))
-    for label, with_tables in (("torchrec DLRM_DCN (dense+sparse)", False), ("torchrec DLRM_DCN (+p,q,hist)", True)):
-        def make_dlrm(with_tables=with_tables):
-            seed_everything(cfg.seed)
-            model = DLRMPlain(spec, config.sparse_embedding_dim, with_tables, config).to(device)
-            return model, [torch.optim.Adam(model.parameters(), lr=1e-3)]
-        models.append((label, make_dlrm))
+        seed_everything(cfg.seed)
+        model = build_model(variant, spec, config, build_tables(variant, spec, tables, torch.Generator().manual_seed(cfg.seed)))
+        models.append(TimedModel(name, PlainInputModel(model).to(device), make_optimizers(model.to(device), "adam", 1e-3),
+                                 device))
+    for with_tables, label in REFERENCES.items():
+        seed_everything(cfg.seed)
+        dlrm = DLRMPlain(spec, config.sparse_embedding_dim, with_tables, config).to(device)
+        models.append(TimedModel(label, dlrm, [torch.optim.Adam(dlrm.parameters(), lr=1e-3)], device))
+    for k, batch in enumerate(batches):
+        for m in models:
+            for train in (True, False):
+                m.step(batch, train, timed=k >= cfg.warmup)
+    samples = cfg.steps * cfg.batch_size
     rows = []
-    for name, make in models:
-        model, optimizers = make()
-        train_rate, eval_rate = measure(model, optimizers, batches, cfg.warmup, device)
-        step_ms = 1000 * cfg.batch_size / train_rate
-        rows.append({"model": name, "train_samples_per_s": train_rate, "eval_samples_per_s": eval_rate,
+    for m in models:
+        rate = {key: samples / seconds for key, seconds in m.seconds.items()}
+        step_ms = 1000 * m.seconds[True, "wall"] / cfg.steps
+        rows.append({"model": m.name, "train_samples_per_s": rate[True, "wall"], "eval_samples_per_s": rate[False, "wall"],
+                     "train_samples_per_cpu_s": rate[True, "cpu"] if device.type == "cpu" else None,
+                     "eval_samples_per_cpu_s": rate[False, "cpu"] if device.type == "cpu" else None,
                      "train_step_ms": step_ms, "data_ms_per_batch": data_ms,
                      "data_share": data_ms / (data_ms + step_ms),
-                     "parameters": sum(p.numel() for p in model.parameters()),
-                     "trainable_parameters": sum(p.numel() for o in optimizers for g in o.param_groups
+                     "parameters": sum(p.numel() for p in m.model.parameters()),
+                     "trainable_parameters": sum(p.numel() for o in m.optimizers for g in o.param_groups
                                                  for p in g["params"])})
-        log.info("%s: train %.0f samples/s, eval %.0f samples/s", name, train_rate, eval_rate)
+        log.info("%s: train %.0f samples/s, eval %.0f samples/s", m.name, rate[True, "wall"], rate[False, "wall"])
+    by_name = {r["model"]: r for r in rows}
+    for r in rows:
+        if r["model"] in VARIANTS:
+            ref = by_name[REFERENCES[VARIANTS[r["model"]].uses_tables]]
+            on_cpu = device.type == "cpu"
+            r.update(reference=ref["model"],
+                     train_vs_reference=r["train_samples_per_s"] / ref["train_samples_per_s"],
+                     eval_vs_reference=r["eval_samples_per_s"] / ref["eval_samples_per_s"],
+                     train_vs_reference_cpu=r["train_samples_per_cpu_s"] / ref["train_samples_per_cpu_s"] if on_cpu else None,
+                     eval_vs_reference_cpu=r["eval_samples_per_cpu_s"] / ref["eval_samples_per_cpu_s"] if on_cpu else None)
     return rows, device
 
 
 def format_table(rows: list[dict], cfg: BenchConfig, device: torch.device) -> str:
     head = (f"ranking bench: device {device} ({platform.processor() or platform.machine()}, {cfg.threads} threads), "
-            f"batch {cfg.batch_size}, {cfg.steps} timed steps after {cfg.warmup} warm-up\n")
-    lines = [head, "| model | train samples/s | eval samples/s | train step ms | data ms/batch | data share | params (trainable) |",
-             "|---|---|---|---|---|---|---|"]
+            f"batch {cfg.batch_size}, {cfg.steps} timed batches after {cfg.warmup} warm-up, the models taking turns "
+            f"batch by batch\n")
+    lines = [head, "| model | train samples/s | eval samples/s | vs torchrec: train / eval | same, CPU time | "
+                   "train step ms | data ms/batch | data share | params (trainable) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['train_samples_per_s']:,.0f} | {r['eval_samples_per_s']:,.0f} | "
-                     f"{r['train_step_ms']:.1f} | {r['data_ms_per_batch']:.1f} | {r['data_share']:.1%} | "
+        versus = cpu = "—"
+        if "reference" in r:
+            versus = f"{r['train_vs_reference']:.2f}x / {r['eval_vs_reference']:.2f}x"
+            if r["train_vs_reference_cpu"] is not None:
+                cpu = f"{r['train_vs_reference_cpu']:.2f}x / {r['eval_vs_reference_cpu']:.2f}x"
+        lines.append(f"| {r['model']} | {r['train_samples_per_s']:,.0f} | {r['eval_samples_per_s']:,.0f} | {versus} | "
+                     f"{cpu} | {r['train_step_ms']:.1f} | {r['data_ms_per_batch']:.1f} | {r['data_share']:.1%} | "
                      f"{r['parameters']:,} ({r['trainable_parameters']:,}) |")
     return "\n".join(lines) + "\n"
 
@@ -223,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     table = format_table(rows, cfg, device)
     print(table)
     root = prepare_workdir(cfg.workdir, "ranking") / "ranking"
-    write_json({"device": str(device), "batch_size": cfg.batch_size, "steps": cfg.steps, "threads": cfg.threads,
-                "rows": rows}, root / "bench.json")
+    write_json({"device": str(device), "batch_size": cfg.batch_size, "steps": cfg.steps, "warmup": cfg.warmup,
+                "threads": cfg.threads, "rows": rows}, root / "bench.json")
     return rows
 
 

@@ -55,6 +55,13 @@ def sparse_feature_ebc(spec: FeatureSpec, embedding_dim: int) -> EmbeddingBagCol
     return EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
 
 
+def unit_rows(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``[B, d]`` -> ``[B, d]``, each row over ``max(its L2 norm, eps)`` (an all-zero row stays zero):
+    ``F.cosine_similarity(x, y, dim=1, eps=eps)`` is ``(unit_rows(x) * unit_rows(y)).sum(dim=1)``
+    bit for bit."""
+    return x / torch.linalg.vector_norm(x, 2, dim=1, keepdim=True).clamp_min(eps)
+
+
 class DCNTower(nn.Module):
     """The existing features through DCNv2 (stacked: cross network, then deep MLP).
 
@@ -116,13 +123,28 @@ class TableTower(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """features KJT with ``product_id``, ``query_id`` [, ``purchase_history_84d``] rows -> ``[B, out_features]``."""
-        pooled = self.tables(features).to_dict()
+        pooled = self.tables.pooled(features)
         product, query = pooled[PRODUCT_FEATURE], pooled[QUERY_FEATURE]
-        cosine_pq = F.cosine_similarity(product, query, dim=1, eps=1e-8)
+        others = [query, pooled[HISTORY_FEATURE]] if self.with_history else [query]
+        cosines = self.cosines(product, others)
         if not self.with_history:
-            return self.interact(product, query, cosine_pq)
-        history = pooled[HISTORY_FEATURE]
-        return self.interact(product, query, cosine_pq, history, F.cosine_similarity(product, history, dim=1, eps=1e-8))
+            return self.interact(product, query, cosines[0])
+        return self.interact(product, query, cosines[0], others[1], cosines[1])
+
+    def cosines(self, product: torch.Tensor, others: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``F.cosine_similarity(product, other, dim=1, eps=1e-8)`` ``[B]`` for each ``[B, d]`` other.
+
+        Frozen tables never change (no gradient is computed for their vectors in one process;
+        sharded, the lr-0 optimizer discards it), so the product rows are normalised once for all
+        cosines and each product of unit rows is written over the other's fresh unit rows
+        (:func:`unit_rows`: the same values bit for bit, half the ``[B, d]`` temporaries).
+        Trainable tables keep ``F.cosine_similarity``'s own graph: a shared normalisation would
+        sum the gradient of the product rows in another order (other rounding).
+        """
+        if not self.tables.frozen:
+            return [F.cosine_similarity(product, other, dim=1, eps=1e-8) for other in others]
+        unit_product = unit_rows(product)
+        return [unit_rows(other).mul_(unit_product).sum(dim=1) for other in others]
 
     def interact(self, product: torch.Tensor, query: torch.Tensor, cosine_pq: torch.Tensor,
                  history: torch.Tensor | None = None, cosine_ph: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -140,6 +141,26 @@ class PretrainedEmbeddingBagCollection(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """``features`` KJT (row ids) -> KeyedTensor of ``[B, d]`` pooled vectors per feature."""
         return self.ebc(features)
+
+    def pooled(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """``features`` KJT (row ids) -> ``{feature: [B, d]}``: the vectors of :meth:`forward`, bit for bit.
+
+        The stock EBC's forward writes every pooled vector into one KeyedTensor (``[B, 3d]``) that
+        the table tower only splits again; a local EBC is read here without that copy:
+        ``product_id`` and ``query_id`` hold one row per sample (the mean of a bag of one row is
+        that row), so they are plain row gathers, and ``purchase_history_84d`` is the product
+        table's MEAN bag. A sharded (DMP) or quantized (serving) ``ebc`` runs its own forward.
+        """
+        if type(self.ebc) is not EmbeddingBagCollection:
+            return self.ebc(features).to_dict()
+        bags = features.to_dict()
+        product, query = self.ebc.embedding_bags[PRODUCT_TABLE], self.ebc.embedding_bags[QUERY_TABLE]
+        out = {PRODUCT_FEATURE: F.embedding(bags[PRODUCT_FEATURE].values(), product.weight, sparse=product.sparse),
+               QUERY_FEATURE: F.embedding(bags[QUERY_FEATURE].values(), query.weight, sparse=query.sparse)}
+        if self.with_history:
+            history = bags[HISTORY_FEATURE]
+            out[HISTORY_FEATURE] = product(history.values(), history.offsets())
+        return out
 
 
 def load_tables(product_path: str | Path, query_path: str | Path, *,

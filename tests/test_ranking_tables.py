@@ -5,13 +5,15 @@ import numpy as np
 import pytest
 import torch
 import torchrec.fx
+from torch.nn import functional as F
 
 from data.schema import SchemaError
 from embeddings.tables import build_table, table_path, write_table
 from ranking.features import FeatureSpec
 from ranking.model import ModelConfig, build_model, build_tables
 from ranking.plain import PlainInputModel
-from ranking.tables import (HISTORY_FEATURE, PRODUCT_TABLE, QUERY_TABLE, PretrainedEmbeddingBagCollection,
+from ranking.tables import (HISTORY_FEATURE, PRODUCT_FEATURE, PRODUCT_TABLE, QUERY_FEATURE, QUERY_TABLE,
+                            PretrainedEmbeddingBagCollection,
                             frozen_parameter_names, load_tables, sparse_gradient_parameters, trainable_parameters)
 from ranking.variants import VARIANTS, get_variant
 
@@ -171,3 +173,72 @@ def test_table_errors_name_the_file(table_files, tmp_path):
         load_tables(table_path(workdir, "product"), table_path(other, "query"))
     with pytest.raises(SchemaError, match=r"missing/embeddings/product_table.parquet.*missing embedding table"):
         load_tables(table_path(tmp_path / "missing", "product"), table_path(workdir, "query"))
+
+
+def _plain_way_logits(plain: PlainInputModel, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The logits ``[B]`` the plain way: torchrec's EBC forward (one KeyedTensor of every pooled
+    vector) and ``F.cosine_similarity`` for each cosine, then the model's own towers and head."""
+    model = plain.model
+    features = plain.features(*inputs[1:])
+    towers = [model.dcn_tower(inputs[0], features)]
+    tower = model.table_tower
+    if tower is not None:
+        pooled = tower.tables(features).to_dict()
+        product, query = pooled[PRODUCT_FEATURE], pooled[QUERY_FEATURE]
+        vectors = [product, query, F.cosine_similarity(product, query, dim=1, eps=1e-8)]
+        if tower.with_history:
+            history = pooled[HISTORY_FEATURE]
+            vectors += [history, F.cosine_similarity(product, history, dim=1, eps=1e-8)]
+        towers.append(tower.interact(*vectors))
+    return model.head(torch.cat(towers, dim=1)).squeeze(1)
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: (p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad).clone()
+            for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_model_computes_the_plain_way_bit_for_bit(table_files, variant):
+    """The table lookups without the KeyedTensor copy and the shared normalisation of the cosines
+    give the logits and every gradient of the plain computation, bit for bit (unknown rows, an
+    empty history bag and unknown sparse ids included)."""
+    _, product, query = table_files
+    spec = _spec(product, query) if VARIANTS[variant].uses_tables else _spec()
+    torch.manual_seed(2)
+    tables = build_tables(VARIANTS[variant], spec, (product, query), torch.Generator().manual_seed(2))
+    plain = PlainInputModel(build_model(variant, spec, SMALL, tables))
+    inputs = _inputs(batch=7, seed=3)
+    labels = torch.tensor([0., 1., 1., 0., 1., 0., 1.])
+    grads = []
+    for forward in (plain, lambda *x: _plain_way_logits(plain, x)):
+        plain.zero_grad(set_to_none=True)
+        logits = forward(*inputs)
+        F.binary_cross_entropy_with_logits(logits, labels).backward()
+        grads.append((logits.detach(), _gradients(plain)))
+    (fast, fast_grads), (reference, reference_grads) = grads
+    assert torch.equal(fast, reference)
+    assert fast_grads.keys() == reference_grads.keys() and len(fast_grads) > 0
+    for name, grad in fast_grads.items():
+        assert torch.equal(grad, reference_grads[name]), name
+
+
+@pytest.mark.parametrize("variant", ["dcn_pq_hist", "dcn_pq_hist_random"])
+def test_pooled_vectors_and_cosines_are_the_ebc_forward_and_cosine_similarity(table_files, variant):
+    _, product, query = table_files
+    spec = _spec(product, query)
+    tables = build_tables(get_variant(variant), spec, (product, query), torch.Generator().manual_seed(4))
+    plain = PlainInputModel(build_model(variant, spec, SMALL, tables)).eval()
+    features = plain.features(*_inputs(batch=9, seed=5)[1:])
+    with torch.no_grad():
+        pooled, reference = tables.pooled(features), tables(features).to_dict()
+        assert pooled.keys() == reference.keys() == {PRODUCT_FEATURE, QUERY_FEATURE, HISTORY_FEATURE}
+        for name, vectors in pooled.items():
+            assert torch.equal(vectors, reference[name]), name
+        product_vectors = pooled[PRODUCT_FEATURE].clone()
+        product_vectors[1] = 0.0  # an unknown product: cosine 0
+        others = [pooled[QUERY_FEATURE], pooled[HISTORY_FEATURE]]
+        cosines = plain.model.table_tower.cosines(product_vectors, [o.clone() for o in others])
+    for cosine, other in zip(cosines, others):
+        assert torch.equal(cosine, F.cosine_similarity(product_vectors, other, dim=1, eps=1e-8))
+    assert cosines[1][0] == 0.0 and cosines[0][1] == 0.0  # the empty history bag and the unknown product

@@ -166,3 +166,30 @@ def test_architecture_flags_build_the_model_and_decide_reuse(tiny_workdir_copy, 
 ])
 def test_bad_architecture_flags_are_one_line(flags, message, capsys):
     assert _cli_error(["--workdir", "/nonexistent", *flags], capsys) == f"error: {message}"
+
+
+def test_bench_times_every_model_batch_by_batch(tiny_workdir_copy):
+    """``ranking.bench`` runs (no timing is checked): every variant and both torchrec references,
+    wall-clock and CPU rates, and each variant's ratios to its reference of the same run."""
+    from ranking import bench
+
+    workdir = tiny_workdir_copy
+    write_random_tables(workdir)
+    rows = bench.main(["--workdir", str(workdir), "--batch-size", "256", "--steps", "2", "--warmup", "1",
+                       "--sparse-embedding-dim", "4", "--dcn-deep-sizes", "16", "8", "--table-deep-sizes", "16", "8",
+                       "--head-sizes", "8"])
+    on_disk = json.loads((workdir / "ranking" / "bench.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(rows)) and on_disk["steps"] == 2
+    assert [r["model"] for r in rows] == [*VARIANTS, *bench.REFERENCES.values()]
+    for r in rows:
+        assert min(r["train_samples_per_s"], r["eval_samples_per_s"], r["train_samples_per_cpu_s"],
+                   r["eval_samples_per_cpu_s"]) > 0
+    by_name = {r["model"]: r for r in rows}
+    for name, variant in VARIANTS.items():
+        row, reference = by_name[name], by_name[bench.REFERENCES[variant.uses_tables]]
+        assert row["reference"] == reference["model"]
+        for kind in ("train", "eval"):
+            assert row[f"{kind}_vs_reference"] == pytest.approx(
+                row[f"{kind}_samples_per_s"] / reference[f"{kind}_samples_per_s"])
+            assert row[f"{kind}_vs_reference_cpu"] == pytest.approx(
+                row[f"{kind}_samples_per_cpu_s"] / reference[f"{kind}_samples_per_cpu_s"])
