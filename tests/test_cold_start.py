@@ -94,9 +94,11 @@ def test_stage2_tuples_and_stage1_rows_of_the_trainer_exclude_cold_products(tiny
     cold = split_cold_products(catalog, cfg.cold_product_fraction, cfg.seed)
     np.testing.assert_array_equal(trainer.cold_products, cold)
     relevance = read_table(tiny_workdir_copy, "relevance").to_pandas()
-    train_tuples, eval_tuples = trainer._tuples(relevance)
+    train_tuples, eval_tuples, negative_products = trainer._tuples(relevance)
     assert len(train_tuples) and len(eval_tuples)
     assert not np.isin(train_tuples["product_id"], cold).any() and not np.isin(eval_tuples["product_id"], cold).any()
+    # the query-side negatives come from the same filtered pairs
+    assert (negative_products >= 0).any() and not np.isin(negative_products, cold).any()
     # the exclusion does something: the same relevance table gives cold products tuples when nothing is cold
     unfiltered = train.Trainer(TrainConfig(**{**cfg.__dict__, "cold_product_fraction": 0.0}))
     assert np.isin(unfiltered._tuples(relevance)[0]["product_id"], cold).any()
@@ -224,8 +226,8 @@ def test_report_puts_the_papers_table1_beside_ours_and_renders_cold_start(tmp_pa
     assert "| DashCLIP (ours, trained) | 0.2500 | 0.5000 | 0.1250 | DashCLIP (image-text) | 0.667 | 0.743 | 0.515 |" \
         in table1
     assert "| CLIP ViT-B/32 (image) | 0.529 | 0.666 | 0.325 |" in table1
-    assert "| ours (best of random and the untuned encoders) | +0.100 | +0.200 | +0.050 |" in table1
-    assert "+0.138 | +0.077 | +0.190" in table1 and "**Agrees in direction**" in table1
+    assert "| ours (best of random and the untuned encoders) | +66.7% | +66.7% | +66.7% |" in table1
+    assert "best of its 7 baselines | +26.1% | +11.6% | +58.5% |" in table1 and "**Agrees in direction**" in table1
     cold = report.cold_start_section(root)
     assert "10 products (10% of the catalog" in cold and "| Random vectors (chance) | 0.1000 |" in cold
     assert "Chance (uniformly random ranking, expected)" in cold and cold.count("**Holds**") == 2
