@@ -9,7 +9,8 @@ Every table is generated in chunks (a day of impressions, a block of queries, a 
 products), validated with :func:`data.schema.validate` and written as fixed-size row groups to a
 temporary file; all files are renamed into place only when everything has been written, so a
 failed run (a full disk included) leaves the workdir as it was. Memory holds the per-product and
-per-user state (O(products + users)) and one chunk, never a whole output table.
+per-user state (O(products + users)), the query counting accumulators (below) and one chunk, never
+a whole output table.
 
 The generative model (this is the truth later stages should recover)
 ====================================================================
@@ -98,9 +99,27 @@ Features (what a baseline without query text sees): ``dense_price`` (list price)
 ``dense_product_ctr_past`` = (clicks + 20 * 0.04) / (impressions + 20) of the product over all
 *earlier days* (never the same day), ``sparse_store``, ``sparse_aisle``, ``sparse_brand``,
 ``sparse_platform``, ``sparse_product`` (= product_id), ``sparse_hour_bucket`` (hour // 4),
-``sparse_weekday`` (Monday = 0). Relevance depends on the query text, which they lack; the
-history terms depend on the purchases table, which they lack; appeal is learnable only through
-``sparse_product`` and the past CTR.
+``sparse_weekday`` (Monday = 0).
+
+Query counting features (default; ``--no-query-counts`` leaves them out, and then the impressions
+are those of generator version 1): what a production ranker knows about a query from its own
+logs. For each level L in (query, (query, product), (query, aisle)), with the query keyed by
+:func:`data.text.normalize_query` and counts over every impression of *earlier days* (strictly
+before the impression's day: never the same day or later),
+``dense_L_ctr_past = (clicks_L + 20 * 0.04) / (impressions_L + 20)`` (the same smoothing as the
+product CTR: 20 pseudo-impressions at the prior ``ClickModel.ctr_prior``) and
+``dense_L_log_impressions_past = log(1 + impressions_L)``; columns ``dense_query_*``,
+``dense_query_product_*``, ``dense_query_aisle_*``. A query never seen on an earlier day gets
+the prior and 0 at every level. They are computed day by day (:class:`QueryCountFeatures`:
+sorted int64 keys with int32 counts, a query's key being a dense code of its 64-bit text hash):
+16 bytes per distinct query and per distinct key of each level, at most 64 bytes per impression
+of the whole period, in practice less (``query_count_keys`` in the manifest counts them; demo:
+42k queries, 354k (query, product) and 130k (query, aisle) keys: 9.1 MB).
+
+Relevance depends on the query text, which the features only see through the counts of queries
+already seen (about half the eval-week impressions in ``demo`` carry a query never seen before);
+the history terms depend on the purchases table, which they lack; appeal is learnable only
+through ``sparse_product`` and the past CTR.
 
 ``synth_truth.parquet`` (row-aligned with impressions): true_label, hist_aisle, hist_brand,
 hist_product, intent_kind, candidate_source, appeal, click_prob.
@@ -141,7 +160,7 @@ from data.vocab import CONTAINER_PLURAL, MODIFIERS, Vocabulary, brand_names, voc
 
 log = logging.getLogger("data.synth")
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DAY = 86_400
 HISTORY_WINDOW_S = 84 * DAY
 TRUTH_FILE = "synth_truth.parquet"
@@ -278,6 +297,9 @@ class SynthArgs:
     seed: int = field(default=0, metadata={"help": "random seed (>= 0)"})
     label_noise: float = field(default=0.0, metadata={"help": "share of relevance labels flipped (0..1)"})
     scale: float = field(default=1.0, metadata={"help": "multiply the profile's product/user/session/query counts"})
+    query_counts: bool = field(default=True, metadata={
+        "help": "add the query counting features (past CTR and impressions of the query, (query, product) and "
+                "(query, aisle)) to the impressions; --no-query-counts gives the baseline without query signal"})
     force: bool = field(default=False, metadata={"help": "regenerate even if the outputs match these settings"})
 
 
@@ -960,15 +982,145 @@ def purchases_of_day(rng: np.random.Generator, catalog: Catalog, users: Users, b
 
 
 # --------------------------------------------------------------------------------------------
+# Counting features: past impressions and clicks per key, from earlier days only
+
+
+def smoothed_ctr(clicks: np.ndarray, impressions: np.ndarray, prior: float, strength: float) -> np.ndarray:
+    """``(clicks + strength * prior) / (impressions + strength)``: the click rate with ``strength``
+    pseudo-impressions at the ``prior`` rate (``prior`` itself where there are no impressions)."""
+    return (clicks + strength * prior) / (impressions + strength)
+
+
+class PastCounts:
+    """Impressions and clicks per int64 key, summed over the days added so far.
+
+    Sorted distinct keys with parallel int32 counts: 16 bytes per distinct key. A lookup is one
+    ``numpy.searchsorted`` per batch; adding a day inserts its new keys into each array in turn
+    (a new array replaces the old one, so at most 8 more bytes per key exist for a moment).
+    """
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.impressions = np.zeros(0, dtype=np.int32)
+        self.clicks = np.zeros(0, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(impressions, clicks) of each of ``keys``; 0 and 0 for a key never added."""
+        if not len(self.keys):
+            return np.zeros(len(keys), dtype=np.int32), np.zeros(len(keys), dtype=np.int32)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        found = self.keys[pos] == keys
+        return np.where(found, self.impressions[pos], 0), np.where(found, self.clicks[pos], 0)
+
+    def add(self, keys: np.ndarray, clicked: np.ndarray) -> None:
+        """Count one impression per entry of ``keys``, and a click where ``clicked`` is 1."""
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        impressions = np.bincount(inverse, minlength=len(distinct)).astype(np.int32)
+        clicks = np.bincount(inverse, weights=clicked, minlength=len(distinct)).astype(np.int32)
+        pos = np.searchsorted(self.keys, distinct)
+        known = pos < len(self.keys)
+        known[known] = self.keys[pos[known]] == distinct[known]
+        self.impressions[pos[known]] += impressions[known]
+        self.clicks[pos[known]] += clicks[known]
+        new = pos[~known]
+        self.keys = np.insert(self.keys, new, distinct[~known])
+        self.impressions = np.insert(self.impressions, new, impressions[~known])
+        self.clicks = np.insert(self.clicks, new, clicks[~known])
+
+
+class QueryCodes:
+    """Dense int64 codes of query texts, keyed by the 64-bit hash of the normalised text
+    (:func:`_query_hashes`): sorted hashes with parallel codes, 16 bytes per distinct query.
+    Codes are given in order of the first day a query is counted (by hash within a day)."""
+
+    def __init__(self) -> None:
+        self.hashes = np.zeros(0, dtype=np.uint64)
+        self.codes = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def lookup(self, hashes: np.ndarray) -> np.ndarray:
+        """The code of each of ``hashes``; -1 for a query without one."""
+        if not len(self.hashes):
+            return np.full(len(hashes), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        return np.where(self.hashes[pos] == hashes, self.codes[pos], -1)
+
+    def assign(self, hashes: np.ndarray) -> np.ndarray:
+        """The code of each of ``hashes``, giving the next free codes to queries without one."""
+        new = np.setdiff1d(hashes, self.hashes)
+        pos = np.searchsorted(self.hashes, new)
+        self.hashes = np.insert(self.hashes, pos, new)
+        self.codes = np.insert(self.codes, pos, len(self.codes) + np.arange(len(new), dtype=np.int64))
+        return self.lookup(hashes)
+
+
+class QueryCountFeatures:
+    """The query counting features of the impressions (module docstring): past impressions and
+    clicks of each query, (query, product) and (query, aisle) pair, over the days added so far.
+
+    A day's features are read before that day is added, so they only count earlier days.
+    Memory: 16 bytes per distinct query (:class:`QueryCodes`) plus 16 bytes per distinct key of
+    each level (:class:`PastCounts`); each level has at most one key per impression.
+    """
+
+    def __init__(self, n_products: int, n_aisles: int, prior: float, strength: float) -> None:
+        self.n_products, self.n_aisles = n_products, n_aisles
+        self.prior, self.strength = prior, strength
+        self.codes = QueryCodes()
+        self.counts = {level: PastCounts() for level in QUERY_COUNT_LEVELS}
+
+    def _keys(self, code: np.ndarray, product: np.ndarray, aisle: np.ndarray) -> dict[str, np.ndarray]:
+        """The int64 key of each level (``code`` -1 gives negative keys, which are never stored)."""
+        return {"query": code, "query_product": code * self.n_products + product,
+                "query_aisle": code * self.n_aisles + aisle}
+
+    def features(self, query_hash: np.ndarray, product: np.ndarray, aisle: np.ndarray) -> list[np.ndarray]:
+        """The float32 columns of ``QUERY_COUNT_FEATURES`` for impressions of (query hash, product
+        index, aisle index): per level the smoothed CTR and log(1 + impressions) of the days added
+        so far. A query never counted before gets 0 impressions and the prior at every level."""
+        columns = []
+        for level, keys in self._keys(self.codes.lookup(query_hash), product, aisle).items():
+            impressions, clicks = self.counts[level].get(keys)
+            columns.append(smoothed_ctr(clicks, impressions, self.prior, self.strength).astype(np.float32))
+            columns.append(np.log1p(impressions).astype(np.float32))
+        return columns
+
+    def add_day(self, query_hash: np.ndarray, product: np.ndarray, aisle: np.ndarray, clicked: np.ndarray) -> None:
+        """Count a day's impressions (``[rows]`` aligned arrays) and their clicks."""
+        for level, keys in self._keys(self.codes.assign(query_hash), product, aisle).items():
+            self.counts[level].add(keys, clicked)
+
+    def sizes(self) -> dict[str, int]:
+        """Distinct queries and distinct keys per level counted so far."""
+        return {"queries": len(self.codes), **{level: len(counts) for level, counts in self.counts.items()}}
+
+
+# --------------------------------------------------------------------------------------------
 # Sessions, candidates and clicks
 
 
-IMPRESSION_FEATURES = [pa.field("dense_price", pa.float32()), pa.field("dense_discount", pa.float32()),
-                       pa.field("dense_hour", pa.float32()), pa.field("dense_product_ctr_past", pa.float32()),
-                       pa.field("sparse_store", pa.int64()), pa.field("sparse_aisle", pa.int64()),
-                       pa.field("sparse_brand", pa.int64()), pa.field("sparse_platform", pa.int64()),
-                       pa.field("sparse_product", pa.int64()), pa.field("sparse_hour_bucket", pa.int64()),
-                       pa.field("sparse_weekday", pa.int64())]
+BASE_DENSE_FEATURES = [pa.field("dense_price", pa.float32()), pa.field("dense_discount", pa.float32()),
+                       pa.field("dense_hour", pa.float32()), pa.field("dense_product_ctr_past", pa.float32())]
+SPARSE_FEATURES = [pa.field("sparse_store", pa.int64()), pa.field("sparse_aisle", pa.int64()),
+                   pa.field("sparse_brand", pa.int64()), pa.field("sparse_platform", pa.int64()),
+                   pa.field("sparse_product", pa.int64()), pa.field("sparse_hour_bucket", pa.int64()),
+                   pa.field("sparse_weekday", pa.int64())]
+# The query counting features: past smoothed CTR and log(1 + past impressions) per level.
+QUERY_COUNT_LEVELS = ("query", "query_product", "query_aisle")
+QUERY_COUNT_FEATURES = [pa.field(f"dense_{level}_{what}_past", pa.float32())
+                        for level in QUERY_COUNT_LEVELS for what in ("ctr", "log_impressions")]
+
+
+def impression_features(query_counts: bool) -> list[pa.Field]:
+    """The feature columns of the impressions table, with or without the query counting features."""
+    return BASE_DENSE_FEATURES + (QUERY_COUNT_FEATURES if query_counts else []) + SPARSE_FEATURES
+
+
 TRUTH_SCHEMA = pa.schema([pa.field("true_label", pa.int8()), pa.field("hist_aisle", pa.int8()),
                           pa.field("hist_brand", pa.int8()), pa.field("hist_product", pa.int8()),
                           pa.field("intent_kind", pa.int8()), pa.field("candidate_source", pa.int8()),
@@ -984,6 +1136,7 @@ class MarketState:
     product_impressions: np.ndarray
     product_clicks: np.ndarray
     store_effect: np.ndarray
+    query_counts: QueryCountFeatures | None = None  # None: impressions without the query counting features
     next_session_id: int = 1
 
 
@@ -992,8 +1145,8 @@ class DayResult:
     purchases: pa.Table
     impressions: pa.Table
     truth: pa.Table  # row-aligned with impressions
-    session_queries: list[str]  # query text per session of the day
-    row_session: np.ndarray  # [rows] index into session_queries
+    session_hashes: np.ndarray  # [sessions] uint64 hash of each session's normalised query (_query_hashes)
+    row_session: np.ndarray  # [rows] index into session_hashes
 
 
 @dataclass
@@ -1004,6 +1157,7 @@ class ImpressionStats:
     by_history_aisle: np.ndarray = field(default_factory=lambda: np.zeros((2, 2), dtype=np.int64))  # buyers only
     eval_rows: int = 0
     eval_rows_new_query: int = 0
+    query_count_keys: dict[str, int] | None = None  # QueryCountFeatures.sizes() after the last day
 
 
 @dataclass
@@ -1105,8 +1259,12 @@ def simulate_day(day: int, cfg: ProfileConfig, catalog: Catalog, users: Users, b
                         platform, hour, weekday >= 5, discount, users.price_sensitivity[user], catalog.price_z[product])
     prob = 1.0 / (1.0 + np.exp(-logit))
     clicked = (rng.random(n) < prob).astype(np.int8)
-    ctr_past = ((state.product_clicks[product] + clicks.ctr_prior_strength * clicks.ctr_prior)
-                / (state.product_impressions[product] + clicks.ctr_prior_strength))
+    ctr_past = smoothed_ctr(state.product_clicks[product], state.product_impressions[product], clicks.ctr_prior,
+                            clicks.ctr_prior_strength)
+    session_hashes = _query_hashes(sessions.queries)
+    query_hash, aisle = session_hashes[session], catalog.aisle[product]
+    query_counts = ([] if state.query_counts is None
+                    else [pa.array(col) for col in state.query_counts.features(query_hash, product, aisle)])
 
     session_id = state.next_session_id + np.arange(len(sessions.user), dtype=np.int64)
     state.next_session_id += len(sessions.user)
@@ -1115,12 +1273,12 @@ def simulate_day(day: int, cfg: ProfileConfig, catalog: Catalog, users: Users, b
         pa.array(user + 1, pa.int64()), pa.array([sessions.queries[s] for s in session.tolist()], pa.string()),
         pa.array(product + 1, pa.int64()), pa.array(cand.position.astype(np.int32)), pa.array(clicked),
         pa.array(catalog.price[product].astype(np.float32)), pa.array(discount.astype(np.float32)),
-        pa.array(hour.astype(np.float32)), pa.array(ctr_past.astype(np.float32)),
-        pa.array(store.astype(np.int64)), pa.array(catalog.aisle[product].astype(np.int64)),
+        pa.array(hour.astype(np.float32)), pa.array(ctr_past.astype(np.float32)), *query_counts,
+        pa.array(store.astype(np.int64)), pa.array(aisle.astype(np.int64)),
         pa.array(catalog.brand[product].astype(np.int64)), pa.array(platform.astype(np.int64)),
         pa.array(product + 1, pa.int64()), pa.array((hour // 4).astype(np.int64)),
         pa.array(np.full(n, weekday, dtype=np.int64)),
-    ], schema=schema.schema("impressions", IMPRESSION_FEATURES))
+    ], schema=schema.schema("impressions", impression_features(state.query_counts is not None)))
     truth = pa.Table.from_arrays([
         pa.array(cand.label), pa.array(hist["aisle"].astype(np.int8)), pa.array(hist["brand"].astype(np.int8)),
         pa.array(hist["product"].astype(np.int8)), pa.array(cand.intent_kind.astype(np.int8)),
@@ -1132,8 +1290,10 @@ def simulate_day(day: int, cfg: ProfileConfig, catalog: Catalog, users: Users, b
 
     np.add.at(state.product_impressions, product, 1)
     np.add.at(state.product_clicks, product, clicked.astype(np.int64))
+    if state.query_counts is not None:
+        state.query_counts.add_day(query_hash, product, aisle, clicked)
     state.history.add_day(p_user, p_ts, p_product, day_start + DAY)
-    return DayResult(purchases, impressions, truth, sessions.queries, session)
+    return DayResult(purchases, impressions, truth, session_hashes, session)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1195,7 +1355,7 @@ class TableSink(contextlib.AbstractContextManager):
 
 def _settings(args: SynthArgs, cfg: ProfileConfig, behaviour: Behaviour, clicks: ClickModel) -> dict:
     return {"generator": "data.synth", "generator_version": GENERATOR_VERSION, "profile": args.profile,
-            "seed": args.seed, "scale": args.scale, "label_noise": args.label_noise,
+            "seed": args.seed, "scale": args.scale, "label_noise": args.label_noise, "query_counts": args.query_counts,
             "config": dataclasses.asdict(cfg), "behaviour": dataclasses.asdict(behaviour),
             "click_model": dataclasses.asdict(clicks)}
 
@@ -1263,7 +1423,8 @@ def generate(args: SynthArgs) -> dict:
                     "catalog": sink("catalog", schema.schema("catalog", CATALOG_EXTRA), cfg.catalog_rows_per_group,
                                     "catalog"),
                     "relevance": sink("relevance", schema.schema("relevance"), cfg.rows_per_group, "relevance", ids),
-                    "impressions": sink("impressions", schema.schema("impressions", IMPRESSION_FEATURES),
+                    "impressions": sink("impressions", schema.schema("impressions",
+                                                                     impression_features(args.query_counts)),
                                         cfg.rows_per_group, "impressions", ids),
                     "purchases": sink("purchases", PURCHASES_SCHEMA, cfg.rows_per_group, "purchases", ids),
                     "truth": sink("truth", TRUTH_SCHEMA, cfg.rows_per_group, None),
@@ -1277,7 +1438,7 @@ def generate(args: SynthArgs) -> dict:
                                                            label_counts), desc="relevance", unit="chunk"):
                     sinks["relevance"].write(batch)
                     sinks["relevance_truth"].write(truth)
-                _simulate(cfg, catalog, users, behaviour, clicks, args.seed, start_ts, sinks, stats)
+                _simulate(cfg, catalog, users, behaviour, clicks, args.seed, start_ts, sinks, stats, args.query_counts)
             # every table is complete and closed; the set is published when ``publish`` exits
             row_counts = {name: sinks[name].rows for name in schema.TABLE_NAMES}
             manifest.update(_manifest(settings, cfg, row_counts, label_counts, stats, catalog, users, start_ts))
@@ -1289,12 +1450,15 @@ def generate(args: SynthArgs) -> dict:
 
 
 def _simulate(cfg: ProfileConfig, catalog: Catalog, users: Users, behaviour: Behaviour, clicks: ClickModel,
-              seed: int, start_ts: int, sinks: dict[str, TableSink], stats: ImpressionStats) -> None:
+              seed: int, start_ts: int, sinks: dict[str, TableSink], stats: ImpressionStats,
+              query_counts: bool) -> None:
     store_rng = _rng(seed, _S_STORES)
     state = MarketState(history=PurchaseHistory(catalog),
                         product_impressions=np.zeros(catalog.n, dtype=np.int64),
                         product_clicks=np.zeros(catalog.n, dtype=np.int64),
-                        store_effect=store_rng.normal(0.0, clicks.store_sd, cfg.n_stores))
+                        store_effect=store_rng.normal(0.0, clicks.store_sd, cfg.n_stores),
+                        query_counts=QueryCountFeatures(catalog.n, len(catalog.vocab.aisles), clicks.ctr_prior,
+                                                        clicks.ctr_prior_strength) if query_counts else None)
     eval_start = start_ts + (cfg.n_days - 7) * DAY
     seen_queries = np.zeros(0, dtype=np.uint64)
     for day in tqdm(range(cfg.n_days), desc="days", unit="day"):
@@ -1312,12 +1476,14 @@ def _simulate(cfg: ProfileConfig, catalog: Catalog, users: Users, behaviour: Beh
         hist_aisle = result.truth.column("hist_aisle").to_numpy()[buyer]
         np.add.at(stats.by_history_aisle, (hist_aisle, 0), 1)
         np.add.at(stats.by_history_aisle, (hist_aisle, 1), clicked[buyer])
-        hashes = _query_hashes(result.session_queries)
+        hashes = result.session_hashes
         if start_ts + day * DAY >= eval_start:
             stats.eval_rows += len(result.row_session)
             stats.eval_rows_new_query += int((~np.isin(hashes, seen_queries))[result.row_session].sum())
         else:
             seen_queries = np.union1d(seen_queries, hashes)
+    if state.query_counts is not None:
+        stats.query_count_keys = state.query_counts.sizes()
 
 
 def _manifest(settings: dict, cfg: ProfileConfig, row_counts: dict, labels: LabelCounts, stats: ImpressionStats,
@@ -1344,6 +1510,7 @@ def _manifest(settings: dict, cfg: ProfileConfig, row_counts: dict, labels: Labe
         "ctr_buyers_by_history_aisle_match": {"no": rate(stats.by_history_aisle[0]),
                                               "yes": rate(stats.by_history_aisle[1])},
         "eval_share_of_impressions_with_unseen_query": round(stats.eval_rows_new_query / max(1, stats.eval_rows), 4),
+        "query_count_keys": stats.query_count_keys,
         "date_range": [datetime.fromtimestamp(start_ts, timezone.utc).strftime("%Y-%m-%d"), end.strftime("%Y-%m-%d")],
         "eval_week_start": datetime.fromtimestamp(start_ts + (cfg.n_days - 7) * DAY, timezone.utc).strftime("%Y-%m-%d"),
         "users": {"total": users.n, "without_purchases_share": round(float(1 - users.has_purchases.mean()), 4)},

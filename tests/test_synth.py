@@ -1,5 +1,6 @@
 """The synthetic marketplace: determinism, the planted truth (label split, relevance and history
-effects on clicks, leak-free past CTR), the vocabulary and images, and the CLI's bad-input paths."""
+effects on clicks, leak-free past CTR and query counting features), the vocabulary and images, and the CLI's
+bad-input paths."""
 from __future__ import annotations
 
 import io
@@ -147,6 +148,112 @@ def test_past_ctr_uses_only_earlier_days(tables: dict[str, pd.DataFrame], tiny_w
                 / (imp.imps_before + clicks["ctr_prior_strength"]))
     np.testing.assert_allclose(imp.dense_product_ctr_past, expected, rtol=1e-6)
     assert (imp.imps_before > 0).mean() > 0.5  # most rows do have earlier days
+
+
+def _counts_before_day(imp: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Impressions (``size``) and clicks (``sum``) of each row's ``keys`` on the days strictly before
+    the row's day, by brute force: every row joined with every row of the same key."""
+    rows = imp.reset_index(names="row")[["row", *keys, "day"]]
+    earlier = imp[[*keys, "day", "clicked"]].rename(columns={"day": "earlier_day"})
+    pairs = rows.merge(earlier, on=keys)
+    pairs = pairs[pairs.earlier_day < pairs.day]
+    return pairs.groupby("row").clicked.agg(["size", "sum"]).reindex(imp.index, fill_value=0)
+
+
+@pytest.fixture(scope="module")
+def query_keyed(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The impressions with their day, normalised query and catalog aisle name."""
+    imp = tables["impressions"].copy()
+    imp["day"] = imp.ts.dt.floor("D")
+    imp["query_key"] = imp["query"].map(normalize_query)
+    aisle = tables["catalog"].set_index("product_id").aisle
+    imp["aisle_name"] = aisle.loc[imp.product_id].to_numpy()
+    return imp
+
+
+QUERY_COUNT_KEYS = {"query": ["query_key"], "query_product": ["query_key", "product_id"],
+                    "query_aisle": ["query_key", "aisle_name"]}
+
+
+def test_query_counts_use_only_earlier_days(query_keyed: pd.DataFrame, tiny_workdir: Path) -> None:
+    """Each query counting feature equals its value recomputed from the impressions of earlier
+    days only: smoothed past CTR and log(1 + past impressions) of the query, (query, product) and
+    (query, aisle)."""
+    clicks = _manifest(tiny_workdir)["settings"]["click_model"]
+    prior, strength = clicks["ctr_prior"], clicks["ctr_prior_strength"]
+    assert [f.name for f in synth.QUERY_COUNT_FEATURES] == [
+        f"dense_{level}_{what}_past" for level in QUERY_COUNT_KEYS for what in ("ctr", "log_impressions")]
+    for level, keys in QUERY_COUNT_KEYS.items():
+        before = _counts_before_day(query_keyed, keys)
+        np.testing.assert_allclose(query_keyed[f"dense_{level}_ctr_past"],
+                                   (before["sum"] + strength * prior) / (before["size"] + strength), rtol=1e-6,
+                                   err_msg=level)
+        np.testing.assert_allclose(query_keyed[f"dense_{level}_log_impressions_past"], np.log1p(before["size"]),
+                                   rtol=1e-6, err_msg=level)
+        assert (before["size"] > 0).sum() > 50 and (before["sum"] > 0).any(), level  # not trivially the prior
+
+
+def test_a_query_never_seen_on_an_earlier_day_gets_the_prior(query_keyed: pd.DataFrame, tiny_workdir: Path) -> None:
+    prior = np.float32(_manifest(tiny_workdir)["settings"]["click_model"]["ctr_prior"])
+    first_day = query_keyed.groupby("query_key").day.transform("min")
+    new = query_keyed[query_keyed.day == first_day]  # the query's first day, the same day's rows not counted
+    assert 0.1 < len(new) / len(query_keyed) < 0.9
+    for level in QUERY_COUNT_KEYS:
+        assert (new[f"dense_{level}_ctr_past"] == prior).all() and (new[f"dense_{level}_log_impressions_past"] == 0).all()
+    seen = query_keyed[query_keyed.day > first_day]
+    assert (seen["dense_query_log_impressions_past"] > 0).all()
+    assert (seen["dense_query_ctr_past"] != prior).any()
+
+
+def test_query_count_smoothing_and_same_day_exclusion() -> None:
+    """Past counts move the CTR from the prior toward the observed rate by the pseudo-count;
+    impressions of the day being featured are not counted until the day is added."""
+    counts = synth.QueryCountFeatures(n_products=10, n_aisles=3, prior=0.04, strength=20.0)
+    query = np.array([7, 7, 7, 7, 9], dtype=np.uint64)  # query hashes
+    product, aisle = np.array([1, 1, 2, 3, 1]), np.array([0, 0, 0, 2, 0])
+    before = counts.features(query, product, aisle)
+    assert all((col == np.float32(0.04)).all() for col in before[0::2]) and all((col == 0).all() for col in before[1::2])
+    counts.add_day(query, product, aisle, clicked=np.array([1, 0, 1, 0, 0], dtype=np.int8))
+    probe = counts.features(np.array([7, 7, 7, 8], dtype=np.uint64), np.array([1, 3, 4, 1]), np.array([0, 2, 1, 0]))
+    names = [f.name for f in synth.QUERY_COUNT_FEATURES]
+    got = {name: col for name, col in zip(names, probe)}
+    smoothed = lambda clicks, imps: np.float32((clicks + 20 * 0.04) / (imps + 20))  # noqa: E731
+    np.testing.assert_array_equal(got["dense_query_ctr_past"], [smoothed(2, 4)] * 3 + [np.float32(0.04)])
+    np.testing.assert_array_equal(got["dense_query_log_impressions_past"], np.float32([np.log1p(4)] * 3 + [0]))
+    np.testing.assert_array_equal(got["dense_query_product_ctr_past"],
+                                  [smoothed(1, 2), smoothed(0, 1), np.float32(0.04), np.float32(0.04)])
+    np.testing.assert_array_equal(got["dense_query_aisle_ctr_past"],
+                                  [smoothed(2, 3), smoothed(0, 1), np.float32(0.04), np.float32(0.04)])
+    assert counts.sizes() == {"queries": 2, "query": 2, "query_product": 4, "query_aisle": 3}
+
+
+def test_query_count_columns_meet_the_schema(tiny_workdir: Path, query_keyed: pd.DataFrame) -> None:
+    """The six columns are float32 ``dense_*`` features that data.schema validates and the ranking
+    stage discovers; the manifest records the setting and the accumulators' distinct keys."""
+    assert schema.validate_tables(tiny_workdir, check_images=False)["impressions"] == len(query_keyed)
+    file_schema = pq.read_schema(tiny_workdir / "data" / "impressions.parquet")
+    dense, _ = schema.feature_columns(file_schema.names)
+    for f in synth.QUERY_COUNT_FEATURES:
+        assert f.name in dense and file_schema.field(f.name).type == "float"
+    ctr = query_keyed[[f"dense_{level}_ctr_past" for level in QUERY_COUNT_KEYS]].to_numpy()
+    assert ((ctr > 0) & (ctr < 1)).all()
+    manifest = _manifest(tiny_workdir)
+    assert manifest["settings"]["query_counts"] is True
+    assert manifest["query_count_keys"] == {"queries": query_keyed.query_key.nunique(),
+                                            **{level: len(query_keyed.drop_duplicates(keys))
+                                               for level, keys in QUERY_COUNT_KEYS.items()}}
+
+
+def test_no_query_counts_gives_the_baseline_without_them(tiny_workdir: Path, tmp_path: Path) -> None:
+    """--no-query-counts leaves every other column and table as it is and records the setting."""
+    synth.main(["--profile", "tiny", "--workdir", str(tmp_path), "--seed", "0", "--no-query-counts"])
+    plain = pq.read_table(tmp_path / "data" / "impressions.parquet")
+    counted = pq.read_table(tiny_workdir / "data" / "impressions.parquet")
+    assert plain.equals(counted.drop_columns([f.name for f in synth.QUERY_COUNT_FEATURES]))
+    for name in ("catalog.parquet", "relevance.parquet", "purchases.parquet", synth.TRUTH_FILE):
+        assert (tmp_path / "data" / name).read_bytes() == (tiny_workdir / "data" / name).read_bytes(), name
+    manifest = _manifest(tmp_path)
+    assert manifest["settings"]["query_counts"] is False and manifest["query_count_keys"] is None
 
 
 def test_impressions_are_time_ordered_sessions(tables: dict[str, pd.DataFrame], tiny_workdir: Path) -> None:
