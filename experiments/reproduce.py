@@ -18,6 +18,13 @@ shows a line when each command starts and when it ends (with its wall time), and
 command's latest progress line (tqdm's steps, rate and ETA) and elapsed time on one live line.
 When stderr is not a terminal (CI, a pipe) the live line becomes at most one progress line every
 30 s.
+
+What each command cost goes to ``DIR/reproduce.json`` (``command_costs``) and the report's Cost
+section: its wall time, its peak resident memory and the machine's load meanwhile
+(:class:`CommandCost`). The peak is per command, never a running maximum over the commands before
+it: each command runs under a small wrapper process (:data:`MEASURED`) that reports the kernel's
+high-water mark of the largest single process among the command and the descendants it waited
+for, and the whole process tree's total (workers and servers together) is sampled every 0.5 s.
 """
 from __future__ import annotations
 
@@ -38,8 +45,9 @@ import termios
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, Sequence, TextIO
+from typing import BinaryIO, Literal, Optional, Sequence, TextIO
 
+import psutil
 import pyarrow.parquet as pq
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
@@ -47,7 +55,7 @@ from common.io import prepare_workdir, read_json, write_json, write_text
 from data.dataset import MANIFEST
 from data.schema import TABLE_NAMES, table_path
 from experiments.presets import PRESETS, Preset
-from experiments.report import build_report
+from experiments.report import build_report, format_bytes, format_duration
 
 log = logging.getLogger("experiments.reproduce")
 
@@ -66,11 +74,15 @@ class ReproduceConfig:
                 "tables, already in DIR/data/: validated instead of generated)"})
     data_path: str = field(default="", metadata={
         "help": "source location for real data (default: ../shared/data/<name> next to the repo)"})
-    preset: Literal["auto", "tiny", "demo", "full"] = field(default="auto", metadata={
-        "help": "stage settings: tiny (tests, seconds), demo (2-core budget), full (paper-size flags); "
-                "auto = tiny for synth:tiny, else demo"})
+    preset: Literal["auto", "tiny", "demo", "full", "scale"] = field(default="auto", metadata={
+        "help": "stage settings (experiments/presets.py): tiny (tests, seconds), demo (2-core budget), full (each "
+                "command's own defaults), scale (every stage at the source's full size with training capped by a "
+                "step budget: the cost of each command as the data grows); auto = tiny for synth:tiny, scale for "
+                "synth:paper, else demo"})
+    scale: Optional[float] = field(default=None, metadata={
+        "help": "synth sources: multiply the profile's sizes by F (data.synth --scale F)"})
     seed: int = 0
-    seeds: int = field(default=5, metadata={"help": "ranking seeds per variant"})
+    seeds: int = field(default=0, metadata={"help": "ranking seeds per variant; 0 = the preset's (5; scale: 1)"})
     stages: str = field(default="all", metadata={
         "help": "comma list of stages to run (data,embeddings,ranking,importance,serving) or 'all'; "
                 "'none' only rewrites the report"})
@@ -105,8 +117,16 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
     kind, _, profile = cfg.source.partition(":")
     common = ["--workdir", cfg.workdir] + (["--force"] if cfg.force else [])
     seed = ["--seed", str(cfg.seed)]
+    if cfg.scale is not None and kind != "synth":
+        raise UserError(f"--scale is data.synth's size factor: only for synth:<profile> sources, not --source "
+                        f"{cfg.source}")
+    if cfg.scale is not None and not 0 < cfg.scale <= 1:
+        raise UserError(f"--scale must be in (0, 1] (a fraction of the profile's sizes), got {cfg.scale}")
+    if cfg.seeds < 0:
+        raise UserError(f"--seeds must be >= 0, got {cfg.seeds}")
     if kind == "synth":
-        data_cmd = ("data.synth", "--profile", profile or "demo", *seed, *common)
+        data_cmd = ("data.synth", "--profile", profile or "demo", *seed, *common,
+                    *(["--scale", str(cfg.scale)] if cfg.scale is not None else []))
     elif kind in ("fashion", "instacart", "completejourney"):
         source = cfg.data_path or (str(_default_data_path(kind)) if kind != "completejourney" else "")
         data_cmd = (f"data.adapters.{kind}", *(["--source", source] if source else []), *seed, *common,
@@ -134,8 +154,8 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
     ]
     if kind in RANKING_SOURCES or (kind == WORKDIR_SOURCE and (row_count(cfg.workdir, "impressions") or 0) > 0):
         stages += [
-            Stage("ranking", (("ranking.train", "--variant", "all", "--seeds", str(cfg.seeds), *common,
-                               *preset.ranking_train),)),
+            Stage("ranking", (("ranking.train", "--variant", "all", "--seeds", str(cfg.seeds or preset.seeds),
+                               *common, *preset.ranking_train),)),
             Stage("importance", (("ranking.importance", "--variant", "dcn_pq_hist", *seed, *common,
                                   *preset.importance),)),
             Stage("serving", (("serving.export", "--variant", "dcn_pq_hist", *common),
@@ -158,16 +178,6 @@ def describe_workdir_data(workdir: str) -> None:
     write_json({"source": WORKDIR_SOURCE, "validated_by": shlex.join(["python", "-m", "data.validate", "--workdir",
                                                                       workdir]),
                 "row_counts": {name: row_count(workdir, name) for name in TABLE_NAMES}}, path)
-
-
-def _duration(seconds: float) -> str:
-    """``12.3 s``, ``4 min 05 s`` or ``1 h 02 min``."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 class Console:
@@ -217,7 +227,7 @@ class Console:
         if now - self._drawn_at < self.interval_s:
             return
         self._drawn_at = now
-        status = f"[{self.label} {_duration(now - self._started)}] {self.current}".rstrip()
+        status = f"[{self.label} {format_duration(now - self._started)}] {self.current}".rstrip()
         if self.live:
             self.stream.write("\r\x1b[K" + status[: self.columns - 1])
             self.stream.flush()
@@ -233,11 +243,11 @@ class Console:
         log.info("%s", message)
 
 
-def _spawn(argv: list[str], columns: int) -> tuple[subprocess.Popen, int]:
+def _spawn(argv: list[str], columns: int, pass_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, int]:
     """Start ``argv`` with stdout and stderr on a new pseudo-terminal ``columns`` wide; return the process and
     the descriptor to read its output from. A tty makes tqdm draw the bars it leaves off for pipes
     (``disable=None``); newline translation is off, so the log gets the bytes the command wrote.
-    Falls back to a pipe where no pseudo-terminal can be opened."""
+    Falls back to a pipe where no pseudo-terminal can be opened. ``pass_fds`` stay open in the child."""
     try:
         reader, writer = pty.openpty()
     except OSError:
@@ -248,7 +258,7 @@ def _spawn(argv: list[str], columns: int) -> tuple[subprocess.Popen, int]:
         termios.tcsetattr(writer, termios.TCSANOW, attrs)
         fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, max(columns, 40), 0, 0))
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=writer, stderr=writer)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=writer, stderr=writer, pass_fds=pass_fds)
     except OSError:
         os.close(reader)
         raise
@@ -257,12 +267,89 @@ def _spawn(argv: list[str], columns: int) -> tuple[subprocess.Popen, int]:
     return proc, reader
 
 
-def run_command(argv: list[str], sink: BinaryIO, console: Console) -> int:
-    """Run ``argv`` to the end, copying its output to ``sink`` and ``console``; return its exit code."""
-    proc, reader = _spawn(argv, console.columns - len(console.label) - 16)
+@dataclass(frozen=True)
+class CommandCost:
+    """What one command took: its wall time, its memory, and how busy the machine was meanwhile."""
+
+    exit_code: int
+    seconds: float
+    # the most resident memory the command's process tree held at once: the sampled sum of its
+    # processes' resident sets (a page shared by several processes is in each one's), and never
+    # less than max_process_rss_bytes
+    peak_rss_bytes: int
+    # the kernel's high-water mark of the largest single process of the tree (the command's own
+    # process and the descendants it waited for), exact however briefly it was reached
+    max_process_rss_bytes: int
+    load_average: float  # the mean of the machine's 1-minute load average, sampled while it ran
+
+
+# Runs as ``python -I -S -c MEASURED FD ARGV...``: runs ARGV, writes the largest resident set (KiB)
+# among ARGV's process and the descendants it waited for to descriptor FD, and exits as ARGV did.
+# A command started by this small interpreter begins from its few MB: one started by a large
+# process would report that process's resident set as its own (Linux counts the memory a process
+# had just before exec in its high-water mark).
+MEASURED = """
+import os, resource, signal, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the command itself
+signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+code = proc.wait()
+os.write(int(sys.argv[1]), str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss).encode())
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
+class TreeSampler:
+    """Samples the summed resident memory of a process's descendants, and the machine's load."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+        self.root = psutil.Process(pid)
+        self.interval_s = interval_s
+        self.peak_rss_bytes = 0
+        self.loads = [os.getloadavg()[0]]
+        self._sampled_at = time.monotonic()  # the process tree is first sampled after one interval
+
+    def sample(self) -> None:
+        """Take a sample when ``interval_s`` has passed since the last one."""
+        now = time.monotonic()
+        if now - self._sampled_at < self.interval_s:
+            return
+        self._sampled_at = now
+        self.loads.append(os.getloadavg()[0])
+        try:
+            processes = self.root.children(recursive=True)
+        except psutil.NoSuchProcess:  # the command has exited
+            return
+        total = 0
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone (or a zombie) since the listing
+                pass
+        self.peak_rss_bytes = max(self.peak_rss_bytes, total)
+
+
+def run_command(argv: list[str], sink: BinaryIO, console: Console) -> CommandCost:
+    """Run ``argv`` (under :data:`MEASURED`) to the end, copying its output to ``sink`` and ``console``; return
+    its exit code and cost."""
+    start = time.perf_counter()
+    report_reader, report_writer = os.pipe()
     try:
+        proc, reader = _spawn([sys.executable, "-I", "-S", "-c", MEASURED, str(report_writer), *argv],
+                              console.columns - len(console.label) - 16, pass_fds=(report_writer,))
+    except OSError:
+        os.close(report_reader)
+        raise
+    finally:
+        os.close(report_writer)
+    try:
+        sampler = TreeSampler(proc.pid)
         while True:
-            ready, _, _ = select.select([reader], [], [], 0.5)
+            sampler.sample()
+            ready, _, _ = select.select([reader], [], [], sampler.interval_s)
             if ready:
                 try:
                     chunk = os.read(reader, 1 << 16)
@@ -276,9 +363,14 @@ def run_command(argv: list[str], sink: BinaryIO, console: Console) -> int:
                 break
             else:
                 console.tick()
-        return proc.wait()
+        code = proc.wait()
+        max_rss = int(os.read(report_reader, 64) or 0) * 1024  # nothing when the wrapper itself was killed
+        return CommandCost(exit_code=code, seconds=time.perf_counter() - start,
+                           peak_rss_bytes=max(sampler.peak_rss_bytes, max_rss), max_process_rss_bytes=max_rss,
+                           load_average=sum(sampler.loads) / len(sampler.loads))
     finally:
         os.close(reader)
+        os.close(report_reader)
         if proc.poll() is None:  # interrupted while it ran
             proc.terminate()
             proc.wait()
@@ -291,36 +383,51 @@ def _log_tail(path: Path, lines: int = 5) -> str:
     return " | ".join([line for line in shown if line][-lines:])
 
 
-def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> list[float]:
+def run_stage_costs(stage: Stage, log_dir: Path, console: Console, position: str) -> list[CommandCost]:
     """Run the stage's commands (``python -m ...``), all output appended to ``log_dir/<stage>.log``;
-    return each command's wall time in seconds. ``position`` (``2/5``) labels the stage on the console."""
+    return what each cost. ``position`` (``2/5``) labels the stage on the console."""
     log_path = log_dir / f"{stage.name}.log"
     console.say(f"stage {position} {stage.name}: {len(stage.commands)} command(s), full output in {log_path}")
-    seconds = []
+    costs = []
     for index, cmd in enumerate(stage.commands, 1):
         argv = [sys.executable, "-m", *cmd]
         label = f"{stage.name} {index}/{len(stage.commands)}"
         console.begin(label, shlex.join(["python", "-m", *cmd]))
-        start = time.perf_counter()
         with open(log_path, "ab") as sink:
             sink.write(f"$ {shlex.join(argv)}\n".encode())
             sink.flush()
-            code = run_command(argv, sink, console)
-            seconds.append(time.perf_counter() - start)
-            sink.write(f"\n# exit {code} after {seconds[-1]:.1f} s\n".encode())
-        if code != 0:
-            console.say(f"[{label}] {cmd[0]} failed (exit {code}) after {_duration(seconds[-1])}")
-            raise UserError(f"stage {stage.name} failed ({cmd[0]}, exit {code}); see {log_path}: {_log_tail(log_path)}")
-        console.say(f"[{label}] {cmd[0]} done in {_duration(seconds[-1])}")
-    console.say(f"stage {position} {stage.name} done in {_duration(sum(seconds))}")
-    return seconds
+            cost = run_command(argv, sink, console)
+            sink.write(f"\n# exit {cost.exit_code} after {cost.seconds:.1f} s, peak RSS "
+                       f"{format_bytes(cost.peak_rss_bytes)}\n".encode())
+        took = f"{format_duration(cost.seconds)}, peak RSS {format_bytes(cost.peak_rss_bytes)}"
+        if cost.exit_code != 0:
+            console.say(f"[{label}] {cmd[0]} failed (exit {cost.exit_code}) after {took}")
+            raise UserError(f"stage {stage.name} failed ({cmd[0]}, exit {cost.exit_code}); see {log_path}: "
+                            f"{_log_tail(log_path)}")
+        console.say(f"[{label}] {cmd[0]} done in {took}")
+        costs.append(cost)
+    console.say(f"stage {position} {stage.name} done in {format_duration(sum(c.seconds for c in costs))}")
+    return costs
+
+
+def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> list[float]:
+    """:func:`run_stage_costs`, returning each command's wall time in seconds."""
+    return [cost.seconds for cost in run_stage_costs(stage, log_dir, console, position)]
+
+
+def preset_name(cfg: ReproduceConfig) -> str:
+    """The preset ``cfg`` runs with: ``--preset``, or for ``auto`` tiny (``synth:tiny``), scale (``synth:paper``)
+    or demo (every other source)."""
+    if cfg.preset != "auto":
+        return cfg.preset
+    kind, _, profile = cfg.source.partition(":")
+    return {"tiny": "tiny", "paper": "scale"}.get(profile, "demo") if kind == "synth" else "demo"
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     cfg = parse_config(ReproduceConfig, argv)
-    kind, _, profile = cfg.source.partition(":")
-    preset_name = cfg.preset if cfg.preset != "auto" else ("tiny" if profile == "tiny" else "demo")
-    preset = PRESETS[preset_name]
+    kind = cfg.source.partition(":")[0]
+    preset = PRESETS[preset_name(cfg)]
     root = prepare_workdir(cfg.workdir, "logs")
     stages = plan_stages(cfg, preset)
     wanted = {s.name for s in stages} if cfg.stages == "all" else (
@@ -331,15 +438,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         f"expected a subset of {[s.name for s in stages]}")
     console = Console()
     run = [s for s in stages if s.name in wanted]
-    command_seconds: dict[str, list[float]] = {}
+    costs: dict[str, list[CommandCost]] = {}
     for number, stage in enumerate(run, 1):
-        command_seconds[stage.name] = run_stage(stage, root / "logs", console, f"{number}/{len(run)}")
+        costs[stage.name] = run_stage_costs(stage, root / "logs", console, f"{number}/{len(run)}")
         if stage.name == "data" and kind == WORKDIR_SOURCE:
             describe_workdir_data(cfg.workdir)
     commands = {s.name: [shlex.join(["python", "-m", *c]) for c in s.commands] for s in stages}
-    write_json({"config": dataclasses.asdict(cfg), "preset": preset_name,
-                "stage_seconds": {name: sum(secs) for name, secs in command_seconds.items()},
-                "command_seconds": command_seconds, "commands": commands}, root / "reproduce.json")
+    write_json({"config": dataclasses.asdict(cfg), "preset": preset_name(cfg), "cpus": len(os.sched_getaffinity(0)),
+                "stage_seconds": {name: sum(c.seconds for c in stage_costs) for name, stage_costs in costs.items()},
+                "command_seconds": {name: [c.seconds for c in stage_costs] for name, stage_costs in costs.items()},
+                "command_costs": {name: [{"command": command, **{k: v for k, v in dataclasses.asdict(c).items()
+                                                                 if k != "exit_code"}}
+                                         for command, c in zip(commands[name], stage_costs)]
+                                  for name, stage_costs in costs.items()},
+                "commands": commands}, root / "reproduce.json")
     report = build_report(root, source=cfg.source, commands=commands,
                           invocation=shlex.join(["python", "-m", "experiments.reproduce", *(argv or sys.argv[1:])]))
     path = write_text(report, root / "report.md")

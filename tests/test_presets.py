@@ -26,13 +26,15 @@ ADAPTERS = {"fashion": FashionConfig, "instacart": InstacartConfig, "completejou
 def test_every_preset_flag_parses_against_its_command(name: str):
     preset = PRESETS[name]
     fields = {f.name for f in dataclasses.fields(preset)}
-    assert fields == {*STAGE_COMMANDS, "adapter_flags", "source_embeddings_train"}  # a new stage needs a row here
+    assert fields == {*STAGE_COMMANDS, "adapter_flags", "source_embeddings_train", "seeds"}  # a new stage needs a row
+    parse_config(RankingTrainConfig, ["--seeds", str(preset.seeds), *preset.ranking_train])
+    assert preset.seeds >= 1
     for stage, config in STAGE_COMMANDS.items():
         parse_config(config, list(getattr(preset, stage)))
     for source, flags in preset.adapter_flags.items():
         parse_config(ADAPTERS[source], list(flags))
     for source, flags in preset.source_embeddings_train.items():
-        assert source in ADAPTERS
+        assert source in {*ADAPTERS, "synth"}  # the source kinds of experiments.reproduce
         parse_config(EmbeddingsTrainConfig, [*preset.embeddings_train, *flags])
 
 

@@ -1,6 +1,7 @@
 """The one-command reproduction: every stage on the tiny synthetic profile, then the report."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from common.cli import UserError
 from data.schema import TABLE_NAMES
 from experiments import reproduce
 
@@ -37,6 +39,24 @@ def test_every_stage_runs_and_the_report_has_every_section(tiny_run: Path) -> No
         assert f"({'embeddings/plots' if png == 'tsne' else 'importance'}/{png}.png)" in report
     record = json.loads((tiny_run / "reproduce.json").read_text())
     assert set(record["stage_seconds"]) == {"data", "embeddings", "ranking", "importance", "serving"}
+
+
+def test_each_commands_wall_time_and_peak_memory_are_recorded_and_reported(tiny_run: Path) -> None:
+    record = json.loads((tiny_run / "reproduce.json").read_text())
+    assert record["cpus"] >= 1
+    costs = record["command_costs"]
+    assert set(costs) == set(record["stage_seconds"])
+    report = (tiny_run / "report.md").read_text()
+    assert "## Cost" in report
+    for stage, stage_costs in costs.items():
+        assert [c["command"] for c in stage_costs] == record["commands"][stage]
+        assert [c["seconds"] for c in stage_costs] == record["command_seconds"][stage]
+        for cost in stage_costs:
+            assert cost["seconds"] > 0 and cost["load_average"] >= 0
+            assert 20e6 < cost["max_process_rss_bytes"] <= cost["peak_rss_bytes"] < 16e9  # a Python process
+            assert f"| {stage} | `{cost['command'].split()[2]}` |" in report
+    # ranking.train's worker processes are part of its tree; their own memory is counted
+    assert costs["ranking"][0]["peak_rss_bytes"] > costs["data"][0]["peak_rss_bytes"]
 
 
 def test_rerun_skips_complete_stages_and_publish_copies_plots(tiny_run: Path, tmp_path: Path) -> None:
@@ -82,16 +102,16 @@ def test_ranking_section_handles_a_slice_without_impressions(tmp_path: Path) -> 
     assert "AUC dcn_pq_hist > dcn_pq > dcn on NW" in section and "users with history gain more" not in section
 
 
-def test_demo_preset_trains_real_sources_one_stage2_epoch() -> None:
+def test_demo_preset_trains_stage2_one_epoch_and_the_synthetic_stage1_one_step() -> None:
     from experiments.presets import PRESETS
 
     def train_cmd(source: str) -> tuple[str, ...]:
         cfg = reproduce.ReproduceConfig(workdir="runs/x", source=source)
         return next(s for s in reproduce.plan_stages(cfg, PRESETS["demo"]) if s.name == "embeddings").commands[0]
 
-    assert train_cmd("completejourney")[-2:] == ("--stage2-epochs", "1")
-    assert train_cmd("fashion")[-2:] == ("--stage2-epochs", "1")
-    assert "--stage2-epochs" not in train_cmd("synth:demo")
+    for source in ("completejourney", "fashion", "instacart"):
+        assert train_cmd(source)[-2:] == ("--stage2-epochs", "1") and "--stage1-max-steps" not in train_cmd(source)
+    assert train_cmd("synth:demo")[-4:] == ("--stage2-epochs", "1", "--stage1-max-steps", "1")
 
 
 def _own_workdir(tiny_workdir: Path, target: Path) -> Path:
@@ -147,19 +167,59 @@ def test_a_failing_stage_names_its_command_log_and_last_output(tiny_workdir: Pat
 def test_commands_run_on_a_terminal_and_their_progress_reaches_the_console(tmp_path: Path) -> None:
     """A bar that tqdm leaves off for pipes (disable=None) is drawn; the log keeps the whole output."""
     script = tmp_path / "work.py"
-    script.write_text("import sys\nfrom tqdm import tqdm\nprint('a log line', flush=True)\n"
+    script.write_text("import sys, time\nfrom tqdm import tqdm\nprint('a log line', flush=True)\n"
                       "for _ in tqdm(range(3), desc='steps', unit='step', disable=None, mininterval=0):\n    pass\n"
+                      "time.sleep(0.5)\n"  # the bar is read (and shown) before the next line
                       "print('tty', sys.stderr.isatty(), file=sys.stderr)\n")
     shown = io.StringIO()
     console = reproduce.Console(shown, live=True)
     console.interval_s = 0.0
     console.begin("demo 1/1", "python work.py")
     sink = io.BytesIO()
-    assert reproduce.run_command([sys.executable, str(script)], sink, console) == 0
+    assert reproduce.run_command([sys.executable, str(script)], sink, console).exit_code == 0
     output = sink.getvalue().decode()
     assert output.startswith("a log line\n") and "\rsteps: 100%" in output and "3/3" in output
     assert "tty True" in output and "\r\n" not in output
     assert "[demo 1/1 " in shown.getvalue() and "steps:" in shown.getvalue() and "\x1b[K" in shown.getvalue()
+
+
+def test_peak_memory_is_per_command_and_counts_the_whole_process_tree(tmp_path: Path) -> None:
+    """Two children holding 150 MB at once: the tree held 300 MB, its largest process 150 MB; a small command
+    run afterwards reports its own small peak (never a running maximum over earlier commands)."""
+    (tmp_path / "hold.py").write_text("import time\nx = b'1' * 150_000_000\ntime.sleep(1.5)\n")
+    (tmp_path / "two.py").write_text(f"import subprocess, sys\nhold = [subprocess.Popen([sys.executable, "
+                                     f"{str(tmp_path / 'hold.py')!r}]) for _ in range(2)]\n"
+                                     "assert all(p.wait() == 0 for p in hold)\nsys.exit(3)\n")
+    console = reproduce.Console(io.StringIO(), live=False)
+    big = reproduce.run_command([sys.executable, str(tmp_path / "two.py")], io.BytesIO(), console)
+    small = reproduce.run_command([sys.executable, "-c", "pass"], io.BytesIO(), console)
+    assert big.exit_code == 3 and small.exit_code == 0
+    assert 150e6 < big.max_process_rss_bytes < 250e6
+    assert big.peak_rss_bytes > 300e6
+    assert small.peak_rss_bytes < 100e6 and small.max_process_rss_bytes < 100e6
+    assert big.seconds > 1.5 and big.load_average >= 0
+
+
+def test_scale_preset_and_scale_flag() -> None:
+    """synth:paper runs the scale preset (one seed, one ranking epoch); --scale reaches data.synth only."""
+    cfg = reproduce.ReproduceConfig(workdir="runs/x", source="synth:paper", scale=0.01)
+    assert reproduce.preset_name(cfg) == "scale"
+    stages = {s.name: s.commands for s in reproduce.plan_stages(cfg, reproduce.PRESETS["scale"])}
+    assert stages["data"][0][-2:] == ("--scale", "0.01")
+    ranking = stages["ranking"][0]
+    assert ranking[ranking.index("--seeds") + 1] == "1" and ranking[ranking.index("--epochs") + 1] == "1"
+    assert "--stage1-max-steps" in stages["embeddings"][0] and "--max-rows" in stages["importance"][0]
+    assert [c[0] for c in stages["serving"]] == ["serving.export", "serving.index", "serving.bench"]
+    seeds = reproduce.plan_stages(dataclasses.replace(cfg, seeds=3), reproduce.PRESETS["scale"])
+    assert next(s for s in seeds if s.name == "ranking").commands[0][3:5] == ("--seeds", "3")
+    demo = reproduce.ReproduceConfig(workdir="runs/x", source="synth:demo")
+    assert reproduce.preset_name(demo) == "demo"
+    planned = reproduce.plan_stages(demo, reproduce.PRESETS["demo"])
+    assert "--scale" not in planned[0].commands[0] and planned[2].commands[0][3:5] == ("--seeds", "5")
+    for source, scale, needle in (("fashion", 0.1, "only for synth"), ("synth:demo", 0.0, r"must be in \(0, 1\]"),
+                                  ("synth:demo", 1.5, r"must be in \(0, 1\]")):
+        with pytest.raises(UserError, match=needle):
+            reproduce.plan_stages(dataclasses.replace(demo, source=source, scale=scale), reproduce.PRESETS["demo"])
 
 
 def test_console_keeps_the_latest_redraw_and_is_quiet_off_a_terminal() -> None:
