@@ -47,7 +47,7 @@ from data import schema
 from data.text import normalize_query
 from embeddings.backbones import (CLIP_MEAN, CLIP_STD, TextConfig, TextTransformer, VisionConfig, VisionTransformer,
                                   load_tokenizer, minilm_path)
-from embeddings.config import BenchConfig, ModelConfig
+from embeddings.config import DashCLIPConfig, EmbeddingsBenchConfig
 from embeddings.inputs import ImageSpec
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_model
@@ -58,7 +58,7 @@ BLIP_BASE_TEXT = TextConfig(vocab_size=30524, hidden_size=768, num_layers=12, nu
                             cross_attention_width=768)
 
 
-def bench_model(cfg: BenchConfig, image_size: int) -> tuple[DashCLIP, Any, ImageSpec]:
+def bench_model(cfg: EmbeddingsBenchConfig, image_size: int) -> tuple[DashCLIP, Any, ImageSpec]:
     """The model to time with its tokenizer and image spec: mini/tiny as built for training,
     blip-base from its config (random weights, MiniLM's uncased WordPiece tokenizer, CLIP's pixel
     normalisation)."""
@@ -69,7 +69,8 @@ def bench_model(cfg: BenchConfig, image_size: int) -> tuple[DashCLIP, Any, Image
                              embed_dim=256)
         model.freeze_first_layers(cfg.freeze_fraction)
         return model, load_tokenizer(minilm_path()), ImageSpec(image_size, CLIP_MEAN, CLIP_STD)
-    return build_model(ModelConfig(backbone=cfg.backbone, image_size=image_size, freeze_fraction=cfg.freeze_fraction))
+    return build_model(DashCLIPConfig(backbone=cfg.backbone, image_size=image_size,
+                                      freeze_fraction=cfg.freeze_fraction))
 
 
 def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
@@ -86,7 +87,7 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
     return (time.perf_counter() - started) / steps
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, dict[str, float]]:
+def run_bench(cfg: EmbeddingsBenchConfig) -> dict[str, dict[str, float]]:
     device = resolve_device(cfg.device)
     image_size = cfg.image_size or (384 if cfg.backbone == "blip-base" else 96)
     model = bench_model(cfg, image_size)[0].to(device)
@@ -177,7 +178,7 @@ def _queries_from_titles(titles: Sequence[str], n: int) -> list[str]:
     return out
 
 
-def encoder_inputs(cfg: BenchConfig, image_size: int) -> tuple[pd.DataFrame, list[str], str]:
+def encoder_inputs(cfg: EmbeddingsBenchConfig, image_size: int) -> tuple[pd.DataFrame, list[str], str]:
     """``(catalog [product_id, title, image], queries, description)`` for the encoder comparison."""
     workdir = Path(cfg.workdir)
     catalog_path = schema.table_path(workdir, "catalog")
@@ -204,7 +205,7 @@ def encoder_inputs(cfg: BenchConfig, image_size: int) -> tuple[pd.DataFrame, lis
     return catalog, queries, source
 
 
-def compare_encoders(cfg: BenchConfig, device: torch.device, image_size: int) -> dict[str, Any]:
+def compare_encoders(cfg: EmbeddingsBenchConfig, device: torch.device, image_size: int) -> dict[str, Any]:
     """The end-to-end encoder, precision fp32 against fast, alternating rounds (see the module docstring)."""
     from embeddings.encode import DashEncoder, load_encoder  # encode imports train: only when comparing
 
@@ -214,7 +215,7 @@ def compare_encoders(cfg: BenchConfig, device: torch.device, image_size: int) ->
         source = loaded.source
     else:
         model, tokenizer, spec = bench_model(cfg, image_size)
-        model_cfg = ModelConfig(image_size=spec.size)
+        model_cfg = DashCLIPConfig(image_size=spec.size)
         source = f"untuned {cfg.backbone}"
     encoders = {precision: DashEncoder(model, tokenizer, spec, model_cfg, device, source, cfg.encode_batch_size,
                                        precision) for precision in ("fp32", "fast")}
@@ -258,7 +259,7 @@ def compare_encoders(cfg: BenchConfig, device: torch.device, image_size: int) ->
     return summary
 
 
-def markdown(cfg: BenchConfig, device: torch.device, results: dict[str, dict[str, float]],
+def markdown(cfg: EmbeddingsBenchConfig, device: torch.device, results: dict[str, dict[str, float]],
              comparison: dict[str, Any] | None = None) -> str:
     head = (f"DashCLIP bench: backbone {cfg.backbone}, device {device} ({platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads), dtype {cfg.dtype}, batch {cfg.batch_size}, "
@@ -284,7 +285,7 @@ def markdown(cfg: BenchConfig, device: torch.device, results: dict[str, dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    cfg = parse_config(BenchConfig, argv)
+    cfg = parse_config(EmbeddingsBenchConfig, argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)

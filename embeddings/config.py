@@ -3,7 +3,7 @@
 Field metadata ``stage`` says which outputs a setting changes: ``model`` (the architecture and its
 initialisation: every stage), ``1`` (stage 1), ``2`` (stage 2) or ``run`` (how a run executes, not
 what it computes). A finished stage is reused only when it was made from the same inputs and
-these settings (:meth:`TrainConfig.settings`, recorded in its :class:`common.provenance.MadeFrom`).
+these settings (:meth:`EmbeddingsTrainConfig.settings`, recorded in its :class:`common.provenance.MadeFrom`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _f(default: Any, help: str, stage: str) -> Any:
 
 
 @dataclass
-class ModelConfig:
+class DashCLIPConfig:
     """Architecture of the DashCLIP encoders."""
 
     backbone: Backbone = _f("mini", "encoders: mini (MiniLM-L6 + EfficientNet-Lite0, pretrained), blip (a BLIP "
@@ -69,12 +69,12 @@ class ModelConfig:
     def resolved_cross_attention_gate(self) -> bool:
         return self.backbone != "blip" if self.cross_attention == "auto" else self.cross_attention == "gated"
 
-    def model_only(self) -> "ModelConfig":
-        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+    def model_only(self) -> "DashCLIPConfig":
+        return DashCLIPConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DashCLIPConfig)})
 
 
 @dataclass
-class TrainConfig(ModelConfig):
+class EmbeddingsTrainConfig(DashCLIPConfig):
     """Train DashCLIP: stage 1 (ITC + ITM on catalog image-title pairs), stage 2 (PQC on queries)."""
 
     workdir: str = _f(DEFAULT_WORKDIR, "run directory (reads DIR/data, writes DIR/embeddings)", "run")
@@ -156,10 +156,10 @@ class TrainConfig(ModelConfig):
 SETTINGS_BEFORE_RECORDED = {"pooling": "cls", "cross_attention": "plain"}
 
 
-def model_config_from(settings: dict[str, Any]) -> ModelConfig:
-    """The :class:`ModelConfig` recorded in a run's ``config.json``."""
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{**SETTINGS_BEFORE_RECORDED, **{k: v for k, v in settings.items() if k in names}})
+def model_config_from(settings: dict[str, Any]) -> DashCLIPConfig:
+    """The :class:`DashCLIPConfig` recorded in a run's ``config.json``."""
+    names = {f.name for f in dataclasses.fields(DashCLIPConfig)}
+    return DashCLIPConfig(**{**SETTINGS_BEFORE_RECORDED, **{k: v for k, v in settings.items() if k in names}})
 
 
 @dataclass
@@ -180,7 +180,7 @@ class EncodeConfig:
 
 
 @dataclass
-class ExportConfig:
+class TableExportConfig:
     """Export the frozen product and query tables from the trained DashCLIP checkpoint."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
@@ -192,7 +192,7 @@ class ExportConfig:
 
 
 @dataclass
-class BenchConfig:
+class EmbeddingsBenchConfig:
     """Throughput of DashCLIP training and inference on random inputs (prints a table)."""
 
     backbone: Literal["mini", "blip-base", "tiny"] = field(default="mini", metadata={

@@ -46,7 +46,7 @@ from common.cli import UserError, parse_config, run_main
 from common.io import file_sha256, read_json, write_parquet
 from data import schema
 from data.text import normalize_query
-from embeddings.config import PRECISIONS, EncodeConfig, ModelConfig, Precision, model_config_from
+from embeddings.config import PRECISIONS, DashCLIPConfig, EncodeConfig, Precision, model_config_from
 from embeddings.inputs import ImageSpec, ImageStore, TokenStore, length_sorted_batches, restore_order
 from embeddings.models import DashCLIP, build_model
 from embeddings.train import Paths, autocast, load_checkpoint, resolve_device
@@ -73,7 +73,7 @@ class DashEncoder:
         source: a description of the weights (checkpoint path and hash, or "untuned ...").
     """
 
-    def __init__(self, model: DashCLIP, tokenizer, spec: ImageSpec, cfg: ModelConfig, device: torch.device,
+    def __init__(self, model: DashCLIP, tokenizer, spec: ImageSpec, cfg: DashCLIPConfig, device: torch.device,
                  source: str, batch_size: int = 64, precision: Precision = "fast") -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

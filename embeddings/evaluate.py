@@ -81,15 +81,15 @@ from data.dataset import input_hashes
 from data.schema import HR, IR, LABEL_NAMES, MR
 from data.synth import RELEVANCE_TRUTH_FILE
 from embeddings import tables
-from embeddings.config import TrainConfig
+from embeddings.config import EmbeddingsTrainConfig
 from embeddings.sampling import normalized_query_codes, split_cold_products, split_queries
 from embeddings.train import MODEL_CHECKPOINT, stage_set
 
 log = logging.getLogger(__name__)
 
 TOP_K = 10
-DEFAULT_EVAL_FRACTION = TrainConfig.query_eval_fraction
-DEFAULT_COLD_FRACTION = TrainConfig.cold_product_fraction
+DEFAULT_EVAL_FRACTION = EmbeddingsTrainConfig.query_eval_fraction
+DEFAULT_COLD_FRACTION = EmbeddingsTrainConfig.cold_product_fraction
 RETRIEVAL_SYSTEMS = {"random": "Random vectors", "untuned_text": "Untuned query vs title-text encoder",
                      "untuned_image": "Untuned query vs image encoder",
                      "untuned": "Untuned query vs multimodal fusion", "dashclip": "DashCLIP (trained)"}
@@ -465,9 +465,9 @@ def trained_product_vectors(workdir: Path, encoder, catalog: pd.DataFrame, expor
     ``exported`` (made from this checkpoint and catalog: no re-encoding), else from the trained encoder."""
     if not exported:
         return encoder.products(catalog)
-    path = tables.table_path(workdir, "product")
+    path = tables.embedding_table_path(workdir, "product")
     log.info("trained product vectors: read from %s", path)
-    table = tables.read_table(path, "product")
+    table = tables.read_embedding_table(path, "product")
     return table.vectors[table.lookup(catalog["product_id"].to_numpy())]
 
 

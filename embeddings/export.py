@@ -24,7 +24,7 @@ from data import schema
 from data.dataset import input_hashes
 from data.text import normalize_query
 from embeddings import tables
-from embeddings.config import ExportConfig
+from embeddings.config import TableExportConfig
 from embeddings.encode import load_encoder
 from embeddings.train import stage_set
 
@@ -42,16 +42,16 @@ def distinct_queries(workdir: Path) -> list[str]:
     return sorted(found)
 
 
-def made_from(workdir: Path, cfg: ExportConfig) -> MadeFrom:
+def made_from(workdir: Path, cfg: TableExportConfig) -> MadeFrom:
     """The trained model's published set, the tables the export reads, and its settings."""
     inputs = {**stage_set(workdir, 2).verify(), **input_hashes(workdir, ("catalog", *QUERY_TABLES))}
     return MadeFrom(inputs, {"batch_size": cfg.batch_size, "precision": cfg.precision})
 
 
-def export(cfg: ExportConfig) -> dict[str, Path]:
+def export(cfg: TableExportConfig) -> dict[str, Path]:
     workdir = prepare_workdir(cfg.workdir, "embeddings")
     output = tables.tables_set(workdir)
-    paths = {kind: tables.table_path(workdir, kind) for kind in ("product", "query")}
+    paths = {kind: tables.embedding_table_path(workdir, kind) for kind in ("product", "query")}
     source = made_from(workdir, cfg)
     if not cfg.force and output.current(source):
         log.info("product and query tables are made from these checkpoint, data and settings: skipping "
@@ -79,7 +79,7 @@ def export(cfg: ExportConfig) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    return export(parse_config(ExportConfig, argv))
+    return export(parse_config(TableExportConfig, argv))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from embeddings.backbones import (LITE0_MEAN, LITE0_STD, ConvTokenEncoder, Effic
                                   VisionTransformer, bert_text_config, load_bert_weights,
                                   load_efficientnet_lite0, load_tokenizer, minilm_path, read_blip_checkpoint,
                                   resize_position_embedding)
-from embeddings.config import ModelConfig
+from embeddings.config import DashCLIPConfig
 from embeddings.inputs import ImageSpec
 
 log = logging.getLogger(__name__)
@@ -237,12 +237,12 @@ class DashCLIP(nn.Module):
 Built = tuple[nn.Module, TextTransformer, ImageSpec, set[str], dict[str, dict[str, torch.Tensor]]]
 
 
-def text_options(cfg: ModelConfig) -> dict[str, object]:
+def text_options(cfg: DashCLIPConfig) -> dict[str, object]:
     """The :class:`TextConfig` fields that ``cfg`` chooses (pooling, cross-attention gate)."""
     return {"pooling": cfg.resolved_pooling(), "cross_attention_gate": cfg.resolved_cross_attention_gate()}
 
 
-def _tiny(cfg: ModelConfig) -> Built:
+def _tiny(cfg: DashCLIPConfig) -> Built:
     if cfg.image_size % TINY_PATCH:
         raise ValueError(f"--image-size must be a multiple of {TINY_PATCH} for the tiny backbone")
     vision = VisionTransformer(VisionConfig(image_size=cfg.image_size, patch_size=TINY_PATCH, hidden_size=64,
@@ -251,7 +251,7 @@ def _tiny(cfg: ModelConfig) -> Built:
     return vision, text, ImageSpec(cfg.image_size, LITE0_MEAN, LITE0_STD), set(), {}
 
 
-def _mini(cfg: ModelConfig) -> Built:
+def _mini(cfg: DashCLIPConfig) -> Built:
     text_dir = minilm_path()
     text_cfg = bert_text_config(text_dir, cross_attention_width=0)
     image = ConvTokenEncoder(load_efficientnet_lite0(), width=text_cfg.hidden_size)
@@ -273,7 +273,7 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -
         raise ValueError(f"BLIP checkpoint {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def _blip(cfg: ModelConfig) -> Built:
+def _blip(cfg: DashCLIPConfig) -> Built:
     weights = read_blip_checkpoint(cfg.init_from)
     if cfg.image_size % weights.vision.patch_size:
         raise ValueError(f"--image-size {cfg.image_size} is not a multiple of the BLIP patch size "
@@ -313,7 +313,7 @@ def blip_tokenizer(model_dir: Path):
     return load_tokenizer(minilm_path())
 
 
-def build_model(cfg: ModelConfig) -> tuple[DashCLIP, object, ImageSpec]:
+def build_model(cfg: DashCLIPConfig) -> tuple[DashCLIP, object, ImageSpec]:
     """The untuned model of ``cfg`` (pretrained weights where the backbone has them, the rest
     initialised from ``cfg.seed``; the global RNG is left untouched), its tokenizer and image spec."""
     cfg.validate()

@@ -43,7 +43,7 @@ def table_rel(kind: TableKind) -> str:
     return f"embeddings/{kind}_table.parquet"
 
 
-def table_path(workdir: str | Path, kind: TableKind) -> Path:
+def embedding_table_path(workdir: str | Path, kind: TableKind) -> Path:
     return Path(workdir) / table_rel(kind)
 
 
@@ -105,7 +105,7 @@ def write_table(table: EmbeddingTable, path: str | Path) -> Path:
     return write_parquet(arrow, path)
 
 
-def read_table(path: str | Path, kind: TableKind | None = None) -> EmbeddingTable:
+def read_embedding_table(path: str | Path, kind: TableKind | None = None) -> EmbeddingTable:
     """Read and check a table file; errors name the file and what was expected."""
     path = Path(path)
     if not path.exists():
@@ -134,4 +134,4 @@ def read_table(path: str | Path, kind: TableKind | None = None) -> EmbeddingTabl
 
 def read_id_map(path: str | Path) -> dict:
     """key -> row id of a table file."""
-    return read_table(path).id_map()
+    return read_embedding_table(path).id_map()

@@ -26,7 +26,7 @@ variant, which is the order retrieval ranks in. At the start of stage 2 the quer
 initialised from the stage-1 text encoder.
 
 The architecture's own departures from the paper (``--pooling``, ``--cross-attention``,
-:class:`embeddings.config.ModelConfig`; ``auto`` picks them per backbone): the mini backbone hands
+:class:`embeddings.config.DashCLIPConfig`; ``auto`` picks them per backbone): the mini backbone hands
 on the mean of MiniLM's token states (how that sentence encoder was pretrained) instead of its
 [CLS], and its new cross-attention blocks enter through gates that start at zero, so the grounded
 encoder starts as the text encoder and stage 1 opens the image path only as far as the losses
@@ -89,7 +89,7 @@ from common.provenance import MadeFrom, OutputSet
 from data import schema
 from data.dataset import data_set, input_hashes
 from data.text import normalize_query
-from embeddings.config import TrainConfig
+from embeddings.config import EmbeddingsTrainConfig
 from embeddings.distributed import (Shard, broadcast_from_main, check_batch_split, data_parallel, dropout_seed,
                                     global_batch_size, itc_loss, local_contrast, mean_over_ranks, tensor_from_main)
 from embeddings.inputs import ImageStore, TokenStore
@@ -451,7 +451,7 @@ class StageRunner:
 
     stage: int = 0
 
-    def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
+    def __init__(self, cfg: EmbeddingsTrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
                  groups: list[dict[str, Any]], total_steps: int, budget: StepBudget, shard: Shard, key: str) -> None:
         self.cfg, self.model, self.device, self.paths, self.budget = cfg, model, device, paths, budget
         self.shard, self.key = shard, key
@@ -592,7 +592,7 @@ class Stage1(StageRunner):
 
     stage = 1
 
-    def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
+    def __init__(self, cfg: EmbeddingsTrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
                  images: ImageStore, titles: TokenStore, title_text: list[str], train_rows: np.ndarray,
                  eval_rows: np.ndarray, budget: StepBudget, key: str, shard: Shard = Shard()) -> None:
         self.images, self.titles, self.title_text = images, titles, title_text
@@ -727,7 +727,7 @@ class Stage2(StageRunner):
 
     stage = 2
 
-    def __init__(self, cfg: TrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
+    def __init__(self, cfg: EmbeddingsTrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
                  product_state: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
                  tuple_negative_rows: np.ndarray | None, queries: QueryPrefixStore, eval_rows: np.ndarray,
                  eval_queries: np.ndarray, budget: StepBudget, key: str, shard: Shard = Shard()) -> None:
@@ -853,7 +853,7 @@ class Trainer:
     distributed ``shard`` every rank runs this, rank 0 alone writes files, and the ranks wait for
     each other (barrier) wherever rank 0 changes a file that the others read next."""
 
-    def __init__(self, cfg: TrainConfig, shard: Shard | None = None) -> None:
+    def __init__(self, cfg: EmbeddingsTrainConfig, shard: Shard | None = None) -> None:
         self.cfg = cfg
         self.shard = shard if shard is not None else Shard(device=resolve_device(cfg.device))
         self.device = self.shard.device
@@ -1106,7 +1106,7 @@ class Trainer:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(TrainConfig, argv)
+    cfg = parse_config(EmbeddingsTrainConfig, argv)
     cfg.validate()
     env = init_from_env(cfg.pg_timeout_s, cfg.device)  # under torchrun (WORLD_SIZE > 1), else None
     shard = Shard.of(env, resolve_device(cfg.device) if env is None else env.device)
@@ -1128,7 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
 
 
-def train(cfg: TrainConfig, shard: Shard | None = None) -> dict[str, Any]:
+def train(cfg: EmbeddingsTrainConfig, shard: Shard | None = None) -> dict[str, Any]:
     """Run the stages of ``cfg`` (on this rank of ``shard``); returns the training log (rank 0
     writes it to ``train_log.json``)."""
     trainer = Trainer(cfg, shard)

@@ -54,7 +54,7 @@ from typing import Any, Callable, Literal, Sequence
 from common.cli import UserError, parse_config, run_main
 from common.io import prepare_workdir, read_json, write_json, write_text
 from data.schema import TABLE_NAMES
-from data.schema import table_path as data_table_path
+from data.schema import table_path
 
 log = logging.getLogger("experiments.gpu_bench")
 
@@ -129,7 +129,7 @@ class StepResult:
 # ------------------------------------------------------------------ plan
 def data_present(workdir: Path) -> list[str]:
     """The names of the four tables that ``DIR/data`` holds."""
-    return [name for name in TABLE_NAMES if data_table_path(workdir, name).is_file()]
+    return [name for name in TABLE_NAMES if table_path(workdir, name).is_file()]
 
 
 def resolved(cfg: GpuBenchConfig) -> dict[str, str]:

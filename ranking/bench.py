@@ -4,7 +4,7 @@
 
 On the workdir's real features (the feature cache of :mod:`ranking.features`; the exported
 tables when present, else random tables of the same shapes, which time the same), for every
-variant (the architecture flags of :class:`ranking.config.ModelConfig`, as in ``ranking.train``)
+variant (the architecture flags of :class:`ranking.config.RankerConfig`, as in ``ranking.train``)
 and for ``torchrec.models.dlrm.DLRM_DCN`` on the same batches:
 
 * train samples/s: forward + BCE + backward + optimizer step (:func:`ranking.train.make_optimizers`:
@@ -49,9 +49,9 @@ from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
 from common.io import prepare_workdir, write_json
 from common.seed import seed_everything
 from data.schema import SchemaError
-from embeddings.tables import build_table, table_path
+from embeddings.tables import build_table, embedding_table_path
 from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingBatch, RankingData, build_spec
-from ranking.config import ModelConfig
+from ranking.config import RankerConfig
 from ranking.model import build_model, build_tables
 from ranking.plain import PlainFeatures, PlainInputModel
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, load_tables
@@ -65,7 +65,7 @@ REFERENCES: dict[bool, str] = {False: "torchrec DLRM_DCN (dense+sparse)", True: 
 
 
 @dataclass
-class BenchConfig(ModelConfig):
+class RankingBenchConfig(RankerConfig):
     """Training and evaluation samples/s of every ranking variant next to torchrec's DLRM_DCN."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (its data and tables)"})
@@ -81,7 +81,7 @@ class BenchConfig(ModelConfig):
 class DLRMPlain(nn.Module):
     """``DLRM_DCN`` behind the same plain-tensor signature as :class:`ranking.plain.PlainInputModel`."""
 
-    def __init__(self, spec: FeatureSpec, dim: int, with_tables: bool, config: ModelConfig) -> None:
+    def __init__(self, spec: FeatureSpec, dim: int, with_tables: bool, config: RankerConfig) -> None:
         super().__init__()
         tables = [EmbeddingBagConfig(name=f"t_{n}", embedding_dim=dim, num_embeddings=rows, feature_names=[n])
                   for n, rows in zip(spec.sparse_names, spec.sparse_num_embeddings)]
@@ -148,11 +148,11 @@ class TimedModel:
             self.seconds[train, "cpu"] += time.process_time() - cpu
 
 
-def _load(cfg: BenchConfig) -> tuple[RankingData, FeatureSpec, tuple]:
+def _load(cfg: RankingBenchConfig) -> tuple[RankingData, FeatureSpec, tuple]:
     try:
         cache = ImpressionCache.open(cfg.workdir)
         purchases = PurchaseIndex.from_workdir(cfg.workdir)
-        paths = (table_path(cfg.workdir, "product"), table_path(cfg.workdir, "query"))
+        paths = (embedding_table_path(cfg.workdir, "product"), embedding_table_path(cfg.workdir, "query"))
         if all(p.exists() for p in paths):
             tables = load_tables(*paths)
         else:
@@ -167,7 +167,7 @@ def _load(cfg: BenchConfig) -> tuple[RankingData, FeatureSpec, tuple]:
     return RankingData(cache, purchases, spec), spec, tables
 
 
-def run(cfg: BenchConfig) -> tuple[list[dict], torch.device]:
+def run(cfg: RankingBenchConfig) -> tuple[list[dict], torch.device]:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -229,7 +229,7 @@ def run(cfg: BenchConfig) -> tuple[list[dict], torch.device]:
     return rows, device
 
 
-def format_table(rows: list[dict], cfg: BenchConfig, device: torch.device) -> str:
+def format_table(rows: list[dict], cfg: RankingBenchConfig, device: torch.device) -> str:
     head = (f"ranking bench: device {device} ({platform.processor() or platform.machine()}, {cfg.threads} threads), "
             f"batch {cfg.batch_size}, {cfg.steps} timed batches after {cfg.warmup} warm-up, the models taking turns "
             f"batch by batch\n")
@@ -249,7 +249,7 @@ def format_table(rows: list[dict], cfg: BenchConfig, device: torch.device) -> st
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    cfg = parse_config(BenchConfig, argv)
+    cfg = parse_config(RankingBenchConfig, argv)
     cfg.validate()
     if cfg.batch_size < 1 or cfg.steps < 1 or cfg.warmup < 0:
         raise UserError("--batch-size and --steps must be >= 1 and --warmup >= 0")

@@ -1,7 +1,7 @@
 """Dataclass configs of the ranking commands; every field is a ``--flag`` (common.cli.parse_config).
 
-:class:`ModelConfig` is the architecture of :class:`ranking.model.RankingModel` (its widths and
-depths). :class:`TrainConfig` adds the training flags of ``python -m ranking.train``. The
+:class:`RankerConfig` is the architecture of :class:`ranking.model.RankingModel` (its widths and
+depths). :class:`RankingTrainConfig` adds the training flags of ``python -m ranking.train``. The
 architecture and the flags that change what is trained are the settings a trained set is made
 from (:func:`ranking.train.training_settings`, recorded in its :class:`common.provenance.MadeFrom`),
 so a changed width retrains instead of reusing a run of another architecture.
@@ -24,7 +24,7 @@ def _f(default: Any, help: str) -> Any:
 
 
 @dataclass
-class ModelConfig:
+class RankerConfig:
     """Architecture of the ranking model: widths of the DCN tower, the table tower and the head
     (the defaults are sized for the demo on 2 CPU cores)."""
 
@@ -40,20 +40,20 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the flag of a width, depth or size list below 1 (or empty)."""
-        for f in dataclasses.fields(ModelConfig):
+        for f in dataclasses.fields(RankerConfig):
             value = getattr(self, f.name)
             sizes = value if isinstance(value, list) else [value]
             if not sizes or min(sizes) < 1:
                 what = "one or more values " if isinstance(value, list) else ""
                 raise UserError(f"--{f.name.replace('_', '-')} must be {what}>= 1, got {value}")
 
-    def model_only(self) -> "ModelConfig":
-        """The architecture part of this config (of a subclass such as :class:`TrainConfig` too)."""
-        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+    def model_only(self) -> "RankerConfig":
+        """The architecture part of this config (of a subclass such as :class:`RankingTrainConfig` too)."""
+        return RankerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RankerConfig)})
 
 
 @dataclass
-class TrainConfig(ModelConfig):
+class RankingTrainConfig(RankerConfig):
     """Train the ranking variants (paper Table 2) over seeds and write DIR/ranking/results.{json,md}."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})

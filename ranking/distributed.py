@@ -50,7 +50,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from common.distributed import DistEnv
-from ranking.config import ModelConfig
+from ranking.config import RankerConfig
 from ranking.features import FeatureSpec, RankingBatch
 from ranking.model import RankingModel, build_model, build_tables
 from ranking.plain import PlainFeatures, PlainInputModel
@@ -248,7 +248,7 @@ class ShardedRanker:
     """
 
     def __init__(self, dmp: DistributedModelParallel, optimizer: ShardedOptimizer, features: PlainFeatures,
-                 env: DistEnv, plan: ShardingPlan, variant: str, spec: FeatureSpec, config: ModelConfig) -> None:
+                 env: DistEnv, plan: ShardingPlan, variant: str, spec: FeatureSpec, config: RankerConfig) -> None:
         self.dmp, self.optimizer, self.features, self.env, self.plan = dmp, optimizer, features, env, plan
         self.variant, self.spec, self.config = variant, spec, config  # to rebuild the unsharded model
 

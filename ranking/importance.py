@@ -34,7 +34,7 @@ from common.io import prepare_workdir, read_json, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
 from data.dataset import input_hashes
-from data.schema import SchemaError, table_path as data_table_path
+from data.schema import SchemaError, table_path
 from ranking.attribution.groups import build_inputs
 from ranking.attribution.interaction import InteractionInputModel
 from ranking.attribution.methods import METHODS, batched_forward, run_methods
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     spec = model.spec
     if (list(cache.meta.dense_names), list(cache.meta.sparse_names)) != (list(spec.dense_names), list(spec.sparse_names)):
         raise UserError(f"{model_path}: trained on features {spec.dense_names + spec.sparse_names}, but "
-                        f"{data_table_path(workdir, 'impressions')} has {cache.meta.dense_names + cache.meta.sparse_names}; "
+                        f"{table_path(workdir, 'impressions')} has {cache.meta.dense_names + cache.meta.sparse_names}; "
                         "retrain with `python -m ranking.train --force`")
     prepare_workdir(workdir, "importance")
     out = importance_set(workdir)
@@ -134,11 +134,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if cfg.max_rows and len(eval_rows) > cfg.max_rows:
         eval_rows = np.sort(rng.choice(eval_rows, cfg.max_rows, replace=False))
     if len(eval_rows) < 2:
-        raise UserError(f"{data_table_path(workdir, 'impressions')}: {len(eval_rows)} impressions in the evaluation "
+        raise UserError(f"{table_path(workdir, 'impressions')}: {len(eval_rows)} impressions in the evaluation "
                         "week; permutation importance needs at least 2")
     inputs = build_inputs(model, RankingData(cache, purchases, spec), eval_rows, cfg.batch_size)
     if len(np.unique(inputs.labels)) < 2:
-        raise UserError(f"{data_table_path(workdir, 'impressions')}: the evaluation week has only "
+        raise UserError(f"{table_path(workdir, 'impressions')}: the evaluation week has only "
                         f"{'clicks' if inputs.labels[0] else 'non-clicks'}; ROC-AUC is undefined")
     vmodel = InteractionInputModel(model).eval()
     with torch.no_grad():

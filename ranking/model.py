@@ -14,7 +14,7 @@ k projection dim of the table vectors (P, Q: learned projections d -> k).
 
 ``RankingModel.forward(dense_features, features)`` takes the torchrec inputs (one
 KeyedJaggedTensor holding every sparse key) like ``torchrec.models.dlrm.DLRM`` does, so DMP can
-shard its two EBCs. The widths are a :class:`ranking.config.ModelConfig` (``ranking.train`` flags).
+shard its two EBCs. The widths are a :class:`ranking.config.RankerConfig` (``ranking.train`` flags).
 :class:`ranking.plain.PlainInputModel` is the plain-tensor front door
 (serving, Captum, training). :func:`build_model`, :func:`save_model` and :func:`load_model`
 construct, write and read a variant with its :class:`ranking.features.FeatureSpec`;
@@ -38,7 +38,7 @@ from common.cli import UserError
 from common.io import atomic_path
 from common.provenance import OutputSet
 from embeddings.tables import EmbeddingTable
-from ranking.config import ModelConfig
+from ranking.config import RankerConfig
 from ranking.features import FeatureSpec
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, PretrainedEmbeddingBagCollection
 from ranking.variants import Variant, get_variant
@@ -161,7 +161,7 @@ class RankingModel(nn.Module):
     """DCN tower [+ table tower] -> head MLP -> one logit per sample.
 
     Attributes ``variant`` (name), ``spec`` (:class:`FeatureSpec`) and ``config``
-    (:class:`ModelConfig`) describe how it was built and how to feed it.
+    (:class:`RankerConfig`) describe how it was built and how to feed it.
 
     Embedding collections (what DMP shards): ``dcn_tower.sparse_ebc`` (trainable, one SUM table
     per sparse feature) and ``table_tower.tables.ebc`` (product + query tables; frozen in the
@@ -171,7 +171,7 @@ class RankingModel(nn.Module):
     """
 
     def __init__(self, dcn_tower: DCNTower, table_tower: TableTower | None, head_sizes: list[int], *,
-                 variant: str, spec: FeatureSpec, config: ModelConfig) -> None:
+                 variant: str, spec: FeatureSpec, config: RankerConfig) -> None:
         super().__init__()
         self.dcn_tower = dcn_tower
         self.table_tower = table_tower
@@ -211,11 +211,11 @@ def build_tables(variant: Variant, spec: FeatureSpec, tables: tuple[EmbeddingTab
     return PretrainedEmbeddingBagCollection.from_tables(product, query, with_history=variant.use_history, frozen=frozen)
 
 
-def build_model(variant: Variant | str, spec: FeatureSpec, config: ModelConfig | None = None,
+def build_model(variant: Variant | str, spec: FeatureSpec, config: RankerConfig | None = None,
                 tables: PretrainedEmbeddingBagCollection | None = None) -> RankingModel:
     """Assemble ``variant`` for ``spec`` (tables from :func:`build_tables`; ignored by ``dcn``)."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
-    config = config or ModelConfig()
+    config = config or RankerConfig()
     if variant.uses_tables and tables is None:
         raise ValueError(f"variant {variant.name} needs its table module (see build_tables)")
     dcn = DCNTower(torch.tensor(spec.dense_mean, dtype=torch.float32), torch.tensor(spec.dense_std, dtype=torch.float32),
@@ -256,7 +256,7 @@ def load_model(path: str | Path) -> RankingModel:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         variant = get_variant(payload["variant"])
         spec = FeatureSpec.from_dict(payload["feature_spec"])
-        config = ModelConfig(**payload["model_config"])
+        config = RankerConfig(**payload["model_config"])
     except (KeyError, TypeError, RuntimeError, EOFError) as exc:
         raise UserError(f"{path}: not a ranking model checkpoint ({type(exc).__name__}: {exc})") from None
     model = build_model(variant, spec, config, build_tables(variant, spec))

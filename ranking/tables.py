@@ -40,7 +40,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from data.schema import SchemaError
-from embeddings.tables import EmbeddingTable, read_table
+from embeddings.tables import EmbeddingTable, read_embedding_table
 
 PRODUCT_FEATURE = "product_id"
 QUERY_FEATURE = "query_id"
@@ -167,8 +167,8 @@ def load_tables(product_path: str | Path, query_path: str | Path, *,
                 expected_dim: int | None = None) -> tuple[EmbeddingTable, EmbeddingTable]:
     """Read both table files and check that their dimensions agree (with each other and with
     ``expected_dim`` when given). Errors name the file."""
-    product = read_table(product_path, "product")
-    query = read_table(query_path, "query")
+    product = read_embedding_table(product_path, "product")
+    query = read_embedding_table(query_path, "query")
     if expected_dim is not None and product.dim != expected_dim:
         raise SchemaError(product_path, "vector", f"table dimension {product.dim} does not match the model's "
                                                    f"table dimension {expected_dim}")

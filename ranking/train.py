@@ -6,7 +6,7 @@
 trains each variant/seed sharded over the N ranks (:mod:`ranking.distributed`); rank 0 logs the
 plan and writes the same files (``model.pt`` unsharded, metrics over the full evaluation week).
 
-The flags are :class:`ranking.config.TrainConfig`, the architecture flags (``--dcn-deep-sizes
+The flags are :class:`ranking.config.RankingTrainConfig`, the architecture flags (``--dcn-deep-sizes
 128 64``, ``--table-proj-dim 32``, ...) included. One early-stopping loop (:func:`fit`) trains a
 :class:`Ranker`: a :class:`LocalRanker` in a single process, a
 :class:`ranking.distributed.ShardedRanker` under torchrun.
@@ -69,8 +69,8 @@ from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
 from data.dataset import input_hashes
 from data.schema import SchemaError
-from embeddings.tables import EmbeddingTable, table_path, tables_set
-from ranking.config import TrainConfig
+from embeddings.tables import EmbeddingTable, embedding_table_path, tables_set
+from ranking.config import RankingTrainConfig
 from ranking.distributed import ShardedRanker
 from ranking.features import (CACHE_VERSION, EVAL_DAYS, VALID_DAYS, FeatureSpec, ImpressionCache, PurchaseIndex,
                               RankingBatch, RankingData, build_spec)
@@ -94,7 +94,7 @@ def results_set(workdir: str | Path) -> OutputSet:
                      what="python -m ranking.train")
 
 
-def training_settings(cfg: TrainConfig) -> dict:
+def training_settings(cfg: RankingTrainConfig) -> dict:
     """The settings that change what a run trains (not threads, workers or the evaluation batch size)."""
     settings = {name: getattr(cfg, name) for name in (
         "epochs", "early_stopping", "checks_per_epoch", "patience", "batch_size", "lr", "optimizer", "history_len")}
@@ -114,7 +114,7 @@ class Provenance:
     settings: dict
 
     @classmethod
-    def of(cls, cfg: TrainConfig, with_tables: bool) -> "Provenance":
+    def of(cls, cfg: RankingTrainConfig, with_tables: bool) -> "Provenance":
         """Hash the inputs in ``cfg.workdir`` (checking the published sets). The tables must be
         usable ``with_tables``; otherwise unusable tables count as absent (no variant with tables
         then stays in results.json)."""
@@ -144,13 +144,13 @@ class Inputs:
     tables: tuple[EmbeddingTable, EmbeddingTable] | None
 
 
-def load_inputs(cfg: TrainConfig, variants: Sequence[Variant]) -> Inputs:
+def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant]) -> Inputs:
     """Open the feature cache, the purchases and (when a variant needs them) the tables."""
     workdir = Path(cfg.workdir)
     try:
         tables = None
         if any(v.uses_tables for v in variants):  # first: a missing table fails before the cache pass
-            tables = load_tables(table_path(workdir, "product"), table_path(workdir, "query"))
+            tables = load_tables(embedding_table_path(workdir, "product"), embedding_table_path(workdir, "query"))
         cache = ImpressionCache.open(workdir)
         purchases = PurchaseIndex.from_workdir(workdir)
     except SchemaError as exc:
@@ -249,7 +249,7 @@ class LocalRanker:
         return self.model
 
 
-def make_ranker(model: RankingModel, cfg: TrainConfig, env: DistEnv | None) -> Ranker:
+def make_ranker(model: RankingModel, cfg: RankingTrainConfig, env: DistEnv | None) -> Ranker:
     """``model`` ready to train with ``cfg.optimizer`` at ``cfg.lr``: in this process, or sharded
     (``cfg.sharding``) over the ranks of ``env`` (which consumes ``model``)."""
     if env is None:
@@ -257,7 +257,8 @@ def make_ranker(model: RankingModel, cfg: TrainConfig, env: DistEnv | None) -> R
     return ShardedRanker.wrap(model, env, cfg.sharding, cfg.optimizer, cfg.lr)
 
 
-def fit(ranker: Ranker, data: RankingData, cfg: TrainConfig, seed: int, name: str, progress: bool = True) -> dict:
+def fit(ranker: Ranker, data: RankingData, cfg: RankingTrainConfig, seed: int, name: str,
+        progress: bool = True) -> dict:
     """Train ``ranker`` (the model of variant ``name``) in place with binary cross-entropy on clicks.
 
     Batches of ``cfg.batch_size`` in an order seeded by ``(seed, epoch)``, the same on every rank.
@@ -349,7 +350,7 @@ def non_finite_parameters(model: nn.Module) -> str | None:
     return None
 
 
-def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: TrainConfig, made_from: MadeFrom,
+def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: RankingTrainConfig, made_from: MadeFrom,
              progress: bool = True) -> dict:
     """Train one variant from scratch with ``seed`` (:func:`fit`; sharded under torchrun), evaluate
     it on the full evaluation week and publish its set (model.pt + metrics.json,
@@ -541,7 +542,7 @@ def die_with_parent(parent_pid: int) -> None:
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: TrainConfig, variant_names: list[str], provenance: Provenance, parent_pid: int) -> None:
+def _init_worker(cfg: RankingTrainConfig, variant_names: list[str], provenance: Provenance, parent_pid: int) -> None:
     die_with_parent(parent_pid)
     setup_logging()
     torch.set_num_threads(cfg.threads)
@@ -554,7 +555,7 @@ def _run_job(job: tuple[str, int]) -> dict:
                     progress=False)
 
 
-def run_jobs(cfg: TrainConfig, variants: list[Variant], inputs: Inputs, provenance: Provenance,
+def run_jobs(cfg: RankingTrainConfig, variants: list[Variant], inputs: Inputs, provenance: Provenance,
              jobs: list[tuple[str, int]]) -> list[dict]:
     """Train ``jobs`` ((variant, seed) pairs): in this process, or over ``cfg.workers`` spawned
     processes (each single-job-at-a-time with ``cfg.threads`` threads; same numbers either way)."""
@@ -570,7 +571,7 @@ def run_jobs(cfg: TrainConfig, variants: list[Variant], inputs: Inputs, provenan
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = parse_config(TrainConfig, argv)
+    cfg = parse_config(RankingTrainConfig, argv)
     variants = resolve_variants(cfg.variant)
     if not variants:
         raise UserError(f"--variant {cfg.variant!r}: no variant named")

@@ -276,7 +276,8 @@ def add_products(cfg: AddProductsConfig) -> dict[str, Any]:
     made_by = (tables.tables_set(workdir).manifest() or {}).get("made_from", {}).get("inputs", {})
     if made_by.get(ENCODER_CHECKPOINT) != inputs[ENCODER_CHECKPOINT]:
         raise UserError(f"{workdir / ENCODER_CHECKPOINT} is not the DashCLIP checkpoint that made "
-                        f"{tables.table_path(workdir, 'product')}: its vectors would not match the served ones")
+                        f"{tables.embedding_table_path(workdir, 'product')}: its vectors would not match the "
+                        f"served ones")
     record = _record(previous, catalog, encoder.products(catalog.to_pandas()), features)
     if previous is not None and not previous_current:
         earlier = ~np.isin(record.column("product_id").to_numpy(), ids)

@@ -84,7 +84,7 @@ from common.seed import seed_everything
 from data.dataset import input_hashes
 from data.schema import SchemaError
 from data.text import normalize_query
-from embeddings.tables import EmbeddingTable, read_id_map, table_path, tables_set
+from embeddings.tables import EmbeddingTable, embedding_table_path, read_id_map, tables_set
 from ranking.features import ImpressionCache
 from serving.index import index_set
 from serving.published import ENCODER_CHECKPOINT, added_set, published_export
@@ -105,7 +105,7 @@ RECOMMEND_TARGET_P99_MS = 30.0  # POST /recommend, 200 retrieved, 10 returned, o
 
 
 @dataclass
-class BenchConfig:
+class ServingBenchConfig:
     """Latency of the exported model: fused tables vs Redis-fetched vectors, and the HTTP service."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (needs DIR/serving from serving.export)"})
@@ -188,7 +188,8 @@ def model_tables(scorer: Scorer) -> tuple[EmbeddingTable, EmbeddingTable]:
             EmbeddingTable("query", [None, *spec.queries], query.numpy()))
 
 
-def bench_models(cfg: BenchConfig, scorer: Scorer, store: VectorStore, cache: ImpressionCache) -> dict[str, dict]:
+def bench_models(cfg: ServingBenchConfig, scorer: Scorer, store: VectorStore,
+                 cache: ImpressionCache) -> dict[str, dict]:
     """Timings per candidate count (see module docstring)."""
     rng = np.random.default_rng(cfg.seed)
     request_model = scorer.request_model(max(cfg.candidates))
@@ -508,14 +509,14 @@ def timed_requests(service: ServiceProcess, path: str, bodies: list[bytes], coun
     return out
 
 
-def funnel_requests(cfg: BenchConfig, cache: ImpressionCache, scorer: Scorer,
+def funnel_requests(cfg: ServingBenchConfig, cache: ImpressionCache, scorer: Scorer,
                     rng: np.random.Generator) -> dict[str, list[dict]]:
     """JSON bodies of the funnel rows (see the module docstring): ``retrieve`` (queries of the query
     table), ``retrieve_encoded`` (catalog titles that are not) and ``recommend``."""
     eval_rows = np.asarray(cache.split_index("eval"))
     cols, queries, spec = cache.columns, cache.queries, scorer.spec
     split = scorer.manifest["features"]
-    known = read_id_map(table_path(cfg.workdir, "query"))
+    known = read_id_map(embedding_table_path(cfg.workdir, "query"))
     names = {"dense": spec.dense_names, "sparse": spec.sparse_names}
     convert = {"dense": float, "sparse": int}
     recommend, in_table = [], []
@@ -533,7 +534,7 @@ def funnel_requests(cfg: BenchConfig, cache: ImpressionCache, scorer: Scorer,
             "recommend": recommend}
 
 
-def bench_funnel(cfg: BenchConfig, service: ServiceProcess, cache: ImpressionCache, scorer: Scorer) -> dict:
+def bench_funnel(cfg: ServingBenchConfig, service: ServiceProcess, cache: ImpressionCache, scorer: Scorer) -> dict:
     """One client: ``POST /retrieve`` (query in the table, and encoded for the request) and
     ``POST /recommend``, ``--http-sequential`` requests each after a warm-up."""
     bodies = funnel_requests(cfg, cache, scorer, np.random.default_rng([cfg.seed, 2]))
@@ -552,7 +553,7 @@ def bench_funnel(cfg: BenchConfig, service: ServiceProcess, cache: ImpressionCac
             "errors": sum(r["errors"] for r in rows.values())}
 
 
-def bench_http(cfg: BenchConfig, scorer: Scorer, cache: ImpressionCache) -> dict:
+def bench_http(cfg: ServingBenchConfig, scorer: Scorer, cache: ImpressionCache) -> dict:
     """The service under load (see module docstring)."""
     rng = np.random.default_rng([cfg.seed, 1])
     requests = build_requests(cache, scorer.spec, REQUEST_POOL, cfg.http_candidates, rng)
@@ -683,7 +684,7 @@ def funnel_markdown(funnel: dict) -> list[str]:
     return lines
 
 
-def run(cfg: BenchConfig, argv: Sequence[str] | None = None) -> dict:
+def run(cfg: ServingBenchConfig, argv: Sequence[str] | None = None) -> dict:
     for flag in ("iters", "threads", "http_requests", "http_candidates", "http_sequential", "funnel_candidates",
                  "funnel_k"):
         if getattr(cfg, flag) < 1:
@@ -774,7 +775,7 @@ def bench_set(workdir: str | Path) -> OutputSet:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run(parse_config(BenchConfig, argv), argv)
+    return run(parse_config(ServingBenchConfig, argv), argv)
 
 
 if __name__ == "__main__":

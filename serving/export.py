@@ -83,7 +83,7 @@ QUANT_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "int8": torch.qin
 
 
 @dataclass
-class ExportConfig:
+class ServingExportConfig:
     """Export a trained ranking model as TorchScript plus a serving manifest (DIR/serving/)."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
@@ -235,12 +235,12 @@ def _nw_auc(module: nn.Module, data: RankingData, batch_size: int) -> tuple[floa
     return roc_auc(y, np.concatenate(logits)), int(len(y))
 
 
-def _settings(cfg: ExportConfig) -> dict:
+def _settings(cfg: ServingExportConfig) -> dict:
     return {"variant": cfg.variant, "seed": cfg.seed, "table_dtype": cfg.table_dtype, "parity_rows": cfg.parity_rows,
             "manifest_version": MANIFEST_VERSION}
 
 
-def export(cfg: ExportConfig) -> dict:
+def export(cfg: ServingExportConfig) -> dict:
     """Run the export (see module docstring); returns the manifest (``serving/manifest.json``)."""
     workdir = Path(cfg.workdir)
     get_variant(cfg.variant)
@@ -283,7 +283,7 @@ def read_manifest(workdir: str | Path) -> dict:
     return read_json(out.path(export_files(False)["manifest"]))
 
 
-def _export_to(paths: dict[str, Path], cfg: ExportConfig, workdir: Path, checkpoint: Path, eager: RankingModel,
+def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, checkpoint: Path, eager: RankingModel,
                trained: OutputSet, cache: ImpressionCache, purchases: PurchaseIndex) -> dict:
     """Script, check and describe the model into ``paths`` (file key -> temp path of the set, keys
     of :data:`FILES` and, for a model with tables, :data:`TABLE_FILES`); returns the manifest."""
@@ -371,7 +371,7 @@ def _export_to(paths: dict[str, Path], cfg: ExportConfig, workdir: Path, checkpo
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return export(parse_config(ExportConfig, argv))
+    return export(parse_config(ServingExportConfig, argv))
 
 
 if __name__ == "__main__":

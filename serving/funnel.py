@@ -302,10 +302,10 @@ def load_funnel(workdir: str | Path, spec: FeatureSpec, export_manifest: dict[st
     dashclip, checkpoint_sha = loaded
     made_by = (tables.tables_set(workdir).manifest() or {}).get("made_from", {}).get("inputs", {})
     if made_by.get(ENCODER_CHECKPOINT) != checkpoint_sha:
-        raise FunnelUnavailable(f"{tables.table_path(workdir, 'query')} was not made by the DashCLIP checkpoint "
-                                f"this process loaded ({workdir / ENCODER_CHECKPOINT}): run python -m "
+        raise FunnelUnavailable(f"{tables.embedding_table_path(workdir, 'query')} was not made by the DashCLIP "
+                                f"checkpoint this process loaded ({workdir / ENCODER_CHECKPOINT}): run python -m "
                                 f"embeddings.export, then restart the service")
-    query_table = tables.read_table(tables.table_path(workdir, "query"), "query")
+    query_table = tables.read_embedding_table(tables.embedding_table_path(workdir, "query"), "query")
     if not index.dim == query_table.dim == dashclip.dim:
         raise FunnelUnavailable(f"vector dimensions differ: product index {index.dim}, query table "
                                 f"{query_table.dim}, DashCLIP encoder {dashclip.dim}")

@@ -303,7 +303,7 @@ def index_with(workdir: str | Path, product_ids: np.ndarray, vectors: np.ndarray
         with _omp_threads(int(settings.get("build_threads", 1))):
             index.add(unit)
         return index, np.concatenate([indexed, product_ids]).astype(np.int64)
-    rows = index_input(tables.read_table(tables.table_path(workdir, "product"), "product"))
+    rows = index_input(tables.read_embedding_table(tables.embedding_table_path(workdir, "product"), "product"))
     keep = ~np.isin(rows.product_ids, product_ids)
     log.info("rebuilding the %s index: %d of its products are replaced", settings["kind"], int((~keep).sum()))
     index = build_faiss_index(np.ascontiguousarray(np.concatenate([rows.vectors[keep], unit])), settings)
@@ -322,7 +322,7 @@ def _product_count(path: Path) -> int:
 def build(cfg: IndexConfig) -> dict[str, Any]:
     """Build (or keep) ``DIR/serving/index.faiss`` and ``index_ids.npy``; returns the manifest."""
     check_config(cfg)
-    path = tables.table_path(cfg.workdir, "product")
+    path = tables.embedding_table_path(cfg.workdir, "product")
     if not path.is_file():
         raise UserError(f"{path} not found: the product index needs the exported product table "
                         f"(run `python -m embeddings.export --workdir {cfg.workdir}` first)")
@@ -339,7 +339,7 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
                  out.path(INDEX_REL), settings)
         return out.manifest() or {}
     try:
-        table = tables.read_table(path, "product")
+        table = tables.read_embedding_table(path, "product")
     except SchemaError as exc:
         raise UserError(str(exc)) from None
     if file_sha256(path) != hashes[rel]:  # replaced by a concurrent export since it was verified

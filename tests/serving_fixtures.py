@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.provenance import MadeFrom
-from data.schema import table_path as data_table_path
+from data.schema import table_path
 from data.text import normalize_query
-from embeddings.config import ModelConfig
+from embeddings.config import DashCLIPConfig
 from embeddings.encode import load_encoder
 from embeddings.models import build_model
 from embeddings.tables import build_table, table_rel, tables_set, write_table
@@ -47,7 +47,7 @@ DASHCLIP_DIM = 32
 def write_dashclip_checkpoint(workdir: Path, embed_dim: int = DASHCLIP_DIM) -> None:
     """``DIR/embeddings/checkpoints/model.pt``: the tiny DashCLIP model at its initialisation, in the
     format of a trained one (what ``load_encoder(DIR, "trained")`` reads)."""
-    cfg = ModelConfig(backbone="tiny", image_size=32, embed_dim=embed_dim)
+    cfg = DashCLIPConfig(backbone="tiny", image_size=32, embed_dim=embed_dim)
     model, _, _ = build_model(cfg)
     path = workdir / ENCODER_CHECKPOINT
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def write_dashclip_checkpoint(workdir: Path, embed_dim: int = DASHCLIP_DIM) -> N
 
 def left_out_products(workdir: Path) -> np.ndarray:
     """The catalog products that :func:`write_encoded_tables` leaves out of the product table (sorted)."""
-    products = pq.read_table(data_table_path(workdir, "catalog"), columns=["product_id"]).column(0).to_numpy()
+    products = pq.read_table(table_path(workdir, "catalog"), columns=["product_id"]).column(0).to_numpy()
     return np.sort(products)[np.arange(len(products)) % 10 == 9]
 
 
@@ -65,10 +65,10 @@ def write_encoded_tables(workdir: Path) -> None:
     (every impression and relevance query), encoded by the workdir's trained DashCLIP model, as
     ``embeddings.export`` does (made from its checkpoint)."""
     encoder = load_encoder(workdir, "trained")
-    catalog = pq.read_table(data_table_path(workdir, "catalog")).to_pandas().sort_values("product_id")
+    catalog = pq.read_table(table_path(workdir, "catalog")).to_pandas().sort_values("product_id")
     catalog = catalog[~catalog["product_id"].isin(left_out_products(workdir))]
     queries = sorted({normalize_query(q) for name in ("impressions", "relevance")
-                      for q in pq.read_table(data_table_path(workdir, name), columns=["query"]).column(0).to_pylist()})
+                      for q in pq.read_table(table_path(workdir, name), columns=["query"]).column(0).to_pylist()})
     made_from = MadeFrom.of(workdir, [ENCODER_CHECKPOINT], {"left_out": "every tenth catalog product"})
     with tables_set(workdir).publish(made_from) as staged:
         write_table(build_table("product", catalog["product_id"].tolist(), encoder.products(catalog), encoder.source),

@@ -76,7 +76,7 @@ def score_probe(workdir: Path, product_ids: list[int]) -> dict:
 
 def before_products(workdir: Path) -> int:
     """Products of the exported product table."""
-    return len(tables.read_table(tables.table_path(workdir, "product")).keys) - 1
+    return len(tables.read_embedding_table(tables.embedding_table_path(workdir, "product")).keys) - 1
 
 
 def wait_for(client: httpx.Client, key: str, value: object, timeout_s: float = 90.0) -> dict:
@@ -94,7 +94,7 @@ def test_added_products_are_served_by_the_running_service(serving_workdir: Path,
     workdir = copy_served(serving_workdir, tmp_path / "live")
     left = [int(i) for i in left_out_products(workdir)[:2]]
     added = new_id(workdir)
-    base = int(tables.read_table(tables.table_path(workdir, "product")).keys[1])
+    base = int(tables.read_embedding_table(tables.embedding_table_path(workdir, "product")).keys[1])
     catalog = write_catalog(workdir, tmp_path / "new.parquet", left, {added: NEW_TITLE}, dense_price=[3.0, 4.0, 2.5])
     probe = score_probe(workdir, [added, left[0], base])
     command = [sys.executable, "-m", "serving.add_products", "--catalog", str(catalog), "--threads", "1"]
@@ -163,7 +163,7 @@ def test_replace_and_staleness(serving_workdir: Path, tmp_path: Path):
     assert served_bytes(workdir) == snapshot
 
     # --replace: a product of the export and one added before, no new rows
-    base = int(tables.read_table(tables.table_path(workdir, "product")).keys[3])
+    base = int(tables.read_embedding_table(tables.embedding_table_path(workdir, "product")).keys[3])
     replacing = write_catalog(workdir, tmp_path / "replace.parquet", [], {base: "Zorbly Replacement Gadget",
                                                                           added: NEW_TITLE + " Deluxe"})
     replaced = add_products.main(["--workdir", str(workdir), "--catalog", str(replacing), "--replace",

@@ -14,7 +14,7 @@ from common.cli import UserError
 from common.provenance import MadeFrom
 from data.schema import read_table
 from embeddings import train
-from embeddings.config import TrainConfig
+from embeddings.config import EmbeddingsTrainConfig
 from embeddings.evaluate import (chance_retrieval, cold_start_views, pool_retrieval, retrieval_metrics, split_settings,
                                  train_probe)
 from embeddings.sampling import split_cold_products, split_queries
@@ -89,7 +89,7 @@ def test_stage1_rows_leave_out_cold_products_and_products_without_images():
 
 
 def test_stage2_tuples_and_stage1_rows_of_the_trainer_exclude_cold_products(tiny_workdir_copy, catalog):
-    cfg = TrainConfig(workdir=str(tiny_workdir_copy), backbone="tiny", pqc_negatives=4, device="cpu")
+    cfg = EmbeddingsTrainConfig(workdir=str(tiny_workdir_copy), backbone="tiny", pqc_negatives=4, device="cpu")
     trainer = train.Trainer(cfg)
     cold = split_cold_products(catalog, cfg.cold_product_fraction, cfg.seed)
     np.testing.assert_array_equal(trainer.cold_products, cold)
@@ -100,7 +100,7 @@ def test_stage2_tuples_and_stage1_rows_of_the_trainer_exclude_cold_products(tiny
     # the query-side negatives come from the same filtered pairs
     assert (negative_products >= 0).any() and not np.isin(negative_products, cold).any()
     # the exclusion does something: the same relevance table gives cold products tuples when nothing is cold
-    unfiltered = train.Trainer(TrainConfig(**{**cfg.__dict__, "cold_product_fraction": 0.0}))
+    unfiltered = train.Trainer(EmbeddingsTrainConfig(**{**cfg.__dict__, "cold_product_fraction": 0.0}))
     assert np.isin(unfiltered._tuples(relevance)[0]["product_id"], cold).any()
     # the query split is the whole table's, as the evaluation recomputes it; cold rows leave both sides
     train_df, eval_df = train.stage2_relevance(relevance, cold, cfg.query_eval_fraction, cfg.seed)
@@ -115,14 +115,14 @@ def test_stage2_tuples_and_stage1_rows_of_the_trainer_exclude_cold_products(tiny
 
 
 def test_cold_fraction_is_a_training_setting_of_both_stages():
-    cfg = TrainConfig()
+    cfg = EmbeddingsTrainConfig()
     assert cfg.cold_product_fraction == 0.1
     for stage in ("1", "2"):
         assert cfg.settings(stage)["cold_product_fraction"] == 0.1
-    other = TrainConfig(cold_product_fraction=0.2)
+    other = EmbeddingsTrainConfig(cold_product_fraction=0.2)
     assert MadeFrom({}, other.settings("1")).key() != MadeFrom({}, cfg.settings("1")).key()
     with pytest.raises(UserError, match="--cold-product-fraction"):
-        TrainConfig(cold_product_fraction=1.0).validate()
+        EmbeddingsTrainConfig(cold_product_fraction=1.0).validate()
 
 
 def test_evaluation_takes_the_cold_fraction_training_recorded(tmp_path, catalog):

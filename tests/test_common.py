@@ -63,17 +63,17 @@ def test_embedding_table_round_trip(tmp_path: Path):
     vecs = rng.normal(size=(3, 4)).astype(np.float32)
     table = tables.build_table("query", ["Cola", "chips ", "Dog Food"], vecs, source="test")
     path = tables.write_table(table, tmp_path / "query_table.parquet")
-    back = tables.read_table(path, "query")
+    back = tables.read_embedding_table(path, "query")
     assert back.keys == [None, "cola", "chips", "dog food"]
     np.testing.assert_array_equal(back.vectors[1:], vecs)
     assert not back.vectors[0].any()
     np.testing.assert_array_equal(back.lookup(["CHIPS", "unknown"]), [2, 0])
     with pytest.raises(SchemaError, match="expected a product table"):
-        tables.read_table(path, "product")
+        tables.read_embedding_table(path, "product")
 
 
 def test_embedding_table_rejects_duplicates_and_missing(tmp_path: Path):
     with pytest.raises(ValueError, match="not unique"):
         tables.build_table("query", ["Cola", "cola"], np.zeros((2, 2)))
     with pytest.raises(SchemaError, match="missing embedding table"):
-        tables.read_table(tmp_path / "nope.parquet")
+        tables.read_embedding_table(tmp_path / "nope.parquet")

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:  # when run as a rank script
 
 from embeddings.tables import build_table  # noqa: E402
 from ranking.features import FeatureSpec, RankingBatch  # noqa: E402
-from ranking.model import ModelConfig, build_model, build_tables  # noqa: E402
+from ranking.model import RankerConfig, build_model, build_tables  # noqa: E402
 from ranking.variants import get_variant  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def tiny_model(variant: str = "dcn_pq_hist"):
     tables = (build_table("product", spec.product_ids, rng.normal(size=(40, 16))),
               build_table("query", spec.queries, rng.normal(size=(24, 16))))
     v = get_variant(variant)
-    return build_model(v, spec, ModelConfig(), build_tables(v, spec, tables, torch.Generator().manual_seed(0)))
+    return build_model(v, spec, RankerConfig(), build_tables(v, spec, tables, torch.Generator().manual_seed(0)))
 
 
 def tiny_batch(batch_size: int = 13, seed: int = 1, first_row: int = 0) -> RankingBatch:
@@ -254,8 +254,8 @@ def test_torchrun_style_cli_writes_the_single_process_checkpoint(tiny_workdir_co
     for name, values in single_run["slices"].items():
         assert values["auc"] == pytest.approx(metrics["slices"][name]["auc"], abs=5e-3)
         assert values["logloss"] == pytest.approx(metrics["slices"][name]["logloss"], rel=5e-3)
-    from embeddings.tables import read_table, table_path
-    product = torch.tensor(read_table(table_path(workdir, "product"), "product").vectors)
+    from embeddings.tables import embedding_table_path, read_embedding_table
+    product = torch.tensor(read_embedding_table(embedding_table_path(workdir, "product"), "product").vectors)
     assert torch.equal(model.table_tower.tables.ebc.embedding_bags["product_table"].weight, product)
 
     # serving.export reads the sharded run's model.pt like a single-process one: the TorchScript file

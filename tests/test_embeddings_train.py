@@ -97,8 +97,8 @@ def test_end_to_end_train_export_encode(workdir, caplog):
     assert sum("skipping" in r.getMessage() for r in caplog.records) == 2
 
     export.main(["--workdir", str(workdir)])
-    products = tables.read_table(tables.table_path(workdir, "product"), "product")
-    queries = tables.read_table(tables.table_path(workdir, "query"), "query")
+    products = tables.read_embedding_table(tables.embedding_table_path(workdir, "product"), "product")
+    queries = tables.read_embedding_table(tables.embedding_table_path(workdir, "query"), "query")
     catalog = pq.read_table(workdir / "data" / "catalog.parquet").to_pandas()
     assert products.keys[1:] == catalog["product_id"].tolist()
     assert not products.vectors[0].any() and not queries.vectors[0].any()
@@ -196,7 +196,7 @@ def test_title_only_catalog(workdir, caplog):
     log = read_json(workdir / "embeddings" / "train_log.json")
     assert log["stage1"]["skipped"] and len(log["stage2"]["steps"]) == 4
     export.main(["--workdir", str(workdir)])
-    products = tables.read_table(tables.table_path(workdir, "product"), "product")
+    products = tables.read_embedding_table(tables.embedding_table_path(workdir, "product"), "product")
     assert len(products.keys) == catalog.num_rows + 1
     np.testing.assert_allclose(np.linalg.norm(products.vectors[1:], axis=1), 1.0, rtol=1e-5)
     images = encode.load_encoder(workdir).images(catalog.to_pandas().iloc[:3])

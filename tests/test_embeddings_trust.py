@@ -91,7 +91,7 @@ def test_new_data_retrains_and_reexports(tiny_workdir_copy: Path, caplog: pytest
     assert set(PUBLISHED) - unchanged_ok <= changed
     assert train.stage_set(workdir, 1).manifest()["made_from"] != stage1_made_from
     catalog = pq.read_table(workdir / "data" / "catalog.parquet").to_pandas()
-    products = tables.read_table(tables.table_path(workdir, "product"), "product")
+    products = tables.read_embedding_table(tables.embedding_table_path(workdir, "product"), "product")
     assert products.keys[1:] == catalog["product_id"].tolist()
     some = catalog.iloc[:6]
     np.testing.assert_allclose(products.vectors[1:7], encode.load_encoder(workdir).products(some), atol=1e-5)

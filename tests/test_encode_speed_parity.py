@@ -15,7 +15,7 @@ from common.cli import UserError, parse_config
 from data.text import normalize_query
 from embeddings.backbones import (LITE0_MEAN, LITE0_STD, ConvTokenEncoder, EfficientNetLite0, FusedConvBN,
                                   FusedEfficientNetLite0, TextTransformer, load_tokenizer, minilm_path, pad_same)
-from embeddings.config import ExportConfig, ModelConfig
+from embeddings.config import DashCLIPConfig, TableExportConfig
 from embeddings.encode import DashEncoder, EncodeCommandConfig
 from embeddings.inputs import ImageSpec, length_sorted_batches, restore_order
 from embeddings.models import TINY_TEXT, DashCLIP, build_model
@@ -65,7 +65,7 @@ def tiny_cnn(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer, spec = build_model(ModelConfig(backbone="tiny", image_size=32))
+    model, tokenizer, spec = build_model(DashCLIPConfig(backbone="tiny", image_size=32))
     return model.eval(), tokenizer, spec
 
 
@@ -84,7 +84,7 @@ def queries(tiny_workdir):
 
 
 def _encoders(model, tokenizer, spec, batch_size: int = 16) -> dict[str, DashEncoder]:
-    cfg = ModelConfig(image_size=spec.size)
+    cfg = DashCLIPConfig(image_size=spec.size)
     return {p: DashEncoder(model, tokenizer, spec, cfg, torch.device("cpu"), "test", batch_size, p)
             for p in ("fp32", "fast")}
 
@@ -207,12 +207,12 @@ def test_inference_copy_shares_weights_and_leaves_the_model_alone(tiny_cnn):
 def test_precision_is_a_setting_of_encode_and_export(tiny):
     assert parse_config(EncodeCommandConfig, ["--precision", "fp32"]).precision == "fp32"
     assert parse_config(EncodeCommandConfig, []).precision == "fast"
-    assert ExportConfig().precision == "fast"
+    assert TableExportConfig().precision == "fast"
     with pytest.raises((UserError, SystemExit)):
         parse_config(EncodeCommandConfig, ["--precision", "int4"])
     model, tokenizer, spec = tiny
     with pytest.raises(ValueError, match="precision"):
-        DashEncoder(model, tokenizer, spec, ModelConfig(), torch.device("cpu"), "test", precision="bf16")
+        DashEncoder(model, tokenizer, spec, DashCLIPConfig(), torch.device("cpu"), "test", precision="bf16")
 
 
 def test_bench_compares_fp32_and_fast_in_one_run(tmp_path):

@@ -167,7 +167,7 @@ def test_split_settings_come_from_the_training_config(tmp_path):
     recorded = split_settings(tmp_path, seed=3)
     assert (recorded["seed"], recorded["eval_fraction"], recorded["cold_fraction"]) == (7, 0.25, 0.0)
     assert recorded["source"] == "embeddings/config.json"
-    assert fallback["cold_fraction"] == train.TrainConfig.cold_product_fraction
+    assert fallback["cold_fraction"] == train.EmbeddingsTrainConfig.cold_product_fraction
 
 
 # --- the command, end to end on the tiny synthetic data ------------------------------------------

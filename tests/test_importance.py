@@ -20,9 +20,9 @@ import torch
 
 from common.cli import run_main
 from data.dataset import MANIFEST
-from data.schema import feature_columns, table_path as data_table_path
+from data.schema import feature_columns, table_path
 from data.text import normalize_query
-from embeddings.tables import build_table, table_path, write_table
+from embeddings.tables import build_table, embedding_table_path, write_table
 from ranking import importance, train
 from ranking.attribution.groups import build_inputs
 from ranking.attribution.interaction import InteractionInputModel, embed_batch
@@ -37,12 +37,14 @@ TABLE_GROUPS = ["query_embedding", "product_embedding", "purchase_history", "cos
 
 
 def _random_tables(workdir: Path, dim: int = 8) -> None:
-    products = pq.read_table(data_table_path(workdir, "catalog"), columns=["product_id"]).column(0).to_numpy()
+    products = pq.read_table(table_path(workdir, "catalog"), columns=["product_id"]).column(0).to_numpy()
     queries = sorted({normalize_query(q) for name in ("impressions", "relevance")
-                      for q in pq.read_table(data_table_path(workdir, name), columns=["query"]).column(0).to_pylist()})
+                      for q in pq.read_table(table_path(workdir, name), columns=["query"]).column(0).to_pylist()})
     rng = np.random.default_rng(0)
-    write_table(build_table("product", products, rng.normal(size=(len(products), dim))), table_path(workdir, "product"))
-    write_table(build_table("query", queries, rng.normal(size=(len(queries), dim))), table_path(workdir, "query"))
+    write_table(build_table("product", products, rng.normal(size=(len(products), dim))),
+                embedding_table_path(workdir, "product"))
+    write_table(build_table("query", queries, rng.normal(size=(len(queries), dim))),
+                embedding_table_path(workdir, "query"))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def trained(tiny_workdir: Path, tmp_path_factory) -> Path:
     """A copy of the tiny workdir with the planted signal, random tables and a trained dcn_pq_hist."""
     workdir = tmp_path_factory.mktemp("importance")
     shutil.copytree(Path(tiny_workdir) / "data", workdir / "data")
-    path = data_table_path(workdir, "impressions")
+    path = table_path(workdir, "impressions")
     impressions = pq.read_table(path)
     clicked = impressions.column("clicked").to_numpy().astype(np.float32)
     signal = clicked + np.random.default_rng(1).normal(0.0, 0.35, len(clicked)).astype(np.float32)
@@ -118,7 +120,7 @@ def test_irrelevant_feature_scores_zero_and_planted_signal_scores_high(trained: 
 def test_permutation_cli_writes_every_group_ranked_deterministic_and_skips(trained: Path):
     argv = ["--workdir", str(trained), "--repeats", "3", "--threads", "1", "--force"]
     report = importance.main(argv)
-    dense, sparse = feature_columns(pq.read_schema(data_table_path(trained, "impressions")).names)
+    dense, sparse = feature_columns(pq.read_schema(table_path(trained, "impressions")).names)
     assert list(report["groups"]) == TABLE_GROUPS + dense + sparse
     assert sorted(g["rank"] for g in report["groups"].values()) == list(range(1, len(report["groups"]) + 1))
     assert report["metric"] == "auc_drop" and report["method"] == "permutation" and report["seed"] == 0

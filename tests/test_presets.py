@@ -9,12 +9,12 @@ from common.cli import parse_config
 from data.adapters.completejourney import CompleteJourneyConfig
 from data.adapters.fashion import FashionConfig
 from data.adapters.instacart import InstacartConfig
-from embeddings.config import TrainConfig as EmbeddingsTrainConfig
+from embeddings.config import EmbeddingsTrainConfig
 from embeddings.evaluate import EvaluateConfig
 from experiments.presets import PRESETS
-from ranking.config import TrainConfig as RankingTrainConfig
+from ranking.config import RankingTrainConfig
 from ranking.importance import ImportanceConfig
-from serving.bench import BenchConfig as ServingBenchConfig
+from serving.bench import ServingBenchConfig
 
 STAGE_COMMANDS = {"embeddings_train": EmbeddingsTrainConfig, "embeddings_evaluate": EvaluateConfig,
                   "ranking_train": RankingTrainConfig, "importance": ImportanceConfig,

@@ -8,9 +8,9 @@ import torchrec.fx
 from torch.nn import functional as F
 
 from data.schema import SchemaError
-from embeddings.tables import build_table, table_path, write_table
+from embeddings.tables import build_table, embedding_table_path, write_table
 from ranking.features import FeatureSpec
-from ranking.model import ModelConfig, build_model, build_tables
+from ranking.model import RankerConfig, build_model, build_tables
 from ranking.plain import PlainInputModel
 from ranking.tables import (HISTORY_FEATURE, PRODUCT_FEATURE, PRODUCT_TABLE, QUERY_FEATURE, QUERY_TABLE,
                             PretrainedEmbeddingBagCollection,
@@ -20,7 +20,7 @@ from ranking.variants import VARIANTS, get_variant
 DIM = 8
 PRODUCT_IDS = [11, 12, 13, 14, 15]
 QUERIES = ["Milk", "organic eggs", "Coca-Cola Zero!"]
-SMALL = ModelConfig(sparse_embedding_dim=4, dcn_low_rank=4, dcn_deep_sizes=[16, 8], table_low_rank=4,
+SMALL = RankerConfig(sparse_embedding_dim=4, dcn_low_rank=4, dcn_deep_sizes=[16, 8], table_low_rank=4,
                     table_deep_sizes=[16, 8], head_sizes=[8])
 
 
@@ -29,8 +29,8 @@ def table_files(tmp_path):
     rng = np.random.default_rng(0)
     product = build_table("product", PRODUCT_IDS, rng.normal(size=(len(PRODUCT_IDS), DIM)), "test")
     query = build_table("query", QUERIES, rng.normal(size=(len(QUERIES), DIM)), "test")
-    write_table(product, table_path(tmp_path, "product"))
-    write_table(query, table_path(tmp_path, "query"))
+    write_table(product, embedding_table_path(tmp_path, "product"))
+    write_table(query, embedding_table_path(tmp_path, "query"))
     return tmp_path, product, query
 
 
@@ -54,7 +54,8 @@ def _inputs(batch: int = 6, seed: int = 0):
 
 def test_from_files_loads_tables_bit_exactly_and_frozen(table_files):
     workdir, product, query = table_files
-    tables = PretrainedEmbeddingBagCollection.from_files(table_path(workdir, "product"), table_path(workdir, "query"))
+    tables = PretrainedEmbeddingBagCollection.from_files(embedding_table_path(workdir, "product"),
+                                                         embedding_table_path(workdir, "query"))
     weights = {name: bag.weight for name, bag in tables.ebc.embedding_bags.items()}
     assert torch.equal(weights[PRODUCT_TABLE], torch.from_numpy(product.vectors))
     assert torch.equal(weights[QUERY_TABLE], torch.from_numpy(query.vectors))
@@ -92,7 +93,7 @@ def test_frozen_tables_do_not_move_while_trainable_tables_do(table_files):
     _, product, query = table_files
     spec = _spec(product, query)
     torch.manual_seed(0)  # default widths: with SMALL's 8-unit head all ReLUs can start dead on 6 samples
-    model = build_model("dcn_pq_hist", spec, ModelConfig(), build_tables(get_variant("dcn_pq_hist"), spec, (product, query)))
+    model = build_model("dcn_pq_hist", spec, RankerConfig(), build_tables(get_variant("dcn_pq_hist"), spec, (product, query)))
     frozen = frozen_parameter_names(model)
     assert frozen == ["table_tower.tables.ebc.embedding_bags.product_table.weight",
                       "table_tower.tables.ebc.embedding_bags.query_table.weight"]
@@ -165,14 +166,14 @@ def test_unseen_sparse_ids_share_the_reserved_bucket():
 def test_table_errors_name_the_file(table_files, tmp_path):
     workdir, product, _ = table_files
     with pytest.raises(SchemaError, match="product_table.parquet.*dimension 8 does not match the model's table dimension 16"):
-        PretrainedEmbeddingBagCollection.from_files(table_path(workdir, "product"), table_path(workdir, "query"),
-                                                    expected_dim=16)
+        PretrainedEmbeddingBagCollection.from_files(embedding_table_path(workdir, "product"),
+                                                    embedding_table_path(workdir, "query"), expected_dim=16)
     other = tmp_path / "other"
-    write_table(build_table("query", QUERIES, np.ones((len(QUERIES), 4))), table_path(other, "query"))
+    write_table(build_table("query", QUERIES, np.ones((len(QUERIES), 4))), embedding_table_path(other, "query"))
     with pytest.raises(SchemaError, match=r"other/embeddings/query_table.parquet.*dimension 4 does not match"):
-        load_tables(table_path(workdir, "product"), table_path(other, "query"))
+        load_tables(embedding_table_path(workdir, "product"), embedding_table_path(other, "query"))
     with pytest.raises(SchemaError, match=r"missing/embeddings/product_table.parquet.*missing embedding table"):
-        load_tables(table_path(tmp_path / "missing", "product"), table_path(workdir, "query"))
+        load_tables(embedding_table_path(tmp_path / "missing", "product"), embedding_table_path(workdir, "query"))
 
 
 def _plain_way_logits(plain: PlainInputModel, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -14,10 +14,9 @@ import pytest
 from common.cli import run_main
 from data.schema import read_table
 from data.text import normalize_query
-from embeddings.tables import build_table, table_path, write_table
-from embeddings.tables import read_table as read_embedding_table
+from embeddings.tables import build_table, embedding_table_path, read_embedding_table, write_table
 from ranking import train
-from ranking.config import ModelConfig
+from ranking.config import RankerConfig
 from ranking.features import ImpressionCache, PurchaseIndex, RankingData
 from ranking.metrics import SLICES, log_loss, roc_auc
 from ranking.model import load_model, trained_set
@@ -35,9 +34,10 @@ def write_random_tables(workdir: Path, dim: int = 16, query_dim: int | None = No
     ids = read_table(workdir, "catalog", columns=["product_id"]).column("product_id").to_pylist()
     queries = sorted({normalize_query(q) for name in ("relevance", "impressions")
                       for q in pc.unique(read_table(workdir, name, columns=["query"]).column("query")).to_pylist()})
-    write_table(build_table("product", ids, rng.normal(size=(len(ids), dim)), "test:random"), table_path(workdir, "product"))
+    write_table(build_table("product", ids, rng.normal(size=(len(ids), dim)), "test:random"),
+                embedding_table_path(workdir, "product"))
     write_table(build_table("query", queries, rng.normal(size=(len(queries), query_dim or dim)), "test:random"),
-                table_path(workdir, "query"))
+                embedding_table_path(workdir, "query"))
 
 
 @pytest.mark.slow
@@ -122,8 +122,8 @@ def test_finetune_moves_exactly_the_table_rows_it_trains_on(tiny_workdir_copy):
     write_random_tables(workdir)
     results = train.main(["--workdir", str(workdir), "--variant", "dcn_pq_hist,dcn_pq_hist_finetune", "--seeds", "1",
                           *FAST, "--epochs", "1", "--no-early-stopping"])
-    files = {PRODUCT_TABLE: read_embedding_table(table_path(workdir, "product"), "product").vectors,
-             QUERY_TABLE: read_embedding_table(table_path(workdir, "query"), "query").vectors}
+    files = {PRODUCT_TABLE: read_embedding_table(embedding_table_path(workdir, "product"), "product").vectors,
+             QUERY_TABLE: read_embedding_table(embedding_table_path(workdir, "query"), "query").vectors}
     finetuned, frozen = (load_model(workdir / "ranking" / v / "seed0" / "model.pt")
                          for v in ("dcn_pq_hist_finetune", "dcn_pq_hist"))
     data = RankingData(ImpressionCache.open(workdir), PurchaseIndex.from_workdir(workdir), finetuned.spec)
@@ -148,7 +148,7 @@ def test_architecture_flags_build_the_model_and_decide_reuse(tiny_workdir_copy, 
     train.main([*argv, *small])
     out = trained_set(workdir, "dcn", 0)
     model = load_model(out.path(out.files[0]))
-    assert model.config == ModelConfig(sparse_embedding_dim=4, dcn_deep_sizes=[16, 8], head_sizes=[8])
+    assert model.config == RankerConfig(sparse_embedding_dim=4, dcn_deep_sizes=[16, 8], head_sizes=[8])
     assert model.dcn_tower.out_features == 8 and model.head[1].in_features == 8
     assert out.manifest()["made_from"]["settings"]["model"]["dcn_deep_sizes"] == [16, 8]
     for flags, reused in ((small, True), ([], False)):  # the architecture is part of what a run is made from
@@ -156,7 +156,7 @@ def test_architecture_flags_build_the_model_and_decide_reuse(tiny_workdir_copy, 
         with caplog.at_level("INFO"):
             train.main([*argv, *flags])
         assert ("skipping" in caplog.text) == reused
-    assert load_model(out.path(out.files[0])).config == ModelConfig()
+    assert load_model(out.path(out.files[0])).config == RankerConfig()
 
 
 @pytest.mark.parametrize("flags, message", [

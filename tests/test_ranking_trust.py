@@ -24,7 +24,7 @@ from common.cli import run_main
 from common.io import read_json
 from data import synth
 from data.dataset import MANIFEST, input_hashes
-from data.schema import table_path as data_table_path
+from data.schema import table_path
 from embeddings.tables import tables_set
 from ranking import importance, train
 from ranking.features import DAY_S, EVAL_DAYS, ImpressionCache
@@ -89,7 +89,7 @@ def test_non_finite_training_publishes_nothing_and_keeps_the_last_good_run(tiny_
     assert _files(workdir) == good
 
     # hand-placed impressions whose evaluation-week prices overflow float32 inside the model
-    path = data_table_path(workdir, "impressions")
+    path = table_path(workdir, "impressions")
     table = pq.read_table(path)
     ts = table.column("ts").cast(pa.int64()).to_numpy()
     price = np.where(ts >= ts.max() - EVAL_DAYS * DAY_S, np.float32(3e38), table.column("dense_price").to_numpy())

@@ -14,7 +14,7 @@ import torch
 
 from common.cli import run_main
 from common.io import file_sha256, read_json
-from embeddings.tables import table_path
+from embeddings.tables import embedding_table_path
 from ranking.features import ImpressionCache, PurchaseIndex, RankingData
 from ranking.model import load_model
 from ranking.plain import PlainInputModel
@@ -40,7 +40,7 @@ def test_manifest_records_hashes_inputs_and_parity(serving_workdir: Path):
     published = export.published_export(serving_workdir).verify()  # one set, with the descriptive manifest
     assert set(published) == {f"serving/{e['path']}" for e in manifest["files"].values()} | {"serving/manifest.json"}
     for kind in ("product", "query"):
-        assert manifest["source_tables"][kind]["sha256"] == file_sha256(table_path(serving_workdir, kind))
+        assert manifest["source_tables"][kind]["sha256"] == file_sha256(embedding_table_path(serving_workdir, kind))
     checkpoint = export.checkpoint_path(serving_workdir, "dcn_pq_hist", 0)
     assert manifest["checkpoint"]["sha256"] == file_sha256(checkpoint)
     assert [i["name"] for i in manifest["inputs"]] == ["dense", "sparse_ids", "product_rows", "query_rows", "history_rows"]

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def exact_neighbours(workdir: Path, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(product_ids [k], cosines [k])`` by brute force over the exported product table (row 0 left out)."""
-    table = tables.read_table(tables.table_path(workdir, "product"), "product")
+    table = tables.read_embedding_table(tables.embedding_table_path(workdir, "product"), "product")
     vectors = table.vectors[1:] / np.linalg.norm(table.vectors[1:], axis=1, keepdims=True)
     cosines = vectors @ (vector / np.linalg.norm(vector))
     order = np.argsort(-cosines, kind="stable")[:k]
@@ -50,14 +50,14 @@ def shopper(serving_workdir: Path) -> dict:
     """A user with purchases, a query of the query table and a time after the purchases."""
     purchases = pq.read_table(serving_workdir / "data" / "purchases.parquet").to_pandas()
     last = purchases.sort_values("ts").iloc[-1]
-    query_table = tables.read_table(tables.table_path(serving_workdir, "query"), "query")
+    query_table = tables.read_embedding_table(tables.embedding_table_path(serving_workdir, "query"), "query")
     return {"user_id": int(last["user_id"]), "query": query_table.keys[5],
             "now": int(last["ts"].timestamp()) + 3600}
 
 
 def test_retrieve_a_known_query_takes_its_table_row(service: httpx.Client, serving_workdir: Path, shopper: dict):
-    query_table = tables.read_table(tables.table_path(serving_workdir, "query"), "query")
-    products = len(tables.read_table(tables.table_path(serving_workdir, "product")).keys) - 1
+    query_table = tables.read_embedding_table(tables.embedding_table_path(serving_workdir, "query"), "query")
+    products = len(tables.read_embedding_table(tables.embedding_table_path(serving_workdir, "product")).keys) - 1
     typed = f"  {shopper['query'].upper()} !"  # normalises to the table's key
     resp = service.post("/retrieve", json={"query": typed, "k": 7})
     assert resp.status_code == 200, resp.text
@@ -71,7 +71,7 @@ def test_retrieve_a_known_query_takes_its_table_row(service: httpx.Client, servi
 
 def test_retrieve_an_unknown_query_encodes_it_with_dashclip(service: httpx.Client, serving_workdir: Path):
     query = "Zorbly quantum oat crunch, family size"
-    assert normalize_query(query) not in tables.read_table(tables.table_path(serving_workdir, "query")).id_map()
+    assert normalize_query(query) not in tables.read_embedding_table(tables.embedding_table_path(serving_workdir, "query")).id_map()
     resp = service.post("/retrieve", json={"query": query})  # k defaults to 10
     assert resp.status_code == 200, resp.text
     out = resp.json()
@@ -83,7 +83,7 @@ def test_retrieve_an_unknown_query_encodes_it_with_dashclip(service: httpx.Clien
 
 
 def test_retrieve_returns_every_product_at_most_and_never_row_zero(service: httpx.Client, serving_workdir: Path):
-    table = tables.read_table(tables.table_path(serving_workdir, "product"), "product")
+    table = tables.read_embedding_table(tables.embedding_table_path(serving_workdir, "product"), "product")
     resp = service.post("/retrieve", json={"query": "milk", "k": RETRIEVE_MAX_K})
     assert resp.status_code == 200, resp.text
     ids = [p["product_id"] for p in resp.json()["products"]]

@@ -21,7 +21,7 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from data.schema import table_path as data_table_path
+from data.schema import table_path
 from embeddings.tables import UNKNOWN_ROW
 from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData
 from ranking.model import load_model
@@ -54,7 +54,7 @@ def session_case(serving_workdir: Path) -> dict:
     model = torch.jit.load(str(serving_workdir / "serving" / "model.pt"))
     with torch.no_grad():
         expected = torch.sigmoid(model(*batch.inputs())).numpy()
-    raw = pq.read_table(data_table_path(serving_workdir, "impressions")).take(pa.array(picked))
+    raw = pq.read_table(table_path(serving_workdir, "impressions")).take(pa.array(picked))
     user = int(cols["user_id"][picked[0]])
     body = {
         "user_id": user, "query": raw.column("query")[0].as_py(), "now": int(cols["ts"][picked[0]]),
@@ -64,7 +64,7 @@ def session_case(serving_workdir: Path) -> dict:
                         "sparse": {feature_key(c): int(raw.column(c)[i].as_py()) for c in spec.sparse_names}}
                        for i in range(len(picked))],
     }
-    all_purchases = pq.read_table(data_table_path(serving_workdir, "purchases"))
+    all_purchases = pq.read_table(table_path(serving_workdir, "purchases"))
     mine = all_purchases.filter(pa.compute.equal(all_purchases.column("user_id"), user))
     history = [{"product_id": int(p), "ts": int(t)} for p, t in
                zip(mine.column("product_id").to_pylist(),
