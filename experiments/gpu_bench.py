@@ -53,8 +53,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from common.cli import UserError, parse_config, run_main
 from common.io import prepare_workdir, read_json, write_json, write_text
-from data.schema import TABLE_NAMES
-from data.schema import table_path
+from data.schema import TABLE_NAMES, table_path
 
 log = logging.getLogger("experiments.gpu_bench")
 
