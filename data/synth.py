@@ -155,14 +155,13 @@ from common.provenance import MadeFrom, canonical
 from data import schema
 from data.dataset import data_set, table_rel
 from data.packshot import Packshot, render
+from data.protocol import DAY_S, EVAL_DAYS, HISTORY_DAYS
 from data.text import normalize_query
 from data.vocab import CONTAINER_PLURAL, MODIFIERS, Vocabulary, brand_names, vocabulary
 
 log = logging.getLogger("data.synth")
 
 GENERATOR_VERSION = 2
-DAY = 86_400
-HISTORY_WINDOW_S = 84 * DAY
 TRUTH_FILE = "synth_truth.parquet"
 RELEVANCE_TRUTH_FILE = "synth_relevance_truth.parquet"
 
@@ -191,7 +190,7 @@ class ProfileConfig:
     n_sessions: int  # search sessions over the whole period (each shows 4-8 ad candidates)
     n_relevance_queries: int  # distinct query texts in the relevance table
     n_stores: int
-    n_days: int = 244  # 2024-01-01 .. 2024-08-31; the last 7 days are the ranking evaluation split
+    n_days: int = 244  # 2024-01-01 .. 2024-08-31; the last EVAL_DAYS (7) are the ranking evaluation split
     start_date: str = "2024-01-01"
     pairs_per_query: int = 20  # relevance pairs per query (on average)
     image_px: int = 96  # packshot side in pixels
@@ -950,7 +949,7 @@ class PurchaseHistory:
         out = {}
         for level, stored in self.maps.items():
             keys = self._keys(level, user, product)
-            earlier = stored.get(keys, np.iinfo(np.int64).min) >= ts - HISTORY_WINDOW_S
+            earlier = stored.get(keys, np.iinfo(np.int64).min) >= ts - HISTORY_DAYS * DAY_S
             today = first_times(self._keys(level, today_user, today_product), today_ts)
             out[level] = earlier | (today.get(keys, np.iinfo(np.int64).max) < ts)
         return out
@@ -958,7 +957,7 @@ class PurchaseHistory:
     def add_day(self, user: np.ndarray, ts: np.ndarray, product: np.ndarray, next_day_start: int) -> None:
         for level, stored in self.maps.items():
             stored.merge_newer(self._keys(level, user, product), ts)
-            stored.prune(next_day_start - HISTORY_WINDOW_S)
+            stored.prune(next_day_start - HISTORY_DAYS * DAY_S)
 
 
 def _seconds_of_day(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -1242,7 +1241,7 @@ def click_logit(clicks: ClickModel, label: np.ndarray, hist: dict[str, np.ndarra
 def simulate_day(day: int, cfg: ProfileConfig, catalog: Catalog, users: Users, behaviour: Behaviour,
                  clicks: ClickModel, state: MarketState, seed: int, start_ts: int) -> DayResult:
     """One day: purchases, then sessions, their ad candidates and clicks; updates ``state``."""
-    day_start = start_ts + day * DAY
+    day_start = start_ts + day * DAY_S
     weekday = datetime.fromtimestamp(day_start, timezone.utc).weekday()
     p_user, p_ts, p_product = purchases_of_day(_rng(seed, _S_PURCHASES, day), catalog, users, behaviour, day_start)
     rng = _rng(seed, _S_SESSIONS, day)
@@ -1292,7 +1291,7 @@ def simulate_day(day: int, cfg: ProfileConfig, catalog: Catalog, users: Users, b
     np.add.at(state.product_clicks, product, clicked.astype(np.int64))
     if state.query_counts is not None:
         state.query_counts.add_day(query_hash, product, aisle, clicked)
-    state.history.add_day(p_user, p_ts, p_product, day_start + DAY)
+    state.history.add_day(p_user, p_ts, p_product, day_start + DAY_S)
     return DayResult(purchases, impressions, truth, session_hashes, session)
 
 
@@ -1459,7 +1458,7 @@ def _simulate(cfg: ProfileConfig, catalog: Catalog, users: Users, behaviour: Beh
                         store_effect=store_rng.normal(0.0, clicks.store_sd, cfg.n_stores),
                         query_counts=QueryCountFeatures(catalog.n, len(catalog.vocab.aisles), clicks.ctr_prior,
                                                         clicks.ctr_prior_strength) if query_counts else None)
-    eval_start = start_ts + (cfg.n_days - 7) * DAY
+    eval_start = start_ts + (cfg.n_days - EVAL_DAYS) * DAY_S
     seen_queries = np.zeros(0, dtype=np.uint64)
     for day in tqdm(range(cfg.n_days), desc="days", unit="day"):
         result = simulate_day(day, cfg, catalog, users, behaviour, clicks, state, seed, start_ts)
@@ -1477,7 +1476,7 @@ def _simulate(cfg: ProfileConfig, catalog: Catalog, users: Users, behaviour: Beh
         np.add.at(stats.by_history_aisle, (hist_aisle, 0), 1)
         np.add.at(stats.by_history_aisle, (hist_aisle, 1), clicked[buyer])
         hashes = result.session_hashes
-        if start_ts + day * DAY >= eval_start:
+        if start_ts + day * DAY_S >= eval_start:
             stats.eval_rows += len(result.row_session)
             stats.eval_rows_new_query += int((~np.isin(hashes, seen_queries))[result.row_session].sum())
         else:
@@ -1495,7 +1494,7 @@ def _manifest(settings: dict, cfg: ProfileConfig, row_counts: dict, labels: Labe
     def rate(rows_clicks: np.ndarray) -> float | None:
         return round(int(rows_clicks[1]) / int(rows_clicks[0]), 4) if rows_clicks[0] else None
 
-    end = datetime.fromtimestamp(start_ts + cfg.n_days * DAY - 1, timezone.utc)
+    end = datetime.fromtimestamp(start_ts + cfg.n_days * DAY_S - 1, timezone.utc)
     return {
         "schema_version": schema.SCHEMA_VERSION,
         "source": f"synth:{settings['profile']}",
@@ -1512,7 +1511,8 @@ def _manifest(settings: dict, cfg: ProfileConfig, row_counts: dict, labels: Labe
         "eval_share_of_impressions_with_unseen_query": round(stats.eval_rows_new_query / max(1, stats.eval_rows), 4),
         "query_count_keys": stats.query_count_keys,
         "date_range": [datetime.fromtimestamp(start_ts, timezone.utc).strftime("%Y-%m-%d"), end.strftime("%Y-%m-%d")],
-        "eval_week_start": datetime.fromtimestamp(start_ts + (cfg.n_days - 7) * DAY, timezone.utc).strftime("%Y-%m-%d"),
+        "eval_week_start": datetime.fromtimestamp(start_ts + (cfg.n_days - EVAL_DAYS) * DAY_S,
+                                                  timezone.utc).strftime("%Y-%m-%d"),
         "users": {"total": users.n, "without_purchases_share": round(float(1 - users.has_purchases.mean()), 4)},
         "sparse_cardinality": {"sparse_store": cfg.n_stores, "sparse_aisle": len(catalog.vocab.aisles),
                                "sparse_brand": len(catalog.brand_name), "sparse_platform": 3,

@@ -54,6 +54,7 @@ from typing import Any, Callable, Literal, Sequence
 from common.cli import UserError, parse_config, run_main
 from common.io import prepare_workdir, read_json, write_json, write_text
 from data.schema import TABLE_NAMES, table_path
+from ranking import layout
 
 log = logging.getLogger("experiments.gpu_bench")
 
@@ -203,7 +204,7 @@ def plan(cfg: GpuBenchConfig) -> tuple[list[Step], dict[str, str]]:
         quick = cfg.quick
         tables = all((root / f"embeddings/{kind}_table.parquet").is_file() for kind in ("product", "query"))
         checkpoint = (root / "embeddings/checkpoints/model.pt").is_file()
-        ranker = (root / f"ranking/{RANKER_VARIANT}/seed0/model.pt").is_file()
+        ranker = (layout.run_dir(root, RANKER_VARIANT, 0) / layout.MODEL_FILE).is_file()
         export = all((root / "serving" / f).is_file() for f in ("model.pt", "model_vectors.pt", "manifest.json"))
         index = (root / "serving/index.faiss").is_file()
         needed = ("serving",)
@@ -348,7 +349,7 @@ def embeddings_figures(cfg: GpuBenchConfig, workdir: Path, since: float) -> dict
 
 
 def ranking_figures(workdir: Path, since: float) -> dict[str, Any] | None:
-    path = workdir / "ranking" / "bench.json"
+    path = workdir / layout.BENCH_JSON_REL
     return read_json(path) if _fresh(path, since) else None
 
 
@@ -375,7 +376,7 @@ def figures_of(name: str, cfg: GpuBenchConfig, workdir: Path, since: float) -> d
     return index_figures(workdir, since)
 
 
-OUTPUTS = {"embeddings": "embeddings/bench.json", "ranking": "ranking/bench.json", "serving": "serving/bench.json",
+OUTPUTS = {"embeddings": "embeddings/bench.json", "ranking": layout.BENCH_JSON_REL, "serving": "serving/bench.json",
            "index": "serving/index_bench.json"}
 DEVICE_NOTE = {"serving": "cpu (serving.bench has no --device)", "index": "cpu (faiss-cpu)"}
 

@@ -42,8 +42,8 @@ SECTION5_NOTES = {
     "relevance_f1": "32,577 / 8,175 pairs, half of IR dropped; the baseline's HR recall is 0.059",
 }
 
-# Table 2: pCTR on the week after training (NW), ROC-AUC over 5 runs, by variant and slice.
-TABLE2_SLICES = ("nw", "nw_hist", "nw_nohist")
+# Table 2: pCTR on the week after training (NW), ROC-AUC over 5 runs, by variant and slice
+# (the slices of ranking.metrics.SLICES).
 TABLE2_AUC: dict[str, dict[str, float]] = {
     "dcn": {"nw": 0.7731, "nw_hist": 0.7807, "nw_nohist": 0.7456},
     "dcn_pq": {"nw": 0.7741},

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from experiments import paper
+from ranking import layout
+from ranking.metrics import SLICE_TITLES, SLICES
+from ranking.variants import VARIANTS
 
-RANKING_VARIANTS = ("dcn", "dcn_pq", "dcn_pq_hist", "dcn_pq_hist_random", "dcn_pq_hist_finetune")
 RETRIEVAL_NAMES = {"random": "Random vectors", "untuned_text": "Untuned text encoder (title)",
                    "untuned_image": "Untuned image encoder", "untuned": "Untuned multimodal fusion",
                    "dashclip": "DashCLIP (ours, trained)"}
@@ -28,7 +30,6 @@ PAPER_DASHCLIP = paper.TABLE1_DASHCLIP
 # our system -> the paper's closest row (DashCLIP starts from BLIP-14M: its untuned encoders)
 PAPER_ANALOGUE = {"random": "Random", "untuned_text": "BLIP-14M (text)", "untuned_image": "BLIP-14M (image)",
                   "dashclip": PAPER_DASHCLIP}
-SLICES = {"nw": "NW (all users)", "nw_hist": "NW, users with purchase history", "nw_nohist": "NW, users without"}
 
 
 def _load(path: Path) -> Any | None:
@@ -260,13 +261,14 @@ def retrieval_section(root: Path) -> str:
 
 
 def ranking_section(root: Path) -> str:
-    results = _load(root / "ranking" / "results.json")
+    results = _load(root / layout.RESULTS_JSON_REL)
     head = "## Ranking (paper Table 2 layout)\n"
     if results is None:
         return head + "\nThe ranking stage has not run (no clicks in this source, or not run yet).\n"
-    variants = [v for v in RANKING_VARIANTS if v in results]
+    variants = [v for v in VARIANTS if v in results]
     out = [head]
-    for slice_key, slice_name in SLICES.items():
+    for slice_key in SLICES:
+        slice_name = SLICE_TITLES[slice_key]
         base = results.get("dcn", {}).get(slice_key) or {}
         rows = []
         for v in variants:
@@ -289,8 +291,8 @@ def ranking_section(root: Path) -> str:
     for v, by_slice in paper.TABLE2_AUC.items():
         base = paper.TABLE2_AUC["dcn"]
         paper_rows.append([v, *(f"{by_slice[s]:.4f} ({(by_slice[s] - base[s]) * 100:+.2f} pt)" if s in by_slice else "—"
-                                for s in paper.TABLE2_SLICES)])
-    out.append(_table(["variant", *(SLICES[s] for s in paper.TABLE2_SLICES)], paper_rows))
+                                for s in SLICES)])
+    out.append(_table(["variant", *(SLICE_TITLES[s] for s in SLICES)], paper_rows))
     out.append(f"\nPaper: {paper.TABLE2_NOTE}.")
     auc = {v: results[v]["nw"]["auc_mean"] for v in variants}
     checks = []
@@ -361,7 +363,7 @@ def cost_section(root: Path) -> str:
 
 
 def plots_section(root: Path) -> str:
-    pngs = sorted(p for sub in ("embeddings", "ranking", "importance", "serving") for p in (root / sub).rglob("*.png"))
+    pngs = sorted(p for sub in ("embeddings", layout.ROOT, "importance", "serving") for p in (root / sub).rglob("*.png"))
     if not pngs:
         return "## Plots\n\nNo plots yet.\n"
     return "## Plots\n\n" + "\n".join(f"### {p.stem}\n\n![{p.stem}]({p.relative_to(root).as_posix()})\n" for p in pngs)

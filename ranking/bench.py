@@ -50,8 +50,9 @@ from common.io import prepare_workdir, write_json
 from common.seed import seed_everything
 from data.schema import SchemaError
 from embeddings.tables import build_table, embedding_table_path
-from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingBatch, RankingData, build_spec
+from ranking import layout
 from ranking.config import RankerConfig
+from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingBatch, RankingData, build_spec
 from ranking.model import build_model, build_tables
 from ranking.plain import PlainFeatures, PlainInputModel
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, load_tables
@@ -258,9 +259,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows, device = run(cfg)
     table = format_table(rows, cfg, device)
     print(table)
-    root = prepare_workdir(cfg.workdir, "ranking") / "ranking"
+    root = prepare_workdir(cfg.workdir, layout.ROOT)
     write_json({"device": str(device), "batch_size": cfg.batch_size, "steps": cfg.steps, "warmup": cfg.warmup,
-                "threads": cfg.threads, "rows": rows}, root / "bench.json")
+                "threads": cfg.threads, "rows": rows}, root / layout.BENCH_JSON_REL)
     return rows
 
 

@@ -4,15 +4,16 @@ Pipeline (every step streams or is vectorised; nothing holds the impression tabl
 
 1. :class:`ImpressionCache` streams ``DIR/data/impressions.parquet`` once
    (``ParquetFile.iter_batches``, each batch validated against :mod:`data.schema`) into ``.npy``
-   columns under ``DIR/ranking/cache/<key>/`` (read back as memory maps), where ``key`` hashes
-   the impressions file and the split settings. It also computes training-split statistics
-   (dense mean/std, sparse max ids, click rate) and the query vocabulary (normalised with
-   :func:`data.text.normalize_query`). A complete cache is reused. A build writes to a temp
-   directory named by :func:`common.io.temp_sibling` (it carries the builder's pid) that is
-   renamed only when complete; the leftover of a killed build is removed by the next
-   :meth:`ImpressionCache.open` (:func:`common.io.prepare_workdir` on ``DIR/ranking/cache``).
+   columns under ``DIR/ranking/cache/<key>/`` (:func:`ranking.layout.cache_dir`; read back as
+   memory maps), where ``key`` hashes the impressions file and the split settings. It also
+   computes training-split statistics (dense mean/std, sparse max ids, click rate) and the query
+   vocabulary (normalised with :func:`data.text.normalize_query`). A complete cache is reused. A
+   build writes to a temp directory named by :func:`common.io.temp_sibling` (it carries the
+   builder's pid) that is renamed only when complete; the leftover of a killed build is removed
+   by the next :meth:`ImpressionCache.open` (:func:`common.io.prepare_workdir` on
+   ``DIR/ranking/cache``).
 2. :class:`PurchaseIndex` holds the purchases in memory, sorted by (user, ts), and answers
-   "this user's purchases with ``ts - 84 days <= purchase_ts < ts``" for a whole batch with one
+   "this user's purchases with ``ts - HISTORY_DAYS <= purchase_ts < ts``" for a whole batch with one
    ``numpy.searchsorted`` (strictly before the impression: no leakage).
 3. :class:`FeatureSpec` is the serving contract: the feature order and everything needed to turn
    raw fields into the model's plain tensors (dense names, sparse names and table sizes, the
@@ -20,10 +21,11 @@ Pipeline (every step streams or is vectorised; nothing holds the impression tabl
    ``model.pt``.
 4. :class:`RankingData` joins the three into :class:`RankingBatch` es.
 
-Time split: evaluation ("NW") = impressions with ``ts >= max_ts - 7 days``; train = the rest.
-For early stopping, train splits again by time: ``valid`` = its last 7 days, ``fit`` = the rest.
-``has_history`` (the ``nw_hist`` slice) = the user has at least one purchase in the 84 days
-before the impression (counted before the ``history_len`` cap).
+Time split (:mod:`data.protocol`): evaluation ("NW") = impressions with ``ts >= max_ts - EVAL_DAYS``
+(7 days); train = the rest. For early stopping, train splits again by time: ``valid`` = its last
+``VALID_DAYS`` (7), ``fit`` = the rest. ``has_history`` (the ``nw_hist`` slice) = the user has at
+least one purchase in the ``HISTORY_DAYS`` (84) days before the impression (counted before the
+``history_len`` cap).
 """
 from __future__ import annotations
 
@@ -45,16 +47,15 @@ from tqdm import tqdm
 
 from common.io import prepare_workdir, read_json, temp_sibling, write_json
 from data.dataset import input_hashes, table_rel
+from data.protocol import DAY_S, EVAL_DAYS, HISTORY_DAYS
 from data.schema import SchemaError, feature_columns, read_table, table_path, validate
 from data.text import normalize_query
 from embeddings.tables import UNKNOWN_ROW, EmbeddingTable
+from ranking import layout
 
 log = logging.getLogger(__name__)
 
-DAY_S = 86_400
-HISTORY_DAYS = 84
-EVAL_DAYS = 7
-VALID_DAYS = 7
+VALID_DAYS = 7  # the early-stopping hold-out: the last days before the evaluation week
 HISTORY_LEN = 50
 CACHE_VERSION = 1
 SPLITS = ("train", "eval", "fit", "valid")
@@ -196,7 +197,8 @@ class ImpressionCache:
         """Reuse ``DIR/ranking/cache/<key>`` when complete, else build it (atomically) and remove
         the caches of other keys (older impressions files)."""
         key = cls.cache_key(workdir, eval_days)
-        directory = prepare_workdir(workdir, "ranking/cache") / "ranking" / "cache" / key
+        prepare_workdir(workdir, layout.CACHE_REL)
+        directory = layout.cache_dir(workdir, key)
         if (directory / "meta.json").exists():
             log.info("feature cache %s is complete; reusing it", directory)
             return cls(directory)

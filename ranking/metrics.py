@@ -20,7 +20,9 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-SLICES: tuple[str, ...] = ("nw", "nw_hist", "nw_nohist")
+SLICE_TITLES: dict[str, str] = {"nw": "NW (all users)", "nw_hist": "NW, users with purchase history",
+                                 "nw_nohist": "NW, users without"}
+SLICES: tuple[str, ...] = tuple(SLICE_TITLES)  # ("nw", "nw_hist", "nw_nohist")
 _EPS = 1e-7
 
 

@@ -38,6 +38,7 @@ from common.cli import UserError
 from common.io import atomic_path
 from common.provenance import OutputSet
 from embeddings.tables import EmbeddingTable
+from ranking import layout
 from ranking.config import RankerConfig
 from ranking.features import FeatureSpec
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, PretrainedEmbeddingBagCollection
@@ -228,9 +229,11 @@ def build_model(variant: Variant | str, spec: FeatureSpec, config: RankerConfig 
 
 def trained_set(workdir: str | Path, variant: str, seed: int) -> OutputSet:
     """The output set of ``ranking.train``'s run of ``variant`` with ``seed``: ``model.pt`` and
-    ``metrics.json`` (in that order) under ``DIR/ranking/<variant>/seed<k>/``, published together."""
-    rel = f"ranking/{variant}/seed{seed}"
-    return OutputSet(workdir, f"{rel}/manifest.json", [f"{rel}/model.pt", f"{rel}/metrics.json"],
+    ``metrics.json`` (in that order) under ``DIR/ranking/<variant>/seed<k>/`` (:func:`ranking.layout.run_rel`),
+    published together."""
+    rel = layout.run_rel(variant, seed)
+    return OutputSet(workdir, f"{rel}/{layout.RUN_MANIFEST_FILE}",
+                     [f"{rel}/{layout.MODEL_FILE}", f"{rel}/{layout.METRICS_FILE}"],
                      what=f"python -m ranking.train --workdir {workdir} --variant {variant} --seeds {seed + 1}")
 
 

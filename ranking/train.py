@@ -68,12 +68,14 @@ from common.io import prepare_workdir, read_json, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
 from data.dataset import input_hashes
+from data.protocol import EVAL_DAYS, HISTORY_DAYS
 from data.schema import SchemaError
 from embeddings.tables import EmbeddingTable, embedding_table_path, tables_set
+from ranking import layout
 from ranking.config import RankingTrainConfig
 from ranking.distributed import ShardedRanker
-from ranking.features import (CACHE_VERSION, EVAL_DAYS, VALID_DAYS, FeatureSpec, ImpressionCache, PurchaseIndex,
-                              RankingBatch, RankingData, build_spec)
+from ranking.features import (CACHE_VERSION, VALID_DAYS, FeatureSpec, ImpressionCache, PurchaseIndex, RankingBatch,
+                              RankingData, build_spec)
 from ranking.metrics import SLICES, log_loss, mean_std, paired_p_value, slice_metrics
 from ranking.model import RankingModel, build_model, build_tables, save_model, trained_set
 from ranking.plain import PlainInputModel
@@ -90,7 +92,7 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 def results_set(workdir: str | Path) -> OutputSet:
     """The output set of Table 2: ``results.json`` and ``results.md``."""
-    return OutputSet(workdir, "ranking/results.manifest.json", ["ranking/results.json", "ranking/results.md"],
+    return OutputSet(workdir, layout.RESULTS_MANIFEST_REL, [layout.RESULTS_JSON_REL, layout.RESULTS_MD_REL],
                      what="python -m ranking.train")
 
 
@@ -505,7 +507,7 @@ def results_markdown(results: dict) -> str:
     lines = ["# Ranking: paper Table 2 layout", "",
              f"ROC-AUC and normalized logloss (NLL = logloss / logloss of always predicting the training click "
              f"rate; lower is better) on the evaluation week (nw), its impressions whose user bought something in "
-             f"the 84 days before (nw_hist) and the others (nw_nohist); impressions: {sizes}. Mean ± std over up "
+             f"the {HISTORY_DAYS} days before (nw_hist) and the others (nw_nohist); impressions: {sizes}. Mean ± std over up "
              f"to {seeds} seeds; in brackets the relative gain over dcn (for NLL: the relative reduction). "
              f"p: paired t-test of per-seed nw AUC against dcn. Every variant was trained and evaluated on the "
              f"same inputs (SHA-256): {inputs}.", "",
@@ -576,8 +578,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not variants:
         raise UserError(f"--variant {cfg.variant!r}: no variant named")
     cfg.validate()
-    workdir = prepare_workdir(cfg.workdir, "ranking", *(f"ranking/{v.name}/seed{k}" for v in variants
-                                                        for k in range(cfg.seeds)))
+    workdir = prepare_workdir(cfg.workdir, layout.ROOT, *(layout.run_rel(v.name, k) for v in variants
+                                                          for k in range(cfg.seeds)))
     env = init_from_env(cfg.pg_timeout_s)
     if env is not None and not env.is_main:
         torch.distributed.barrier()  # rank 0 builds the feature cache first

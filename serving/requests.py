@@ -34,6 +34,7 @@ import torch
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model,
                       field_validator, model_validator)
 
+from data.protocol import HISTORY_DAYS
 from data.text import normalize_query
 from embeddings.tables import UNKNOWN_ROW
 from ranking.features import FeatureSpec, PurchaseIndex
@@ -76,7 +77,7 @@ class ScoreRequestBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     user_id: Id64 | None = Field(
-        default=None, description="shopper id; their 84-day purchase history is read from purchases.parquet "
+        default=None, description=f"shopper id; their {HISTORY_DAYS}-day purchase history is read from purchases.parquet "
                                   "(unknown user = empty history). Give exactly one of user_id and purchase_history.")
     purchase_history: list[Purchase] | None = Field(
         default=None, max_length=MAX_HISTORY_ITEMS,

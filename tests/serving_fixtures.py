@@ -35,7 +35,7 @@ from embeddings.encode import load_encoder
 from embeddings.models import build_model
 from embeddings.tables import build_table, table_rel, tables_set, write_table
 from embeddings.train import save_checkpoint
-from ranking import train
+from ranking import layout, train
 from serving import export, index
 from serving.published import ENCODER_CHECKPOINT
 from serving.server import ServiceProcess
@@ -78,7 +78,7 @@ def write_encoded_tables(workdir: Path) -> None:
 
 def copy_workdir(source: Path, target: Path) -> Path:
     """Copy data, tables and trained models (not the serving export) to ``target``."""
-    for sub in ("data", "embeddings", "ranking"):
+    for sub in ("data", "embeddings", layout.ROOT):
         shutil.copytree(source / sub, target / sub)
     return target
 

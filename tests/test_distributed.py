@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:  # when run as a rank script
     sys.path.insert(0, str(REPO))
 
 from embeddings.tables import build_table  # noqa: E402
+from ranking import layout  # noqa: E402
 from ranking.features import FeatureSpec, RankingBatch  # noqa: E402
 from ranking.model import RankerConfig, build_model, build_tables  # noqa: E402
 from ranking.variants import get_variant  # noqa: E402
@@ -228,10 +229,10 @@ def test_torchrun_style_cli_writes_the_single_process_checkpoint(tiny_workdir_co
     assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
     assert "row_wise, kernel fused, ranks [0, 1]" in procs[0].stderr and "table memory per rank" in procs[0].stderr
     assert "sharding plan" not in procs[1].stderr  # logged once, on rank 0
-    run_dir = workdir / "ranking" / "dcn_pq_hist" / "seed0"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_dir = layout.run_dir(workdir, "dcn_pq_hist", 0)
+    metrics = json.loads((run_dir / layout.METRICS_FILE).read_text())
     assert metrics["world_size"] == 2 and len(metrics["history"]["valid_logloss"]) == 2
-    model = load_model(run_dir / "model.pt")
+    model = load_model(run_dir / layout.MODEL_FILE)
     data = RankingData(ImpressionCache.open(workdir), PurchaseIndex.from_workdir(workdir), model.spec)
     labels, probs, hist = train.predict(model, data, "eval")
     single = slice_metrics(labels, probs, hist, model.spec.train_click_rate)
@@ -245,7 +246,7 @@ def test_torchrun_style_cli_writes_the_single_process_checkpoint(tiny_workdir_co
     assert log_loss(labels, probs) == pytest.approx(min(valid), abs=1e-6)
     assert metrics["history"]["best_check"] == int(np.argmin(valid))
     train.main(["--workdir", str(single_dir), *flags, "--threads", "1"])
-    single_run = json.loads((single_dir / "ranking" / "dcn_pq_hist" / "seed0" / "metrics.json").read_text())
+    single_run = json.loads((layout.run_dir(single_dir, "dcn_pq_hist", 0) / layout.METRICS_FILE).read_text())
     # the same algorithm: equal up to the rounding of the all-reduced gradients, which training
     # amplifies (after half an epoch ~1e-5 relative, after one epoch ~1e-3 on the tiny data)
     single_valid = single_run["history"]["valid_logloss"]

@@ -23,7 +23,7 @@ from data.dataset import MANIFEST
 from data.schema import feature_columns, table_path
 from data.text import normalize_query
 from embeddings.tables import build_table, embedding_table_path, write_table
-from ranking import importance, train
+from ranking import importance, layout, train
 from ranking.attribution.groups import build_inputs
 from ranking.attribution.interaction import InteractionInputModel, embed_batch
 from ranking.attribution.methods import ablation_importance, batched_forward, ig_importance, permutation_importance
@@ -70,7 +70,7 @@ def _eval_data(workdir: Path, model) -> tuple[RankingData, np.ndarray]:
 
 
 def test_interaction_input_model_reproduces_the_plain_model_and_groups_partition_the_inputs(trained: Path):
-    model = load_model(trained / "ranking" / "dcn_pq_hist" / "seed0" / "model.pt")
+    model = load_model(layout.run_dir(trained, "dcn_pq_hist", 0) / layout.MODEL_FILE)
     data, rows = _eval_data(trained, model)
     batch = data.batch(rows)
     plain = PlainInputModel(model).eval()
@@ -93,7 +93,7 @@ def test_interaction_input_model_reproduces_the_plain_model_and_groups_partition
 
 
 def test_irrelevant_feature_scores_zero_and_planted_signal_scores_high(trained: Path):
-    model = load_model(trained / "ranking" / "dcn_pq_hist" / "seed0" / "model.pt")
+    model = load_model(layout.run_dir(trained, "dcn_pq_hist", 0) / layout.MODEL_FILE)
     hour = model.spec.dense_names.index("dense_hour")
     with torch.no_grad():
         model.dcn_tower.dense_std[hour] = float("inf")  # normalised dense_hour == 0: the model cannot use it

@@ -9,7 +9,8 @@ import pytest
 
 from data.schema import SchemaError, schema, table_path
 from embeddings.tables import build_table
-from ranking.features import DAY_S, FeatureSpec, ImpressionCache, PurchaseIndex, RankingData, build_spec
+from data.protocol import DAY_S
+from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData, build_spec
 
 T = 1_700_000_000  # an impression time (seconds)
 

@@ -15,7 +15,7 @@ from common.cli import run_main
 from data.schema import read_table
 from data.text import normalize_query
 from embeddings.tables import build_table, embedding_table_path, read_embedding_table, write_table
-from ranking import train
+from ranking import layout, train
 from ranking.config import RankerConfig
 from ranking.features import ImpressionCache, PurchaseIndex, RankingData
 from ranking.metrics import SLICES, log_loss, roc_auc
@@ -46,7 +46,7 @@ def test_all_variants_two_seeds_end_to_end(tiny_workdir_copy, caplog):
     write_random_tables(workdir)
     argv = ["--workdir", str(workdir), "--variant", "all", "--seeds", "2", *FAST, "--workers", "2"]
     results = train.main(argv)  # two spawned worker processes; the forced rerun below runs in-process
-    on_disk = json.loads((workdir / "ranking" / "results.json").read_text())
+    on_disk = json.loads((workdir / layout.RESULTS_JSON_REL).read_text())
     assert on_disk == json.loads(json.dumps(results))
     for variant in VARIANTS:
         for name in SLICES:
@@ -57,15 +57,15 @@ def test_all_variants_two_seeds_end_to_end(tiny_workdir_copy, caplog):
         assert 0.0 < on_disk[variant]["nw"]["auc_mean"] < 1.0
         assert (on_disk[variant]["nw"]["p_value_vs_dcn"] is None) == (variant == "dcn")
         for seed in (0, 1):
-            assert (workdir / "ranking" / variant / f"seed{seed}" / "model.pt").exists()
-    table = (workdir / "ranking" / "results.md").read_text()
+            assert (layout.run_dir(workdir, variant, seed) / layout.MODEL_FILE).exists()
+    table = (workdir / layout.RESULTS_MD_REL).read_text()
     assert all(f"| {v} |" in table for v in VARIANTS) and "nw_hist AUC" in table
 
     # the saved model reloads and scores exactly what the metrics were computed from
-    model = load_model(workdir / "ranking" / "dcn_pq_hist" / "seed1" / "model.pt")
+    model = load_model(layout.run_dir(workdir, "dcn_pq_hist", 1) / layout.MODEL_FILE)
     data = RankingData(ImpressionCache.open(workdir), PurchaseIndex.from_workdir(workdir), model.spec)
     labels, probs, hist = train.predict(model, data, "eval")
-    metrics = json.loads((workdir / "ranking" / "dcn_pq_hist" / "seed1" / "metrics.json").read_text())
+    metrics = json.loads((layout.run_dir(workdir, "dcn_pq_hist", 1) / layout.METRICS_FILE).read_text())
     assert roc_auc(labels, probs) == pytest.approx(metrics["slices"]["nw"]["auc"], abs=1e-12)
     assert int(hist.sum()) == metrics["slices"]["nw_hist"]["impressions"]
     # early stopping kept the parameters of the best validation check
@@ -75,14 +75,14 @@ def test_all_variants_two_seeds_end_to_end(tiny_workdir_copy, caplog):
     assert log_loss(labels, probs) == pytest.approx(min(valid), rel=1e-6)
 
     # finished runs are skipped; a forced rerun of one seed is deterministic
-    mtime = (workdir / "ranking" / "dcn" / "seed0" / "model.pt").stat().st_mtime_ns
+    mtime = (layout.run_dir(workdir, "dcn", 0) / layout.MODEL_FILE).stat().st_mtime_ns
     caplog.clear()
     with caplog.at_level("INFO"):
         train.main(["--workdir", str(workdir), "--variant", "dcn", "--seeds", "1", *FAST])
     assert "skipping" in caplog.text
-    assert (workdir / "ranking" / "dcn" / "seed0" / "model.pt").stat().st_mtime_ns == mtime
-    seed0 = workdir / "ranking" / "dcn_pq_hist_random" / "seed0"
-    before = {name: (seed0 / name).read_bytes() for name in ("model.pt", "metrics.json")}  # trained by a worker
+    assert (layout.run_dir(workdir, "dcn", 0) / layout.MODEL_FILE).stat().st_mtime_ns == mtime
+    seed0 = layout.run_dir(workdir, "dcn_pq_hist_random", 0)
+    before = {name: (seed0 / name).read_bytes() for name in (layout.MODEL_FILE, layout.METRICS_FILE)}  # trained by a worker
     merged = train.main(["--workdir", str(workdir), "--variant", "dcn_pq_hist_random", "--seeds", "1", "--force", *FAST])
     assert {name: (seed0 / name).read_bytes() for name in before} == before
     assert set(merged) == {"inputs", *VARIANTS}  # merged with the variants already there (same data and tables)
@@ -124,7 +124,7 @@ def test_finetune_moves_exactly_the_table_rows_it_trains_on(tiny_workdir_copy):
                           *FAST, "--epochs", "1", "--no-early-stopping"])
     files = {PRODUCT_TABLE: read_embedding_table(embedding_table_path(workdir, "product"), "product").vectors,
              QUERY_TABLE: read_embedding_table(embedding_table_path(workdir, "query"), "query").vectors}
-    finetuned, frozen = (load_model(workdir / "ranking" / v / "seed0" / "model.pt")
+    finetuned, frozen = (load_model(layout.run_dir(workdir, v, 0) / layout.MODEL_FILE)
                          for v in ("dcn_pq_hist_finetune", "dcn_pq_hist"))
     data = RankingData(ImpressionCache.open(workdir), PurchaseIndex.from_workdir(workdir), finetuned.spec)
     seen: dict[str, set[int]] = {PRODUCT_TABLE: set(), QUERY_TABLE: set()}
@@ -178,7 +178,7 @@ def test_bench_times_every_model_batch_by_batch(tiny_workdir_copy):
     rows = bench.main(["--workdir", str(workdir), "--batch-size", "256", "--steps", "2", "--warmup", "1",
                        "--sparse-embedding-dim", "4", "--dcn-deep-sizes", "16", "8", "--table-deep-sizes", "16", "8",
                        "--head-sizes", "8"])
-    on_disk = json.loads((workdir / "ranking" / "bench.json").read_text())
+    on_disk = json.loads((workdir / layout.BENCH_JSON_REL).read_text())
     assert on_disk["rows"] == json.loads(json.dumps(rows)) and on_disk["steps"] == 2
     assert [r["model"] for r in rows] == [*VARIANTS, *bench.REFERENCES.values()]
     for r in rows:

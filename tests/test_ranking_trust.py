@@ -24,10 +24,11 @@ from common.cli import run_main
 from common.io import read_json
 from data import synth
 from data.dataset import MANIFEST, input_hashes
+from data.protocol import DAY_S, EVAL_DAYS
 from data.schema import table_path
 from embeddings.tables import tables_set
-from ranking import importance, train
-from ranking.features import DAY_S, EVAL_DAYS, ImpressionCache
+from ranking import importance, layout, train
+from ranking.features import ImpressionCache
 from ranking.model import trained_set
 from tests.test_ranking_train import FAST, write_random_tables
 
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _files(root: Path) -> dict[str, bytes]:
     """Every file under ``root/ranking`` except the feature cache: path -> bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "ranking").rglob("*"))
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / layout.ROOT).rglob("*"))
             if p.is_file() and "cache" not in p.parts}
 
 
@@ -56,10 +57,10 @@ def test_new_data_drops_stale_variants_from_results_and_retrains(tiny_workdir_co
     workdir = tiny_workdir_copy
     write_random_tables(workdir)
     train.main(["--workdir", str(workdir), "--variant", "dcn,dcn_pq", "--seeds", "2", *FAST])
-    first = read_json(workdir / "ranking" / "results.json")
+    first = read_json(workdir / layout.RESULTS_JSON_REL)
     assert {"dcn", "dcn_pq"} <= first.keys() and first["dcn_pq"]["nw"]["p_value_vs_dcn"] is not None
     assert first["inputs"] == {**input_hashes(workdir, ["impressions", "purchases"]), **tables_set(workdir).hashes()}
-    old_metrics = (workdir / "ranking" / "dcn" / "seed0" / "metrics.json").read_bytes()
+    old_metrics = (layout.run_dir(workdir, "dcn", 0) / layout.METRICS_FILE).read_bytes()
 
     synth.main(["--profile", "tiny", "--workdir", str(workdir), "--seed", "1"])  # other data, same tables
     caplog.clear()
@@ -70,8 +71,8 @@ def test_new_data_drops_stale_variants_from_results_and_retrains(tiny_workdir_co
     assert "skipping" not in caplog.text  # both dcn seeds retrained on the new data
     assert "dropping dcn_pq" in caplog.text and "data/impressions.parquet" in caplog.text
     assert set(results) == {"inputs", "dcn"} and results["inputs"] == data
-    assert read_json(workdir / "ranking" / "results.json") == results
-    assert "| dcn_pq |" not in (workdir / "ranking" / "results.md").read_text()
+    assert read_json(workdir / layout.RESULTS_JSON_REL) == results
+    assert "| dcn_pq |" not in (workdir / layout.RESULTS_MD_REL).read_text()
     seed0 = trained_set(workdir, "dcn", 0)
     assert seed0.manifest()["made_from"]["inputs"] == data
     assert seed0.path(seed0.files[1]).read_bytes() != old_metrics
@@ -131,7 +132,7 @@ def test_a_killed_cache_build_leaves_nothing_behind(tiny_workdir_copy: Path):
         ImpressionCache.open({str(workdir)!r})
     """)
     assert subprocess.run([sys.executable, "-c", script], timeout=300).returncode == 9
-    cache = workdir / "ranking" / "cache"
+    cache = workdir / layout.CACHE_REL
     leftovers = [p for p in cache.iterdir() if p.name.startswith(".")]
     assert len(leftovers) == 1 and leftovers[0].is_dir() and any(leftovers[0].iterdir())
     opened = ImpressionCache.open(workdir)

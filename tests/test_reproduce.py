@@ -15,6 +15,7 @@ import pytest
 from common.cli import UserError
 from data.schema import TABLE_NAMES
 from experiments import reproduce
+from ranking import layout
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_each_commands_wall_time_and_peak_memory_are_recorded_and_reported(tiny_
 
 
 def test_rerun_skips_complete_stages_and_publish_copies_plots(tiny_run: Path, tmp_path: Path) -> None:
-    model = tiny_run / "ranking" / "dcn_pq_hist" / "seed1" / "model.pt"
+    model = layout.run_dir(tiny_run, "dcn_pq_hist", 1) / layout.MODEL_FILE
     before = model.stat().st_mtime_ns
     reproduce.main(["--workdir", str(tiny_run), "--source", "synth:tiny", "--seeds", "2",
                     "--stages", "ranking", "--publish", str(tmp_path / "pub")])
@@ -94,8 +95,8 @@ def test_ranking_section_handles_a_slice_without_impressions(tmp_path: Path) -> 
 
     results = {v: {"nw": slice_(auc), "nw_hist": slice_(auc), "nw_nohist": slice_(None)}
                for v, auc in (("dcn", 0.70), ("dcn_pq", 0.72), ("dcn_pq_hist", 0.75), ("dcn_pq_hist_random", 0.71))}
-    (tmp_path / "ranking").mkdir()
-    (tmp_path / "ranking" / "results.json").write_text(json.dumps(results))
+    (tmp_path / layout.ROOT).mkdir()
+    (tmp_path / layout.RESULTS_JSON_REL).write_text(json.dumps(results))
     section = ranking_section(tmp_path)
     assert "No metrics for this slice (0 impressions: none, or only one class)" in section
     assert "| dcn_pq_hist | 0.7500 ± 0.0100 | +5.00 pt" in section

@@ -15,6 +15,7 @@ import torch
 from common.cli import run_main
 from common.io import file_sha256, read_json
 from embeddings.tables import embedding_table_path
+from ranking import layout
 from ranking.features import ImpressionCache, PurchaseIndex, RankingData
 from ranking.model import load_model
 from ranking.plain import PlainInputModel
@@ -150,7 +151,7 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path, capsys):
 
 def test_a_mixed_trained_set_is_refused_and_nothing_is_exported(serving_workdir: Path, tmp_path: Path, capsys):
     workdir = copy_workdir(serving_workdir, tmp_path / "mixed")
-    metrics = workdir / "ranking" / "dcn_pq_hist" / "seed0" / "metrics.json"
+    metrics = layout.run_dir(workdir, "dcn_pq_hist", 0) / layout.METRICS_FILE
     metrics.write_text(metrics.read_text().replace('"seed": 0', '"seed": 0 '))  # as if another run wrote it
     with pytest.raises(SystemExit) as exit_info:
         run_main(export.main, ["--workdir", str(workdir), "--threads", "1"])
