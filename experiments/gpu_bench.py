@@ -224,7 +224,7 @@ def plan(cfg: GpuBenchConfig) -> tuple[list[Step], dict[str, str]]:
                 "--threads", "1" if quick else "4"], needed_by=needed))
         if not export:
             steps.append(Step("prep_export", "serving.export", ["--workdir", workdir, "--variant", RANKER_VARIANT,
-                                                                "--seed", "0", "--threads", "1" if quick else "4"],
+                                                                "--model-seed", "0", "--threads", "1" if quick else "4"],
                               needed_by=needed))
         if not index:
             steps.append(Step("prep_index", "serving.index", ["--workdir", workdir], needed_by=needed))

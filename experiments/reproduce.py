@@ -61,6 +61,8 @@ log = logging.getLogger("experiments.reproduce")
 
 RANKING_SOURCES = {"synth", "instacart", "completejourney"}
 WORKDIR_SOURCE = "workdir"
+# the trained model that importance explains and serving exports: ranking.train always trains seed 0
+EXPLAINED_MODEL = ("--variant", "dcn_pq_hist", "--model-seed", "0")
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")  # ANSI sequences, control chars
 
 
@@ -81,7 +83,7 @@ class ReproduceConfig:
                 "synth:paper, else demo"})
     scale: Optional[float] = field(default=None, metadata={
         "help": "synth sources: multiply the profile's sizes by F (data.synth --scale F)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed of the data, embeddings and importance commands"})
     seeds: int = field(default=0, metadata={"help": "ranking seeds per variant; 0 = the preset's (5; scale: 1)"})
     stages: str = field(default="all", metadata={
         "help": "comma list of stages to run (data,embeddings,ranking,importance,serving) or 'all'; "
@@ -156,9 +158,8 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
         stages += [
             Stage("ranking", (("ranking.train", "--variant", "all", "--seeds", str(cfg.seeds or preset.seeds),
                                *common, *preset.ranking_train),)),
-            Stage("importance", (("ranking.importance", "--variant", "dcn_pq_hist", *seed, *common,
-                                  *preset.importance),)),
-            Stage("serving", (("serving.export", "--variant", "dcn_pq_hist", *common),
+            Stage("importance", (("ranking.importance", *EXPLAINED_MODEL, *seed, *common, *preset.importance),)),
+            Stage("serving", (("serving.export", *EXPLAINED_MODEL, *common),
                               ("serving.index", *common),
                               ("serving.bench", *common, *preset.serving_bench))),
         ]

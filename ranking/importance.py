@@ -1,10 +1,10 @@
 """Feature importance of a trained ranking model with Captum (paper sec. 4.2.3).
 
-``python -m ranking.importance --workdir DIR [--variant dcn_pq_hist] [--seed 0]
+``python -m ranking.importance --workdir DIR [--variant dcn_pq_hist] [--model-seed 0] [--seed 0]
 [--method permutation|ablation|ig|all] [--repeats 5] [--max-rows N] [--force]``
 
-Reads ``DIR/ranking/<variant>/seed<k>/model.pt`` (from ``python -m ranking.train``; its set must be
-intact) and the evaluation week ("NW", the last 7 days of ``DIR/data/impressions.parquet``); writes
+Reads ``DIR/ranking/<variant>/seed<k>/model.pt`` with ``k`` = ``--model-seed`` (the run that
+``python -m ranking.train`` trained with seed ``k``; its set must be intact) and the evaluation week ("NW", the last 7 days of ``DIR/data/impressions.parquet``); writes
 ``DIR/importance/importance.json``, ``importance.md`` (ranked table) and ``importance.png`` as one
 :class:`common.provenance.OutputSet` (manifest ``DIR/importance/manifest.json``) made from the
 trained set's hashes, the impressions and purchases tables' hashes and the settings (not
@@ -17,7 +17,8 @@ integrated gradients (:mod:`~ranking.attribution.methods`) and the report
 (:mod:`~ranking.attribution.report`). ``all`` runs the three methods and adds their agreement.
 
 Rows: the NW impressions, or ``--max-rows`` of them drawn without replacement with ``--seed``
-(``--ig-max-rows`` bounds the integrated-gradients rows further). Same seed, same numbers.
+(``--ig-max-rows`` bounds the integrated-gradients rows further); ``--seed`` also draws the
+permutations. Same model, same seed, same numbers.
 """
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ class ImportanceConfig:
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     variant: str = field(default="dcn_pq_hist", metadata={"help": "ranking variant whose model to explain"})
-    seed: int = field(default=0, metadata={"help": "which trained seed (seed<k>/model.pt); also seeds rows and permutations"})
+    model_seed: int = field(default=0, metadata={"help": "which trained model: the run of --variant trained with this "
+                                                         "seed (DIR/ranking/<variant>/seed<k>/model.pt)"})
+    seed: int = field(default=0, metadata={"help": "random seed of the row subset and the permutations"})
     method: Method = field(default="permutation", metadata={"help": "Captum method, or 'all' for the three and their agreement"})
     repeats: int = field(default=5, metadata={"help": "permutations per group (mean ± std of the AUC drop)"})
     max_rows: int = field(default=50_000, metadata={"help": "NW impressions used (random subset with --seed; 0 = all)"})
@@ -82,21 +85,22 @@ def _made_from(cfg: ImportanceConfig, model_hashes: dict[str, str]) -> MadeFrom:
 def _check_config(cfg: ImportanceConfig) -> None:
     """A one-line UserError for an unknown variant or a flag below its minimum."""
     get_variant(cfg.variant)
-    if cfg.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {cfg.seed}")
+    for flag in ("model_seed", "seed"):
+        if getattr(cfg, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(cfg, flag)}")
     for flag, low in (("repeats", 1), ("ig_steps", 2), ("batch_size", 1), ("threads", 1), ("max_rows", 0), ("ig_max_rows", 0)):
         if getattr(cfg, flag) < low:
             raise UserError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(cfg, flag)}")
 
 
 def load_trained(cfg: ImportanceConfig) -> tuple[RankingModel, Path, dict[str, str]]:
-    """The model of ``cfg.variant`` / ``cfg.seed``, its path and the hashes of its (intact) set;
-    a clear error when it has not been trained."""
-    trained = trained_set(cfg.workdir, cfg.variant, cfg.seed)
+    """The model of ``cfg.variant`` / ``cfg.model_seed``, its path and the hashes of its (intact)
+    set; a clear error when it has not been trained."""
+    trained = trained_set(cfg.workdir, cfg.variant, cfg.model_seed)
     path = trained.path(trained.files[0])
     if not path.exists():
         raise UserError(f"{path}: missing ranking model; run `python -m ranking.train --workdir {cfg.workdir} "
-                        f"--variant {cfg.variant} --seeds {cfg.seed + 1}` first")
+                        f"--variant {cfg.variant} --seeds {cfg.model_seed + 1}` first")
     hashes = trained.verify()
     model = load_model(path)
     if model.variant != cfg.variant:
@@ -144,14 +148,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with torch.no_grad():
         logits = batched_forward(vmodel, inputs, cfg.batch_size)(*inputs.captum_inputs()).double().numpy()
     baseline_auc = roc_auc(inputs.labels, logits)
-    log.info("%s seed %d: NW ROC-AUC %.4f on %d impressions, %d feature groups", cfg.variant, cfg.seed,
+    log.info("%s seed %d: NW ROC-AUC %.4f on %d impressions, %d feature groups", cfg.variant, cfg.model_seed,
              baseline_auc, len(eval_rows), len(inputs.groups))
 
     methods = list(METHODS) if cfg.method == "all" else [cfg.method]
     results = run_methods(vmodel, inputs, logits, methods, repeats=cfg.repeats, seed=cfg.seed, ig_steps=cfg.ig_steps,
                           ig_max_rows=cfg.ig_max_rows, batch_size=cfg.batch_size)
     report = importance_report(
-        results, inputs.groups, method=cfg.method, variant=cfg.variant, seed=cfg.seed, baseline_auc=baseline_auc,
+        results, inputs.groups, method=cfg.method, variant=cfg.variant, model_seed=cfg.model_seed,
+        baseline_auc=baseline_auc,
         rows=int(len(eval_rows)), settings={k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")},
         model=str(model_path.relative_to(workdir)))
     with out.publish(made_from) as staged:

@@ -1,8 +1,9 @@
 """Export a trained ranking model for serving: TorchScript files that load with torch + fbgemm_gpu.
 
-``python -m serving.export --workdir DIR [--variant dcn_pq_hist] [--seed 0] [--table-dtype fp32|fp16|int8] [--force]``
+``python -m serving.export --workdir DIR [--variant dcn_pq_hist] [--model-seed 0] [--table-dtype fp32|fp16|int8] [--force]``
 
-Reads ``DIR/ranking/<variant>/seed<k>/model.pt`` (:func:`ranking.model.load_model`) and the
+Reads ``DIR/ranking/<variant>/seed<k>/model.pt`` with ``k`` = ``--model-seed`` (the run that
+``ranking.train`` trained with seed ``k``; :func:`ranking.model.load_model`) and the
 evaluation week of ``DIR/data/impressions.parquet`` (through the ranking feature cache). Writes:
 
 ``DIR/serving/model.pt``
@@ -88,7 +89,8 @@ class ServingExportConfig:
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     variant: str = field(default="dcn_pq_hist", metadata={"help": "ranking variant to export"})
-    seed: int = field(default=0, metadata={"help": "which trained seed (DIR/ranking/<variant>/seed<k>)"})
+    model_seed: int = field(default=0, metadata={"help": "which trained model: the run of --variant trained with "
+                                                         "this seed (DIR/ranking/<variant>/seed<k>)"})
     table_dtype: TableDtype = field(default="fp32", metadata={
         "help": "storage of the frozen tables inside the fused model (fp16/int8: torchrec quantized EBC)"})
     parity_rows: int = field(default=4096, metadata={"help": "NW impressions in the parity check"})
@@ -105,8 +107,9 @@ def save_script(module: torch.jit.ScriptModule, path: Path) -> None:
         torch.jit.save(module, sink)
 
 
-def checkpoint_path(workdir: str | Path, variant: str, seed: int) -> Path:
-    trained = trained_set(workdir, variant, seed)
+def checkpoint_path(workdir: str | Path, variant: str, model_seed: int) -> Path:
+    """``model.pt`` of the run of ``variant`` trained with ``model_seed``."""
+    trained = trained_set(workdir, variant, model_seed)
     return trained.path(trained.files[0])
 
 
@@ -236,21 +239,21 @@ def _nw_auc(module: nn.Module, data: RankingData, batch_size: int) -> tuple[floa
 
 
 def _settings(cfg: ServingExportConfig) -> dict:
-    return {"variant": cfg.variant, "seed": cfg.seed, "table_dtype": cfg.table_dtype, "parity_rows": cfg.parity_rows,
-            "manifest_version": MANIFEST_VERSION}
+    return {"variant": cfg.variant, "model_seed": cfg.model_seed, "table_dtype": cfg.table_dtype,
+            "parity_rows": cfg.parity_rows, "manifest_version": MANIFEST_VERSION}
 
 
 def export(cfg: ServingExportConfig) -> dict:
     """Run the export (see module docstring); returns the manifest (``serving/manifest.json``)."""
     workdir = Path(cfg.workdir)
     get_variant(cfg.variant)
-    if cfg.seed < 0 or cfg.parity_rows < 1 or cfg.eval_batch_size < 1 or cfg.threads < 1:
-        raise UserError("--seed must be >= 0 and --parity-rows, --eval-batch-size, --threads >= 1")
-    checkpoint = checkpoint_path(workdir, cfg.variant, cfg.seed)
+    if cfg.model_seed < 0 or cfg.parity_rows < 1 or cfg.eval_batch_size < 1 or cfg.threads < 1:
+        raise UserError("--model-seed must be >= 0 and --parity-rows, --eval-batch-size, --threads >= 1")
+    checkpoint = checkpoint_path(workdir, cfg.variant, cfg.model_seed)
     if not checkpoint.exists():
         raise UserError(f"{checkpoint}: missing ranking model (run `python -m ranking.train --workdir {workdir} "
                         f"--variant {cfg.variant}` first)")
-    trained = trained_set(workdir, cfg.variant, cfg.seed)
+    trained = trained_set(workdir, cfg.variant, cfg.model_seed)
     made_from = MadeFrom({**trained.verify(), **input_hashes(workdir, ["impressions", "purchases"])}, _settings(cfg))
     torch.set_num_threads(cfg.threads)
     prepare_workdir(workdir, "serving")
@@ -271,7 +274,7 @@ def export(cfg: ServingExportConfig) -> dict:
         manifest = _export_to(paths, cfg, workdir, checkpoint, eager, trained, cache, purchases)
     for rel in set(export_files(True).values()) - set(files.values()):  # an earlier export's table files
         (workdir / rel).unlink(missing_ok=True)
-    log.info("exported %s seed %d (%s tables) to %s; model sha256 %s", cfg.variant, cfg.seed, cfg.table_dtype,
+    log.info("exported %s seed %d (%s tables) to %s; model sha256 %s", cfg.variant, cfg.model_seed, cfg.table_dtype,
              workdir / "serving", manifest["files"]["model"]["sha256"][:16])
     return manifest
 
@@ -344,7 +347,7 @@ def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, 
     file_names = {**FILES, **TABLE_FILES}
     manifest = {
         "manifest_version": MANIFEST_VERSION,
-        "variant": cfg.variant, "seed": cfg.seed, "table_dtype": cfg.table_dtype,
+        "variant": cfg.variant, "seed": cfg.model_seed, "table_dtype": cfg.table_dtype,
         "settings": _settings(cfg),
         "checkpoint": {"path": str(checkpoint.relative_to(workdir)), "sha256": file_sha256(checkpoint)},
         "files": {key: {"path": file_names[key], "sha256": file_sha256(path), "bytes": path.stat().st_size}

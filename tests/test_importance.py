@@ -156,7 +156,7 @@ def test_method_all_runs_the_three_methods_and_reports_their_agreement(trained: 
 
 @pytest.mark.parametrize("argv, expected", [
     (["--variant", "nope"], "unknown ranking variant 'nope'"),
-    (["--seed", "7"], "seed7/model.pt: missing ranking model; run `python -m ranking.train"),
+    (["--model-seed", "7"], "seed7/model.pt: missing ranking model; run `python -m ranking.train"),
     (["--repeats", "0"], "--repeats must be >= 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, capsys, argv: list[str], expected: str):
@@ -165,3 +165,15 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, capsys, argv: list[
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_model_seed_picks_the_model_and_seed_draws_the_rows(trained: Path):
+    """``--model-seed`` says which trained run is explained; ``--seed`` only draws the rows and permutations."""
+    argv = ["--workdir", str(trained), "--repeats", "1", "--max-rows", "150", "--threads", "1", "--force"]
+    first = importance.main([*argv, "--model-seed", "0", "--seed", "0"])
+    other = importance.main([*argv, "--seed", "5"])
+    model = (layout.run_dir(trained, "dcn_pq_hist", 0) / layout.MODEL_FILE).relative_to(trained)
+    assert first["model"] == other["model"] == str(model)
+    assert first["seed"] == other["seed"] == 0  # the seed the explained model was trained with
+    assert (other["settings"]["model_seed"], other["settings"]["seed"]) == (0, 5)
+    assert first["baseline_auc"] != other["baseline_auc"]  # the same model on other rows

@@ -223,6 +223,18 @@ def test_scale_preset_and_scale_flag() -> None:
             reproduce.plan_stages(dataclasses.replace(demo, source=source, scale=scale), reproduce.PRESETS["demo"])
 
 
+def test_importance_and_export_read_the_same_trained_model() -> None:
+    """importance draws its rows with reproduce's --seed; it and serving.export read --model-seed 0, a run
+    that ranking.train always makes."""
+    cfg = reproduce.ReproduceConfig(workdir="runs/x", source="synth:demo", seed=7)
+    stages = {s.name: s.commands for s in reproduce.plan_stages(cfg, reproduce.PRESETS["demo"])}
+    importance, export = stages["importance"][0], stages["serving"][0]
+    for command in (importance, export):
+        assert command[command.index("--variant") + 1] == "dcn_pq_hist"
+        assert command[command.index("--model-seed") + 1] == "0"
+    assert importance[importance.index("--seed") + 1] == "7" and "--seed" not in export
+
+
 def test_console_keeps_the_latest_redraw_and_is_quiet_off_a_terminal() -> None:
     stream = io.StringIO()
     console = reproduce.Console(stream, live=False, quiet_interval_s=3600.0)

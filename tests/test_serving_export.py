@@ -143,7 +143,7 @@ def test_rerun_skips_and_fp16_tables_report_the_auc_change(serving_workdir: Path
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_main(export.main, ["--workdir", str(tmp_path), "--seed", "3"])
+        run_main(export.main, ["--workdir", str(tmp_path), "--model-seed", "3"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "seed3/model.pt" in err and "ranking.train" in err and "Traceback" not in err

@@ -44,14 +44,15 @@ def agreement(results: dict[str, MethodResult]) -> dict[str, dict]:
 
 
 def importance_report(results: dict[str, MethodResult], groups: list[FeatureGroup], *, method: str, variant: str,
-                      seed: int, baseline_auc: float, rows: int, settings: dict[str, Any], model: str) -> dict:
+                      model_seed: int, baseline_auc: float, rows: int, settings: dict[str, Any], model: str) -> dict:
     """The ``importance.json`` content: ``results`` (method -> result, in run order) over ``groups``,
-    ``method`` as asked (a method or ``all``), the explained ``variant``/``seed``, the model's
+    ``method`` as asked (a method or ``all``), the explained ``variant`` and, as ``seed``, the seed
+    its model was trained with (``model_seed``, as in its ``metrics.json``), the model's
     ``baseline_auc`` on the ``rows`` impressions, the ``settings`` and the ``model`` path."""
     methods = list(results)
     primary = methods[0]
     report = {
-        "method": method, "methods": methods, "variant": variant, "seed": seed,
+        "method": method, "methods": methods, "variant": variant, "seed": model_seed,
         "metric": METRICS[primary], "baseline_auc": baseline_auc, "rows": rows,
         "groups": groups_json(results[primary], groups),
         "by_method": {m: groups_json(r, groups) for m, r in results.items()},
