@@ -52,9 +52,10 @@ from data.schema import SchemaError
 from embeddings.tables import build_table, embedding_table_path
 from ranking import layout
 from ranking.config import RankerConfig
-from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingBatch, RankingData, build_spec
+from ranking.features import ImpressionCache, RankingBatch, RankingData, build_spec
 from ranking.model import build_model, build_tables
 from ranking.plain import PlainFeatures, PlainInputModel
+from ranking.spec import FeatureSpec, PurchaseIndex
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, load_tables
 from ranking.train import make_optimizers
 from ranking.variants import VARIANTS

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from common.cli import DEFAULT_WORKDIR, UserError
-from ranking.features import HISTORY_LEN
+from ranking.spec import HISTORY_LEN
 from ranking.variants import VARIANTS
 
 

@@ -51,9 +51,10 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from common.distributed import DistEnv
 from ranking.config import RankerConfig
-from ranking.features import FeatureSpec, RankingBatch
+from ranking.features import RankingBatch
 from ranking.model import RankingModel, build_model, build_tables
 from ranking.plain import PlainFeatures, PlainInputModel
+from ranking.spec import FeatureSpec
 from ranking.tables import frozen_parameter_names
 from ranking.variants import get_variant
 

@@ -40,9 +40,10 @@ from ranking.attribution.groups import build_inputs
 from ranking.attribution.interaction import InteractionInputModel
 from ranking.attribution.methods import METHODS, batched_forward, run_methods
 from ranking.attribution.report import importance_markdown, importance_report, plot_importance
-from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+from ranking.features import ImpressionCache, RankingData
 from ranking.metrics import roc_auc
 from ranking.model import RankingModel, load_model, trained_set
+from ranking.spec import PurchaseIndex
 from ranking.variants import get_variant
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ KeyedJaggedTensor holding every sparse key) like ``torchrec.models.dlrm.DLRM`` d
 shard its two EBCs. The widths are a :class:`ranking.config.RankerConfig` (``ranking.train`` flags).
 :class:`ranking.plain.PlainInputModel` is the plain-tensor front door
 (serving, Captum, training). :func:`build_model`, :func:`save_model` and :func:`load_model`
-construct, write and read a variant with its :class:`ranking.features.FeatureSpec`;
+construct, write and read a variant with its :class:`ranking.spec.FeatureSpec`;
 :func:`trained_set` is the output set of one trained variant/seed (``model.pt`` + ``metrics.json``).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from common.provenance import OutputSet
 from embeddings.tables import EmbeddingTable
 from ranking import layout
 from ranking.config import RankerConfig
-from ranking.features import FeatureSpec
+from ranking.spec import FeatureSpec
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, PretrainedEmbeddingBagCollection
 from ranking.variants import Variant, get_variant
 

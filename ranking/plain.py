@@ -3,7 +3,7 @@
 ``PlainInputModel(model).forward(dense, sparse_ids, product_rows, query_rows, history_rows)``:
 
 =============== ============ ========================================================================
-input           shape/dtype  meaning (order and ids: :class:`ranking.features.FeatureSpec`)
+input           shape/dtype  meaning (order and ids: :class:`ranking.spec.FeatureSpec`)
 =============== ============ ========================================================================
 dense           [B, D] f32   raw dense features in ``spec.dense_names`` order
 sparse_ids      [B, S] i64   one id per sparse feature in ``spec.sparse_names`` order; negative ids

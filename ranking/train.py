@@ -74,11 +74,11 @@ from embeddings.tables import EmbeddingTable, embedding_table_path, tables_set
 from ranking import layout
 from ranking.config import RankingTrainConfig
 from ranking.distributed import ShardedRanker
-from ranking.features import (CACHE_VERSION, VALID_DAYS, FeatureSpec, ImpressionCache, PurchaseIndex, RankingBatch,
-                              RankingData, build_spec)
+from ranking.features import CACHE_VERSION, VALID_DAYS, ImpressionCache, RankingBatch, RankingData, build_spec
 from ranking.metrics import SLICES, log_loss, mean_std, paired_p_value, slice_metrics
 from ranking.model import RankingModel, build_model, build_tables, save_model, trained_set
 from ranking.plain import PlainInputModel
+from ranking.spec import FeatureSpec, PurchaseIndex
 from ranking.tables import load_tables, sparse_gradient_parameters, trainable_parameters
 from ranking.variants import BASELINE, VARIANTS, Variant, resolve_variants
 

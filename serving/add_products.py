@@ -73,8 +73,9 @@ from common.provenance import MadeFrom
 from data import schema
 from embeddings import tables
 from embeddings.encode import load_encoder
-from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData
+from ranking.features import ImpressionCache, RankingData
 from ranking.model import RankingModel, build_model, build_tables, load_model
+from ranking.spec import FeatureSpec, PurchaseIndex
 from ranking.tables import PRODUCT_TABLE
 from ranking.variants import get_variant
 from serving.export import PARITY_TOLERANCE, fused_model, save_script, script

@@ -65,10 +65,11 @@ from common.io import file_sha256, prepare_workdir, read_json, write_json, write
 from common.provenance import MadeFrom, OutputSet
 from data.dataset import input_hashes
 from data.schema import SchemaError
-from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData
+from ranking.features import ImpressionCache, RankingData
 from ranking.metrics import roc_auc
 from ranking.model import RankingModel, load_model, trained_set
 from ranking.plain import PlainInputModel
+from ranking.spec import FeatureSpec, PurchaseIndex
 from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
 from ranking.variants import get_variant
 from serving.funnel import feature_split, product_feature_table

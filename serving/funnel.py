@@ -48,7 +48,8 @@ from common.io import file_sha256
 from data.protocol import DAY_S
 from data.text import normalize_query
 from embeddings import tables
-from ranking.features import FeatureSpec, ImpressionCache
+from ranking.features import ImpressionCache
+from ranking.spec import FeatureSpec
 from serving.index import MISSING_ID, ProductIndex
 from serving.published import ADDED_FILES, ENCODER_CHECKPOINT
 from serving.requests import feature_key

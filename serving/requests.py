@@ -19,7 +19,7 @@ query: it is scored with row 0 like any query missing from the table.
 Time: ``now`` and purchase ``ts`` are ISO 8601 strings or unix seconds; a time without a zone
 is UTC (the data's ``timestamp[s]`` columns are UTC). The purchase history is the one the model
 was trained with: purchases with ``now - history_days <= ts < now``, most recent first, cut to
-``history_len`` (:class:`ranking.features.PurchaseIndex`).
+``history_len`` (:class:`ranking.spec.PurchaseIndex`).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from data.protocol import HISTORY_DAYS
 from data.text import normalize_query
 from embeddings.tables import UNKNOWN_ROW
-from ranking.features import FeatureSpec, PurchaseIndex
+from ranking.spec import FeatureSpec, PurchaseIndex
 
 INT64_MAX = 2**63 - 1
 MAX_HISTORY_ITEMS = 10_000

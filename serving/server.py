@@ -114,7 +114,7 @@ from common.io import file_sha256, read_json
 from common.provenance import OutputSet
 from data.schema import SchemaError
 from embeddings.tables import tables_set
-from ranking.features import FeatureSpec, PurchaseIndex
+from ranking.spec import FeatureSpec, PurchaseIndex
 from serving.funnel import Funnel, FunnelUnavailable, load_encoder_once, load_funnel
 from serving.index import index_set
 from serving.published import ADDED_FILES, added_set, current_added, export_set, published_export, read_id_map

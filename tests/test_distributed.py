@@ -25,8 +25,9 @@ if str(REPO) not in sys.path:  # when run as a rank script
 
 from embeddings.tables import build_table  # noqa: E402
 from ranking import layout  # noqa: E402
-from ranking.features import FeatureSpec, RankingBatch  # noqa: E402
+from ranking.features import RankingBatch  # noqa: E402
 from ranking.model import RankerConfig, build_model, build_tables  # noqa: E402
+from ranking.spec import FeatureSpec  # noqa: E402
 from ranking.variants import get_variant  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -212,7 +213,8 @@ def test_torchrun_style_cli_writes_the_single_process_checkpoint(tiny_workdir_co
     gets (Adagrad, the optimizer fbgemm has fused on CPU); the frozen DashCLIP rows are the table
     files' rows; serving.export turns it into the same served model."""
     from ranking import train
-    from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+    from ranking.features import ImpressionCache, RankingData
+    from ranking.spec import PurchaseIndex
     from ranking.metrics import log_loss, slice_metrics
     from ranking.model import load_model
     from ranking.plain import PlainInputModel

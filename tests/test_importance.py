@@ -27,9 +27,10 @@ from ranking import importance, layout, train
 from ranking.attribution.groups import build_inputs
 from ranking.attribution.interaction import InteractionInputModel, embed_batch
 from ranking.attribution.methods import ablation_importance, batched_forward, ig_importance, permutation_importance
-from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+from ranking.features import ImpressionCache, RankingData
 from ranking.model import load_model
 from ranking.plain import PlainInputModel
+from ranking.spec import PurchaseIndex
 
 SIGNAL = "dense_click_signal"
 TABLE_GROUPS = ["query_embedding", "product_embedding", "purchase_history", "cosine_product_query",

@@ -10,7 +10,8 @@ import pytest
 from data.schema import SchemaError, schema, table_path
 from embeddings.tables import build_table
 from data.protocol import DAY_S
-from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData, build_spec
+from ranking.features import ImpressionCache, RankingData, build_spec
+from ranking.spec import FeatureSpec, PurchaseIndex
 
 T = 1_700_000_000  # an impression time (seconds)
 

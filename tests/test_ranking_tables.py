@@ -9,9 +9,9 @@ from torch.nn import functional as F
 
 from data.schema import SchemaError
 from embeddings.tables import build_table, embedding_table_path, write_table
-from ranking.features import FeatureSpec
 from ranking.model import RankerConfig, build_model, build_tables
 from ranking.plain import PlainInputModel
+from ranking.spec import FeatureSpec
 from ranking.tables import (HISTORY_FEATURE, PRODUCT_FEATURE, PRODUCT_TABLE, QUERY_FEATURE, QUERY_TABLE,
                             PretrainedEmbeddingBagCollection,
                             frozen_parameter_names, load_tables, sparse_gradient_parameters, trainable_parameters)

@@ -17,9 +17,10 @@ from data.text import normalize_query
 from embeddings.tables import build_table, embedding_table_path, read_embedding_table, write_table
 from ranking import layout, train
 from ranking.config import RankerConfig
-from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+from ranking.features import ImpressionCache, RankingData
 from ranking.metrics import SLICES, log_loss, roc_auc
 from ranking.model import load_model, trained_set
+from ranking.spec import PurchaseIndex
 from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
 from ranking.variants import VARIANTS
 

@@ -16,9 +16,10 @@ from common.cli import run_main
 from common.io import file_sha256, read_json
 from embeddings.tables import embedding_table_path
 from ranking import layout
-from ranking.features import ImpressionCache, PurchaseIndex, RankingData
+from ranking.features import ImpressionCache, RankingData
 from ranking.model import load_model
 from ranking.plain import PlainInputModel
+from ranking.spec import PurchaseIndex
 from serving import export
 from tests.serving_fixtures import copy_workdir, serving_workdir  # noqa: F401  (fixture)
 

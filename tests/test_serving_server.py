@@ -23,8 +23,9 @@ from pydantic import ValidationError
 
 from data.schema import table_path
 from embeddings.tables import UNKNOWN_ROW
-from ranking.features import FeatureSpec, ImpressionCache, PurchaseIndex, RankingData
+from ranking.features import ImpressionCache, RankingData
 from ranking.model import load_model
+from ranking.spec import FeatureSpec, PurchaseIndex
 from serving.export import checkpoint_path
 from serving.requests import (ErrorResponse, FastRequestParser, RequestEncoder, build_columns_request_model,
                               build_score_request_model, dense_bounds, feature_key)
