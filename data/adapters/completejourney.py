@@ -35,6 +35,7 @@ from tqdm import tqdm
 from common.cli import UserError, parse_config, run_main
 from data.adapters.common import (AdapterConfig, AdapterOutput, compact_codes, normalized, rank_within, read_parquet,
                                   require_dir, require_file, run_adapter, sample_relevance_pairs)
+from data.protocol import EVAL_DAYS, HISTORY_DAYS
 from data.schema import HR, IR, MR
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ PRODUCT_COLUMNS = ["product_id", "manufacturer_id", "department", "brand", "prod
 TRANSACTION_COLUMNS = ["household_id", "store_id", "basket_id", "product_id", "quantity", "sales_value", "week",
                        "transaction_timestamp"]
 PROMOTION_COLUMNS = ["product_id", "store_id", "display_location", "mailer_location", "week"]
-HISTORY_WEEKS = 12  # 84 days
+HISTORY_WEEKS = HISTORY_DAYS // 7  # the 84-day history in whole weeks
 POPULARITY_WEEKS = 4
 NOT_PROMOTED = "0"  # display_location / mailer_location code for "not placed"
 LOCATION_CODES = list(string.digits + string.ascii_uppercase)  # single-character placement codes
@@ -287,7 +288,7 @@ def build_impressions(transactions: pd.DataFrame, tx_chosen: pd.DataFrame, sessi
     cands = cands.merge(products[["product_id", "department", "brand", "product_category"]], on="product_id")
 
     eval_start = starts[eval_week]
-    train_ts = starts.clip(upper=eval_start - pd.Timedelta(days=7)) - pd.Timedelta(seconds=1)
+    train_ts = starts.clip(upper=eval_start - pd.Timedelta(days=EVAL_DAYS)) - pd.Timedelta(seconds=1)
     session_ts = train_ts.where(starts.index != eval_week, eval_start)
     all_stores = transactions["store_id"].unique()
     impressions = pd.DataFrame({
@@ -422,7 +423,7 @@ def build(config: CompleteJourneyConfig) -> AdapterOutput:
     referenced = np.union1d(purchases["product_id"].unique(), impressions["product_id"].unique())
     catalog = build_catalog(products[products["product_id"].isin(referenced)])
     relevance, derived = build_relevance(catalog, rng, config)
-    eval_rows = impressions["ts"] >= impressions["ts"].max() - pd.Timedelta(days=7)
+    eval_rows = impressions["ts"] >= impressions["ts"].max() - pd.Timedelta(days=EVAL_DAYS)
     derived.update({
         "households": len(households), "eval_week": eval_week, "first_week": config.first_week,
         "eval_week_start": str(starts[eval_week]),

@@ -37,6 +37,7 @@ import pandas as pd
 from common.cli import UserError, parse_config, run_main
 from data.adapters.common import (SHARED_DATA, AdapterConfig, AdapterOutput, normalized, rank_within,
                                   require_columns, require_dir, require_file, run_adapter, sample_relevance_pairs)
+from data.protocol import EVAL_DAYS
 from data.schema import HR, IR, MR
 from data.text import normalize_query
 
@@ -199,7 +200,7 @@ def select_targets(orders: pd.DataFrame, train_orders: int) -> tuple[pd.DataFram
     """Target orders with a ``split`` column ('eval' = last order, 'train' = earlier, before the cut-off)."""
     last_number = orders.groupby("user_id")["order_number"].transform("max")
     last = orders[orders["order_number"] == last_number]
-    cutoff = last["ts"].max() - pd.Timedelta(days=7)
+    cutoff = last["ts"].max() - pd.Timedelta(days=EVAL_DAYS)
     earlier = orders[(orders["order_number"] < last_number) & (orders["ts"] < cutoff) & (orders["order_number"] >= 2)]
     earlier = earlier.sort_values(["user_id", "order_number"], ascending=[True, False])
     earlier = earlier[earlier.groupby("user_id").cumcount() < train_orders]
