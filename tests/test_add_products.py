@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,10 +111,29 @@ def test_added_products_are_served_by_the_running_service(serving_workdir: Path,
         found = client.post("/retrieve", json={"query": NEW_TITLE, "k": 3}).json()["products"]
         assert added not in [p["product_id"] for p in found]
 
-        run = subprocess.run([*command, "--workdir", str(workdir)], cwd=REPO, capture_output=True, text=True,
-                             timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        health = wait_for(client, "added_products", 3)
+        # a client scoring all the time, across the reload: every answer from the old or the new model
+        answers: list[tuple[int, str | None]] = []
+        stop = threading.Event()
+
+        def keep_scoring() -> None:
+            with httpx.Client(base_url=proc.url, timeout=30.0) as other:
+                while not stop.is_set():
+                    response = other.post("/score", json=probe)
+                    answers.append((response.status_code, response.json().get("meta", {}).get("model")))
+
+        scoring = threading.Thread(target=keep_scoring)
+        scoring.start()
+        try:
+            run = subprocess.run([*command, "--workdir", str(workdir)], cwd=REPO, capture_output=True, text=True,
+                                 timeout=600)
+            assert run.returncode == 0, run.stderr[-3000:]
+            health = wait_for(client, "added_products", 3)
+            settled = len(answers)
+            while len(answers) < settled + 5:  # a few answers after the reload
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            scoring.join(timeout=60)
         assert health["products"] == before_products(workdir) + 3 and health["reload_error"] is None
 
         found = client.post("/retrieve", json={"query": NEW_TITLE, "k": 3}).json()
@@ -121,6 +141,9 @@ def test_added_products_are_served_by_the_running_service(serving_workdir: Path,
         assert found["products"][0]["cosine"] == pytest.approx(1.0, abs=1e-5)  # a title-only product, its own title
         after = client.post("/score", json=probe).json()
         assert after["meta"]["unknown_products"] == 0 and after["meta"]["model"] != before["meta"]["model"]
+        assert {status for status, _ in answers} == {200}
+        assert {model for _, model in answers} == {before["meta"]["model"], after["meta"]["model"]}
+        assert answers[-1][1] == after["meta"]["model"]
         assert all(abs(after["scores"][i] - before["scores"][i]) > 1e-6 for i in (0, 1))  # no longer row 0
         assert after["scores"][2] == pytest.approx(before["scores"][2], abs=1e-6)  # a product served before: unchanged
         recommended = client.post("/recommend", json={"purchase_history": [], "query": NEW_TITLE, "k": 2,
