@@ -19,6 +19,10 @@ from common.provenance import OutputSet
 from data import schema
 
 MANIFEST = "data/manifest.json"
+# extra files of data.synth's set, in DIR/data/: the generator's truth of each impression, and
+# every MR/HR catalog product of each query (the complete judgments embeddings.evaluate scores with)
+TRUTH_FILE = "synth_truth.parquet"
+RELEVANCE_TRUTH_FILE = "synth_relevance_truth.parquet"
 
 
 def table_rel(name: schema.TableName) -> str:

@@ -153,7 +153,7 @@ from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
 from common.io import prepare_workdir
 from common.provenance import MadeFrom, canonical
 from data import schema
-from data.dataset import data_set, table_rel
+from data.dataset import RELEVANCE_TRUTH_FILE, TRUTH_FILE, data_set, table_rel
 from data.packshot import Packshot, render
 from data.protocol import DAY_S, EVAL_DAYS, HISTORY_DAYS
 from data.text import normalize_query
@@ -162,8 +162,6 @@ from data.vocab import CONTAINER_PLURAL, MODIFIERS, Vocabulary, brand_names, voc
 log = logging.getLogger("data.synth")
 
 GENERATOR_VERSION = 2
-TRUTH_FILE = "synth_truth.parquet"
-RELEVANCE_TRUTH_FILE = "synth_relevance_truth.parquet"
 
 # Intent kinds (``intent_kind`` in the truth file).
 TYPE, BRAND_TYPE, TYPE_VARIANT, BRAND_TYPE_VARIANT, BRAND, ORGANIC_TYPE, AISLE = range(7)

@@ -2,7 +2,7 @@
 [--batch-size 32] [--dtype fp32|bf16]``.
 
 Measures, for the current device, batch size and dtype, with the training code's own step
-functions (:func:`embeddings.train.stage1_losses`, :func:`embeddings.train.stage2_losses`):
+functions (:func:`embeddings.steps.stage1_losses`, :func:`embeddings.steps.stage2_losses`):
 
 * stage-1 training pairs/s: ITC + hard-negative ITM (3B grounded passes) + multimodal ITC,
   backward, AdamW step;
@@ -48,10 +48,12 @@ from data.text import normalize_query
 from embeddings.backbones import (CLIP_MEAN, CLIP_STD, TextConfig, TextTransformer, VisionConfig, VisionTransformer,
                                   load_tokenizer, minilm_path)
 from embeddings.config import DashCLIPConfig, EmbeddingsBenchConfig
+from embeddings.encode import DashEncoder, load_encoder
 from embeddings.inputs import ImageSpec
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_model
-from embeddings.train import adamw, resolve_device, stage1_losses, stage2_losses
+from embeddings.runtime import resolve_device
+from embeddings.steps import adamw, stage1_losses, stage2_losses
 
 
 BLIP_BASE_TEXT = TextConfig(vocab_size=30524, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
@@ -207,8 +209,6 @@ def encoder_inputs(cfg: EmbeddingsBenchConfig, image_size: int) -> tuple[pd.Data
 
 def compare_encoders(cfg: EmbeddingsBenchConfig, device: torch.device, image_size: int) -> dict[str, Any]:
     """The end-to-end encoder, precision fp32 against fast, alternating rounds (see the module docstring)."""
-    from embeddings.encode import DashEncoder, load_encoder  # encode imports train: only when comparing
-
     if cfg.checkpoint == "trained":
         loaded = load_encoder(cfg.workdir, "trained", device, cfg.encode_batch_size, "fp32")
         model, tokenizer, spec, model_cfg = loaded.model, loaded.tokenizer, loaded.spec, loaded.cfg

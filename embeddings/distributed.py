@@ -19,7 +19,7 @@ this average is the gradient of the single-process loss of the global batch:
 
 Stage 1's ITM hard negatives are mined from the global batch's similarities with a generator in
 the same state on every rank, and each rank runs the ITM pairs whose image it holds
-(:func:`embeddings.train.stage1_losses`). A step therefore equals the single-process step on the
+(:func:`embeddings.steps.stage1_losses`). A step therefore equals the single-process step on the
 same global batch (tested to float tolerance with 2 gloo ranks), with two exceptions: dropout masks
 are drawn per rank (:func:`dropout_seed`), and BatchNorm layers in training mode (the trainable
 EfficientNet blocks of the ``mini`` backbone) normalise over the rank's block, as in any DDP run.

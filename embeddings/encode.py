@@ -49,7 +49,7 @@ from data.text import normalize_query
 from embeddings.config import PRECISIONS, DashCLIPConfig, EncodeConfig, Precision, model_config_from
 from embeddings.inputs import ImageSpec, ImageStore, TokenStore, length_sorted_batches, restore_order
 from embeddings.models import DashCLIP, build_model
-from embeddings.train import Paths, autocast, load_checkpoint, resolve_device
+from embeddings.runtime import Paths, autocast, load_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -77,13 +77,12 @@ from common.io import prepare_workdir, read_json, temp_sibling, write_json, writ
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
 from data import dataset, schema
-from data.dataset import input_hashes
+from data.dataset import RELEVANCE_TRUTH_FILE, input_hashes
 from data.schema import HR, IR, LABEL_NAMES, MR
-from data.synth import RELEVANCE_TRUTH_FILE
 from embeddings import tables
 from embeddings.config import EmbeddingsTrainConfig
+from embeddings.runtime import MODEL_CHECKPOINT, RUN_CONFIG, Paths, stage_set
 from embeddings.sampling import normalized_query_codes, split_cold_products, split_queries
-from embeddings.train import MODEL_CHECKPOINT, stage_set
 
 log = logging.getLogger(__name__)
 
@@ -390,14 +389,14 @@ def split_settings(workdir: Path, seed: int) -> dict:
     ``query_eval_fraction`` and ``cold_product_fraction`` recorded in ``DIR/embeddings/config.json``,
     else ``--seed`` and the training defaults. A config that records a query split but no cold
     fraction is from a model trained before that setting, on every product: ``cold_fraction`` 0."""
-    path = workdir / "embeddings" / "config.json"
+    path = Paths(workdir).config
     recorded = read_json(path) if path.exists() else {}
     if "query_eval_fraction" in recorded:
         return {"seed": int(recorded.get("seed", seed)), "eval_fraction": float(recorded["query_eval_fraction"]),
                 "cold_fraction": float(recorded.get("cold_product_fraction", 0.0)),
                 "source": str(path.relative_to(workdir))}
     return {"seed": seed, "eval_fraction": DEFAULT_EVAL_FRACTION, "cold_fraction": DEFAULT_COLD_FRACTION,
-            "source": "defaults (no query_eval_fraction in embeddings/config.json)"}
+            "source": f"defaults (no query_eval_fraction in {RUN_CONFIG})"}
 
 
 def metrics_set(workdir: str | Path, plots: Sequence[str] = ()) -> OutputSet:

@@ -26,7 +26,7 @@ from data.text import normalize_query
 from embeddings import tables
 from embeddings.config import TableExportConfig
 from embeddings.encode import load_encoder
-from embeddings.train import stage_set
+from embeddings.runtime import stage_set
 
 log = logging.getLogger(__name__)
 

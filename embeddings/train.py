@@ -19,11 +19,12 @@ the query projection are trained with the PQC loss on tuples of
 :func:`embeddings.sampling.build_pqc_tuples` over the training side of
 :func:`embeddings.sampling.split_queries`, plus (``--pqc-in-batch-weight``, 0 = the paper) the
 symmetric in-batch contrast of products and their positive queries, which PQC alone lacks (see
-:func:`stage2_losses`), and (``--query-side-negatives``, 0 = the paper) the query-side contrast:
-each tuple's positive query ranks its product above products that query is labelled lower for
-(:func:`embeddings.sampling.sample_negative_products`), often the same type of another brand or
-variant, which is the order retrieval ranks in. At the start of stage 2 the query encoder is
-initialised from the stage-1 text encoder.
+:func:`embeddings.steps.stage2_losses`), and (``--query-side-negatives``, 0 = the paper) the
+query-side contrast: each tuple's positive query ranks its product above products that query is
+labelled lower for (:func:`embeddings.sampling.sample_negative_products`), often the same type of
+another brand or variant, which is the order retrieval ranks in. At the start of stage 2 the query
+encoder is initialised from the stage-1 text encoder. Both stages' step losses are in
+:mod:`embeddings.steps`; this module runs the loop around them.
 
 The architecture's own departures from the paper (``--pooling``, ``--cross-attention``,
 :class:`embeddings.config.DashCLIPConfig`; ``auto`` picks them per backbone): the mini backbone hands
@@ -40,8 +41,9 @@ part in either stage. Stage 1 neither trains on nor early-stops with their (imag
 their HR queries. ``embeddings.evaluate`` recomputes the same split from ``config.json`` and scores
 retrieval and the aisle probe on them.
 
-Outputs under ``DIR/embeddings/``, each stage's published as one :class:`common.provenance.OutputSet`
-(:func:`stage_set`): ``checkpoints/stage1.pt`` (stage-1 weights; manifest ``stage1.manifest.json``),
+Outputs under ``DIR/embeddings/`` (:class:`embeddings.runtime.Paths`), each stage's published as
+one :class:`common.provenance.OutputSet` (:func:`embeddings.runtime.stage_set`):
+``checkpoints/stage1.pt`` (stage-1 weights; manifest ``stage1.manifest.json``),
 ``checkpoints/model.pt`` (the trained model that ``embeddings.encode`` loads) with ``config.json``
 (the settings it was trained with; manifest ``model.manifest.json``), and ``train_log.json``
 (losses per step, eval losses, best step, wall times). Stage 1 is made from the catalog and its
@@ -53,9 +55,9 @@ loss that is not finite stops the run with an error and publishes nothing.
 While a stage runs, ``checkpoints/stage{1,2}_last.pt`` hold everything needed to resume (model,
 optimizer, scheduler, RNG states, step); a rerun made from the same inputs and settings continues
 from there (``--no-resume`` restarts). Every checkpoint holds tensors, numbers, strings, lists and
-dicts only: it loads with ``torch.load(weights_only=True)`` (:func:`load_checkpoint` refuses
-anything else), and the published ones are byte-identical for the same data, settings and seed on
-CPU (wall times live in ``train_log.json``).
+dicts only: it loads with ``torch.load(weights_only=True)``
+(:func:`embeddings.runtime.load_checkpoint` refuses anything else), and the published ones are
+byte-identical for the same data, settings and seed on CPU (wall times live in ``train_log.json``).
 
 Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) both stages train data-parallel with
 DDP over the N ranks (:mod:`embeddings.distributed`): the batch sizes stay the global batch, each
@@ -73,7 +75,6 @@ import functools
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -84,53 +85,31 @@ from tqdm import tqdm
 
 from common.cli import UserError, parse_config, run_main
 from common.distributed import init_from_env
-from common.io import atomic_path, prepare_workdir, read_json, write_json
-from common.provenance import MadeFrom, OutputSet
+from common.io import prepare_workdir, read_json, write_json
+from common.provenance import MadeFrom
 from data import schema
 from data.dataset import data_set, input_hashes
 from data.text import normalize_query
 from embeddings.config import EmbeddingsTrainConfig
 from embeddings.distributed import (Shard, broadcast_from_main, check_batch_split, data_parallel, dropout_seed,
-                                    global_batch_size, itc_loss, local_contrast, mean_over_ranks, tensor_from_main)
+                                    global_batch_size, itc_loss, local_contrast, mean_over_ranks)
 from embeddings.inputs import ImageStore, TokenStore
-from embeddings.losses import ITCLoss, ITMLoss, PQCLoss, gather_features, mine_hard_negatives
+from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_model
+from embeddings.runtime import (MODEL_CHECKPOINT, RUN_CONFIG, STAGE1_CHECKPOINT, Paths, autocast, load_checkpoint,
+                                resolve_device, save_checkpoint, stage_set, write_checkpoint)
 from embeddings.sampling import build_pqc_tuples, sample_negative_products, split_cold_products, split_queries
+from embeddings.steps import NonFinite, Precision, adamw, stage1_losses, stage2_losses
 
 log = logging.getLogger(__name__)
 
 EVAL_NEGATIVES_SEED_OFFSET = 1_000_003
 MIN_STAGE1_PRODUCTS = 4
-TRAIN_COMMAND = "python -m embeddings.train"
-STAGE1_CHECKPOINT = "embeddings/checkpoints/stage1.pt"
-MODEL_CHECKPOINT = "embeddings/checkpoints/model.pt"
-RUN_CONFIG = "embeddings/config.json"
 # the data tables each stage reads
 STAGE_TABLES: dict[int, tuple[schema.TableName, ...]] = {1: ("catalog",), 2: ("catalog", "relevance")}
 
 
-# ------------------------------------------------------------------------------------ plumbing
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def adamw(groups: list[dict[str, Any]], weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=device.type == "cuda")
-
-
+# -------------------------------------------------------------------- schedule, RNG state, batches
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
     """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0."""
     warmup = max(1, round(warmup_fraction * total_steps))
@@ -155,48 +134,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def write_checkpoint(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` through a file object: the archive's inner name is then fixed (from a path it
-    would be the file's name, a random temp name here), so equal objects give equal bytes."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
-    """:func:`write_checkpoint` to a temp name, renamed over ``path``."""
-    with atomic_path(path) as tmp:
-        write_checkpoint(obj, tmp)
-
-
-def _load_failure(exc: Exception) -> str:
-    """The first line of why ``torch.load`` refused a file (past its generic preamble)."""
-    text = str(exc)
-    if "WeightsUnpickler error: " in text:
-        text = text.split("WeightsUnpickler error: ", 1)[1]
-    lines = text.strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint's dict, loaded with ``weights_only=True``: a file that would run code or build
-    other objects when unpickled (tampered or foreign), or is truncated, is a one-line error."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True, mmap=True)
-    except Exception as exc:  # a truncated, foreign or tampered file
-        raise UserError(f"{path}: not a DashCLIP checkpoint that loads as plain data, refused "
-                        f"({_load_failure(exc)})") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: not a DashCLIP checkpoint (holds a {type(state).__name__}, not a dict)")
-    return state
-
-
-def stage_set(workdir: str | Path, stage: int) -> OutputSet:
-    """The published output of ``stage``: ``stage1.pt`` (1), or ``model.pt`` with ``config.json`` (2)."""
-    if stage == 1:
-        return OutputSet(workdir, "embeddings/stage1.manifest.json", [STAGE1_CHECKPOINT], what=TRAIN_COMMAND)
-    return OutputSet(workdir, "embeddings/model.manifest.json", [MODEL_CHECKPOINT, RUN_CONFIG], what=TRAIN_COMMAND)
 
 
 def epoch_order(items: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -247,107 +184,6 @@ def plan_steps(n_items: int, batch_size: int, epochs: float, max_steps: int) -> 
     return min(steps, max_steps) if max_steps > 0 else steps
 
 
-Precision = Callable[[], contextlib.AbstractContextManager]
-
-
-class NonFinite(UserError):
-    """Training diverged: a loss or the similarities it is built from became NaN or infinite."""
-
-
-def stage1_losses(model: DashCLIP, itc: ITCLoss, itm: ITMLoss, mm_itc: ITCLoss | None, pixels: torch.Tensor,
-                  input_ids: torch.Tensor, attention_mask: torch.Tensor, same_title: torch.Tensor,
-                  generator: torch.Generator, precision: Precision, shard: Shard = Shard()) -> dict[str, torch.Tensor]:
-    """Stage-1 losses of a batch of B matched (image, title) pairs: ``itc``, ``itm`` and ``mm_itc``.
-
-    pixels ``[B, 3, S, S]``, input_ids / attention_mask ``[B, L]``, same_title ``[B, B]`` bool (pairs
-    that are never negatives of each other). ITM sees the B positives, one hard negative title per
-    image and one hard negative image per title (3B grounded forward passes). With ``mm_itc``, the
-    product embeddings of the B positives (multimodal projection of their grounded [CLS]) are also
-    contrasted with the batch's title and image embeddings (mean of the two symmetric losses), which
-    keeps the product content in the grounded [CLS]. ``precision`` opens the autocast region of the
-    encoders; the losses themselves run in float32.
-
-    In a DDP step (``shard`` of W ranks) every argument describes the global batch except
-    ``pixels``, the images of this rank's block (:meth:`Shard.block`) ``[B/W, 3, S, S]``. The rank
-    embeds its block; ``itc`` and ``mm_itc`` (:class:`embeddings.distributed.GlobalBatchITCLoss`)
-    contrast the global batch; the hard negatives are mined from the similarities of the global
-    batch (``generator`` is in the same state on every rank; rank 0's draw is broadcast, so the
-    ranks agree even where devices round differently); the rank runs the ITM pairs whose image it
-    holds (its positives, its images with their negative titles, and the titles of any rank whose
-    negative image is one of its images), and its ITM loss is its share of the global mean, scaled
-    by W so that the mean over the ranks is the single-process loss.
-    """
-    batch = input_ids.shape[0]
-    local = shard.block(batch)
-    with precision():
-        tokens = model.image_tokens(pixels)
-        image_emb = model.image_embedding(tokens).float()
-        text_emb = model.text_embedding(input_ids[local], attention_mask[local]).float()
-    losses = {}
-    losses["itc"], sim_i2t = itc(image_emb, text_emb)
-    if shard.distributed:
-        all_image, all_text = gather_features(image_emb.detach(), text_emb.detach(), shard.rank, shard.world_size)
-        sim_i2t = (1.0 / itc.temperature) * all_image @ all_text.T
-    if not torch.isfinite(sim_i2t).all():  # the same global similarities on every rank: all stop together
-        raise NonFinite("the image-text similarities are not finite")
-    neg_text, neg_image = tensor_from_main(torch.stack(mine_hard_negatives(sim_i2t, generator, same_title)), shard)
-    on_rank = (neg_image >= local.start) & (neg_image < local.stop)
-    texts_of_own_negatives = torch.nonzero(on_rank).squeeze(1)  # in one process: every title, in order
-    title_rows = torch.cat([torch.arange(local.start, local.stop, device=neg_text.device), neg_text[local],
-                            texts_of_own_negatives])
-    with precision():
-        grounded = model.text_state(input_ids[title_rows], attention_mask[title_rows],
-                                  torch.cat([tokens, tokens, tokens[neg_image[texts_of_own_negatives] - local.start]]))
-        logits = model.itm_head(grounded)
-    n_local = local.stop - local.start
-    labels = torch.cat([torch.ones(n_local), torch.zeros(len(title_rows) - n_local)]).long().to(pixels.device)
-    losses["itm"] = itm(logits.float(), labels) * (len(title_rows) * shard.world_size / (3 * batch))
-    if mm_itc is not None:
-        with precision():
-            product_emb = model.product_embedding_from_state(grounded[:n_local]).float()
-        losses["mm_itc"] = 0.5 * (mm_itc(product_emb, text_emb)[0] + mm_itc(product_emb, image_emb)[0])
-    return losses
-
-
-def stage2_losses(model: DashCLIP, pqc: PQCLoss, in_batch: ITCLoss | None, product_state: torch.Tensor,
-                  query_prefix: torch.Tensor, query_mask: torch.Tensor, precision: Precision,
-                  negative_product_state: torch.Tensor | None = None,
-                  negative_product_valid: torch.Tensor | None = None,
-                  query_slots: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Stage-2 losses of B tuples: ``pqc``; with ``in_batch``, ``in_batch``; with negative products,
-    ``query_side``.
-
-    Inputs: frozen grounded states ``[B, Dt]`` and the tuples' queries as
-    :meth:`DashCLIP.query_prefix_states` ``[B*(1+N), L, Dq]`` with mask ``[B*(1+N), L]``, flattened
-    row-major (positive first in each tuple), or, with ``query_slots`` ``[B*(1+N)]`` (int64), the
-    batch's distinct queries ``[Q, L, Dq]`` and each slot's row among them (a query that fills
-    several slots is encoded once). PQC ranks each product's queries; it is blind to how
-    a product scores against every query (a per-product offset leaves it unchanged), which is what
-    retrieval over the catalog ranks on. ``in_batch`` adds the symmetric contrast of the B products
-    with their B positive queries (each query against the batch's products, and vice versa).
-    ``query_side`` ranks, for each positive query, the tuple's product above M products that query
-    ranks lower (:func:`embeddings.sampling.sample_negative_products`): frozen states
-    ``[B, M, Dt]`` with ``negative_product_valid`` ``[B, M]`` bool (False = empty slot).
-    """
-    batch = product_state.shape[0]
-    with precision():
-        product = model.product_embedding_from_state(product_state).float()
-        query = model.query_embedding_from_prefix(query_prefix, query_mask).float()
-    if query_slots is not None:
-        query = query[query_slots]
-    query = query.view(batch, query.shape[0] // batch, -1)
-    losses = {"pqc": pqc(product, query)}
-    if in_batch is not None:
-        losses["in_batch"] = in_batch(product, query[:, 0])[0]
-    if negative_product_state is not None:
-        with precision():
-            negatives = model.product_embedding_from_state(negative_product_state).float()
-        candidates = torch.cat([product[:, None], negatives], dim=1)
-        valid = torch.cat([torch.ones_like(negative_product_valid[:, :1]), negative_product_valid], dim=1)
-        losses["query_side"] = pqc(query[:, 0], candidates, valid)
-    return losses
-
-
 class QueryPrefixStore:
     """Query inputs of stage 2: the states after the query encoder's frozen layers.
 
@@ -390,37 +226,6 @@ class QueryPrefixStore:
         longest = int(lengths.max())
         mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None]).long()
         return self.cache[rows, :longest], mask
-
-
-@dataclasses.dataclass
-class Paths:
-    root: Path
-
-    @property
-    def emb(self) -> Path:
-        return self.root / "embeddings"
-
-    @property
-    def ckpt(self) -> Path:
-        return self.emb / "checkpoints"
-
-    def stage_final(self, stage: int) -> Path:
-        return self.root / (STAGE1_CHECKPOINT if stage == 1 else MODEL_CHECKPOINT)
-
-    def stage_last(self, stage: int) -> Path:
-        return self.ckpt / f"stage{stage}_last.pt"
-
-    @property
-    def stage1_best(self) -> Path:
-        return self.ckpt / "stage1_best.pt"
-
-    @property
-    def log(self) -> Path:
-        return self.emb / "train_log.json"
-
-    @property
-    def config(self) -> Path:
-        return self.root / RUN_CONFIG
 
 
 class Paused(Exception):

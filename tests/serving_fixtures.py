@@ -33,8 +33,8 @@ from data.text import normalize_query
 from embeddings.config import DashCLIPConfig
 from embeddings.encode import load_encoder
 from embeddings.models import build_model
+from embeddings.runtime import save_checkpoint
 from embeddings.tables import build_table, table_rel, tables_set, write_table
-from embeddings.train import save_checkpoint
 from ranking import layout, train
 from serving import export, index
 from serving.published import ENCODER_CHECKPOINT

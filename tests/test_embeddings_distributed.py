@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:  # when run as a rank script
 
 from common.cli import UserError  # noqa: E402
 from common.io import read_json  # noqa: E402
-from embeddings import models, train  # noqa: E402
+from embeddings import models, runtime, train  # noqa: E402
 from embeddings.distributed import global_batch_size, scale_grad  # noqa: E402
 
 # 3 steps per stage, an evaluation after every step (the stage-1 eval picks the kept weights)
@@ -80,9 +80,9 @@ def assert_same_run(got: Path, expected: Path) -> None:
                 assert row[key] == pytest.approx(ref_row[key], rel=TOLERANCE, abs=TOLERANCE), (stage, row["step"], key)
     assert log["stage1"]["best_step"] == ref["stage1"]["best_step"]
     for stage, name in ((1, "stage1.pt"), (2, "model.pt")):
-        made_from = [train.stage_set(w, stage).manifest()["made_from"] for w in (got, expected)]
+        made_from = [runtime.stage_set(w, stage).manifest()["made_from"] for w in (got, expected)]
         for record in made_from:  # stage1.pt differs within float tolerance: same data and settings otherwise
-            record["inputs"].pop(train.STAGE1_CHECKPOINT, None)
+            record["inputs"].pop(runtime.STAGE1_CHECKPOINT, None)
         assert made_from[0] == made_from[1]
         state, ref_state = checkpoint(got, name), checkpoint(expected, name)
         assert state.keys() == ref_state.keys()

@@ -20,7 +20,7 @@ import torch
 
 from common.cli import UserError
 from data import synth
-from embeddings import encode, export, tables, train
+from embeddings import encode, export, runtime, tables, train
 
 REPO = Path(__file__).resolve().parents[1]
 # two steps of each stage with the tiny random backbone
@@ -73,7 +73,7 @@ def test_new_data_retrains_and_reexports(tiny_workdir_copy: Path, caplog: pytest
     caplog.set_level(logging.INFO)
     train_and_export(workdir)
     before = digests(workdir)
-    stage1_made_from = train.stage_set(workdir, 1).manifest()["made_from"]
+    stage1_made_from = runtime.stage_set(workdir, 1).manifest()["made_from"]
     caplog.clear()
     train_and_export(workdir)  # same data, same settings: everything is reused
     assert skipped(caplog) == 3 and digests(workdir) == before
@@ -89,7 +89,7 @@ def test_new_data_retrains_and_reexports(tiny_workdir_copy: Path, caplog: pytest
     log = json.loads((workdir / "embeddings" / "train_log.json").read_text())
     unchanged_ok = {"embeddings/config.json"} | ({STAGE1} if log["stage1"]["best_step"] == 0 else set())
     assert set(PUBLISHED) - unchanged_ok <= changed
-    assert train.stage_set(workdir, 1).manifest()["made_from"] != stage1_made_from
+    assert runtime.stage_set(workdir, 1).manifest()["made_from"] != stage1_made_from
     catalog = pq.read_table(workdir / "data" / "catalog.parquet").to_pandas()
     products = tables.read_embedding_table(tables.embedding_table_path(workdir, "product"), "product")
     assert products.keys[1:] == catalog["product_id"].tolist()
@@ -149,10 +149,10 @@ def test_checkpoints_load_as_plain_data_only(tiny_workdir_copy: Path, tmp_path: 
     assert "\n" not in str(refused.value) and not marker.exists()
     torch.save(torch.zeros(2), model)
     with pytest.raises(UserError, match="model.pt: not a DashCLIP checkpoint .*Tensor"):
-        train.load_checkpoint(model)
+        runtime.load_checkpoint(model)
     model.write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(UserError, match="model.pt: not a DashCLIP checkpoint"):
-        train.load_checkpoint(model)
+        runtime.load_checkpoint(model)
 
 
 def test_force_keeps_the_outputs_when_data_is_bad_or_training_diverges(tiny_workdir_copy: Path):
@@ -178,4 +178,4 @@ def test_force_keeps_the_outputs_when_data_is_bad_or_training_diverges(tiny_work
     with pytest.raises(UserError, match="stage 1 diverged .* not finite; nothing was published"):
         train.main(["--workdir", str(workdir), *FLAGS, "--force", "--stage1-lr", "1e30", "--head-lr", "1e30"])
     assert digests(workdir, published) == before
-    assert train.stage_set(workdir, 2).verify()  # still the published set
+    assert runtime.stage_set(workdir, 2).verify()  # still the published set
