@@ -188,13 +188,14 @@ def encoder_inputs(cfg: EmbeddingsBenchConfig, image_size: int) -> tuple[pd.Data
         table = pq.read_table(catalog_path, columns=["product_id", "title", "image"]).slice(0, cfg.encode_products)
         catalog, source = table.to_pandas(), str(catalog_path)
     else:
-        from data import synth  # only without a catalog: synthetic packshots
+        # only without a catalog: synthetic packshots
+        from data.synth.catalog import build_catalog, catalog_batch
+        from data.synth.config import PROFILES, ClickModel
 
-        profile = synth.PROFILES["tiny"]
-        made = synth.build_catalog(profile.scaled(max(1.0, cfg.encode_products / profile.n_products)), 0,
-                                   synth.ClickModel())
+        profile = PROFILES["tiny"]
+        made = build_catalog(profile.scaled(max(1.0, cfg.encode_products / profile.n_products)), 0, ClickModel())
         n = min(cfg.encode_products, len(made.product_id))
-        catalog = synth.catalog_batch(made, 0, n, image_size).select(["product_id", "title", "image"]).to_pandas()
+        catalog = catalog_batch(made, 0, n, image_size).select(["product_id", "title", "image"]).to_pandas()
         source = f"synthetic packshots of data.synth ({image_size} px)"
     queries: list[str] = []
     relevance_path = schema.table_path(workdir, "relevance")

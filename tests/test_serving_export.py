@@ -61,7 +61,7 @@ def test_the_feature_split_and_the_product_features_follow_the_impressions(servi
     spec = load_model(export.checkpoint_path(serving_workdir, "dcn_pq_hist", 0)).spec
     levels = {e["column"]: e.get("value", "request") for e in split["product"] + split["request"]}
     assert sorted(levels) == sorted(spec.dense_names + spec.sparse_names)
-    # the synthetic marketplace's features (data/synth.py): what the rule should find
+    # the synthetic marketplace's features (data/synth/simulate.py): what the rule should find
     assert levels["dense_price"] == levels["sparse_brand"] == levels["sparse_product"] == "one value per product"
     assert levels["dense_product_ctr_past"].startswith("value on the product's latest impression")
     assert levels["dense_hour"] == levels["sparse_platform"] == levels["sparse_weekday"] == "request"

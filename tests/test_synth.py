@@ -20,13 +20,19 @@ import pytest
 from PIL import Image
 
 from data import schema, synth
+from data.dataset import RELEVANCE_TRUTH_FILE, TRUTH_FILE
 from data.packshot import Packshot, render
+from data.synth.catalog import Catalog, _title_case, build_catalog
+from data.synth.config import Behaviour, ClickModel
+from data.synth.counting import QUERY_COUNT_FEATURES, QueryCountFeatures
+from data.synth.queries import (AISLE, BRAND_TYPE, BRAND_TYPE_VARIANT, TYPE_VARIANT, Intents, relevance_labels,
+                                render_queries, sample_intents)
 from data.text import normalize_query
 from data.vocab import vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_FILES = ("catalog.parquet", "relevance.parquet", "impressions.parquet", "purchases.parquet",
-              synth.TRUTH_FILE, synth.RELEVANCE_TRUTH_FILE, "manifest.json")
+              TRUTH_FILE, RELEVANCE_TRUTH_FILE, "manifest.json")
 
 
 def _manifest(workdir: Path) -> dict:
@@ -36,7 +42,7 @@ def _manifest(workdir: Path) -> dict:
 @pytest.fixture(scope="module")
 def tables(tiny_workdir: Path) -> dict[str, pd.DataFrame]:
     out = {name: schema.read_table(tiny_workdir, name).to_pandas() for name in schema.TABLE_NAMES}
-    out["truth"] = pq.read_table(tiny_workdir / "data" / synth.TRUTH_FILE).to_pandas()
+    out["truth"] = pq.read_table(tiny_workdir / "data" / TRUTH_FILE).to_pandas()
     return out
 
 
@@ -181,7 +187,7 @@ def test_query_counts_use_only_earlier_days(query_keyed: pd.DataFrame, tiny_work
     (query, aisle)."""
     clicks = _manifest(tiny_workdir)["settings"]["click_model"]
     prior, strength = clicks["ctr_prior"], clicks["ctr_prior_strength"]
-    assert [f.name for f in synth.QUERY_COUNT_FEATURES] == [
+    assert [f.name for f in QUERY_COUNT_FEATURES] == [
         f"dense_{level}_{what}_past" for level in QUERY_COUNT_KEYS for what in ("ctr", "log_impressions")]
     for level, keys in QUERY_COUNT_KEYS.items():
         before = _counts_before_day(query_keyed, keys)
@@ -208,14 +214,14 @@ def test_a_query_never_seen_on_an_earlier_day_gets_the_prior(query_keyed: pd.Dat
 def test_query_count_smoothing_and_same_day_exclusion() -> None:
     """Past counts move the CTR from the prior toward the observed rate by the pseudo-count;
     impressions of the day being featured are not counted until the day is added."""
-    counts = synth.QueryCountFeatures(n_products=10, n_aisles=3, prior=0.04, strength=20.0)
+    counts = QueryCountFeatures(n_products=10, n_aisles=3, prior=0.04, strength=20.0)
     query = np.array([7, 7, 7, 7, 9], dtype=np.uint64)  # query hashes
     product, aisle = np.array([1, 1, 2, 3, 1]), np.array([0, 0, 0, 2, 0])
     before = counts.features(query, product, aisle)
     assert all((col == np.float32(0.04)).all() for col in before[0::2]) and all((col == 0).all() for col in before[1::2])
     counts.add_day(query, product, aisle, clicked=np.array([1, 0, 1, 0, 0], dtype=np.int8))
     probe = counts.features(np.array([7, 7, 7, 8], dtype=np.uint64), np.array([1, 3, 4, 1]), np.array([0, 2, 1, 0]))
-    names = [f.name for f in synth.QUERY_COUNT_FEATURES]
+    names = [f.name for f in QUERY_COUNT_FEATURES]
     got = {name: col for name, col in zip(names, probe)}
     smoothed = lambda clicks, imps: np.float32((clicks + 20 * 0.04) / (imps + 20))  # noqa: E731
     np.testing.assert_array_equal(got["dense_query_ctr_past"], [smoothed(2, 4)] * 3 + [np.float32(0.04)])
@@ -233,7 +239,7 @@ def test_query_count_columns_meet_the_schema(tiny_workdir: Path, query_keyed: pd
     assert schema.validate_tables(tiny_workdir, check_images=False)["impressions"] == len(query_keyed)
     file_schema = pq.read_schema(tiny_workdir / "data" / "impressions.parquet")
     dense, _ = schema.feature_columns(file_schema.names)
-    for f in synth.QUERY_COUNT_FEATURES:
+    for f in QUERY_COUNT_FEATURES:
         assert f.name in dense and file_schema.field(f.name).type == "float"
     ctr = query_keyed[[f"dense_{level}_ctr_past" for level in QUERY_COUNT_KEYS]].to_numpy()
     assert ((ctr > 0) & (ctr < 1)).all()
@@ -249,8 +255,8 @@ def test_no_query_counts_gives_the_baseline_without_them(tiny_workdir: Path, tmp
     synth.main(["--profile", "tiny", "--workdir", str(tmp_path), "--seed", "0", "--no-query-counts"])
     plain = pq.read_table(tmp_path / "data" / "impressions.parquet")
     counted = pq.read_table(tiny_workdir / "data" / "impressions.parquet")
-    assert plain.equals(counted.drop_columns([f.name for f in synth.QUERY_COUNT_FEATURES]))
-    for name in ("catalog.parquet", "relevance.parquet", "purchases.parquet", synth.TRUTH_FILE):
+    assert plain.equals(counted.drop_columns([f.name for f in QUERY_COUNT_FEATURES]))
+    for name in ("catalog.parquet", "relevance.parquet", "purchases.parquet", TRUTH_FILE):
         assert (tmp_path / "data" / name).read_bytes() == (tiny_workdir / "data" / name).read_bytes(), name
     manifest = _manifest(tmp_path)
     assert manifest["settings"]["query_counts"] is False and manifest["query_count_keys"] is None
@@ -292,7 +298,7 @@ def test_complete_judgments_contain_every_judged_relevant_pair(tables: dict[str,
     """synth_relevance_truth.parquet lists every MR/HR product of each query: the noise-free
     relevance table's MR/HR pairs are in it with the same label, its IR pairs are not, and it knows
     many relevant products the relevance table never judged."""
-    truth = pq.read_table(tiny_workdir / "data" / synth.RELEVANCE_TRUTH_FILE).to_pandas()
+    truth = pq.read_table(tiny_workdir / "data" / RELEVANCE_TRUTH_FILE).to_pandas()
     assert set(truth["label"]) == {schema.MR, schema.HR}
     assert not truth.duplicated(["query", "product_id"]).any()
     assert set(truth["query"]) == set(tables["relevance"]["query"])  # the tiny profile covers every query
@@ -321,17 +327,17 @@ def test_label_noise_flips_adjacent_labels_and_is_recorded(tiny_workdir: Path, t
 
 
 @pytest.fixture(scope="module")
-def catalog() -> synth.Catalog:
-    return synth.build_catalog(synth.PROFILES["demo"], 0, synth.ClickModel())
+def catalog() -> Catalog:
+    return build_catalog(synth.PROFILES["demo"], 0, ClickModel())
 
 
-def _intent(catalog: synth.Catalog, kind: int, product: int) -> synth.Intents:
-    return synth.sample_intents(np.random.default_rng(0), catalog, np.array([product]),
-                                synth.Behaviour(intent_kind_probs=tuple(float(k == kind) for k in range(7)),
-                                                organic_query_share=0.0))
+def _intent(catalog: Catalog, kind: int, product: int) -> Intents:
+    return sample_intents(np.random.default_rng(0), catalog, np.array([product]),
+                          Behaviour(intent_kind_probs=tuple(float(k == kind) for k in range(7)),
+                                    organic_query_share=0.0))
 
 
-def test_relevance_rule_on_hand_picked_products(catalog: synth.Catalog) -> None:
+def test_relevance_rule_on_hand_picked_products(catalog: Catalog) -> None:
     target = int(np.flatnonzero(np.bincount(catalog.brand) > 5)[0])  # a brand with several products
     p = int(np.flatnonzero(catalog.brand == target)[0])
     same_type_other_brand = np.flatnonzero((catalog.type == catalog.type[p]) & (catalog.brand != catalog.brand[p]))
@@ -339,32 +345,32 @@ def test_relevance_rule_on_hand_picked_products(catalog: synth.Catalog) -> None:
     related_type = np.flatnonzero((group[catalog.type] == group[catalog.type[p]]) & (catalog.type != catalog.type[p]))
     other_aisle_group = catalog.vocab.aisle_group_ids[catalog.aisle] != catalog.vocab.aisle_group_ids[catalog.aisle[p]]
     far = np.flatnonzero(other_aisle_group)
-    brand_type = _intent(catalog, synth.BRAND_TYPE, p)
+    brand_type = _intent(catalog, BRAND_TYPE, p)
 
-    def label(intent: synth.Intents, product: int) -> int:
-        return int(synth.relevance_labels(catalog, intent, np.array([product]))[0])
+    def label(intent: Intents, product: int) -> int:
+        return int(relevance_labels(catalog, intent, np.array([product]))[0])
 
     assert label(brand_type, p) == schema.HR
     assert len(same_type_other_brand) and label(brand_type, int(same_type_other_brand[0])) == schema.MR
     if len(related_type):
         assert label(brand_type, int(related_type[0])) == schema.MR
     assert label(brand_type, int(far[0])) == schema.IR
-    aisle = _intent(catalog, synth.AISLE, p)
+    aisle = _intent(catalog, AISLE, p)
     assert label(aisle, int(np.flatnonzero(catalog.aisle == catalog.aisle[p])[-1])) == schema.HR
     assert label(aisle, int(far[0])) == schema.IR
-    variant = _intent(catalog, synth.TYPE_VARIANT, p)
+    variant = _intent(catalog, TYPE_VARIANT, p)
     other_variant = np.flatnonzero((catalog.type == catalog.type[p]) & (catalog.variant != catalog.variant[p]))
     assert label(variant, p) == schema.HR
     if len(other_variant):
         assert label(variant, int(other_variant[0])) == schema.MR
 
 
-def test_queries_name_the_intent_attributes(catalog: synth.Catalog) -> None:
+def test_queries_name_the_intent_attributes(catalog: Catalog) -> None:
     p = int(np.flatnonzero(catalog.variant_in_title)[0])
-    intent = _intent(catalog, synth.BRAND_TYPE_VARIANT, p)
-    behaviour = synth.Behaviour(query_synonym_share=0, query_modifier_share=0, query_swap_share=0,
-                                query_misspell_share=0, query_capital_share=0)
-    (query,) = synth.render_queries(np.random.default_rng(0), catalog, intent, behaviour)
+    intent = _intent(catalog, BRAND_TYPE_VARIANT, p)
+    behaviour = Behaviour(query_synonym_share=0, query_modifier_share=0, query_swap_share=0,
+                          query_misspell_share=0, query_capital_share=0)
+    (query,) = render_queries(np.random.default_rng(0), catalog, intent, behaviour)
     v = catalog.vocab
     assert query == " ".join([catalog.brand_name[catalog.brand[p]].lower(), v.variant_names[catalog.variant[p]],
                               v.types[catalog.type[p]].name])
@@ -389,10 +395,10 @@ def test_catalog_titles_and_image_only_facts(tables: dict[str, pd.DataFrame]) ->
     assert cat.aisle.nunique() >= 20 and cat.brand.notna().all() and cat.image.notna().all()
     hidden = cat[~cat.variant_in_title]
     assert 0.15 <= len(hidden) / len(cat) <= 0.45  # the variant shows only as the packshot colour
-    assert not any(synth._title_case(v) in t.replace(synth._title_case(p), "")  # "Ginger Ale" without "Ginger"
+    assert not any(_title_case(v) in t.replace(_title_case(p), "")  # "Ginger Ale" without "Ginger"
                    for t, v, p in zip(hidden.title, hidden.variant, hidden.product_type))
     shown = cat[cat.variant_in_title]
-    assert all(synth._title_case(v) in t for t, v in zip(shown.title, shown.variant))
+    assert all(_title_case(v) in t for t, v in zip(shown.title, shown.variant))
     organic_only_image = cat[cat.organic & ~cat.organic_in_title]
     assert all("Organic" not in t for t in organic_only_image.title)
     img = Image.open(io.BytesIO(cat.image.iloc[0]))
