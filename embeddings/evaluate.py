@@ -441,7 +441,7 @@ def evaluation_inputs(workdir: Path) -> dict[str, str | None]:
 def complete_judgments(workdir: Path, queries: Sequence[str], product_ids: np.ndarray) -> sparse.csr_matrix | None:
     """``[Q, P]`` complete MR/HR labels of the held-out ``queries`` from the synthetic generator's
     ``data/synth_relevance_truth.parquet`` (every relevant catalog product of each query it
-    covers), or None when the run has no such file (real data)."""
+    covers), or None when the run has no such file (real data) or it covers none of ``queries``."""
     path = workdir / "data" / RELEVANCE_TRUTH_FILE
     if not path.exists():
         return None
@@ -451,6 +451,8 @@ def complete_judgments(workdir: Path, queries: Sequence[str], product_ids: np.nd
     covered = truth["query"].isin(set(queries))
     log.info("%s: complete judgments for %d of %d held-out queries", path.name,
              truth.loc[covered, "query"].nunique(), len(queries))
+    if not covered.any():  # e.g. the `paper` profile, which writes none: no view rather than an empty one
+        return None
     return relevance_matrix(truth[covered], queries, product_ids)
 
 

@@ -255,3 +255,22 @@ def test_evaluate_command_reports_missing_inputs_in_one_line(tmp_path):
                           cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "catalog.parquet" in proc.stderr
+
+
+def test_complete_judgments_that_cover_no_held_out_query_are_no_view(tmp_path: Path):
+    """The `paper` profile writes a complete-judgment file without rows: no view, not an error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.dataset import RELEVANCE_TRUTH_FILE
+
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / RELEVANCE_TRUTH_FILE
+    products = np.array([1, 2, 3], dtype=np.int64)
+    pq.write_table(pa.table({"query": pa.array([], pa.string()), "product_id": pa.array([], pa.int64()),
+                             "label": pa.array([], pa.int8())}), path)
+    assert evaluate.complete_judgments(tmp_path, ["red tea"], products) is None
+    pq.write_table(pa.table({"query": ["Red  Tea", "other"], "product_id": [2, 3],
+                             "label": pa.array([2, 1], pa.int8())}), path)
+    labels = evaluate.complete_judgments(tmp_path, ["red tea"], products)
+    assert labels.shape == (1, 3) and labels.toarray()[0].tolist() == [0, 2, 0]
