@@ -106,7 +106,7 @@ def test_itc_over_two_gloo_ranks_equals_the_loss_on_the_concatenated_batch(tmp_p
     loss, sim = itc(image, text)
     loss.backward()
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         local = slice(rank * 3, (rank + 1) * 3)
         assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
         assert torch.allclose(got["sim"], sim[local, local], atol=1e-6)
