@@ -39,9 +39,19 @@ class _OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def command_file() -> str:
+    """The file name a command is known by: ``train.py`` for ``python -m embeddings.train``, the
+    package's name for a package run by its ``__main__.py`` (``synth.py`` for ``python -m data.synth``)."""
+    if not sys.argv or not sys.argv[0]:
+        return "dashrec"
+    path = Path(sys.argv[0])
+    return f"{path.parent.name}.py" if path.name == "__main__.py" else path.name
+
+
 def build_parser(config_cls: type, description: str | None = None) -> argparse.ArgumentParser:
     """Build an argparse parser from a dataclass: one flag per field."""
-    parser = _OneLineParser(description=description or (config_cls.__doc__ or "").strip().splitlines()[0],
+    parser = _OneLineParser(prog=command_file(),
+                            description=description or (config_cls.__doc__ or "").strip().splitlines()[0],
                             allow_abbrev=False)  # a misspelt or shortened flag is an error, never another flag
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
@@ -95,7 +105,7 @@ def setup_logging(verbose: bool = False) -> None:
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
     """Run ``main(argv)``; turn expected failures into a one-line message and exit code 2."""
     setup_logging()
-    prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "dashrec"
+    prog = Path(command_file()).stem
     try:
         main(argv)
     except UserError as exc:

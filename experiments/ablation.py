@@ -163,10 +163,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         workdir = ("--workdir", str(row_dir))
         stage = Stage(row.name, (("embeddings.train", *workdir, *shared, *row.flags),
                                  ("embeddings.evaluate", *workdir)))
-        seconds = run_stage(stage, prepare_workdir(row_dir, "logs") / "logs", console, f"{number}/{len(chosen)}")
+        costs = run_stage(stage, prepare_workdir(row_dir, "logs") / "logs", console, f"{number}/{len(chosen)}")
         metrics = read_json(row_dir / "embeddings" / "metrics.json")
         results[row.name] = {"change": row.change, "flags": [*shared, *row.flags], "figures": row_figures(metrics),
-                             "command_seconds": dict(zip(("train", "evaluate"), seconds))}
+                             "command_seconds": dict(zip(("train", "evaluate"), (c.seconds for c in costs)))}
         done.append(row_dir)
         write_json(results, root / "ablation" / "ablation.json")
         write_text(markdown(results), root / "ablation" / "ablation.md")

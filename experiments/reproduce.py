@@ -384,7 +384,7 @@ def _log_tail(path: Path, lines: int = 5) -> str:
     return " | ".join([line for line in shown if line][-lines:])
 
 
-def run_stage_costs(stage: Stage, log_dir: Path, console: Console, position: str) -> list[CommandCost]:
+def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> list[CommandCost]:
     """Run the stage's commands (``python -m ...``), all output appended to ``log_dir/<stage>.log``;
     return what each cost. ``position`` (``2/5``) labels the stage on the console."""
     log_path = log_dir / f"{stage.name}.log"
@@ -409,11 +409,6 @@ def run_stage_costs(stage: Stage, log_dir: Path, console: Console, position: str
         costs.append(cost)
     console.say(f"stage {position} {stage.name} done in {format_duration(sum(c.seconds for c in costs))}")
     return costs
-
-
-def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> list[float]:
-    """:func:`run_stage_costs`, returning each command's wall time in seconds."""
-    return [cost.seconds for cost in run_stage_costs(stage, log_dir, console, position)]
 
 
 def preset_name(cfg: ReproduceConfig) -> str:
@@ -441,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     run = [s for s in stages if s.name in wanted]
     costs: dict[str, list[CommandCost]] = {}
     for number, stage in enumerate(run, 1):
-        costs[stage.name] = run_stage_costs(stage, root / "logs", console, f"{number}/{len(run)}")
+        costs[stage.name] = run_stage(stage, root / "logs", console, f"{number}/{len(run)}")
         if stage.name == "data" and kind == WORKDIR_SOURCE:
             describe_workdir_data(cfg.workdir)
     commands = {s.name: [shlex.join(["python", "-m", *c]) for c in s.commands] for s in stages}
