@@ -2,8 +2,8 @@
 the paths of the embeddings stage.
 
 * :func:`resolve_device` turns ``--device`` (``auto``, ``cpu``, ``cuda``...) into a device;
-  :func:`autocast` is the precision the encoders run at on it (bf16 autocast on CUDA, float32
-  elsewhere).
+  :func:`autocast` is the precision the encoders run at on it (``auto``: bf16 autocast on CUDA,
+  float32 elsewhere; training's ``--autocast bf16`` asks for bf16 on CPU too).
 * Checkpoints are dicts of tensors, numbers, strings, lists and dicts only. :func:`write_checkpoint`
   and :func:`save_checkpoint` (atomic) write them with ``torch.save`` through an open file, so equal
   objects give equal bytes; :func:`load_checkpoint` reads them with ``torch.load(weights_only=True)``
@@ -38,6 +38,9 @@ RUN_CONFIG = "embeddings/config.json"
 
 
 # ------------------------------------------------------------------------------------------ device
+AUTOCAST_DTYPES = ("auto", "bf16", "fp32")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a user error."""
     if name == "auto":
@@ -47,10 +50,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, dtype: str = "auto") -> contextlib.AbstractContextManager:
+    """The encoders' autocast region: ``auto`` = bf16 on CUDA and float32 elsewhere, ``bf16`` = bf16
+    on any device (on CPU it pays only where the CPU has bf16 instructions, e.g. AVX512-BF16 or
+    AMX), ``fp32`` = float32 everywhere."""
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast dtype must be one of {AUTOCAST_DTYPES}, got {dtype!r}")
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

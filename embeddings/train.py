@@ -445,7 +445,7 @@ class Stage1(StageRunner):
         pixels = self.images.pixels(rows[shard.block(len(rows))]).to(self.device)
         ids, mask = (t.to(self.device) for t in self.titles.batch(rows))
         return stage1_losses(self.model, self.itc, self.itm, self.mm_itc, pixels, ids, mask, self._same_title(rows),
-                             generator, functools.partial(autocast, self.device), shard)
+                             generator, functools.partial(autocast, self.device, self.cfg.autocast), shard)
 
     def _step_losses(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         return self._losses(rows, self.generator, self.shard)
@@ -573,7 +573,7 @@ class Stage2(StageRunner):
             negatives = {"negative_product_state": self.product_state[rows.clamp_min(0)],
                          "negative_product_valid": (rows >= 0).to(self.product_state.device)}
         return stage2_losses(self.model, self.pqc, self.in_batch, self.product_state[torch.as_tensor(product_rows)],
-                             states, mask, functools.partial(autocast, self.device), **negatives,
+                             states, mask, functools.partial(autocast, self.device, self.cfg.autocast), **negatives,
                              query_slots=torch.as_tensor(slots.reshape(-1), device=self.product_state.device))
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -629,7 +629,8 @@ class Stage2(StageRunner):
 # --------------------------------------------------------------------------------- orchestration
 @torch.no_grad()
 def encode_product_states(model: DashCLIP, images: ImageStore, titles: TokenStore, rows: np.ndarray,
-                          device: torch.device, batch_size: int, desc: str, progress: bool = True) -> torch.Tensor:
+                          device: torch.device, batch_size: int, desc: str, progress: bool = True,
+                          autocast_dtype: str = "auto") -> torch.Tensor:
     """Grounded states ``[len(rows), Dt]`` (float32, on ``device``) of catalog ``rows`` in eval mode
     (products without an image: the text-only path), computed by the fused inference copy of the
     model (:meth:`DashCLIP.inference_copy`, the same function up to float rounding). Batches group
@@ -644,7 +645,7 @@ def encode_product_states(model: DashCLIP, images: ImageStore, titles: TokenStor
         pixels = (images.pixels(part[has_image], channels_last=net.reads_channels_last).to(device)
                   if has_image.any() else None)
         ids, mask = (t.to(device) for t in titles.batch(part))
-        with autocast(device):
+        with autocast(device, autocast_dtype):
             states = net.product_state(ids, mask, pixels, torch.as_tensor(has_image, device=device))
         out.append(states.float())
     if not out:
@@ -863,7 +864,8 @@ class Trainer:
         precompute_started = time.perf_counter()
         product_state = encode_product_states(model, images, titles, needed_rows, self.device,
                                          cfg.stage1_batch_size * 2, "stage 2: frozen product [CLS]",
-                                         progress=self.shard.is_main)  # every rank computes all of them
+                                         progress=self.shard.is_main,  # every rank computes all of them
+                                         autocast_dtype=cfg.autocast)
         precompute_s = time.perf_counter() - precompute_started
         cls_row = pd.Index(needed)
 
@@ -880,7 +882,7 @@ class Trainer:
         train_queries, eval_queries = query_matrix(train_tuples), query_matrix(eval_tuples)
         model.eval()
         queries = QueryPrefixStore(model, TokenStore(tokenizer, list(query_index), cfg.query_max_tokens), self.device,
-                                   functools.partial(autocast, self.device), cfg.query_cache_mb)
+                                   functools.partial(autocast, self.device, self.cfg.autocast), cfg.query_cache_mb)
         model.train()
         log.info("stage 2: %d training tuples (%d held-out for the eval loss), %d negatives each, batch %d",
                  len(train_tuples), len(eval_tuples), cfg.pqc_negatives, min(cfg.stage2_batch_size, len(train_tuples)))

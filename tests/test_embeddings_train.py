@@ -182,6 +182,25 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_workdir, tmp
     assert log_a["stage1"]["best_step"] == log_b["stage1"]["best_step"]
 
 
+def test_bf16_autocast_on_cpu_trains_deterministically_and_is_a_setting(tiny_workdir, tmp_path):
+    """``--autocast bf16`` runs the encoders in bf16 on CPU: two runs give the same bytes, the
+    weights differ from the float32 run's, and a float32 stage-1 checkpoint is not reused for it."""
+    runs = {}
+    for name in ("fp32", "bf16_a", "bf16_b"):
+        shutil.copytree(tiny_workdir / "data", tmp_path / name / "data")
+        runs[name] = tmp_path / name
+        autocast = "fp32" if name == "fp32" else "bf16"
+        train.main(["--workdir", str(runs[name]), *TINY_FLAGS, "--autocast", autocast])
+        assert all(np.isfinite(_losses(read_json(runs[name] / "embeddings" / "train_log.json"), "stage2")))
+    model = Path("embeddings/checkpoints/model.pt")
+    assert (runs["bf16_a"] / model).read_bytes() == (runs["bf16_b"] / model).read_bytes()
+    fp32, bf16 = _model_state(runs["fp32"]), _model_state(runs["bf16_a"])
+    assert not all(torch.equal(fp32[k], bf16[k]) for k in fp32)
+    # the float32 run's outputs are not reused when the precision changes: stage 1 trains again
+    train.main(["--workdir", str(runs["fp32"]), *TINY_FLAGS, "--autocast", "bf16"])
+    assert (runs["fp32"] / model).read_bytes() == (runs["bf16_a"] / model).read_bytes()
+
+
 def test_title_only_catalog(workdir, caplog):
     caplog.set_level(logging.INFO)
     path = workdir / "data" / "catalog.parquet"
