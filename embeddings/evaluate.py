@@ -44,7 +44,10 @@ Metrics (pure functions over numpy arrays, unit-tested with handcrafted vectors)
 * :func:`judged_ranking_metrics`: each held-out query's labelled products ranked among themselves
   (nDCG@10) and the AUC of cosine for MR/HR against IR pairs: unlike full-catalog retrieval it
   does not count unjudged products as irrelevant.
-* :func:`chance_retrieval`: the same metrics' expected values under a uniformly random ranking.
+* :func:`chance_retrieval`: the same metrics' expected values under a uniformly random ranking;
+  :func:`oracle_retrieval` (with complete judgments, ``retrieval_oracle`` and each pool's
+  ``oracle``): their expected values when every product is ranked by its true grade, ties at
+  random, the most a relevance model can score on a sample of labels.
 * :func:`train_probe`: an MLP (hidden layer, ReLU, dropout, linear) on frozen vectors, stratified
   80/20 split (or given test rows), macro F1 and per-class recall. Used for aisle classification of products
   (section 5.1) and 3-class relevance of (product, query) pairs of the held-out queries with IR
@@ -99,6 +102,7 @@ RETRIEVAL_VECTORS = {"random": ("random_query", "random_product"), "untuned_text
 PROBE_SYSTEMS = {"random": "random vectors (chance)", "untuned_text": "untuned title-text encoder",
                  "untuned_image": "untuned image encoder", "untuned": "untuned multimodal fusion",
                  "dashclip": "DashCLIP"}
+ORACLE_ROW = "Relevance oracle (true grades, ties at random; expected)"
 METRICS_JSON, METRICS_MD = "embeddings/metrics.json", "embeddings/metrics.md"
 PLOTS_DIR = "embeddings/plots"
 PLOT_FILES = ("cosine_by_relevance.png", "tsne.png")  # t-SNE is left out when too few products remain
@@ -190,16 +194,60 @@ def chance_retrieval(labels: sparse.spmatrix | np.ndarray, k: int = TOP_K) -> di
             "n_queries": int(keep.sum())}
 
 
+def oracle_retrieval(labels: sparse.spmatrix | np.ndarray, truth: sparse.spmatrix | np.ndarray,
+                      k: int = TOP_K) -> dict[str, float] | None:
+    """The expected :func:`retrieval_metrics` against ``labels`` ``[Q, P]`` of the best ranking a
+    relevance model can make: every candidate ordered by its true grade (``truth`` ``[Q, P]``,
+    complete judgments: HR, then MR, then the rest), ties in uniformly random order.
+
+    With ``h`` true HR and ``m`` true MR candidates of a query, an HR candidate is in the top ``k``
+    with probability ``min(1, k/h)``, an MR one with ``min(1, max(0, k-h)/m)``, any other with the
+    slots left over ``max(0, k-h-m) / (P-h-m)``; the metrics are linear in these probabilities.
+    The view's labels are a sample of the relevant products (on synthetic data, drawn in
+    proportion to popularity), so this is what a model that knows relevance and nothing else
+    scores on them. Over the queries with a labelled MR/HR candidate that ``truth`` covers (has an
+    MR/HR product for); None when there are none.
+    """
+    labels, truth = sparse.csr_matrix(labels), sparse.csr_matrix(truth)
+    if labels.shape != truth.shape:
+        raise ValueError(f"labels {labels.shape} and truth {truth.shape} must have the same shape")
+    n_products = labels.shape[1]
+    n_relevant = np.asarray((labels >= MR).sum(axis=1)).ravel()
+    n_hr = np.asarray((truth == HR).sum(axis=1)).ravel()
+    n_mr = np.asarray((truth == MR).sum(axis=1)).ravel()
+    keep = np.flatnonzero((n_relevant > 0) & (n_hr + n_mr > 0))
+    if len(keep) == 0:
+        return None
+    recall, precision, graded = [], [], []
+    for q in keep:
+        h, m = n_hr[q], n_mr[q]
+        rest = n_products - h - m
+        left_after_hr = max(0, k - h)
+        p_grade = {HR: min(1.0, k / h) if h else 0.0, MR: min(1.0, left_after_hr / m) if m else 0.0}
+        p_other = max(0, left_after_hr - m) / rest if rest else 0.0
+        row_labels, row_truth = labels.getrow(q).toarray().ravel(), truth.getrow(q).toarray().ravel()
+        in_top = np.where(row_truth == HR, p_grade[HR], np.where(row_truth == MR, p_grade[MR], p_other))
+        hits = float(in_top[row_labels >= MR].sum())
+        recall.append(hits / n_relevant[q])
+        precision.append(hits / k)
+        graded.append(float((row_labels * in_top).sum()) / (HR * k))
+    return {"graded_relevance": float(np.mean(graded)), f"recall_at_{k}": float(np.mean(recall)),
+            f"precision_at_{k}": float(np.mean(precision)), "n_queries": int(len(keep))}
+
+
 def pool_retrieval(vectors: dict[str, np.ndarray], labels: sparse.csr_matrix, pool: np.ndarray,
-                   k: int = TOP_K) -> dict:
+                   k: int = TOP_K, truth: sparse.csr_matrix | None = None) -> dict:
     """Retrieval of every system of :data:`RETRIEVAL_VECTORS` with the candidates cut to the
     catalog rows ``pool`` (``labels`` ``[Q, P]`` over the whole catalog): ``{"n_products",
-    "chance": ..., "systems": {name: metrics}}``, or ``{"n_products", "skipped": why}`` when no
-    query has an MR/HR product in the pool."""
+    "chance": ..., "systems": {name: metrics}}`` and, with complete judgments ``truth``, the
+    ``oracle`` (:func:`oracle_retrieval`), or ``{"n_products", "skipped": why}`` when no query has
+    an MR/HR product in the pool."""
     pooled = sparse.csr_matrix(labels)[:, pool]
     if len(pool) == 0 or pooled.max() < MR:
         return {"n_products": int(len(pool)), "skipped": "no held-out query has an MR or HR product among them"}
+    oracle = oracle_retrieval(pooled, sparse.csr_matrix(truth)[:, pool], k) if truth is not None else None
     return {"n_products": int(len(pool)), "chance": chance_retrieval(pooled, k),
+            **({"oracle": oracle} if oracle is not None else {}),
             "systems": {name: retrieval_metrics(vectors[q], vectors[p][pool], pooled, k)
                         for name, (q, p) in RETRIEVAL_VECTORS.items()}}
 
@@ -473,9 +521,11 @@ def trained_product_vectors(workdir: Path, encoder, catalog: pd.DataFrame, expor
 
 
 def _retrieval_rows(view: dict) -> list[str]:
-    """Table rows of a :func:`pool_retrieval` view: every system, then chance."""
+    """Table rows of a :func:`pool_retrieval` view: every system, then chance and the relevance oracle."""
     rows = [(name, view["systems"][key]) for key, name in RETRIEVAL_SYSTEMS.items()]
     rows.append(("Chance (expected, uniformly random ranking)", view["chance"]))
+    if "oracle" in view:
+        rows.append((ORACLE_ROW, view["oracle"]))
     return [f"| {name} | {r['graded_relevance']:.4f} | {r['recall_at_10']:.4f} | {r['precision_at_10']:.4f} |"
             for name, r in rows]
 
@@ -509,9 +559,16 @@ def _markdown(metrics: dict) -> str:
               f"are scored. Candidates: all {metrics['counts']['products']} catalog products "
               f"({n_cold} of them cold-start).", "",
               "| model | graded relevance | Recall@10 | Precision@10 |", "|---|---:|---:|---:|"]
-    for key, name in RETRIEVAL_SYSTEMS.items():
-        r = metrics["retrieval"][key]
+    rows = [(name, metrics["retrieval"][key]) for key, name in RETRIEVAL_SYSTEMS.items()]
+    if "retrieval_oracle" in metrics:
+        rows.append((ORACLE_ROW, metrics["retrieval_oracle"]))
+    for name, r in rows:
         lines.append(f"| {name} | {r['graded_relevance']:.4f} | {r['recall_at_10']:.4f} | {r['precision_at_10']:.4f} |")
+    if "retrieval_oracle" in metrics:
+        lines += ["", "Relevance oracle: every product ranked by its true grade (complete judgments), ties at "
+                  "random: what a model that knows relevance and nothing else scores on these labels (the labelled "
+                  "products are a sample of each query's relevant ones, drawn in proportion to popularity on "
+                  "synthetic data)."]
     complete = metrics.get("retrieval_complete")
     if complete:
         lines += ["", f"With complete judgments (synthetic data: every relevant catalog product of "
@@ -637,7 +694,7 @@ def cold_start_views(vectors: dict[str, np.ndarray], catalog: pd.DataFrame, is_c
                                    f"{split['cold_fraction']:g} in {split['source']})"}
     aisles = catalog["aisle"].astype(str).to_numpy()
     view["n_aisles"] = int(len(np.unique(aisles[cold_rows])))
-    view["retrieval"] = pool_retrieval(vectors, labels, cold_rows)
+    view["retrieval"] = pool_retrieval(vectors, labels, cold_rows, truth=complete)
     if complete is not None:
         view["retrieval_complete"] = pool_retrieval(vectors, complete, cold_rows)
     seen_rows = _cap_rows(np.flatnonzero(~is_cold), cfg.probe_max_rows, rng)
@@ -717,6 +774,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     complete = complete_judgments(workdir, queries, product_ids)
     retrieval_complete = ({name: retrieval_metrics(vectors[q], vectors[p], complete)
                            for name, (q, p) in RETRIEVAL_VECTORS.items()} if complete is not None else None)
+    retrieval_oracle = oracle_retrieval(labels, complete) if complete is not None else None
 
     # Table 1 protocol: the candidates are the seen products of the held-out pairs.
     cold_ids = split_cold_products(catalog, split["cold_fraction"], split["seed"])
@@ -729,7 +787,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     heldout_products = np.unique(pair_product)
     table1 = {"pool": "products of the held-out relevance pairs seen in training",
               "n_cold_excluded": int(is_cold[heldout_products].sum()),
-              **pool_retrieval(vectors, labels, heldout_products[~is_cold[heldout_products]])}
+              **pool_retrieval(vectors, labels, heldout_products[~is_cold[heldout_products]], truth=complete)}
 
     systems = ("untuned", "dashclip")
     probe_kwargs = dict(seed=cfg.seed, hidden=cfg.probe_hidden, epochs=cfg.probe_epochs)
@@ -761,6 +819,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "retrieval": retrieval,
         "retrieval_judged": retrieval_judged,
         **({"retrieval_complete": retrieval_complete} if retrieval_complete is not None else {}),
+        **({"retrieval_oracle": retrieval_oracle} if retrieval_oracle is not None else {}),
         "retrieval_table1": table1,
         "cold_start": cold_start,
         "aisle_f1": {name: r.macro_f1 for name, r in aisle_probe.items()},

@@ -15,7 +15,8 @@ from common.io import read_json
 from data.schema import read_table
 from data.text import normalize_query
 from embeddings import evaluate, export, tables, train
-from embeddings.evaluate import (downsample_label, judged_ranking_metrics, relevance_matrix, retrieval_metrics, split_settings,
+from embeddings.evaluate import (downsample_label, judged_ranking_metrics, oracle_retrieval, relevance_matrix,
+                                 retrieval_metrics, split_settings,
                                  top_k_products, train_probe)
 from embeddings.plots import plot_cosine_histograms, plot_tsne
 from embeddings.sampling import split_cold_products, split_queries
@@ -52,6 +53,31 @@ def test_retrieval_metrics_match_hand_computed_values():
     perfect = retrieval_metrics(unit([[1, 0]]), PRODUCTS, np.array([[HR, HR, 0, 0]]), k=2)
     assert perfect == pytest.approx({"graded_relevance": 1.0, "recall_at_2": 1.0, "precision_at_2": 1.0,
                                      "n_queries": 1})
+
+
+def test_oracle_is_the_expected_score_of_true_grade_rankings_with_random_ties():
+    rng = np.random.default_rng(0)
+    n_products, k = 40, 10
+    truth = np.zeros((3, n_products), dtype=np.int8)
+    truth[0, :4], truth[0, 4:20] = 2, 1      # 4 HR, 16 MR: HR certain, MR share 6 slots
+    truth[1, :25] = 2                        # 25 HR: 10 slots among them
+    truth[2, :3], truth[2, 3:5] = 2, 1       # 5 relevant: 5 slots left for the 35 others
+    labels = np.zeros_like(truth)
+    labels[0, [1, 7, 30]] = [2, 1, 1]        # an HR, an MR and a product the truth calls IR (label noise)
+    labels[1, [0, 24]] = 2
+    labels[2, [2, 4, 39]] = [2, 1, 1]
+    expected = oracle_retrieval(labels, truth, k)
+    assert expected["recall_at_10"] == pytest.approx(np.mean([(1 + 6 / 16) / 3, 10 / 25, (1 + 1 + 5 / 35) / 3]))
+    # the same by simulation: sort by grade, break ties at random
+    recalls = []
+    for _ in range(4000):
+        scores = truth + rng.random(truth.shape)
+        top = np.argsort(-scores, axis=1)[:, :k]
+        hits = np.take_along_axis(labels >= 1, top, axis=1).sum(axis=1)
+        recalls.append(np.mean(hits / (labels >= 1).sum(axis=1)))
+    assert expected["recall_at_10"] == pytest.approx(np.mean(recalls), abs=0.01)
+    assert expected["n_queries"] == 3
+    assert oracle_retrieval(labels, np.zeros_like(truth), k) is None  # the truth covers no query
 
 
 def test_judged_ranking_ranks_labelled_candidates_only():
@@ -219,6 +245,12 @@ def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
     assert complete["n_queries"] == metrics["split"]["n_heldout_queries"] >= judged["n_queries"]
     assert complete["precision_at_10"] >= judged["precision_at_10"]
     assert "With complete judgments" in (workdir / "embeddings" / "metrics.md").read_text()
+    # the relevance oracle of the label views: the same queries, above chance
+    oracle = metrics["retrieval_oracle"]
+    assert oracle["n_queries"] == judged["n_queries"]
+    assert oracle["recall_at_10"] > metrics["retrieval"]["random"]["recall_at_10"]
+    assert table1["oracle"]["n_queries"] == table1["systems"]["dashclip"]["n_queries"]
+    assert (workdir / "embeddings" / "metrics.md").read_text().count(evaluate.ORACLE_ROW) >= 3
     for task in ("aisle_f1", "relevance_f1"):
         assert set(metrics[task]) == {"untuned", "dashclip"} and all(0 <= v <= 1 for v in metrics[task].values())
     assert set(metrics["relevance_probe"]["dashclip"]["per_class_recall"]) == {"IR", "MR", "HR"}
