@@ -89,14 +89,21 @@ def data_section(root: Path) -> str:
             + "".join(f"- {k}: `{json.dumps(v)}`\n" for k, v in extra.items()))
 
 
+# Expected scores beside the systems of a retrieval view: a uniformly random ranking, and (with complete
+# judgments) every product ranked by its true grade with ties at random, what relevance alone scores on a
+# sample of labels.
+EXPECTED_ROWS = {"chance": "Chance (uniformly random ranking, expected)",
+                 "oracle": "Relevance oracle (true grades, ties at random, expected)"}
+
+
 def _pool_table(view: dict, *, paper_columns: bool = False) -> str:
-    """Our systems (and chance) on a pooled retrieval view of ``metrics.json``; with
+    """Our systems (chance and the relevance oracle) on a pooled retrieval view of ``metrics.json``; with
     ``paper_columns``, the paper's closest row beside each."""
     systems = view["systems"]
     header = ["model", "graded relevance", "Recall@10", "Precision@10"]
     rows = []
-    for key, label in [*RETRIEVAL_NAMES.items(), ("chance", "Chance (uniformly random ranking, expected)")]:
-        scores = view["chance"] if key == "chance" else systems.get(key)
+    for key, label in [*RETRIEVAL_NAMES.items(), *EXPECTED_ROWS.items()]:
+        scores = view.get(key) if key in EXPECTED_ROWS else systems.get(key)
         if scores is None:
             continue
         row = [label, *(_fmt(scores.get(m)) for m in RETRIEVAL_KEYS)]
@@ -213,6 +220,8 @@ def retrieval_section(root: Path) -> str:
                + ", a harder pool than the paper's; the paper's figures are beside the Table 1 protocol above.\n")
     rows = [[label] + [_fmt(metrics["retrieval"].get(k, {}).get(m)) for m in keys]
             for k, label in names.items() if k in metrics.get("retrieval", {})]
+    if "retrieval_oracle" in metrics:
+        rows.append([EXPECTED_ROWS["oracle"]] + [_fmt(metrics["retrieval_oracle"].get(m)) for m in keys])
     out.append(_table(["model", "graded relevance", "Recall@10", "Precision@10"], rows))
     ret = metrics["retrieval"]
     best_untuned = max(ret[k]["recall_at_10"] for k in RETRIEVAL_BASELINES if k in ret)

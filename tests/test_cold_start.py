@@ -233,6 +233,16 @@ def test_report_puts_the_papers_table1_beside_ours_and_renders_cold_start(tmp_pa
     assert "Chance (uniformly random ranking, expected)" in cold and cold.count("**Holds**") == 2
     full = report.retrieval_section(root)
     assert "## Retrieval (paper Table 1 layout)" in full and "| Untuned multimodal fusion |" in full
+    assert "Relevance oracle" not in full + table1  # only with complete judgments
+
+    with_oracle = _metrics()
+    with_oracle["retrieval_oracle"] = _scores(0.7)
+    with_oracle["retrieval_table1"]["oracle"] = _scores(0.8)
+    root = _write(tmp_path / "oracle", with_oracle)
+    assert "| Relevance oracle (true grades, ties at random, expected) | 0.3500 | 0.7000 | 0.1750 |" \
+        in report.retrieval_section(root)
+    assert "| Relevance oracle (true grades, ties at random, expected) | 0.4000 | 0.8000 | 0.2000 | — |" \
+        in report.table1_protocol_section(root)
 
     skipped = _metrics()
     skipped["cold_start"] = {"fraction": 0.0, "seed": 0, "n_products": 0, "skipped": "trained on every product"}
