@@ -23,8 +23,10 @@ PRECISION_HELP = ("fast: the fused inference copy of the model (BatchNorm folded
                   "a cosine above 0.9999 per vector")
 
 
-def _f(default: Any, help: str, stage: str) -> Any:
-    return field(default=default, metadata={"help": help, "stage": stage})
+def _f(default: Any, help: str, stage: str, **rules: Any) -> Any:
+    """A field with its help, the outputs it changes (``stage``) and its rules (``min``, ``max``, ...:
+    :mod:`common.cli`)."""
+    return field(default=default, metadata={"help": help, "stage": stage, **rules})
 
 
 @dataclass
@@ -35,12 +37,12 @@ class DashCLIPConfig:
                                     "checkpoint dir, see --init-from), tiny (random, for tests)", "model")
     init_from: str = _f("", "BLIP checkpoint directory (BlipForImageTextRetrieval format) for --backbone blip",
                         "model")
-    embed_dim: int = _f(256, "width of the shared embedding space", "model")
-    image_size: int = _f(96, "square image side in pixels (paper: 384)", "model")
+    embed_dim: int = _f(256, "width of the shared embedding space", "model", min=1)
+    image_size: int = _f(96, "square image side in pixels (paper: 384)", "model", min=32)
     title_max_tokens: int = _f(32, "titles are truncated to this many tokens", "model")
     query_max_tokens: int = _f(16, "queries are truncated to this many tokens", "model")
     freeze_fraction: float = _f(0.67, "share of the first layers of each encoder that stay frozen "
-                                      "(paper: 8 of 12)", "model")
+                                      "(paper: 8 of 12)", "model", min=0.0, max=1.0)
     pooling: Literal["auto", "cls", "mean"] = _f(
         "auto", "text state handed to the projections: cls (the [CLS] position, BLIP and the paper), mean (the mean "
                 "over the tokens, how sentence encoders such as MiniLM are trained); auto = mean for mini, cls "
@@ -49,19 +51,14 @@ class DashCLIPConfig:
         "auto", "image-grounded text encoder: gated (each new cross-attention block enters through a tanh gate "
                 "that starts at 0, so the grounded encoder begins as the text encoder), plain (BLIP and the paper); "
                 "auto = gated for mini and tiny (new cross-attention), plain for blip (pretrained)", "model")
-    seed: int = _f(0, "seed of the initialisation, the data order and the sampling", "model")
+    seed: int = _f(0, "seed of the initialisation, the data order and the sampling", "model", min=0)
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """The rules between fields (common.cli.check_config runs the per-field ones first)."""
         if self.backbone == "blip" and not self.init_from:
             raise UserError("--backbone blip needs --init-from DIR (a BlipForImageTextRetrieval checkpoint)")
         if self.backbone != "blip" and self.init_from:
             raise UserError(f"--init-from is only used with --backbone blip (got --backbone {self.backbone})")
-        if not 0.0 <= self.freeze_fraction <= 1.0:
-            raise UserError(f"--freeze-fraction must be in [0, 1], got {self.freeze_fraction}")
-        if self.embed_dim < 1 or self.image_size < 32:
-            raise UserError("--embed-dim must be >= 1 and --image-size >= 32")
-        if self.seed < 0:
-            raise UserError(f"--seed must be >= 0, got {self.seed}")
 
     def resolved_pooling(self) -> str:
         return ("mean" if self.backbone == "mini" else "cls") if self.pooling == "auto" else self.pooling
@@ -89,66 +86,51 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
     force: bool = _f(False, "retrain even when finished outputs for the same data and settings exist", "run")
     threads: int = _f(0, "CPU threads for torch (0 = torch default)", "run")
     pg_timeout_s: float = _f(300.0, "under torchrun (WORLD_SIZE > 1): every collective fails after this many seconds, "
-                                    "so a rank that dies stops the others instead of hanging them", "run")
+                                    "so a rank that dies stops the others instead of hanging them", "run", gt=0.0)
     max_steps_this_run: int = _f(0, "stop (with a checkpoint) after this many optimizer steps in this "
                                     "invocation, to split training into time slices; 0 = no limit", "run")
-    checkpoint_every: int = _f(50, "save a resumable checkpoint every K optimizer steps", "run")
+    checkpoint_every: int = _f(50, "save a resumable checkpoint every K optimizer steps", "run", min=1)
     image_cache_mb: int = _f(2048, "keep up to this many MB of decoded images in memory", "run")
     query_cache_mb: int = _f(2048, "keep the frozen query-encoder states of stage 2 in memory up to this many MB",
                              "run")
     weight_decay: float = _f(0.05, "AdamW weight decay (both stages)", "1")
     warmup_fraction: float = _f(0.05, "linear warm-up share of each stage's steps, then cosine decay", "1")
     head_lr: float = _f(5e-4, "learning rate of new layers (cross-attention, projections, ITM head)", "1")
-    stage1_batch_size: int = _f(32, "image-title pairs per stage-1 step", "1")
+    stage1_batch_size: int = _f(32, "image-title pairs per stage-1 step (>= 2: the in-batch negatives)", "1", min=2)
     stage1_epochs: float = _f(1.0, "passes over the stage-1 training products", "1")
     stage1_max_steps: int = _f(0, "cap on stage-1 optimizer steps (0 = epochs decide)", "1")
     stage1_lr: float = _f(5e-5, "learning rate of the pretrained encoder layers in stage 1", "1")
-    stage1_eval_fraction: float = _f(0.1, "share of products held out for the ITM eval loss", "1")
+    stage1_eval_fraction: float = _f(0.1, "share of products held out for the ITM eval loss", "1", min=0.0, lt=1.0)
     stage1_eval_max: int = _f(256, "at most this many held-out products", "1")
-    eval_every: int = _f(25, "evaluate the held-out ITM loss every K stage-1 steps", "1")
-    patience: int = _f(4, "stop stage 1 after this many evaluations without a better ITM eval loss", "1")
+    eval_every: int = _f(25, "evaluate the held-out ITM loss every K stage-1 steps", "1", min=1)
+    patience: int = _f(4, "stop stage 1 after this many evaluations without a better ITM eval loss", "1", min=1)
     itc_temperature: float = _f(0.07, "initial ITC temperature (learnable)", "1")
     multimodal_itc_weight: float = _f(1.0, "weight of the multimodal contrastive term of stage 1: product "
                                            "embeddings (multimodal projection of the grounded [CLS]) against the "
                                            "batch's title and image embeddings; 0 = ITC + ITM only (the paper)", "1")
-    stage2_batch_size: int = _f(128, "product-query tuples per stage-2 step", "2")
+    stage2_batch_size: int = _f(128, "product-query tuples per stage-2 step", "2", min=1)
     stage2_epochs: float = _f(3.0, "passes over the stage-2 tuples", "2")
     stage2_max_steps: int = _f(0, "cap on stage-2 optimizer steps (0 = epochs decide)", "2")
     stage2_eval_every: int = _f(100, "log the PQC losses of fixed training and held-out tuples every K stage-2 steps",
-                                "2")
+                                "2", min=1)
     stage2_eval_max: int = _f(256, "at most this many tuples (held-out and training) for the logged PQC losses", "2")
     stage2_lr: float = _f(1e-4, "learning rate of the query encoder layers in stage 2", "2")
     stage2_head_lr: float = _f(1e-3, "learning rate of the multimodal and query projections in stage 2", "2")
     pqc_tau: float = _f(0.05, "PQC temperature", "2")
     pqc_in_batch_weight: float = _f(1.0, "weight of the in-batch product<->positive-query contrast added to PQC "
                                          "(temperature --pqc-tau); 0 = PQC only (the paper)", "2")
-    pqc_negatives: int = _f(10, "negative queries per tuple", "2")
+    pqc_negatives: int = _f(10, "negative queries per tuple", "2", min=1)
     query_side_negatives: int = _f(10, "per tuple, products its positive query ranks lower in the relevance labels "
                                        "(IR, and MR under an HR positive), contrasted with the tuple's product for "
                                        "that query (temperature --pqc-tau): the order retrieval ranks in; 0 = PQC "
-                                       "only (the paper)", "2")
+                                       "only (the paper)", "2", min=0)
     pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
     pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")
-    query_eval_fraction: float = _f(0.2, "share of distinct queries held out of stage 2 (for evaluation)", "2")
+    query_eval_fraction: float = _f(0.2, "share of distinct queries held out of stage 2 (for evaluation)", "2",
+                                    min=0.0, lt=1.0)
     cold_product_fraction: float = _f(0.1, "share of products (stratified by aisle, seeded by --seed) held out of "
                                            "both stages, catalog rows and relevance pairs, for the cold-start "
-                                           "evaluation; 0 = train on every product", "1")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.query_side_negatives < 0:
-            raise UserError(f"--query-side-negatives must be >= 0, got {self.query_side_negatives}")
-        for name in ("stage1_batch_size", "stage2_batch_size", "checkpoint_every", "eval_every", "stage2_eval_every",
-                     "patience", "pqc_negatives"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.pg_timeout_s > 0:
-            raise UserError(f"--pg-timeout-s must be > 0, got {self.pg_timeout_s}")
-        if self.stage1_batch_size < 2:
-            raise UserError("--stage1-batch-size must be >= 2 (in-batch negatives)")
-        for name in ("stage1_eval_fraction", "query_eval_fraction", "cold_product_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+                                           "evaluation; 0 = train on every product", "1", min=0.0, lt=1.0)
 
     def settings(self, upto: str) -> dict[str, Any]:
         """The settings that determine the outputs of stage ``upto`` ("1" or "2")."""

@@ -251,7 +251,7 @@ def read_catalog_file(path: Path) -> pd.DataFrame:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     cfg = parse_config(EncodeCommandConfig, argv)
-    if not cfg.input or not cfg.out:
+    if not cfg.input or not cfg.out:  # not a rule of the config: the settings parse without the files
         raise UserError("--input FILE and --out FILE are required")
     source_path, out_path = Path(cfg.input), Path(cfg.out)
     if not source_path.exists():

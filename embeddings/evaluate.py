@@ -422,14 +422,15 @@ class EvaluateConfig:
     """Evaluate DashCLIP embeddings against random vectors and the untuned encoders on held-out queries."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
-    seed: int = field(default=0, metadata={"help": "seed of the random baseline, probes and t-SNE"})
+    seed: int = field(default=0, metadata={"help": "seed of the random baseline, probes and t-SNE", "min": 0})
     force: bool = field(default=False, metadata={"help": "recompute even if metrics.json is up to date"})
     probe_epochs: int = field(default=40, metadata={"help": "training epochs of each MLP probe"})
     probe_hidden: int = field(default=256, metadata={"help": "hidden width of the MLP probes"})
     probe_max_rows: int = field(default=200_000, metadata={"help": "subsample each probe's rows to at most this"})
     tsne_points: int = field(default=2000, metadata={"help": "products per t-SNE map"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads for encoding (0 = torch default); the "
-                                                      "probes always train on one thread (see single_threaded)"})
+                                                      "probes always train on one thread (see single_threaded)",
+                                              "min": 0})
 
 
 def split_settings(workdir: Path, seed: int) -> dict:
@@ -857,8 +858,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(EvaluateConfig, argv)
-    if cfg.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {cfg.threads}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return evaluate(cfg)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cli import check_config
 from embeddings.backbones import (LITE0_MEAN, LITE0_STD, ConvTokenEncoder, EfficientNetLite0,
                                   FusedEfficientNetLite0, TextConfig, TextTransformer, VisionConfig,
                                   VisionTransformer, bert_text_config, load_bert_weights,
@@ -316,7 +317,7 @@ def blip_tokenizer(model_dir: Path):
 def build_model(cfg: DashCLIPConfig) -> tuple[DashCLIP, object, ImageSpec]:
     """The untuned model of ``cfg`` (pretrained weights where the backbone has them, the rest
     initialised from ``cfg.seed``; the global RNG is left untouched), its tokenizer and image spec."""
-    cfg.validate()
+    check_config(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         builders = {"tiny": _tiny, "mini": _mini, "blip": _blip}

@@ -914,7 +914,6 @@ class Trainer:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(EmbeddingsTrainConfig, argv)
-    cfg.validate()
     env = init_from_env(cfg.pg_timeout_s, cfg.device)  # under torchrun (WORLD_SIZE > 1), else None
     shard = Shard.of(env, resolve_device(cfg.device) if env is None else env.device)
     threads = torch.get_num_threads()

@@ -76,6 +76,16 @@ class AblationConfig:
     flags: str = field(default="", metadata={"help": "embeddings.train flags every row shares (quoted), e.g. "
                                                      "\"--stage1-max-steps 30 --stage2-epochs 1\""})
 
+    def chosen(self) -> list[str]:
+        """The row names of ``--rows``."""
+        return [name.strip() for name in self.rows.split(",") if name.strip()]
+
+    def check(self) -> None:
+        """``--rows`` names rows (common.cli.check_config runs the per-field rules first)."""
+        unknown = sorted(set(self.chosen()) - set(ROW_NAMES))
+        if unknown or not self.chosen():
+            raise UserError(f"--rows: unknown {unknown}; expected a comma list of {', '.join(ROW_NAMES)}")
+
 
 def _get(metrics: dict, path: tuple[str, ...], **names: str) -> float | None:
     node: Any = metrics
@@ -145,10 +155,7 @@ def markdown(results: dict[str, dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     cfg = parse_config(AblationConfig, argv)
     root = prepare_workdir(cfg.workdir, "ablation")
-    chosen = [name.strip() for name in cfg.rows.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(ROW_NAMES))
-    if unknown or not chosen:
-        raise UserError(f"--rows: unknown {unknown}; expected a comma list of {', '.join(ROW_NAMES)}")
+    chosen = cfg.chosen()
     if not (root / "data" / "manifest.json").exists():
         raise UserError(f"{root / 'data'}: no published data set; run python -m data.synth --workdir {root} first")
     shared = tuple(shlex.split(cfg.flags))

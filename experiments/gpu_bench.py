@@ -82,7 +82,7 @@ class GpuBenchConfig:
     device: Literal["cuda", "cpu"] = field(default="cuda", metadata={
         "help": "device of the embeddings and ranking benchmarks (serving and the FAISS index run on the CPU)"})
     budget_s: float = field(default=540.0, metadata={"help": "wall-time budget of the whole run, shared by the "
-                                                             "steps' caps"})
+                                                             "steps' caps", "gt": 0.0})
     quick: bool = field(default=False, metadata={"help": "small sizes everywhere (a CPU check of the whole run)"})
     profile: Literal["auto", "tiny", "demo"] = field(default="auto", metadata={
         "help": "data.synth profile when DIR has no data: auto = tiny with --quick, demo otherwise"})
@@ -92,8 +92,8 @@ class GpuBenchConfig:
     embeddings_dtype: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
         "help": "embeddings.bench autocast dtype: auto = bf16 on cuda, fp32 on cpu"})
     benches: list[str] = field(default_factory=lambda: list(BENCHES), metadata={
-        "help": "benchmarks to run", "choices": list(BENCHES)})
-    seed: int = field(default=0, metadata={"help": "seed of the data and of the quick DashCLIP model"})
+        "help": "benchmarks to run", "choices": list(BENCHES), "min_items": 1})
+    seed: int = field(default=0, metadata={"help": "seed of the data and of the quick DashCLIP model", "min": 0})
 
 
 @dataclass
@@ -564,18 +564,8 @@ def collect(cfg: GpuBenchConfig, steps: list[Step], outcomes: dict[str, StepResu
             "budget_s": cfg.budget_s, "wall_s": round(wall_s, 2), "steps": step_rows, "benchmarks": benchmarks}
 
 
-def validate(cfg: GpuBenchConfig) -> None:
-    if not cfg.budget_s > 0:
-        raise UserError(f"--budget-s must be > 0, got {cfg.budget_s}")
-    if not cfg.benches:
-        raise UserError(f"--benches needs at least one of {', '.join(BENCHES)}")
-    if cfg.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {cfg.seed}")
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(GpuBenchConfig, argv)
-    validate(cfg)
     cfg.benches = [b for b in BENCHES if b in cfg.benches]
     started, started_wall = time.perf_counter(), time.time()
     env = environment(cfg.device)

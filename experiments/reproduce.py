@@ -50,7 +50,7 @@ from typing import BinaryIO, Literal, Optional, Sequence, TextIO
 import psutil
 import pyarrow.parquet as pq
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.cli import DEFAULT_WORKDIR, UserError, check_config, parse_config, run_main
 from common.io import prepare_workdir, read_json, write_json, write_text
 from data.dataset import MANIFEST
 from data.schema import TABLE_NAMES, table_path
@@ -60,6 +60,7 @@ from experiments.report import build_report, format_bytes, format_duration
 log = logging.getLogger("experiments.reproduce")
 
 RANKING_SOURCES = {"synth", "instacart", "completejourney"}
+ADAPTER_SOURCES = ("fashion", "instacart", "completejourney")
 WORKDIR_SOURCE = "workdir"
 # the trained model that importance explains and serving exports: ranking.train always trains seed 0
 EXPLAINED_MODEL = ("--variant", "dcn_pq_hist", "--model-seed", "0")
@@ -82,15 +83,32 @@ class ReproduceConfig:
                 "step budget: the cost of each command as the data grows); auto = tiny for synth:tiny, scale for "
                 "synth:paper, else demo"})
     scale: Optional[float] = field(default=None, metadata={
-        "help": "synth sources: multiply the profile's sizes by F (data.synth --scale F)"})
-    seed: int = field(default=0, metadata={"help": "random seed of the data, embeddings and importance commands"})
-    seeds: int = field(default=0, metadata={"help": "ranking seeds per variant; 0 = the preset's (5; scale: 1)"})
+        "help": "synth sources: multiply the profile's sizes by F, a fraction of them (data.synth --scale F)",
+        "gt": 0.0, "max": 1.0})
+    seed: int = field(default=0, metadata={"help": "random seed of the data, embeddings and importance commands",
+                                           "min": 0})
+    seeds: int = field(default=0, metadata={"help": "ranking seeds per variant; 0 = the preset's (5; scale: 1)",
+                                            "min": 0})
     stages: str = field(default="all", metadata={
         "help": "comma list of stages to run (data,embeddings,ranking,importance,serving) or 'all'; "
                 "'none' only rewrites the report"})
     force: bool = field(default=False, metadata={"help": "redo every stage"})
     publish: str = field(default="", metadata={
         "help": "also copy report.md and its plots into this directory (e.g. experiments/results/<source>)"})
+
+    def check(self) -> None:
+        """``--source`` names a source, and ``--scale`` and ``--data-path`` go with it (common.cli.check_config
+        runs the per-field rules first)."""
+        kind = self.source.partition(":")[0]
+        if kind != "synth" and kind not in ADAPTER_SOURCES and self.source != WORKDIR_SOURCE:
+            raise UserError(f"--source {self.source!r}: expected synth:<profile>, {', '.join(ADAPTER_SOURCES)} "
+                            f"or {WORKDIR_SOURCE}")
+        if self.scale is not None and kind != "synth":
+            raise UserError(f"--scale is data.synth's size factor: only for synth:<profile> sources, not --source "
+                            f"{self.source}")
+        if self.data_path and self.source == WORKDIR_SOURCE:
+            raise UserError(f"--data-path is not used with --source {WORKDIR_SOURCE}: put the four tables in "
+                            f"{Path(self.workdir) / 'data'}/")
 
 
 @dataclass(frozen=True)
@@ -116,35 +134,23 @@ def row_count(workdir: str, name: str) -> int | None:
 
 def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
     """The ordered commands for ``cfg.source`` with ``preset`` flags."""
+    check_config(cfg)  # also when called with a config built in code
     kind, _, profile = cfg.source.partition(":")
     common = ["--workdir", cfg.workdir] + (["--force"] if cfg.force else [])
     seed = ["--seed", str(cfg.seed)]
-    if cfg.scale is not None and kind != "synth":
-        raise UserError(f"--scale is data.synth's size factor: only for synth:<profile> sources, not --source "
-                        f"{cfg.source}")
-    if cfg.scale is not None and not 0 < cfg.scale <= 1:
-        raise UserError(f"--scale must be in (0, 1] (a fraction of the profile's sizes), got {cfg.scale}")
-    if cfg.seeds < 0:
-        raise UserError(f"--seeds must be >= 0, got {cfg.seeds}")
     if kind == "synth":
         data_cmd = ("data.synth", "--profile", profile or "demo", *seed, *common,
                     *(["--scale", str(cfg.scale)] if cfg.scale is not None else []))
-    elif kind in ("fashion", "instacart", "completejourney"):
+    elif kind in ADAPTER_SOURCES:
         source = cfg.data_path or (str(_default_data_path(kind)) if kind != "completejourney" else "")
         data_cmd = (f"data.adapters.{kind}", *(["--source", source] if source else []), *seed, *common,
                     *preset.adapter_flags.get(kind, ()))
-    elif cfg.source == WORKDIR_SOURCE:
-        if cfg.data_path:
-            raise UserError(f"--data-path is not used with --source {WORKDIR_SOURCE}: put the four tables in "
-                            f"{Path(cfg.workdir) / 'data'}/")
+    else:  # WORKDIR_SOURCE (ReproduceConfig.check)
         missing = [f"{name}.parquet" for name in TABLE_NAMES if not table_path(cfg.workdir, name).is_file()]
         if missing:
             raise UserError(f"--source {WORKDIR_SOURCE}: {Path(cfg.workdir) / 'data'} has no {', '.join(missing)}; "
                             f"put your four tables there (columns: data/schema.py)")
         data_cmd = ("data.validate", "--workdir", cfg.workdir)
-    else:
-        raise UserError(f"--source {cfg.source!r}: expected synth:<profile>, fashion, instacart, completejourney "
-                        f"or {WORKDIR_SOURCE}")
     stages = [
         Stage("data", (data_cmd,)),
         Stage("embeddings", (

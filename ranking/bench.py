@@ -36,7 +36,7 @@ import logging
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -71,13 +71,16 @@ class RankingBenchConfig(RankerConfig):
     """Training and evaluation samples/s of every ranking variant next to torchrec's DLRM_DCN."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (its data and tables)"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
-    batch_size: int = field(default=4096, metadata={"help": "batch size of every measurement"})
-    steps: int = field(default=20, metadata={"help": "timed batches: a train and an eval step of every model on each"})
-    warmup: int = field(default=3, metadata={"help": "untimed batches first"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (intra-op)"})
-    table_dim: int = field(default=256, metadata={"help": "dim of the random tables used when none are exported"})
-    seed: int = field(default=0, metadata={"help": "seed of the models and the batch order"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
+        "help": "auto (cuda if available), cpu or cuda"})
+    batch_size: int = field(default=4096, metadata={"help": "batch size of every measurement", "min": 1})
+    steps: int = field(default=20, metadata={"help": "timed batches: a train and an eval step of every model on each",
+                                             "min": 1})
+    warmup: int = field(default=3, metadata={"help": "untimed batches first", "min": 0})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (intra-op)", "min": 1})
+    table_dim: int = field(default=256, metadata={"help": "dim of the random tables used when none are exported",
+                                                  "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of the models and the batch order", "min": 0})
 
 
 class DLRMPlain(nn.Module):
@@ -252,11 +255,6 @@ def format_table(rows: list[dict], cfg: RankingBenchConfig, device: torch.device
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     cfg = parse_config(RankingBenchConfig, argv)
-    cfg.validate()
-    if cfg.batch_size < 1 or cfg.steps < 1 or cfg.warmup < 0:
-        raise UserError("--batch-size and --steps must be >= 1 and --warmup >= 0")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {cfg.device!r}: expected auto, cpu or cuda")
     rows, device = run(cfg)
     table = format_table(rows, cfg, device)
     print(table)

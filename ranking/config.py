@@ -14,13 +14,14 @@ from typing import Any, Literal
 
 from common.cli import DEFAULT_WORKDIR, UserError
 from ranking.spec import HISTORY_LEN
-from ranking.variants import VARIANTS
+from ranking.variants import VARIANTS, resolve_variants
 
 
-def _f(default: Any, help: str) -> Any:
+def _size(default: Any, help: str) -> Any:
+    """A width or depth (>= 1), or a list of widths (one or more, each >= 1)."""
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata={"help": help, "min": 1, "min_items": 1})
+    return field(default=default, metadata={"help": help, "min": 1})
 
 
 @dataclass
@@ -28,24 +29,16 @@ class RankerConfig:
     """Architecture of the ranking model: widths of the DCN tower, the table tower and the head
     (the defaults are sized for the demo on 2 CPU cores)."""
 
-    sparse_embedding_dim: int = _f(16, "width E of each sparse feature's trainable table (DCN tower)")
-    dcn_cross_layers: int = _f(2, "cross layers of the DCN tower's LowRankCrossNet")
-    dcn_low_rank: int = _f(32, "rank of the DCN tower's cross layers")
-    dcn_deep_sizes: list[int] = _f([128, 64], "layer widths of the DCN tower's MLP (the last is its output width)")
-    table_proj_dim: int = _f(32, "width k of the learned projections of the product, query and history vectors")
-    table_cross_layers: int = _f(2, "cross layers of the table tower's LowRankCrossNet")
-    table_low_rank: int = _f(16, "rank of the table tower's cross layers")
-    table_deep_sizes: list[int] = _f([128, 64], "layer widths of the table tower's MLP (the last is its output width)")
-    head_sizes: list[int] = _f([64], "layer widths of the head MLP before the final logit layer")
-
-    def validate(self) -> None:
-        """Raise :class:`UserError` naming the flag of a width, depth or size list below 1 (or empty)."""
-        for f in dataclasses.fields(RankerConfig):
-            value = getattr(self, f.name)
-            sizes = value if isinstance(value, list) else [value]
-            if not sizes or min(sizes) < 1:
-                what = "one or more values " if isinstance(value, list) else ""
-                raise UserError(f"--{f.name.replace('_', '-')} must be {what}>= 1, got {value}")
+    sparse_embedding_dim: int = _size(16, "width E of each sparse feature's trainable table (DCN tower)")
+    dcn_cross_layers: int = _size(2, "cross layers of the DCN tower's LowRankCrossNet")
+    dcn_low_rank: int = _size(32, "rank of the DCN tower's cross layers")
+    dcn_deep_sizes: list[int] = _size([128, 64], "layer widths of the DCN tower's MLP (the last is its output width)")
+    table_proj_dim: int = _size(32, "width k of the learned projections of the product, query and history vectors")
+    table_cross_layers: int = _size(2, "cross layers of the table tower's LowRankCrossNet")
+    table_low_rank: int = _size(16, "rank of the table tower's cross layers")
+    table_deep_sizes: list[int] = _size([128, 64], "layer widths of the table tower's MLP (the last is its output "
+                                                   "width)")
+    head_sizes: list[int] = _size([64], "layer widths of the head MLP before the final logit layer")
 
     def model_only(self) -> "RankerConfig":
         """The architecture part of this config (of a subclass such as :class:`RankingTrainConfig` too)."""
@@ -58,32 +51,32 @@ class RankingTrainConfig(RankerConfig):
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     variant: str = field(default="all", metadata={"help": f"'all' or a comma list of: {', '.join(VARIANTS)}"})
-    seeds: int = field(default=5, metadata={"help": "seeds 0..N-1, each trained from scratch"})
-    epochs: int = field(default=4, metadata={"help": "passes over the training split (at most, with early stopping)"})
+    seeds: int = field(default=5, metadata={"help": "seeds 0..N-1, each trained from scratch", "min": 1})
+    epochs: int = field(default=4, metadata={"help": "passes over the training split (at most, with early stopping)",
+                                             "min": 1})
     early_stopping: bool = field(default=True, metadata={
         "help": "hold out the last week of the training split, keep the parameters with its best logloss"})
-    checks_per_epoch: int = field(default=4, metadata={"help": "validation checks per epoch (early stopping)"})
-    patience: int = field(default=3, metadata={"help": "stop after this many checks without a better validation logloss"})
-    batch_size: int = field(default=2048, metadata={"help": "training batch size"})
-    lr: float = field(default=2e-3, metadata={"help": "learning rate"})
+    checks_per_epoch: int = field(default=4, metadata={"help": "validation checks per epoch (early stopping)",
+                                                       "min": 1})
+    patience: int = field(default=3, metadata={"help": "stop after this many checks without a better validation logloss",
+                                               "min": 1})
+    batch_size: int = field(default=2048, metadata={"help": "training batch size", "min": 1})
+    lr: float = field(default=2e-3, metadata={"help": "learning rate", "gt": 0.0})
     optimizer: Literal["adam", "adagrad"] = field(default="adam", metadata={"help": "optimizer of the trainable parameters"})
-    history_len: int = field(default=HISTORY_LEN, metadata={"help": "cap of the purchase-history bag (most recent kept)"})
-    eval_batch_size: int = field(default=8192, metadata={"help": "evaluation batch size"})
+    history_len: int = field(default=HISTORY_LEN, metadata={"help": "cap of the purchase-history bag (most recent kept)",
+                                                            "min": 1})
+    eval_batch_size: int = field(default=8192, metadata={"help": "evaluation batch size", "min": 1})
     threads: int = field(default=1, metadata={"help": "torch CPU threads per training job (1 is fastest for these "
-                                                      "small models; results are deterministic per thread count)"})
-    workers: int = field(default=2, metadata={"help": "variant/seed jobs trained in parallel processes"})
+                                                      "small models; results are deterministic per thread count)",
+                                              "min": 1})
+    workers: int = field(default=2, metadata={"help": "variant/seed jobs trained in parallel processes", "min": 1})
     force: bool = field(default=False, metadata={"help": "retrain finished variant/seed runs"})
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = field(default="auto", metadata={
         "help": "under torchrun (WORLD_SIZE > 1): torchrec planner's plan, or one sharding type for every table"})
     pg_timeout_s: float = field(default=120.0, metadata={
-        "help": "under torchrun: seconds a collective waits before failing (a dead rank stops the others)"})
+        "help": "under torchrun: seconds a collective waits before failing (a dead rank stops the others)", "gt": 0.0})
 
-    def validate(self) -> None:
-        """Raise :class:`UserError` naming the first flag out of range."""
-        super().validate()
-        for flag in ("seeds", "epochs", "batch_size", "eval_batch_size", "history_len", "threads", "workers",
-                     "checks_per_epoch", "patience"):
-            if getattr(self, flag) < 1:
-                raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+    def check(self) -> None:
+        """``--variant`` names variants (common.cli.check_config runs the per-field rules first)."""
+        if not resolve_variants(self.variant):
+            raise UserError(f"--variant {self.variant!r}: no variant named")

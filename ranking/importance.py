@@ -58,16 +58,22 @@ class ImportanceConfig:
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     variant: str = field(default="dcn_pq_hist", metadata={"help": "ranking variant whose model to explain"})
     model_seed: int = field(default=0, metadata={"help": "which trained model: the run of --variant trained with this "
-                                                         "seed (DIR/ranking/<variant>/seed<k>/model.pt)"})
-    seed: int = field(default=0, metadata={"help": "random seed of the row subset and the permutations"})
+                                                         "seed (DIR/ranking/<variant>/seed<k>/model.pt)", "min": 0})
+    seed: int = field(default=0, metadata={"help": "random seed of the row subset and the permutations", "min": 0})
     method: Method = field(default="permutation", metadata={"help": "Captum method, or 'all' for the three and their agreement"})
-    repeats: int = field(default=5, metadata={"help": "permutations per group (mean ± std of the AUC drop)"})
-    max_rows: int = field(default=50_000, metadata={"help": "NW impressions used (random subset with --seed; 0 = all)"})
-    ig_steps: int = field(default=32, metadata={"help": "integrated-gradients steps"})
-    ig_max_rows: int = field(default=5_000, metadata={"help": "rows for integrated gradients (a subset of the rows above; 0 = all)"})
-    batch_size: int = field(default=8192, metadata={"help": "forward batch size"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    repeats: int = field(default=5, metadata={"help": "permutations per group (mean ± std of the AUC drop)", "min": 1})
+    max_rows: int = field(default=50_000, metadata={"help": "NW impressions used (random subset with --seed; 0 = all)",
+                                                    "min": 0})
+    ig_steps: int = field(default=32, metadata={"help": "integrated-gradients steps", "min": 2})
+    ig_max_rows: int = field(default=5_000, metadata={"help": "rows for integrated gradients (a subset of the rows above; 0 = all)",
+                                                      "min": 0})
+    batch_size: int = field(default=8192, metadata={"help": "forward batch size", "min": 1})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads", "min": 1})
     force: bool = field(default=False, metadata={"help": "recompute even if the outputs are complete for these settings"})
+
+    def check(self) -> None:
+        """``--variant`` names a variant (common.cli.check_config runs the per-field rules first)."""
+        get_variant(self.variant)
 
 
 def importance_set(workdir: str | Path) -> OutputSet:
@@ -81,17 +87,6 @@ def _made_from(cfg: ImportanceConfig, model_hashes: dict[str, str]) -> MadeFrom:
     hashes, and the settings that change the numbers."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force", "threads", "batch_size")}
     return MadeFrom({**model_hashes, **input_hashes(cfg.workdir, ["impressions", "purchases"])}, settings)
-
-
-def _check_config(cfg: ImportanceConfig) -> None:
-    """A one-line UserError for an unknown variant or a flag below its minimum."""
-    get_variant(cfg.variant)
-    for flag in ("model_seed", "seed"):
-        if getattr(cfg, flag) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(cfg, flag)}")
-    for flag, low in (("repeats", 1), ("ig_steps", 2), ("batch_size", 1), ("threads", 1), ("max_rows", 0), ("ig_max_rows", 0)):
-        if getattr(cfg, flag) < low:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(cfg, flag)}")
 
 
 def load_trained(cfg: ImportanceConfig) -> tuple[RankingModel, Path, dict[str, str]]:
@@ -112,7 +107,6 @@ def load_trained(cfg: ImportanceConfig) -> tuple[RankingModel, Path, dict[str, s
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the stage (or skip it when its outputs are current); returns the report."""
     cfg = parse_config(ImportanceConfig, argv)
-    _check_config(cfg)
     workdir = Path(cfg.workdir)
     model, model_path, model_hashes = load_trained(cfg)
     torch.set_num_threads(cfg.threads)

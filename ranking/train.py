@@ -573,11 +573,8 @@ def run_jobs(cfg: RankingTrainConfig, variants: list[Variant], inputs: Inputs, p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = parse_config(RankingTrainConfig, argv)
+    cfg = parse_config(RankingTrainConfig, argv)  # checks the flags, --variant included
     variants = resolve_variants(cfg.variant)
-    if not variants:
-        raise UserError(f"--variant {cfg.variant!r}: no variant named")
-    cfg.validate()
     workdir = prepare_workdir(cfg.workdir, layout.ROOT, *(layout.run_rel(v.name, k) for v in variants
                                                           for k in range(cfg.seeds)))
     env = init_from_env(cfg.pg_timeout_s)

@@ -67,7 +67,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main, with_fixed_hash_seed
+from common.cli import DEFAULT_WORKDIR, UserError, check_config, parse_config, run_main, with_fixed_hash_seed
 from common.io import read_json, write_parquet
 from common.provenance import MadeFrom
 from data import schema
@@ -98,8 +98,8 @@ class AddProductsConfig:
                                                                     "serving.index)"})
     catalog: str = field(default="", metadata={"help": "Parquet file of the catalog schema with the products"})
     replace: bool = field(default=False, metadata={"help": "replace products that are already served"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
-    batch_size: int = field(default=64, metadata={"help": "products per encoder batch"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads", "min": 1})
+    batch_size: int = field(default=64, metadata={"help": "products per encoder batch", "min": 1})
 
 
 def read_catalog(path: Path) -> pa.Table:
@@ -231,11 +231,10 @@ def _record(previous: pa.Table | None, catalog: pa.Table, vectors: np.ndarray,
 
 def add_products(cfg: AddProductsConfig) -> dict[str, Any]:
     """Run the update (see the module docstring); returns the added set's manifest."""
+    check_config(cfg)  # also when called with a config built in code
     workdir, path = Path(cfg.workdir), Path(cfg.catalog)
     if not cfg.catalog:
         raise UserError("--catalog FILE is required")
-    if cfg.threads < 1 or cfg.batch_size < 1:
-        raise UserError("--threads and --batch-size must be >= 1")
     catalog = read_catalog(path)
     torch.set_num_threads(cfg.threads)
 

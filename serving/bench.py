@@ -77,7 +77,7 @@ import psutil
 import pyarrow.parquet as pq
 import torch
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.cli import DEFAULT_WORKDIR, UserError, check_config, parse_config, run_main
 from common.io import file_sha256, prepare_workdir, read_json, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
@@ -109,22 +109,32 @@ class ServingBenchConfig:
     """Latency of the exported model: fused tables vs Redis-fetched vectors, and the HTTP service."""
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (needs DIR/serving from serving.export)"})
-    iters: int = field(default=200, metadata={"help": "timed calls per setting (after --warmup)"})
-    warmup: int = field(default=20, metadata={"help": "untimed calls per setting"})
-    threads: int = field(default=1, metadata={"help": "torch intra-op threads (bench process and server)"})
-    candidates: list[int] = field(default_factory=lambda: [1, 64, 512], metadata={"help": "candidate counts"})
-    http_clients: int = field(default=8, metadata={"help": "concurrent HTTP clients in the load test (0 = skip it)"})
-    http_requests: int = field(default=4000, metadata={"help": "total requests of each load test (per form)"})
-    http_candidates: int = field(default=64, metadata={"help": "candidates per load-test request"})
-    http_seconds: float = field(default=60.0, metadata={"help": "time cap of each load test"})
+    iters: int = field(default=200, metadata={"help": "timed calls per setting (after --warmup)", "min": 1})
+    warmup: int = field(default=20, metadata={"help": "untimed calls per setting", "min": 0})
+    threads: int = field(default=1, metadata={"help": "torch intra-op threads (bench process and server)", "min": 1})
+    candidates: list[int] = field(default_factory=lambda: [1, 64, 512], metadata={"help": "candidate counts", "min": 1,
+                                                                                  "min_items": 1})
+    http_clients: int = field(default=8, metadata={"help": "concurrent HTTP clients in the load test (0 = skip it)",
+                                                   "min": 0})
+    http_requests: int = field(default=4000, metadata={"help": "total requests of each load test (per form)", "min": 1})
+    http_candidates: int = field(default=64, metadata={"help": "candidates per load-test request", "min": 1})
+    http_seconds: float = field(default=60.0, metadata={"help": "time cap of each load test", "gt": 0.0})
     http_sequential: int = field(default=300, metadata={
-        "help": "one-client requests per form, interleaved with calls of the model alone"})
-    http_workers: int = field(default=0, metadata={"help": "server worker processes (0 = the server's default)"})
+        "help": "one-client requests per form, interleaved with calls of the model alone", "min": 1})
+    http_workers: int = field(default=0, metadata={"help": "server worker processes (0 = the server's default)",
+                                                   "min": 0})
     http_batch: bool = field(default=True, metadata={"help": "the server batches concurrent requests"})
-    funnel_candidates: int = field(default=200, metadata={"help": "POST /recommend: candidates retrieved and ranked"})
-    funnel_k: int = field(default=10, metadata={"help": "POST /retrieve and /recommend: products returned"})
-    seed: int = field(default=0, metadata={"help": "which impressions make the requests"})
+    funnel_candidates: int = field(default=200, metadata={"help": "POST /recommend: candidates retrieved and ranked",
+                                                          "min": 1})
+    funnel_k: int = field(default=10, metadata={"help": "POST /retrieve and /recommend: products returned", "min": 1})
+    seed: int = field(default=0, metadata={"help": "which impressions make the requests", "min": 0})
     force: bool = field(default=False, metadata={"help": "run again even when bench.json has these settings"})
+
+    def check(self) -> None:
+        """The rules between fields (common.cli.check_config runs the per-field ones first)."""
+        if self.funnel_k > self.funnel_candidates:
+            raise UserError(f"--funnel-k ({self.funnel_k}) must not exceed --funnel-candidates "
+                            f"({self.funnel_candidates})")
 
 
 def percentiles(seconds: Sequence[float]) -> dict[str, float]:
@@ -685,16 +695,7 @@ def funnel_markdown(funnel: dict) -> list[str]:
 
 
 def run(cfg: ServingBenchConfig, argv: Sequence[str] | None = None) -> dict:
-    for flag in ("iters", "threads", "http_requests", "http_candidates", "http_sequential", "funnel_candidates",
-                 "funnel_k"):
-        if getattr(cfg, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(cfg, flag)}")
-    if cfg.funnel_k > cfg.funnel_candidates:
-        raise UserError(f"--funnel-k ({cfg.funnel_k}) must not exceed --funnel-candidates ({cfg.funnel_candidates})")
-    if cfg.warmup < 0 or cfg.http_clients < 0 or cfg.http_workers < 0 or not cfg.http_seconds > 0:
-        raise UserError("--warmup, --http-clients and --http-workers must be >= 0 and --http-seconds > 0")
-    if not cfg.candidates or min(cfg.candidates) < 1:
-        raise UserError(f"--candidates must be counts >= 1, got {cfg.candidates}")
+    check_config(cfg)  # also when called with a config built in code
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per health check

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main, with_fixed_hash_seed
+from common.cli import DEFAULT_WORKDIR, UserError, check_config, parse_config, run_main, with_fixed_hash_seed
 from common.io import file_sha256, prepare_workdir, read_json, write_json, write_parquet
 from common.provenance import MadeFrom, OutputSet
 from data.dataset import input_hashes
@@ -91,13 +91,17 @@ class ServingExportConfig:
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     variant: str = field(default="dcn_pq_hist", metadata={"help": "ranking variant to export"})
     model_seed: int = field(default=0, metadata={"help": "which trained model: the run of --variant trained with "
-                                                         "this seed (DIR/ranking/<variant>/seed<k>)"})
+                                                         "this seed (DIR/ranking/<variant>/seed<k>)", "min": 0})
     table_dtype: TableDtype = field(default="fp32", metadata={
         "help": "storage of the frozen tables inside the fused model (fp16/int8: torchrec quantized EBC)"})
-    parity_rows: int = field(default=4096, metadata={"help": "NW impressions in the parity check"})
-    eval_batch_size: int = field(default=8192, metadata={"help": "batch size of the NW AUC pass"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    parity_rows: int = field(default=4096, metadata={"help": "NW impressions in the parity check", "min": 1})
+    eval_batch_size: int = field(default=8192, metadata={"help": "batch size of the NW AUC pass", "min": 1})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads", "min": 1})
     force: bool = field(default=False, metadata={"help": "export again even when the outputs are complete"})
+
+    def check(self) -> None:
+        """``--variant`` names a variant (common.cli.check_config runs the per-field rules first)."""
+        get_variant(self.variant)
 
 
 
@@ -247,9 +251,7 @@ def _settings(cfg: ServingExportConfig) -> dict:
 def export(cfg: ServingExportConfig) -> dict:
     """Run the export (see module docstring); returns the manifest (``serving/manifest.json``)."""
     workdir = Path(cfg.workdir)
-    get_variant(cfg.variant)
-    if cfg.model_seed < 0 or cfg.parity_rows < 1 or cfg.eval_batch_size < 1 or cfg.threads < 1:
-        raise UserError("--model-seed must be >= 0 and --parity-rows, --eval-batch-size, --threads >= 1")
+    check_config(cfg)  # also when called with a config built in code
     checkpoint = checkpoint_path(workdir, cfg.variant, cfg.model_seed)
     if not checkpoint.exists():
         raise UserError(f"{checkpoint}: missing ranking model (run `python -m ranking.train --workdir {workdir} "

@@ -82,7 +82,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.cli import DEFAULT_WORKDIR, UserError, check_config, parse_config, run_main
 from common.io import file_sha256, prepare_workdir, write_json
 from common.provenance import MadeFrom, OutputSet
 from data.schema import SchemaError
@@ -118,29 +118,31 @@ class IndexConfig:
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     kind: IndexKind = field(default="auto", metadata={
         "help": "auto = exact below --exact-below products, else hnsw"})
-    exact_below: int = field(default=50_000, metadata={"help": "auto: product count from which an ANN index is built"})
-    hnsw_m: int = field(default=32, metadata={"help": "hnsw: graph neighbours per node (M)"})
-    ef_construction: int = field(default=200, metadata={"help": "hnsw: candidate list size while building"})
-    ef_search: int = field(default=128, metadata={"help": "hnsw: candidate list size while searching (stored)"})
-    nlist: int = field(default=0, metadata={"help": "ivf: number of lists (0 = 4*sqrt(N), at most N/39)"})
-    nprobe: int = field(default=32, metadata={"help": "ivf: lists visited per query (stored)"})
+    exact_below: int = field(default=50_000, metadata={"help": "auto: product count from which an ANN index is built",
+                                                       "min": 1})
+    hnsw_m: int = field(default=32, metadata={"help": "hnsw: graph neighbours per node (M)", "min": 1})
+    ef_construction: int = field(default=200, metadata={"help": "hnsw: candidate list size while building", "min": 1})
+    ef_search: int = field(default=128, metadata={"help": "hnsw: candidate list size while searching (stored)", "min": 1})
+    nlist: int = field(default=0, metadata={"help": "ivf: number of lists (0 = 4*sqrt(N), at most N/39)", "min": 0})
+    nprobe: int = field(default=32, metadata={"help": "ivf: lists visited per query (stored)", "min": 1})
     build_threads: int = field(default=1, metadata={
-        "help": "FAISS threads for the build (1 = byte-identical files; more is faster, HNSW bytes then vary)"})
-    seed: int = field(default=0, metadata={"help": "ivf: k-means seed; bench: random vectors"})
+        "help": "FAISS threads for the build (1 = byte-identical files; more is faster, HNSW bytes then vary)",
+        "min": 1})
+    seed: int = field(default=0, metadata={"help": "ivf: k-means seed; bench: random vectors", "min": 0})
     force: bool = field(default=False, metadata={"help": "rebuild even when the index is current"})
     bench: bool = field(default=False, metadata={
         "help": "benchmark the index kinds on random unit vectors instead of building DIR's index"})
-    bench_n: int = field(default=400_000, metadata={"help": "bench: products"})
-    bench_dim: int = field(default=256, metadata={"help": "bench: vector dimension"})
-    bench_queries: int = field(default=1000, metadata={"help": "bench: queries for recall and latency"})
+    bench_n: int = field(default=400_000, metadata={"help": "bench: products", "min": 1})
+    bench_dim: int = field(default=256, metadata={"help": "bench: vector dimension", "min": 1})
+    bench_queries: int = field(default=1000, metadata={"help": "bench: queries for recall and latency", "min": 1})
     bench_data: BenchData = field(default="clustered", metadata={
         "help": "bench: clustered (embedding-like) or uniform (isotropic, the worst case) random unit vectors"})
     bench_kinds: list[str] = field(default_factory=lambda: ["exact", "hnsw", "ivf"], metadata={
-        "help": "bench: index kinds to build", "choices": ["exact", "hnsw", "ivf"]})
+        "help": "bench: index kinds to build", "choices": ["exact", "hnsw", "ivf"], "min_items": 1})
     bench_ef_search: list[int] = field(default_factory=lambda: [32, 64, 128, 256], metadata={
-        "help": "bench: efSearch values timed for hnsw (besides --ef-search)"})
+        "help": "bench: efSearch values timed for hnsw (besides --ef-search)", "min": 1})
     bench_nprobe: list[int] = field(default_factory=lambda: [8, 16, 32, 64], metadata={
-        "help": "bench: nprobe values timed for ivf (besides --nprobe)"})
+        "help": "bench: nprobe values timed for ivf (besides --nprobe)", "min": 1})
 
 
 def index_set(workdir: str | Path) -> OutputSet:
@@ -171,22 +173,6 @@ def index_settings(cfg: IndexConfig, kind: str, n: int) -> dict[str, Any]:
         nlist = cfg.nlist or auto_nlist(n)
         settings.update(nlist=nlist, nprobe=min(cfg.nprobe, nlist), seed=cfg.seed, build_threads=cfg.build_threads)
     return settings
-
-
-def check_config(cfg: IndexConfig) -> None:
-    for flag in ("exact_below", "hnsw_m", "ef_construction", "ef_search", "nprobe", "build_threads"):
-        if getattr(cfg, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(cfg, flag)}")
-    if cfg.nlist < 0:
-        raise UserError(f"--nlist must be >= 0 (0 = automatic), got {cfg.nlist}")
-    if cfg.bench:
-        for flag in ("bench_n", "bench_dim", "bench_queries"):
-            if getattr(cfg, flag) < 1:
-                raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(cfg, flag)}")
-        if not cfg.bench_kinds:
-            raise UserError("--bench-kinds needs at least one of exact, hnsw, ivf")
-        if min([*cfg.bench_ef_search, *cfg.bench_nprobe, 1]) < 1:
-            raise UserError("--bench-ef-search and --bench-nprobe values must be >= 1")
 
 
 # vectors --------------------------------------------------------------------------------------
@@ -321,7 +307,7 @@ def _product_count(path: Path) -> int:
 
 def build(cfg: IndexConfig) -> dict[str, Any]:
     """Build (or keep) ``DIR/serving/index.faiss`` and ``index_ids.npy``; returns the manifest."""
-    check_config(cfg)
+    check_config(cfg)  # also when called with a config built in code
     path = tables.embedding_table_path(cfg.workdir, "product")
     if not path.is_file():
         raise UserError(f"{path} not found: the product index needs the exported product table "
@@ -641,7 +627,7 @@ def bench_table(results: dict[str, Any]) -> str:
 
 
 def run_bench(cfg: IndexConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    check_config(cfg)
+    check_config(cfg)  # also when called with a config built in code
     workdir = prepare_workdir(cfg.workdir, "serving")
     results = bench_index(cfg.bench_n, cfg.bench_dim, queries=cfg.bench_queries, data=cfg.bench_data,
                           kinds=list(dict.fromkeys(cfg.bench_kinds)), cfg=cfg, ef_search_sweep=cfg.bench_ef_search,

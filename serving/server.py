@@ -140,18 +140,20 @@ class ServerConfig:
 
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (reads DIR/serving, DIR/data)"})
     host: str = field(default="127.0.0.1", metadata={"help": "interface to bind"})
-    port: int = field(default=8000, metadata={"help": "TCP port"})
-    max_candidates: int = field(default=1000, metadata={"help": "most candidates per request (more -> 413)"})
-    max_body_mb: float = field(default=8.0, metadata={"help": "largest request body in MiB (more -> 413)"})
+    port: int = field(default=8000, metadata={"help": "TCP port", "min": 1, "max": 65535})
+    max_candidates: int = field(default=1000, metadata={"help": "most candidates per request (more -> 413)", "min": 1})
+    max_body_mb: float = field(default=8.0, metadata={"help": "largest request body in MiB (more -> 413)", "gt": 0.0})
     max_dense_z: float = field(default=DENSE_MAX_Z, metadata={
-        "help": "dense values must lie within training mean +- this many training stds (else 422)"})
-    threads: int = field(default=1, metadata={"help": "torch intra-op threads per worker process"})
+        "help": "dense values must lie within training mean +- this many training stds (else 422)", "gt": 0.0,
+        "lt": float("inf")})
+    threads: int = field(default=1, metadata={"help": "torch intra-op threads per worker process", "min": 1})
     workers: int = field(default=0, metadata={
-        "help": "worker processes sharing the port (0 = one per CPU core)"})
+        "help": "worker processes sharing the port (0 = one per CPU core)", "min": 0})
     batch: bool = field(default=True, metadata={
         "help": "score the requests that are ready at the same moment in one model call (no waiting)"})
     watch_s: float = field(default=1.0, metadata={
-        "help": "seconds between looks at the served files' manifests; a change is loaded and swapped in (0 = never)"})
+        "help": "seconds between looks at the served files' manifests; a change is loaded and swapped in (0 = never)",
+        "min": 0.0})
     log_level: str = field(default="warning", metadata={"help": "uvicorn log level",
                                                         "choices": ["critical", "error", "warning", "info", "debug"]})
 
@@ -851,10 +853,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     cfg = parse_config(ServerConfig, argv)
-    if (cfg.max_candidates < 1 or cfg.threads < 1 or cfg.workers < 0 or not cfg.max_body_mb > 0
-            or not 0 < cfg.max_dense_z < float("inf") or not 0 < cfg.port < 65536 or not cfg.watch_s >= 0):
-        raise UserError("--max-candidates and --threads must be >= 1, --workers >= 0, --max-body-mb > 0, "
-                        "--max-dense-z finite > 0, --port in 1..65535, --watch-s >= 0")
     workers = cfg.workers or default_workers()
     options = {"host": cfg.host, "port": cfg.port, "log_level": cfg.log_level,
                "access_log": cfg.log_level in ("info", "debug")}

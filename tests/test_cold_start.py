@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.cli import UserError
+from common.cli import UserError, check_config
 from common.provenance import MadeFrom
 from data.schema import read_table
 from embeddings import train
@@ -122,7 +122,7 @@ def test_cold_fraction_is_a_training_setting_of_both_stages():
     other = EmbeddingsTrainConfig(cold_product_fraction=0.2)
     assert MadeFrom({}, other.settings("1")).key() != MadeFrom({}, cfg.settings("1")).key()
     with pytest.raises(UserError, match="--cold-product-fraction"):
-        EmbeddingsTrainConfig(cold_product_fraction=1.0).validate()
+        check_config(EmbeddingsTrainConfig(cold_product_fraction=1.0))
 
 
 def test_evaluation_takes_the_cold_fraction_training_recorded(tmp_path, catalog):

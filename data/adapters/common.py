@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.cli import DEFAULT_WORKDIR, UserError
+from common.cli import DEFAULT_WORKDIR, UserError, check_config
 from common.io import prepare_workdir
 from common.provenance import MadeFrom
 from data.dataset import data_set, table_rel
@@ -56,7 +56,7 @@ class AdapterConfig:
 
     source: str = field(default="", metadata={"help": "the source data set directory"})
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "output directory; tables go to WORKDIR/data"})
-    seed: int = field(default=0, metadata={"help": "seed of every sampling step"})
+    seed: int = field(default=0, metadata={"help": "seed of every sampling step", "min": 0})
     force: bool = field(default=False, metadata={"help": "rebuild even if the same settings are already written"})
 
 
@@ -280,8 +280,7 @@ def validate_output(out: AdapterOutput, data_dir: Path) -> dict[TableName, pa.Ta
 
 def run_adapter(config: AdapterConfig, generator: str, build: Callable[[AdapterConfig], AdapterOutput]) -> dict[str, Any]:
     """Build (unless already complete), validate and write the data set; return the manifest."""
-    if config.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {config.seed}")
+    check_config(config)  # also when called with a config built in code
     root = prepare_workdir(config.workdir, "data")
     data_dir = root / "data"
     settings = settings_of(config)

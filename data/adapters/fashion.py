@@ -82,8 +82,10 @@ class FashionConfig(AdapterConfig):
                         metadata={"help": f"directory holding {SOURCE_FILE}"})
     aisle_level: Literal["articletype", "subcategory"] = field(
         default="articletype", metadata={"help": "which attribute becomes the catalog aisle"})
-    limit: int = field(default=0, metadata={"help": "keep this many products, stratified by article type (0 = all)"})
-    pairs_per_query: int = field(default=8, metadata={"help": "relevance draws per query from each attribute pool (7x that from all products)"})
+    limit: int = field(default=0, metadata={"help": "keep this many products, stratified by article type (0 = all)",
+                                            "min": 0})
+    pairs_per_query: int = field(default=8, metadata={"help": "relevance draws per query from each attribute pool (7x that from all products)",
+                                                      "min": 1})
 
 
 def load_products(config: FashionConfig) -> pd.DataFrame:
@@ -193,8 +195,6 @@ def build_relevance(products: pd.DataFrame, rng: np.random.Generator, pairs_per_
 
 
 def build(config: FashionConfig) -> AdapterOutput:
-    if config.limit < 0 or config.pairs_per_query < 1:
-        raise UserError("--limit must be >= 0 and --pairs-per-query >= 1")
     rng = np.random.default_rng(config.seed)
     products = load_products(config)
     log.info("read %d fashion products", len(products))

@@ -95,13 +95,20 @@ class InstacartConfig(AdapterConfig):
 
     source: str = field(default=str(SHARED_DATA / "instacart"), metadata={"help": "directory of the Instacart csv files"})
     end_date: str = field(default="2017-12-31", metadata={"help": "date of every user's last order (YYYY-MM-DD)"})
-    candidates: int = field(default=30, metadata={"help": "candidates per target order"})
-    history_candidates: int = field(default=20, metadata={"help": "previously bought products ranked first"})
-    aisle_candidates: int = field(default=5, metadata={"help": "popular products offered per aisle of the user"})
-    train_orders: int = field(default=3, metadata={"help": "earlier orders per user used as training sessions"})
-    pairs_per_query: int = field(default=8, metadata={"help": "relevance draws per query per attribute pool"})
+    candidates: int = field(default=30, metadata={"help": "candidates per target order", "min": 1})
+    history_candidates: int = field(default=20, metadata={"help": "previously bought products ranked first", "min": 0})
+    aisle_candidates: int = field(default=5, metadata={"help": "popular products offered per aisle of the user", "min": 0})
+    train_orders: int = field(default=3, metadata={"help": "earlier orders per user used as training sessions", "min": 0})
+    pairs_per_query: int = field(default=8, metadata={"help": "relevance draws per query per attribute pool", "min": 1})
     min_word_products: int = field(default=30, metadata={"help": "a title word becomes a query if this many "
-                                                                  "products contain it"})
+                                                                  "products contain it", "min": 1})
+
+    def check(self) -> None:
+        """``--end-date`` is a date (common.cli.check_config runs the per-field rules first)."""
+        try:
+            pd.Timestamp(self.end_date)
+        except ValueError:
+            raise UserError(f"--end-date {self.end_date!r} is not a date (expected YYYY-MM-DD)") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,11 +185,9 @@ def load_source(config: InstacartConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def build_timeline(lines: pd.DataFrame, end_date: str) -> pd.DataFrame:
-    """One row per order: the source columns, ts (RULES['timeline']) and day (calendar day of ts, end date = 0)."""
-    try:
-        end = pd.Timestamp(end_date)
-    except ValueError:
-        raise UserError(f"--end-date {end_date!r} is not a date (expected YYYY-MM-DD)") from None
+    """One row per order: the source columns, ts (RULES['timeline']) and day (calendar day of ts, end date = 0);
+    ``end_date`` is checked by :meth:`InstacartConfig.check`."""
+    end = pd.Timestamp(end_date)
     orders = (lines.drop_duplicates("order_id")
               .drop(columns="product_id").sort_values(["user_id", "order_number"]).reset_index(drop=True))
     user = orders["user_id"]
@@ -351,10 +356,6 @@ def build_relevance(products: pd.DataFrame, rng: np.random.Generator, config: In
 
 
 def build(config: InstacartConfig) -> AdapterOutput:
-    if min(config.candidates, config.pairs_per_query, config.min_word_products) < 1 or \
-            min(config.history_candidates, config.aisle_candidates, config.train_orders) < 0:
-        raise UserError("--candidates, --pairs-per-query, --min-word-products must be >= 1 and "
-                        "--history-candidates, --aisle-candidates, --train-orders >= 0")
     rng = np.random.default_rng(config.seed)
     products, lines = load_source(config)
     log.info("read %d products and %d order lines of %d users", len(products), len(lines), lines["user_id"].nunique())

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config
+from common.cli import DEFAULT_WORKDIR, UserError, check_config, parse_config
 from common.io import prepare_workdir
 from common.provenance import MadeFrom, canonical
 from data import schema
@@ -42,11 +42,13 @@ GENERATOR_VERSION = 2
 class SynthArgs:
     """Generate the synthetic marketplace tables under DIR/data."""
 
-    profile: str = field(default="demo", metadata={"help": f"size profile: one of {', '.join(PROFILES)}"})
+    profile: str = field(default="demo", metadata={"help": "size profile", "choices": tuple(PROFILES)})
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
-    seed: int = field(default=0, metadata={"help": "random seed (>= 0)"})
-    label_noise: float = field(default=0.0, metadata={"help": "share of relevance labels flipped (0..1)"})
-    scale: float = field(default=1.0, metadata={"help": "multiply the profile's product/user/session/query counts"})
+    seed: int = field(default=0, metadata={"help": "random seed", "min": 0})
+    label_noise: float = field(default=0.0, metadata={"help": "share of relevance labels flipped", "min": 0.0,
+                                                      "max": 1.0})
+    scale: float = field(default=1.0, metadata={"help": "multiply the profile's product/user/session/query counts",
+                                                "gt": 0.0})
     query_counts: bool = field(default=True, metadata={
         "help": "add the query counting features (past CTR and impressions of the query, (query, product) and "
                 "(query, aisle)) to the impressions; --no-query-counts gives the baseline without query signal"})
@@ -113,18 +115,6 @@ def _settings(args: SynthArgs, cfg: ProfileConfig, behaviour: Behaviour, clicks:
             "click_model": dataclasses.asdict(clicks)}
 
 
-def _check_args(args: SynthArgs) -> ProfileConfig:
-    if args.profile not in PROFILES:
-        raise UserError(f"unknown --profile {args.profile!r}; expected one of {', '.join(PROFILES)}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
-    if not 0.0 <= args.label_noise <= 1.0:
-        raise UserError(f"--label-noise must be in [0, 1], got {args.label_noise}")
-    if not args.scale > 0:
-        raise UserError(f"--scale must be > 0, got {args.scale}")
-    return PROFILES[args.profile].scaled(args.scale)
-
-
 OUTPUTS = (*schema.TABLE_NAMES, "truth", "relevance_truth")
 
 
@@ -143,7 +133,8 @@ def _dest(workdir: Path, name: str) -> Path:
 
 def generate(args: SynthArgs) -> dict:
     """Generate all tables for ``args``; returns the manifest (also written to DIR/data/manifest.json)."""
-    cfg = _check_args(args)
+    check_config(args)  # also when called with args built in code
+    cfg = PROFILES[args.profile].scaled(args.scale)
     workdir = prepare_workdir(args.workdir, "data")
     behaviour, clicks = Behaviour(), ClickModel()
     settings = canonical(_settings(args, cfg, behaviour, clicks))
