@@ -20,6 +20,10 @@ is the parser's ``error: <command>: ... (see --help)``; a value outside its boun
 cross-field rule is a :class:`UserError` (``error: --flag must be >= 1, got 0``). :func:`run_main`
 wraps a command so that these and other expected failures (:class:`UserError`, a full disk) print
 one line and exit with code 2, never a traceback.
+
+``--threads`` means the same in every command that takes it (:func:`threads_field`): the torch CPU
+threads of each process that runs a model, :data:`DEFAULT_THREADS` by default, ``0`` = every core
+this process may run on (:func:`resolve_threads`). On CPU the same count gives the same numbers.
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ from typing import Any, Callable, Sequence, TypeVar
 T = TypeVar("T")
 
 DEFAULT_WORKDIR = "runs/demo"
+# --threads of every command that takes it: one thread gives the same numbers on any machine, is
+# the fastest for the small ranking models and leaves the cores to parallel workers; 0 = every core
+DEFAULT_THREADS = 1
 
 
 class UserError(Exception):
@@ -44,6 +51,28 @@ class UserError(Exception):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def threads_field(of: str = "process that runs a model", note: str = "", **metadata: Any) -> Any:
+    """The ``--threads`` field of a command's config: :data:`DEFAULT_THREADS`, >= 0 (0 = every core).
+    ``of`` names what each count is for (a training job, a server worker), ``note`` is added to the
+    help, ``metadata`` to the field's (e.g. ``stage="run"``)."""
+    text = (f"torch CPU threads of each {of} (0 = every core it may run on; on CPU the same count gives the "
+            f"same numbers)" + (f"; {note}" if note else ""))
+    return dataclasses.field(default=DEFAULT_THREADS, metadata={"help": text, "min": 0, **metadata})
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads: int) -> int:
+    """The thread count a ``--threads`` value stands for: itself, or :func:`available_cores` for 0."""
+    return threads if threads > 0 else available_cores()
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from common.cli import parse_config, run_main
+from common.cli import parse_config, resolve_threads, run_main
 from common.io import prepare_workdir, read_json, write_json
 from data import schema
 from data.text import normalize_query
@@ -287,8 +287,7 @@ def markdown(cfg: EmbeddingsBenchConfig, device: torch.device, results: dict[str
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     cfg = parse_config(EmbeddingsBenchConfig, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     device = resolve_device(cfg.device)
     results = {} if cfg.inference_only else run_bench(cfg)
     image_size = cfg.image_size or (384 if cfg.backbone == "blip-base" else 96)

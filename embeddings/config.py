@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from common.cli import DEFAULT_WORKDIR, UserError
+from common.cli import DEFAULT_WORKDIR, UserError, threads_field
 
 Backbone = Literal["mini", "blip", "tiny"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -84,7 +84,7 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
     resume: bool = _f(True, "continue an interrupted run of the same data and settings from its last "
                             "checkpoint", "run")
     force: bool = _f(False, "retrain even when finished outputs for the same data and settings exist", "run")
-    threads: int = _f(0, "CPU threads for torch (0 = torch default)", "run")
+    threads: int = threads_field(stage="run")
     pg_timeout_s: float = _f(300.0, "under torchrun (WORLD_SIZE > 1): every collective fails after this many seconds, "
                                     "so a rank that dies stops the others instead of hanging them", "run", gt=0.0)
     max_steps_this_run: int = _f(0, "stop (with a checkpoint) after this many optimizer steps in this "
@@ -193,7 +193,7 @@ class EmbeddingsBenchConfig:
     freeze_fraction: float = field(default=0.67, metadata={"help": "share of first layers frozen"})
     steps: int = field(default=5, metadata={"help": "timed steps per measurement (after warm-up)"})
     warmup: int = field(default=2, metadata={"help": "untimed warm-up steps"})
-    threads: int = field(default=0, metadata={"help": "CPU threads (0 = torch default)"})
+    threads: int = threads_field()
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "bench.json is written to DIR/embeddings/"})
     inference_only: bool = field(default=False, metadata={"help": "skip the training and model-only measurements: "
                                                                   "only the end-to-end encoder comparison"})

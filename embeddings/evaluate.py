@@ -75,7 +75,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm import tqdm
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.cli import DEFAULT_WORKDIR, UserError, parse_config, resolve_threads, run_main, threads_field
 from common.io import prepare_workdir, read_json, temp_sibling, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
@@ -428,9 +428,7 @@ class EvaluateConfig:
     probe_hidden: int = field(default=256, metadata={"help": "hidden width of the MLP probes"})
     probe_max_rows: int = field(default=200_000, metadata={"help": "subsample each probe's rows to at most this"})
     tsne_points: int = field(default=2000, metadata={"help": "products per t-SNE map"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads for encoding (0 = torch default); the "
-                                                      "probes always train on one thread (see single_threaded)",
-                                              "min": 0})
+    threads: int = threads_field(note="the probes always train on one thread (see single_threaded)")
 
 
 def split_settings(workdir: Path, seed: int) -> dict:
@@ -858,8 +856,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(EvaluateConfig, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     return evaluate(cfg)
 
 

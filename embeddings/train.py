@@ -83,7 +83,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.cli import UserError, parse_config, run_main
+from common.cli import UserError, parse_config, resolve_threads, run_main
 from common.distributed import init_from_env
 from common.io import prepare_workdir, read_json, write_json
 from common.provenance import MadeFrom
@@ -917,8 +917,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = init_from_env(cfg.pg_timeout_s, cfg.device)  # under torchrun (WORLD_SIZE > 1), else None
     shard = Shard.of(env, resolve_device(cfg.device) if env is None else env.device)
     threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     root_log = logging.getLogger()
     level = root_log.level
     if not shard.is_main:

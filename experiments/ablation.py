@@ -5,7 +5,8 @@
 ``DIR/data/`` holds the four tables (run ``python -m data.synth`` or ``experiments.reproduce
 --stages data`` first). Each row trains DashCLIP with its flags (after ``--flags``, the budget
 every row shares) in ``DIR/ablation/<row>/`` and evaluates it there (``embeddings.evaluate``). The
-data files are hard links to ``DIR/data/``, so every row reads the same bytes. A row whose stage-1
+data files are hard links to ``DIR/data/``, so every row reads the same bytes. Both commands run
+on every core (``--threads 0``, unless ``--flags`` says otherwise for training). A row whose stage-1
 settings equal an earlier row's starts from that row's published stage-1 checkpoint (hard links
 of its output set; ``embeddings.train`` reuses it only when the inputs and the stage-1 settings
 match, else it trains its own), so rows that differ in stage 2 only are measured on the same
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
 from common.io import prepare_workdir, read_json, write_json, write_text
-from experiments.reproduce import Console, Stage, run_stage
+from experiments.reproduce import ALL_CORES, Console, Stage, run_stage
 
 PAPER_RECIPE = ("--pooling", "cls", "--cross-attention", "plain", "--multimodal-itc-weight", "0",
                 "--pqc-in-batch-weight", "0", "--query-side-negatives", "0")
@@ -168,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         for earlier in done:
             share_stage1(earlier, row_dir)
         workdir = ("--workdir", str(row_dir))
-        stage = Stage(row.name, (("embeddings.train", *workdir, *shared, *row.flags),
-                                 ("embeddings.evaluate", *workdir)))
+        stage = Stage(row.name, (("embeddings.train", *workdir, *ALL_CORES, *shared, *row.flags),
+                                 ("embeddings.evaluate", *workdir, *ALL_CORES)))
         costs = run_stage(stage, prepare_workdir(row_dir, "logs") / "logs", console, f"{number}/{len(chosen)}")
         metrics = read_json(row_dir / "embeddings" / "metrics.json")
         results[row.name] = {"change": row.change, "flags": [*shared, *row.flags], "figures": row_figures(metrics),

@@ -158,7 +158,7 @@ def bench_steps(cfg: GpuBenchConfig, workdir: str) -> dict[str, Step]:
                  "--bench-nprobe", "4", "--hnsw-m", "8", "--ef-construction", "32", "--ef-search", "32", "--nprobe", "8"]
     else:
         emb += ["--batch-size", "32", "--steps", "5", "--warmup", "2", "--encode-products", "512",
-                "--encode-queries", "2048", "--encode-rounds", "3"]
+                "--encode-queries", "2048", "--encode-rounds", "3", "--threads", "0"]
         rank = ["--batch-size", "4096", "--steps", "20", "--warmup", "3"]
         serve = ["--iters", "100", "--warmup", "10", "--candidates", "1", "64", "512", "--http-clients", "8",
                  "--http-requests", "2000", "--http-candidates", "64", "--http-sequential", "200",

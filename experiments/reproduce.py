@@ -64,6 +64,9 @@ ADAPTER_SOURCES = ("fashion", "instacart", "completejourney")
 WORKDIR_SOURCE = "workdir"
 # the trained model that importance explains and serving exports: ranking.train always trains seed 0
 EXPLAINED_MODEL = ("--variant", "dcn_pq_hist", "--model-seed", "0")
+# the DashCLIP commands run one at a time on models far larger than the ranker: every core (--threads
+# defaults to 1); a preset's own --threads comes later on the command line and wins
+ALL_CORES = ("--threads", "0")
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")  # ANSI sequences, control chars
 
 
@@ -154,10 +157,10 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
     stages = [
         Stage("data", (data_cmd,)),
         Stage("embeddings", (
-            ("embeddings.train", "--stage", "all", *seed, *common, *preset.embeddings_train,
+            ("embeddings.train", "--stage", "all", *seed, *common, *ALL_CORES, *preset.embeddings_train,
              *preset.source_embeddings_train.get(kind, ())),
             ("embeddings.export", *common),
-            ("embeddings.evaluate", *seed, *common, *preset.embeddings_evaluate),
+            ("embeddings.evaluate", *seed, *common, *ALL_CORES, *preset.embeddings_evaluate),
         )),
     ]
     if kind in RANKING_SOURCES or (kind == WORKDIR_SOURCE and (row_count(cfg.workdir, "impressions") or 0) > 0):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 import numpy as np
@@ -45,7 +45,7 @@ from torchrec.models.dlrm import DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.cli import DEFAULT_WORKDIR, UserError, parse_config, resolve_threads, run_main, threads_field
 from common.io import prepare_workdir, write_json
 from common.seed import seed_everything
 from data.schema import SchemaError
@@ -77,7 +77,7 @@ class RankingBenchConfig(RankerConfig):
     steps: int = field(default=20, metadata={"help": "timed batches: a train and an eval step of every model on each",
                                              "min": 1})
     warmup: int = field(default=3, metadata={"help": "untimed batches first", "min": 0})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (intra-op)", "min": 1})
+    threads: int = threads_field()
     table_dim: int = field(default=256, metadata={"help": "dim of the random tables used when none are exported",
                                                   "min": 1})
     seed: int = field(default=0, metadata={"help": "seed of the models and the batch order", "min": 0})
@@ -177,7 +177,7 @@ def run(cfg: RankingBenchConfig) -> tuple[list[dict], torch.device]:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     data, spec, tables = _load(cfg)
     n_batches = cfg.warmup + cfg.steps
     if data.num_rows("train") < cfg.batch_size:
@@ -255,6 +255,7 @@ def format_table(rows: list[dict], cfg: RankingBenchConfig, device: torch.device
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     cfg = parse_config(RankingBenchConfig, argv)
+    cfg = replace(cfg, threads=resolve_threads(cfg.threads))  # the count measured, recorded
     rows, device = run(cfg)
     table = format_table(rows, cfg, device)
     print(table)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from common.cli import DEFAULT_WORKDIR, UserError
+from common.cli import DEFAULT_WORKDIR, UserError, threads_field
 from ranking.spec import HISTORY_LEN
 from ranking.variants import VARIANTS, resolve_variants
 
@@ -66,9 +66,7 @@ class RankingTrainConfig(RankerConfig):
     history_len: int = field(default=HISTORY_LEN, metadata={"help": "cap of the purchase-history bag (most recent kept)",
                                                             "min": 1})
     eval_batch_size: int = field(default=8192, metadata={"help": "evaluation batch size", "min": 1})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads per training job (1 is fastest for these "
-                                                      "small models; results are deterministic per thread count)",
-                                              "min": 1})
+    threads: int = threads_field(of="training job", note="1 is the fastest for these small models")
     workers: int = field(default=2, metadata={"help": "variant/seed jobs trained in parallel processes", "min": 1})
     force: bool = field(default=False, metadata={"help": "retrain finished variant/seed runs"})
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = field(default="auto", metadata={

@@ -30,7 +30,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.cli import DEFAULT_WORKDIR, UserError, parse_config, resolve_threads, run_main, threads_field
 from common.io import prepare_workdir, read_json, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
@@ -68,7 +68,7 @@ class ImportanceConfig:
     ig_max_rows: int = field(default=5_000, metadata={"help": "rows for integrated gradients (a subset of the rows above; 0 = all)",
                                                       "min": 0})
     batch_size: int = field(default=8192, metadata={"help": "forward batch size", "min": 1})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads", "min": 1})
+    threads: int = threads_field()
     force: bool = field(default=False, metadata={"help": "recompute even if the outputs are complete for these settings"})
 
     def check(self) -> None:
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(ImportanceConfig, argv)
     workdir = Path(cfg.workdir)
     model, model_path, model_hashes = load_trained(cfg)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     try:
         cache = ImpressionCache.open(workdir)
         purchases = PurchaseIndex.from_workdir(workdir)

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.cli import UserError, parse_config, run_main, setup_logging
+from common.cli import UserError, parse_config, resolve_threads, run_main, setup_logging
 from common.distributed import DistEnv, current_env, init_from_env
 from common.io import prepare_workdir, read_json, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
@@ -359,7 +359,7 @@ def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: RankingTrainConfi
     :func:`ranking.model.trained_set`) as made from ``made_from``; returns the metrics ({} on
     ranks other than 0). Raises :class:`UserError`, publishing nothing, when a value is not
     finite (:func:`non_finite`, :func:`non_finite_parameters`)."""
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     seed_everything(seed)
     spec = inputs.data.spec if variant.uses_tables else inputs.base_spec
     tables = build_tables(variant, spec, inputs.tables, torch.Generator().manual_seed(seed))
@@ -547,7 +547,7 @@ _WORKER: dict = {}
 def _init_worker(cfg: RankingTrainConfig, variant_names: list[str], provenance: Provenance, parent_pid: int) -> None:
     die_with_parent(parent_pid)
     setup_logging()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     _WORKER.update(cfg=cfg, provenance=provenance, inputs=load_inputs(cfg, [VARIANTS[n] for n in variant_names]))
 
 

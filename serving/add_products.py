@@ -1,6 +1,6 @@
 """New products without retraining: encode them with DashCLIP and serve them, as one atomic update.
 
-``python -m serving.add_products --workdir DIR --catalog new.parquet [--replace] [--threads 2] [--batch-size 64]``
+``python -m serving.add_products --workdir DIR --catalog new.parquet [--replace] [--threads 1] [--batch-size 64]``
 
 ``--catalog`` is a file of the catalog schema (:mod:`data.schema`: ``product_id``, ``title``,
 ``aisle``, ``image`` (null = title only), ``brand``, any other columns), validated with
@@ -67,7 +67,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from common.cli import DEFAULT_WORKDIR, UserError, check_config, parse_config, run_main, with_fixed_hash_seed
+from common.cli import (DEFAULT_WORKDIR, UserError, check_config, parse_config, resolve_threads, run_main,
+                        threads_field, with_fixed_hash_seed)
 from common.io import read_json, write_parquet
 from common.provenance import MadeFrom
 from data import schema
@@ -98,7 +99,7 @@ class AddProductsConfig:
                                                                     "serving.index)"})
     catalog: str = field(default="", metadata={"help": "Parquet file of the catalog schema with the products"})
     replace: bool = field(default=False, metadata={"help": "replace products that are already served"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads", "min": 1})
+    threads: int = threads_field()
     batch_size: int = field(default=64, metadata={"help": "products per encoder batch", "min": 1})
 
 
@@ -236,7 +237,7 @@ def add_products(cfg: AddProductsConfig) -> dict[str, Any]:
     if not cfg.catalog:
         raise UserError("--catalog FILE is required")
     catalog = read_catalog(path)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
 
     inputs = added_inputs(workdir)  # the export, the index and the checkpoint, each one publication
     manifest = read_json(workdir / "serving" / "manifest.json")

@@ -66,7 +66,7 @@ import shlex
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
@@ -77,7 +77,8 @@ import psutil
 import pyarrow.parquet as pq
 import torch
 
-from common.cli import DEFAULT_WORKDIR, UserError, check_config, parse_config, run_main
+from common.cli import (DEFAULT_WORKDIR, UserError, check_config, parse_config, resolve_threads, run_main,
+                        threads_field)
 from common.io import file_sha256, prepare_workdir, read_json, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
@@ -111,7 +112,7 @@ class ServingBenchConfig:
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory (needs DIR/serving from serving.export)"})
     iters: int = field(default=200, metadata={"help": "timed calls per setting (after --warmup)", "min": 1})
     warmup: int = field(default=20, metadata={"help": "untimed calls per setting", "min": 0})
-    threads: int = field(default=1, metadata={"help": "torch intra-op threads (bench process and server)", "min": 1})
+    threads: int = threads_field(of="process (the bench's and the server's it starts)")
     candidates: list[int] = field(default_factory=lambda: [1, 64, 512], metadata={"help": "candidate counts", "min": 1,
                                                                                   "min_items": 1})
     http_clients: int = field(default=8, metadata={"help": "concurrent HTTP clients in the load test (0 = skip it)",
@@ -696,6 +697,7 @@ def funnel_markdown(funnel: dict) -> list[str]:
 
 def run(cfg: ServingBenchConfig, argv: Sequence[str] | None = None) -> dict:
     check_config(cfg)  # also when called with a config built in code
+    cfg = replace(cfg, threads=resolve_threads(cfg.threads))  # the count measured, recorded
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per health check

@@ -60,7 +60,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.cli import DEFAULT_WORKDIR, UserError, check_config, parse_config, run_main, with_fixed_hash_seed
+from common.cli import (DEFAULT_WORKDIR, UserError, check_config, parse_config, resolve_threads, run_main,
+                        threads_field, with_fixed_hash_seed)
 from common.io import file_sha256, prepare_workdir, read_json, write_json, write_parquet
 from common.provenance import MadeFrom, OutputSet
 from data.dataset import input_hashes
@@ -96,7 +97,7 @@ class ServingExportConfig:
         "help": "storage of the frozen tables inside the fused model (fp16/int8: torchrec quantized EBC)"})
     parity_rows: int = field(default=4096, metadata={"help": "NW impressions in the parity check", "min": 1})
     eval_batch_size: int = field(default=8192, metadata={"help": "batch size of the NW AUC pass", "min": 1})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads", "min": 1})
+    threads: int = threads_field()
     force: bool = field(default=False, metadata={"help": "export again even when the outputs are complete"})
 
     def check(self) -> None:
@@ -258,7 +259,7 @@ def export(cfg: ServingExportConfig) -> dict:
                         f"--variant {cfg.variant}` first)")
     trained = trained_set(workdir, cfg.variant, cfg.model_seed)
     made_from = MadeFrom({**trained.verify(), **input_hashes(workdir, ["impressions", "purchases"])}, _settings(cfg))
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     prepare_workdir(workdir, "serving")
     eager = load_model(checkpoint)
     files = export_files(eager.table_tower is not None)

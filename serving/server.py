@@ -109,7 +109,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import fbgemm_gpu  # noqa: F401  (registers the fbgemm:: ops the TorchScript model calls)
-from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.cli import (DEFAULT_WORKDIR, UserError, available_cores, parse_config, resolve_threads, run_main,
+                        threads_field)
 from common.io import file_sha256, read_json
 from common.provenance import OutputSet
 from data.schema import SchemaError
@@ -146,7 +147,7 @@ class ServerConfig:
     max_dense_z: float = field(default=DENSE_MAX_Z, metadata={
         "help": "dense values must lie within training mean +- this many training stds (else 422)", "gt": 0.0,
         "lt": float("inf")})
-    threads: int = field(default=1, metadata={"help": "torch intra-op threads per worker process", "min": 1})
+    threads: int = threads_field(of="worker process")
     workers: int = field(default=0, metadata={
         "help": "worker processes sharing the port (0 = one per CPU core)", "min": 0})
     batch: bool = field(default=True, metadata={
@@ -822,10 +823,7 @@ WORKER_HEALTHCHECK_S = 120
 
 def default_workers() -> int:
     """One worker process per CPU core this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return available_cores()
 
 
 def http_implementation() -> str:
@@ -838,7 +836,7 @@ def http_implementation() -> str:
 
 def build_app(cfg: ServerConfig) -> FastAPI:
     """One worker's app: its torch threads set, the served files loaded."""
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     workdir, encoder = Path(cfg.workdir), EncoderOnce(Path(cfg.workdir))
     return create_app(load_served(workdir, encoder), cfg.max_candidates, cfg.max_body_mb, cfg.max_dense_z,
                       cfg.batch, reload=lambda: load_served(workdir, encoder), watch_s=cfg.watch_s)
@@ -864,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         scorer_manifest, model_hash = scorer.manifest, scorer.model_hash
         del scorer
     print(f"serving {scorer_manifest['variant']} (model {model_hash}) on http://{cfg.host}:{cfg.port}: "
-          f"{workers} worker(s), {cfg.threads} torch thread(s) each, {http_implementation()} HTTP, "
+          f"{workers} worker(s), {resolve_threads(cfg.threads)} torch thread(s) each, {http_implementation()} HTTP, "
           f"{'batched' if cfg.batch else 'one model call per request'}", flush=True)
     if workers == 1:
         uvicorn.run(app, **options)
