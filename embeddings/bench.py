@@ -51,7 +51,7 @@ from embeddings.config import DashCLIPConfig, EmbeddingsBenchConfig
 from embeddings.encode import DashEncoder, load_encoder
 from embeddings.inputs import ImageSpec
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
-from embeddings.models import DashCLIP, build_model
+from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import resolve_device
 from embeddings.steps import adamw, stage1_losses, stage2_losses
 
@@ -71,7 +71,7 @@ def bench_model(cfg: EmbeddingsBenchConfig, image_size: int) -> tuple[DashCLIP, 
                              embed_dim=256)
         model.freeze_first_layers(cfg.freeze_fraction)
         return model, load_tokenizer(minilm_path()), ImageSpec(image_size, CLIP_MEAN, CLIP_STD)
-    return build_model(DashCLIPConfig(backbone=cfg.backbone, image_size=image_size,
+    return build_dashclip(DashCLIPConfig(backbone=cfg.backbone, image_size=image_size,
                                       freeze_fraction=cfg.freeze_fraction))
 
 
@@ -89,7 +89,7 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
     return (time.perf_counter() - started) / steps
 
 
-def run_bench(cfg: EmbeddingsBenchConfig) -> dict[str, dict[str, float]]:
+def bench_model_steps(cfg: EmbeddingsBenchConfig) -> dict[str, dict[str, float]]:
     device = resolve_device(cfg.device)
     image_size = cfg.image_size or (384 if cfg.backbone == "blip-base" else 96)
     model = bench_model(cfg, image_size)[0].to(device)
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     cfg = parse_config(EmbeddingsBenchConfig, argv)
     torch.set_num_threads(resolve_threads(cfg.threads))
     device = resolve_device(cfg.device)
-    results = {} if cfg.inference_only else run_bench(cfg)
+    results = {} if cfg.inference_only else bench_model_steps(cfg)
     image_size = cfg.image_size or (384 if cfg.backbone == "blip-base" else 96)
     comparison = compare_encoders(cfg, device, image_size) if cfg.encode_products > 0 else None
     print(markdown(cfg, device, results, comparison))

@@ -48,7 +48,7 @@ from data import schema
 from data.text import normalize_query
 from embeddings.config import PRECISIONS, DashCLIPConfig, EncodeConfig, Precision, model_config_from
 from embeddings.inputs import ImageSpec, ImageStore, TokenStore, length_sorted_batches, restore_order
-from embeddings.models import DashCLIP, build_model
+from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import Paths, autocast, load_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def load_encoder(workdir: str | Path, which: Literal["trained", "untuned"] = "tr
                             f"{workdir}` first)")
         state = load_checkpoint(path)
         cfg = model_config_from(state["model_config"])
-        model, tokenizer, spec = build_model(cfg)
+        model, tokenizer, spec = build_dashclip(cfg)
         model.load_state_dict(state["model"])
         source = f"dashclip:{cfg.backbone}:{path.relative_to(paths.root)}:sha256={file_sha256(path)[:16]}"
     elif which == "untuned":
@@ -210,7 +210,7 @@ def load_encoder(workdir: str | Path, which: Literal["trained", "untuned"] = "tr
             raise UserError(f"{paths.config}: no DashCLIP run config (run `python -m embeddings.train --workdir "
                             f"{workdir}` first)")
         cfg = model_config_from(read_json(paths.config))
-        model, tokenizer, spec = build_model(cfg)
+        model, tokenizer, spec = build_dashclip(cfg)
         source = f"dashclip:{cfg.backbone}:untuned:seed={cfg.seed}"
     else:
         raise ValueError(f"which must be 'trained' or 'untuned', got {which!r}")

@@ -473,7 +473,7 @@ def exported_product_table(workdir: Path, inputs: dict[str, str | None]) -> dict
         hashes = output.verify()
     except UserError:
         return {}
-    rel = tables.table_rel("product")
+    rel = tables.embedding_table_rel("product")
     return {rel: hashes[rel]}
 
 
@@ -762,7 +762,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     log.info("evaluating on %d held-out queries (%d labelled pairs) over %d products",
              len(queries), len(pairs), len(product_ids))
 
-    vectors = encode_all(workdir, catalog, queries, rng, tables.table_rel("product") in inputs)
+    vectors = encode_all(workdir, catalog, queries, rng, tables.embedding_table_rel("product") in inputs)
 
     # Retrieval over the whole catalog, with complete judgments, of the judged candidates.
     labels = relevance_matrix(pairs, queries, product_ids)

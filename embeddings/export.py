@@ -69,9 +69,9 @@ def export(cfg: TableExportConfig) -> dict[str, Path]:
     query_s = time.perf_counter() - started
     with output.publish(source, {"source": encoder.source}) as staged:
         tables.write_table(tables.build_table("product", catalog["product_id"].tolist(), product_vectors,
-                                              encoder.source), staged[tables.table_rel("product")])
+                                              encoder.source), staged[tables.embedding_table_rel("product")])
         tables.write_table(tables.build_table("query", queries, query_vectors, encoder.source),
-                           staged[tables.table_rel("query")])
+                           staged[tables.embedding_table_rel("query")])
     log.info("exported %d products (%.1f/s) to %s and %d queries (%.1f/s) to %s", len(catalog),
              len(catalog) / max(product_s, 1e-9), paths["product"], len(queries), len(queries) / max(query_s, 1e-9),
              paths["query"])

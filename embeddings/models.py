@@ -314,7 +314,7 @@ def blip_tokenizer(model_dir: Path):
     return load_tokenizer(minilm_path())
 
 
-def build_model(cfg: DashCLIPConfig) -> tuple[DashCLIP, object, ImageSpec]:
+def build_dashclip(cfg: DashCLIPConfig) -> tuple[DashCLIP, object, ImageSpec]:
     """The untuned model of ``cfg`` (pretrained weights where the backbone has them, the rest
     initialised from ``cfg.seed``; the global RNG is left untouched), its tokenizer and image spec."""
     check_config(cfg)

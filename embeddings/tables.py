@@ -8,7 +8,7 @@
     null on row 0), vector (fixed_size_list<float32>[d]).
 
 Row 0 of each table is reserved for unknown ids and is all zeros. The id maps (key -> row_id)
-are the first two columns of each file; :func:`read_id_map` returns them as a dict.
+are the first two columns of each file; :func:`read_table_id_map` returns them as a dict.
 The file-level metadata records ``dashrec.kind`` (product/query), ``dashrec.dim`` and
 ``dashrec.source`` (which encoder produced the vectors).
 
@@ -38,18 +38,19 @@ KEY_COLUMN: dict[str, str] = {"product": "product_id", "query": "query"}
 UNKNOWN_ROW = 0
 
 
-def table_rel(kind: TableKind) -> str:
+def embedding_table_rel(kind: TableKind) -> str:
     """``embeddings/<kind>_table.parquet``: the table's path relative to the workdir."""
     return f"embeddings/{kind}_table.parquet"
 
 
 def embedding_table_path(workdir: str | Path, kind: TableKind) -> Path:
-    return Path(workdir) / table_rel(kind)
+    return Path(workdir) / embedding_table_rel(kind)
 
 
 def tables_set(workdir: str | Path) -> OutputSet:
     """The product and query tables of ``workdir``, published together by ``embeddings.export``."""
-    return OutputSet(workdir, "embeddings/tables.manifest.json", [table_rel("product"), table_rel("query")],
+    return OutputSet(workdir, "embeddings/tables.manifest.json",
+                     [embedding_table_rel("product"), embedding_table_rel("query")],
                      what="python -m embeddings.export")
 
 
@@ -132,6 +133,6 @@ def read_embedding_table(path: str | Path, kind: TableKind | None = None) -> Emb
     return EmbeddingTable(file_kind, keys, vectors, meta.get("dashrec.source", ""))
 
 
-def read_id_map(path: str | Path) -> dict:
+def read_table_id_map(path: str | Path) -> dict:
     """key -> row id of a table file."""
     return read_embedding_table(path).id_map()

@@ -95,7 +95,7 @@ from embeddings.distributed import (Shard, broadcast_from_main, check_batch_spli
                                     global_batch_size, itc_loss, local_contrast, mean_over_ranks)
 from embeddings.inputs import ImageStore, TokenStore
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
-from embeddings.models import DashCLIP, build_model
+from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import (MODEL_CHECKPOINT, RUN_CONFIG, STAGE1_CHECKPOINT, Paths, autocast, load_checkpoint,
                                 resolve_device, save_checkpoint, stage_set, write_checkpoint)
 from embeddings.sampling import build_pqc_tuples, sample_negative_products, split_cold_products, split_queries
@@ -734,7 +734,7 @@ class Trainer:
             write_json(self.log_data, self.paths.log)
 
     def fresh_model(self) -> tuple[DashCLIP, Any, Any]:
-        model, tokenizer, spec = build_model(self.cfg.model_only())
+        model, tokenizer, spec = build_dashclip(self.cfg.model_only())
         return model.to(self.device), tokenizer, spec
 
     # stage 1 -------------------------------------------------------------------

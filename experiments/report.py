@@ -32,7 +32,7 @@ PAPER_ANALOGUE = {"random": "Random", "untuned_text": "BLIP-14M (text)", "untune
                   "dashclip": PAPER_DASHCLIP}
 
 
-def _load(path: Path) -> Any | None:
+def _read_json_or_none(path: Path) -> Any | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -79,7 +79,7 @@ def _git_commit(root: Path) -> str:
 
 
 def data_section(root: Path) -> str:
-    manifest = _load(root / "data" / "manifest.json")
+    manifest = _read_json_or_none(root / "data" / "manifest.json")
     if manifest is None:
         return "## Data\n\nNo `data/manifest.json`: the data stage has not run.\n"
     counts = manifest.get("row_counts") or manifest.get("counts") or {}
@@ -123,7 +123,7 @@ def _beats_baselines(systems: dict, keys: tuple[str, ...] = RETRIEVAL_KEYS) -> b
 
 def _metrics_view(root: Path, key: str) -> tuple[dict | None, str]:
     """The view ``key`` of ``embeddings/metrics.json``, or None and a note saying why it is missing."""
-    metrics = _load(root / "embeddings" / "metrics.json")
+    metrics = _read_json_or_none(root / "embeddings" / "metrics.json")
     if metrics is None:
         return None, "\nThe embedding evaluation has not run.\n"
     if metrics.get(key) is None:
@@ -208,7 +208,7 @@ def cold_start_section(root: Path) -> str:
 
 
 def retrieval_section(root: Path) -> str:
-    metrics = _load(root / "embeddings" / "metrics.json")
+    metrics = _read_json_or_none(root / "embeddings" / "metrics.json")
     out = ["## Retrieval (paper Table 1 layout)\n"]
     if metrics is None:
         return out[0] + "\nThe embedding evaluation has not run.\n"
@@ -270,7 +270,7 @@ def retrieval_section(root: Path) -> str:
 
 
 def ranking_section(root: Path) -> str:
-    results = _load(root / layout.RESULTS_JSON_REL)
+    results = _read_json_or_none(root / layout.RESULTS_JSON_REL)
     head = "## Ranking (paper Table 2 layout)\n"
     if results is None:
         return head + "\nThe ranking stage has not run (no clicks in this source, or not run yet).\n"
@@ -322,7 +322,7 @@ def ranking_section(root: Path) -> str:
 
 
 def importance_section(root: Path) -> str:
-    imp = _load(root / "importance" / "importance.json")
+    imp = _read_json_or_none(root / "importance" / "importance.json")
     head = "## Feature importance (paper section 4.2.3)\n"
     if imp is None:
         return head + "\nThe importance stage has not run.\n"
@@ -339,7 +339,7 @@ def importance_section(root: Path) -> str:
 
 
 def serving_section(root: Path) -> str:
-    bench = _load(root / "serving" / "bench.json")
+    bench = _read_json_or_none(root / "serving" / "bench.json")
     head = "## Serving latency (paper section 4.3.2)\n"
     if bench is None:
         return head + "\nThe serving benchmark has not run.\n"
@@ -351,7 +351,7 @@ def serving_section(root: Path) -> str:
 def cost_section(root: Path) -> str:
     """Wall time and peak resident memory of each command of the last ``experiments.reproduce`` run."""
     head = "## Cost\n"
-    record = _load(root / "reproduce.json")
+    record = _read_json_or_none(root / "reproduce.json")
     costs = (record or {}).get("command_costs")
     if not costs:
         return head + "\nNo command costs in `reproduce.json` (written by `python -m experiments.reproduce`).\n"

@@ -153,7 +153,7 @@ class TimedModel:
             self.seconds[train, "cpu"] += time.process_time() - cpu
 
 
-def _load(cfg: RankingBenchConfig) -> tuple[RankingData, FeatureSpec, tuple]:
+def _load_data(cfg: RankingBenchConfig) -> tuple[RankingData, FeatureSpec, tuple]:
     try:
         cache = ImpressionCache.open(cfg.workdir)
         purchases = PurchaseIndex.from_workdir(cfg.workdir)
@@ -178,7 +178,7 @@ def run(cfg: RankingBenchConfig) -> tuple[list[dict], torch.device]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     torch.set_num_threads(resolve_threads(cfg.threads))
-    data, spec, tables = _load(cfg)
+    data, spec, tables = _load_data(cfg)
     n_batches = cfg.warmup + cfg.steps
     if data.num_rows("train") < cfg.batch_size:
         raise UserError(f"{cfg.workdir}: {data.num_rows('train')} training impressions, fewer than one batch of {cfg.batch_size}")

@@ -245,7 +245,7 @@ def add_products(cfg: AddProductsConfig) -> dict[str, Any]:
     if variant.table_init != "pretrained":
         raise UserError(f"{workdir / 'serving/model.pt'}: variant {variant.name} has no DashCLIP product table "
                         f"(tables: {variant.table_init}); a new product has no row to add")
-    if (index_set(workdir).manifest() or {})["made_from"]["inputs"].get(tables.table_rel("product")) != \
+    if (index_set(workdir).manifest() or {})["made_from"]["inputs"].get(tables.embedding_table_rel("product")) != \
             manifest["source_tables"]["product"]["sha256"]:
         raise UserError(f"{workdir / 'serving/index.faiss'} was not built from the product table the served model "
                         f"was trained with: run python -m serving.index --workdir {workdir}")

@@ -85,7 +85,7 @@ from common.seed import seed_everything
 from data.dataset import input_hashes
 from data.schema import SchemaError
 from data.text import normalize_query
-from embeddings.tables import EmbeddingTable, embedding_table_path, read_id_map, tables_set
+from embeddings.tables import EmbeddingTable, embedding_table_path, read_table_id_map, tables_set
 from ranking.features import ImpressionCache
 from serving.index import index_set
 from serving.published import ENCODER_CHECKPOINT, added_set, published_export
@@ -527,7 +527,7 @@ def funnel_requests(cfg: ServingBenchConfig, cache: ImpressionCache, scorer: Sco
     eval_rows = np.asarray(cache.split_index("eval"))
     cols, queries, spec = cache.columns, cache.queries, scorer.spec
     split = scorer.manifest["features"]
-    known = read_id_map(embedding_table_path(cfg.workdir, "query"))
+    known = read_table_id_map(embedding_table_path(cfg.workdir, "query"))
     names = {"dense": spec.dense_names, "sparse": spec.sparse_names}
     convert = {"dense": float, "sparse": int}
     recommend, in_table = [], []

@@ -176,7 +176,7 @@ def index_settings(cfg: IndexConfig, kind: str, n: int) -> dict[str, Any]:
 
 
 # vectors --------------------------------------------------------------------------------------
-def unit_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unit_rows_and_norms(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``vectors`` ``[n, d]`` scaled to unit norm (all-zero rows stay zero) and the original norms."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1)
@@ -204,7 +204,7 @@ def index_input(table: tables.EmbeddingTable, path: str | Path = "product table"
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0]) + 1
         raise UserError(f"{path}: column 'vector': row_id {row} (product_id {ids[row - 1]}) is not finite")
-    unit, norms = unit_rows(vectors)
+    unit, norms = unit_rows_and_norms(vectors)
     keep = norms > 0
     zero_rows = int((~keep).sum())
     off = int((np.abs(norms[keep] - 1.0) > NORM_TOLERANCE).sum())
@@ -280,7 +280,7 @@ def index_with(workdir: str | Path, product_ids: np.ndarray, vectors: np.ndarray
     out = index_set(workdir)
     out.verify()
     settings = (out.manifest() or {})["made_from"]["settings"]
-    unit, norms = unit_rows(vectors)
+    unit, norms = unit_rows_and_norms(vectors)
     if not (norms > 0).all():
         raise UserError(f"product_id {int(product_ids[np.flatnonzero(norms == 0)[0]])}: all-zero vector")
     indexed = np.load(out.path(IDS_REL), allow_pickle=False)
@@ -305,7 +305,7 @@ def _product_count(path: Path) -> int:
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def build(cfg: IndexConfig) -> dict[str, Any]:
+def build_product_index(cfg: IndexConfig) -> dict[str, Any]:
     """Build (or keep) ``DIR/serving/index.faiss`` and ``index_ids.npy``; returns the manifest."""
     check_config(cfg)  # also when called with a config built in code
     path = tables.embedding_table_path(cfg.workdir, "product")
@@ -313,7 +313,7 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
         raise UserError(f"{path} not found: the product index needs the exported product table "
                         f"(run `python -m embeddings.export --workdir {cfg.workdir}` first)")
     workdir = prepare_workdir(cfg.workdir, "serving")
-    rel = tables.table_rel("product")
+    rel = tables.embedding_table_rel("product")
     hashes = tables.tables_set(workdir).verify()
     n = _product_count(path)
     kind = resolve_kind(cfg, n)
@@ -388,7 +388,7 @@ class ProductIndex:
         out.verify()
         manifest = out.manifest() or {}
         if check_table:
-            rel = tables.table_rel("product")
+            rel = tables.embedding_table_rel("product")
             built_from = manifest.get("made_from", {}).get("inputs", {}).get(rel)
             if tables.tables_set(workdir).verify()[rel] != built_from:
                 raise UserError(f"{out.path(INDEX_REL)} was built from another {rel}: "
@@ -437,7 +437,7 @@ class ProductIndex:
         if not np.isfinite(queries).all():
             raise ValueError("query vectors contain NaN or infinite values")
         k = min(int(k), len(self))
-        unit, _ = unit_rows(queries)
+        unit, _ = unit_rows_and_norms(queries)
         if len(unit) == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
         params = self._params(ef_search, nprobe)
@@ -469,8 +469,8 @@ def bench_vectors(n: int, d: int, queries: int, data: str = "clustered", seed: i
         products = np.empty((n, d), np.float32)
         for start in range(0, n, chunk):
             block = rng.standard_normal((min(chunk, n - start), d), dtype=np.float32)
-            products[start:start + len(block)] = unit_rows(block)[0]
-        return products, unit_rows(rng.standard_normal((queries, d), dtype=np.float32))[0]
+            products[start:start + len(block)] = unit_rows_and_norms(block)[0]
+        return products, unit_rows_and_norms(rng.standard_normal((queries, d), dtype=np.float32))[0]
     if data != "clustered":
         raise ValueError(f"unknown bench data {data!r}")
     clusters = max(1, n // 400)
@@ -483,10 +483,10 @@ def bench_vectors(n: int, d: int, queries: int, data: str = "clustered", seed: i
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         block = centres[rng.integers(0, clusters, size)] + rng.standard_normal((size, d), dtype=np.float32) @ mixing
-        products[start:start + size] = unit_rows(block)[0]
+        products[start:start + size] = unit_rows_and_norms(block)[0]
     picked = products[rng.integers(0, n, queries)] * math.sqrt(d)
     query_vectors = picked + 0.5 * rng.standard_normal((queries, d), dtype=np.float32) @ mixing
-    return products, unit_rows(query_vectors)[0]
+    return products, unit_rows_and_norms(query_vectors)[0]
 
 
 class PeakRSS:
@@ -642,7 +642,7 @@ def run_bench(cfg: IndexConfig, argv: Sequence[str] | None = None) -> dict[str, 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(IndexConfig, argv)
-    return run_bench(cfg, argv) if cfg.bench else build(cfg)
+    return run_bench(cfg, argv) if cfg.bench else build_product_index(cfg)
 
 
 if __name__ == "__main__":

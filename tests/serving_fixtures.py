@@ -32,9 +32,9 @@ from data.schema import table_path
 from data.text import normalize_query
 from embeddings.config import DashCLIPConfig
 from embeddings.encode import load_encoder
-from embeddings.models import build_model
+from embeddings.models import build_dashclip
 from embeddings.runtime import save_checkpoint
-from embeddings.tables import build_table, table_rel, tables_set, write_table
+from embeddings.tables import build_table, embedding_table_rel, tables_set, write_table
 from ranking import layout, train
 from serving import export, index
 from serving.published import ENCODER_CHECKPOINT
@@ -48,7 +48,7 @@ def write_dashclip_checkpoint(workdir: Path, embed_dim: int = DASHCLIP_DIM) -> N
     """``DIR/embeddings/checkpoints/model.pt``: the tiny DashCLIP model at its initialisation, in the
     format of a trained one (what ``load_encoder(DIR, "trained")`` reads)."""
     cfg = DashCLIPConfig(backbone="tiny", image_size=32, embed_dim=embed_dim)
-    model, _, _ = build_model(cfg)
+    model, _, _ = build_dashclip(cfg)
     path = workdir / ENCODER_CHECKPOINT
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"model_config": dataclasses.asdict(cfg), "model": model.state_dict()}, path)
@@ -72,8 +72,9 @@ def write_encoded_tables(workdir: Path) -> None:
     made_from = MadeFrom.of(workdir, [ENCODER_CHECKPOINT], {"left_out": "every tenth catalog product"})
     with tables_set(workdir).publish(made_from) as staged:
         write_table(build_table("product", catalog["product_id"].tolist(), encoder.products(catalog), encoder.source),
-                    staged[table_rel("product")])
-        write_table(build_table("query", queries, encoder.queries(queries), encoder.source), staged[table_rel("query")])
+                    staged[embedding_table_rel("product")])
+        write_table(build_table("query", queries, encoder.queries(queries), encoder.source),
+                    staged[embedding_table_rel("query")])
 
 
 def copy_workdir(source: Path, target: Path) -> Path:

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from embeddings.backbones import efficientnet_lite0_weights_path, load_efficientnet_lite0, minilm_path
 from embeddings.config import DashCLIPConfig
 from embeddings.inputs import ImageSpec, decode_image, pad_token_ids
-from embeddings.models import DashCLIP, build_model
+from embeddings.models import DashCLIP, build_dashclip
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer, spec = build_model(DashCLIPConfig(backbone="tiny", image_size=32, freeze_fraction=0.5,
+    model, tokenizer, spec = build_dashclip(DashCLIPConfig(backbone="tiny", image_size=32, freeze_fraction=0.5,
                                                      cross_attention="plain"))
     return model, tokenizer, spec
 
@@ -99,7 +99,7 @@ def test_grounded_and_plain_modes_share_weights(tiny):
 
 
 def test_gated_cross_attention_starts_as_the_plain_encoder_and_learns_to_open():
-    model, tokenizer, spec = build_model(DashCLIPConfig(backbone="tiny", image_size=32, cross_attention="gated"))
+    model, tokenizer, spec = build_dashclip(DashCLIPConfig(backbone="tiny", image_size=32, cross_attention="gated"))
     model.eval()
     ids, mask = _batch(tokenizer, ["green tea", "dark chocolate bar"])
     tokens = model.image_tokens(torch.randn(2, 3, spec.size, spec.size)).detach()
@@ -117,7 +117,7 @@ def test_gated_cross_attention_starts_as_the_plain_encoder_and_learns_to_open():
 
 
 def test_mean_pooling_is_the_masked_token_mean():
-    model, tokenizer, _ = build_model(DashCLIPConfig(backbone="tiny", image_size=32, pooling="mean"))
+    model, tokenizer, _ = build_dashclip(DashCLIPConfig(backbone="tiny", image_size=32, pooling="mean"))
     model.eval()
     ids, mask = _batch(tokenizer, ["soda", "a much longer product title"])
     with torch.no_grad():
@@ -236,10 +236,10 @@ def test_untuned_build_is_deterministic_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(1)
     torch.manual_seed(123)
-    a, _, _ = build_model(DashCLIPConfig(backbone="tiny", image_size=32, seed=5))
+    a, _, _ = build_dashclip(DashCLIPConfig(backbone="tiny", image_size=32, seed=5))
     after = torch.rand(1)
-    b, _, _ = build_model(DashCLIPConfig(backbone="tiny", image_size=32, seed=5))
-    c, _, _ = build_model(DashCLIPConfig(backbone="tiny", image_size=32, seed=6))
+    b, _, _ = build_dashclip(DashCLIPConfig(backbone="tiny", image_size=32, seed=5))
+    c, _, _ = build_dashclip(DashCLIPConfig(backbone="tiny", image_size=32, seed=6))
     assert torch.equal(after, expected)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -249,7 +249,7 @@ def test_untuned_build_is_deterministic_and_leaves_the_global_rng_alone():
 # ------------------------------------------------------------------------- pretrained weights
 @pytest.fixture(scope="module")
 def mini():
-    model, tokenizer, spec = build_model(DashCLIPConfig(backbone="mini"))
+    model, tokenizer, spec = build_dashclip(DashCLIPConfig(backbone="mini"))
     return model.eval(), tokenizer, spec
 
 
@@ -318,7 +318,7 @@ def _tiny_blip_dir(root: Path) -> tuple[Path, object]:
 
 def test_blip_checkpoint_directory_round_trip(tmp_path):
     blip_dir, reference = _tiny_blip_dir(tmp_path / "blip")
-    model, tokenizer, spec = build_model(DashCLIPConfig(backbone="blip", init_from=str(blip_dir), image_size=64,
+    model, tokenizer, spec = build_dashclip(DashCLIPConfig(backbone="blip", init_from=str(blip_dir), image_size=64,
                                                      embed_dim=16))
     model.eval()
     ref_state = reference.state_dict()
@@ -352,7 +352,7 @@ def test_blip_checkpoint_directory_round_trip(tmp_path):
 
 def test_blip_positions_are_resampled_for_a_smaller_image(tmp_path):
     blip_dir, _ = _tiny_blip_dir(tmp_path / "blip")
-    model, _, _ = build_model(DashCLIPConfig(backbone="blip", init_from=str(blip_dir), image_size=32, embed_dim=16))
+    model, _, _ = build_dashclip(DashCLIPConfig(backbone="blip", init_from=str(blip_dir), image_size=32, embed_dim=16))
     assert model.image_encoder.embeddings.position_embedding.shape == (1, 1 + 2 * 2, 48)
     assert model.image_tokens(torch.randn(1, 3, 32, 32)).shape == (1, 5, 48)
 
@@ -361,11 +361,11 @@ def test_config_errors_are_clear():
     from common.cli import UserError
 
     with pytest.raises(UserError, match="--init-from"):
-        build_model(DashCLIPConfig(backbone="blip"))
+        build_dashclip(DashCLIPConfig(backbone="blip"))
     with pytest.raises(UserError, match="freeze-fraction"):
-        build_model(DashCLIPConfig(backbone="tiny", freeze_fraction=1.5))
+        build_dashclip(DashCLIPConfig(backbone="tiny", freeze_fraction=1.5))
     with pytest.raises(ValueError, match="multiple of 16"):
-        build_model(DashCLIPConfig(backbone="tiny", image_size=40))
+        build_dashclip(DashCLIPConfig(backbone="tiny", image_size=40))
 
 
 def test_blip_backbone_trains_from_the_checkpoint_directory(tmp_path, tiny_workdir_copy):

@@ -18,7 +18,7 @@ from embeddings.backbones import (LITE0_MEAN, LITE0_STD, ConvTokenEncoder, Effic
 from embeddings.config import DashCLIPConfig, TableExportConfig
 from embeddings.encode import DashEncoder, EncodeCommandConfig
 from embeddings.inputs import ImageSpec, length_sorted_batches, restore_order
-from embeddings.models import TINY_TEXT, DashCLIP, build_model
+from embeddings.models import TINY_TEXT, DashCLIP, build_dashclip
 
 PARITY = 0.999  # the contract: cosine of every fast vector with its fp32 vector
 
@@ -65,7 +65,7 @@ def tiny_cnn(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer, spec = build_model(DashCLIPConfig(backbone="tiny", image_size=32))
+    model, tokenizer, spec = build_dashclip(DashCLIPConfig(backbone="tiny", image_size=32))
     return model.eval(), tokenizer, spec
 
 

@@ -32,9 +32,9 @@ def publish_tables(workdir: Path, vectors: np.ndarray, ids=None, tag: str = "t")
     rng = np.random.default_rng(1)
     with tables.tables_set(workdir).publish(MadeFrom({}, {"test": tag})) as staged:
         tables.write_table(tables.build_table("product", ids.tolist(), vectors, "test"),
-                           staged[tables.table_rel("product")])
+                           staged[tables.embedding_table_rel("product")])
         query = tables.build_table("query", ["some query"], rng.standard_normal((1, vectors.shape[1])), "test")
-        tables.write_table(query, staged[tables.table_rel("query")])
+        tables.write_table(query, staged[tables.embedding_table_rel("query")])
     return ids
 
 
@@ -145,7 +145,7 @@ def test_rebuilt_when_table_or_settings_change_else_skipped(tmp_path: Path, capl
     with pytest.raises(UserError, match="built from another"):
         ProductIndex.load(tmp_path)
     rebuilt = build(tmp_path, "--kind", "exact")
-    product_rel = tables.table_rel("product")
+    product_rel = tables.embedding_table_rel("product")
     assert rebuilt["made_from"]["inputs"] == {product_rel: tables.tables_set(tmp_path).verify()[product_rel]}
     assert rebuilt["made_from"]["inputs"] != exact["made_from"]["inputs"] and rebuilt["products"] == 120
     found, _ = ProductIndex.load(tmp_path).search(new_vectors, 1)
