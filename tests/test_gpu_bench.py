@@ -32,6 +32,20 @@ def test_plan_on_an_empty_workdir_makes_the_data_and_what_serving_needs(tmp_path
     assert [s.name for s in only_index] == ["index"] and "data" not in held
 
 
+def test_every_planned_step_parses_against_its_command(tmp_path: Path):
+    from common.cli import parse_config
+    from embeddings.config import EmbeddingsBenchConfig
+    from ranking.bench import RankingBenchConfig
+    from tests.test_presets import COMMAND_CONFIGS
+
+    configs = {**COMMAND_CONFIGS, "embeddings.bench": EmbeddingsBenchConfig, "ranking.bench": RankingBenchConfig}
+    for quick in (True, False):
+        for device in ("cpu", "cuda"):
+            steps, _ = gpu_bench.plan(GpuBenchConfig(workdir=str(tmp_path), device=device, quick=quick))
+            for step in steps:
+                parse_config(configs[step.module], step.args)
+
+
 def test_some_but_not_all_tables_is_a_one_line_error(tmp_path: Path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "catalog.parquet").write_bytes(b"")
