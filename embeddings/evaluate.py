@@ -29,6 +29,9 @@ The views of ``metrics.json``:
   held-out relevance pairs (any label) that training saw (the cold-start products are scored in
   ``cold_start`` instead), the queries are the held-out ones with an MR/HR product among them;
   with ``chance``, the expected metrics of a uniformly random ranking of that pool;
+* ``retrieval_gain``: per view (``labels``, ``complete``, ``table1``, ``cold_start``), DashCLIP's
+  relative gain over the untuned system with the best Recall@10 on that view, for each metric,
+  with the 95% interval of a paired bootstrap over the queries (:func:`relative_gain`);
 * ``cold_start``: retrieval of the held-out queries that have an MR/HR cold product, over the cold
   products only (with ``chance``, and ``retrieval_complete`` on synthetic data), and the aisle
   probe trained on the seen products and tested on the cold ones (macro F1 over the aisles of the
@@ -62,7 +65,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -142,6 +145,25 @@ def top_k_products(query_vecs: np.ndarray, product_vecs: np.ndarray, k: int = TO
     return out
 
 
+def per_query_retrieval(query_vecs: np.ndarray, product_vecs: np.ndarray, labels: sparse.spmatrix | np.ndarray,
+                        k: int = TOP_K) -> dict[str, np.ndarray]:
+    """The per-query scores behind :func:`retrieval_metrics`: ``graded_relevance``, ``recall_at_{k}``
+    and ``precision_at_{k}`` ``[Q']`` and ``query`` ``[Q']`` (the row of each in ``labels``), over the
+    Q' queries that have an MR/HR product."""
+    labels = sparse.csr_matrix(labels)
+    if labels.shape != (query_vecs.shape[0], product_vecs.shape[0]):
+        raise ValueError(f"labels must be [Q, P] = {(query_vecs.shape[0], product_vecs.shape[0])}, got {labels.shape}")
+    n_relevant = np.asarray((labels >= MR).sum(axis=1)).ravel()
+    keep = np.flatnonzero(n_relevant > 0)
+    if len(keep) == 0:
+        raise ValueError("no query has an MR or HR product: retrieval metrics are undefined")
+    top = top_k_products(np.asarray(query_vecs, np.float32)[keep], np.asarray(product_vecs, np.float32), k)
+    top_labels = np.asarray(labels[np.repeat(keep, top.shape[1]), top.ravel()]).reshape(top.shape)
+    hits = (top_labels >= MR).sum(axis=1)
+    return {"graded_relevance": top_labels.sum(axis=1) / (HR * k), f"recall_at_{k}": hits / n_relevant[keep],
+            f"precision_at_{k}": hits / k, "query": keep}
+
+
 def retrieval_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, labels: sparse.spmatrix | np.ndarray,
                       k: int = TOP_K) -> dict[str, float]:
     """Graded relevance, Recall@k and Precision@k of top-k cosine retrieval.
@@ -157,22 +179,40 @@ def retrieval_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, labels: 
     are averaged over the same queries. Returns ``graded_relevance``, ``recall_at_{k}``,
     ``precision_at_{k}`` and ``n_queries``.
     """
+    scores = per_query_retrieval(query_vecs, product_vecs, labels, k)
+    query = scores.pop("query")
+    return {**{name: float(np.mean(values)) for name, values in scores.items()}, "n_queries": int(len(query))}
+
+
+def relative_gain(ours: np.ndarray, baseline: np.ndarray, seed: int, n_resamples: int = 2000) -> dict[str, Any]:
+    """``mean(ours) / mean(baseline) - 1`` of paired per-query scores ``[Q]``, with the 95% interval
+    of a paired bootstrap over the queries (``n_resamples`` resamples, seeded): how far the gain
+    could move with another sample of queries of the same size."""
+    ours, baseline = np.asarray(ours, np.float64), np.asarray(baseline, np.float64)
+    if ours.shape != baseline.shape or ours.ndim != 1 or len(ours) == 0:
+        raise ValueError(f"paired per-query scores must be two [Q] arrays, got {ours.shape} and {baseline.shape}")
+    rows = np.random.default_rng(seed).integers(0, len(ours), size=(n_resamples, len(ours)))
+    base = baseline[rows].mean(axis=1)
+    gains = ours[rows].mean(axis=1) / np.where(base > 0, base, np.nan) - 1.0
+    low, high = np.nanpercentile(gains, [2.5, 97.5])
+    return {"relative": float(ours.mean() / baseline.mean() - 1.0) if baseline.mean() > 0 else None,
+            "ci95": [float(low), float(high)]}
+
+
+def gain_over_best_untuned(vectors: dict[str, np.ndarray], labels: sparse.spmatrix, seed: int,
+                           pool: np.ndarray | None = None, k: int = TOP_K) -> dict[str, Any]:
+    """DashCLIP against the untuned system with the highest Recall@k on ``labels`` ``[Q, P]`` (the
+    candidates cut to catalog rows ``pool`` when given): per metric, :func:`relative_gain`."""
     labels = sparse.csr_matrix(labels)
-    if labels.shape != (query_vecs.shape[0], product_vecs.shape[0]):
-        raise ValueError(f"labels must be [Q, P] = {(query_vecs.shape[0], product_vecs.shape[0])}, got {labels.shape}")
-    n_relevant = np.asarray((labels >= MR).sum(axis=1)).ravel()
-    keep = np.flatnonzero(n_relevant > 0)
-    if len(keep) == 0:
-        raise ValueError("no query has an MR or HR product: retrieval metrics are undefined")
-    top = top_k_products(np.asarray(query_vecs, np.float32)[keep], np.asarray(product_vecs, np.float32), k)
-    top_labels = np.asarray(labels[np.repeat(keep, top.shape[1]), top.ravel()]).reshape(top.shape)
-    hits = (top_labels >= MR).sum(axis=1)
-    return {
-        "graded_relevance": float(np.mean(top_labels.sum(axis=1) / (HR * k))),
-        f"recall_at_{k}": float(np.mean(hits / n_relevant[keep])),
-        f"precision_at_{k}": float(np.mean(hits / k)),
-        "n_queries": int(len(keep)),
-    }
+    if pool is not None:
+        labels = labels[:, pool]
+    scores = {name: per_query_retrieval(vectors[q], vectors[p] if pool is None else vectors[p][pool], labels, k)
+              for name, (q, p) in RETRIEVAL_VECTORS.items() if name == "dashclip" or name.startswith("untuned")}
+    recall = f"recall_at_{k}"
+    baseline = max((name for name in scores if name != "dashclip"), key=lambda name: scores[name][recall].mean())
+    return {"baseline": baseline, "n_queries": int(len(scores["dashclip"]["query"])),
+            **{metric: relative_gain(scores["dashclip"][metric], scores[baseline][metric], seed)
+               for metric in ("graded_relevance", recall, f"precision_at_{k}")}}
 
 
 def chance_retrieval(labels: sparse.spmatrix | np.ndarray, k: int = TOP_K) -> dict[str, float]:
@@ -529,6 +569,29 @@ def _retrieval_rows(view: dict) -> list[str]:
             for name, r in rows]
 
 
+GAIN_VIEWS = {"labels": "relevance labels, whole catalog", "complete": "complete judgments, whole catalog",
+              "table1": "paper Table 1 protocol", "cold_start": "cold-start products only"}
+
+
+def _gain_markdown(gain: dict | None) -> list[str]:
+    """The ``retrieval_gain`` table: DashCLIP relative to the best untuned system, with intervals."""
+    if not gain:
+        return []
+    lines = ["", "### DashCLIP against the best untuned encoder", "",
+             "Relative gain of the mean over queries, with the 95% interval of a paired bootstrap over the queries "
+             "(2,000 resamples).", "",
+             "| view | best untuned | queries | Recall@10 | Precision@10 | graded relevance |",
+             "|---|---|---:|---|---|---|"]
+    for view, name in GAIN_VIEWS.items():
+        if view in gain:
+            g = gain[view]
+            cells = [f"{g[m]['relative']:+.1%} [{g[m]['ci95'][0]:+.1%}, {g[m]['ci95'][1]:+.1%}]"
+                     if g[m]["relative"] is not None else "—"
+                     for m in ("recall_at_10", "precision_at_10", "graded_relevance")]
+            lines.append(f"| {name} | {PROBE_SYSTEMS[g['baseline']]} | {g['n_queries']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _markdown(metrics: dict) -> str:
     split = metrics["split"]
     n_cold = split.get("n_cold_products", 0)
@@ -577,6 +640,7 @@ def _markdown(metrics: dict) -> str:
             r = complete[key]
             lines.append(f"| {name} | {r['graded_relevance']:.4f} | {r['recall_at_10']:.4f} | "
                          f"{r['precision_at_10']:.4f} |")
+    lines += _gain_markdown(metrics.get("retrieval_gain"))
     judged = metrics["retrieval_judged"]
     lines += ["", "Full-catalog retrieval counts every unjudged product as IR: with "
               f"{metrics['split']['n_heldout_pairs'] / max(metrics['split']['n_heldout_queries'], 1):.0f} judged "
@@ -784,9 +848,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                     "may include products it saw", catalog_rel)
     is_cold = np.isin(product_ids, cold_ids)
     heldout_products = np.unique(pair_product)
+    table1_pool = heldout_products[~is_cold[heldout_products]]
     table1 = {"pool": "products of the held-out relevance pairs seen in training",
               "n_cold_excluded": int(is_cold[heldout_products].sum()),
-              **pool_retrieval(vectors, labels, heldout_products[~is_cold[heldout_products]], truth=complete)}
+              **pool_retrieval(vectors, labels, table1_pool, truth=complete)}
 
     systems = ("untuned", "dashclip")
     probe_kwargs = dict(seed=cfg.seed, hidden=cfg.probe_hidden, epochs=cfg.probe_epochs)
@@ -809,6 +874,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     # Cold start: products no training stage saw.
     cold_start = cold_start_views(vectors, catalog, is_cold, labels, complete, split, cfg, rng)
 
+    # DashCLIP against the best untuned system of each retrieval view, with bootstrap intervals.
+    retrieval_gain = {"labels": gain_over_best_untuned(vectors, labels, cfg.seed)}
+    if complete is not None:
+        retrieval_gain["complete"] = gain_over_best_untuned(vectors, complete, cfg.seed)
+    if "systems" in table1:
+        retrieval_gain["table1"] = gain_over_best_untuned(vectors, labels, cfg.seed, table1_pool)
+    if "systems" in cold_start.get("retrieval", {}):
+        retrieval_gain["cold_start"] = gain_over_best_untuned(vectors, labels, cfg.seed, np.flatnonzero(is_cold))
+
     def draw(directory: Path) -> list[Path | None]:
         return [plot_cosine_histograms(cosines, directory / PLOT_FILES[0]),
                 plot_tsne({name: vectors[f"{name}_product"] for name in systems}, catalog["aisle"].to_numpy(),
@@ -820,6 +894,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         **({"retrieval_complete": retrieval_complete} if retrieval_complete is not None else {}),
         **({"retrieval_oracle": retrieval_oracle} if retrieval_oracle is not None else {}),
         "retrieval_table1": table1,
+        "retrieval_gain": retrieval_gain,
         "cold_start": cold_start,
         "aisle_f1": {name: r.macro_f1 for name, r in aisle_probe.items()},
         "relevance_f1": {name: r.macro_f1 for name, r in relevance_probe.items()},

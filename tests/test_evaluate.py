@@ -15,7 +15,8 @@ from common.io import read_json
 from data.schema import read_table
 from data.text import normalize_query
 from embeddings import evaluate, export, tables, train
-from embeddings.evaluate import (downsample_label, judged_ranking_metrics, oracle_retrieval, relevance_matrix,
+from embeddings.evaluate import (downsample_label, judged_ranking_metrics, oracle_retrieval, relative_gain,
+                                 relevance_matrix,
                                  retrieval_metrics, split_settings,
                                  top_k_products, train_probe)
 from embeddings.plots import plot_cosine_histograms, plot_tsne
@@ -78,6 +79,21 @@ def test_oracle_is_the_expected_score_of_true_grade_rankings_with_random_ties():
     assert expected["recall_at_10"] == pytest.approx(np.mean(recalls), abs=0.01)
     assert expected["n_queries"] == 3
     assert oracle_retrieval(labels, np.zeros_like(truth), k) is None  # the truth covers no query
+
+
+def test_relative_gain_is_paired_and_its_interval_covers_the_estimate():
+    rng = np.random.default_rng(1)
+    baseline = rng.random(400)
+    same = relative_gain(baseline, baseline, seed=0)
+    assert same["relative"] == 0 and same["ci95"] == [0, 0]  # paired: identical scores never differ
+    better = relative_gain(baseline * 1.2, baseline, seed=0)
+    assert better["relative"] == pytest.approx(0.2) and better["ci95"] == pytest.approx([0.2, 0.2])
+    noisy = relative_gain(baseline + rng.normal(0.05, 0.3, 400), baseline, seed=0)
+    low, high = noisy["ci95"]
+    assert low < noisy["relative"] < high and high - low > 0.05
+    assert relative_gain(baseline + 0.1, baseline, seed=0) == relative_gain(baseline + 0.1, baseline, seed=0)
+    with pytest.raises(ValueError):
+        relative_gain(baseline, baseline[:-1], seed=0)
 
 
 def test_judged_ranking_ranks_labelled_candidates_only():
@@ -251,6 +267,15 @@ def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
     assert oracle["recall_at_10"] > metrics["retrieval"]["random"]["recall_at_10"]
     assert table1["oracle"]["n_queries"] == table1["systems"]["dashclip"]["n_queries"]
     assert (workdir / "embeddings" / "metrics.md").read_text().count(evaluate.ORACLE_ROW) >= 3
+    # DashCLIP against the best untuned system of each view, with bootstrap intervals
+    gain = metrics["retrieval_gain"]
+    assert set(gain) == {"labels", "complete", "table1", "cold_start"}
+    assert gain["table1"]["n_queries"] == table1["systems"]["dashclip"]["n_queries"]
+    for view in gain.values():
+        assert view["baseline"].startswith("untuned")
+        low, high = view["recall_at_10"]["ci95"]
+        assert low <= view["recall_at_10"]["relative"] <= high
+    assert "### DashCLIP against the best untuned encoder" in (workdir / "embeddings" / "metrics.md").read_text()
     for task in ("aisle_f1", "relevance_f1"):
         assert set(metrics[task]) == {"untuned", "dashclip"} and all(0 <= v <= 1 for v in metrics[task].values())
     assert set(metrics["relevance_probe"]["dashclip"]["per_class_recall"]) == {"IR", "MR", "HR"}
