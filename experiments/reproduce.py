@@ -157,8 +157,8 @@ def plan_stages(cfg: ReproduceConfig, preset: Preset) -> list[Stage]:
     stages = [
         Stage("data", (data_cmd,)),
         Stage("embeddings", (
-            ("embeddings.train", "--stage", "all", *seed, *common, *ALL_CORES, *preset.embeddings_train,
-             *preset.source_embeddings_train.get(kind, ())),
+            ("embeddings.train", "--stage", "all", *seed, *common, *ALL_CORES,
+             *preset.source_embeddings_train.get(kind, preset.embeddings_train)),
             ("embeddings.export", *common),
             ("embeddings.evaluate", *seed, *common, *ALL_CORES, *preset.embeddings_evaluate),
         )),

@@ -103,7 +103,7 @@ def test_ranking_section_handles_a_slice_without_impressions(tmp_path: Path) -> 
     assert "AUC dcn_pq_hist > dcn_pq > dcn on NW" in section and "users with history gain more" not in section
 
 
-def test_demo_preset_trains_stage2_one_epoch_and_the_synthetic_stage1_one_step() -> None:
+def test_demo_preset_trains_stage2_one_epoch_and_the_synthetic_stage1_one_step_stage2_two() -> None:
     from experiments.presets import PRESETS
 
     def train_cmd(source: str) -> tuple[str, ...]:
@@ -112,7 +112,8 @@ def test_demo_preset_trains_stage2_one_epoch_and_the_synthetic_stage1_one_step()
 
     for source in ("completejourney", "fashion", "instacart"):
         assert train_cmd(source)[-2:] == ("--stage2-epochs", "1") and "--stage1-max-steps" not in train_cmd(source)
-    assert train_cmd("synth:demo")[-4:] == ("--stage2-epochs", "1", "--stage1-max-steps", "1")
+    assert train_cmd("synth:demo")[-4:] == ("--stage1-max-steps", "1", "--stage2-epochs", "2")
+    assert train_cmd("synth:demo").count("--stage2-epochs") == 1
 
 
 def _own_workdir(tiny_workdir: Path, target: Path) -> Path:
