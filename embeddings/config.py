@@ -79,8 +79,8 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
     device: Device = _f("auto", "auto = cuda when available (bf16 autocast, fused AdamW), else cpu", "run")
     autocast: Literal["auto", "bf16", "fp32"] = _f(
         "auto", "precision of the encoders' forward passes in training: auto = bf16 autocast on CUDA, float32 on "
-                "CPU; bf16 = bf16 autocast on CPU too (faster where the CPU has bf16 instructions such as "
-                "AVX512-BF16; losses and optimizer stay float32)", "1")
+                "CPU; bf16 = bf16 autocast on CPU too (losses and optimizer stay float32; whether it is faster "
+                "depends on the CPU's bf16 support: compare `python -m embeddings.bench --dtype bf16` and fp32)", "1")
     resume: bool = _f(True, "continue an interrupted run of the same data and settings from its last "
                             "checkpoint", "run")
     force: bool = _f(False, "retrain even when finished outputs for the same data and settings exist", "run")
