@@ -85,6 +85,101 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask:
     return out.transpose(1, 2).reshape(batch, q_len, width)
 
 
+def _linear_pointwise_available() -> bool:
+    """Whether this torch build has oneDNN's matrix product with fused activation / addition
+    (``torch.ops.mkldnn._linear_pointwise``) and it computes ``F.linear``."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(3, 2, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.randn(5, generator=gen)
+        with torch.no_grad():
+            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+            r = torch.ops.mkldnn._linear_pointwise.binary(x, y, w, b, "add")
+        return bool(torch.allclose(y, F.gelu(F.linear(x, w, b)), atol=1e-5)
+                    and torch.allclose(r, F.linear(x, w, b) + y, atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_LINEAR_POINTWISE: bool | None = None
+
+
+def linear_pointwise_available() -> bool:
+    """:func:`_linear_pointwise_available`, checked once per process."""
+    global _LINEAR_POINTWISE
+    if _LINEAR_POINTWISE is None:
+        _LINEAR_POINTWISE = _linear_pointwise_available()
+    return _LINEAR_POINTWISE
+
+
+class InferenceLinear(nn.Module):
+    """Inference only: ``F.linear`` (optionally followed by GELU, or plus a residual) as one oneDNN
+    matrix product on CPU, from a copy of the weights reordered once into oneDNN's blocked layout.
+
+    Why: torch's float32 ``F.linear`` on CPU calls MKL's sgemm, which on some x86 CPUs (an AMD EPYC
+    with AVX-512, measured) runs at half the rate oneDNN's matmul reaches on the same shapes
+    (``python -m embeddings.bench``). ``dtype=torch.bfloat16`` multiplies in bfloat16 (inputs and
+    weights rounded to bf16, float32 accumulation): about twice the float32 rate again where the CPU
+    has bf16 instructions (AVX512-BF16, AMX). The result is returned in ``out_dtype`` (None: the
+    input's dtype). Off CPU, under autograd, or without the oneDNN operator it runs ``F.linear`` on
+    the same (rounded) weights. The weights are non-persistent buffers: not in the state dict.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none",
+                 dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if activation not in ("none", "gelu"):
+            raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype), persistent=False)
+        self.activation, self.dtype, self.out_dtype = activation, dtype, out_dtype
+        self.out_features, self.in_features = weight.shape
+        self._packed: torch.Tensor | None = None
+        if self.weight.device.type == "cpu" and linear_pointwise_available():
+            self._pack()  # now, not at the first call: encoder threads may share this module
+
+    @classmethod
+    def of(cls, linear: nn.Linear, **kwargs) -> "InferenceLinear":
+        return cls(linear.weight, linear.bias, **kwargs)
+
+    def _pack(self) -> torch.Tensor:
+        """The weight reordered for oneDNN (the weight itself where this build cannot reorder)."""
+        if self._packed is None:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in every mode later
+                try:
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 64)
+                except (AttributeError, RuntimeError):
+                    self._packed = self.weight
+        return self._packed
+
+    def _fast_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The oneDNN weight for ``x``, or None when ``x`` takes the plain path."""
+        if x.device.type != "cpu" or self.weight.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        if not linear_pointwise_available():
+            return None
+        return self._pack()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., in]`` -> ``act(x W^T + b) [..., out]`` (+ ``residual``, added in ``out_dtype``)."""
+        out_dtype = self.out_dtype or x.dtype
+        weight = self._fast_weight(x)
+        xin = x.to(self.dtype)
+        if weight is None:
+            y = F.linear(xin, self.weight, self.bias)
+            y = F.gelu(y) if self.activation == "gelu" else y
+        elif residual is not None and self.activation == "none" and self.dtype == out_dtype == residual.dtype:
+            return torch.ops.mkldnn._linear_pointwise.binary(xin, residual, weight, self.bias, "add")
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(xin, weight, self.bias, self.activation, [],
+                                                   "none" if self.activation == "gelu" else "")
+        y = y.to(out_dtype)
+        return y if residual is None else y + residual
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}, "
+                f"dtype={self.dtype}")
+
+
 class BertSelfAttention(nn.Module):
     """Query/key/value projections; keys and values come from ``context`` (width ``kv_width``)."""
 
@@ -100,18 +195,19 @@ class BertSelfAttention(nn.Module):
         self.fused = False
 
     @torch.no_grad()
-    def fuse_projections(self, self_attention: bool) -> None:
+    def fuse_projections(self, self_attention: bool, dtype: torch.dtype = torch.float32) -> None:
         """For inference: one matrix product for key + value (and, for a ``self_attention`` block,
         for query + key + value when it attends to its own input), from concatenated copies of the
-        projections. The copies are a snapshot: call it on an inference copy
-        (:meth:`DashCLIP.inference_copy`), not on a model that still trains."""
+        projections (:class:`InferenceLinear` at ``dtype``, float32 outputs). The copies are a
+        snapshot: call it on an inference copy (:meth:`DashCLIP.inference_copy`), not on a model
+        that still trains."""
         weights = [self.query.weight, self.key.weight, self.value.weight]
         biases = [self.query.bias, self.key.bias, self.value.bias]
-        self.register_buffer("kv_weight", torch.cat(weights[1:]), persistent=False)
-        self.register_buffer("kv_bias", torch.cat(biases[1:]), persistent=False)
+        out = torch.float32 if dtype != torch.float32 else None
+        self.q_proj = InferenceLinear(weights[0], biases[0], dtype=dtype, out_dtype=out)
+        self.kv_proj = InferenceLinear(torch.cat(weights[1:]), torch.cat(biases[1:]), dtype=dtype, out_dtype=out)
         if self_attention:
-            self.register_buffer("qkv_weight", torch.cat(weights), persistent=False)
-            self.register_buffer("qkv_bias", torch.cat(biases), persistent=False)
+            self.qkv_proj = InferenceLinear(torch.cat(weights), torch.cat(biases), dtype=dtype, out_dtype=out)
         self.fused = True
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
@@ -121,11 +217,11 @@ class BertSelfAttention(nn.Module):
             return _sdpa(self.query(hidden), self.key(context), self.value(context), context_mask, self.num_heads,
                          dropout)
         width = self.query.out_features
-        if hidden is context and hasattr(self, "qkv_weight"):
-            query, key, value = F.linear(hidden, self.qkv_weight, self.qkv_bias).split(width, dim=-1)
+        if hidden is context and hasattr(self, "qkv_proj"):
+            query, key, value = self.qkv_proj(hidden).split(width, dim=-1)
         else:
-            query = self.query(hidden)
-            key, value = F.linear(context, self.kv_weight, self.kv_bias).split(width, dim=-1)
+            query = self.q_proj(hidden)
+            key, value = self.kv_proj(context).split(width, dim=-1)
         return _sdpa(query, key, value, context_mask, self.num_heads, dropout)
 
 
@@ -137,8 +233,17 @@ class BertOutput(nn.Module):
         self.dense = nn.Linear(in_width, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.fused = False
+
+    def fuse_for_inference(self, dtype: torch.dtype = torch.float32) -> None:
+        """For inference: the dense layer and the residual addition as one :class:`InferenceLinear`
+        product at ``dtype`` (the addition itself in float32)."""
+        self.fused_dense = InferenceLinear.of(self.dense, dtype=dtype, out_dtype=torch.float32)
+        self.fused = True
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self.fused and not self.training:
+            return self.LayerNorm(self.fused_dense(x, residual))
         return self.LayerNorm(residual + self.dropout(self.dense(x)))
 
 
@@ -158,8 +263,17 @@ class BertIntermediate(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fused = False
+
+    def fuse_for_inference(self, dtype: torch.dtype = torch.float32) -> None:
+        """For inference: the dense layer and its GELU as one :class:`InferenceLinear` product at
+        ``dtype``, output left at ``dtype`` (the next product reads it at that precision)."""
+        self.fused_dense = InferenceLinear.of(self.dense, activation="gelu", dtype=dtype)
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not self.training:
+            return self.fused_dense(x.to(self.fused_dense.dtype))
         return F.gelu(self.dense(x))
 
 
@@ -176,7 +290,7 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg.intermediate_size, cfg)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor | None,
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, image_tokens: torch.Tensor | None,
                 image_mask: torch.Tensor | None, cls_only: bool = False) -> torch.Tensor:
         """``[B, L, D]`` -> ``[B, L, D]``, or ``[B, 1, D]`` (the [CLS] position only) with ``cls_only``:
         every token is still attended to, but only [CLS] is updated (the last layer of a [CLS] encoder)."""
@@ -206,6 +320,7 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         self.embeddings = TextEmbeddings(cfg)
         self.encoder = TextEncoderLayers(cfg)
+        self.skip_full_mask = False  # set by fuse_projections (inference copies)
 
     @property
     def width(self) -> int:
@@ -246,20 +361,30 @@ class TextTransformer(nn.Module):
         with ``cls_only`` the last layer returns the [CLS] position only (``[B, 1, D]``)."""
         if image_tokens is not None and not self.cfg.cross_attention_width:
             raise ValueError("this text encoder has no cross-attention layers (text-only encoder)")
-        mask = attention_mask.bool()
+        mask: torch.Tensor | None = attention_mask.bool()
+        if self.skip_full_mask and not self.training and bool(mask.all()):
+            mask = None  # a batch without padding: attention without a mask is the same, and faster
         img_mask = image_mask.bool() if image_mask is not None else None
         layers = self.encoder.layer[start_layer:]
         for i, layer in enumerate(layers):
             hidden = layer(hidden, mask, image_tokens, img_mask, cls_only=cls_only and i == len(layers) - 1)
         return hidden
 
-    def fuse_projections(self) -> None:
-        """Inference only: fused query/key/value products in every attention block
-        (:meth:`BertSelfAttention.fuse_projections`)."""
+    def fuse_projections(self, dtype: torch.dtype = torch.float32) -> None:
+        """Inference only: every matrix product of the layers as an :class:`InferenceLinear` at
+        ``dtype``: fused query/key/value products in every attention block
+        (:meth:`BertSelfAttention.fuse_projections`), dense + GELU, dense + residual addition.
+        LayerNorm, softmax attention and the residual stream stay in float32. A batch without padding
+        then runs its attention without a mask."""
+        self.skip_full_mask = True
         for layer in self.encoder.layer:
-            layer.attention.self.fuse_projections(self_attention=True)
+            layer.attention.self.fuse_projections(self_attention=True, dtype=dtype)
+            layer.attention.output.fuse_for_inference(dtype)
             if hasattr(layer, "crossattention"):
-                layer.crossattention.self.fuse_projections(self_attention=False)
+                layer.crossattention.self.fuse_projections(self_attention=False, dtype=dtype)
+                layer.crossattention.output.fuse_for_inference(dtype)
+            layer.intermediate.fuse_for_inference(dtype)
+            layer.output.fuse_for_inference(dtype)
 
     def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_layers: int) -> torch.Tensor:
         """Plain-mode hidden states ``[B, L, D]`` after the embeddings and the first ``num_layers`` layers."""
@@ -327,10 +452,24 @@ class VisionAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.projection = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        query, key, value = self.qkv(x).chunk(3, dim=-1)
-        return self.projection(_sdpa(query, key, value, None, self.num_heads, 0.0))
+    def fuse_for_inference(self, dtype: torch.dtype = torch.float32) -> None:
+        """For inference: both products as :class:`InferenceLinear` at ``dtype`` (float32 outputs),
+        the residual addition fused into the output projection."""
+        self.fused_qkv = InferenceLinear.of(self.qkv, dtype=dtype, out_dtype=torch.float32)
+        self.fused_projection = InferenceLinear.of(self.projection, dtype=dtype, out_dtype=torch.float32)
+        self.fused = True
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``x`` (plus ``residual`` when given)."""
+        fused = self.fused and not self.training
+        query, key, value = (self.fused_qkv if fused else self.qkv)(x).chunk(3, dim=-1)
+        out = _sdpa(query, key, value, None, self.num_heads, 0.0)
+        if fused:
+            return self.fused_projection(out, residual)
+        out = self.projection(out)
+        return out if residual is None else residual + out
 
 
 class VisionMLP(nn.Module):
@@ -338,9 +477,20 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+    def fuse_for_inference(self, dtype: torch.dtype = torch.float32) -> None:
+        """For inference: fc1 + GELU and fc2 + the residual addition as :class:`InferenceLinear` at ``dtype``."""
+        self.fused_fc1 = InferenceLinear.of(self.fc1, activation="gelu", dtype=dtype)
+        self.fused_fc2 = InferenceLinear.of(self.fc2, dtype=dtype, out_dtype=torch.float32)
+        self.fused = True
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of ``x`` (plus ``residual`` when given)."""
+        if self.fused and not self.training:
+            return self.fused_fc2(self.fused_fc1(x.to(self.fused_fc1.dtype)), residual)
+        out = self.fc2(F.gelu(self.fc1(x)))
+        return out if residual is None else residual + out
 
 
 class VisionLayer(nn.Module):
@@ -354,8 +504,8 @@ class VisionLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        x = self.self_attn(self.layer_norm1(x), residual=x)
+        return self.mlp(self.layer_norm2(x), residual=x)
 
 
 class VisionEncoderLayers(nn.Module):
@@ -390,6 +540,13 @@ class VisionTransformer(nn.Module):
 
     def frozen_prefix(self, num_layers: int) -> list[nn.Module]:
         return [self.embeddings, *self.encoder.layers[:num_layers]] if num_layers > 0 else []
+
+    def fuse_for_inference(self, dtype: torch.dtype = torch.float32) -> None:
+        """Inference only: every matrix product of the layers as an :class:`InferenceLinear` at
+        ``dtype`` (GELU and residual additions fused; LayerNorm and attention in float32)."""
+        for layer in self.encoder.layers:
+            layer.self_attn.fuse_for_inference(dtype)
+            layer.mlp.fuse_for_inference(dtype)
 
 
 def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -602,9 +759,12 @@ class FusedConvBN(nn.Module):
     A strided depthwise convolution with uneven "same" padding (``a`` before, ``b > a`` after) runs
     without a padded copy of its input: as the same convolution with its kernel extended by
     ``b - a`` leading zero taps and symmetric padding ``b``, which reads exactly the same input
-    pixels with the same weights (:meth:`_unpadded`)."""
+    pixels with the same weights (:meth:`_unpadded`).
 
-    def __init__(self, block: nn.Sequential) -> None:
+    ``dtype=torch.bfloat16`` keeps the folded weights in bfloat16 and expects bfloat16 activations
+    (oneDNN computes in bf16 with float32 accumulation)."""
+
+    def __init__(self, block: nn.Sequential, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         parts = list(block)
         self.same_pad = isinstance(parts[0], SamePad)
@@ -616,8 +776,8 @@ class FusedConvBN(nn.Module):
         with torch.no_grad():
             weight, bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
                 conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        self.register_buffer("weight", weight.detach().contiguous(memory_format=torch.channels_last))
-        self.register_buffer("bias", bias.detach().clone())
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", bias.detach().to(dtype).clone())
         self.kernel, self.stride, self.padding = conv.kernel_size[0], list(conv.stride), list(conv.padding)
         self.groups = conv.groups
         self._extended: dict[tuple[int, int, torch.device], tuple[torch.Tensor, list[int]]] = {}
@@ -647,7 +807,8 @@ class FusedConvBN(nn.Module):
                 x = pad_same(x, self.kernel, self.stride[0])
             else:
                 weight, padding = unpadded
-        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        if (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+                and not torch.is_grad_enabled()):
             if _POINTWISE is None:
                 _POINTWISE = _pointwise_conv_available()
             if _POINTWISE:
@@ -666,28 +827,43 @@ class FusedConvBN(nn.Module):
 class FusedEfficientNetLite0(nn.Module):
     """Inference-only EfficientNet-Lite0 (:class:`EfficientNetLite0` in eval mode): every block a
     :class:`FusedConvBN`, residual additions fused into the project convolutions, channels-last
-    activations. ``[B, 3, S, S]`` -> feature map ``[B, 1280, S/32, S/32]`` (channels-last)."""
+    activations. ``[B, 3, S, S]`` -> feature map ``[B, 1280, S/32, S/32]`` (channels-last, float32).
+
+    The batch runs in chunks of ``chunk`` images. The first stages of a whole batch make large
+    activations (64 images of 96 px: 56 MB for one 48 x 48 x 96 map, allocated and freed for every
+    layer: fresh pages each time, past the CPU caches); a chunk of 32 stays in the L3 cache and in
+    memory the allocator reuses, and ran 1.3-1.8x faster per image than 64 on one core (float32;
+    measured in alternating rounds). ``dtype=torch.bfloat16`` runs the convolutions in bfloat16
+    (float32 accumulation) and returns float32."""
 
     out_channels = EfficientNetLite0.out_channels
 
-    def __init__(self, net: EfficientNetLite0) -> None:
+    def __init__(self, net: EfficientNetLite0, dtype: torch.dtype = torch.float32, chunk: int = 32) -> None:
         super().__init__()
         if net.classifier is not None:
             raise ValueError("FusedEfficientNetLite0 takes the feature extractor (num_classes=0)")
-        self.stem = FusedConvBN(net.stem)
-        self.blocks = nn.ModuleList(nn.ModuleList(FusedConvBN(part) for part in block.body)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.dtype, self.chunk = dtype, chunk
+        self.stem = FusedConvBN(net.stem, dtype)
+        self.blocks = nn.ModuleList(nn.ModuleList(FusedConvBN(part, dtype) for part in block.body)
                                     for stage in net.stages for block in stage)
         self.residual = [block.residual for stage in net.stages for block in stage]
-        self.head = FusedConvBN(net.head)
+        self.head = FusedConvBN(net.head, dtype)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.stem(pixels.contiguous(memory_format=torch.channels_last))
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.stem(pixels.to(self.dtype).contiguous(memory_format=torch.channels_last))
         for parts, residual in zip(self.blocks, self.residual):
             y = x
             for part in parts[:-1]:
                 y = part(y)
             x = parts[-1](y, x if residual else None)
-        return self.head(x)
+        return self.head(x).float()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if len(pixels) <= self.chunk:
+            return self._features(pixels)
+        return torch.cat([self._features(part) for part in pixels.split(self.chunk)])
 
 
 # ------------------------------------------------------------------------------- text weights

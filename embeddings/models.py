@@ -31,7 +31,7 @@ from torch import nn
 
 from common.cli import check_config
 from embeddings.backbones import (LITE0_MEAN, LITE0_STD, ConvTokenEncoder, EfficientNetLite0,
-                                  FusedEfficientNetLite0, TextConfig, TextTransformer, VisionConfig,
+                                  FusedEfficientNetLite0, InferenceLinear, TextConfig, TextTransformer, VisionConfig,
                                   VisionTransformer, bert_text_config, load_bert_weights,
                                   load_efficientnet_lite0, load_tokenizer, minilm_path, read_blip_checkpoint,
                                   resize_position_embedding)
@@ -184,24 +184,34 @@ class DashCLIP(nn.Module):
         """Queries ``[B, L]`` -> ``[B, d]``."""
         return F.normalize(self.query_proj(self.query_encoder.pooled(input_ids, attention_mask)), dim=-1)
 
-    def inference_copy(self) -> "DashCLIP":
+    def inference_copy(self, dtype: torch.dtype = torch.float32) -> "DashCLIP":
         """A copy of this model for fast inference, in eval mode (use it under ``torch.inference_mode``).
 
         It shares the weights of this model except for: an EfficientNet-Lite0 image encoder becomes
         :class:`~embeddings.backbones.FusedEfficientNetLite0` (BatchNorm folded into the
-        convolutions, ReLU6 and residual additions fused, channels-last), and every attention block
-        computes its query/key/value projections as one matrix product
-        (:meth:`~embeddings.backbones.TextTransformer.fuse_projections`). The same function as this
-        model in eval mode up to float rounding. A snapshot: it does not follow later training of
-        this model.
+        convolutions, ReLU6 and residual additions fused, channels-last, the batch in chunks), its
+        token projection, every matrix product of a ViT image encoder and of the text and query
+        encoders become oneDNN products on CPU (:class:`~embeddings.backbones.InferenceLinear`: query/key/value as one
+        product, GELU and residual additions fused;
+        :meth:`~embeddings.backbones.TextTransformer.fuse_projections`). With ``dtype`` float32 the
+        same function as this model in eval mode up to float rounding; ``torch.bfloat16`` runs those
+        convolutions and matrix products in bfloat16 (float32 accumulation; LayerNorm, attention
+        softmax, residual stream, pooling and the projections stay float32). A snapshot: it does not
+        follow later training of this model.
         """
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
         shared = {id(t): t for t in (*self.parameters(), *self.buffers())}
         model = copy.deepcopy(self, shared).eval()
         image = model.image_encoder
-        if isinstance(image, ConvTokenEncoder) and isinstance(image.backbone, EfficientNetLite0):
-            image.backbone = FusedEfficientNetLite0(image.backbone)
-        model.text_encoder.fuse_projections()
-        model.query_encoder.fuse_projections()
+        if isinstance(image, ConvTokenEncoder):
+            if isinstance(image.backbone, EfficientNetLite0):
+                image.backbone = FusedEfficientNetLite0(image.backbone, dtype)
+            image.token_proj[0] = InferenceLinear.of(image.token_proj[0], dtype=dtype, out_dtype=torch.float32)
+        elif isinstance(image, VisionTransformer):
+            image.fuse_for_inference(dtype)
+        model.text_encoder.fuse_projections(dtype)
+        model.query_encoder.fuse_projections(dtype)
         model._frozen = []
         return model
 

@@ -207,8 +207,8 @@ def test_inference_copy_fuses_attention_projections_and_computes_the_same(tiny):
                                    atol=1e-5, rtol=1e-5)
     attention = fast.text_encoder.encoder.layer[0]
     assert attention.attention.self.fused and attention.crossattention.self.fused
-    assert attention.attention.self.qkv_weight.shape == (3 * 64, 64)
-    assert not hasattr(attention.crossattention.self, "qkv_weight")  # its keys/values come from image tokens
+    assert attention.attention.self.qkv_proj.weight.shape == (3 * 64, 64)
+    assert not hasattr(attention.crossattention.self, "qkv_proj")  # its keys/values come from image tokens
     assert not model.text_encoder.encoder.layer[0].attention.self.fused
 
 
