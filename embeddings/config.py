@@ -15,12 +15,16 @@ from common.cli import DEFAULT_WORKDIR, UserError, threads_field
 
 Backbone = Literal["mini", "blip", "tiny"]
 Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["fast", "fp32"]
-PRECISIONS: tuple[str, ...] = ("fast", "fp32")
-PRECISION_HELP = ("fast: the fused inference copy of the model (BatchNorm folded into the convolutions, ReLU6 and "
-                  "residual additions fused, channels-last images, one matrix product for query/key/value; bf16 "
-                  "autocast on CUDA); fp32: the model as trained, in float32 (the reference). On CPU they agree to "
-                  "a cosine above 0.9999 per vector")
+Precision = Literal["fast", "bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = ("fast", "bf16", "fp32")
+WORKERS_HELP = ("batches encoded at once on CPU: 0 = one per torch thread, each batch single-threaded (fastest on a few "
+                "cores, same bytes as one thread); 1 = one batch at a time, its operators on all threads")
+PRECISION_HELP = ("fast: the fused inference copy of the model in float32 (BatchNorm folded into the convolutions, "
+                  "ReLU6, GELU and residual additions fused, images in chunks, channels-last, one oneDNN matrix "
+                  "product for query/key/value; bf16 autocast on CUDA); bf16: the same copy with its convolutions and "
+                  "matrix products in bfloat16 on CPU (float32 accumulation, LayerNorm and softmax in float32; "
+                  "faster where the CPU has bf16 instructions); fp32: the model as trained, in float32 (the "
+                  "reference). On CPU fast agrees with fp32 to a cosine above 0.9999 per vector, bf16 above 0.999")
 
 
 def _f(default: Any, help: str, stage: str, **rules: Any) -> Any:
@@ -163,6 +167,7 @@ class EncodeConfig:
     device: Device = field(default="auto", metadata={"help": "device"})
     batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
     precision: Precision = field(default="fast", metadata={"help": PRECISION_HELP})
+    workers: int = field(default=0, metadata={"help": WORKERS_HELP})
 
 
 @dataclass
@@ -173,6 +178,7 @@ class TableExportConfig:
     device: Device = field(default="auto", metadata={"help": "device"})
     batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
     precision: Precision = field(default="fast", metadata={"help": PRECISION_HELP})
+    workers: int = field(default=0, metadata={"help": WORKERS_HELP})
     force: bool = field(default=False, metadata={"help": "re-export even if the tables were made from the same "
                                                            "checkpoint, data and settings"})
 
@@ -204,8 +210,12 @@ class EmbeddingsBenchConfig:
         "help": "queries of the encoder comparison (DIR's relevance queries when present, else made from the titles)"})
     encode_batch_size: int = field(default=64, metadata={"help": "batch size of the encoder comparison (export's "
                                                                  "default)"})
-    encode_rounds: int = field(default=3, metadata={"help": "alternating fp32/fast rounds of the encoder comparison "
-                                                            "(medians are reported)"})
+    encode_rounds: int = field(default=3, metadata={"help": "alternating rounds of the precisions in the encoder "
+                                                            "comparison (medians are reported)"})
+    encode_precisions: list[str] = field(default_factory=lambda: ["fast", "bf16"], metadata={
+        "help": "precisions timed against the fp32 reference in the encoder comparison (fp32 always runs)",
+        "choices": list(PRECISIONS)})
+    encode_workers: int = field(default=0, metadata={"help": f"encoder comparison: {WORKERS_HELP}"})
     checkpoint: Literal["untuned", "trained"] = field(default="untuned", metadata={
         "help": "weights of the encoder comparison: untuned (the --backbone as built, random for blip-base) or "
                 "trained (DIR's embeddings checkpoint: its backbone and image size)"})

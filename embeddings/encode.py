@@ -14,10 +14,22 @@ length (titles or queries sorted by token count, padded per batch, outputs put b
 Precision (``load_encoder(..., precision=...)``, ``--precision``): ``fast`` (the default) runs
 :meth:`embeddings.models.DashCLIP.inference_copy` under ``torch.inference_mode``: BatchNorm folded
 into the EfficientNet convolutions with ReLU6 and residual additions fused (oneDNN) on
-channels-last images, one matrix product per attention block for query/key/value (and bf16
-autocast on CUDA). ``fp32`` runs the model as trained in float32 (on CUDA too): the reference. On
-CPU the two agree to a cosine above 0.9999 per vector (``python -m embeddings.bench`` measures
-both); each is deterministic run to run for the same inputs, batch size and thread count.
+channels-last images in chunks, every matrix product of the text and query encoders through
+oneDNN (query/key/value as one product, GELU and residual additions fused; torch's float32 CPU
+path is MKL, half as fast on the AMD CPUs measured), attention without a mask for batches without
+padding (and bf16 autocast on CUDA). ``bf16`` runs the same copy with its convolutions and matrix
+products in bfloat16 on CPU (float32 accumulation; LayerNorm, softmax, the residual stream and the
+projections in float32): about 1.5x ``fast`` where the CPU has bf16 instructions (AVX512-BF16,
+AMX). ``fp32`` runs the model as trained in float32 (on CUDA too): the reference. On CPU ``fast``
+agrees with it to a cosine above 0.9999 per vector and ``bf16`` above 0.999 (the contract;
+0.99998 on the demo tables); ``python -m embeddings.bench`` measures all three.
+
+Threads (``workers``, ``--workers``): on CPU the batches run on worker threads, by default one
+per torch thread with each batch single-threaded (two cores: two batches at once). The encoders'
+operators are small (titles of ~12 tokens), and splitting each of them over threads costs more
+than it gains, the more so when other processes share the cores. Every precision is
+deterministic run to run for the same inputs, batch size, thread count and workers; with the
+default workers the vectors are those of a single-threaded run.
 
 Command line, for new products or queries without retraining::
 
@@ -31,9 +43,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -69,20 +82,25 @@ class DashEncoder:
 
     Attributes:
         model: the model as loaded (eval mode).
-        net: what computes the vectors: ``model.inference_copy()`` for precision ``fast``, else ``model``.
+        net: what computes the vectors: ``model.inference_copy()`` for precisions ``fast`` and
+            ``bf16``, else ``model``.
         source: a description of the weights (checkpoint path and hash, or "untuned ...").
+        workers: batches encoded at once on CPU (see :meth:`workers_for`).
     """
 
     def __init__(self, model: DashCLIP, tokenizer, spec: ImageSpec, cfg: DashCLIPConfig, device: torch.device,
-                 source: str, batch_size: int = 64, precision: Precision = "fast") -> None:
+                 source: str, batch_size: int = 64, precision: Precision = "fast", workers: int = 0) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         self.model = model.to(device).eval()
-        self.net = self.model.inference_copy() if precision == "fast" else self.model
+        self.net = (self.model.inference_copy(torch.bfloat16 if precision == "bf16" else torch.float32)
+                    if precision in ("fast", "bf16") else self.model)
         self.tokenizer, self.spec, self.cfg, self.device = tokenizer, spec, cfg, device
-        self.source, self.batch_size, self.precision = source, batch_size, precision
+        self.source, self.batch_size, self.precision, self.workers = source, batch_size, precision, workers
 
     @property
     def dim(self) -> int:
@@ -90,15 +108,52 @@ class DashEncoder:
 
     @property
     def _fast(self) -> bool:
-        return self.precision == "fast"
+        return self.precision in ("fast", "bf16")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on CUDA for the fast path; float32 otherwise."""
+        """bf16 autocast on CUDA for the fast and bf16 paths; none otherwise (on CPU the bf16 path
+        holds its own bf16 weights)."""
         return autocast(self.device) if self._fast else contextlib.nullcontext()
 
+    def workers_for(self, n_batches: int) -> tuple[int, int]:
+        """``(workers, threads per worker)`` for ``n_batches`` batches.
+
+        On CPU the batches run on ``workers`` threads at once, each batch with
+        ``torch.get_num_threads() // workers`` intra-op threads. ``workers=0`` (the default) takes
+        one worker per intra-op thread: every batch runs single-threaded, which on 2 cores is faster
+        than splitting each of the many small operators of a batch over 2 threads (and far faster
+        when other processes share the cores: no thread waits at a barrier for a descheduled
+        partner), and gives the bytes of a single-threaded run. On CUDA batches run one at a time."""
+        threads = torch.get_num_threads()
+        if self.device.type != "cpu" or n_batches <= 1:
+            return 1, threads
+        workers = min(self.workers or threads, threads, n_batches)
+        return workers, max(1, threads // workers)
+
+    def _map_batches(self, batches: list[np.ndarray], encode: Callable[[np.ndarray], torch.Tensor],
+                     desc: str) -> list[torch.Tensor]:
+        """``encode(rows)`` of every batch (under inference mode and the precision's autocast), in
+        batch order, on :meth:`workers_for` threads."""
+        def run(rows: np.ndarray) -> torch.Tensor:
+            with torch.inference_mode(), self._autocast():  # both are thread-local
+                return encode(rows)
+
+        workers, per_worker = self.workers_for(len(batches))
+        if workers == 1:
+            return [run(rows) for rows in self._progress(batches, desc)]
+        threads = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
+                futures = [pool.submit(run, rows) for rows in batches]
+                for _ in self._progress(as_completed(futures), desc, total=len(futures)):
+                    pass
+                return [future.result() for future in futures]
+        finally:
+            torch.set_num_threads(threads)  # set_num_threads in a worker also changes the default of new threads
+
     @staticmethod
-    def _progress(batches: list[np.ndarray], desc: str) -> tqdm:
-        return tqdm(batches, desc=desc, unit="batch", mininterval=1.0, leave=False)
+    def _progress(batches: Iterable, desc: str, total: int | None = None) -> tqdm:
+        return tqdm(batches, desc=desc, unit="batch", mininterval=1.0, leave=False, total=total)
 
     @staticmethod
     def _check_catalog(catalog: pd.DataFrame) -> None:
@@ -121,7 +176,6 @@ class DashEncoder:
     def _pixels(self, images: ImageStore, rows: np.ndarray) -> torch.Tensor:
         return images.pixels(rows, channels_last=self.net.reads_channels_last).to(self.device)
 
-    @torch.inference_mode()
     def products(self, catalog: pd.DataFrame) -> np.ndarray:
         """Multimodal product vectors ``[N, d]``. Products without an image use the text-only path
         (the text encoder without image tokens, then the multimodal projection)."""
@@ -130,18 +184,17 @@ class DashEncoder:
         if n_text_only:
             log.info("%d of %d products have no image: their vectors come from the title alone (text encoder "
                      "without image tokens + multimodal projection)", n_text_only, len(images))
-        batches = length_sorted_batches([len(ids) for ids in titles.ids], self.batch_size)
-        chunks = []
-        for rows in self._progress(batches, "products"):
+
+        def encode(rows: np.ndarray) -> torch.Tensor:
             has_image = images.has_image[rows]
             pixels = self._pixels(images, rows[has_image]) if has_image.any() else None
             ids, mask = (t.to(self.device) for t in titles.batch(rows))
-            with self._autocast():
-                cls = self.net.product_state(ids, mask, pixels, torch.as_tensor(has_image, device=self.device))
-            chunks.append(self.net.product_embedding_from_state(cls.float()))
-        return restore_order(batches, self._numpy(chunks, self.dim))
+            cls = self.net.product_state(ids, mask, pixels, torch.as_tensor(has_image, device=self.device))
+            return self.net.product_embedding_from_state(cls.float())
 
-    @torch.inference_mode()
+        batches = length_sorted_batches([len(ids) for ids in titles.ids], self.batch_size)
+        return restore_order(batches, self._numpy(self._map_batches(batches, encode, "products"), self.dim))
+
     def images(self, catalog: pd.DataFrame) -> np.ndarray:
         """Image-only vectors ``[N, d]``; rows of products without an image are zeros."""
         images, _ = self._stores(catalog)
@@ -150,29 +203,27 @@ class DashEncoder:
         if len(with_image) < len(images):
             log.warning("%d of %d products have no image: their image vectors are zeros",
                         len(images) - len(with_image), len(images))
-        chunks = []
+
+        def encode(rows: np.ndarray) -> torch.Tensor:
+            return self.net.image_embedding(self.net.image_tokens(self._pixels(images, rows)).float())
+
         batches = [with_image[start:start + self.batch_size] for start in range(0, len(with_image), self.batch_size)]
-        for rows in self._progress(batches, "images"):
-            with self._autocast():
-                tokens = self.net.image_tokens(self._pixels(images, rows))
-            chunks.append(self.net.image_embedding(tokens.float()))
         if len(with_image):
-            out[with_image] = self._numpy(chunks, self.dim)
+            out[with_image] = self._numpy(self._map_batches(batches, encode, "images"), self.dim)
         return out
 
-    @torch.inference_mode()
     def _text_like(self, texts: list[str], max_tokens: int, query: bool, desc: str) -> np.ndarray:
         """Batches of similar length (little padding), returned in input order."""
         store = TokenStore(self.tokenizer, texts, max_tokens)
         embed = self.net.query_embedding if query else self.net.text_embedding
+
+        def encode(rows: np.ndarray) -> torch.Tensor:
+            ids, mask = (t.to(self.device) for t in store.batch(rows))
+            return embed(ids, mask).float()
+
         # text-only inputs are light: larger batches
         batches = length_sorted_batches([len(ids) for ids in store.ids], TEXT_BATCH_FACTOR * self.batch_size)
-        chunks = []
-        for rows in self._progress(batches, desc):
-            ids, mask = (t.to(self.device) for t in store.batch(rows))
-            with self._autocast():
-                chunks.append(embed(ids, mask).float())
-        return restore_order(batches, self._numpy(chunks, self.dim))
+        return restore_order(batches, self._numpy(self._map_batches(batches, encode, desc), self.dim))
 
     def texts(self, titles: Sequence[str]) -> np.ndarray:
         """Title-only vectors ``[N, d]`` (the plain text encoder and ``text_proj``)."""
@@ -185,7 +236,7 @@ class DashEncoder:
 
 def load_encoder(workdir: str | Path, which: Literal["trained", "untuned"] = "trained",
                  device: str | torch.device = "cpu", batch_size: int = 64,
-                 precision: Precision = "fast") -> DashEncoder:
+                 precision: Precision = "fast", workers: int = 0) -> DashEncoder:
     """The DashCLIP encoder of a training run in ``workdir``.
 
     ``trained`` loads ``DIR/embeddings/checkpoints/model.pt``; ``untuned`` builds the same
@@ -214,7 +265,7 @@ def load_encoder(workdir: str | Path, which: Literal["trained", "untuned"] = "tr
         source = f"dashclip:{cfg.backbone}:untuned:seed={cfg.seed}"
     else:
         raise ValueError(f"which must be 'trained' or 'untuned', got {which!r}")
-    return DashEncoder(model, tokenizer, spec, cfg, device, source, batch_size, precision)
+    return DashEncoder(model, tokenizer, spec, cfg, device, source, batch_size, precision, workers)
 
 
 def vector_table(key_name: str, keys: pa.Array, vectors: np.ndarray, source: str) -> pa.Table:
@@ -260,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise UserError(f"--out {out_path}: is a directory; give a file path")
     if os.path.lexists(out_path) and not cfg.force:
         raise UserError(f"--out {out_path}: file exists; pass --force to overwrite it")
-    encoder = load_encoder(cfg.workdir, cfg.which, cfg.device, cfg.batch_size, cfg.precision)
+    encoder = load_encoder(cfg.workdir, cfg.which, cfg.device, cfg.batch_size, cfg.precision, cfg.workers)
     if cfg.kind == "query":
         queries = [normalize_query(q) for q in read_queries(source_path)]
         vectors = encoder.queries(queries)

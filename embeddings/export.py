@@ -58,7 +58,7 @@ def export(cfg: TableExportConfig) -> dict[str, Path]:
                  "(--force to redo)")
         return paths
     schema.validate_tables(workdir, ("catalog", *QUERY_TABLES), check_images=True)
-    encoder = load_encoder(workdir, "trained", cfg.device, cfg.batch_size, cfg.precision)
+    encoder = load_encoder(workdir, "trained", cfg.device, cfg.batch_size, cfg.precision, cfg.workers)
     catalog = schema.read_table(workdir, "catalog").select(["product_id", "title", "image"]).to_pandas()
     queries = distinct_queries(workdir)
     started = time.perf_counter()
