@@ -11,10 +11,12 @@ functions (:func:`embeddings.steps.stage1_losses`, :func:`embeddings.steps.stage
 * inference products/s (image encoder + grounded text encoder + multimodal projection) and
   queries/s (query encoder + projection), model only, at ``--dtype``;
 * the encoder end to end, as ``embeddings.export`` runs it (:class:`embeddings.encode.DashEncoder`:
-  image decoding, tokenisation, length-sorted batches, encoders, projection), precision ``fp32``
-  (the reference) against ``fast`` in alternating rounds of the same run: products/s and queries/s
-  (medians), the paired speed-up, the cosine of every fast vector with its fp32 vector (min and
-  mean) and whether each precision gave byte-identical vectors in every round. Inputs: the first
+  image decoding, tokenisation, length-sorted batches on ``--encode-workers`` threads, encoders,
+  projection), precision ``fp32`` (the reference) and each of ``--encode-precisions`` (``fast``,
+  ``bf16``) in alternating rounds of the same run: products/s and queries/s (medians), the paired
+  speed-up over fp32, the cosine of every vector with its fp32 vector (min and mean: the parity
+  contract is a minimum of 0.999) and whether each precision gave byte-identical vectors in every
+  round. Inputs: the first
   ``--encode-products`` rows of ``DIR/data/catalog.parquet`` and DIR's relevance queries when they
   exist, else synthetic packshots and titles of :mod:`data.synth`; weights: the untuned
   ``--backbone`` or, with ``--checkpoint trained``, DIR's trained model.
@@ -209,7 +211,8 @@ def encoder_inputs(cfg: EmbeddingsBenchConfig, image_size: int) -> tuple[pd.Data
 
 
 def compare_encoders(cfg: EmbeddingsBenchConfig, device: torch.device, image_size: int) -> dict[str, Any]:
-    """The end-to-end encoder, precision fp32 against fast, alternating rounds (see the module docstring)."""
+    """The end-to-end encoder at each precision of ``--encode-precisions`` against fp32, alternating
+    rounds (see the module docstring)."""
     if cfg.checkpoint == "trained":
         loaded = load_encoder(cfg.workdir, "trained", device, cfg.encode_batch_size, "fp32")
         model, tokenizer, spec, model_cfg = loaded.model, loaded.tokenizer, loaded.spec, loaded.cfg
@@ -218,8 +221,9 @@ def compare_encoders(cfg: EmbeddingsBenchConfig, device: torch.device, image_siz
         model, tokenizer, spec = bench_model(cfg, image_size)
         model_cfg = DashCLIPConfig(image_size=spec.size)
         source = f"untuned {cfg.backbone}"
+    precisions = ["fp32", *dict.fromkeys(p for p in cfg.encode_precisions if p != "fp32")]
     encoders = {precision: DashEncoder(model, tokenizer, spec, model_cfg, device, source, cfg.encode_batch_size,
-                                       precision) for precision in ("fp32", "fast")}
+                                       precision, cfg.encode_workers) for precision in precisions}
     catalog, queries, inputs = encoder_inputs(cfg, spec.size)
     work = {"products": (len(catalog), lambda e: e.products(catalog)),
             "queries": (len(queries), lambda e: e.queries(queries))}
@@ -230,7 +234,7 @@ def compare_encoders(cfg: EmbeddingsBenchConfig, device: torch.device, image_siz
     wall: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
     first: dict[tuple[str, str], np.ndarray] = {}
-    same = True
+    same = {precision: True for precision in precisions}
     for _ in range(max(1, cfg.encode_rounds)):
         for precision, encoder in encoders.items():
             for kind, (_, run) in work.items():
@@ -239,24 +243,28 @@ def compare_encoders(cfg: EmbeddingsBenchConfig, device: torch.device, image_siz
                 wall.setdefault((precision, kind), []).append(time.perf_counter() - started)
                 cpu.setdefault((precision, kind), []).append(time.process_time() - cpu_started)
                 if (precision, kind) in first:
-                    same = same and vectors.tobytes() == first[precision, kind].tobytes()
+                    same[precision] = same[precision] and vectors.tobytes() == first[precision, kind].tobytes()
                 else:
                     first[precision, kind] = vectors
+    workers, per_worker = encoders["fp32"].workers_for(2 ** 30)
     summary: dict[str, Any] = {"inputs": inputs, "weights": source, "n_products": len(catalog),
                                "n_queries": len(queries), "batch_size": cfg.encode_batch_size,
                                "rounds": max(1, cfg.encode_rounds), "threads": torch.get_num_threads(),
+                               "workers": workers, "threads_per_worker": per_worker, "precisions": precisions,
                                "deterministic": same, "load_average_before": [round(x, 2) for x in load_before],
                                "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     for kind, (n, _) in work.items():
-        cos = np.sum(first["fp32", kind] * first["fast", kind], axis=1) if n else np.ones(1)
-        summary[kind] = {
-            **{f"{precision}_per_s": n / statistics.median(wall[precision, kind]) for precision in encoders},
-            **{f"{precision}_cpu_ms_per_item": 1e3 * statistics.median(cpu[precision, kind]) / max(n, 1)
-               for precision in encoders},
-            "speedup": statistics.median(f / q for f, q in zip(wall["fp32", kind], wall["fast", kind])),
-            "cpu_speedup": statistics.median(f / q for f, q in zip(cpu["fp32", kind], cpu["fast", kind])),
-            "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
-            "wall_s": {precision: [round(x, 4) for x in wall[precision, kind]] for precision in encoders}}
+        rows: dict[str, Any] = {}
+        for precision in precisions:
+            cos = np.sum(first["fp32", kind] * first[precision, kind], axis=1) if n else np.ones(1)
+            rows[precision] = {
+                "per_s": n / statistics.median(wall[precision, kind]),
+                "cpu_ms_per_item": 1e3 * statistics.median(cpu[precision, kind]) / max(n, 1),
+                "speedup": statistics.median(f / q for f, q in zip(wall["fp32", kind], wall[precision, kind])),
+                "cpu_speedup": statistics.median(f / q for f, q in zip(cpu["fp32", kind], cpu[precision, kind])),
+                "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
+                "wall_s": [round(x, 4) for x in wall[precision, kind]]}
+        summary[kind] = rows
     return summary
 
 
@@ -272,16 +280,19 @@ def markdown(cfg: EmbeddingsBenchConfig, device: torch.device, results: dict[str
     if comparison:
         c = comparison
         lines += ["", f"Encoder end to end ({c['weights']}; {c['n_products']} products and {c['n_queries']} queries "
-                      f"from {c['inputs']}; batch {c['batch_size']}; {c['threads']} threads; medians of "
-                      f"{c['rounds']} alternating rounds; load average {c['load_average_before'][0]:.2f} before, "
-                      f"{c['load_average_after'][0]:.2f} after)", "",
-                  "| inputs | fp32 /s | fast /s | speed-up (wall) | speed-up (CPU time) | cosine min | cosine mean |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for kind in ("products", "queries"):
-            r = c[kind]
-            lines.append(f"| {kind} | {r['fp32_per_s']:.1f} | {r['fast_per_s']:.1f} | {r['speedup']:.2f}x | "
-                         f"{r['cpu_speedup']:.2f}x | {r['cos_min']:.7f} | {r['cos_mean']:.7f} |")
-        lines += ["", f"byte-identical vectors in every round, per precision: {'yes' if c['deterministic'] else 'NO'}"]
+                      f"from {c['inputs']}; batch {c['batch_size']}; {c['threads']} threads: {c['workers']} "
+                      f"worker(s) x {c['threads_per_worker']} thread(s); medians of {c['rounds']} alternating rounds; "
+                      f"load average {c['load_average_before'][0]:.2f} before, {c['load_average_after'][0]:.2f} after)",
+                  "", "| precision | products/s | queries/s | speed-up vs fp32 (wall), products / queries | "
+                      "speed-up (CPU time) | cosine with fp32, min (products / queries) | cosine mean | "
+                      "byte-identical every round |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for precision in c["precisions"]:
+            p, q = c["products"][precision], c["queries"][precision]
+            lines.append(f"| {precision} | {p['per_s']:.1f} | {q['per_s']:.1f} | {p['speedup']:.2f}x / "
+                         f"{q['speedup']:.2f}x | {p['cpu_speedup']:.2f}x / {q['cpu_speedup']:.2f}x | "
+                         f"{p['cos_min']:.7f} / {q['cos_min']:.7f} | {p['cos_mean']:.7f} / {q['cos_mean']:.7f} | "
+                         f"{'yes' if c['deterministic'][precision] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -302,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     if not cfg.inference_only:
         entry["results"] = results
     if comparison is not None:
-        entry["encoder_fp32_vs_fast"] = comparison
+        entry["encoder"] = comparison
     recorded[key] = entry
     write_json(recorded, out)
     return results

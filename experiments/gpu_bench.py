@@ -8,7 +8,7 @@ and reported as ``cut``):
 ``embeddings``  ``python -m embeddings.bench``: DashCLIP stage-1/stage-2 training steps and
                 inference on ``--device`` with the BLIP-base-shaped backbone (random weights) under
                 bf16 autocast on CUDA (``--quick``: the tiny backbone in fp32), and the end-to-end
-                encoder, fp32 against fast.
+                encoder, fp32 against fast and bf16.
 ``ranking``     ``python -m ranking.bench --device``: train/eval samples/s of every ranking variant
                 next to torchrec's DLRM_DCN on DIR's features.
 ``serving``     ``python -m serving.bench``: fused model vs Redis-fetched vectors, and the HTTP
@@ -345,7 +345,7 @@ def embeddings_figures(cfg: GpuBenchConfig, workdir: Path, since: float) -> dict
         return None
     key = sorted(entries)[-1]  # keys differ only in the thread count: the same settings on another machine
     entry = entries[key]
-    return {"key": key, "results": entry.get("results", {}), "encoder_fp32_vs_fast": entry.get("encoder_fp32_vs_fast")}
+    return {"key": key, "results": entry.get("results", {}), "encoder": entry.get("encoder")}
 
 
 def ranking_figures(workdir: Path, since: float) -> dict[str, Any] | None:
@@ -389,10 +389,10 @@ def summary(name: str, figures: dict[str, Any] | None) -> str:
         if name == "embeddings":
             res = figures["results"]
             parts = [f"{k.split(' (')[0]} {v['per_s']:,.1f} {v['unit']}/s" for k, v in res.items()]
-            enc = figures.get("encoder_fp32_vs_fast")
+            enc = figures.get("encoder")
             if enc:
-                parts.append(f"encoder fast vs fp32 {enc['products']['speedup']:.2f}x products, "
-                             f"{enc['queries']['speedup']:.2f}x queries")
+                parts += [f"encoder {p} vs fp32 {enc['products'][p]['speedup']:.2f}x products, "
+                          f"{enc['queries'][p]['speedup']:.2f}x queries" for p in enc["precisions"] if p != "fp32"]
             return "; ".join(parts)
         if name == "ranking":
             rows = {r["model"]: r for r in figures["rows"]}
@@ -425,11 +425,12 @@ def detail_markdown(name: str, figures: dict[str, Any]) -> list[str]:
             lines = ["| measurement | ms/step | throughput |", "|---|---:|---:|"]
             lines += [f"| {k} | {v['ms_per_step']:.2f} | {v['per_s']:,.1f} {v['unit']}/s |"
                       for k, v in figures["results"].items()]
-            enc = figures.get("encoder_fp32_vs_fast")
+            enc = figures.get("encoder")
             if enc:
-                lines += ["", "| encoder end to end | fp32 /s | fast /s | speed-up | cosine min |", "|---|---:|---:|---:|---:|"]
-                lines += [f"| {kind} | {enc[kind]['fp32_per_s']:,.1f} | {enc[kind]['fast_per_s']:,.1f} | "
-                          f"{enc[kind]['speedup']:.2f}x | {enc[kind]['cos_min']:.6f} |" for kind in ("products", "queries")]
+                lines += ["", "| encoder end to end | precision | per s | speed-up vs fp32 | cosine min with fp32 |",
+                          "|---|---|---:|---:|---:|"]
+                lines += [f"| {kind} | {p} | {enc[kind][p]['per_s']:,.1f} | {enc[kind][p]['speedup']:.2f}x | "
+                          f"{enc[kind][p]['cos_min']:.6f} |" for kind in ("products", "queries") for p in enc["precisions"]]
             return lines
         if name == "ranking":
             lines = ["| model | train samples/s | eval samples/s | train step ms | data ms/batch |",
