@@ -24,12 +24,12 @@ AMX). ``fp32`` runs the model as trained in float32 (on CUDA too): the reference
 agrees with it to a cosine above 0.9999 per vector and ``bf16`` above 0.999 (the contract;
 0.99998 on the demo tables); ``python -m embeddings.bench`` measures all three.
 
-Threads (``workers``, ``--workers``): on CPU the batches run on worker threads, by default one
-per torch thread with each batch single-threaded (two cores: two batches at once). The encoders'
-operators are small (titles of ~12 tokens), and splitting each of them over threads costs more
-than it gains, the more so when other processes share the cores. Every precision is
+Threads (``workers``, ``--workers``): on CPU the batches run on worker threads, by default up to
+one per torch thread with each batch single-threaded (two cores: two batches at once). The
+encoders' operators are small (titles of ~12 tokens), and splitting each of them over threads
+costs more than it gains, the more so when other processes share the cores. Every precision is
 deterministic run to run for the same inputs, batch size, thread count and workers; with the
-default workers the vectors are those of a single-threaded run.
+default workers the vectors are those of a single-threaded run, whatever the thread count.
 
 Command line, for new products or queries without retraining::
 
@@ -118,17 +118,19 @@ class DashEncoder:
     def workers_for(self, n_batches: int) -> tuple[int, int]:
         """``(workers, threads per worker)`` for ``n_batches`` batches.
 
-        On CPU the batches run on ``workers`` threads at once, each batch with
-        ``torch.get_num_threads() // workers`` intra-op threads. ``workers=0`` (the default) takes
-        one worker per intra-op thread: every batch runs single-threaded, which on 2 cores is faster
-        than splitting each of the many small operators of a batch over 2 threads (and far faster
-        when other processes share the cores: no thread waits at a barrier for a descheduled
-        partner), and gives the bytes of a single-threaded run. On CUDA batches run one at a time."""
+        On CPU the batches run on up to ``workers`` threads at once, each batch with
+        ``torch.get_num_threads() // workers`` intra-op threads. ``workers=0`` (the default) takes up
+        to one worker per torch thread and runs every batch single-threaded: on 2 cores faster than
+        splitting each of the many small operators of a batch over 2 threads (far faster when other
+        processes share the cores: no thread waits at a barrier for a descheduled partner), and the
+        vectors are the bytes of a single-threaded run whatever the thread count (a 1-thread server
+        encodes a query to the bytes the export wrote). On CUDA batches run one at a time."""
         threads = torch.get_num_threads()
-        if self.device.type != "cpu" or n_batches <= 1:
+        if self.device.type != "cpu":
             return 1, threads
-        workers = min(self.workers or threads, threads, n_batches)
-        return workers, max(1, threads // workers)
+        if self.workers == 0:
+            return max(1, min(threads, n_batches)), 1
+        return max(1, min(self.workers, threads, n_batches)), max(1, threads // min(self.workers, threads))
 
     def _map_batches(self, batches: list[np.ndarray], encode: Callable[[np.ndarray], torch.Tensor],
                      desc: str) -> list[torch.Tensor]:
@@ -139,17 +141,20 @@ class DashEncoder:
                 return encode(rows)
 
         workers, per_worker = self.workers_for(len(batches))
-        if workers == 1:
-            return [run(rows) for rows in self._progress(batches, desc)]
         threads = torch.get_num_threads()
         try:
+            if workers == 1:
+                if per_worker != threads:
+                    torch.set_num_threads(per_worker)
+                return [run(rows) for rows in self._progress(batches, desc)]
             with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
                 futures = [pool.submit(run, rows) for rows in batches]
                 for _ in self._progress(as_completed(futures), desc, total=len(futures)):
                     pass
                 return [future.result() for future in futures]
         finally:
-            torch.set_num_threads(threads)  # set_num_threads in a worker also changes the default of new threads
+            if torch.get_num_threads() != threads or workers > 1:
+                torch.set_num_threads(threads)  # in a worker it also changes the default of new threads
 
     @staticmethod
     def _progress(batches: Iterable, desc: str, total: int | None = None) -> tqdm:

@@ -274,19 +274,21 @@ def test_fast_path_is_deterministic(precision, tiny_cnn, catalog, queries):
 @pytest.mark.parametrize("precision", FAST_PRECISIONS)
 def test_batches_on_worker_threads_give_the_bytes_of_one_thread(precision, tiny_cnn, catalog, queries):
     """Two threads as two workers (each batch single-threaded, batches at once) give byte-identical
-    vectors run to run and the bytes of a one-thread run; the thread count is left as it was."""
+    vectors run to run and the bytes of a one-thread run, a single batch too; the thread count is
+    left as it was."""
     encoders = [_encoders(*tiny_cnn, batch_size=8, workers=w)[precision] for w in (0, 1)]
     torch.set_num_threads(2)
     try:
-        assert encoders[0].workers_for(4) == (2, 1) and encoders[0].workers_for(1) == (1, 2)
-        assert encoders[1].workers_for(4) == (1, 2)
+        assert encoders[0].workers_for(4) == (2, 1) and encoders[0].workers_for(1) == (1, 1)
+        assert encoders[1].workers_for(4) == encoders[1].workers_for(1) == (1, 2)
     finally:
         torch.set_num_threads(1)
     runs = []
     for threads, encoder in ((2, encoders[0]), (2, encoders[0]), (1, encoders[1])):
         torch.set_num_threads(threads)
         try:
-            runs.append((encoder.products(catalog).tobytes(), encoder.queries(queries * 3).tobytes()))
+            runs.append((encoder.products(catalog).tobytes(), encoder.queries(queries * 3).tobytes(),
+                         encoder.queries(queries[:5]).tobytes()))
             assert torch.get_num_threads() == threads
         finally:
             torch.set_num_threads(1)
