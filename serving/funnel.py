@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -256,7 +256,7 @@ class Funnel:
         self.queries.encoder.queries(["warm up"])
 
 
-def _no_progress(batches: list[np.ndarray], desc: str) -> list[np.ndarray]:
+def _no_progress(batches: Iterable, desc: str, total: int | None = None) -> Iterable:
     return batches
 
 

@@ -40,6 +40,17 @@ def exact_neighbours(workdir: Path, vector: np.ndarray, k: int) -> tuple[np.ndar
     return np.asarray(table.keys[1:], np.int64)[order], cosines[order]
 
 
+def assert_same_ranking(got: list[int], ids: np.ndarray, cosines: np.ndarray, atol: float = 1e-6) -> None:
+    """``got`` is the head of the brute-force ranking ``ids`` (longer than ``got``) up to the order of
+    products whose cosines tie within float rounding (FAISS sums the inner products in another order
+    than numpy)."""
+    assert len(got) <= len(ids)
+    position = {int(i): r for r, i in enumerate(ids)}
+    for rank, product in enumerate(got):
+        if product != ids[rank]:
+            assert product in position and abs(cosines[position[product]] - cosines[rank]) <= atol, (rank, got, ids)
+
+
 @pytest.fixture(scope="module")
 def manifest(serving_workdir: Path) -> dict:
     return read_json(serving_workdir / "serving" / "manifest.json")
@@ -77,9 +88,9 @@ def test_retrieve_an_unknown_query_encodes_it_with_dashclip(service: httpx.Clien
     out = resp.json()
     assert out["meta"]["query_encoded"] is True and len(out["products"]) == 10
     vector = load_encoder(serving_workdir, "trained").queries([query])[0]
-    ids, cosines = exact_neighbours(serving_workdir, vector, 10)
-    assert [p["product_id"] for p in out["products"]] == ids.tolist()
-    np.testing.assert_allclose([p["cosine"] for p in out["products"]], cosines, atol=1e-5)
+    ids, cosines = exact_neighbours(serving_workdir, vector, 20)
+    assert_same_ranking([p["product_id"] for p in out["products"]], ids, cosines)
+    np.testing.assert_allclose([p["cosine"] for p in out["products"]], cosines[:10], atol=1e-5)
 
 
 def test_retrieve_returns_every_product_at_most_and_never_row_zero(service: httpx.Client, serving_workdir: Path):
