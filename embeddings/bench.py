@@ -210,6 +210,15 @@ def encoder_inputs(cfg: EmbeddingsBenchConfig, image_size: int) -> tuple[pd.Data
     return catalog, queries, source
 
 
+def cpu_bf16_instructions() -> bool | None:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), where precision bf16 pays off;
+    None when this torch build cannot tell."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return None
+
+
 def compare_encoders(cfg: EmbeddingsBenchConfig, device: torch.device, image_size: int) -> dict[str, Any]:
     """The end-to-end encoder at each precision of ``--encode-precisions`` against fp32, alternating
     rounds (see the module docstring)."""
@@ -251,6 +260,7 @@ def compare_encoders(cfg: EmbeddingsBenchConfig, device: torch.device, image_siz
                                "n_queries": len(queries), "batch_size": cfg.encode_batch_size,
                                "rounds": max(1, cfg.encode_rounds), "threads": torch.get_num_threads(),
                                "workers": workers, "threads_per_worker": per_worker, "precisions": precisions,
+                               "cpu_bf16_instructions": cpu_bf16_instructions(),
                                "deterministic": same, "load_average_before": [round(x, 2) for x in load_before],
                                "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     for kind, (n, _) in work.items():
@@ -281,7 +291,8 @@ def markdown(cfg: EmbeddingsBenchConfig, device: torch.device, results: dict[str
         c = comparison
         lines += ["", f"Encoder end to end ({c['weights']}; {c['n_products']} products and {c['n_queries']} queries "
                       f"from {c['inputs']}; batch {c['batch_size']}; {c['threads']} threads: {c['workers']} "
-                      f"worker(s) x {c['threads_per_worker']} thread(s); medians of {c['rounds']} alternating rounds; "
+                      f"worker(s) x {c['threads_per_worker']} thread(s); CPU bf16 instructions: "
+                      f"{c['cpu_bf16_instructions']}; medians of {c['rounds']} alternating rounds; "
                       f"load average {c['load_average_before'][0]:.2f} before, {c['load_average_after'][0]:.2f} after)",
                   "", "| precision | products/s | queries/s | speed-up vs fp32 (wall), products / queries | "
                       "speed-up (CPU time) | cosine with fp32, min (products / queries) | cosine mean | "
