@@ -149,9 +149,15 @@ class DashEncoder:
                 return [run(rows) for rows in self._progress(batches, desc)]
             with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
                 futures = [pool.submit(run, rows) for rows in batches]
-                for _ in self._progress(as_completed(futures), desc, total=len(futures)):
-                    pass
-                return [future.result() for future in futures]
+                for future in self._progress(as_completed(futures), desc, total=len(futures)):
+                    if future.exception() is not None:  # e.g. an image that does not decode: stop early
+                        for other in futures:
+                            other.cancel()
+                        break
+            failed = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+            if failed:
+                raise failed[0]  # the first failing batch in batch order
+            return [future.result() for future in futures]
         finally:
             if torch.get_num_threads() != threads or workers > 1:
                 torch.set_num_threads(threads)  # in a worker it also changes the default of new threads

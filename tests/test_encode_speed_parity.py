@@ -345,3 +345,18 @@ def test_bench_compares_each_precision_with_fp32_in_one_run(tmp_path):
             result = comparison[kind][precision]
             assert result["per_s"] > 0 and result["speedup"] > 0 and result["cpu_ms_per_item"] > 0
             assert result["cos_min"] >= PARITY
+
+
+def test_an_undecodable_image_on_a_worker_thread_names_its_product(tiny_cnn, catalog):
+    """The error of a batch on a worker thread reaches the caller (the remaining batches are cancelled)."""
+    broken = catalog.copy()
+    broken.loc[broken.index[20], "image"] = b"not an image"
+    encoder = _encoders(*tiny_cnn, batch_size=4)["fast"]
+    torch.set_num_threads(2)
+    try:
+        assert encoder.workers_for(8) == (2, 1)
+        with pytest.raises(ValueError, match=f"product_id {broken['product_id'].iloc[20]}"):
+            encoder.products(broken)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
