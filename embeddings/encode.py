@@ -124,7 +124,8 @@ class DashEncoder:
         splitting each of the many small operators of a batch over 2 threads (far faster when other
         processes share the cores: no thread waits at a barrier for a descheduled partner), and the
         vectors are the bytes of a single-threaded run whatever the thread count (a 1-thread server
-        encodes a query to the bytes the export wrote). On CUDA batches run one at a time."""
+        and a 2-thread test process encode the same batch to the same bytes). On CUDA batches run
+        one at a time."""
         threads = torch.get_num_threads()
         if self.device.type != "cpu":
             return 1, threads
