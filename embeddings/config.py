@@ -167,7 +167,7 @@ class EncodeConfig:
     device: Device = field(default="auto", metadata={"help": "device"})
     batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
     precision: Precision = field(default="fast", metadata={"help": PRECISION_HELP})
-    workers: int = field(default=0, metadata={"help": WORKERS_HELP})
+    workers: int = field(default=0, metadata={"help": WORKERS_HELP, "min": 0})
 
 
 @dataclass
@@ -178,7 +178,7 @@ class TableExportConfig:
     device: Device = field(default="auto", metadata={"help": "device"})
     batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
     precision: Precision = field(default="fast", metadata={"help": PRECISION_HELP})
-    workers: int = field(default=0, metadata={"help": WORKERS_HELP})
+    workers: int = field(default=0, metadata={"help": WORKERS_HELP, "min": 0})
     force: bool = field(default=False, metadata={"help": "re-export even if the tables were made from the same "
                                                            "checkpoint, data and settings"})
 
@@ -215,7 +215,7 @@ class EmbeddingsBenchConfig:
     encode_precisions: list[str] = field(default_factory=lambda: ["fast", "bf16"], metadata={
         "help": "precisions timed against the fp32 reference in the encoder comparison (fp32 always runs)",
         "choices": list(PRECISIONS)})
-    encode_workers: int = field(default=0, metadata={"help": f"encoder comparison: {WORKERS_HELP}"})
+    encode_workers: int = field(default=0, metadata={"help": f"encoder comparison: {WORKERS_HELP}", "min": 0})
     checkpoint: Literal["untuned", "trained"] = field(default="untuned", metadata={
         "help": "weights of the encoder comparison: untuned (the --backbone as built, random for blip-base) or "
                 "trained (DIR's embeddings checkpoint: its backbone and image size)"})
