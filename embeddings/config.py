@@ -17,8 +17,8 @@ Backbone = Literal["mini", "blip", "tiny"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fast", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("fast", "bf16", "fp32")
-WORKERS_HELP = ("batches encoded at once on CPU: 0 = one per torch thread, each batch single-threaded (fastest on a few "
-                "cores, same bytes as one thread); 1 = one batch at a time, its operators on all threads")
+WORKERS_HELP = ("batches encoded at once on CPU: 0 = up to one per torch thread, each batch single-threaded (fastest "
+                "on a few cores, the bytes of one thread); 1 = one batch at a time, its operators on all threads")
 PRECISION_HELP = ("fast: the fused inference copy of the model in float32 (BatchNorm folded into the convolutions, "
                   "ReLU6, GELU and residual additions fused, images in chunks, channels-last, one oneDNN matrix "
                   "product for query/key/value; bf16 autocast on CUDA); bf16: the same copy with its convolutions and "
@@ -204,8 +204,9 @@ class EmbeddingsBenchConfig:
     inference_only: bool = field(default=False, metadata={"help": "skip the training and model-only measurements: "
                                                                   "only the end-to-end encoder comparison"})
     encode_products: int = field(default=512, metadata={
-        "help": "products of the end-to-end encoder comparison (decode, tokenise, encode; fp32 against fast, same "
-                "run): the first rows of DIR/data/catalog.parquet when it exists, else synthetic packshots; 0 = skip"})
+        "help": "products of the end-to-end encoder comparison (decode, tokenise, encode; each precision against "
+                "fp32, same run): the first rows of DIR/data/catalog.parquet when it exists, else synthetic packshots; "
+                "0 = skip"})
     encode_queries: int = field(default=2048, metadata={
         "help": "queries of the encoder comparison (DIR's relevance queries when present, else made from the titles)"})
     encode_batch_size: int = field(default=64, metadata={"help": "batch size of the encoder comparison (export's "

@@ -430,7 +430,8 @@ def detail_markdown(name: str, figures: dict[str, Any]) -> list[str]:
                 lines += ["", "| encoder end to end | precision | per s | speed-up vs fp32 | cosine min with fp32 |",
                           "|---|---|---:|---:|---:|"]
                 lines += [f"| {kind} | {p} | {enc[kind][p]['per_s']:,.1f} | {enc[kind][p]['speedup']:.2f}x | "
-                          f"{enc[kind][p]['cos_min']:.6f} |" for kind in ("products", "queries") for p in enc["precisions"]]
+                          f"{enc[kind][p]['cos_min']:.6f} |"
+                          for kind in ("products", "queries") for p in enc["precisions"]]
             return lines
         if name == "ranking":
             lines = ["| model | train samples/s | eval samples/s | train step ms | data ms/batch |",
