@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from common.cli import UserError
@@ -40,6 +38,7 @@ from common.provenance import OutputSet
 from embeddings.tables import EmbeddingTable
 from ranking import layout
 from ranking.config import RankerConfig
+from ranking.layers import CrossNet, Linear, ReluMLP
 from ranking.spec import FeatureSpec
 from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, PretrainedEmbeddingBagCollection
 from ranking.variants import Variant, get_variant
@@ -81,8 +80,8 @@ class DCNTower(nn.Module):
         self.sparse_ebc = sparse_ebc
         sparse_width = 0 if sparse_ebc is None else sum(c.embedding_dim for c in sparse_ebc.embedding_bag_configs())
         in_features = int(dense_mean.numel()) + sparse_width
-        self.crossnet = LowRankCrossNet(in_features=in_features, num_layers=cross_layers, low_rank=low_rank)
-        self.deep = MLP(in_features, list(deep_sizes))
+        self.crossnet = CrossNet(in_features=in_features, num_layers=cross_layers, low_rank=low_rank)
+        self.deep = ReluMLP(in_features, list(deep_sizes))
         self.out_features: int = deep_sizes[-1]
 
     def forward(self, dense_features: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -115,11 +114,11 @@ class TableTower(nn.Module):
         super().__init__()
         self.tables = tables
         self.with_history: bool = tables.with_history
-        self.product_proj = nn.Linear(tables.dim, proj_dim)
-        self.query_proj = nn.Linear(tables.dim, proj_dim)
+        self.product_proj = Linear(tables.dim, proj_dim)
+        self.query_proj = Linear(tables.dim, proj_dim)
         in_features = 2 * proj_dim + 1 + (proj_dim + 1 if tables.with_history else 0)
-        self.crossnet = LowRankCrossNet(in_features=in_features, num_layers=cross_layers, low_rank=low_rank)
-        self.deep = MLP(in_features, list(deep_sizes))
+        self.crossnet = CrossNet(in_features=in_features, num_layers=cross_layers, low_rank=low_rank)
+        self.deep = ReluMLP(in_features, list(deep_sizes))
         self.out_features: int = deep_sizes[-1]
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -177,7 +176,7 @@ class RankingModel(nn.Module):
         self.dcn_tower = dcn_tower
         self.table_tower = table_tower
         in_features = dcn_tower.out_features + (table_tower.out_features if table_tower is not None else 0)
-        self.head = nn.Sequential(MLP(in_features, list(head_sizes)), nn.Linear(head_sizes[-1], 1))
+        self.head = nn.Sequential(ReluMLP(in_features, list(head_sizes)), Linear(head_sizes[-1], 1))
         self.variant, self.spec, self.config = variant, spec, config
 
     def forward(self, dense_features: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:

