@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -38,9 +39,10 @@ from common.provenance import OutputSet
 from embeddings.tables import EmbeddingTable
 from ranking import layout
 from ranking.config import RankerConfig
-from ranking.layers import CrossNet, Linear, ReluMLP
+from ranking.layers import CrossNet, Linear, ReluMLP, linear
 from ranking.spec import FeatureSpec
-from ranking.tables import HISTORY_FEATURE, PRODUCT_FEATURE, QUERY_FEATURE, PretrainedEmbeddingBagCollection
+from ranking.tables import (HISTORY_FEATURE, PRODUCT_FEATURE, PRODUCT_TABLE, QUERY_FEATURE, QUERY_TABLE,
+                            PretrainedEmbeddingBagCollection)
 from ranking.variants import Variant, get_variant
 
 
@@ -60,6 +62,70 @@ def unit_rows(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     ``F.cosine_similarity(x, y, dim=1, eps=eps)`` is ``(unit_rows(x) * unit_rows(y)).sum(dim=1)``
     bit for bit."""
     return x / torch.linalg.vector_norm(x, 2, dim=1, keepdim=True).clamp_min(eps)
+
+
+def frozen_table_inputs(product_rows: torch.Tensor, query_rows: torch.Tensor, history_values: Optional[torch.Tensor],
+                        history_offsets: Optional[torch.Tensor], product_table: torch.Tensor, query_table: torch.Tensor,
+                        product_weight: torch.Tensor, product_bias: torch.Tensor, query_weight: torch.Tensor,
+                        query_bias: torch.Tensor) -> torch.Tensor:
+    """The table tower's interaction row ``[Pp, Qq, cos(p, q)[, Ph, cos(p, h)]]`` ``[B, 2k + 1 (+ k + 1)]``
+    straight from the row ids of frozen tables.
+
+    ``product_rows``/``query_rows`` ``[B]``, ``history_values``/``history_offsets`` the bags of
+    product rows (``B + 1`` offsets; None without history), the tables ``[R, d]`` and the
+    projections ``weight [k, d]``, ``bias [k]``. The numbers of :meth:`TableTower.interact` on
+    the looked-up vectors (``h`` the mean of the bag), up to float rounding:
+
+    * ``cos(x, y) = <x, y> / (max(|x|, eps) * max(|y|, eps))`` (``F.cosine_similarity`` first
+      divides both ``[B, d]`` operands by their norms); for the history it is taken on the bag's
+      sum ``n h`` with ``max(|n h|, n eps)``: the same value without dividing ``[B, d]`` by ``n``;
+    * the projection is linear, ``W h + b = mean(W rows) + b`` (``b`` for an empty bag): when
+      the product table has no more rows than there are product vectors to project (``B``, ``2B``
+      with the history), the table is projected (``[Rp, k]``, no bias), ``W p`` is gathered and
+      ``W h`` pooled from it, and the weight gradient is one ``[k, Rp] @ [Rp, d]`` product. Else
+      the vectors are projected (``W h = (W n h) / n``).
+
+    Rows of frozen tables need no gradient: a dot product is written over a gathered vector that
+    no projection keeps for its backward.
+    """
+    eps = 1e-8  # F.cosine_similarity's, as in the table tower
+    product = F.embedding(product_rows, product_table)
+    query = F.embedding(query_rows, query_table)
+    product_norm = torch.linalg.vector_norm(product, 2, dim=1).clamp_min(eps)
+    query_norm = torch.linalg.vector_norm(query, 2, dim=1).clamp_min(eps)
+    projected_query = linear(query, query_weight, query_bias)
+    batch = product_rows.shape[0]
+    vectors = batch if history_values is None else 2 * batch
+    project_table = product_table.shape[0] <= vectors
+    projected_table = linear(product_table, product_weight) if project_table else product_table
+    if project_table:
+        projected_product = F.embedding(product_rows, projected_table) + product_bias
+    else:
+        projected_product = linear(product, product_weight, product_bias)
+    if history_values is None or history_offsets is None:
+        dot_pq = product.mul_(query).sum(dim=1) if project_table else torch.linalg.vecdot(product, query)
+        cosine_pq = dot_pq / (product_norm * query_norm)
+        return torch.cat([projected_product, projected_query, cosine_pq.unsqueeze(1)], dim=1)
+    counts = (history_offsets[1:] - history_offsets[:-1]).to(product.dtype)
+    history = F.embedding_bag(history_values, product_table, history_offsets, mode="sum", include_last_offset=True)
+    history_norm = torch.maximum(torch.linalg.vector_norm(history, 2, dim=1), counts * eps).clamp_min(eps)
+    if project_table:
+        projected_history = F.embedding_bag(history_values, projected_table, history_offsets, mode="mean",
+                                            include_last_offset=True) + product_bias
+        dot_ph = history.mul_(product).sum(dim=1)
+        dot_pq = product.mul_(query).sum(dim=1)
+    else:
+        projected_history = torch.addcmul(product_bias, linear(history, product_weight),
+                                          counts.clamp_min(1.0).reciprocal().unsqueeze(1))
+        dot_ph = torch.linalg.vecdot(product, history)
+        dot_pq = torch.linalg.vecdot(product, query)
+    cosine_pq = dot_pq / (product_norm * query_norm)
+    cosine_ph = dot_ph / (product_norm * history_norm)
+    return torch.cat([projected_product, projected_query, cosine_pq.unsqueeze(1), projected_history,
+                      cosine_ph.unsqueeze(1)], dim=1)
+
+
+torch.fx.wrap("frozen_table_inputs")
 
 
 class DCNTower(nn.Module):
@@ -107,6 +173,11 @@ class TableTower(nn.Module):
     for the product space (product and pooled history: same table) and one for queries. Row:
     ``[Pp, Qq, cos(p, q)]`` (``[B, 2k + 1]``), plus ``[Ph, cos(p, h)]`` with the purchase history
     (``[B, 3k + 2]``). Then ``LowRankCrossNet`` and an MLP -> ``[B, deep_sizes[-1]]``.
+
+    Frozen tables in a local EBC go from the row ids to that row in :func:`frozen_table_inputs`
+    (no ``[B, d]`` division, the history summed, the product table projected when it is the
+    smaller operand); trainable, sharded (DMP) or quantized (serving) tables take
+    :meth:`pooled` vectors, :meth:`cosines` and :meth:`interact`.
     """
 
     def __init__(self, tables: PretrainedEmbeddingBagCollection, proj_dim: int, cross_layers: int, low_rank: int,
@@ -123,6 +194,17 @@ class TableTower(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """features KJT with ``product_id``, ``query_id`` [, ``purchase_history_84d``] rows -> ``[B, out_features]``."""
+        if self.tables.frozen and type(self.tables.ebc) is EmbeddingBagCollection:
+            bags = features.to_dict()
+            history = bags[HISTORY_FEATURE] if self.with_history else None
+            tables = self.tables.ebc.embedding_bags
+            x = frozen_table_inputs(bags[PRODUCT_FEATURE].values(), bags[QUERY_FEATURE].values(),
+                                    history.values() if history is not None else None,
+                                    history.offsets() if history is not None else None,
+                                    tables[PRODUCT_TABLE].weight, tables[QUERY_TABLE].weight,
+                                    self.product_proj.weight, self.product_proj.bias, self.query_proj.weight,
+                                    self.query_proj.bias)
+            return self.deep(self.crossnet(x))
         pooled = self.tables.pooled(features)
         product, query = pooled[PRODUCT_FEATURE], pooled[QUERY_FEATURE]
         others = [query, pooled[HISTORY_FEATURE]] if self.with_history else [query]

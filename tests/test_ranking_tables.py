@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from data.schema import SchemaError
 from embeddings.tables import build_table, embedding_table_path, write_table
-from ranking.model import RankerConfig, build_model, build_tables
+from ranking.model import RankerConfig, build_model, build_tables, frozen_table_inputs
 from ranking.plain import PlainInputModel
 from ranking.spec import FeatureSpec
 from ranking.tables import (HISTORY_FEATURE, PRODUCT_FEATURE, PRODUCT_TABLE, QUERY_FEATURE, QUERY_TABLE,
@@ -177,11 +177,12 @@ def test_table_errors_name_the_file(table_files, tmp_path):
 
 
 def _plain_way_logits(plain: PlainInputModel, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The logits ``[B]`` the plain way: torchrec's EBC forward (one KeyedTensor of every pooled
+    """The logits ``[B]`` the plain way: torchrec's EBC forwards (one KeyedTensor of every pooled
     vector) and ``F.cosine_similarity`` for each cosine, then the model's own towers and head."""
     model = plain.model
     features = plain.features(*inputs[1:])
-    towers = [model.dcn_tower(inputs[0], features)]
+    dcn = model.dcn_tower
+    towers = [dcn.interact(inputs[0], dcn.sparse_ebc(features).values())]
     tower = model.table_tower
     if tower is not None:
         pooled = tower.tables(features).to_dict()
@@ -199,18 +200,21 @@ def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("batch", [2, 7])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_model_computes_the_plain_way(table_files, variant):
-    """The table lookups without the KeyedTensor copy and the shared normalisation of the cosines
-    give the logits and every gradient of the plain computation, up to float rounding (the
-    products run on oneDNN; unknown rows, an empty history bag and unknown sparse ids included)."""
+def test_model_computes_the_plain_way(table_files, variant, batch):
+    """Row gathers instead of the EBC forwards, cosines from dot products and norms, and (frozen
+    tables) the projected product table (batch 7: the 6-row table is smaller than the vectors to
+    project) or the projected vectors (batch 2) give the logits and every gradient of the plain
+    computation up to float rounding (unknown rows, an empty history bag and unknown sparse ids
+    included)."""
     _, product, query = table_files
     spec = _spec(product, query) if VARIANTS[variant].uses_tables else _spec()
     torch.manual_seed(2)
     tables = build_tables(VARIANTS[variant], spec, (product, query), torch.Generator().manual_seed(2))
     plain = PlainInputModel(build_model(variant, spec, SMALL, tables))
-    inputs = _inputs(batch=7, seed=3)
-    labels = torch.tensor([0., 1., 1., 0., 1., 0., 1.])
+    inputs = _inputs(batch=batch, seed=3)
+    labels = torch.tensor([0., 1., 1., 0., 1., 0., 1.])[:batch]
     grads = []
     for forward in (plain, lambda *x: _plain_way_logits(plain, x)):
         plain.zero_grad(set_to_none=True)
@@ -222,6 +226,37 @@ def test_model_computes_the_plain_way(table_files, variant):
     assert fast_grads.keys() == reference_grads.keys() and len(fast_grads) > 0
     for name, grad in fast_grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("with_history", [True, False])
+def test_frozen_table_inputs_project_the_table_or_the_vectors_alike(with_history):
+    """The table path (a table no longer than the vectors to project) and the vector path (the
+    same table padded with rows no sample reads) agree, with unknown rows, an empty and a
+    one-row bag; the cosines are F.cosine_similarity's."""
+    g = torch.Generator().manual_seed(0)
+    product_table, query_table = torch.randn(9, 16, generator=g), torch.randn(5, 16, generator=g)
+    product_table[0] = query_table[0] = 0.0
+    weights = [torch.randn(4, 16, generator=g), torch.randn(4, generator=g), torch.randn(4, 16, generator=g),
+               torch.randn(4, generator=g)]
+    product_rows, query_rows = torch.tensor([1, 0, 3, 8, 2, 5, 7]), torch.tensor([2, 4, 0, 1, 3, 3, 4])
+    lengths = torch.tensor([3, 0, 1, 2, 0, 4, 1])
+    history_values = torch.tensor([1, 2, 3, 4, 0, 5, 6, 7, 8, 8, 2])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    bags = (history_values, offsets) if with_history else (None, None)
+    padded = torch.cat([product_table, torch.randn(20, 16, generator=g)])
+    out = frozen_table_inputs(product_rows, query_rows, *bags, product_table, query_table, *weights)
+    rows = frozen_table_inputs(product_rows, query_rows, *bags, padded, query_table, *weights)
+    torch.testing.assert_close(out, rows, rtol=1e-5, atol=1e-6)
+    product, query = product_table[product_rows], query_table[query_rows]
+    torch.testing.assert_close(out[:, 8], F.cosine_similarity(product, query, dim=1, eps=1e-8), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, 4:8], F.linear(query, weights[2], weights[3]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, :4], F.linear(product, weights[0], weights[1]), rtol=1e-5, atol=1e-6)
+    if with_history:
+        history = F.embedding_bag(history_values, product_table, offsets, mode="mean", include_last_offset=True)
+        torch.testing.assert_close(out[:, 9:13], F.linear(history, weights[0], weights[1]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[:, 13], F.cosine_similarity(product, history, dim=1, eps=1e-8), rtol=1e-5, atol=1e-6)
+        assert out[1, 13] == 0.0 and torch.equal(out[1, 9:13], weights[1])  # the empty bag: cosine 0, projection b
+    assert out[1, 8] == 0.0 and out[2, 8] == 0.0  # the unknown product and the unknown query
 
 
 @pytest.mark.parametrize("variant", ["dcn_pq_hist", "dcn_pq_hist_random"])
