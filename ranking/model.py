@@ -152,8 +152,24 @@ class DCNTower(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
         """dense_features ``[B, D]`` raw, features KJT with the ``sparse_*`` keys -> ``[B, out_features]``."""
-        sparse = self.sparse_ebc(features).values() if self.sparse_ebc is not None else None
-        return self.interact(dense_features, sparse)
+        return self.interact(dense_features, self.sparse_embedded(features))
+
+    def sparse_embedded(self, features: KeyedJaggedTensor) -> torch.Tensor | None:
+        """The pooled sparse embeddings ``[B, S*E]`` of ``features``: ``sparse_ebc``'s output values.
+
+        Every sparse feature holds one id per sample (:class:`ranking.plain.PlainFeatures`), and
+        the SUM of a bag of one row is that row, so a local EBC is read with one row gather per
+        table: the same values, and a backward that adds each sample's gradient to its row
+        (``embedding``'s) instead of sorting the ids of every bag (``embedding_bag``'s). A
+        sharded (DMP) EBC runs its own forward.
+        """
+        if self.sparse_ebc is None:
+            return None
+        if type(self.sparse_ebc) is not EmbeddingBagCollection:
+            return self.sparse_ebc(features).values()
+        bags = features.to_dict()
+        return torch.cat([F.embedding(bags[config.feature_names[0]].values(), self.sparse_ebc.embedding_bags[config.name].weight)
+                          for config in self.sparse_ebc.embedding_bag_configs()], dim=1)
 
     def interact(self, dense_features: torch.Tensor, sparse_embedded: torch.Tensor | None) -> torch.Tensor:
         """The tower after the lookups: raw dense ``[B, D]`` and the pooled sparse embeddings
