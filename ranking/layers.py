@@ -71,8 +71,12 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _onednn(grad, weight.t(), None, False)
-        if ctx.needs_input_grad[1]:  # a transposed second operand is read in place, a transposed first one copied
-            grad_w = _onednn(grad.t().contiguous(), x.t(), None, False)
+        if ctx.needs_input_grad[1]:
+            # the first operand is copied when transposed, the second read in place: copy the narrower one
+            if x.shape[1] < grad.shape[1]:
+                grad_w = _onednn(x.t().contiguous(), grad.t(), None, False).t().contiguous()
+            else:
+                grad_w = _onednn(grad.t().contiguous(), x.t(), None, False)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=0)
         return grad_x, grad_w, grad_b, None
