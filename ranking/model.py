@@ -66,14 +66,14 @@ def unit_rows(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 def frozen_table_inputs(product_rows: torch.Tensor, query_rows: torch.Tensor, history_values: Optional[torch.Tensor],
                         history_offsets: Optional[torch.Tensor], product_table: torch.Tensor, query_table: torch.Tensor,
-                        product_weight: torch.Tensor, product_bias: torch.Tensor, query_weight: torch.Tensor,
-                        query_bias: torch.Tensor) -> torch.Tensor:
+                        product_norms: torch.Tensor, query_norms: torch.Tensor, product_weight: torch.Tensor,
+                        product_bias: torch.Tensor, query_weight: torch.Tensor, query_bias: torch.Tensor) -> torch.Tensor:
     """The table tower's interaction row ``[Pp, Qq, cos(p, q)[, Ph, cos(p, h)]]`` ``[B, 2k + 1 (+ k + 1)]``
     straight from the row ids of frozen tables.
 
     ``product_rows``/``query_rows`` ``[B]``, ``history_values``/``history_offsets`` the bags of
-    product rows (``B + 1`` offsets; None without history), the tables ``[R, d]`` and the
-    projections ``weight [k, d]``, ``bias [k]``. The numbers of :meth:`TableTower.interact` on
+    product rows (``B + 1`` offsets; None without history), the tables ``[R, d]``, the L2 norms
+    of their rows ``[R]`` and the projections ``weight [k, d]``, ``bias [k]``. The numbers of :meth:`TableTower.interact` on
     the looked-up vectors (``h`` the mean of the bag), up to float rounding:
 
     * ``cos(x, y) = <x, y> / (max(|x|, eps) * max(|y|, eps))`` (``F.cosine_similarity`` first
@@ -91,8 +91,8 @@ def frozen_table_inputs(product_rows: torch.Tensor, query_rows: torch.Tensor, hi
     eps = 1e-8  # F.cosine_similarity's, as in the table tower
     product = F.embedding(product_rows, product_table)
     query = F.embedding(query_rows, query_table)
-    product_norm = torch.linalg.vector_norm(product, 2, dim=1).clamp_min(eps)
-    query_norm = torch.linalg.vector_norm(query, 2, dim=1).clamp_min(eps)
+    product_norm = product_norms.index_select(0, product_rows).clamp_min(eps)
+    query_norm = query_norms.index_select(0, query_rows).clamp_min(eps)
     projected_query = linear(query, query_weight, query_bias)
     batch = product_rows.shape[0]
     vectors = batch if history_values is None else 2 * batch
@@ -218,8 +218,8 @@ class TableTower(nn.Module):
                                     history.values() if history is not None else None,
                                     history.offsets() if history is not None else None,
                                     tables[PRODUCT_TABLE].weight, tables[QUERY_TABLE].weight,
-                                    self.product_proj.weight, self.product_proj.bias, self.query_proj.weight,
-                                    self.query_proj.bias)
+                                    self.tables.product_norms, self.tables.query_norms, self.product_proj.weight,
+                                    self.product_proj.bias, self.query_proj.weight, self.query_proj.bias)
             return self.deep(self.crossnet(x))
         pooled = self.tables.pooled(features)
         product, query = pooled[PRODUCT_FEATURE], pooled[QUERY_FEATURE]

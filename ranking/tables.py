@@ -65,6 +65,10 @@ class PretrainedEmbeddingBagCollection(nn.Module):
     Input: a KeyedJaggedTensor holding at least :meth:`feature_names` (extra keys are ignored).
     Output: a KeyedTensor with keys ``product_id``, [``purchase_history_84d``,] ``query_id``,
     each ``[B, d]``.
+
+    Frozen tables also keep the L2 norm of every row (``product_norms`` ``[Rp]``, ``query_norms``
+    ``[Rq]``; buffers outside the state dict, recomputed when one is loaded) for the cosines of
+    :func:`ranking.model.frozen_table_inputs`.
     """
 
     def __init__(self, product_vectors: torch.Tensor, query_vectors: torch.Tensor, *,
@@ -93,6 +97,12 @@ class PretrainedEmbeddingBagCollection(nn.Module):
         else:  # trainable (random, finetune): row-sparse gradients, for SparseAdam / Adagrad (ranking.train)
             for bag in self.ebc.embedding_bags.values():
                 bag.sparse = True
+        # the L2 norm of every row of a frozen table (empty when trainable): not in the state dict,
+        # computed here and again whenever a state dict is loaded
+        self.register_buffer("product_norms", torch.empty(0), persistent=False)
+        self.register_buffer("query_norms", torch.empty(0), persistent=False)
+        self.refresh_norms()
+        self.register_load_state_dict_post_hook(_refresh_norms)
 
     @classmethod
     def from_tables(cls, product: EmbeddingTable, query: EmbeddingTable, *, with_history: bool = True,
@@ -134,6 +144,15 @@ class PretrainedEmbeddingBagCollection(nn.Module):
         """KJT keys this module reads."""
         return [f for cfg in self.ebc.embedding_bag_configs() for f in cfg.feature_names]
 
+    @torch.no_grad()
+    def refresh_norms(self) -> None:
+        """Recompute ``product_norms`` ``[Rp]`` and ``query_norms`` ``[Rq]`` from frozen local tables
+        (after the tables were written other than by ``load_state_dict``)."""
+        if self.frozen and type(self.ebc) is EmbeddingBagCollection:
+            bags = self.ebc.embedding_bags
+            self.product_norms = torch.linalg.vector_norm(bags[PRODUCT_TABLE].weight, 2, dim=1)
+            self.query_norms = torch.linalg.vector_norm(bags[QUERY_TABLE].weight, 2, dim=1)
+
     def frozen_table_names(self) -> list[str]:
         """Names of the tables that must not be updated (all of them when ``frozen``, else none)."""
         return [PRODUCT_TABLE, QUERY_TABLE] if self.frozen else []
@@ -161,6 +180,10 @@ class PretrainedEmbeddingBagCollection(nn.Module):
             history = bags[HISTORY_FEATURE]
             out[HISTORY_FEATURE] = product(history.values(), history.offsets())
         return out
+
+
+def _refresh_norms(module: PretrainedEmbeddingBagCollection, incompatible_keys: object) -> None:
+    module.refresh_norms()
 
 
 def load_tables(product_path: str | Path, query_path: str | Path, *,

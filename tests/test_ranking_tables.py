@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from data.schema import SchemaError
 from embeddings.tables import build_table, embedding_table_path, write_table
-from ranking.model import RankerConfig, build_model, build_tables, frozen_table_inputs
+from ranking.model import RankerConfig, build_model, build_tables, frozen_table_inputs, load_model, save_model
 from ranking.plain import PlainInputModel
 from ranking.spec import FeatureSpec
 from ranking.tables import (HISTORY_FEATURE, PRODUCT_FEATURE, PRODUCT_TABLE, QUERY_FEATURE, QUERY_TABLE,
@@ -244,8 +244,9 @@ def test_frozen_table_inputs_project_the_table_or_the_vectors_alike(with_history
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     bags = (history_values, offsets) if with_history else (None, None)
     padded = torch.cat([product_table, torch.randn(20, 16, generator=g)])
-    out = frozen_table_inputs(product_rows, query_rows, *bags, product_table, query_table, *weights)
-    rows = frozen_table_inputs(product_rows, query_rows, *bags, padded, query_table, *weights)
+    norms = [torch.linalg.vector_norm(t, 2, dim=1) for t in (product_table, padded, query_table)]
+    out = frozen_table_inputs(product_rows, query_rows, *bags, product_table, query_table, norms[0], norms[2], *weights)
+    rows = frozen_table_inputs(product_rows, query_rows, *bags, padded, query_table, norms[1], norms[2], *weights)
     torch.testing.assert_close(out, rows, rtol=1e-5, atol=1e-6)
     product, query = product_table[product_rows], query_table[query_rows]
     torch.testing.assert_close(out[:, 8], F.cosine_similarity(product, query, dim=1, eps=1e-8), rtol=1e-5, atol=1e-6)
@@ -278,3 +279,21 @@ def test_pooled_vectors_and_cosines_are_the_ebc_forward_and_cosine_similarity(ta
     for cosine, other in zip(cosines, others):
         assert torch.equal(cosine, F.cosine_similarity(product_vectors, other, dim=1, eps=1e-8))
     assert cosines[1][0] == 0.0 and cosines[0][1] == 0.0  # the empty history bag and the unknown product
+
+
+def test_row_norms_follow_the_loaded_tables(table_files, tmp_path):
+    """The frozen tables' row norms are no state: a model rebuilt with zero tables (load_model)
+    gets them from the loaded weights and scores like the model it was saved from."""
+    _, product, query = table_files
+    spec = _spec(product, query)
+    torch.manual_seed(0)
+    model = build_model("dcn_pq_hist", spec, SMALL, build_tables(get_variant("dcn_pq_hist"), spec, (product, query))).eval()
+    assert not any("norms" in key for key in model.state_dict())
+    torch.testing.assert_close(model.table_tower.tables.product_norms, torch.from_numpy(product.vectors).norm(dim=1))
+    save_model(model, tmp_path / "model.pt")
+    loaded = load_model(tmp_path / "model.pt")
+    tables = loaded.table_tower.tables
+    torch.testing.assert_close(tables.product_norms, model.table_tower.tables.product_norms)
+    torch.testing.assert_close(tables.query_norms, model.table_tower.tables.query_norms)
+    with torch.no_grad():
+        assert torch.equal(PlainInputModel(loaded)(*_inputs()), PlainInputModel(model)(*_inputs()))
