@@ -144,7 +144,14 @@ class DCNTower(nn.Module):
         self.register_buffer("dense_mean", dense_mean.float().clone())
         self.register_buffer("dense_std", dense_std.float().clone())
         self.sparse_ebc = sparse_ebc
-        sparse_width = 0 if sparse_ebc is None else sum(c.embedding_dim for c in sparse_ebc.embedding_bag_configs())
+        configs = [] if sparse_ebc is None else sparse_ebc.embedding_bag_configs()
+        sparse_width = sum(c.embedding_dim for c in configs)
+        # first row of each table in their concatenation (sparse_embedded), not part of the state dict
+        self.register_buffer("sparse_row_offsets", torch.tensor([0] + [c.num_embeddings for c in configs][:-1],
+                                                                dtype=torch.int64).cumsum(0)[:len(configs)],
+                             persistent=False)
+        self.sparse_dim: int = configs[0].embedding_dim if configs and all(
+            c.embedding_dim == configs[0].embedding_dim for c in configs) else 0
         in_features = int(dense_mean.numel()) + sparse_width
         self.crossnet = CrossNet(in_features=in_features, num_layers=cross_layers, low_rank=low_rank)
         self.deep = ReluMLP(in_features, list(deep_sizes))
@@ -158,18 +165,23 @@ class DCNTower(nn.Module):
         """The pooled sparse embeddings ``[B, S*E]`` of ``features``: ``sparse_ebc``'s output values.
 
         Every sparse feature holds one id per sample (:class:`ranking.plain.PlainFeatures`), and
-        the SUM of a bag of one row is that row, so a local EBC is read with one row gather per
-        table: the same values, and a backward that adds each sample's gradient to its row
-        (``embedding``'s) instead of sorting the ids of every bag (``embedding_bag``'s). A
-        sharded (DMP) EBC runs its own forward.
+        the SUM of a bag of one row is that row, so a local EBC is read as one row gather from
+        its tables concatenated (``[sum R, E]``, ids shifted by ``sparse_row_offsets``): the same
+        values, without the per-table bags and the KeyedTensor copy, and a backward that adds
+        each gradient to its row instead of sorting the ids of every bag. A sharded (DMP) EBC
+        runs its own forward.
         """
         if self.sparse_ebc is None:
             return None
         if type(self.sparse_ebc) is not EmbeddingBagCollection:
             return self.sparse_ebc(features).values()
         bags = features.to_dict()
-        return torch.cat([F.embedding(bags[config.feature_names[0]].values(), self.sparse_ebc.embedding_bags[config.name].weight)
-                          for config in self.sparse_ebc.embedding_bag_configs()], dim=1)
+        configs = self.sparse_ebc.embedding_bag_configs()
+        weights = [self.sparse_ebc.embedding_bags[c.name].weight for c in configs]
+        if self.sparse_dim == 0:  # tables of different widths: one gather each
+            return torch.cat([F.embedding(bags[c.feature_names[0]].values(), w) for c, w in zip(configs, weights)], dim=1)
+        ids = torch.stack([bags[c.feature_names[0]].values() for c in configs], dim=1) + self.sparse_row_offsets
+        return F.embedding(ids, torch.cat(weights)).flatten(1)
 
     def interact(self, dense_features: torch.Tensor, sparse_embedded: torch.Tensor | None) -> torch.Tensor:
         """The tower after the lookups: raw dense ``[B, D]`` and the pooled sparse embeddings
