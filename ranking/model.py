@@ -161,27 +161,37 @@ class DCNTower(nn.Module):
         """dense_features ``[B, D]`` raw, features KJT with the ``sparse_*`` keys -> ``[B, out_features]``."""
         return self.interact(dense_features, self.sparse_embedded(features))
 
-    def sparse_embedded(self, features: KeyedJaggedTensor) -> torch.Tensor | None:
-        """The pooled sparse embeddings ``[B, S*E]`` of ``features``: ``sparse_ebc``'s output values.
+    def from_ids(self, dense_features: torch.Tensor, sparse_ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` of a local EBC from plain ids: raw dense ``[B, D]`` and ``sparse_ids``
+        ``[B, S]`` (one valid row per feature, columns in ``sparse_ebc`` order = ``spec.sparse_names``)."""
+        return self.interact(dense_features, self.embed_ids(sparse_ids) if self.sparse_ebc is not None else None)
 
-        Every sparse feature holds one id per sample (:class:`ranking.plain.PlainFeatures`), and
-        the SUM of a bag of one row is that row, so a local EBC is read as one row gather from
-        its tables concatenated (``[sum R, E]``, ids shifted by ``sparse_row_offsets``): the same
-        values, without the per-table bags and the KeyedTensor copy, and a backward that adds
-        each gradient to its row instead of sorting the ids of every bag. A sharded (DMP) EBC
-        runs its own forward.
-        """
+    def sparse_embedded(self, features: KeyedJaggedTensor) -> torch.Tensor | None:
+        """The pooled sparse embeddings ``[B, S*E]`` of ``features``: ``sparse_ebc``'s output values
+        (:meth:`embed_ids` of each feature's ids for a local EBC; a sharded one runs its own forward)."""
         if self.sparse_ebc is None:
             return None
         if type(self.sparse_ebc) is not EmbeddingBagCollection:
             return self.sparse_ebc(features).values()
         bags = features.to_dict()
+        return self.embed_ids(torch.stack([bags[c.feature_names[0]].values()
+                                           for c in self.sparse_ebc.embedding_bag_configs()], dim=1))
+
+    def embed_ids(self, sparse_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` ids (one per sparse feature, ``sparse_ebc`` order) -> ``[B, S*E]``, the values
+        of the local ``sparse_ebc``'s forward.
+
+        Every sparse feature holds one id per sample (:class:`ranking.plain.PlainFeatures`), and
+        the SUM of a bag of one row is that row, so the tables are read as one row gather from
+        their concatenation (``[sum R, E]``, ids shifted by ``sparse_row_offsets``): the same
+        values without the per-table bags and the KeyedTensor copy, and a backward that adds
+        each gradient to its row instead of sorting the ids of every bag.
+        """
         configs = self.sparse_ebc.embedding_bag_configs()
         weights = [self.sparse_ebc.embedding_bags[c.name].weight for c in configs]
         if self.sparse_dim == 0:  # tables of different widths: one gather each
-            return torch.cat([F.embedding(bags[c.feature_names[0]].values(), w) for c, w in zip(configs, weights)], dim=1)
-        ids = torch.stack([bags[c.feature_names[0]].values() for c in configs], dim=1) + self.sparse_row_offsets
-        return F.embedding(ids, torch.cat(weights)).flatten(1)
+            return torch.cat([F.embedding(sparse_ids[:, k], w) for k, w in enumerate(weights)], dim=1)
+        return F.embedding(sparse_ids + self.sparse_row_offsets, torch.cat(weights)).flatten(1)
 
     def interact(self, dense_features: torch.Tensor, sparse_embedded: torch.Tensor | None) -> torch.Tensor:
         """The tower after the lookups: raw dense ``[B, D]`` and the pooled sparse embeddings
@@ -222,24 +232,37 @@ class TableTower(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """features KJT with ``product_id``, ``query_id`` [, ``purchase_history_84d``] rows -> ``[B, out_features]``."""
-        if self.tables.frozen and type(self.tables.ebc) is EmbeddingBagCollection:
+        if type(self.tables.ebc) is EmbeddingBagCollection:
             bags = features.to_dict()
             history = bags[HISTORY_FEATURE] if self.with_history else None
+            return self.from_rows(bags[PRODUCT_FEATURE].values(), bags[QUERY_FEATURE].values(),
+                                  history.values() if history is not None else None,
+                                  history.offsets() if history is not None else None)
+        pooled = self.tables.pooled(features)
+        product, query = pooled[PRODUCT_FEATURE], pooled[QUERY_FEATURE]
+        return self.from_vectors(product, query, pooled[HISTORY_FEATURE] if self.with_history else None)
+
+    def from_rows(self, product_rows: torch.Tensor, query_rows: torch.Tensor, history_values: torch.Tensor | None = None,
+                  history_offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` of a local EBC from plain rows: ``product_rows``, ``query_rows`` ``[B]``
+        and the history bags (values and ``B + 1`` offsets; None without history)."""
+        if self.tables.frozen:
             tables = self.tables.ebc.embedding_bags
-            x = frozen_table_inputs(bags[PRODUCT_FEATURE].values(), bags[QUERY_FEATURE].values(),
-                                    history.values() if history is not None else None,
-                                    history.offsets() if history is not None else None,
+            x = frozen_table_inputs(product_rows, query_rows, history_values, history_offsets,
                                     tables[PRODUCT_TABLE].weight, tables[QUERY_TABLE].weight,
                                     self.tables.product_norms, self.tables.query_norms, self.product_proj.weight,
                                     self.product_proj.bias, self.query_proj.weight, self.query_proj.bias)
             return self.deep(self.crossnet(x))
-        pooled = self.tables.pooled(features)
-        product, query = pooled[PRODUCT_FEATURE], pooled[QUERY_FEATURE]
-        others = [query, pooled[HISTORY_FEATURE]] if self.with_history else [query]
+        product, query, history = self.tables.pooled_rows(product_rows, query_rows, history_values, history_offsets)
+        return self.from_vectors(product, query, history)
+
+    def from_vectors(self, product: torch.Tensor, query: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+        """The tower of looked-up vectors ``[B, d]`` (``history`` None without it): cosines, then :meth:`interact`."""
+        others = [query, history] if history is not None else [query]
         cosines = self.cosines(product, others)
-        if not self.with_history:
+        if history is None:
             return self.interact(product, query, cosines[0])
-        return self.interact(product, query, cosines[0], others[1], cosines[1])
+        return self.interact(product, query, cosines[0], history, cosines[1])
 
     def cosines(self, product: torch.Tensor, others: list[torch.Tensor]) -> list[torch.Tensor]:
         """``F.cosine_similarity(product, other, dim=1, eps=1e-8)`` ``[B]`` for each ``[B, d]`` other.
@@ -294,6 +317,23 @@ class RankingModel(nn.Module):
         towers = [self.dcn_tower(dense_features, features)]
         if self.table_tower is not None:
             towers.append(self.table_tower(features))
+        return self.head(torch.cat(towers, dim=1)).squeeze(1)
+
+    def is_local(self) -> bool:
+        """Whether every embedding collection is a stock, unsharded EBC (what :meth:`forward_rows` reads)."""
+        return ((self.dcn_tower.sparse_ebc is None or type(self.dcn_tower.sparse_ebc) is EmbeddingBagCollection)
+                and (self.table_tower is None or type(self.table_tower.tables.ebc) is EmbeddingBagCollection))
+
+    def forward_rows(self, dense_features: torch.Tensor, sparse_ids: torch.Tensor, product_rows: torch.Tensor | None,
+                     query_rows: torch.Tensor | None, history_values: torch.Tensor | None,
+                     history_offsets: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` of a local model (:meth:`is_local`) from the ids the KJT would hold:
+        ``sparse_ids [B, S]``, table rows ``[B]`` and history bags (values, ``B + 1`` offsets), all
+        valid rows (:meth:`ranking.plain.PlainFeatures.rows`), without building the KJT."""
+        towers = [self.dcn_tower.from_ids(dense_features, sparse_ids)]
+        if self.table_tower is not None:
+            assert product_rows is not None and query_rows is not None
+            towers.append(self.table_tower.from_rows(product_rows, query_rows, history_values, history_offsets))
         return self.head(torch.cat(towers, dim=1)).squeeze(1)
 
 

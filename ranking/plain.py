@@ -13,10 +13,12 @@ query_rows      [B] i64      query table row (``spec.query_rows``); out of range
 history_rows    [B, L] i64   purchase-history product rows, -1 = padding (any L; empty -> zeros)
 =============== ============ ========================================================================
 
-Returns logits ``[B]`` (apply ``torch.sigmoid`` for click probabilities). The KeyedJaggedTensor
-is built inside ``forward``, so ``torchrec.fx.symbolic_trace`` followed by ``torch.jit.script``
-gives a module that loads with ``import torch, fbgemm_gpu`` alone. Variants without tables
-ignore the three row inputs, so every variant has the same signature.
+Returns logits ``[B]`` (apply ``torch.sigmoid`` for click probabilities). A local model (every
+embedding collection a stock, unsharded EBC) is fed the sanitised ids directly
+(:meth:`PlainFeatures.rows`, :meth:`ranking.model.RankingModel.forward_rows`); any other gets the
+KeyedJaggedTensor built inside ``forward``. Either way ``torchrec.fx.symbolic_trace`` followed by
+``torch.jit.script`` gives a module that loads with ``import torch, fbgemm_gpu`` alone.
+Variants without tables ignore the three row inputs, so every variant has the same signature.
 
 Distributed training (DMP) can shard ``PlainInputModel(model)`` as it is, or keep torchrec's
 native signature: build the KJT from a batch with ``PlainInputModel(model).features(...)``
@@ -24,8 +26,11 @@ native signature: build the KJT from a batch with ``PlainInputModel(model).featu
 """
 # No `from __future__ import annotations` here: fx copies the forward signature into the traced
 # module, and TorchScript cannot read string annotations there.
+from typing import Optional, Tuple
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ranking.model import RankingModel
@@ -54,19 +59,37 @@ class PlainFeatures(nn.Module):
     def forward(self, sparse_ids: torch.Tensor, product_rows: torch.Tensor, query_rows: torch.Tensor,
                 history_rows: torch.Tensor) -> KeyedJaggedTensor:
         """``[B, S]``, ``[B]``, ``[B]``, ``[B, L]`` int64 -> KJT with keys ``self.keys``."""
-        ids = torch.where((sparse_ids >= 0) & (sparse_ids < self.reserved_bucket), sparse_ids, self.reserved_bucket)
+        ids, product, query, history, offsets = self.rows(sparse_ids, product_rows, query_rows, history_rows)
         values = [ids.t().reshape(-1)]
         lengths = [torch.ones_like(values[0])]
-        if self.use_tables:
-            for rows, limit in ((product_rows, self.num_product_rows), (query_rows, self.num_query_rows)):
-                values.append(torch.where((rows >= 0) & (rows < limit), rows, torch.zeros_like(rows)))
-                lengths.append(torch.ones_like(rows))
-            if self.use_history:
-                present = history_rows >= 0
-                history = history_rows[present]
-                values.append(torch.where(history < self.num_product_rows, history, torch.zeros_like(history)))
-                lengths.append(present.sum(dim=1))
+        if product is not None and query is not None:
+            values += [product, query]
+            lengths += [torch.ones_like(product), torch.ones_like(query)]
+            if history is not None and offsets is not None:
+                values.append(history)
+                lengths.append(offsets[1:] - offsets[:-1])
         return KeyedJaggedTensor(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
+    def rows(self, sparse_ids: torch.Tensor, product_rows: torch.Tensor, query_rows: torch.Tensor,
+             history_rows: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                                                  Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The sanitised ids of :meth:`forward`'s KJT without the KJT: sparse ids ``[B, S]``, product
+        and query rows ``[B]`` and the history bags (values and ``B + 1`` offsets); None for the
+        parts the model has no tables for."""
+        ids = torch.where((sparse_ids >= 0) & (sparse_ids < self.reserved_bucket), sparse_ids, self.reserved_bucket)
+        if not self.use_tables:
+            return ids, None, None, None, None
+        product = torch.where((product_rows >= 0) & (product_rows < self.num_product_rows), product_rows,
+                              torch.zeros_like(product_rows))
+        query = torch.where((query_rows >= 0) & (query_rows < self.num_query_rows), query_rows,
+                            torch.zeros_like(query_rows))
+        if not self.use_history:
+            return ids, product, query, None, None
+        present = history_rows >= 0
+        history = torch.masked_select(history_rows, present)
+        history = torch.where(history < self.num_product_rows, history, torch.zeros_like(history))
+        offsets = F.pad(present.sum(dim=1).cumsum(dim=0), (1, 0))
+        return ids, product, query, history, offsets
 
 
 class PlainInputModel(nn.Module):
@@ -83,5 +106,10 @@ class PlainInputModel(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse_ids: torch.Tensor, product_rows: torch.Tensor,
                 query_rows: torch.Tensor, history_rows: torch.Tensor) -> torch.Tensor:
-        """Plain tensors (see module docstring) -> logits ``[B]``."""
+        """Plain tensors (see module docstring) -> logits ``[B]``. A local model (no sharded or
+        quantized collection) is fed the sanitised ids directly (:meth:`RankingModel.forward_rows`),
+        any other through the KJT."""
+        if self.model.is_local():
+            ids, product, query, history, offsets = self.features.rows(sparse_ids, product_rows, query_rows, history_rows)
+            return self.model.forward_rows(dense, ids, product, query, history, offsets)
         return self.model(dense, self.features(sparse_ids, product_rows, query_rows, history_rows))

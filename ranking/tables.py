@@ -173,13 +173,26 @@ class PretrainedEmbeddingBagCollection(nn.Module):
         if type(self.ebc) is not EmbeddingBagCollection:
             return self.ebc(features).to_dict()
         bags = features.to_dict()
-        product, query = self.ebc.embedding_bags[PRODUCT_TABLE], self.ebc.embedding_bags[QUERY_TABLE]
-        out = {PRODUCT_FEATURE: F.embedding(bags[PRODUCT_FEATURE].values(), product.weight, sparse=product.sparse),
-               QUERY_FEATURE: F.embedding(bags[QUERY_FEATURE].values(), query.weight, sparse=query.sparse)}
-        if self.with_history:
-            history = bags[HISTORY_FEATURE]
-            out[HISTORY_FEATURE] = product(history.values(), history.offsets())
+        history = bags[HISTORY_FEATURE] if self.with_history else None
+        product, query, pooled_history = self.pooled_rows(
+            bags[PRODUCT_FEATURE].values(), bags[QUERY_FEATURE].values(),
+            history.values() if history is not None else None, history.offsets() if history is not None else None)
+        out = {PRODUCT_FEATURE: product, QUERY_FEATURE: query}
+        if pooled_history is not None:
+            out[HISTORY_FEATURE] = pooled_history
         return out
+
+    def pooled_rows(self, product_rows: torch.Tensor, query_rows: torch.Tensor, history_values: torch.Tensor | None,
+                    history_offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The vectors of :meth:`pooled` from plain rows of the local EBC: product ``[B, d]``, query
+        ``[B, d]`` and the MEAN bags of ``history_values`` at ``history_offsets`` (``B + 1``; None
+        without history)."""
+        product, query = self.ebc.embedding_bags[PRODUCT_TABLE], self.ebc.embedding_bags[QUERY_TABLE]
+        history = None
+        if self.with_history and history_values is not None and history_offsets is not None:
+            history = product(history_values, history_offsets)
+        return (F.embedding(product_rows, product.weight, sparse=product.sparse),
+                F.embedding(query_rows, query.weight, sparse=query.sparse), history)
 
 
 def _refresh_norms(module: PretrainedEmbeddingBagCollection, incompatible_keys: object) -> None:

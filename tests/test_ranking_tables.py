@@ -297,3 +297,21 @@ def test_row_norms_follow_the_loaded_tables(table_files, tmp_path):
     torch.testing.assert_close(tables.query_norms, model.table_tower.tables.query_norms)
     with torch.no_grad():
         assert torch.equal(PlainInputModel(loaded)(*_inputs()), PlainInputModel(model)(*_inputs()))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_plain_rows_and_the_kjt_give_the_same_logits(table_files, variant):
+    """PlainInputModel feeds a local model the sanitised ids without a KJT (forward_rows); the
+    KJT route (what DMP and quantized tables take) gives the same logits, also without any
+    history column."""
+    _, product, query = table_files
+    spec = _spec(product, query) if VARIANTS[variant].uses_tables else _spec()
+    torch.manual_seed(5)
+    tables = build_tables(VARIANTS[variant], spec, (product, query), torch.Generator().manual_seed(5))
+    plain = PlainInputModel(build_model(variant, spec, SMALL, tables)).eval()
+    assert plain.model.is_local()
+    inputs = _inputs(batch=7, seed=6)
+    for history in (inputs[4], inputs[4][:, :0]):
+        args = (*inputs[:4], history)
+        with torch.no_grad():
+            assert torch.equal(plain(*args), plain.model(args[0], plain.features(*args[1:])))
