@@ -89,40 +89,41 @@ def frozen_table_inputs(product_rows: torch.Tensor, query_rows: torch.Tensor, hi
     no projection keeps for its backward.
     """
     eps = 1e-8  # F.cosine_similarity's, as in the table tower
-    product = F.embedding(product_rows, product_table)
-    query = F.embedding(query_rows, query_table)
-    product_norm = product_norms.index_select(0, product_rows).clamp_min(eps)
-    query_norm = query_norms.index_select(0, query_rows).clamp_min(eps)
-    projected_query = linear(query, query_weight, query_bias)
     batch = product_rows.shape[0]
     vectors = batch if history_values is None else 2 * batch
     project_table = product_table.shape[0] <= vectors
+    # the product side first: projecting the table streams it through the cache for the gathers after it
     projected_table = linear(product_table, product_weight) if project_table else product_table
+    product = F.embedding(product_rows, product_table)
+    product_norm = product_norms.index_select(0, product_rows).clamp_min(eps)
     if project_table:
         projected_product = F.embedding(product_rows, projected_table) + product_bias
     else:
         projected_product = linear(product, product_weight, product_bias)
-    if history_values is None or history_offsets is None:
-        dot_pq = product.mul_(query).sum(dim=1) if project_table else torch.linalg.vecdot(product, query)
-        cosine_pq = dot_pq / (product_norm * query_norm)
-        return torch.cat([projected_product, projected_query, cosine_pq.unsqueeze(1)], dim=1)
-    counts = (history_offsets[1:] - history_offsets[:-1]).to(product.dtype)
-    history = F.embedding_bag(history_values, product_table, history_offsets, mode="sum", include_last_offset=True)
-    history_norm = torch.maximum(torch.linalg.vector_norm(history, 2, dim=1), counts * eps).clamp_min(eps)
-    if project_table:
-        projected_history = F.embedding_bag(history_values, projected_table, history_offsets, mode="mean",
-                                            include_last_offset=True) + product_bias
-        dot_ph = history.mul_(product).sum(dim=1)
-        dot_pq = product.mul_(query).sum(dim=1)
-    else:
-        projected_history = torch.addcmul(product_bias, linear(history, product_weight),
-                                          counts.clamp_min(1.0).reciprocal().unsqueeze(1))
-        dot_ph = torch.linalg.vecdot(product, history)
-        dot_pq = torch.linalg.vecdot(product, query)
+    projected_history: Optional[torch.Tensor] = None
+    cosine_ph: Optional[torch.Tensor] = None
+    if history_values is not None and history_offsets is not None:
+        counts = (history_offsets[1:] - history_offsets[:-1]).to(product.dtype)
+        history = F.embedding_bag(history_values, product_table, history_offsets, mode="sum", include_last_offset=True)
+        history_norm = torch.maximum(torch.linalg.vector_norm(history, 2, dim=1), counts * eps).clamp_min(eps)
+        if project_table:
+            projected_history = F.embedding_bag(history_values, projected_table, history_offsets, mode="mean",
+                                                include_last_offset=True) + product_bias
+            dot_ph = history.mul_(product).sum(dim=1)
+        else:
+            projected_history = torch.addcmul(product_bias, linear(history, product_weight),
+                                              counts.clamp_min(1.0).reciprocal().unsqueeze(1))
+            dot_ph = torch.linalg.vecdot(product, history)
+        cosine_ph = dot_ph / (product_norm * history_norm)
+    query = F.embedding(query_rows, query_table)
+    query_norm = query_norms.index_select(0, query_rows).clamp_min(eps)
+    projected_query = linear(query, query_weight, query_bias)
+    dot_pq = product.mul_(query).sum(dim=1) if project_table else torch.linalg.vecdot(product, query)
     cosine_pq = dot_pq / (product_norm * query_norm)
-    cosine_ph = dot_ph / (product_norm * history_norm)
-    return torch.cat([projected_product, projected_query, cosine_pq.unsqueeze(1), projected_history,
-                      cosine_ph.unsqueeze(1)], dim=1)
+    if projected_history is not None and cosine_ph is not None:
+        return torch.cat([projected_product, projected_query, cosine_pq.unsqueeze(1), projected_history,
+                          cosine_ph.unsqueeze(1)], dim=1)
+    return torch.cat([projected_product, projected_query, cosine_pq.unsqueeze(1)], dim=1)
 
 
 torch.fx.wrap("frozen_table_inputs")
