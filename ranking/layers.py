@@ -2,7 +2,7 @@
 
 On CPU, ``F.linear`` runs on MKL's sgemm; oneDNN (``torch.ops.mkldnn._linear_pointwise``, built
 into every x86 torch wheel) does the same fp32 product 2-3x faster for the tall, narrow shapes of
-this model (``[4096, 98..256] @ [98..256, 16..128]``, one thread, measured on an AMD EPYC). Same
+this model (``[4096, 98..256] @ [98..256, 16..128]``, one thread). Same
 math, other rounding (fp32 accumulation either way). The ReLU is applied in place on the product,
 not oneDNN's fused one, which turns NaN into 0. :func:`linear` picks oneDNN for float32 CPU tensors
 when :data:`ONEDNN_LINEAR` (checked once at import against ``F.linear``) and falls back to
