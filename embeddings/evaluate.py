@@ -255,24 +255,27 @@ def oracle_retrieval(labels: sparse.spmatrix | np.ndarray, truth: sparse.spmatri
     n_relevant = np.asarray((labels >= MR).sum(axis=1)).ravel()
     n_hr = np.asarray((truth == HR).sum(axis=1)).ravel()
     n_mr = np.asarray((truth == MR).sum(axis=1)).ravel()
-    keep = np.flatnonzero((n_relevant > 0) & (n_hr + n_mr > 0))
-    if len(keep) == 0:
+    keep = (n_relevant > 0) & (n_hr + n_mr > 0)
+    if not keep.any():
         return None
-    recall, precision, graded = [], [], []
-    for q in keep:
-        h, m = n_hr[q], n_mr[q]
-        rest = n_products - h - m
-        left_after_hr = max(0, k - h)
-        p_grade = {HR: min(1.0, k / h) if h else 0.0, MR: min(1.0, left_after_hr / m) if m else 0.0}
-        p_other = max(0, left_after_hr - m) / rest if rest else 0.0
-        row_labels, row_truth = labels.getrow(q).toarray().ravel(), truth.getrow(q).toarray().ravel()
-        in_top = np.where(row_truth == HR, p_grade[HR], np.where(row_truth == MR, p_grade[MR], p_other))
-        hits = float(in_top[row_labels >= MR].sum())
-        recall.append(hits / n_relevant[q])
-        precision.append(hits / k)
-        graded.append(float((row_labels * in_top).sum()) / (HR * k))
-    return {"graded_relevance": float(np.mean(graded)), f"recall_at_{k}": float(np.mean(recall)),
-            f"precision_at_{k}": float(np.mean(precision)), "n_queries": int(len(keep))}
+    # probability that a product of each true grade is in the top k
+    p_hr = np.minimum(1.0, k / np.maximum(n_hr, 1))
+    left_after_hr = np.maximum(0, k - n_hr)
+    p_mr = np.minimum(1.0, left_after_hr / np.maximum(n_mr, 1))
+    rest = n_products - n_hr - n_mr
+    p_other = np.maximum(0, left_after_hr - n_mr) / np.maximum(rest, 1)
+
+    def by_grade(values: sparse.csr_matrix) -> np.ndarray:
+        """Row sums of ``values`` weighted by each entry's top-k probability under its true grade."""
+        total = np.asarray(values.sum(axis=1)).ravel()
+        on_hr = np.asarray(values.multiply(truth == HR).sum(axis=1)).ravel()
+        on_mr = np.asarray(values.multiply(truth == MR).sum(axis=1)).ravel()
+        return p_hr * on_hr + p_mr * on_mr + p_other * (total - on_hr - on_mr)
+
+    hits = by_grade((labels >= MR).astype(np.float64))[keep]
+    graded = by_grade(labels.astype(np.float64))[keep] / (HR * k)
+    return {"graded_relevance": float(np.mean(graded)), f"recall_at_{k}": float(np.mean(hits / n_relevant[keep])),
+            f"precision_at_{k}": float(np.mean(hits / k)), "n_queries": int(keep.sum())}
 
 
 def pool_retrieval(vectors: dict[str, np.ndarray], labels: sparse.csr_matrix, pool: np.ndarray,
