@@ -204,7 +204,7 @@ class DashEncoder:
             cls = self.net.product_state(ids, mask, pixels, torch.as_tensor(has_image, device=self.device))
             return self.net.product_embedding_from_state(cls.float())
 
-        batches = length_sorted_batches([len(ids) for ids in titles.ids], self.batch_size)
+        batches = length_sorted_batches(titles.lengths, self.batch_size)
         return restore_order(batches, self._numpy(self._map_batches(batches, encode, "products"), self.dim))
 
     def images(self, catalog: pd.DataFrame) -> np.ndarray:
@@ -234,7 +234,7 @@ class DashEncoder:
             return embed(ids, mask).float()
 
         # text-only inputs are light: larger batches
-        batches = length_sorted_batches([len(ids) for ids in store.ids], TEXT_BATCH_FACTOR * self.batch_size)
+        batches = length_sorted_batches(store.lengths, TEXT_BATCH_FACTOR * self.batch_size)
         return restore_order(batches, self._numpy(self._map_batches(batches, encode, desc), self.dim))
 
     def texts(self, titles: Sequence[str]) -> np.ndarray:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -167,8 +168,47 @@ def _positive_quotas(n_hr: np.ndarray, n_mr: np.ndarray, max_positives: int,
     return quota_hr, quota_mr
 
 
+@dataclass(frozen=True)
+class PQCTuples:
+    """PQC tuples as arrays (T tuples, N negatives each): queries are codes into ``queries``.
+
+    Attributes:
+        queries: ``[V]`` str, the sorted distinct normalised queries the codes refer to.
+        product_id: ``[T]`` int64.
+        positive: ``[T]`` int32, the positive query's code.
+        positive_label: ``[T]`` int8, 1 (MR) or 2 (HR).
+        negatives: ``[T, N]`` int32, the negative queries' codes.
+        negative_kinds: ``[T, N]`` int8, :data:`KIND_IR` / :data:`KIND_MR` / :data:`KIND_PROXY`.
+
+    About 50 bytes a tuple at N = 10, where lists of strings per tuple take twenty times as much.
+    """
+
+    queries: np.ndarray
+    product_id: np.ndarray
+    positive: np.ndarray
+    positive_label: np.ndarray
+    negatives: np.ndarray
+    negative_kinds: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.product_id)
+
+    def take(self, rows: np.ndarray) -> PQCTuples:
+        """The tuples at ``rows`` (same query codes)."""
+        return PQCTuples(self.queries, self.product_id[rows], self.positive[rows], self.positive_label[rows],
+                         self.negatives[rows], self.negative_kinds[rows])
+
+    def frame(self) -> pd.DataFrame:
+        """The readable form, one row per tuple: product_id, positive (str), positive_label, negatives
+        (list of str), negative_kinds (list of "IR" / "MR" / "proxy", same order)."""
+        return pd.DataFrame({"product_id": self.product_id, "positive": self.queries[self.positive],
+                             "positive_label": self.positive_label,
+                             "negatives": self.queries[self.negatives].tolist(),
+                             "negative_kinds": KIND_NAMES[self.negative_kinds].tolist()})
+
+
 def build_pqc_tuples(relevance_df: pd.DataFrame, catalog_df: pd.DataFrame, n_negatives: int = 10,
-                     max_positives: int = 110, hr_mr_ratio: float = 2.0, seed: int = 0) -> pd.DataFrame:
+                     max_positives: int = 110, hr_mr_ratio: float = 2.0, seed: int = 0) -> PQCTuples:
     """Sample PQC training tuples from relevance labels (rules in the module docstring).
 
     Args:
@@ -180,10 +220,8 @@ def build_pqc_tuples(relevance_df: pd.DataFrame, catalog_df: pd.DataFrame, n_neg
         seed: sampling seed.
 
     Returns:
-        One row per (product, positive query), sorted by product_id then positive:
-        product_id int64, positive str, positive_label int8 (1 MR or 2 HR), negatives
-        (list of ``n_negatives`` str), negative_kinds (list of "IR" / "MR" / "proxy", same order).
-        Queries are normalised.
+        One tuple per (product, positive query), sorted by product_id then positive; queries are
+        normalised (:meth:`PQCTuples.frame` is the readable form).
 
     Raises:
         ValueError: missing columns, products absent from the catalog, bad arguments, or too few
@@ -258,24 +296,22 @@ def build_pqc_tuples(relevance_df: pd.DataFrame, catalog_df: pd.DataFrame, n_neg
                   hr_query=pair_query[is_hr], relevant_keys=relevant_keys, n_queries=n_queries,
                   n_aisles=len(aisle_names), product_keys=product_keys, rng=rng)
 
-    tuples = pd.DataFrame({
-        "product_id": np.asarray(product_keys, dtype=np.int64)[pos_product],
-        "positive": query_text[pair_query[pos_idx]],
-        "positive_label": pos_label.astype(np.int8),
-        "negatives": query_text[negatives].tolist(),
-        "negative_kinds": KIND_NAMES[kinds].tolist(),
-    })
-    tuples = tuples.sort_values(["product_id", "positive"], kind="stable").reset_index(drop=True)
+    positive = pair_query[pos_idx]
+    order = np.lexsort((positive, pos_product))  # product_id then positive (the codes sort as the strings)
+    tuples = PQCTuples(np.asarray(query_text, dtype=object), np.asarray(product_keys, dtype=np.int64)[pos_product[order]],
+                       positive[order].astype(np.int32), pos_label[order].astype(np.int8),
+                       negatives[order].astype(np.int32), kinds[order].astype(np.int8))
     log.info("PQC tuples: %d from %d products (%d HR, %d MR positives); negatives %.1f%% IR, %.1f%% MR, "
              "%.1f%% proxy", len(tuples), n_products, int((pos_label == HR).sum()), int((pos_label == MR).sum()),
              *(100.0 * float((kinds == k).mean()) for k in (KIND_IR, KIND_MR, KIND_PROXY)))
     return tuples
 
 
-def sample_negative_products(relevance_df: pd.DataFrame, tuples: pd.DataFrame, n_negatives: int,
-                             seed: int = 0) -> np.ndarray:
+def sample_negative_products(relevance_df: pd.DataFrame, positive: np.ndarray, positive_label: np.ndarray,
+                             n_negatives: int, seed: int = 0) -> np.ndarray:
     """Products each tuple's positive query ranks below the tuple's product: ``[T, n_negatives]``
-    product_ids, -1 in slots left empty.
+    product_ids, -1 in slots left empty. ``positive`` ``[T]`` (str) and ``positive_label`` ``[T]``
+    are the tuples' positive queries and their labels.
 
     The query side of the tuples of :func:`build_pqc_tuples`: for a tuple (product p, positive query
     q labelled HR or MR for p) the negatives are drawn uniformly without replacement from the
@@ -285,7 +321,6 @@ def sample_negative_products(relevance_df: pd.DataFrame, tuples: pd.DataFrame, n
     slots empty. Queries are normalised as in :func:`build_pqc_tuples`; deterministic for ``seed``.
     """
     _require_columns(relevance_df, "relevance", ("query", "product_id", "label"))
-    _require_columns(tuples, "tuples", ("positive", "positive_label"))
     if n_negatives < 1:
         raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
     rng = np.random.default_rng([seed, 3])
@@ -299,10 +334,10 @@ def sample_negative_products(relevance_df: pd.DataFrame, tuples: pd.DataFrame, n
     pool_start = _group_starts(pair_query, n_queries)
     n_ir = np.bincount(pair_query[pairs["label"].to_numpy() == IR], minlength=n_queries)
     n_mr = np.bincount(pair_query[pairs["label"].to_numpy() == MR], minlength=n_queries)
-    tuple_query = pd.Index(query_text).get_indexer(tuples["positive"].to_numpy(dtype=object))
+    tuple_query = pd.Index(query_text).get_indexer(np.asarray(positive, dtype=object))
     known = tuple_query >= 0  # a positive absent from relevance_df has no labelled products to rank
     query = np.where(known, tuple_query, 0)
-    positive_label = tuples["positive_label"].to_numpy(dtype=np.int8)
+    positive_label = np.asarray(positive_label, dtype=np.int8)
     pool_size = np.where(known, np.where(positive_label == HR, n_ir[query] + n_mr[query], n_ir[query]), 0)
     local = _sample_without_replacement(pool_size, n_negatives, rng)
     products = np.append(pairs["product_id"].to_numpy(dtype=np.int64), -1)  # trailing sentinel: the empty slot

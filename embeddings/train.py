@@ -87,9 +87,9 @@ from common.cli import UserError, parse_config, resolve_threads, run_main
 from common.distributed import init_from_env
 from common.io import prepare_workdir, read_json, write_json
 from common.provenance import MadeFrom
+from common.seed import deterministic_kernels
 from data import schema
 from data.dataset import data_set, input_hashes
-from data.text import normalize_query
 from embeddings.config import EmbeddingsTrainConfig
 from embeddings.distributed import (Shard, broadcast_from_main, check_batch_split, data_parallel, dropout_seed,
                                     global_batch_size, itc_loss, local_contrast, mean_over_ranks)
@@ -98,7 +98,8 @@ from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import (MODEL_CHECKPOINT, RUN_CONFIG, STAGE1_CHECKPOINT, Paths, autocast, load_checkpoint,
                                 resolve_device, save_checkpoint, stage_set, write_checkpoint)
-from embeddings.sampling import build_pqc_tuples, sample_negative_products, split_cold_products, split_queries
+from embeddings.sampling import (PQCTuples, build_pqc_tuples, sample_negative_products, split_cold_products,
+                                 split_queries)
 from embeddings.steps import NonFinite, Precision, adamw, stage1_losses, stage2_losses
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,34 @@ def stage2_relevance(relevance: pd.DataFrame, cold_products: np.ndarray, query_e
             eval_df.loc[~eval_df["product_id"].isin(cold)].reset_index(drop=True))
 
 
+def tuple_query_matrices(tuple_sets: Sequence[PQCTuples]) -> tuple[list[str], list[np.ndarray]]:
+    """The distinct queries of several tuple sets, in order of first use (set by set, tuple by tuple,
+    positive then negatives), and each set's ``[T, 1+N]`` int32 indices into them (positive first)."""
+    vocabulary = np.unique(np.concatenate([t.queries for t in tuple_sets]))
+    codes = [np.searchsorted(vocabulary, t.queries)[np.concatenate([t.positive[:, None], t.negatives], axis=1)]
+             for t in tuple_sets]
+    flat = np.concatenate([c.reshape(-1) for c in codes])
+    distinct, first = np.unique(flat, return_index=True)
+    by_first_use = distinct[np.argsort(first)]
+    index = np.zeros(len(vocabulary), dtype=np.int32)
+    index[by_first_use] = np.arange(len(by_first_use), dtype=np.int32)
+    return vocabulary[by_first_use].tolist(), [index[c] for c in codes]
+
+
 def plan_steps(n_items: int, batch_size: int, epochs: float, max_steps: int) -> int:
     steps = max(1, math.ceil(epochs * (n_items // batch_size)))
     return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def items_drawn(n_items: int, batch_size: int, seed: int, steps: int) -> np.ndarray:
+    """Sorted distinct indices ``0..n_items-1`` that the batches of steps ``0..steps-1`` of
+    :func:`batch_at` (over ``np.arange(n_items)``) draw: all of them but the dropped tails once
+    training runs an epoch, a fraction when a step budget ends it sooner."""
+    per_epoch = n_items // batch_size
+    items = np.arange(n_items)
+    drawn = [epoch_order(items, seed, epoch)[:min(steps - epoch * per_epoch, per_epoch) * batch_size]
+             for epoch in range(math.ceil(steps / per_epoch))]
+    return np.unique(np.concatenate(drawn)) if drawn else np.zeros(0, dtype=np.int64)
 
 
 class QueryPrefixStore:
@@ -196,10 +222,10 @@ class QueryPrefixStore:
                  cache_mb: int, batch_size: int = 256) -> None:
         self.model, self.tokens, self.device, self.precision = model, tokens, device, precision
         self.frozen = model.frozen_layers.get("query_encoder", 0) > 0
-        longest = max((len(ids) for ids in tokens.ids), default=1)
+        longest = int(tokens.lengths.max(initial=1))
         size_mb = len(tokens) * longest * model.query_encoder.width * 4 / 2**20
         self.cache: torch.Tensor | None = None
-        self.lengths = torch.tensor([len(ids) for ids in tokens.ids], device=device)
+        self.lengths = torch.as_tensor(tokens.lengths, device=device)
         if self.frozen and size_mb <= cache_mb:
             parts = [self._compute(np.arange(i, min(i + batch_size, len(tokens))))[0].float()
                      for i in range(0, len(tokens), batch_size)]
@@ -539,21 +565,39 @@ class Stage2(StageRunner):
         self.product_state, self.tuple_rows, self.tuple_queries = product_state, tuple_rows, tuple_queries
         self.tuple_negative_rows = tuple_negative_rows
         self.queries, self.eval_rows, self.eval_queries = queries, eval_rows, eval_queries
-        self.batch_size = global_batch_size(cfg.stage2_batch_size, len(tuple_rows), shard.world_size,
-                                            "--stage2-batch-size")
+        self.batch_size = self.global_batch(cfg, len(tuple_rows), shard)
         self.pqc = PQCLoss(cfg.pqc_tau)
         self.in_batch = (itc_loss(cfg.pqc_tau, shard.world_size, learnable=False).to(device)
                          if cfg.pqc_in_batch_weight > 0 else None)
         groups = model.stage_parameter_groups(2)
         total = plan_steps(len(tuple_rows), self.batch_size, cfg.stage2_epochs, cfg.stage2_max_steps)
+        if (tuple_rows[self.tuples_used(cfg, len(tuple_rows), shard)] < 0).any():
+            raise ValueError("stage 2: a tuple that training uses has no product state")
         super().__init__(cfg, model, device, paths,
                          [{"params": groups["encoder"], "lr": cfg.stage2_lr},
                           {"params": groups["new"], "lr": cfg.stage2_head_lr}], total, budget, shard, key)
         self.step_losses = self.parallel(self._losses)
         self.order = np.arange(len(tuple_rows))
-        n_probe = min(cfg.stage2_eval_max, len(tuple_rows))
-        self.train_probe = np.sort(np.random.default_rng([cfg.seed, 2]).choice(len(tuple_rows), n_probe, replace=False))
+        self.train_probe = self.probe_tuples(cfg, len(tuple_rows))
         self.evals: list[dict[str, float]] = []
+
+    @staticmethod
+    def global_batch(cfg: EmbeddingsTrainConfig, n_tuples: int, shard: Shard) -> int:
+        return global_batch_size(cfg.stage2_batch_size, n_tuples, shard.world_size, "--stage2-batch-size")
+
+    @staticmethod
+    def probe_tuples(cfg: EmbeddingsTrainConfig, n_tuples: int) -> np.ndarray:
+        """The fixed sample of training tuples whose PQC loss each evaluation reports (sorted)."""
+        n_probe = min(cfg.stage2_eval_max, n_tuples)
+        return np.sort(np.random.default_rng([cfg.seed, 2]).choice(n_tuples, n_probe, replace=False))
+
+    @classmethod
+    def tuples_used(cls, cfg: EmbeddingsTrainConfig, n_tuples: int, shard: Shard) -> np.ndarray:
+        """Sorted indices of the training tuples a run with these settings reads: its batches and the
+        probe. Under a step budget shorter than an epoch only those products need a state."""
+        batch_size = cls.global_batch(cfg, n_tuples, shard)
+        steps = plan_steps(n_tuples, batch_size, cfg.stage2_epochs, cfg.stage2_max_steps)
+        return np.union1d(items_drawn(n_tuples, batch_size, cfg.seed, steps), cls.probe_tuples(cfg, n_tuples))
 
     def extra_state(self) -> dict[str, Any]:
         return {"evals": self.evals}
@@ -636,7 +680,8 @@ def encode_product_states(model: DashCLIP, images: ImageStore, titles: TokenStor
     model (:meth:`DashCLIP.inference_copy`, the same function up to float rounding). Batches group
     titles of similar length."""
     net = model.inference_copy()
-    order = rows[np.argsort([len(titles.ids[r]) for r in rows], kind="stable")]
+    by_length = np.argsort(titles.lengths[rows], kind="stable")
+    order = rows[by_length]
     out = []
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=1.0, leave=False,
                       disable=None if progress else True):
@@ -650,8 +695,7 @@ def encode_product_states(model: DashCLIP, images: ImageStore, titles: TokenStor
         out.append(states.float())
     if not out:
         return torch.zeros(0, model.text_encoder.width, device=device)
-    position = {int(r): i for i, r in enumerate(order)}
-    return torch.cat(out)[torch.as_tensor([position[int(r)] for r in rows], device=device)]
+    return torch.cat(out)[torch.as_tensor(np.argsort(by_length), device=device)]
 
 
 class Trainer:
@@ -807,7 +851,7 @@ class Trainer:
                 write_json(self.cfg.settings("2"), staged[RUN_CONFIG])
 
     # stage 2 -------------------------------------------------------------------
-    def _tuples(self, relevance: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None]:
+    def _tuples(self, relevance: pd.DataFrame) -> tuple[PQCTuples, PQCTuples, np.ndarray | None]:
         """Training and held-out PQC tuples, and the training tuples' negative products
         ``[T, --query-side-negatives]`` (-1 = empty; None when that term is off)."""
         cfg = self.cfg
@@ -816,17 +860,20 @@ class Trainer:
                       hr_mr_ratio=cfg.pqc_hr_mr_ratio, seed=cfg.seed)
         catalog = self.catalog
         train_tuples = build_pqc_tuples(train_df, catalog, **kwargs)
-        eval_tuples = train_tuples.iloc[:0]
+        eval_tuples = train_tuples.take(np.zeros(0, dtype=np.int64))
         if len(eval_df):
             try:
                 eval_tuples = build_pqc_tuples(eval_df, catalog, **kwargs)
             except ValueError as exc:  # too few held-out queries to fill the tuples: the eval loss is optional
                 log.warning("stage 2: no held-out PQC eval loss (%s)", exc)
-        if len(eval_tuples) > cfg.stage2_eval_max:
-            eval_tuples = eval_tuples.sample(n=cfg.stage2_eval_max, random_state=cfg.seed).sort_index()
+        if len(eval_tuples) > cfg.stage2_eval_max:  # a seeded sample, in tuple order
+            eval_tuples = eval_tuples.take(np.sort(np.random.RandomState(cfg.seed).choice(
+                len(eval_tuples), cfg.stage2_eval_max, replace=False)))
         negative_products = None
         if cfg.query_side_negatives and len(train_tuples):
-            negative_products = sample_negative_products(train_df, train_tuples, cfg.query_side_negatives, cfg.seed)
+            negative_products = sample_negative_products(train_df, train_tuples.queries[train_tuples.positive],
+                                                         train_tuples.positive_label, cfg.query_side_negatives,
+                                                         cfg.seed)
             log.info("stage 2: %.1f products per tuple that its positive query ranks lower (--query-side-negatives "
                      "%d)", float((negative_products >= 0).sum(axis=1).mean()), cfg.query_side_negatives)
         return train_tuples, eval_tuples, negative_products
@@ -846,15 +893,19 @@ class Trainer:
         model.init_query_side_from_text()
         relevance = schema.read_table(cfg.workdir, "relevance").to_pandas()
         train_tuples, eval_tuples, negative_products = self._tuples(relevance)
-        if train_tuples.empty:
+        if not len(train_tuples):
             raise UserError(f"{schema.table_path(cfg.workdir, 'relevance')}: no training tuples (no query with an "
                             f"MR or HR label outside the held-out {cfg.query_eval_fraction:.0%} of queries, for a "
                             f"product outside the {len(self.cold_products)} cold-start products)")
         catalog = self.catalog
         position = pd.Index(catalog["product_id"])
-        needed = np.unique(np.concatenate([train_tuples["product_id"].to_numpy(), eval_tuples["product_id"].to_numpy(),
-                                           *([] if negative_products is None
-                                             else [negative_products[negative_products >= 0]])]))
+        used = Stage2.tuples_used(cfg, len(train_tuples), self.shard)
+        if len(used) < len(train_tuples):
+            log.info("stage 2: the step budget reads %d of the %d training tuples: product states for theirs only",
+                     len(used), len(train_tuples))
+        used_negatives = None if negative_products is None else negative_products[used]
+        needed = np.unique(np.concatenate([train_tuples.product_id[used], eval_tuples.product_id,
+                                           *([] if used_negatives is None else [used_negatives[used_negatives >= 0]])]))
         needed_rows = position.get_indexer(needed)
         images, titles = self._stores(spec, tokenizer)
         n_text_only = int((~images.has_image[needed_rows]).sum())
@@ -869,19 +920,9 @@ class Trainer:
         precompute_s = time.perf_counter() - precompute_started
         cls_row = pd.Index(needed)
 
-        query_index: dict[str, int] = {}
-
-        def query_matrix(tuples: pd.DataFrame) -> np.ndarray:
-            """``[T, 1+N]`` indices into the distinct queries (positive first)."""
-            rows = [[p, *negs] for p, negs in zip(tuples["positive"], tuples["negatives"])]
-            if any(len(row) != cfg.pqc_negatives + 1 for row in rows):
-                raise ValueError(f"build_pqc_tuples returned tuples without {cfg.pqc_negatives} negatives")
-            return np.array([[query_index.setdefault(normalize_query(str(q)), len(query_index)) for q in row]
-                             for row in rows], dtype=np.int64).reshape(len(rows), cfg.pqc_negatives + 1)
-
-        train_queries, eval_queries = query_matrix(train_tuples), query_matrix(eval_tuples)
+        query_text, (train_queries, eval_queries) = tuple_query_matrices([train_tuples, eval_tuples])
         model.eval()
-        queries = QueryPrefixStore(model, TokenStore(tokenizer, list(query_index), cfg.query_max_tokens), self.device,
+        queries = QueryPrefixStore(model, TokenStore(tokenizer, query_text, cfg.query_max_tokens), self.device,
                                    functools.partial(autocast, self.device, self.cfg.autocast), cfg.query_cache_mb)
         model.train()
         log.info("stage 2: %d training tuples (%d held-out for the eval loss), %d negatives each, batch %d",
@@ -890,8 +931,8 @@ class Trainer:
                          else np.where(negative_products >= 0, cls_row.get_indexer(negative_products.reshape(-1))
                                        .reshape(negative_products.shape), -1))
         runner = Stage2(cfg, model, self.device, paths, product_state,
-                        cls_row.get_indexer(train_tuples["product_id"]), train_queries, negative_rows, queries,
-                        cls_row.get_indexer(eval_tuples["product_id"]), eval_queries, self.budget, made_from.key(),
+                        cls_row.get_indexer(train_tuples.product_id), train_queries, negative_rows, queries,
+                        cls_row.get_indexer(eval_tuples.product_id), eval_queries, self.budget, made_from.key(),
                         self.shard)
         try:
             runner.run()
@@ -925,7 +966,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         for name in ("stage1_batch_size", "stage2_batch_size"):  # before any work, not when the stage starts
             check_batch_split(getattr(cfg, name), shard.world_size, "--" + name.replace("_", "-"))
-        return train(cfg, shard)
+        with deterministic_kernels(shard.device):
+            return train(cfg, shard)
     finally:
         torch.set_num_threads(threads)
         root_log.setLevel(level)

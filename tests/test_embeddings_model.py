@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from embeddings.backbones import efficientnet_lite0_weights_path, load_efficientnet_lite0, minilm_path
 from embeddings.config import DashCLIPConfig
-from embeddings.inputs import ImageSpec, decode_image, pad_token_ids
+from embeddings.inputs import ImageSpec, TokenStore, decode_image
 from embeddings.models import DashCLIP, build_dashclip
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -65,7 +65,8 @@ def test_padding_does_not_change_the_encoding(tiny):
     model, tokenizer, _ = tiny
     model.eval()
     short = tokenizer(["soda"], return_tensors="pt")
-    ids, mask = pad_token_ids([short["input_ids"][0].tolist(), tokenizer("a much longer product title")["input_ids"]], 0)
+    ids, mask = TokenStore(tokenizer, ["soda", "a much longer product title"], 32).batch([0, 1])
+    assert mask[0].sum() == short["input_ids"].shape[1] < ids.shape[1]
     with torch.no_grad():
         alone = model.text_embedding(short["input_ids"], short["attention_mask"])
         padded = model.text_embedding(ids, mask)[:1]

@@ -201,6 +201,44 @@ def test_bf16_autocast_on_cpu_trains_deterministically_and_is_a_setting(tiny_wor
     assert (runs["fp32"] / model).read_bytes() == (runs["bf16_a"] / model).read_bytes()
 
 
+def test_training_on_two_threads_is_byte_identical_and_states_only_the_products_it_reads(tiny_workdir, tmp_path,
+                                                                                          caplog):
+    """Two threads: two runs give the same bytes (the deterministic kernels are on inside ``main`` and
+    off again after). Under a step budget shorter than an epoch stage 2 encodes the states of the
+    products its batches read, not of every product with a tuple."""
+    caplog.set_level(logging.INFO)
+    model = Path("embeddings/checkpoints/model.pt")
+    runs = []
+    for name in ("a", "b"):
+        shutil.copytree(tiny_workdir / "data", tmp_path / name / "data")
+        train.main(["--workdir", str(tmp_path / name), *TINY_FLAGS, "--threads", "2"])
+        runs.append((tmp_path / name / model).read_bytes())
+    assert runs[0] == runs[1]
+    assert not torch.are_deterministic_algorithms_enabled()
+    budget = next(r.getMessage() for r in caplog.records if "the step budget reads" in r.getMessage())
+    read, total = (int(w) for w in budget.split() if w.isdigit())
+    assert 4 * 16 <= read < total  # 4 steps of 16 tuples (and the probe) of all the training tuples
+
+
+def test_items_drawn_are_the_batches_of_the_planned_steps():
+    for n_items, batch, steps in ((100, 16, 3), (100, 16, 6), (100, 16, 13), (7, 7, 4)):
+        expected = np.unique(np.concatenate([train.batch_at(np.arange(n_items), batch, 5, s) for s in range(steps)]))
+        assert np.array_equal(train.items_drawn(n_items, batch, 5, steps), expected)
+
+
+def test_tuple_query_matrices_index_queries_in_order_of_first_use():
+    def tuples(queries, positive, negatives):
+        negatives = np.array(negatives, dtype=np.int32)
+        return train.PQCTuples(np.array(queries, dtype=object), np.arange(len(positive)), np.array(positive, np.int32),
+                               np.ones(len(positive), np.int8), negatives, np.zeros_like(negatives, np.int8))
+
+    first = tuples(["b", "c", "d"], [2, 0], [[0, 1], [1, 2]])  # d | b c, then b | c d
+    second = tuples(["a", "c"], [1], [[0, 1]])  # c | a c
+    text, (m1, m2) = train.tuple_query_matrices([first, second])
+    assert text == ["d", "b", "c", "a"]
+    assert m1.tolist() == [[0, 1, 2], [1, 2, 0]] and m2.tolist() == [[2, 3, 2]] and m1.dtype == np.int32
+
+
 def test_title_only_catalog(workdir, caplog):
     caplog.set_level(logging.INFO)
     path = workdir / "data" / "catalog.parquet"

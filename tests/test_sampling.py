@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embeddings.sampling import _sample_without_replacement, build_pqc_tuples, sample_negative_products, split_queries
+from embeddings.sampling import (KIND_PROXY, PQCTuples, _sample_without_replacement, build_pqc_tuples,
+                                sample_negative_products, split_queries)
 
 IR, MR, HR = 0, 1, 2
 
@@ -27,6 +28,11 @@ SNACKS = [(f"snack {i}", 900, HR) for i in range(12)] + [(f"snack ir {i}", 900, 
 BAKERY = [(f"bread {i}", 901, HR) for i in range(12)] + [(f"bread ir {i}", 901, IR) for i in range(12)]
 PROXY_SOURCE = SNACKS + BAKERY
 AISLES = {1: "dairy", 2: "dairy", 3: "dairy", 900: "snacks", 901: "bakery"}
+
+
+def pqc_frame(*args, **kwargs) -> pd.DataFrame:
+    """The readable form of :func:`build_pqc_tuples`."""
+    return build_pqc_tuples(*args, **kwargs).frame()
 
 
 def queries_of(rows, product_id, label):
@@ -75,18 +81,18 @@ def test_floyd_sampling_is_uniform_over_subsets():
 
 def test_only_products_with_an_mr_or_hr_query_take_part():
     rows = [("milk", 1, IR), ("cheese", 1, IR), ("yogurt", 2, MR), ("butter", 2, IR)] + PROXY_SOURCE
-    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=3)
+    tuples = pqc_frame(relevance(rows), catalog(AISLES), n_negatives=3)
     assert 1 not in set(tuples["product_id"])
     assert set(tuples.loc[tuples["product_id"] == 2, "positive"]) == {"yogurt"}
 
 
 def test_positives_are_capped_in_the_ratio_two_to_one():
     rows = [(f"hr {i}", 1, HR) for i in range(20)] + [(f"mr {i}", 1, MR) for i in range(20)] + PROXY_SOURCE
-    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=2, max_positives=9)
+    tuples = pqc_frame(relevance(rows), catalog(AISLES), n_negatives=2, max_positives=9)
     assert Counter(tuples.loc[tuples["product_id"] == 1, "positive_label"]) == {HR: 6, MR: 3}
     big = ([(f"hr {i}", 1, HR) for i in range(200)] + [(f"mr {i}", 1, MR) for i in range(200)]
            + [(f"ir {i}", 1, IR) for i in range(20)] + PROXY_SOURCE)
-    tuples = build_pqc_tuples(relevance(big), catalog(AISLES), n_negatives=2)
+    tuples = pqc_frame(relevance(big), catalog(AISLES), n_negatives=2)
     assert Counter(tuples.loc[tuples["product_id"] == 1, "positive_label"]) == {HR: 73, MR: 37}  # cap 110
     assert tuples.loc[tuples["product_id"] == 1, "positive"].is_unique
 
@@ -95,7 +101,7 @@ def test_a_short_class_gives_all_it_has_and_the_other_fills_the_cap():
     few_hr = [(f"hr {i}", 1, HR) for i in range(2)] + [(f"mr {i}", 1, MR) for i in range(20)]
     few_mr = [(f"hr {i}", 2, HR) for i in range(20)] + [(f"mr {i}", 2, MR) for i in range(1)]
     under_cap = [(f"hr {i}", 3, HR) for i in range(4)] + [(f"mr {i}", 3, MR) for i in range(4)]
-    tuples = build_pqc_tuples(relevance(few_hr + few_mr + under_cap + PROXY_SOURCE), catalog(AISLES),
+    tuples = pqc_frame(relevance(few_hr + few_mr + under_cap + PROXY_SOURCE), catalog(AISLES),
                               n_negatives=2, max_positives=9)
     by_product = {pid: Counter(group["positive_label"]) for pid, group in tuples.groupby("product_id")}
     assert by_product[1] == {HR: 2, MR: 7}
@@ -109,7 +115,7 @@ def test_hr_positives_take_negatives_from_ir_or_mr_queries():
     ir, mr = queries_of(rows, 1, IR), queries_of(rows, 1, MR)
     seen_kinds = Counter()
     for seed in range(20):
-        tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=5, seed=seed)
+        tuples = pqc_frame(relevance(rows), catalog(AISLES), n_negatives=5, seed=seed)
         hr_tuple = tuples[tuples["positive_label"] == HR].iloc[0]
         for query, kind in zip(hr_tuple["negatives"], hr_tuple["negative_kinds"]):
             assert kind in {"IR", "MR", "proxy"}
@@ -124,7 +130,7 @@ def test_mr_positives_take_negatives_from_ir_only():
     rows = ([("hr", 1, HR)] + [(f"mr {i}", 1, MR) for i in range(5)] + [(f"ir {i}", 1, IR) for i in range(20)]
             + PROXY_SOURCE)
     ir = queries_of(rows, 1, IR)
-    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=6)
+    tuples = pqc_frame(relevance(rows), catalog(AISLES), n_negatives=6)
     mr_tuples = tuples[tuples["positive_label"] == MR]
     assert len(mr_tuples) == 5
     for negatives, kinds in zip(mr_tuples["negatives"], mr_tuples["negative_kinds"]):
@@ -142,7 +148,7 @@ def test_missing_negatives_are_proxies_from_another_aisles_hr_queries():
     rows += [(f"snack ir {i}", 900, IR) for i in range(12)] + BAKERY  # IR: never a proxy
     allowed = {"chips", "pretzels", "salsa", "nachos"} | {f"bread {i}" for i in range(12)}
     for seed in range(10):
-        tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=4, seed=seed)
+        tuples = pqc_frame(relevance(rows), catalog(AISLES), n_negatives=4, seed=seed)
         product_1 = tuples[tuples["product_id"] == 1].set_index("positive")
         # MR "yogurt": one IR ("oat milk") then 3 proxies
         assert product_1.loc["yogurt", "negative_kinds"] == ["IR", "proxy", "proxy", "proxy"]
@@ -156,16 +162,16 @@ def test_missing_negatives_are_proxies_from_another_aisles_hr_queries():
 def test_an_all_ir_tuple_gets_exactly_one_proxy():
     rows = ([("hr", 1, HR), ("mr", 1, MR)] + [(f"ir {i}", 1, IR) for i in range(30)]
             + [("hr b", 2, HR)] + [(f"ir b {i}", 2, IR) for i in range(30)] + PROXY_SOURCE)
-    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=5, seed=4)
+    tuples = pqc_frame(relevance(rows), catalog(AISLES), n_negatives=5, seed=4)
     kinds = tuples.set_index(["product_id", "positive"])["negative_kinds"]
     # MR positive with plenty of IR: 4 IR + 1 proxy
     assert Counter(kinds[(1, "mr")]) == {"IR": 4, "proxy": 1}
     # HR positive whose pool is IR only: 4 IR + 1 proxy
     assert Counter(kinds[(2, "hr b")]) == {"IR": 4, "proxy": 1}
     # no tuple anywhere is all IR; the proxy slot is not always the same one
-    many = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=5, seed=0, max_positives=110)
+    many = pqc_frame(relevance(rows), catalog(AISLES), n_negatives=5, seed=0, max_positives=110)
     assert all(Counter(k)["IR"] < 5 for k in many["negative_kinds"])
-    slots = {build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=5, seed=s)
+    slots = {pqc_frame(relevance(rows), catalog(AISLES), n_negatives=5, seed=s)
              .set_index(["product_id", "positive"]).loc[(1, "mr"), "negative_kinds"].index("proxy") for s in range(12)}
     assert len(slots) > 1
 
@@ -174,20 +180,32 @@ def test_tuples_are_deterministic_and_independent_of_row_order():
     rows = ([(f"hr {i}", p, HR) for p in (1, 2) for i in range(6)] + [(f"mr {i}", p, MR) for p in (1, 2) for i in range(4)]
             + [(f"ir {i}", p, IR) for p in (1, 2) for i in range(15)] + PROXY_SOURCE)
     rel = relevance(rows)
-    first = build_pqc_tuples(rel, catalog(AISLES), n_negatives=4, max_positives=7, seed=3)
-    shuffled = build_pqc_tuples(rel.sample(frac=1.0, random_state=1), catalog(AISLES), n_negatives=4,
+    first = pqc_frame(rel, catalog(AISLES), n_negatives=4, max_positives=7, seed=3)
+    shuffled = pqc_frame(rel.sample(frac=1.0, random_state=1), catalog(AISLES), n_negatives=4,
                                 max_positives=7, seed=3)
     pd.testing.assert_frame_equal(first, shuffled)
-    other = build_pqc_tuples(rel, catalog(AISLES), n_negatives=4, max_positives=7, seed=4)
+    other = pqc_frame(rel, catalog(AISLES), n_negatives=4, max_positives=7, seed=4)
     assert not first.equals(other)
     assert first["product_id"].dtype == np.int64 and first["positive_label"].dtype == np.int8
     assert list(first.columns) == ["product_id", "positive", "positive_label", "negatives", "negative_kinds"]
     assert all(len(n) == 4 for n in first["negatives"])
 
 
+def test_tuples_are_compact_codes_into_the_sorted_queries():
+    rows = ([(f"hr {i}", p, HR) for p in (1, 2) for i in range(6)] + [(f"ir {i}", p, IR) for p in (1, 2) for i in range(15)]
+            + PROXY_SOURCE)
+    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=4, max_positives=5, seed=1)
+    assert isinstance(tuples, PQCTuples) and len(tuples) == 5 * 4  # products 1, 2, 900, 901
+    assert (tuples.queries[:-1] < tuples.queries[1:]).all()  # sorted and distinct
+    assert tuples.positive.dtype == tuples.negatives.dtype == np.int32 and tuples.negatives.shape == (20, 4)
+    assert tuples.negative_kinds.dtype == np.int8 and (tuples.negative_kinds == KIND_PROXY).any(axis=1).all()
+    some = tuples.take(np.array([3, 0]))
+    assert some.frame().equals(tuples.frame().iloc[[3, 0]].reset_index(drop=True))
+
+
 def test_queries_are_normalised_and_duplicates_keep_the_highest_label():
     rows = [("Milk!", 1, HR), ("milk", 1, IR), ("  CHEESE ", 1, IR)] + PROXY_SOURCE
-    tuples = build_pqc_tuples(relevance(rows), catalog(AISLES), n_negatives=2)
+    tuples = pqc_frame(relevance(rows), catalog(AISLES), n_negatives=2)
     product_1 = tuples[tuples["product_id"] == 1]
     assert product_1["positive"].tolist() == ["milk"]
     assert "milk" not in product_1.iloc[0]["negatives"]
@@ -196,15 +214,15 @@ def test_queries_are_normalised_and_duplicates_keep_the_highest_label():
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="product_id 5 .* no aisle"):
-        build_pqc_tuples(relevance([("milk", 5, HR)]), catalog(AISLES))
+        pqc_frame(relevance([("milk", 5, HR)]), catalog(AISLES))
     with pytest.raises(ValueError, match="no product of another aisle has an HR query"):
-        build_pqc_tuples(relevance([("milk", 1, HR), ("cheese", 2, HR)]), catalog(AISLES), n_negatives=2)
+        pqc_frame(relevance([("milk", 1, HR), ("cheese", 2, HR)]), catalog(AISLES), n_negatives=2)
     with pytest.raises(ValueError, match="no product has an MR or HR query"):
-        build_pqc_tuples(relevance([("milk", 1, IR)]), catalog(AISLES))
+        pqc_frame(relevance([("milk", 1, IR)]), catalog(AISLES))
     with pytest.raises(ValueError, match="enough distinct proxy negatives"):
-        build_pqc_tuples(relevance([("milk", 1, HR), ("chips", 900, HR)]), catalog(AISLES), n_negatives=3)
+        pqc_frame(relevance([("milk", 1, HR), ("chips", 900, HR)]), catalog(AISLES), n_negatives=3)
     with pytest.raises(ValueError, match="missing column.*label"):
-        build_pqc_tuples(pd.DataFrame({"query": ["a"], "product_id": [1]}), catalog(AISLES))
+        pqc_frame(pd.DataFrame({"query": ["a"], "product_id": [1]}), catalog(AISLES))
 
 
 # --- sample_negative_products --------------------------------------------------------------------
@@ -214,13 +232,15 @@ def test_negative_products_are_those_the_positive_query_ranks_lower():
     rows = [("milk", 1, HR), ("milk", 2, MR), ("Milk ", 3, IR), ("milk", 4, IR), ("oat milk", 1, MR), ("oat milk", 5, IR)]
     tuples = pd.DataFrame({"product_id": [1, 2, 1], "positive": ["milk", "milk", "oat milk"],
                            "positive_label": np.array([HR, MR, MR], dtype=np.int8)})
-    negatives = sample_negative_products(relevance(rows), tuples, n_negatives=4, seed=3)
+    negatives = sample_negative_products(relevance(rows), tuples["positive"], tuples["positive_label"], n_negatives=4,
+                                         seed=3)
     assert negatives.shape == (3, 4)
     assert set(negatives[0]) == {2, 3, 4, -1}  # under an HR positive: the MR and IR products of the query
     assert set(negatives[1]) == {3, 4, -1}  # under an MR positive: its IR products only
     assert set(negatives[2]) == {5, -1}
     assert (negatives[:, -1] == -1).all() and (np.sort(negatives[0][:3]) == [2, 3, 4]).all()
-    again = sample_negative_products(relevance(rows[::-1]), tuples, n_negatives=4, seed=3)
+    again = sample_negative_products(relevance(rows[::-1]), tuples["positive"], tuples["positive_label"],
+                                     n_negatives=4, seed=3)
     assert (np.sort(again, axis=1) == np.sort(negatives, axis=1)).all()
 
 
@@ -228,7 +248,8 @@ def test_negative_products_draw_uniformly_without_replacement():
     rows = [("tea", 1, HR)] + [("tea", p, IR) for p in range(10, 16)]
     tuples = pd.DataFrame({"product_id": [1] * 3000, "positive": ["tea"] * 3000,
                            "positive_label": np.full(3000, HR, dtype=np.int8)})
-    negatives = sample_negative_products(relevance(rows), tuples, n_negatives=2, seed=0)
+    negatives = sample_negative_products(relevance(rows), tuples["positive"], tuples["positive_label"], n_negatives=2,
+                                         seed=0)
     assert (negatives[:, 0] != negatives[:, 1]).all() and np.isin(negatives, np.arange(10, 16)).all()
     counts = np.bincount(negatives.ravel() - 10, minlength=6)
     assert counts.min() > 0.9 * 1000 and counts.max() < 1.1 * 1000
