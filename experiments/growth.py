@@ -1,0 +1,158 @@
+"""How each command's cost grows with the data: ``python -m experiments.growth --workdir DIR``.
+
+Reads the scale runs under ``DIR`` (each ``DIR/<name>/reproduce.json`` written by
+``python -m experiments.reproduce --workdir DIR/<name> --source synth:paper --scale F``) and
+writes ``DIR/growth.json`` and ``DIR/growth.md``: one row per command, its wall time and peak
+resident memory at each measured fraction F of the paper's sizes, and, at a target fraction that
+was not measured (``--target``, default 1.0), the value of the least-squares line
+``cost = a + b * F`` through the measured points. A line is what the stages promise (cost linear in
+the data); the table also shows how far the measured points stray from it, and marks a peak that
+the line puts over ``--memory-limit-gb``.
+
+A run's ``reproduce.json`` records what its last invocation ran: a stage it reused costs its reuse
+(seconds), not its work, so each scale run here must be a fresh one (an empty ``DIR/<name>``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
+from common.io import read_json, write_json, write_text
+from data.schema import table_path
+from experiments.report import format_bytes, format_duration
+
+log = logging.getLogger("experiments.growth")
+
+ROWS = ("catalog", "relevance", "impressions")  # the sizes a scale run's table shows beside the fraction
+
+
+@dataclass
+class GrowthConfig:
+    workdir: str = field(default=DEFAULT_WORKDIR, metadata={
+        "help": "directory holding one fresh scale run per subdirectory (each with its reproduce.json); "
+                "growth.json and growth.md are written here"})
+    target: float = field(default=1.0, metadata={"help": "fraction of the paper's sizes to extrapolate to when no "
+                                                         "run measured it", "gt": 0.0, "max": 1.0})
+    memory_limit_gb: float = field(default=12.0, metadata={"help": "peak resident memory a command must stay under "
+                                                                   "at the target fraction", "gt": 0.0})
+
+
+@dataclass(frozen=True)
+class ScaleRun:
+    """One scale run: its fraction, table sizes and per-command costs (``module -> (seconds, peak bytes)``)."""
+
+    name: str
+    fraction: float
+    rows: dict[str, int]
+    costs: dict[str, tuple[float, int]]
+
+
+def read_run(directory: Path) -> ScaleRun:
+    """The costs of the scale run in ``directory`` (its ``reproduce.json``). Several commands of one
+    module (none today) add their times and keep the larger peak."""
+    record = read_json(directory / "reproduce.json")
+    config = record.get("config") or {}
+    if not str(config.get("source", "")).startswith("synth:"):
+        raise UserError(f"{directory / 'reproduce.json'}: source {config.get('source')!r} is not a synthetic "
+                        f"profile; growth compares synth:<profile> runs at several --scale values")
+    costs: dict[str, tuple[float, int]] = {}
+    for stage_costs in record.get("command_costs", {}).values():
+        for cost in stage_costs:
+            module = cost["command"].split()[2]  # "python -m <module> ..."
+            seconds, peak = costs.get(module, (0.0, 0))
+            costs[module] = (seconds + float(cost["seconds"]), max(peak, int(cost["peak_rss_bytes"])))
+    rows = {name: pq.ParquetFile(table_path(directory, name)).metadata.num_rows for name in ROWS
+            if table_path(directory, name).exists()}
+    scale = config.get("scale")
+    return ScaleRun(directory.name, 1.0 if scale is None else float(scale), rows, costs)
+
+
+def fit_line(fractions: Sequence[float], values: Sequence[float], at: float) -> tuple[float, float]:
+    """``(value at `at`, largest relative miss)`` of the least-squares line through the points
+    (a flat line through one point)."""
+    x, y = np.asarray(fractions, dtype=float), np.asarray(values, dtype=float)
+    if len(set(x.tolist())) < 2:
+        return float(y.mean()), 0.0
+    slope, intercept = np.polyfit(x, y, 1)
+    predicted = intercept + slope * x
+    miss = float(np.max(np.abs(predicted - y) / np.maximum(np.abs(y), 1e-12)))
+    return float(intercept + slope * at), miss
+
+
+def growth(runs: Sequence[ScaleRun], target: float, memory_limit_bytes: float) -> dict:
+    """Per command: the measured ``(fraction, seconds, peak bytes)`` and the line's values at ``target``."""
+    runs = sorted(runs, key=lambda r: r.fraction)
+    modules = list(dict.fromkeys(m for r in runs for m in r.costs))
+    measured_target = any(abs(r.fraction - target) < 1e-12 for r in runs)
+    commands = {}
+    for module in modules:
+        points = [(r.fraction, *r.costs[module]) for r in runs if module in r.costs]
+        entry = {"measured": [{"fraction": f, "seconds": s, "peak_rss_bytes": b} for f, s, b in points]}
+        if not measured_target:
+            fractions = [p[0] for p in points]
+            seconds, seconds_miss = fit_line(fractions, [p[1] for p in points], target)
+            peak, peak_miss = fit_line(fractions, [p[2] for p in points], target)
+            entry["line"] = {"fraction": target, "seconds": max(seconds, 0.0), "peak_rss_bytes": max(peak, 0.0),
+                             "seconds_miss": seconds_miss, "peak_miss": peak_miss,
+                             "over_memory_limit": peak > memory_limit_bytes}
+        commands[module] = entry
+    return {"runs": [{"name": r.name, "fraction": r.fraction, "rows": r.rows} for r in runs],
+            "target": target, "measured_target": measured_target, "memory_limit_bytes": memory_limit_bytes,
+            "commands": commands}
+
+
+def markdown(result: dict) -> str:
+    runs = result["runs"]
+    line = not result["measured_target"]
+    target = result["target"]
+    head = ["command"] + [f"F = {r['fraction']:g}" for r in runs] + ([f"F = {target:g} (line)"] if line else [])
+    lines = ["# Cost as the data grows", "",
+             "Wall time / peak resident memory (the command's whole process tree) of each command of a scale run "
+             "(`python -m experiments.reproduce --source synth:paper --scale F`). "
+             + ("The last column is the least-squares line `a + b F` through the measured points, in brackets the "
+                "largest relative miss of that line at a measured point (time, memory); "
+                f"**over** marks a peak over {result['memory_limit_bytes'] / 1e9:g} GB." if line else ""),
+             "", "Rows: " + "; ".join(f"F = {r['fraction']:g}: " + ", ".join(f"{n} {v:,}" for n, v in r["rows"].items())
+                                     for r in runs), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for module, entry in result["commands"].items():
+        by_fraction = {m["fraction"]: m for m in entry["measured"]}
+        cells = [f"`{module}`"]
+        for r in runs:
+            m = by_fraction.get(r["fraction"])
+            cells.append(f"{format_duration(m['seconds'])} / {format_bytes(m['peak_rss_bytes'])}" if m else "—")
+        if line:
+            fit = entry["line"]
+            cells.append(f"{format_duration(fit['seconds'])} / {format_bytes(int(fit['peak_rss_bytes']))}"
+                         f"{' **over**' if fit['over_memory_limit'] else ''} "
+                         f"({fit['seconds_miss']:.0%}, {fit['peak_miss']:.0%})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg = parse_config(GrowthConfig, argv)
+    root = Path(cfg.workdir)
+    directories = sorted(p.parent for p in root.glob("*/reproduce.json"))
+    if not directories:
+        raise UserError(f"{root}: no scale run (expected DIR/<name>/reproduce.json from python -m "
+                        f"experiments.reproduce --workdir DIR/<name> --source synth:paper --scale F)")
+    runs = [read_run(d) for d in directories]
+    fractions = [r.fraction for r in runs]
+    if len(set(fractions)) < len(fractions):
+        raise UserError(f"{root}: two scale runs at the same fraction ({sorted(fractions)}); keep one per --scale")
+    result = growth(runs, cfg.target, cfg.memory_limit_gb * 1e9)
+    write_json(result, root / "growth.json")
+    path = write_text(markdown(result), root / "growth.md")
+    log.info("growth of %d commands over %d runs -> %s", len(result["commands"]), len(runs), path)
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

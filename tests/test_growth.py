@@ -1,0 +1,67 @@
+"""experiments.growth: the cost table of scale runs and its line to an unmeasured fraction."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from common.cli import UserError
+from experiments import growth
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scale_run(root: Path, name: str, scale: float | None, costs: dict[str, tuple[float, int]],
+              source: str = "synth:paper") -> None:
+    directory = root / name
+    (directory / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"product_id": list(range(int(100 * (scale or 1.0))))}), directory / "data" / "catalog.parquet")
+    commands = {"data": [{"command": "python -m data.synth --profile paper", "seconds": costs["data.synth"][0],
+                          "peak_rss_bytes": costs["data.synth"][1]}],
+                "ranking": [{"command": "python -m ranking.train --variant all", "seconds": costs["ranking.train"][0],
+                             "peak_rss_bytes": costs["ranking.train"][1]}]}
+    (directory / "reproduce.json").write_text(json.dumps({"config": {"source": source, "scale": scale},
+                                                          "command_costs": commands}))
+
+
+def test_line_through_the_measured_runs_reaches_the_target(tmp_path):
+    # time 10 + 100 F s; memory 1 GB + 20 GB F (over a 12 GB limit at F = 1) and 0.5 GB flat
+    for name, f in (("a", 0.01), ("b", 0.1), ("c", 0.2)):
+        scale_run(tmp_path, name, f, {"data.synth": (10 + 100 * f, int(1e9 + 20e9 * f)),
+                                      "ranking.train": (5.0, int(0.5e9))})
+    result = growth.main(["--workdir", str(tmp_path)])
+    assert [r["fraction"] for r in result["runs"]] == [0.01, 0.1, 0.2] and result["runs"][0]["rows"] == {"catalog": 1}
+    synth = result["commands"]["data.synth"]["line"]
+    assert synth["seconds"] == pytest.approx(110.0) and synth["peak_rss_bytes"] == pytest.approx(21e9)
+    assert synth["over_memory_limit"] and synth["seconds_miss"] < 1e-9
+    flat = result["commands"]["ranking.train"]["line"]
+    assert flat["seconds"] == pytest.approx(5.0) and not flat["over_memory_limit"]
+    table = (tmp_path / "growth.md").read_text()
+    assert "| `data.synth` | 11.0 s / 1.20 GB | 20.0 s / 3.00 GB | 30.0 s / 5.00 GB | 1 min 50 s / 21.00 GB **over**" in table
+    assert json.loads((tmp_path / "growth.json").read_text())["target"] == 1.0
+
+
+def test_a_measured_target_gets_no_line_and_a_curve_shows_its_miss():
+    runs = [growth.ScaleRun(str(f), f, {}, {"x": (100 * f * f, 1)}) for f in (0.1, 0.5, 1.0)]
+    assert "line" not in growth.growth(runs, 1.0, 1e9)["commands"]["x"]
+    line = growth.growth(runs[:2] + [growth.ScaleRun("c", 0.3, {}, {"x": (9.0, 1)})], 1.0, 1e9)["commands"]["x"]["line"]
+    assert line["seconds_miss"] > 0.1  # 100 F^2 is no line
+
+
+def test_bad_workdirs_fail_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="no scale run"):
+        growth.main(["--workdir", str(tmp_path)])
+    scale_run(tmp_path, "a", 0.1, {"data.synth": (1.0, 1), "ranking.train": (1.0, 1)})
+    scale_run(tmp_path, "b", 0.1, {"data.synth": (1.0, 1), "ranking.train": (1.0, 1)})
+    with pytest.raises(UserError, match="same fraction"):
+        growth.main(["--workdir", str(tmp_path)])
+    scale_run(tmp_path / "other", "c", None, {"data.synth": (1.0, 1), "ranking.train": (1.0, 1)}, source="fashion")
+    result = subprocess.run([sys.executable, "-m", "experiments.growth", "--workdir", str(tmp_path / "other")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:") and "fashion" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
