@@ -145,23 +145,79 @@ def top_k_products(query_vecs: np.ndarray, product_vecs: np.ndarray, k: int = TO
     return out
 
 
-def per_query_retrieval(query_vecs: np.ndarray, product_vecs: np.ndarray, labels: sparse.spmatrix | np.ndarray,
-                        k: int = TOP_K) -> dict[str, np.ndarray]:
-    """The per-query scores behind :func:`retrieval_metrics`: ``graded_relevance``, ``recall_at_{k}``
-    and ``precision_at_{k}`` ``[Q']`` and ``query`` ``[Q']`` (the row of each in ``labels``), over the
-    Q' queries that have an MR/HR product."""
-    labels = sparse.csr_matrix(labels)
-    if labels.shape != (query_vecs.shape[0], product_vecs.shape[0]):
-        raise ValueError(f"labels must be [Q, P] = {(query_vecs.shape[0], product_vecs.shape[0])}, got {labels.shape}")
+def _queries_with_relevant(labels: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows [Q'], n_relevant [Q'])`` of the queries of ``labels`` that have an MR/HR product."""
     n_relevant = np.asarray((labels >= MR).sum(axis=1)).ravel()
     keep = np.flatnonzero(n_relevant > 0)
     if len(keep) == 0:
         raise ValueError("no query has an MR or HR product: retrieval metrics are undefined")
-    top = top_k_products(np.asarray(query_vecs, np.float32)[keep], np.asarray(product_vecs, np.float32), k)
+    return keep, n_relevant[keep]
+
+
+def ranked_list_scores(top: np.ndarray, labels: sparse.csr_matrix, keep: np.ndarray, n_relevant: np.ndarray,
+                       k: int = TOP_K) -> dict[str, np.ndarray]:
+    """Per-query ``graded_relevance``, ``recall_at_{k}``, ``precision_at_{k}`` ``[Q']`` and ``query``
+    ``[Q']`` of the ranked lists ``top`` ``[Q', k']`` (candidate columns of ``labels``) of the queries
+    ``keep`` (rows of ``labels``), each with ``n_relevant`` MR/HR products."""
     top_labels = np.asarray(labels[np.repeat(keep, top.shape[1]), top.ravel()]).reshape(top.shape)
     hits = (top_labels >= MR).sum(axis=1)
-    return {"graded_relevance": top_labels.sum(axis=1) / (HR * k), f"recall_at_{k}": hits / n_relevant[keep],
+    return {"graded_relevance": top_labels.sum(axis=1) / (HR * k), f"recall_at_{k}": hits / n_relevant,
             f"precision_at_{k}": hits / k, "query": keep}
+
+
+def per_query_retrieval(query_vecs: np.ndarray, product_vecs: np.ndarray, labels: sparse.spmatrix | np.ndarray,
+                        k: int = TOP_K) -> dict[str, np.ndarray]:
+    """The per-query scores behind :func:`retrieval_metrics` (:func:`ranked_list_scores`), over the
+    queries that have an MR/HR product."""
+    labels = sparse.csr_matrix(labels)
+    if labels.shape != (query_vecs.shape[0], product_vecs.shape[0]):
+        raise ValueError(f"labels must be [Q, P] = {(query_vecs.shape[0], product_vecs.shape[0])}, got {labels.shape}")
+    keep, n_relevant = _queries_with_relevant(labels)
+    top = top_k_products(np.asarray(query_vecs, np.float32)[keep], np.asarray(product_vecs, np.float32), k)
+    return ranked_list_scores(top, labels, keep, n_relevant, k)
+
+
+def mean_scores(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """The metrics of :func:`retrieval_metrics` from its per-query scores."""
+    return {**{name: float(np.mean(values)) for name, values in scores.items() if name != "query"},
+            "n_queries": int(len(scores["query"]))}
+
+
+class Rankings:
+    """The top-k candidates of every system of :data:`RETRIEVAL_VECTORS` for every query, computed
+    once per candidate pool (the whole catalog or a set of catalog rows) and scored against any
+    labels: the retrieval views and the gains over the untuned systems share them.
+
+    ``vectors``: :func:`encode_all`'s L2-normalised sets, ``[Q, d]`` queries and ``[P, d]`` products.
+    """
+
+    def __init__(self, vectors: dict[str, np.ndarray], k: int = TOP_K) -> None:
+        self.vectors, self.k = vectors, k
+        self._top: dict[tuple[str, bytes | None], np.ndarray] = {}
+
+    def top(self, system: str, pool: np.ndarray | None = None) -> np.ndarray:
+        """``[Q, k']`` candidates of ``system`` by decreasing cosine: catalog rows, or positions in
+        ``pool`` (catalog rows) when given."""
+        key = (system, None if pool is None else np.asarray(pool, np.int64).tobytes())
+        if key not in self._top:
+            query, product = RETRIEVAL_VECTORS[system]
+            products = self.vectors[product] if pool is None else self.vectors[product][pool]
+            self._top[key] = top_k_products(np.asarray(self.vectors[query], np.float32),
+                                            np.asarray(products, np.float32), self.k)
+        return self._top[key]
+
+    def scores(self, system: str, labels: sparse.spmatrix, pool: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per-query scores (:func:`ranked_list_scores`) of ``system`` against ``labels`` ``[Q, P]`` over
+        the whole catalog, its candidates cut to ``pool`` when given."""
+        labels = sparse.csr_matrix(labels)
+        if pool is not None:
+            labels = labels[:, pool]
+        keep, n_relevant = _queries_with_relevant(labels)
+        return ranked_list_scores(self.top(system, pool)[keep], labels, keep, n_relevant, self.k)
+
+    def metrics(self, system: str, labels: sparse.spmatrix, pool: np.ndarray | None = None) -> dict[str, float]:
+        """:func:`retrieval_metrics` of ``system`` from the shared rankings."""
+        return mean_scores(self.scores(system, labels, pool))
 
 
 def retrieval_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, labels: sparse.spmatrix | np.ndarray,
@@ -179,9 +235,7 @@ def retrieval_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, labels: 
     are averaged over the same queries. Returns ``graded_relevance``, ``recall_at_{k}``,
     ``precision_at_{k}`` and ``n_queries``.
     """
-    scores = per_query_retrieval(query_vecs, product_vecs, labels, k)
-    query = scores.pop("query")
-    return {**{name: float(np.mean(values)) for name, values in scores.items()}, "n_queries": int(len(query))}
+    return mean_scores(per_query_retrieval(query_vecs, product_vecs, labels, k))
 
 
 def relative_gain(ours: np.ndarray, baseline: np.ndarray, seed: int, n_resamples: int = 2000) -> dict[str, Any]:
@@ -199,15 +253,13 @@ def relative_gain(ours: np.ndarray, baseline: np.ndarray, seed: int, n_resamples
             "ci95": [float(low), float(high)]}
 
 
-def gain_over_best_untuned(vectors: dict[str, np.ndarray], labels: sparse.spmatrix, seed: int,
-                           pool: np.ndarray | None = None, k: int = TOP_K) -> dict[str, Any]:
+def gain_over_best_untuned(rankings: Rankings, labels: sparse.spmatrix, seed: int,
+                           pool: np.ndarray | None = None) -> dict[str, Any]:
     """DashCLIP against the untuned system with the highest Recall@k on ``labels`` ``[Q, P]`` (the
     candidates cut to catalog rows ``pool`` when given): per metric, :func:`relative_gain`."""
-    labels = sparse.csr_matrix(labels)
-    if pool is not None:
-        labels = labels[:, pool]
-    scores = {name: per_query_retrieval(vectors[q], vectors[p] if pool is None else vectors[p][pool], labels, k)
-              for name, (q, p) in RETRIEVAL_VECTORS.items() if name == "dashclip" or name.startswith("untuned")}
+    k = rankings.k
+    scores = {name: rankings.scores(name, labels, pool)
+              for name in RETRIEVAL_VECTORS if name == "dashclip" or name.startswith("untuned")}
     recall = f"recall_at_{k}"
     baseline = max((name for name in scores if name != "dashclip"), key=lambda name: scores[name][recall].mean())
     return {"baseline": baseline, "n_queries": int(len(scores["dashclip"]["query"])),
@@ -278,21 +330,21 @@ def oracle_retrieval(labels: sparse.spmatrix | np.ndarray, truth: sparse.spmatri
             f"precision_at_{k}": float(np.mean(hits / k)), "n_queries": int(keep.sum())}
 
 
-def pool_retrieval(vectors: dict[str, np.ndarray], labels: sparse.csr_matrix, pool: np.ndarray,
-                   k: int = TOP_K, truth: sparse.csr_matrix | None = None) -> dict:
+def pool_retrieval(rankings: Rankings, labels: sparse.csr_matrix, pool: np.ndarray,
+                   truth: sparse.csr_matrix | None = None) -> dict:
     """Retrieval of every system of :data:`RETRIEVAL_VECTORS` with the candidates cut to the
     catalog rows ``pool`` (``labels`` ``[Q, P]`` over the whole catalog): ``{"n_products",
     "chance": ..., "systems": {name: metrics}}`` and, with complete judgments ``truth``, the
     ``oracle`` (:func:`oracle_retrieval`), or ``{"n_products", "skipped": why}`` when no query has
     an MR/HR product in the pool."""
+    k = rankings.k
     pooled = sparse.csr_matrix(labels)[:, pool]
     if len(pool) == 0 or pooled.max() < MR:
         return {"n_products": int(len(pool)), "skipped": "no held-out query has an MR or HR product among them"}
     oracle = oracle_retrieval(pooled, sparse.csr_matrix(truth)[:, pool], k) if truth is not None else None
     return {"n_products": int(len(pool)), "chance": chance_retrieval(pooled, k),
             **({"oracle": oracle} if oracle is not None else {}),
-            "systems": {name: retrieval_metrics(vectors[q], vectors[p][pool], pooled, k)
-                        for name, (q, p) in RETRIEVAL_VECTORS.items()}}
+            "systems": {name: rankings.metrics(name, labels, pool) for name in RETRIEVAL_VECTORS}}
 
 
 def judged_ranking_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, pair_query: np.ndarray,
@@ -747,7 +799,7 @@ def _cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarra
     return np.sort(rng.choice(rows, cap, replace=False)) if len(rows) > cap else rows
 
 
-def cold_start_views(vectors: dict[str, np.ndarray], catalog: pd.DataFrame, is_cold: np.ndarray,
+def cold_start_views(rankings: Rankings, catalog: pd.DataFrame, is_cold: np.ndarray,
                      labels: sparse.csr_matrix, complete: sparse.csr_matrix | None, split: dict,
                      cfg: "EvaluateConfig", rng: np.random.Generator) -> dict:
     """The ``cold_start`` view: retrieval of the held-out queries over the cold products only
@@ -760,14 +812,14 @@ def cold_start_views(vectors: dict[str, np.ndarray], catalog: pd.DataFrame, is_c
                                    f"{split['cold_fraction']:g} in {split['source']})"}
     aisles = catalog["aisle"].astype(str).to_numpy()
     view["n_aisles"] = int(len(np.unique(aisles[cold_rows])))
-    view["retrieval"] = pool_retrieval(vectors, labels, cold_rows, truth=complete)
+    view["retrieval"] = pool_retrieval(rankings, labels, cold_rows, truth=complete)
     if complete is not None:
-        view["retrieval_complete"] = pool_retrieval(vectors, complete, cold_rows)
+        view["retrieval_complete"] = pool_retrieval(rankings, complete, cold_rows)
     seen_rows = _cap_rows(np.flatnonzero(~is_cold), cfg.probe_max_rows, rng)
     rows = np.concatenate([seen_rows, cold_rows])
     test_rows = np.arange(len(seen_rows), len(rows))
     product_vectors = {name: p for name, (_, p) in RETRIEVAL_VECTORS.items()}
-    probe = {name: train_probe(vectors[product_vectors[name]][rows], aisles[rows], seed=cfg.seed,
+    probe = {name: train_probe(rankings.vectors[product_vectors[name]][rows], aisles[rows], seed=cfg.seed,
                                hidden=cfg.probe_hidden, epochs=cfg.probe_epochs, test_rows=test_rows)
              for name in tqdm(PROBE_SYSTEMS, desc="cold-start aisle probe")}
     view["aisle_f1"] = {name: r.macro_f1 for name, r in probe.items()}
@@ -833,13 +885,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     # Retrieval over the whole catalog, with complete judgments, of the judged candidates.
     labels = relevance_matrix(pairs, queries, product_ids)
-    retrieval = {name: retrieval_metrics(vectors[q], vectors[p], labels)
-                 for name, (q, p) in tqdm(RETRIEVAL_VECTORS.items(), desc="retrieval")}
+    rankings = Rankings(vectors)  # each system's top 10 per candidate pool, computed once
+    retrieval = {name: rankings.metrics(name, labels) for name in tqdm(RETRIEVAL_VECTORS, desc="retrieval")}
     retrieval_judged = {name: judged_ranking_metrics(vectors[q], vectors[p], pair_query, pair_product, pair_label)
                         for name, (q, p) in RETRIEVAL_VECTORS.items()}
     complete = complete_judgments(workdir, queries, product_ids)
-    retrieval_complete = ({name: retrieval_metrics(vectors[q], vectors[p], complete)
-                           for name, (q, p) in RETRIEVAL_VECTORS.items()} if complete is not None else None)
+    retrieval_complete = ({name: rankings.metrics(name, complete) for name in RETRIEVAL_VECTORS}
+                          if complete is not None else None)
     retrieval_oracle = oracle_retrieval(labels, complete) if complete is not None else None
 
     # Table 1 protocol: the candidates are the seen products of the held-out pairs.
@@ -854,7 +906,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     table1_pool = heldout_products[~is_cold[heldout_products]]
     table1 = {"pool": "products of the held-out relevance pairs seen in training",
               "n_cold_excluded": int(is_cold[heldout_products].sum()),
-              **pool_retrieval(vectors, labels, table1_pool, truth=complete)}
+              **pool_retrieval(rankings, labels, table1_pool, truth=complete)}
 
     systems = ("untuned", "dashclip")
     probe_kwargs = dict(seed=cfg.seed, hidden=cfg.probe_hidden, epochs=cfg.probe_epochs)
@@ -875,16 +927,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                        for name in tqdm(systems, desc="relevance probe")}
 
     # Cold start: products no training stage saw.
-    cold_start = cold_start_views(vectors, catalog, is_cold, labels, complete, split, cfg, rng)
+    cold_start = cold_start_views(rankings, catalog, is_cold, labels, complete, split, cfg, rng)
 
     # DashCLIP against the best untuned system of each retrieval view, with bootstrap intervals.
-    retrieval_gain = {"labels": gain_over_best_untuned(vectors, labels, cfg.seed)}
+    retrieval_gain = {"labels": gain_over_best_untuned(rankings, labels, cfg.seed)}
     if complete is not None:
-        retrieval_gain["complete"] = gain_over_best_untuned(vectors, complete, cfg.seed)
+        retrieval_gain["complete"] = gain_over_best_untuned(rankings, complete, cfg.seed)
     if "systems" in table1:
-        retrieval_gain["table1"] = gain_over_best_untuned(vectors, labels, cfg.seed, table1_pool)
+        retrieval_gain["table1"] = gain_over_best_untuned(rankings, labels, cfg.seed, table1_pool)
     if "systems" in cold_start.get("retrieval", {}):
-        retrieval_gain["cold_start"] = gain_over_best_untuned(vectors, labels, cfg.seed, np.flatnonzero(is_cold))
+        retrieval_gain["cold_start"] = gain_over_best_untuned(rankings, labels, cfg.seed, np.flatnonzero(is_cold))
 
     def draw(directory: Path) -> list[Path | None]:
         return [plot_cosine_histograms(cosines, directory / PLOT_FILES[0]),

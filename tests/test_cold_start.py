@@ -15,8 +15,8 @@ from common.provenance import MadeFrom
 from data.schema import read_table
 from embeddings import train
 from embeddings.config import EmbeddingsTrainConfig
-from embeddings.evaluate import (chance_retrieval, cold_start_views, pool_retrieval, retrieval_metrics, split_settings,
-                                 train_probe)
+from embeddings.evaluate import (Rankings, chance_retrieval, cold_start_views, pool_retrieval, retrieval_metrics,
+                                 split_settings, train_probe)
 from embeddings.sampling import split_cold_products, split_queries
 from experiments import report
 
@@ -96,12 +96,12 @@ def test_stage2_tuples_and_stage1_rows_of_the_trainer_exclude_cold_products(tiny
     relevance = read_table(tiny_workdir_copy, "relevance").to_pandas()
     train_tuples, eval_tuples, negative_products = trainer._tuples(relevance)
     assert len(train_tuples) and len(eval_tuples)
-    assert not np.isin(train_tuples["product_id"], cold).any() and not np.isin(eval_tuples["product_id"], cold).any()
+    assert not np.isin(train_tuples.product_id, cold).any() and not np.isin(eval_tuples.product_id, cold).any()
     # the query-side negatives come from the same filtered pairs
     assert (negative_products >= 0).any() and not np.isin(negative_products, cold).any()
     # the exclusion does something: the same relevance table gives cold products tuples when nothing is cold
     unfiltered = train.Trainer(EmbeddingsTrainConfig(**{**cfg.__dict__, "cold_product_fraction": 0.0}))
-    assert np.isin(unfiltered._tuples(relevance)[0]["product_id"], cold).any()
+    assert np.isin(unfiltered._tuples(relevance)[0].product_id, cold).any()
     # the query split is the whole table's, as the evaluation recomputes it; cold rows leave both sides
     train_df, eval_df = train.stage2_relevance(relevance, cold, cfg.query_eval_fraction, cfg.seed)
     split_train, split_eval = split_queries(relevance, cfg.query_eval_fraction, cfg.seed)
@@ -133,7 +133,7 @@ def test_evaluation_takes_the_cold_fraction_training_recorded(tmp_path, catalog)
     config.write_text(json.dumps({"seed": 4, "query_eval_fraction": 0.2}))  # trained before the setting existed
     split = split_settings(tmp_path, seed=0)
     assert split["cold_fraction"] == 0.0
-    view = cold_start_views({}, catalog, np.zeros(len(catalog), dtype=bool), None, None, split, None, None)
+    view = cold_start_views(Rankings({}), catalog, np.zeros(len(catalog), dtype=bool), None, None, split, None, None)
     assert view["n_products"] == 0 and "trained on every product" in view["skipped"]
 
 
@@ -166,13 +166,19 @@ def test_pool_retrieval_scores_the_pool_only_or_says_why_not():
                for system in ("random", "untuned", "dashclip") for kind in ("query", "product")}
     vectors.update(untuned_text=products, untuned_image=products)
     labels = sparse.csr_matrix(np.array([[0, HR, 0, 0], [0, 0, MR, 0]], dtype=np.int8))
-    view = pool_retrieval(vectors, labels, np.array([1, 2]), k=1)
+    rankings = Rankings(vectors, k=1)
+    view = pool_retrieval(rankings, labels, np.array([1, 2]))
     assert view["n_products"] == 2 and set(view["systems"]) == {"random", "untuned_text", "untuned_image",
                                                                    "untuned", "dashclip"}
     assert view["systems"]["dashclip"] == pytest.approx({"graded_relevance": 0.75, "recall_at_1": 1.0,
                                                          "precision_at_1": 1.0, "n_queries": 2})
     assert view["chance"]["recall_at_1"] == pytest.approx(0.5)
-    assert "skipped" in pool_retrieval(vectors, labels, np.array([0, 3]))
+    assert "skipped" in pool_retrieval(rankings, labels, np.array([0, 3]))
+    # the rankings are shared: scoring the same pool again ranks nothing anew and agrees with retrieval_metrics
+    cached = dict(rankings._top)
+    assert rankings.metrics("dashclip", labels, np.array([1, 2])) == view["systems"]["dashclip"]
+    assert rankings._top.keys() == cached.keys() and all(rankings._top[key] is cached[key] for key in cached)
+    assert rankings.metrics("untuned", labels) == retrieval_metrics(vectors["untuned_query"], products, labels, k=1)
 
 
 def test_probe_on_given_test_rows_trains_on_the_others():
