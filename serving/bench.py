@@ -20,6 +20,12 @@ the service's own code (:mod:`serving.requests`). Per candidate count (1, 64, 51
                    on localhost (started here on a free port; float32 blobs keyed by id) + decoding.
 ``fetch_and_model`` fetch + vectors model: the feature-store alternative, end to end.
 
+The same comparison on the funnel, when the export has one (the product index, the DashCLIP
+tables and checkpoint), with ``POST /recommend``'s requests (``recommend``, ``--funnel-candidates``
+retrieved and ranked): ``retrieve_and_encode`` (kNN retrieval, the candidates' product-level
+features, request -> tensors), ``fused`` (that + the fused model) and ``fetch_and_model`` (that +
+the Redis fetch + the vectors model), in process like the cells above.
+
 Then the real service (``python -m serving.server`` in a subprocess on a free localhost port,
 ``--http-workers`` processes, 0 = the server's default), with ``--http-candidates`` candidates per request
 in both forms, ``POST /score`` (a list of candidate objects) and ``POST /score/columns`` (one
@@ -90,7 +96,9 @@ from ranking.features import ImpressionCache
 from serving.index import index_set
 from serving.published import ENCODER_CHECKPOINT, added_set, published_export
 from serving.redis_store import RedisServer, RedisUnavailable, VectorStore
-from serving.requests import EncodedRequest, feature_key
+from serving.funnel import FunnelUnavailable, load_encoder_once, load_funnel
+from serving.requests import (EncodedRequest, build_recommend_request_model, feature_key,
+                              request_feature_values)
 from serving.server import Scorer, ServiceProcess, http_implementation
 
 log = logging.getLogger("serving.bench")
@@ -230,6 +238,38 @@ def bench_models(cfg: ServingBenchConfig, scorer: Scorer, store: VectorStore,
         log.info("%d candidates: fused p50 %.3f ms, fetch+model p50 %.3f ms", n, r["fused"]["p50_ms"],
                  r["fetch_and_model"]["p50_ms"])
     return results
+
+
+def bench_recommend_paths(cfg: ServingBenchConfig, scorer: Scorer, store: VectorStore,
+                          cache: ImpressionCache) -> dict:
+    """``POST /recommend``'s work in process, fused tables against the Redis fetch (module docstring);
+    ``{"skipped": why}`` without a funnel."""
+    try:
+        funnel = load_funnel(cfg.workdir, scorer.spec, scorer.manifest, None, lambda: load_encoder_once(cfg.workdir))
+    except FunnelUnavailable as exc:
+        return {"skipped": str(exc)}
+    request_model = build_recommend_request_model(scorer.spec, scorer.manifest["features"], cfg.funnel_candidates)
+    bodies = funnel_requests(cfg, cache, scorer, np.random.default_rng([cfg.seed, 3]))["recommend"]
+    parsed = [request_model.model_validate(b) for b in bodies]
+    vectors_model = torch.jit.load(str(scorer.workdir / "serving" / "model_vectors.pt")).eval()
+
+    def candidates(i: int) -> EncodedRequest:
+        request = parsed[i % len(parsed)]
+        found = funnel.retrieve(request.query, request.candidates_n)
+        dense, sparse = funnel.features.arrays(found.product_ids, *request_feature_values(request))
+        return scorer.encoder.encode_arrays(request, found.product_ids, dense, sparse)
+
+    with torch.inference_mode():
+        timings = time_interleaved({
+            "retrieve_and_encode": candidates,
+            "fused": lambda i: scorer.model(*candidates(i).fused_inputs()),
+            "fetch_and_model": lambda i: vectors_model(*store.model_inputs(candidates(i))),
+        }, cfg.iters, cfg.warmup)
+    result = {"candidates": cfg.funnel_candidates, **{name: percentiles(t) for name, t in timings.items()}}
+    result["fetch_path_over_fused_p50"] = result["fetch_and_model"]["p50_ms"] / result["fused"]["p50_ms"]
+    log.info("/recommend in process: fused p50 %.3f ms, fetch path p50 %.3f ms", result["fused"]["p50_ms"],
+             result["fetch_and_model"]["p50_ms"])
+    return result
 
 
 def columns_body(body: dict) -> dict:
@@ -630,6 +670,7 @@ def markdown(results: dict) -> str:
                   f"{cmp['fetch_path_over_fused_p50_min']:.1f}x to {cmp['fetch_path_over_fused_p50_max']:.1f}x "
                   f"the fused model. The vectors model pools the purchase history once per request; the fused "
                   f"model pools the same bag once per candidate inside its EBC."]
+    lines += recommend_paths_markdown(results["recommend_paths"])
     http = results.get("http")
     if http:
         seq, load, ratios = http["sequential"], http["load"], http["ratios"]
@@ -674,6 +715,19 @@ def markdown(results: dict) -> str:
                       f"requests/s with nothing else running (CPU time is what others' load inflates least)."]
         lines += funnel_markdown(http["funnel"])
     return "\n".join(lines) + "\n"
+
+
+def recommend_paths_markdown(paths: dict) -> list[str]:
+    """``bench.md``'s lines on ``POST /recommend``'s work with fused tables and with the Redis fetch."""
+    if "skipped" in paths:
+        return ["", f"/recommend, fused tables against the Redis fetch: not measured, no funnel: {paths['skipped']}"]
+    cell = lambda k: f"{paths[k]['p50_ms']:.3f} / {paths[k]['p99_ms']:.3f}"  # noqa: E731
+    return ["", f"The same comparison on POST /recommend's work in process (retrieve {paths['candidates']} by kNN, "
+                f"their product-level features, encode, rank; p50 / p99 ms):", "",
+            "| retrieve + encode | + fused model | + Redis fetch + vectors model | fetch path / fused p50 |",
+            "|---|---|---|---|",
+            f"| {cell('retrieve_and_encode')} | {cell('fused')} | {cell('fetch_and_model')} "
+            f"| {paths['fetch_path_over_fused_p50']:.2f}x |"]
 
 
 def funnel_markdown(funnel: dict) -> list[str]:
@@ -726,6 +780,7 @@ def run(cfg: ServingBenchConfig, argv: Sequence[str] | None = None) -> dict:
         loaded = store.load(product) + store.load(query)
         log.info("loaded %d vectors into redis-server on port %d", loaded, redis.port)
         latency = bench_models(cfg, scorer, store, cache)
+        recommend_paths = bench_recommend_paths(cfg, scorer, store, cache)
     finally:
         redis.stop()
     http = bench_http(cfg, scorer, cache) if cfg.http_clients > 0 else None
@@ -743,6 +798,7 @@ def run(cfg: ServingBenchConfig, argv: Sequence[str] | None = None) -> dict:
                   "product_rows": scorer.spec.num_product_rows, "query_rows": scorer.spec.num_query_rows,
                   "table_dim": scorer.spec.table_dim, "history_len": scorer.spec.history_len},
         "latency": latency,
+        "recommend_paths": recommend_paths,
         "paper_comparison": {
             "paper_fusion_overhead_p99_ms_below": PAPER_FUSION_OVERHEAD_P99_MS, "paper_fetch_ratio": PAPER_FETCH_RATIO,
             "max_fusion_overhead_p99_ms": max(overhead), "fetch_over_model_p50_min": min(ratios),

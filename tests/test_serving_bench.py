@@ -42,6 +42,10 @@ def test_bench_writes_latency_tables_and_skips_a_rerun(serving_workdir: Path, tm
     for cell in saved["latency"].values():
         for part in ("encode", "fused", "vectors_model", "redis_fetch", "fetch_and_model"):
             assert cell[part]["n"] == 5 and 0 < cell[part]["p50_ms"] <= cell[part]["p99_ms"]
+    paths = saved["recommend_paths"]  # the fused-vs-fetch comparison on /recommend's work, 20 retrieved
+    assert paths["candidates"] == 20 and paths["fetch_path_over_fused_p50"] > 0
+    for part in ("retrieve_and_encode", "fused", "fetch_and_model"):
+        assert paths[part]["n"] == 5 and 0 < paths[part]["p50_ms"] <= paths[part]["p99_ms"]
     http = saved["http"]
     assert http["workers"] == 2 and http["errors"] == 0 and http["candidates"] == 4
     for path in ("/score", "/score/columns"):
@@ -65,6 +69,7 @@ def test_bench_writes_latency_tables_and_skips_a_rerun(serving_workdir: Path, tm
     md = (workdir / "serving" / "bench.md").read_text()
     assert "| 9 |" in md and "| /score | 2 | 6 | 0 |" in md and "| /score/columns |" in md and "fusion" in md
     assert "| /recommend, retrieve 20, rank, return 5 | 3 | 0 |" in md and "/retrieve, query encoded" in md
+    assert "POST /recommend's work in process (retrieve 20 by kNN" in md
     assert md in capsys.readouterr().out
     before = (workdir / "serving" / "bench.json").stat().st_mtime_ns
     bench.main(argv)
