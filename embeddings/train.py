@@ -184,11 +184,18 @@ def tuple_query_matrices(tuple_sets: Sequence[PQCTuples]) -> tuple[list[str], li
     """The distinct queries of several tuple sets, in order of first use (set by set, tuple by tuple,
     positive then negatives), and each set's ``[T, 1+N]`` int32 indices into them (positive first)."""
     vocabulary = np.unique(np.concatenate([t.queries for t in tuple_sets]))
-    codes = [np.searchsorted(vocabulary, t.queries)[np.concatenate([t.positive[:, None], t.negatives], axis=1)]
+    codes = [np.searchsorted(vocabulary, t.queries).astype(np.int32)[np.concatenate([t.positive[:, None], t.negatives],
+                                                                                    axis=1)]
              for t in tuple_sets]
-    flat = np.concatenate([c.reshape(-1) for c in codes])
-    distinct, first = np.unique(flat, return_index=True)
-    by_first_use = distinct[np.argsort(first)]
+    first_use = np.full(len(vocabulary), np.iinfo(np.int64).max)  # position of each query's first use
+    offset = 0
+    for matrix in codes:
+        for start in range(0, len(matrix), 1 << 16):  # in blocks: no position array as long as all the slots
+            block = matrix[start:start + (1 << 16)].reshape(-1)
+            np.minimum.at(first_use, block, offset + np.arange(len(block)))
+            offset += len(block)
+    used = np.flatnonzero(first_use < np.iinfo(np.int64).max)
+    by_first_use = used[np.argsort(first_use[used])]
     index = np.zeros(len(vocabulary), dtype=np.int32)
     index[by_first_use] = np.arange(len(by_first_use), dtype=np.int32)
     return vocabulary[by_first_use].tolist(), [index[c] for c in codes]
@@ -214,29 +221,37 @@ class QueryPrefixStore:
     """Query inputs of stage 2: the states after the query encoder's frozen layers.
 
     Those layers are fixed (and in eval mode) during stage 2, so their output is computed once per
-    distinct query and kept when it fits in ``cache_mb``; otherwise (or with no frozen layer) it is
-    computed per batch.
+    distinct query and kept when all of them fit in ``cache_mb``; else once per query that training
+    reads (``needed``, sorted indices: a step budget shorter than an epoch reads few) when those fit;
+    otherwise (or with no frozen layer) it is computed per batch.
     """
 
     def __init__(self, model: DashCLIP, tokens: TokenStore, device: torch.device, precision: Precision,
-                 cache_mb: int, batch_size: int = 256) -> None:
+                 cache_mb: float, batch_size: int = 256, needed: np.ndarray | None = None) -> None:
         self.model, self.tokens, self.device, self.precision = model, tokens, device, precision
         self.frozen = model.frozen_layers.get("query_encoder", 0) > 0
-        longest = int(tokens.lengths.max(initial=1))
-        size_mb = len(tokens) * longest * model.query_encoder.width * 4 / 2**20
+
+        def size_mb(rows: np.ndarray) -> float:
+            return len(rows) * int(tokens.lengths[rows].max(initial=1)) * model.query_encoder.width * 4 / 2**20
+
+        every = np.arange(len(tokens))
+        needed = every if needed is None or size_mb(every) <= cache_mb else np.asarray(needed, dtype=np.int64)
+        longest = int(tokens.lengths[needed].max(initial=1))
         self.cache: torch.Tensor | None = None
+        self.cache_row = torch.full((len(tokens),), -1, dtype=torch.long, device=device)  # query -> cache row
         self.lengths = torch.as_tensor(tokens.lengths, device=device)
-        if self.frozen and size_mb <= cache_mb:
-            parts = [self._compute(np.arange(i, min(i + batch_size, len(tokens))))[0].float()
-                     for i in range(0, len(tokens), batch_size)]
-            self.cache = torch.zeros(len(tokens), longest, parts[0].shape[-1], device=device)
-            for i, part in zip(range(0, len(tokens), batch_size), parts):
+        if self.frozen and size_mb(needed) <= cache_mb:
+            starts = range(0, len(needed), batch_size)
+            parts = [self._compute(needed[i:i + batch_size])[0].float() for i in starts]
+            self.cache = torch.zeros(len(needed), longest, parts[0].shape[-1] if parts else 1, device=device)
+            for i, part in zip(starts, parts):
                 self.cache[i:i + len(part), :part.shape[1]] = part
-            log.info("stage 2: frozen query-encoder states of %d distinct queries cached (%.0f MB)", len(tokens),
-                     size_mb)
+            self.cache_row[torch.as_tensor(needed, device=device)] = torch.arange(len(needed), device=device)
+            log.info("stage 2: frozen query-encoder states of %d of %d distinct queries cached (%.0f MB)",
+                     len(needed), len(tokens), size_mb(needed))
         elif self.frozen:
             log.info("stage 2: %d distinct queries need %.0f MB > --query-cache-mb: computing their frozen states "
-                     "per batch", len(tokens), size_mb)
+                     "per batch", len(needed), size_mb(needed))
 
     def _compute(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = (t.to(self.device) for t in self.tokens.batch(indices))
@@ -247,8 +262,11 @@ class QueryPrefixStore:
         """``(states [n, L, Dq], attention_mask [n, L])`` of the queries at ``indices``."""
         if self.cache is None:
             return self._compute(indices)
-        rows = torch.as_tensor(indices, device=self.device)
-        lengths = self.lengths[rows]
+        queries = torch.as_tensor(indices, device=self.device)
+        rows = self.cache_row[queries]
+        if bool((rows < 0).any()):
+            raise ValueError("stage 2: a query outside the cached ones (those training reads) was asked for")
+        lengths = self.lengths[queries]
         longest = int(lengths.max())
         mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None]).long()
         return self.cache[rows, :longest], mask
@@ -766,10 +784,9 @@ class Trainer:
                 schema.validate_tables(self.paths.root, tables, check_images=True)
                 return
 
-    def _stores(self, model_spec, tokenizer) -> tuple[ImageStore, TokenStore]:
+    def _stores(self, model_spec, tokenizer, image_cache_mb: int) -> tuple[ImageStore, TokenStore]:
         catalog = self.catalog
-        images = ImageStore(catalog["image"].tolist(), catalog["product_id"].tolist(), model_spec,
-                            self.cfg.image_cache_mb)
+        images = ImageStore(catalog["image"].tolist(), catalog["product_id"].tolist(), model_spec, image_cache_mb)
         titles = TokenStore(tokenizer, catalog["title"].astype(str).tolist(), self.cfg.title_max_tokens)
         return images, titles
 
@@ -797,7 +814,7 @@ class Trainer:
             paths.stage_last(1).unlink(missing_ok=True)
         self.shard.barrier()  # before any rank looks for a checkpoint to resume
         model, tokenizer, spec = self.fresh_model()
-        images, titles = self._stores(spec, tokenizer)
+        images, titles = self._stores(spec, tokenizer, self.cfg.image_cache_mb)
         train_rows, eval_rows = self.split_stage1(images)
         n_without = int((~images.has_image).sum())
         if n_without:
@@ -891,8 +908,8 @@ class Trainer:
         stage1 = load_checkpoint(paths.stage_final(1), self.device)
         model.load_state_dict(stage1["model"])
         model.init_query_side_from_text()
-        relevance = schema.read_table(cfg.workdir, "relevance").to_pandas()
-        train_tuples, eval_tuples, negative_products = self._tuples(relevance)
+        train_tuples, eval_tuples, negative_products = self._tuples(schema.read_table(cfg.workdir, "relevance")
+                                                                    .to_pandas())
         if not len(train_tuples):
             raise UserError(f"{schema.table_path(cfg.workdir, 'relevance')}: no training tuples (no query with an "
                             f"MR or HR label outside the held-out {cfg.query_eval_fraction:.0%} of queries, for a "
@@ -907,7 +924,7 @@ class Trainer:
         needed = np.unique(np.concatenate([train_tuples.product_id[used], eval_tuples.product_id,
                                            *([] if used_negatives is None else [used_negatives[used_negatives >= 0]])]))
         needed_rows = position.get_indexer(needed)
-        images, titles = self._stores(spec, tokenizer)
+        images, titles = self._stores(spec, tokenizer, 0)  # each image is encoded once: nothing to keep
         n_text_only = int((~images.has_image[needed_rows]).sum())
         if n_text_only:
             log.info("stage 2: %d of %d products have no image: product embedding = multimodal projection of the "
@@ -922,8 +939,10 @@ class Trainer:
 
         query_text, (train_queries, eval_queries) = tuple_query_matrices([train_tuples, eval_tuples])
         model.eval()
+        needed_queries = np.unique(np.concatenate([train_queries[used].reshape(-1), eval_queries.reshape(-1)]))
         queries = QueryPrefixStore(model, TokenStore(tokenizer, query_text, cfg.query_max_tokens), self.device,
-                                   functools.partial(autocast, self.device, self.cfg.autocast), cfg.query_cache_mb)
+                                   functools.partial(autocast, self.device, self.cfg.autocast), cfg.query_cache_mb,
+                                   needed=needed_queries)
         model.train()
         log.info("stage 2: %d training tuples (%d held-out for the eval loss), %d negatives each, batch %d",
                  len(train_tuples), len(eval_tuples), cfg.pqc_negatives, min(cfg.stage2_batch_size, len(train_tuples)))

@@ -2,6 +2,7 @@
 export of the frozen tables, the encode API/CLI, and title-only catalogs."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -218,6 +219,31 @@ def test_training_on_two_threads_is_byte_identical_and_states_only_the_products_
     budget = next(r.getMessage() for r in caplog.records if "the step budget reads" in r.getMessage())
     read, total = (int(w) for w in budget.split() if w.isdigit())
     assert 4 * 16 <= read < total  # 4 steps of 16 tuples (and the probe) of all the training tuples
+
+
+def test_query_states_cache_every_query_when_they_fit_else_the_ones_training_reads():
+    from embeddings.config import DashCLIPConfig
+    from embeddings.inputs import TokenStore
+    from embeddings.models import build_dashclip
+
+    model, tokenizer, _ = build_dashclip(DashCLIPConfig(backbone="tiny", image_size=32, freeze_fraction=0.5))
+    model.eval()
+    tokens = TokenStore(tokenizer, [f"query number {i}" for i in range(40)], 16)
+    every_mb = 40 * int(tokens.lengths.max()) * model.query_encoder.width * 4 / 2**20
+    needed = np.array([1, 5, 7])
+    store = train.QueryPrefixStore(model, tokens, torch.device("cpu"), contextlib.nullcontext, every_mb / 2,
+                                   needed=needed)
+    assert store.cache is not None and store.cache.shape[0] == 3
+    states, mask = store.batch(np.array([5, 1]))
+    direct, direct_mask = store._compute(np.array([5, 1]))
+    torch.testing.assert_close(states, direct.float())
+    torch.testing.assert_close(mask, direct_mask)
+    with pytest.raises(ValueError, match="outside the cached"):
+        store.batch(np.array([2]))
+    roomy = train.QueryPrefixStore(model, tokens, torch.device("cpu"), contextlib.nullcontext, every_mb * 2,
+                                   needed=needed)
+    assert roomy.cache.shape[0] == 40
+    assert train.QueryPrefixStore(model, tokens, torch.device("cpu"), contextlib.nullcontext, 0.0).cache is None
 
 
 def test_items_drawn_are_the_batches_of_the_planned_steps():
