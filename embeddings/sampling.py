@@ -75,14 +75,8 @@ def _hash_key(seed: int, what: str = "split") -> str:
     return hashlib.sha256(f"dashrec-{what}-{seed}".encode()).hexdigest()[:16]
 
 
-def split_queries(relevance_df: pd.DataFrame, eval_fraction: float = 0.1,
-                  seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split the relevance rows by distinct normalised query into (train, eval).
-
-    ``round(eval_fraction * n_distinct_queries)`` queries go to eval: those with the smallest
-    seeded hash, so the split depends only on the set of queries and the seed, not on row order.
-    Every row of a query lands on the same side. Both frames keep the input columns (fresh index).
-    """
+def heldout_query_rows(relevance_df: pd.DataFrame, eval_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """``[N]`` bool: the rows of the held-out queries of :func:`split_queries`."""
     _require_columns(relevance_df, "relevance", ("query",))
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
@@ -91,7 +85,18 @@ def split_queries(relevance_df: pd.DataFrame, eval_fraction: float = 0.1,
     hashes = pd.util.hash_array(vocabulary, hash_key=_hash_key(seed))
     is_eval_query = np.zeros(len(vocabulary), dtype=bool)
     is_eval_query[np.argsort(hashes, kind="stable")[:n_eval]] = True
-    is_eval = is_eval_query[codes]
+    return is_eval_query[codes]
+
+
+def split_queries(relevance_df: pd.DataFrame, eval_fraction: float = 0.1,
+                  seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split the relevance rows by distinct normalised query into (train, eval).
+
+    ``round(eval_fraction * n_distinct_queries)`` queries go to eval: those with the smallest
+    seeded hash, so the split depends only on the set of queries and the seed, not on row order.
+    Every row of a query lands on the same side. Both frames keep the input columns (fresh index).
+    """
+    is_eval = heldout_query_rows(relevance_df, eval_fraction, seed)
     return (relevance_df.loc[~is_eval].reset_index(drop=True),
             relevance_df.loc[is_eval].reset_index(drop=True))
 

@@ -98,8 +98,8 @@ from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import (MODEL_CHECKPOINT, RUN_CONFIG, STAGE1_CHECKPOINT, Paths, autocast, load_checkpoint,
                                 resolve_device, save_checkpoint, stage_set, write_checkpoint)
-from embeddings.sampling import (PQCTuples, build_pqc_tuples, sample_negative_products, split_cold_products,
-                                 split_queries)
+from embeddings.sampling import (PQCTuples, build_pqc_tuples, heldout_query_rows, sample_negative_products,
+                                 split_cold_products)
 from embeddings.steps import NonFinite, Precision, adamw, stage1_losses, stage2_losses
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,10 @@ def stage2_relevance(relevance: pd.DataFrame, cold_products: np.ndarray, query_e
     evaluation recomputes; then the rows of ``cold_products`` (product_ids) are dropped from both
     sides: no tuple has a cold product, and their queries are proxies only through seen products.
     """
-    train_df, eval_df = split_queries(relevance, query_eval_fraction, seed)
-    cold = np.asarray(cold_products, dtype=np.int64)
-    return (train_df.loc[~train_df["product_id"].isin(cold)].reset_index(drop=True),
-            eval_df.loc[~eval_df["product_id"].isin(cold)].reset_index(drop=True))
+    is_eval = heldout_query_rows(relevance, query_eval_fraction, seed)
+    seen = ~relevance["product_id"].isin(np.asarray(cold_products, dtype=np.int64)).to_numpy()
+    return (relevance.loc[~is_eval & seen].reset_index(drop=True),
+            relevance.loc[is_eval & seen].reset_index(drop=True))
 
 
 def tuple_query_matrices(tuple_sets: Sequence[PQCTuples]) -> tuple[list[str], list[np.ndarray]]:
@@ -873,6 +873,7 @@ class Trainer:
         ``[T, --query-side-negatives]`` (-1 = empty; None when that term is off)."""
         cfg = self.cfg
         train_df, eval_df = stage2_relevance(relevance, self.cold_products, cfg.query_eval_fraction, cfg.seed)
+        del relevance  # both sides are copies: the whole table goes before the sampling's working arrays
         kwargs = dict(n_negatives=cfg.pqc_negatives, max_positives=cfg.pqc_max_positives,
                       hr_mr_ratio=cfg.pqc_hr_mr_ratio, seed=cfg.seed)
         catalog = self.catalog
