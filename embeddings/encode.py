@@ -60,7 +60,7 @@ from common.io import file_sha256, read_json, write_parquet
 from data import schema
 from data.text import normalize_query
 from embeddings.config import PRECISIONS, DashCLIPConfig, EncodeConfig, Precision, model_config_from
-from embeddings.inputs import ImageSpec, ImageStore, TokenStore, length_sorted_batches, restore_order
+from embeddings.inputs import ImageSpec, ImageStore, TokenStore, length_sorted_batches
 from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import Paths, autocast, load_checkpoint, resolve_device
 
@@ -134,12 +134,13 @@ class DashEncoder:
         return max(1, min(self.workers, threads, n_batches)), max(1, threads // min(self.workers, threads))
 
     def _map_batches(self, batches: list[np.ndarray], encode: Callable[[np.ndarray], torch.Tensor],
-                     desc: str) -> list[torch.Tensor]:
-        """``encode(rows)`` of every batch (under inference mode and the precision's autocast), in
-        batch order, on :meth:`workers_for` threads."""
-        def run(rows: np.ndarray) -> torch.Tensor:
+                     desc: str, out: np.ndarray) -> np.ndarray:
+        """``out`` ``[N, d]`` with ``out[rows] = encode(rows)`` for every batch of rows (under inference
+        mode and the precision's autocast), on :meth:`workers_for` threads. Each batch's vectors land
+        in ``out`` as it finishes: the output is held once, whatever the number of batches."""
+        def run(rows: np.ndarray) -> None:
             with torch.inference_mode(), self._autocast():  # both are thread-local
-                return encode(rows)
+                out[rows] = encode(rows).float().cpu().numpy()
 
         workers, per_worker = self.workers_for(len(batches))
         threads = torch.get_num_threads()
@@ -147,7 +148,9 @@ class DashEncoder:
             if workers == 1:
                 if per_worker != threads:
                     torch.set_num_threads(per_worker)
-                return [run(rows) for rows in self._progress(batches, desc)]
+                for rows in self._progress(batches, desc):
+                    run(rows)
+                return out
             with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
                 futures = [pool.submit(run, rows) for rows in batches]
                 for future in self._progress(as_completed(futures), desc, total=len(futures)):
@@ -158,7 +161,7 @@ class DashEncoder:
             failed = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
             if failed:
                 raise failed[0]  # the first failing batch in batch order
-            return [future.result() for future in futures]
+            return out
         finally:
             if torch.get_num_threads() != threads or workers > 1:
                 torch.set_num_threads(threads)  # in a worker it also changes the default of new threads
@@ -178,12 +181,6 @@ class DashEncoder:
         images = ImageStore(catalog["image"].tolist(), catalog["product_id"].tolist(), self.spec, cache_mb=0)
         titles = TokenStore(self.tokenizer, catalog["title"].astype(str).tolist(), self.cfg.title_max_tokens)
         return images, titles
-
-    @staticmethod
-    def _numpy(chunks: list[torch.Tensor], dim: int) -> np.ndarray:
-        if not chunks:
-            return np.zeros((0, dim), np.float32)
-        return torch.cat(chunks).float().cpu().numpy()
 
     def _pixels(self, images: ImageStore, rows: np.ndarray) -> torch.Tensor:
         return images.pixels(rows, channels_last=self.net.reads_channels_last).to(self.device)
@@ -205,7 +202,7 @@ class DashEncoder:
             return self.net.product_embedding_from_state(cls.float())
 
         batches = length_sorted_batches(titles.lengths, self.batch_size)
-        return restore_order(batches, self._numpy(self._map_batches(batches, encode, "products"), self.dim))
+        return self._map_batches(batches, encode, "products", np.empty((len(titles), self.dim), np.float32))
 
     def images(self, catalog: pd.DataFrame) -> np.ndarray:
         """Image-only vectors ``[N, d]``; rows of products without an image are zeros."""
@@ -220,9 +217,7 @@ class DashEncoder:
             return self.net.image_embedding(self.net.image_tokens(self._pixels(images, rows)).float())
 
         batches = [with_image[start:start + self.batch_size] for start in range(0, len(with_image), self.batch_size)]
-        if len(with_image):
-            out[with_image] = self._numpy(self._map_batches(batches, encode, "images"), self.dim)
-        return out
+        return self._map_batches(batches, encode, "images", out)
 
     def _text_like(self, texts: list[str], max_tokens: int, query: bool, desc: str) -> np.ndarray:
         """Batches of similar length (little padding), returned in input order."""
@@ -235,7 +230,7 @@ class DashEncoder:
 
         # text-only inputs are light: larger batches
         batches = length_sorted_batches(store.lengths, TEXT_BATCH_FACTOR * self.batch_size)
-        return restore_order(batches, self._numpy(self._map_batches(batches, encode, desc), self.dim))
+        return self._map_batches(batches, encode, desc, np.empty((len(store), self.dim), np.float32))
 
     def texts(self, titles: Sequence[str]) -> np.ndarray:
         """Title-only vectors ``[N, d]`` (the plain text encoder and ``text_proj``)."""

@@ -144,19 +144,8 @@ class TokenStore:
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     """Index batches of inputs of similar length (so each pads little): the indices sorted by length
-    (stable: ties keep input order) and cut into runs of ``batch_size``. Their concatenation is the
-    permutation that :func:`restore_order` undoes."""
+    (stable: ties keep input order) and cut into runs of ``batch_size``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def restore_order(batches: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """``rows`` (outputs of the concatenated ``batches``, in that order) back in input order."""
-    order = np.concatenate(batches) if len(batches) else np.zeros(0, dtype=np.int64)
-    if len(order) != len(rows):
-        raise ValueError(f"{len(rows)} rows for {len(order)} batched indices")
-    out = np.empty_like(rows)
-    out[order] = rows
-    return out

@@ -19,7 +19,7 @@ from embeddings.backbones import (LITE0_MEAN, LITE0_STD, ConvTokenEncoder, Effic
                                   load_tokenizer, minilm_path, pad_same)
 from embeddings.config import DashCLIPConfig, TableExportConfig
 from embeddings.encode import DashEncoder, EncodeCommandConfig
-from embeddings.inputs import ImageSpec, length_sorted_batches, restore_order
+from embeddings.inputs import ImageSpec, length_sorted_batches
 from embeddings.models import TINY_TEXT, DashCLIP, build_dashclip
 
 PARITY = 0.999  # the contract: cosine of every fast or bf16 vector with its fp32 vector
@@ -241,12 +241,6 @@ def test_length_sorted_batches_put_outputs_back_in_input_order():
     assert np.all(np.diff(lengths[order]) >= 0)  # similar lengths batch together
     ties = order[lengths[order] == lengths[order][0]]
     assert np.all(np.diff(ties) > 0)  # stable: equal lengths keep input order
-    rows = np.stack([order, -order], axis=1)  # outputs in batch order, tagged with their input index
-    restored = restore_order(batches, rows)
-    np.testing.assert_array_equal(restored[:, 0], np.arange(103))
-    np.testing.assert_array_equal(restore_order([], np.zeros((0, 3))), np.zeros((0, 3)))
-    with pytest.raises(ValueError):
-        restore_order(batches, rows[:-1])
     with pytest.raises(ValueError):
         length_sorted_batches(lengths, 0)
 
