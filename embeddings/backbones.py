@@ -115,8 +115,8 @@ class InferenceLinear(nn.Module):
     """Inference only: ``F.linear`` (optionally followed by GELU, or plus a residual) as one oneDNN
     matrix product on CPU, from a copy of the weights reordered once into oneDNN's blocked layout.
 
-    Why: torch's float32 ``F.linear`` on CPU calls MKL's sgemm, which on some x86 CPUs (an AMD EPYC
-    with AVX-512, measured) runs at half the rate oneDNN's matmul reaches on the same shapes
+    Why: torch's float32 ``F.linear`` on CPU calls MKL's sgemm, which on some x86 CPUs (measured on
+    one with AVX-512) runs at half the rate oneDNN's matmul reaches on the same shapes
     (``python -m embeddings.bench``). ``dtype=torch.bfloat16`` multiplies in bfloat16 (inputs and
     weights rounded to bf16, float32 accumulation): about twice the float32 rate again where the CPU
     has bf16 instructions (AVX512-BF16, AMX). The result is returned in ``out_dtype`` (None: the
