@@ -88,7 +88,7 @@ from data.schema import HR, IR, LABEL_NAMES, MR
 from embeddings import tables
 from embeddings.config import EmbeddingsTrainConfig
 from embeddings.runtime import MODEL_CHECKPOINT, RUN_CONFIG, Paths, stage_set
-from embeddings.sampling import normalized_query_codes, split_cold_products, split_queries
+from embeddings.sampling import heldout_query_rows, normalized_query_codes, split_cold_products
 
 log = logging.getLogger(__name__)
 
@@ -866,7 +866,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     schema.validate_tables(workdir, ("catalog", "relevance"), check_images=True)
     catalog = schema.read_table(workdir, "catalog").to_pandas()
     relevance = schema.read_table(workdir, "relevance").to_pandas()
-    _, heldout = split_queries(relevance, split["eval_fraction"], split["seed"])
+    heldout = relevance.loc[heldout_query_rows(relevance, split["eval_fraction"], split["seed"])]
     if heldout.empty:
         raise UserError(f"no held-out queries (eval_fraction {split['eval_fraction']} of "
                         f"{relevance['query'].nunique()} queries): nothing to evaluate")

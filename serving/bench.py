@@ -207,12 +207,11 @@ def model_tables(scorer: Scorer) -> tuple[EmbeddingTable, EmbeddingTable]:
             EmbeddingTable("query", [None, *spec.queries], query.numpy()))
 
 
-def bench_models(cfg: ServingBenchConfig, scorer: Scorer, store: VectorStore,
-                 cache: ImpressionCache) -> dict[str, dict]:
+def bench_models(cfg: ServingBenchConfig, scorer: Scorer, store: VectorStore, cache: ImpressionCache,
+                 vectors_model: torch.jit.ScriptModule) -> dict[str, dict]:
     """Timings per candidate count (see module docstring)."""
     rng = np.random.default_rng(cfg.seed)
     request_model = scorer.request_model(max(cfg.candidates))
-    vectors_model = torch.jit.load(str(scorer.workdir / "serving" / "model_vectors.pt")).eval()
     results: dict[str, dict] = {}
     for n in cfg.candidates:
         bodies = build_requests(cache, scorer.spec, REQUEST_POOL, n, rng)
@@ -240,8 +239,8 @@ def bench_models(cfg: ServingBenchConfig, scorer: Scorer, store: VectorStore,
     return results
 
 
-def bench_recommend_paths(cfg: ServingBenchConfig, scorer: Scorer, store: VectorStore,
-                          cache: ImpressionCache) -> dict:
+def bench_recommend_paths(cfg: ServingBenchConfig, scorer: Scorer, store: VectorStore, cache: ImpressionCache,
+                          vectors_model: torch.jit.ScriptModule) -> dict:
     """``POST /recommend``'s work in process, fused tables against the Redis fetch (module docstring);
     ``{"skipped": why}`` without a funnel."""
     try:
@@ -251,7 +250,6 @@ def bench_recommend_paths(cfg: ServingBenchConfig, scorer: Scorer, store: Vector
     request_model = build_recommend_request_model(scorer.spec, scorer.manifest["features"], cfg.funnel_candidates)
     bodies = funnel_requests(cfg, cache, scorer, np.random.default_rng([cfg.seed, 3]))["recommend"]
     parsed = [request_model.model_validate(b) for b in bodies]
-    vectors_model = torch.jit.load(str(scorer.workdir / "serving" / "model_vectors.pt")).eval()
 
     def candidates(i: int) -> EncodedRequest:
         request = parsed[i % len(parsed)]
@@ -779,8 +777,9 @@ def run(cfg: ServingBenchConfig, argv: Sequence[str] | None = None) -> dict:
         store = VectorStore(redis.client(), dim=product.dim, namespace=f"dashrec:{scorer.model_hash}")
         loaded = store.load(product) + store.load(query)
         log.info("loaded %d vectors into redis-server on port %d", loaded, redis.port)
-        latency = bench_models(cfg, scorer, store, cache)
-        recommend_paths = bench_recommend_paths(cfg, scorer, store, cache)
+        vectors_model = torch.jit.load(str(scorer.workdir / "serving" / "model_vectors.pt")).eval()
+        latency = bench_models(cfg, scorer, store, cache, vectors_model)
+        recommend_paths = bench_recommend_paths(cfg, scorer, store, cache, vectors_model)
     finally:
         redis.stop()
     http = bench_http(cfg, scorer, cache) if cfg.http_clients > 0 else None
