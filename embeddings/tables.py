@@ -36,6 +36,7 @@ from data.text import normalize_query
 TableKind = Literal["product", "query"]
 KEY_COLUMN: dict[str, str] = {"product": "product_id", "query": "query"}
 UNKNOWN_ROW = 0
+ROW_GROUP_ROWS = 65_536  # rows per Parquet row group of a table file (64 MiB of 256-d vectors)
 
 
 def embedding_table_rel(kind: TableKind) -> str:
@@ -69,7 +70,7 @@ class EmbeddingTable:
 
     def id_map(self) -> dict:
         """key -> row id (row 0, the unknown row, is not in the map)."""
-        return {k: i for i, k in enumerate(self.keys) if i != UNKNOWN_ROW}
+        return id_map(self.keys)
 
     def lookup(self, keys: Sequence) -> np.ndarray:
         """Row ids for ``keys`` (unknown -> 0). Query keys are normalised first."""
@@ -103,36 +104,72 @@ def write_table(table: EmbeddingTable, path: str | Path) -> Path:
     })
     arrow = arrow.replace_schema_metadata({"dashrec.kind": table.kind, "dashrec.dim": str(dim),
                                            "dashrec.source": table.source})
-    return write_parquet(arrow, path)
+    # row groups bound what a reader decodes at once (read_embedding_table); float vectors do not
+    # compress, so theirs are stored plain
+    return write_parquet(arrow, path, row_group_size=ROW_GROUP_ROWS,
+                         compression={"row_id": "snappy", KEY_COLUMN[table.kind]: "snappy", "vector": "none"})
 
 
-def read_embedding_table(path: str | Path, kind: TableKind | None = None) -> EmbeddingTable:
-    """Read and check a table file; errors name the file and what was expected."""
-    path = Path(path)
+def _open_table(path: Path, kind: TableKind | None) -> tuple[pq.ParquetFile, TableKind, dict[str, str]]:
+    """The table file (its kind and metadata), its columns and row ids checked."""
     if not path.exists():
         raise SchemaError(path, None, "missing embedding table (run `python -m embeddings.export` first)")
-    arrow = pq.read_table(path)
-    meta = {k.decode(): v.decode() for k, v in (arrow.schema.metadata or {}).items()}
-    file_kind = meta.get("dashrec.kind") or ("product" if "product_id" in arrow.column_names else "query")
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    file_kind = meta.get("dashrec.kind") or ("product" if "product_id" in schema.names else "query")
     if kind is not None and file_kind != kind:
         raise SchemaError(path, None, f"expected a {kind} table, found a {file_kind} table")
     for col in ("row_id", KEY_COLUMN[file_kind], "vector"):
-        if col not in arrow.column_names:
-            raise SchemaError(path, col, f"missing column; found {arrow.column_names}")
-    row_ids = arrow.column("row_id").to_numpy()
+        if col not in schema.names:
+            raise SchemaError(path, col, f"missing column; found {schema.names}")
+    row_ids = parquet.read(columns=["row_id"]).column(0).to_numpy()
     if not np.array_equal(row_ids, np.arange(len(row_ids))):
         raise SchemaError(path, "row_id", "row ids must be 0..R-1 in order")
-    vec_type = arrow.schema.field("vector").type
+    return parquet, file_kind, meta
+
+
+def read_embedding_table(path: str | Path, kind: TableKind | None = None) -> EmbeddingTable:
+    """Read and check a table file; errors name the file and what was expected.
+
+    The vectors are decoded one row group at a time into one writable ``[R, d]`` float32 array:
+    decoding a whole list column at once takes several times its size in scratch memory (its
+    levels and pages), and Arrow's allocator would keep that scratch afterwards.
+    """
+    path = Path(path)
+    parquet, file_kind, meta = _open_table(path, kind)
+    schema = parquet.schema_arrow
+    vec_type = schema.field("vector").type
     if not pa.types.is_fixed_size_list(vec_type):
         raise SchemaError(path, "vector", f"expected fixed_size_list<float32>, got {vec_type}")
-    vectors = arrow.column("vector").combine_chunks().flatten().to_numpy().astype(np.float32, copy=False)
-    vectors = vectors.reshape(len(row_ids), vec_type.list_size)
+    vectors = np.empty((parquet.metadata.num_rows, vec_type.list_size), np.float32)
+    start = 0
+    for group in range(parquet.metadata.num_row_groups):
+        start = _read_vectors(parquet, group, vectors, start, path)
+        pa.default_memory_pool().release_unused()  # the group's buffers are gone by now
     if np.any(vectors[UNKNOWN_ROW] != 0):
         raise SchemaError(path, "vector", "row 0 (unknown ids) must be all zeros")
-    keys = arrow.column(KEY_COLUMN[file_kind]).to_pylist()
+    keys = parquet.read(columns=[KEY_COLUMN[file_kind]]).column(0).to_pylist()
+    pa.default_memory_pool().release_unused()
     return EmbeddingTable(file_kind, keys, vectors, meta.get("dashrec.source", ""))
 
 
-def read_table_id_map(path: str | Path) -> dict:
-    """key -> row id of a table file."""
-    return read_embedding_table(path).id_map()
+def _read_vectors(parquet: pq.ParquetFile, group: int, out: np.ndarray, start: int, path: Path) -> int:
+    """Copy row group ``group``'s vectors into ``out`` from row ``start``; returns the next row."""
+    for chunk in parquet.read_row_group(group, columns=["vector"]).column(0).chunks:
+        if chunk.null_count:
+            raise SchemaError(path, "vector", f"{chunk.null_count} null vectors; every row needs one")
+        out[start:start + len(chunk)] = chunk.flatten().to_numpy().reshape(len(chunk), out.shape[1])
+        start += len(chunk)
+    return start
+
+
+def read_table_id_map(path: str | Path, kind: TableKind | None = None) -> dict:
+    """key -> row id of a table file (row 0, the unknown row, is not in the map); reads the keys alone."""
+    parquet, file_kind, _ = _open_table(Path(path), kind)
+    return id_map(parquet.read(columns=[KEY_COLUMN[file_kind]]).column(0).to_pylist())
+
+
+def id_map(keys: Sequence) -> dict:
+    """key -> row id of a table's ``keys`` (``keys[0]``, the unknown row's, is not in the map)."""
+    return {key: row for row, key in enumerate(keys) if row != UNKNOWN_ROW}

@@ -52,7 +52,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from common.distributed import DistEnv
 from ranking.config import RankerConfig
 from ranking.features import RankingBatch
-from ranking.model import RankingModel, build_model, build_tables
+from ranking.model import RankingModel, model_from_state
 from ranking.plain import PlainFeatures, PlainInputModel
 from ranking.spec import FeatureSpec
 from ranking.tables import frozen_parameter_names
@@ -303,9 +303,16 @@ class ShardedRanker:
         dist.all_gather(gathered, probs, group=self.env.pg)
         return torch.stack(gathered, dim=1).reshape(-1)[: len(batch)]  # row j = rank j % W, position j // W
 
-    def snapshot(self) -> dict[str, list[torch.Tensor]]:
-        """Copies of this rank's parameters and buffers (its shards only), for :meth:`restore`. Local."""
-        return {k: [t.clone() for t in _local_tensors(v)] for k, v in self.dmp.state_dict().items()}
+    @torch.no_grad()
+    def snapshot(self, into: dict[str, list[torch.Tensor]] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Copies of this rank's parameters and buffers (its shards only), for :meth:`restore`, in
+        ``into``'s tensors when given. Local."""
+        if into is None:
+            return {k: [t.clone() for t in _local_tensors(v)] for k, v in self.dmp.state_dict().items()}
+        for k, v in self.dmp.state_dict().items():
+            for saved, live in zip(into[k], _local_tensors(v)):
+                saved.copy_(live)
+        return into
 
     @torch.no_grad()
     def restore(self, snapshot: dict[str, list[torch.Tensor]]) -> None:
@@ -321,9 +328,7 @@ class ShardedRanker:
         if not self.env.is_main:
             return None
         variant = get_variant(self.variant)
-        model = build_model(variant, self.spec, self.config, build_tables(variant, self.spec))
-        model.load_state_dict(state)
-        return model
+        return model_from_state(variant, self.spec, self.config, state)
 
 
 def _local_tensors(value: Any) -> list[torch.Tensor]:

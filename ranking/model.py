@@ -340,9 +340,10 @@ class RankingModel(nn.Module):
 
 def build_tables(variant: Variant, spec: FeatureSpec, tables: tuple[EmbeddingTable, EmbeddingTable] | None = None,
                  generator: torch.Generator | None = None) -> PretrainedEmbeddingBagCollection | None:
-    """The table module of ``variant``: copies of ``tables`` (pretrained variants; frozen unless
-    ``variant.train_tables``), random trainable tables of the spec's shapes (the random variant),
-    or zeros of those shapes when ``tables`` is None (to load a state dict into)."""
+    """The table module of ``variant``: ``tables`` (pretrained variants; frozen unless
+    ``variant.train_tables``, see :meth:`PretrainedEmbeddingBagCollection.from_tables`), random
+    trainable tables of the spec's shapes (the random variant), or placeholders of those shapes on
+    the meta device when ``tables`` is None, which only :func:`model_from_state` fills."""
     if not variant.uses_tables:
         return None
     if spec.table_dim <= 0:
@@ -352,8 +353,9 @@ def build_tables(variant: Variant, spec: FeatureSpec, tables: tuple[EmbeddingTab
                                                        generator=generator, with_history=variant.use_history)
     frozen = not variant.train_tables
     if tables is None:
-        return PretrainedEmbeddingBagCollection(torch.zeros(spec.num_product_rows, spec.table_dim),
-                                                torch.zeros(spec.num_query_rows, spec.table_dim),
+        meta = torch.device("meta")
+        return PretrainedEmbeddingBagCollection(torch.empty(spec.num_product_rows, spec.table_dim, device=meta),
+                                                torch.empty(spec.num_query_rows, spec.table_dim, device=meta),
                                                 with_history=variant.use_history, frozen=frozen)
     product, query = tables
     if product.vectors.shape != (spec.num_product_rows, spec.table_dim) or query.vectors.shape != (spec.num_query_rows, spec.table_dim):
@@ -406,12 +408,20 @@ def load_model(path: str | Path) -> RankingModel:
     if not path.exists():
         raise UserError(f"{path}: missing ranking model (run `python -m ranking.train` first)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         variant = get_variant(payload["variant"])
         spec = FeatureSpec.from_dict(payload["feature_spec"])
         config = RankerConfig(**payload["model_config"])
     except (KeyError, TypeError, RuntimeError, EOFError) as exc:
         raise UserError(f"{path}: not a ranking model checkpoint ({type(exc).__name__}: {exc})") from None
+    return model_from_state(variant, spec, config, payload["state_dict"]).eval()
+
+
+def model_from_state(variant: Variant, spec: FeatureSpec, config: RankerConfig,
+                     state: dict[str, torch.Tensor]) -> RankingModel:
+    """``variant`` for ``spec`` holding the tensors of ``state`` (a complete ``state_dict``) as its
+    weights, not copies: the tables are never allocated twice (their placeholders are on the meta
+    device), and a state read with ``torch.load(mmap=True)`` stays in the file's pages."""
     model = build_model(variant, spec, config, build_tables(variant, spec))
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
+    model.load_state_dict(state, assign=True)
+    return model

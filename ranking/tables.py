@@ -54,8 +54,9 @@ class PretrainedEmbeddingBagCollection(nn.Module):
     optionally ``purchase_history_84d`` (MEAN-pooled product rows).
 
     Args:
-        product_vectors: ``[Rp, d]`` float32, row 0 = unknown product.
-        query_vectors: ``[Rq, d]`` float32, row 0 = unknown query; same ``d``.
+        product_vectors: ``[Rp, d]`` float32, row 0 = unknown product. The module holds this tensor
+            itself as the table's weight, not a copy (trainable tables train it in place).
+        query_vectors: ``[Rq, d]`` float32, row 0 = unknown query; same ``d``; held likewise.
         with_history: whether the product table also serves ``purchase_history_84d``.
         frozen: freeze both tables (``requires_grad=False``; see :meth:`frozen_table_names`).
             Trainable tables produce sparse gradients (``nn.EmbeddingBag.sparse``): only the rows a
@@ -88,10 +89,12 @@ class PretrainedEmbeddingBagCollection(nn.Module):
             EmbeddingBagConfig(name=QUERY_TABLE, embedding_dim=self.dim, num_embeddings=int(query_vectors.shape[0]),
                                feature_names=[QUERY_FEATURE], pooling=PoolingType.MEAN),
         ]
-        self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
-        with torch.no_grad():
-            self.ebc.embedding_bags[PRODUCT_TABLE].weight.copy_(product_vectors)
-            self.ebc.embedding_bags[QUERY_TABLE].weight.copy_(query_vectors)
+        # built on the meta device (no allocation, no random init), then given the vectors themselves
+        # as its weights: one copy of each table in memory, the caller's
+        self.ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+        self.ebc.load_state_dict({f"embedding_bags.{PRODUCT_TABLE}.weight": product_vectors,
+                                  f"embedding_bags.{QUERY_TABLE}.weight": query_vectors}, assign=True)
+        self.ebc._device = torch.device("cpu")  # the EBC's `device` (DMP reads it) would still say meta
         if frozen:
             self.ebc.requires_grad_(False)
         else:  # trainable (random, finetune): row-sparse gradients, for SparseAdam / Adagrad (ranking.train)
@@ -107,9 +110,13 @@ class PretrainedEmbeddingBagCollection(nn.Module):
     @classmethod
     def from_tables(cls, product: EmbeddingTable, query: EmbeddingTable, *, with_history: bool = True,
                     frozen: bool = True) -> "PretrainedEmbeddingBagCollection":
-        """From in-memory :class:`embeddings.tables.EmbeddingTable` objects (bit-exact copies)."""
-        return cls(torch.tensor(product.vectors, dtype=torch.float32), torch.tensor(query.vectors, dtype=torch.float32),
-                   with_history=with_history, frozen=frozen)
+        """From in-memory :class:`embeddings.tables.EmbeddingTable` objects, bit for bit. Frozen tables
+        share the objects' arrays (a table of millions of queries is held once however many models
+        read it); trainable ones are copies, so training leaves the objects as they are."""
+        def weight(table: EmbeddingTable) -> torch.Tensor:
+            vectors = torch.as_tensor(table.vectors, dtype=torch.float32).contiguous()
+            return vectors if frozen else vectors.clone()
+        return cls(weight(product), weight(query), with_history=with_history, frozen=frozen)
 
     @classmethod
     def from_files(cls, product_path: str | Path, query_path: str | Path, *, expected_dim: int | None = None,

@@ -79,7 +79,7 @@ from ranking.metrics import SLICES, log_loss, mean_std, paired_p_value, slice_me
 from ranking.model import RankingModel, build_model, build_tables, save_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.spec import FeatureSpec, PurchaseIndex
-from ranking.tables import load_tables, sparse_gradient_parameters, trainable_parameters
+from ranking.tables import frozen_parameter_names, load_tables, sparse_gradient_parameters, trainable_parameters
 from ranking.variants import BASELINE, VARIANTS, Variant, resolve_variants
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,9 @@ class Ranker(Protocol):
     def predict(self, batch: RankingBatch) -> torch.Tensor:
         """Click probabilities ``[B]`` of ``batch`` (eval mode, no gradients)."""
 
-    def snapshot(self) -> Any:
-        """A copy of the current parameters and buffers, only for :meth:`restore`."""
+    def snapshot(self, into: Any = None) -> Any:
+        """A copy of the current parameters and buffers, only for :meth:`restore`; written into
+        ``into`` (an earlier snapshot, no longer needed) when given, so that a run holds at most one."""
 
     def restore(self, snapshot: Any) -> None:
         """Set the parameters and buffers of a :meth:`snapshot`."""
@@ -244,13 +245,24 @@ class LocalRanker:
         self.plain.eval()
         return torch.sigmoid(self.plain(*batch.inputs()))
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of the model's ``state_dict``."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    @torch.no_grad()
+    def snapshot(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """A copy of every entry of the model's ``state_dict`` that training changes (not the frozen
+        tables, which may hold millions of rows), in ``into``'s tensors when given."""
+        frozen = set(frozen_parameter_names(self.model))
+        live = {k: v for k, v in self.model.state_dict().items() if k not in frozen}
+        if into is None:
+            return {k: v.clone() for k, v in live.items()}
+        for k, v in live.items():
+            into[k].copy_(v)
+        return into
 
+    @torch.no_grad()
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
-        """Load a :meth:`snapshot` into the model."""
-        self.model.load_state_dict(snapshot)
+        """Write a :meth:`snapshot` back into the model's weights."""
+        state = self.model.state_dict()
+        for k, v in snapshot.items():
+            state[k].copy_(v)
 
     def unsharded(self) -> RankingModel:
         """The model itself (it is not sharded)."""
@@ -301,7 +313,7 @@ def fit(ranker: Ranker, data: RankingData, cfg: RankingTrainConfig, seed: int, n
                 history["valid_logloss"].append(log_loss(labels, probs))
                 if history["valid_logloss"][-1] < best_loss:
                     best_loss, since_best = history["valid_logloss"][-1], 0
-                    best_state = ranker.snapshot()
+                    best_state = ranker.snapshot(best_state)
                 else:
                     since_best += 1
             if not math.isfinite(history["train_loss"][-1]):
@@ -563,12 +575,20 @@ def _run_job(job: tuple[str, int]) -> dict:
                     progress=False)
 
 
-def run_jobs(cfg: RankingTrainConfig, variants: list[Variant], inputs: Inputs, provenance: Provenance,
+def job_workers(cfg: RankingTrainConfig, jobs: list[tuple[str, int]]) -> int:
+    """Processes :func:`run_jobs` trains ``jobs`` in: 1 means this one (always under torchrun, whose
+    ranks are the workers)."""
+    return 1 if current_env() is not None else max(1, min(cfg.workers, len(jobs)))
+
+
+def run_jobs(cfg: RankingTrainConfig, variants: list[Variant], inputs: Inputs | None, provenance: Provenance,
              jobs: list[tuple[str, int]]) -> list[dict]:
-    """Train ``jobs`` ((variant, seed) pairs): in this process, or over ``cfg.workers`` spawned
-    processes (each single-job-at-a-time with ``cfg.threads`` threads; same numbers either way)."""
-    workers = min(cfg.workers, len(jobs))
-    if workers <= 1 or current_env() is not None:  # under torchrun the ranks are the workers
+    """Train ``jobs`` ((variant, seed) pairs): in this process with ``inputs``, or over
+    :func:`job_workers` spawned processes that load their own (``inputs`` may then be None; each
+    runs one job at a time with ``cfg.threads`` threads; same numbers either way)."""
+    workers = job_workers(cfg, jobs)
+    if workers == 1:
+        assert inputs is not None, "a run in this process needs its inputs"
         return [run_seed(VARIANTS[name], seed, inputs, cfg, provenance.made_from(VARIANTS[name], seed))
                 for name, seed in jobs]
     context = multiprocessing.get_context("spawn")  # fork after torch started its threads can deadlock
@@ -608,6 +628,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 finished[variant.name, seed] = read_json(out.path(out.files[1]))
             else:
                 jobs.append((variant.name, seed))
+    if job_workers(cfg, jobs) > 1:
+        inputs = None  # the workers load their own: held here too, the tables would be one copy more
     for metrics in run_jobs(cfg, variants, inputs, provenance, jobs):
         if metrics:  # empty on ranks other than 0
             finished[metrics["variant"], metrics["seed"]] = metrics

@@ -75,7 +75,7 @@ from data import schema
 from embeddings import tables
 from embeddings.encode import load_encoder
 from ranking.features import ImpressionCache, RankingData
-from ranking.model import RankingModel, build_model, build_tables, load_model
+from ranking.model import RankingModel, load_model, model_from_state
 from ranking.spec import FeatureSpec, PurchaseIndex
 from ranking.tables import PRODUCT_TABLE
 from ranking.variants import get_variant
@@ -174,9 +174,7 @@ def grown_model(model: RankingModel, product_ids: np.ndarray, vectors: np.ndarra
     grown_spec = FeatureSpec.from_dict({**spec.to_dict(), "product_ids": [*spec.product_ids,
                                                                           *map(int, product_ids[new])]})
     variant = get_variant(model.variant)
-    grown = build_model(variant, grown_spec, model.config, build_tables(variant, grown_spec))
-    grown.load_state_dict(state)
-    return grown.eval()
+    return model_from_state(variant, grown_spec, model.config, state).eval()
 
 
 @torch.no_grad()

@@ -776,6 +776,7 @@ def run(cfg: ServingBenchConfig, argv: Sequence[str] | None = None) -> dict:
     try:
         store = VectorStore(redis.client(), dim=product.dim, namespace=f"dashrec:{scorer.model_hash}")
         loaded = store.load(product) + store.load(query)
+        del product, query  # in Redis now; the HTTP service's workers load their own model later
         log.info("loaded %d vectors into redis-server on port %d", loaded, redis.port)
         vectors_model = torch.jit.load(str(scorer.workdir / "serving" / "model_vectors.pt")).eval()
         latency = bench_models(cfg, scorer, store, cache, vectors_model)

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from common.cli import UserError, parse_config
@@ -70,6 +72,27 @@ def test_embedding_table_round_trip(tmp_path: Path):
     np.testing.assert_array_equal(back.lookup(["CHIPS", "unknown"]), [2, 0])
     with pytest.raises(SchemaError, match="expected a product table"):
         tables.read_embedding_table(path, "product")
+
+
+def test_embedding_table_reads_row_group_by_row_group(tmp_path: Path):
+    """A table of more than one row group reads back bit for bit into one writable array, and the
+    id map reads the keys alone; a null vector is named."""
+    rows = tables.ROW_GROUP_ROWS + 1000
+    vecs = np.random.default_rng(1).normal(size=(rows, 3)).astype(np.float32)
+    ids = list(range(100, 100 + rows))
+    path = tables.write_table(tables.build_table("product", ids, vecs, source="test"), tmp_path / "product_table.parquet")
+    assert pq.ParquetFile(path).metadata.num_row_groups == 2
+    back = tables.read_embedding_table(path, "product")
+    np.testing.assert_array_equal(back.vectors[1:], vecs)
+    assert back.vectors.flags.writeable and back.vectors.dtype == np.float32
+    assert tables.read_table_id_map(path, "product") == back.id_map() == {k: i + 1 for i, k in enumerate(ids)}
+    arrow = pq.read_table(path)
+    column = arrow.column("vector").combine_chunks()
+    with_null = pa.FixedSizeListArray.from_arrays(column.flatten(), 3, mask=pa.array(np.arange(len(column)) == 5))
+    pq.write_table(arrow.set_column(2, "vector", with_null).replace_schema_metadata(arrow.schema.metadata),
+                   tmp_path / "null.parquet")
+    with pytest.raises(SchemaError, match="vector.*1 null vectors"):
+        tables.read_embedding_table(tmp_path / "null.parquet", "product")
 
 
 def test_embedding_table_rejects_duplicates_and_missing(tmp_path: Path):

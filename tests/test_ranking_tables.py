@@ -107,6 +107,9 @@ def test_frozen_tables_do_not_move_while_trainable_tables_do(table_files):
     optimizer.step()
     for name in frozen:
         assert torch.equal(params[name], before[name]), name
+    # frozen tables are the EmbeddingTable's own arrays, not copies: one copy in memory per process
+    assert np.shares_memory(params[frozen[0]].detach().numpy(), product.vectors)
+    assert np.shares_memory(params[frozen[1]].detach().numpy(), query.vectors)
     moved = "dcn_tower.sparse_ebc.embedding_bags.t_sparse_x.weight"
     assert not torch.equal(params[moved], before[moved])
 
@@ -136,6 +139,8 @@ def test_finetune_variant_starts_from_the_tables_and_trains_them_row_sparse(tabl
     assert frozen_parameter_names(model) == []
     sparse = {id(p) for p in sparse_gradient_parameters(model)}  # SparseAdam / Adagrad: only looked-up rows move
     assert all(bag.sparse and bag.weight.requires_grad and id(bag.weight) in sparse for bag in bags.values())
+    # trainable tables are copies: training leaves the EmbeddingTable (shared by other runs) alone
+    assert not np.shares_memory(bags[QUERY_TABLE].weight.detach().numpy(), query.vectors)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -293,6 +298,8 @@ def test_row_norms_follow_the_loaded_tables(table_files, tmp_path):
     save_model(model, tmp_path / "model.pt")
     loaded = load_model(tmp_path / "model.pt")
     tables = loaded.table_tower.tables
+    assert tables.ebc.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
     torch.testing.assert_close(tables.product_norms, model.table_tower.tables.product_norms)
     torch.testing.assert_close(tables.query_norms, model.table_tower.tables.query_norms)
     with torch.no_grad():
@@ -315,3 +322,32 @@ def test_plain_rows_and_the_kjt_give_the_same_logits(table_files, variant):
         args = (*inputs[:4], history)
         with torch.no_grad():
             assert torch.equal(plain(*args), plain.model(args[0], plain.features(*args[1:])))
+
+
+@pytest.mark.parametrize("variant", ["dcn_pq_hist", "dcn_pq_hist_finetune"])
+def test_snapshots_hold_what_training_changes_and_are_reused(table_files, variant):
+    """Early stopping's snapshot skips the frozen tables, a later snapshot is written into the
+    earlier one's tensors (a run holds one), and restore brings every weight back."""
+    from ranking.train import LocalRanker
+
+    _, product, query = table_files
+    spec = _spec(product, query)
+    model = build_model(variant, spec, SMALL, build_tables(get_variant(variant), spec, (product, query)))
+    ranker = LocalRanker(model)
+    first = ranker.snapshot()
+    assert set(first) == set(model.state_dict()) - set(frozen_parameter_names(model))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    pointers = {k: v.data_ptr() for k, v in first.items()}
+    second = ranker.snapshot(first)
+    assert second is first and {k: v.data_ptr() for k, v in second.items()} == pointers
+    assert all(torch.equal(second[k], moved[k]) for k in second)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(3.0)
+    ranker.restore(second)
+    assert all(torch.equal(v, moved[k]) for k, v in model.state_dict().items())
