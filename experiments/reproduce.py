@@ -38,6 +38,7 @@ import re
 import select
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -305,8 +306,9 @@ signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the 
 signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
 code = proc.wait()
 os.write(int(sys.argv[1]), str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss).encode())
-if code < 0:
-    signal.signal(-code, signal.SIG_DFL)
+if code < 0:  # die of the same signal (SIGKILL cannot be handled: it needs no reset)
+    if -code != signal.SIGKILL:
+        signal.signal(-code, signal.SIG_DFL)
     os.kill(os.getpid(), -code)
 sys.exit(code)
 """
@@ -393,6 +395,20 @@ def _log_tail(path: Path, lines: int = 5) -> str:
     return " | ".join([line for line in shown if line][-lines:])
 
 
+def exit_reason(code: int) -> str:
+    """``exit 2``, or the signal that killed the command (a negative ``code``), with the likely cause
+    of a SIGKILL nobody asked for: memory."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return f"killed by {name}: out of memory? the kernel's OOM killer and container limits send it"
+    return f"killed by {name}"
+
+
 def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> list[CommandCost]:
     """Run the stage's commands (``python -m ...``), all output appended to ``log_dir/<stage>.log``;
     return what each cost. ``position`` (``2/5``) labels the stage on the console."""
@@ -411,8 +427,8 @@ def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> l
                        f"{format_bytes(cost.peak_rss_bytes)}\n".encode())
         took = f"{format_duration(cost.seconds)}, peak RSS {format_bytes(cost.peak_rss_bytes)}"
         if cost.exit_code != 0:
-            console.say(f"[{label}] {cmd[0]} failed (exit {cost.exit_code}) after {took}")
-            raise UserError(f"stage {stage.name} failed ({cmd[0]}, exit {cost.exit_code}); see {log_path}: "
+            console.say(f"[{label}] {cmd[0]} failed ({exit_reason(cost.exit_code)}) after {took}")
+            raise UserError(f"stage {stage.name} failed ({cmd[0]}, {exit_reason(cost.exit_code)}); see {log_path}: "
                             f"{_log_tail(log_path)}")
         console.say(f"[{label}] {cmd[0]} done in {took}")
         costs.append(cost)

@@ -166,6 +166,20 @@ def test_a_failing_stage_names_its_command_log_and_last_output(tiny_workdir: Pat
     assert "[data 1/1] python -m data.validate" in proc.stderr
 
 
+def test_a_command_killed_for_memory_is_named_as_such(tmp_path: Path, monkeypatch) -> None:
+    """A SIGKILL (what the OOM killer sends) is one line naming the stage, the signal and memory."""
+    (tmp_path / "greedy.py").write_text("import os, signal\nprint('holding', flush=True)\n"
+                                        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    console = reproduce.Console(io.StringIO(), live=False)
+    with pytest.raises(UserError) as caught:
+        reproduce.run_stage(reproduce.Stage("ranking", (("greedy",),)), tmp_path, console, "4/5")
+    message = str(caught.value)
+    assert message.startswith("stage ranking failed (greedy, killed by SIGKILL: out of memory?") and "holding" in message
+    assert "\n" not in message
+    assert reproduce.exit_reason(2) == "exit 2" and reproduce.exit_reason(-15) == "killed by SIGTERM"
+
+
 def test_commands_run_on_a_terminal_and_their_progress_reaches_the_console(tmp_path: Path) -> None:
     """A bar that tqdm leaves off for pipes (disable=None) is drawn; the log keeps the whole output."""
     script = tmp_path / "work.py"
