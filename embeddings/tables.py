@@ -7,6 +7,8 @@
     row_id (int64), query (string, normalised with :func:`data.text.normalize_query`,
     null on row 0), vector (fixed_size_list<float32>[d]).
 
+Files are written in row groups of :data:`ROW_GROUP_ROWS` rows (vectors uncompressed), which a
+reader decodes one at a time into a single array; any layout of the same columns reads.
 Row 0 of each table is reserved for unknown ids and is all zeros. The id maps (key -> row_id)
 are the first two columns of each file; :func:`read_table_id_map` returns them as a dict.
 The file-level metadata records ``dashrec.kind`` (product/query), ``dashrec.dim`` and

@@ -417,6 +417,12 @@ def load_model(path: str | Path) -> RankingModel:
     return model_from_state(variant, spec, config, payload["state_dict"]).eval()
 
 
+def shared_copy(model: RankingModel) -> RankingModel:
+    """A second module over ``model``'s own weight tensors (nothing copied), to wrap, trace or swap
+    tables in (serving's fused and vectors models) without touching ``model``'s modules."""
+    return model_from_state(get_variant(model.variant), model.spec, model.config, model.state_dict())
+
+
 def model_from_state(variant: Variant, spec: FeatureSpec, config: RankerConfig,
                      state: dict[str, torch.Tensor]) -> RankingModel:
     """``variant`` for ``spec`` holding the tensors of ``state`` (a complete ``state_dict``) as its

@@ -68,7 +68,7 @@ from data.dataset import input_hashes
 from data.schema import SchemaError
 from ranking.features import ImpressionCache, RankingData
 from ranking.metrics import roc_auc
-from ranking.model import RankingModel, load_model, trained_set
+from ranking.model import RankingModel, load_model, shared_copy, trained_set
 from ranking.plain import PlainInputModel
 from ranking.spec import FeatureSpec, PurchaseIndex
 from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
@@ -299,12 +299,12 @@ def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, 
     if data.num_rows("eval") == 0:
         raise UserError(f"{workdir}/data/impressions.parquet: no NW (last-week) impressions for the parity check")
     eager_plain = PlainInputModel(eager).eval()
-    served_plain = fused_model(load_model(checkpoint), cfg.table_dtype)
+    served_plain = fused_model(shared_copy(eager), cfg.table_dtype)  # the checkpoint is read once
     has_tables = eager.table_tower is not None
     log.info("tracing and scripting %s (tables %s)", cfg.variant, cfg.table_dtype)
     save_script(script(served_plain), paths["model"])
     if has_tables:
-        save_script(script(VectorInputModel(load_model(checkpoint))), paths["vectors_model"])
+        save_script(script(VectorInputModel(shared_copy(eager))), paths["vectors_model"])
 
     parity_batch = data.batch(np.asarray(cache.split_index("eval"))[: cfg.parity_rows])
     inputs = parity_batch.inputs()

@@ -351,3 +351,19 @@ def test_snapshots_hold_what_training_changes_and_are_reused(table_files, varian
                 p.mul_(3.0)
     ranker.restore(second)
     assert all(torch.equal(v, moved[k]) for k, v in model.state_dict().items())
+
+
+def test_shared_copy_is_other_modules_over_the_same_tensors(table_files):
+    """serving.export wraps and quantizes a shared copy: no weight is copied, no module is shared."""
+    from ranking.model import shared_copy
+
+    _, product, query = table_files
+    spec = _spec(product, query)
+    model = build_model("dcn_pq_hist", spec, SMALL, build_tables(get_variant("dcn_pq_hist"), spec, (product, query))).eval()
+    copy = shared_copy(model).eval()
+    assert copy.table_tower.tables is not model.table_tower.tables
+    original, copied = model.state_dict(), copy.state_dict()
+    assert original.keys() == copied.keys()
+    assert all(original[k].data_ptr() == copied[k].data_ptr() for k in original)
+    with torch.no_grad():
+        assert torch.equal(PlainInputModel(copy)(*_inputs()), PlainInputModel(model)(*_inputs()))
