@@ -130,11 +130,14 @@ def relevance_matrix(pairs: pd.DataFrame, queries: Sequence[str], product_ids: n
 
 
 def top_k_products(query_vecs: np.ndarray, product_vecs: np.ndarray, k: int = TOP_K,
-                   chunk_size: int = 1024) -> np.ndarray:
+                   chunk_scores: int = 1 << 24) -> np.ndarray:
     """``[Q, k]`` product indices by decreasing cosine (inner product of unit vectors); ties go to
-    the lower index. Computed in chunks of queries to bound memory."""
+    the lower index. Computed in chunks of queries of about ``chunk_scores`` scores each, so the
+    memory it takes (about 20 bytes a score: the scores, their negation and the partition's
+    indices) is bounded whatever the catalog size."""
     k = min(k, product_vecs.shape[0])
     out = np.empty((query_vecs.shape[0], k), dtype=np.int64)
+    chunk_size = max(1, chunk_scores // max(1, product_vecs.shape[0]))
     for start in range(0, query_vecs.shape[0], chunk_size):
         scores = query_vecs[start:start + chunk_size] @ product_vecs.T
         candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \

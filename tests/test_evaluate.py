@@ -46,6 +46,14 @@ def test_top_k_orders_by_cosine_and_breaks_ties_by_index():
     assert top_k_products(QUERIES, PRODUCTS, k=10).shape == (3, 4)  # k capped at P
 
 
+def test_top_k_chunks_bound_the_scores_not_the_result():
+    rng = np.random.default_rng(0)
+    queries, products = unit(rng.normal(size=(50, 8))), unit(rng.normal(size=(300, 8)))
+    whole = top_k_products(queries, products, k=10, chunk_scores=50 * 300)
+    for chunk_scores in (1, 299, 301, 7 * 300):  # one query a chunk (fewer scores than products), 1, 7
+        np.testing.assert_array_equal(top_k_products(queries, products, k=10, chunk_scores=chunk_scores), whole)
+
+
 def test_retrieval_metrics_match_hand_computed_values():
     metrics = retrieval_metrics(QUERIES, PRODUCTS, LABELS, k=2)
     # q0: labels [2, 0] -> graded 2/4, 1 hit of 2 relevant; q1: labels [0, 1] -> graded 1/4, 1 hit of 2
