@@ -15,7 +15,7 @@ from common.io import read_json
 from data.schema import read_table
 from data.text import normalize_query
 from embeddings import evaluate, export, tables, train
-from embeddings.evaluate import (downsample_label, judged_ranking_metrics, oracle_retrieval, relative_gain,
+from embeddings.evaluate import (downsample_label, judged_ranking_metrics, oracle_retrieval, pair_cosines, relative_gain,
                                  relevance_matrix,
                                  retrieval_metrics, split_settings,
                                  top_k_products, train_probe)
@@ -44,6 +44,15 @@ def test_top_k_orders_by_cosine_and_breaks_ties_by_index():
     tied = top_k_products(unit([[1, 0]]), unit([[0, 1], [1, 0], [0, -1], [1, 0]]), k=3)
     assert tied.tolist() == [[1, 3, 0]]
     assert top_k_products(QUERIES, PRODUCTS, k=10).shape == (3, 4)  # k capped at P
+
+
+def test_pair_cosines_in_chunks_are_the_cosines_of_the_pairs():
+    rng = np.random.default_rng(1)
+    queries, products = unit(rng.normal(size=(40, 8))), unit(rng.normal(size=(60, 8)))
+    pair_query, pair_product = rng.integers(0, 40, 500), rng.integers(0, 60, 500)
+    whole = np.einsum("nd,nd->n", queries[pair_query], products[pair_product])
+    for chunk in (1, 7, 500, 1 << 16):
+        np.testing.assert_array_equal(pair_cosines(queries, products, pair_query, pair_product, chunk), whole)
 
 
 def test_top_k_chunks_bound_the_scores_not_the_result():
