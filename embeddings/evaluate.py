@@ -248,9 +248,16 @@ def relative_gain(ours: np.ndarray, baseline: np.ndarray, seed: int, n_resamples
     ours, baseline = np.asarray(ours, np.float64), np.asarray(baseline, np.float64)
     if ours.shape != baseline.shape or ours.ndim != 1 or len(ours) == 0:
         raise ValueError(f"paired per-query scores must be two [Q] arrays, got {ours.shape} and {baseline.shape}")
-    rows = np.random.default_rng(seed).integers(0, len(ours), size=(n_resamples, len(ours)))
-    base = baseline[rows].mean(axis=1)
-    gains = ours[rows].mean(axis=1) / np.where(base > 0, base, np.nan) - 1.0
+    # the resampled rows as int32 (the same draws as int64, half the memory) and their means a
+    # block of resamples at a time: the gathered scores of every resample at once took 32 bytes
+    # per resample and query (1.5 GB for 32,000 queries)
+    rows = np.random.default_rng(seed).integers(0, len(ours), size=(n_resamples, len(ours)), dtype=np.int32)
+    base, mean_ours = np.empty(n_resamples), np.empty(n_resamples)
+    block = max(1, (1 << 22) // len(ours))
+    for start in range(0, n_resamples, block):
+        base[start:start + block] = baseline[rows[start:start + block]].mean(axis=1)
+        mean_ours[start:start + block] = ours[rows[start:start + block]].mean(axis=1)
+    gains = mean_ours / np.where(base > 0, base, np.nan) - 1.0
     low, high = np.nanpercentile(gains, [2.5, 97.5])
     return {"relative": float(ours.mean() / baseline.mean() - 1.0) if baseline.mean() > 0 else None,
             "ci95": [float(low), float(high)]}
