@@ -372,7 +372,8 @@ def pair_cosines(query_vecs: np.ndarray, product_vecs: np.ndarray, pair_query: n
 
 
 def judged_ranking_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, pair_query: np.ndarray,
-                           pair_product: np.ndarray, pair_label: np.ndarray, k: int = TOP_K) -> dict[str, float]:
+                           pair_product: np.ndarray, pair_label: np.ndarray, k: int = TOP_K,
+                           top: np.ndarray | None = None) -> dict[str, float]:
     """Ranking of each query's judged candidates only (condensed lists, Sakai 2007).
 
     Full-catalog retrieval (:func:`retrieval_metrics`) counts every unjudged product as IR, so with
@@ -384,6 +385,8 @@ def judged_ranking_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, pai
         pair_query, pair_product: ``[n]`` row indices into them of the labelled pairs (one row per
             pair); pair_label: ``[n]`` labels (0 IR, 1 MR, 2 HR).
         k: nDCG cut-off.
+        top: the full-catalog top ``k`` of every query (``[Q, k]``, :meth:`Rankings.top`) when
+            already ranked; computed here otherwise.
 
     Returns ``ndcg_at_{k}`` (gain ``2**label - 1``, ``log2`` discount, mean over queries with an
     MR/HR pair; cosine ties broken by pair order), ``auc_relevant_vs_ir`` (ROC AUC of cosine for
@@ -410,7 +413,8 @@ def judged_ranking_metrics(query_vecs: np.ndarray, product_vecs: np.ndarray, pai
     relevant = pair_label >= MR
     auc = float(roc_auc_score(relevant, cosine)) if 0 < relevant.sum() < len(relevant) else float("nan")
     scored = np.unique(frame["q"].to_numpy())
-    top = top_k_products(np.asarray(query_vecs, np.float32)[scored], np.asarray(product_vecs, np.float32), k)
+    top = (top[scored] if top is not None else
+           top_k_products(np.asarray(query_vecs, np.float32)[scored], np.asarray(product_vecs, np.float32), k))
     n_products = np.int64(product_vecs.shape[0])
     judged = np.isin(scored[:, None] * n_products + top, pair_query.astype(np.int64) * n_products + pair_product)
     return {f"ndcg_at_{k}": float(ndcg.mean()), "auc_relevant_vs_ir": auc,
@@ -910,7 +914,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     labels = relevance_matrix(pairs, queries, product_ids)
     rankings = Rankings(vectors)  # each system's top 10 per candidate pool, computed once
     retrieval = {name: rankings.metrics(name, labels) for name in tqdm(RETRIEVAL_VECTORS, desc="retrieval")}
-    retrieval_judged = {name: judged_ranking_metrics(vectors[q], vectors[p], pair_query, pair_product, pair_label)
+    retrieval_judged = {name: judged_ranking_metrics(vectors[q], vectors[p], pair_query, pair_product, pair_label,
+                                                     rankings.k, rankings.top(name))
                         for name, (q, p) in RETRIEVAL_VECTORS.items()}
     complete = complete_judgments(workdir, queries, product_ids)
     retrieval_complete = ({name: rankings.metrics(name, complete) for name in RETRIEVAL_VECTORS}

@@ -137,6 +137,9 @@ def test_judged_ranking_ranks_labelled_candidates_only():
     cut = judged_ranking_metrics(QUERIES, PRODUCTS, pair_query, pair_product, pair_label, k=2)
     # top 2: q0 -> p0 (judged), p1 (not); q1 -> p2 (not), p1 (judged)
     assert cut["ndcg_at_2"] == pytest.approx((1 + 1 / ideal_q1) / 2) and cut["judged_share_of_top_2"] == 0.5
+    # the shared full-catalog rankings give the same metrics as ranking here
+    ranked = top_k_products(QUERIES, PRODUCTS, k=2)
+    assert judged_ranking_metrics(QUERIES, PRODUCTS, pair_query, pair_product, pair_label, k=2, top=ranked) == cut
     with pytest.raises(ValueError, match="no query has an MR or HR pair"):
         judged_ranking_metrics(QUERIES, PRODUCTS, pair_query[6:], pair_product[6:], pair_label[6:])
 
