@@ -427,7 +427,7 @@ def model_from_state(variant: Variant, spec: FeatureSpec, config: RankerConfig,
                      state: dict[str, torch.Tensor]) -> RankingModel:
     """``variant`` for ``spec`` holding the tensors of ``state`` (a complete ``state_dict``) as its
     weights, not copies: the tables are never allocated twice (their placeholders are on the meta
-    device), and a state read with ``torch.load(mmap=True)`` stays in the file's pages."""
+    device), and a state read with ``torch.load(weights_only=True, mmap=True)`` stays in the file's pages."""
     model = build_model(variant, spec, config, build_tables(variant, spec))
     model.load_state_dict(state, assign=True)
     return model
