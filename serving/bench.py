@@ -248,7 +248,7 @@ def bench_recommend_paths(cfg: ServingBenchConfig, scorer: Scorer, store: Vector
     except FunnelUnavailable as exc:
         return {"skipped": str(exc)}
     request_model = build_recommend_request_model(scorer.spec, scorer.manifest["features"], cfg.funnel_candidates)
-    bodies = funnel_requests(cfg, cache, scorer, np.random.default_rng([cfg.seed, 3]))["recommend"]
+    bodies = recommend_requests(cfg, cache, scorer, np.random.default_rng([cfg.seed, 3]))
     parsed = [request_model.model_validate(b) for b in bodies]
 
     def candidates(i: int) -> EncodedRequest:
@@ -558,25 +558,33 @@ def timed_requests(service: ServiceProcess, path: str, bodies: list[bytes], coun
     return out
 
 
-def funnel_requests(cfg: ServingBenchConfig, cache: ImpressionCache, scorer: Scorer,
-                    rng: np.random.Generator) -> dict[str, list[dict]]:
-    """JSON bodies of the funnel rows (see the module docstring): ``retrieve`` (queries of the query
-    table), ``retrieve_encoded`` (catalog titles that are not) and ``recommend``."""
+def recommend_requests(cfg: ServingBenchConfig, cache: ImpressionCache, scorer: Scorer,
+                       rng: np.random.Generator) -> list[dict]:
+    """JSON bodies of ``POST /recommend``: the user, query, time and request features of
+    :data:`REQUEST_POOL` evaluation-week impressions drawn from ``rng``."""
     eval_rows = np.asarray(cache.split_index("eval"))
     cols, queries, spec = cache.columns, cache.queries, scorer.spec
     split = scorer.manifest["features"]
-    known = read_table_id_map(embedding_table_path(cfg.workdir, "query"))
     names = {"dense": spec.dense_names, "sparse": spec.sparse_names}
     convert = {"dense": float, "sparse": int}
-    recommend, in_table = [], []
+    recommend = []
     for anchor in rng.choice(eval_rows, size=REQUEST_POOL):
-        query = queries[int(cols["query_code"][anchor])]
         features = {kind: {e["field"]: convert[kind](cols[kind][anchor, names[kind].index(e["column"])])
                            for e in split["request"] if e["kind"] == kind} for kind in ("dense", "sparse")}
-        recommend.append({"user_id": int(cols["user_id"][anchor]), "query": query, "now": int(cols["ts"][anchor]),
-                          "k": cfg.funnel_k, "candidates_n": cfg.funnel_candidates, "features": features})
-        if query in known:
-            in_table.append({"query": query, "k": cfg.funnel_k})
+        recommend.append({"user_id": int(cols["user_id"][anchor]), "query": queries[int(cols["query_code"][anchor])],
+                          "now": int(cols["ts"][anchor]), "k": cfg.funnel_k, "candidates_n": cfg.funnel_candidates,
+                          "features": features})
+    return recommend
+
+
+def funnel_requests(cfg: ServingBenchConfig, cache: ImpressionCache, scorer: Scorer,
+                    rng: np.random.Generator) -> dict[str, list[dict]]:
+    """JSON bodies of the funnel rows (see the module docstring): ``recommend``
+    (:func:`recommend_requests`), ``retrieve`` (their queries that the query table holds) and
+    ``retrieve_encoded`` (catalog titles that it does not)."""
+    recommend = recommend_requests(cfg, cache, scorer, rng)
+    known = read_table_id_map(embedding_table_path(cfg.workdir, "query"))
+    in_table = [{"query": body["query"], "k": cfg.funnel_k} for body in recommend if body["query"] in known]
     titles = pq.read_table(Path(cfg.workdir) / "data" / "catalog.parquet", columns=["title"]).column(0).to_pylist()
     new = [t for t in rng.permutation(np.array(titles, dtype=object)).tolist() if normalize_query(t) not in known]
     return {"retrieve": in_table, "retrieve_encoded": [{"query": t, "k": cfg.funnel_k} for t in new[:REQUEST_POOL]],
