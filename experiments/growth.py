@@ -3,7 +3,7 @@
 Reads the scale runs under ``DIR`` (each ``DIR/<name>/reproduce.json`` written by
 ``python -m experiments.reproduce --workdir DIR/<name> --source synth:paper --scale F``) and
 writes ``DIR/growth.json`` and ``DIR/growth.md``: one row per command, its wall time and peak
-resident memory at each measured fraction F of the paper's sizes, and, at a target fraction that
+memory (:func:`experiments.report.peak_memory`) at each measured fraction F of the paper's sizes, and, at a target fraction that
 was not measured (``--target``, default 1.0), the value of the least-squares line
 ``cost = a + b * F`` through the measured points. A line is what the stages promise (cost linear in
 the data); the table also shows how far the measured points stray from it, and marks a peak that
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
 from common.io import read_json, write_json, write_text
 from data.schema import table_path
-from experiments.report import format_bytes, format_duration
+from experiments.report import format_bytes, format_duration, peak_memory
 
 log = logging.getLogger("experiments.growth")
 
@@ -39,7 +39,7 @@ class GrowthConfig:
                 "growth.json and growth.md are written here"})
     target: float = field(default=1.0, metadata={"help": "fraction of the paper's sizes to extrapolate to when no "
                                                          "run measured it", "gt": 0.0, "max": 1.0})
-    memory_limit_gb: float = field(default=12.0, metadata={"help": "peak resident memory a command must stay under "
+    memory_limit_gb: float = field(default=12.0, metadata={"help": "peak memory a command must stay under "
                                                                    "at the target fraction", "gt": 0.0})
 
 
@@ -66,7 +66,7 @@ def read_run(directory: Path) -> ScaleRun:
         for cost in stage_costs:
             module = cost["command"].split()[2]  # "python -m <module> ..."
             seconds, peak = costs.get(module, (0.0, 0))
-            costs[module] = (seconds + float(cost["seconds"]), max(peak, int(cost["peak_rss_bytes"])))
+            costs[module] = (seconds + float(cost["seconds"]), max(peak, peak_memory(cost)))
     rows = {name: pq.ParquetFile(table_path(directory, name)).metadata.num_rows for name in ROWS
             if table_path(directory, name).exists()}
     scale = config.get("scale")
@@ -93,12 +93,12 @@ def growth(runs: Sequence[ScaleRun], target: float, memory_limit_bytes: float) -
     commands = {}
     for module in modules:
         points = [(r.fraction, *r.costs[module]) for r in runs if module in r.costs]
-        entry = {"measured": [{"fraction": f, "seconds": s, "peak_rss_bytes": b} for f, s, b in points]}
+        entry = {"measured": [{"fraction": f, "seconds": s, "peak_memory_bytes": b} for f, s, b in points]}
         if not measured_target:
             fractions = [p[0] for p in points]
             seconds, seconds_miss = fit_line(fractions, [p[1] for p in points], target)
             peak, peak_miss = fit_line(fractions, [p[2] for p in points], target)
-            entry["line"] = {"fraction": target, "seconds": max(seconds, 0.0), "peak_rss_bytes": max(peak, 0.0),
+            entry["line"] = {"fraction": target, "seconds": max(seconds, 0.0), "peak_memory_bytes": max(peak, 0.0),
                              "seconds_miss": seconds_miss, "peak_miss": peak_miss,
                              "over_memory_limit": peak > memory_limit_bytes}
         commands[module] = entry
@@ -113,7 +113,8 @@ def markdown(result: dict) -> str:
     target = result["target"]
     head = ["command"] + [f"F = {r['fraction']:g}" for r in runs] + ([f"F = {target:g} (line)"] if line else [])
     lines = ["# Cost as the data grows", "",
-             "Wall time / peak resident memory (the command's whole process tree) of each command of a scale run "
+             "Wall time / peak memory (the command's whole process tree: its processes' proportional sets summed, "
+             "a shared page counted once, never less than its largest process's resident set) of each command of a scale run "
              "(`python -m experiments.reproduce --source synth:paper --scale F`). "
              + ("The last column is the least-squares line `a + b F` through the measured points, in brackets the "
                 "largest relative miss of that line at a measured point (time, memory); "
@@ -126,10 +127,10 @@ def markdown(result: dict) -> str:
         cells = [f"`{module}`"]
         for r in runs:
             m = by_fraction.get(r["fraction"])
-            cells.append(f"{format_duration(m['seconds'])} / {format_bytes(m['peak_rss_bytes'])}" if m else "—")
+            cells.append(f"{format_duration(m['seconds'])} / {format_bytes(m['peak_memory_bytes'])}" if m else "—")
         if line:
             fit = entry["line"]
-            cells.append(f"{format_duration(fit['seconds'])} / {format_bytes(int(fit['peak_rss_bytes']))}"
+            cells.append(f"{format_duration(fit['seconds'])} / {format_bytes(int(fit['peak_memory_bytes']))}"
                          f"{' **over**' if fit['over_memory_limit'] else ''} "
                          f"({fit['seconds_miss']:.0%}, {fit['peak_miss']:.0%})")
         lines.append("| " + " | ".join(cells) + " |")

@@ -355,20 +355,26 @@ def cost_section(root: Path) -> str:
     costs = (record or {}).get("command_costs")
     if not costs:
         return head + "\nNo command costs in `reproduce.json` (written by `python -m experiments.reproduce`).\n"
-    rows = [[stage, f"`{c['command'].split()[2]}`", format_duration(c["seconds"]), format_bytes(c["peak_rss_bytes"]),
+    rows = [[stage, f"`{c['command'].split()[2]}`", format_duration(c["seconds"]), format_bytes(peak_memory(c)),
              format_bytes(c["max_process_rss_bytes"]), f"{c['load_average']:.1f}"]
             for stage, stage_costs in costs.items() for c in stage_costs]
     every = [c for stage_costs in costs.values() for c in stage_costs]
-    top = max(every, key=lambda c: c["peak_rss_bytes"])
-    rows.append(["**all**", "", format_duration(sum(c["seconds"] for c in every)),
-                 format_bytes(top["peak_rss_bytes"]), "", ""])
+    top = max(every, key=peak_memory)
+    rows.append(["**all**", "", format_duration(sum(c["seconds"] for c in every)), format_bytes(peak_memory(top)), "", ""])
     return (head + "\nEach command of this invocation of `experiments.reproduce` (a command that found its outputs "
-            "complete only checked them). Peak RSS: the most resident memory the command's process tree held at "
-            "once (sampled every 0.5 s, a page shared by several processes counted in each); largest process: the "
-            "kernel's high-water mark of its largest single process; load: the mean 1-minute load average while "
-            f"it ran, on {record.get('cpus', '?')} CPUs.\n\n"
-            + _table(["stage", "command", "wall time", "peak RSS", "largest process", "load"], rows)
-            + f"\n\nThe most memory: `{top['command'].split()[2]}`, {format_bytes(top['peak_rss_bytes'])}.\n")
+            "complete only checked them). Peak memory: the most memory the command's process tree held at once "
+            "(sampled every 0.5 s: the sum of its processes' proportional sets, a page shared by n processes "
+            "counted 1/n in each, and never less than its largest process); largest process: the kernel's "
+            "high-water mark of the resident set of its largest single process; load: the mean 1-minute load "
+            f"average while it ran, on {record.get('cpus', '?')} CPUs.\n\n"
+            + _table(["stage", "command", "wall time", "peak memory", "largest process", "load"], rows)
+            + f"\n\nThe most memory: `{top['command'].split()[2]}`, {format_bytes(peak_memory(top))}.\n")
+
+
+def peak_memory(cost: dict) -> int:
+    """The peak memory of one recorded command cost (``reproduce.json``): its ``peak_memory_bytes``
+    (proportional sets), or for a record made before that field, its summed resident sets."""
+    return int(cost.get("peak_memory_bytes") or cost["peak_rss_bytes"])
 
 
 def plots_section(root: Path) -> str:

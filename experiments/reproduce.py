@@ -20,11 +20,14 @@ When stderr is not a terminal (CI, a pipe) the live line becomes at most one pro
 30 s.
 
 What each command cost goes to ``DIR/reproduce.json`` (``command_costs``) and the report's Cost
-section: its wall time, its peak resident memory and the machine's load meanwhile
-(:class:`CommandCost`). The peak is per command, never a running maximum over the commands before
-it: each command runs under a small wrapper process (:data:`MEASURED`) that reports the kernel's
-high-water mark of the largest single process among the command and the descendants it waited
-for, and the whole process tree's total (workers and servers together) is sampled every 0.5 s.
+section: its wall time, its peak memory and the machine's load meanwhile (:class:`CommandCost`).
+The peak is per command, never a running maximum over the commands before it: each command runs
+under a small wrapper process (:data:`MEASURED`) that reports the kernel's high-water mark of the
+largest single process among the command and the descendants it waited for, and the whole
+process tree (workers and servers together) is sampled every 0.5 s. The tree's memory is the sum
+of its processes' proportional sets (PSS: a page that n processes share, a mapped file or a
+shared tensor, counts 1/n in each); the summed resident sets (RSS, such a page counted n times)
+are recorded beside it.
 """
 from __future__ import annotations
 
@@ -292,6 +295,10 @@ class CommandCost:
     # process and the descendants it waited for), exact however briefly it was reached
     max_process_rss_bytes: int
     load_average: float  # the mean of the machine's 1-minute load average, sampled while it ran
+    # the most memory the tree held at once: the sampled sum of its processes' proportional sets
+    # (a page shared by n processes counts 1/n in each, so a file or tensor that workers map
+    # together counts once), and never less than max_process_rss_bytes
+    peak_memory_bytes: int = 0
 
 
 # Runs as ``python -I -S -c MEASURED FD ARGV...``: runs ARGV, writes the largest resident set (KiB)
@@ -315,12 +322,14 @@ sys.exit(code)
 
 
 class TreeSampler:
-    """Samples the summed resident memory of a process's descendants, and the machine's load."""
+    """Samples the summed resident (RSS) and proportional (PSS) memory of a process's descendants,
+    and the machine's load."""
 
     def __init__(self, pid: int, interval_s: float = 0.5) -> None:
         self.root = psutil.Process(pid)
         self.interval_s = interval_s
         self.peak_rss_bytes = 0
+        self.peak_pss_bytes = 0
         self.loads = [os.getloadavg()[0]]
         self._sampled_at = time.monotonic()  # the process tree is first sampled after one interval
 
@@ -335,13 +344,16 @@ class TreeSampler:
             processes = self.root.children(recursive=True)
         except psutil.NoSuchProcess:  # the command has exited
             return
-        total = 0
+        rss = pss = 0
         for process in processes:
             try:
-                total += process.memory_info().rss
+                memory = process.memory_full_info()  # /proc/PID/smaps_rollup
             except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone (or a zombie) since the listing
-                pass
-        self.peak_rss_bytes = max(self.peak_rss_bytes, total)
+                continue
+            rss += memory.rss
+            pss += memory.pss
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
 
 
 def run_command(argv: list[str], sink: BinaryIO, console: Console) -> CommandCost:
@@ -379,7 +391,8 @@ def run_command(argv: list[str], sink: BinaryIO, console: Console) -> CommandCos
         max_rss = int(os.read(report_reader, 64) or 0) * 1024  # nothing when the wrapper itself was killed
         return CommandCost(exit_code=code, seconds=time.perf_counter() - start,
                            peak_rss_bytes=max(sampler.peak_rss_bytes, max_rss), max_process_rss_bytes=max_rss,
-                           load_average=sum(sampler.loads) / len(sampler.loads))
+                           load_average=sum(sampler.loads) / len(sampler.loads),
+                           peak_memory_bytes=max(sampler.peak_pss_bytes, max_rss))
     finally:
         os.close(reader)
         os.close(report_reader)
@@ -423,9 +436,9 @@ def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> l
             sink.write(f"$ {shlex.join(argv)}\n".encode())
             sink.flush()
             cost = run_command(argv, sink, console)
-            sink.write(f"\n# exit {cost.exit_code} after {cost.seconds:.1f} s, peak RSS "
-                       f"{format_bytes(cost.peak_rss_bytes)}\n".encode())
-        took = f"{format_duration(cost.seconds)}, peak RSS {format_bytes(cost.peak_rss_bytes)}"
+            sink.write(f"\n# exit {cost.exit_code} after {cost.seconds:.1f} s, peak memory "
+                       f"{format_bytes(cost.peak_memory_bytes)} (summed RSS {format_bytes(cost.peak_rss_bytes)})\n".encode())
+        took = f"{format_duration(cost.seconds)}, peak memory {format_bytes(cost.peak_memory_bytes)}"
         if cost.exit_code != 0:
             console.say(f"[{label}] {cmd[0]} failed ({exit_reason(cost.exit_code)}) after {took}")
             raise UserError(f"stage {stage.name} failed ({cmd[0]}, {exit_reason(cost.exit_code)}); see {log_path}: "

@@ -21,8 +21,9 @@ def scale_run(root: Path, name: str, scale: float | None, costs: dict[str, tuple
     directory = root / name
     (directory / "data").mkdir(parents=True)
     pq.write_table(pa.table({"product_id": list(range(int(100 * (scale or 1.0))))}), directory / "data" / "catalog.parquet")
+    # data.synth as reproduce.json records it now; ranking.train as a record made before peak_memory_bytes
     commands = {"data": [{"command": "python -m data.synth --profile paper", "seconds": costs["data.synth"][0],
-                          "peak_rss_bytes": costs["data.synth"][1]}],
+                          "peak_memory_bytes": costs["data.synth"][1], "peak_rss_bytes": 3 * costs["data.synth"][1]}],
                 "ranking": [{"command": "python -m ranking.train --variant all", "seconds": costs["ranking.train"][0],
                              "peak_rss_bytes": costs["ranking.train"][1]}]}
     (directory / "reproduce.json").write_text(json.dumps({"config": {"source": source, "scale": scale},
@@ -37,10 +38,11 @@ def test_line_through_the_measured_runs_reaches_the_target(tmp_path):
     result = growth.main(["--workdir", str(tmp_path)])
     assert [r["fraction"] for r in result["runs"]] == [0.01, 0.1, 0.2] and result["runs"][0]["rows"] == {"catalog": 1}
     synth = result["commands"]["data.synth"]["line"]
-    assert synth["seconds"] == pytest.approx(110.0) and synth["peak_rss_bytes"] == pytest.approx(21e9)
+    assert synth["seconds"] == pytest.approx(110.0) and synth["peak_memory_bytes"] == pytest.approx(21e9)
     assert synth["over_memory_limit"] and synth["seconds_miss"] < 1e-9
     flat = result["commands"]["ranking.train"]["line"]
-    assert flat["seconds"] == pytest.approx(5.0) and not flat["over_memory_limit"]
+    assert flat["seconds"] == pytest.approx(5.0) and flat["peak_memory_bytes"] == pytest.approx(0.5e9)
+    assert not flat["over_memory_limit"]
     table = (tmp_path / "growth.md").read_text()
     assert "| `data.synth` | 11.0 s / 1.20 GB | 20.0 s / 3.00 GB | 30.0 s / 5.00 GB | 1 min 50 s / 21.00 GB **over**" in table
     assert json.loads((tmp_path / "growth.json").read_text())["target"] == 1.0

@@ -55,9 +55,11 @@ def test_each_commands_wall_time_and_peak_memory_are_recorded_and_reported(tiny_
         for cost in stage_costs:
             assert cost["seconds"] > 0 and cost["load_average"] >= 0
             assert 20e6 < cost["max_process_rss_bytes"] <= cost["peak_rss_bytes"] < 16e9  # a Python process
+            assert cost["max_process_rss_bytes"] <= cost["peak_memory_bytes"] <= cost["peak_rss_bytes"]
             assert f"| {stage} | `{cost['command'].split()[2]}` |" in report
     # ranking.train's worker processes are part of its tree; their own memory is counted
     assert costs["ranking"][0]["peak_rss_bytes"] > costs["data"][0]["peak_rss_bytes"]
+    assert costs["ranking"][0]["peak_memory_bytes"] > costs["data"][0]["peak_memory_bytes"]
 
 
 def test_rerun_skips_complete_stages_and_publish_copies_plots(tiny_run: Path, tmp_path: Path) -> None:
@@ -211,9 +213,27 @@ def test_peak_memory_is_per_command_and_counts_the_whole_process_tree(tmp_path: 
     small = reproduce.run_command([sys.executable, "-c", "pass"], io.BytesIO(), console)
     assert big.exit_code == 3 and small.exit_code == 0
     assert 150e6 < big.max_process_rss_bytes < 250e6
-    assert big.peak_rss_bytes > 300e6
+    assert big.peak_rss_bytes > 300e6 and big.peak_memory_bytes > 300e6  # private pages: PSS = RSS
     assert small.peak_rss_bytes < 100e6 and small.max_process_rss_bytes < 100e6
+    assert small.max_process_rss_bytes <= small.peak_memory_bytes < 100e6
     assert big.seconds > 1.5 and big.load_average >= 0
+
+
+def test_pages_that_processes_share_count_once_in_the_peak_memory(tmp_path: Path) -> None:
+    """Two processes reading the same 200 MB mapped file: their resident sets hold it twice, the
+    peak memory (proportional sets) once."""
+    data = tmp_path / "shared.bin"
+    data.write_bytes(b"\1" * 200_000_000)
+    (tmp_path / "map.py").write_text(f"import mmap, time\nf = open({str(data)!r}, 'rb')\n"
+                                     "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+                                     "sum(m[i] for i in range(0, len(m), 4096))\ntime.sleep(2.0)\n")
+    (tmp_path / "two.py").write_text(f"import subprocess, sys\nmaps = [subprocess.Popen([sys.executable, "
+                                     f"{str(tmp_path / 'map.py')!r}]) for _ in range(2)]\n"
+                                     "assert all(p.wait() == 0 for p in maps)\n")
+    cost = reproduce.run_command([sys.executable, str(tmp_path / "two.py")], io.BytesIO(),
+                                 reproduce.Console(io.StringIO(), live=False))
+    assert cost.exit_code == 0 and cost.peak_rss_bytes > 400e6
+    assert 200e6 < cost.peak_memory_bytes < 300e6
 
 
 def test_scale_preset_and_scale_flag() -> None:
