@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -131,12 +131,14 @@ def _open_table(path: Path, kind: TableKind | None) -> tuple[pq.ParquetFile, Tab
     return parquet, file_kind, meta
 
 
-def read_embedding_table(path: str | Path, kind: TableKind | None = None) -> EmbeddingTable:
+def read_embedding_table(path: str | Path, kind: TableKind | None = None,
+                         allocate: Callable[[tuple[int, int]], np.ndarray] | None = None) -> EmbeddingTable:
     """Read and check a table file; errors name the file and what was expected.
 
-    The vectors are decoded one row group at a time into one writable ``[R, d]`` float32 array:
-    decoding a whole list column at once takes several times its size in scratch memory (its
-    levels and pages), and Arrow's allocator would keep that scratch afterwards.
+    The vectors are decoded one row group at a time into one writable ``[R, d]`` float32 array,
+    ``allocate((R, d))`` when given (e.g. a memory-mapped file), else a new one: decoding a whole
+    list column at once takes several times its size in scratch memory (its levels and pages),
+    and Arrow's allocator would keep that scratch afterwards.
     """
     path = Path(path)
     parquet, file_kind, meta = _open_table(path, kind)
@@ -144,16 +146,23 @@ def read_embedding_table(path: str | Path, kind: TableKind | None = None) -> Emb
     vec_type = schema.field("vector").type
     if not pa.types.is_fixed_size_list(vec_type):
         raise SchemaError(path, "vector", f"expected fixed_size_list<float32>, got {vec_type}")
-    vectors = np.empty((parquet.metadata.num_rows, vec_type.list_size), np.float32)
+    shape = (parquet.metadata.num_rows, vec_type.list_size)
+    vectors = allocate(shape) if allocate is not None else np.empty(shape, np.float32)
+    if vectors.shape != shape or vectors.dtype != np.float32:
+        raise ValueError(f"allocate{shape} gave a {vectors.dtype} array of shape {vectors.shape}")
     start = 0
     for group in range(parquet.metadata.num_row_groups):
         start = _read_vectors(parquet, group, vectors, start, path)
         pa.default_memory_pool().release_unused()  # the group's buffers are gone by now
     if np.any(vectors[UNKNOWN_ROW] != 0):
         raise SchemaError(path, "vector", "row 0 (unknown ids) must be all zeros")
-    keys = parquet.read(columns=[KEY_COLUMN[file_kind]]).column(0).to_pylist()
+    return EmbeddingTable(file_kind, _read_keys(parquet, file_kind), vectors, meta.get("dashrec.source", ""))
+
+
+def _read_keys(parquet: pq.ParquetFile, kind: TableKind) -> list:
+    keys = parquet.read(columns=[KEY_COLUMN[kind]]).column(0).to_pylist()
     pa.default_memory_pool().release_unused()
-    return EmbeddingTable(file_kind, keys, vectors, meta.get("dashrec.source", ""))
+    return keys
 
 
 def _read_vectors(parquet: pq.ParquetFile, group: int, out: np.ndarray, start: int, path: Path) -> int:
@@ -166,10 +175,16 @@ def _read_vectors(parquet: pq.ParquetFile, group: int, out: np.ndarray, start: i
     return start
 
 
+def read_table_keys(path: str | Path, kind: TableKind | None = None) -> tuple[TableKind, list, str]:
+    """``(kind, keys, source)`` of a table file (``keys[0]``, the unknown row's, is None); reads the
+    key column alone."""
+    parquet, file_kind, meta = _open_table(Path(path), kind)
+    return file_kind, _read_keys(parquet, file_kind), meta.get("dashrec.source", "")
+
+
 def read_table_id_map(path: str | Path, kind: TableKind | None = None) -> dict:
     """key -> row id of a table file (row 0, the unknown row, is not in the map); reads the keys alone."""
-    parquet, file_kind, _ = _open_table(Path(path), kind)
-    return id_map(parquet.read(columns=[KEY_COLUMN[file_kind]]).column(0).to_pylist())
+    return id_map(read_table_keys(path, kind)[1])
 
 
 def id_map(keys: Sequence) -> dict:

@@ -363,7 +363,7 @@ def cost_section(root: Path) -> str:
     rows.append(["**all**", "", format_duration(sum(c["seconds"] for c in every)), format_bytes(peak_memory(top)), "", ""])
     return (head + "\nEach command of this invocation of `experiments.reproduce` (a command that found its outputs "
             "complete only checked them). Peak memory: the most memory the command's process tree held at once "
-            "(sampled every 0.5 s: the sum of its processes' proportional sets, a page shared by n processes "
+            "(sampled: the sum of its processes' proportional sets, a page shared by n processes "
             "counted 1/n in each, and never less than its largest process); largest process: the kernel's "
             "high-water mark of the resident set of its largest single process; load: the mean 1-minute load "
             f"average while it ran, on {record.get('cpus', '?')} CPUs.\n\n"

@@ -24,8 +24,8 @@ section: its wall time, its peak memory and the machine's load meanwhile (:class
 The peak is per command, never a running maximum over the commands before it: each command runs
 under a small wrapper process (:data:`MEASURED`) that reports the kernel's high-water mark of the
 largest single process among the command and the descendants it waited for, and the whole
-process tree (workers and servers together) is sampled every 0.5 s. The tree's memory is the sum
-of its processes' proportional sets (PSS: a page that n processes share, a mapped file or a
+process tree (workers and servers together) is sampled every 0.5 s (:class:`TreeSampler`). The
+tree's memory is the sum of its processes' proportional sets (PSS: a page that n processes share, a mapped file or a
 shared tensor, counts 1/n in each); the summed resident sets (RSS, such a page counted n times)
 are recorded beside it.
 """
@@ -323,15 +323,23 @@ sys.exit(code)
 
 class TreeSampler:
     """Samples the summed resident (RSS) and proportional (PSS) memory of a process's descendants,
-    and the machine's load."""
+    and the machine's load.
 
-    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+    RSS is read every ``interval_s``. PSS is read from ``/proc/PID/smaps_rollup``, which walks the
+    page tables and takes tens of ms for a process of a few GB: it is read at most every
+    ``interval_s`` and otherwise only as often as keeps its cost under ``pss_cpu_share`` of one
+    core, so the sampler does not slow the command it measures on a small machine.
+    """
+
+    def __init__(self, pid: int, interval_s: float = 0.5, pss_cpu_share: float = 0.02) -> None:
         self.root = psutil.Process(pid)
         self.interval_s = interval_s
+        self.pss_cpu_share = pss_cpu_share
         self.peak_rss_bytes = 0
         self.peak_pss_bytes = 0
         self.loads = [os.getloadavg()[0]]
         self._sampled_at = time.monotonic()  # the process tree is first sampled after one interval
+        self._pss_due = self._sampled_at
 
     def sample(self) -> None:
         """Take a sample when ``interval_s`` has passed since the last one."""
@@ -344,16 +352,20 @@ class TreeSampler:
             processes = self.root.children(recursive=True)
         except psutil.NoSuchProcess:  # the command has exited
             return
+        with_pss = now >= self._pss_due
         rss = pss = 0
         for process in processes:
             try:
-                memory = process.memory_full_info()  # /proc/PID/smaps_rollup
+                memory = process.memory_full_info() if with_pss else process.memory_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone (or a zombie) since the listing
                 continue
             rss += memory.rss
-            pss += memory.pss
+            pss += memory.pss if with_pss else 0
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
-        self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
+        if with_pss:
+            self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
+            took = time.monotonic() - now
+            self._pss_due = now + max(self.interval_s, took / self.pss_cpu_share)
 
 
 def run_command(argv: list[str], sink: BinaryIO, console: Console) -> CommandCost:

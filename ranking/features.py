@@ -32,7 +32,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -46,14 +46,17 @@ from data.dataset import input_hashes, table_rel
 from data.protocol import DAY_S, EVAL_DAYS, HISTORY_DAYS
 from data.schema import SchemaError, feature_columns, table_path, validate
 from data.text import normalize_query
-from embeddings.tables import EmbeddingTable
+from embeddings.tables import KEY_COLUMN, EmbeddingTable, embedding_table_path, read_table_keys
 from ranking import layout
+from ranking.tables import load_tables
 from ranking.spec import HISTORY_LEN, FeatureSpec, PurchaseIndex
 
 log = logging.getLogger(__name__)
 
 VALID_DAYS = 7  # the early-stopping hold-out: the last days before the evaluation week
 CACHE_VERSION = 1
+TABLE_CACHE_VERSION = 1
+TABLE_KINDS = ("product", "query")
 SPLITS = ("train", "eval", "fit", "valid")
 
 
@@ -105,29 +108,11 @@ class ImpressionCache:
     @classmethod
     def open(cls, workdir: str | Path, eval_days: int = EVAL_DAYS, batch_rows: int = 262_144) -> "ImpressionCache":
         """Reuse ``DIR/ranking/cache/<key>`` when complete, else build it (atomically) and remove
-        the caches of other keys (older impressions files)."""
+        the caches of other keys (older impressions files); see :func:`open_cached`."""
         key = cls.cache_key(workdir, eval_days)
         prepare_workdir(workdir, layout.CACHE_REL)
-        directory = layout.cache_dir(workdir, key)
-        if (directory / "meta.json").exists():
-            log.info("feature cache %s is complete; reusing it", directory)
-            return cls(directory)
-        tmp = temp_sibling(directory)
-        tmp.mkdir()
-        try:
-            _build_cache(workdir, tmp, key, eval_days, batch_rows)
-            try:
-                os.replace(tmp, directory)  # directories are renamed only when complete
-            except OSError:
-                if not (directory / "meta.json").exists():
-                    raise
-                log.info("another process completed %s first; using it", directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for stale in directory.parent.iterdir():  # caches of impressions files that are gone
-            if stale.is_dir() and stale != directory and not stale.name.startswith(".") and (stale / "meta.json").exists():
-                shutil.rmtree(stale, ignore_errors=True)
-        return cls(directory)
+        return cls(open_cached(layout.cache_dir(workdir, key),
+                               lambda out: _build_cache(workdir, out, key, eval_days, batch_rows)))
 
     def split_index(self, split: str, valid_days: int = VALID_DAYS) -> np.ndarray:
         """Row numbers of ``split``: ``train`` (before the evaluation week), ``eval`` (the last
@@ -139,6 +124,69 @@ class ImpressionCache:
         train = np.asarray(self.columns["train_index"])
         in_valid = self.columns["ts"][train] >= self.meta.eval_start_ts - valid_days * DAY_S
         return train[in_valid] if split == "valid" else train[~in_valid]
+
+
+def open_cached(directory: Path, build: Callable[[Path], None]) -> Path:
+    """``directory`` when it is complete (it holds ``meta.json``, written last), else built:
+    ``build(tmp)`` fills a fresh temp sibling, renamed to ``directory`` only when complete (the
+    leftover of a killed build is removed by the next :func:`common.io.prepare_workdir` on the
+    parent). After a build the other complete caches beside it, of inputs that are gone, are removed."""
+    if (directory / "meta.json").exists():
+        log.info("cache %s is complete; reusing it", directory)
+        return directory
+    tmp = temp_sibling(directory)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, directory)  # directories are renamed only when complete
+        except OSError:
+            if not (directory / "meta.json").exists():
+                raise
+            log.info("another process completed %s first; using it", directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for stale in directory.parent.iterdir():
+        if stale.is_dir() and stale != directory and not stale.name.startswith(".") and (stale / "meta.json").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    return directory
+
+
+def mapped_tables(workdir: str | Path, digests: Mapping[str, str | None]) -> tuple[EmbeddingTable, EmbeddingTable]:
+    """The product and query tables of ``workdir`` with their vectors memory-mapped (copy on write)
+    from ``DIR/ranking/cache/tables/<key>/{product,query}_vectors.npy``, where ``key`` hashes
+    ``digests`` (the SHA-256 of the two table files, :func:`embeddings.tables.tables_set`).
+
+    Every process that maps them shares one copy of the vectors in the page cache: the spawned
+    workers of ``ranking.train`` hold no table of their own (a frozen table's weights are the
+    mapped array itself). The first call reads and checks the Parquet files
+    (:func:`ranking.tables.load_tables`) one row group at a time straight into the ``.npy`` files;
+    the keys are read from the Parquet files on every call. Errors name the file.
+    """
+    blob = json.dumps({"tables": dict(sorted(digests.items())), "version": TABLE_CACHE_VERSION})
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    paths = {kind: embedding_table_path(workdir, kind) for kind in TABLE_KINDS}
+    prepare_workdir(workdir, layout.TABLE_CACHE_REL)
+
+    def build(out: Path) -> None:
+        def allocate(kind: str, shape: tuple[int, int]) -> np.ndarray:
+            return np.lib.format.open_memmap(out / f"{kind}_vectors.npy", "w+", np.float32, shape)
+        tables = load_tables(paths["product"], paths["query"], allocate=allocate)
+        for table in tables:
+            table.vectors.flush()
+        write_json({"tables": dict(sorted(digests.items())), "rows": {t.kind: len(t.keys) for t in tables},
+                    "dim": tables[0].dim}, out / "meta.json")
+
+    directory = open_cached(layout.table_cache_dir(workdir, key), build)
+    tables = []
+    for kind in TABLE_KINDS:
+        file_kind, keys, source = read_table_keys(paths[kind], kind)
+        vectors = np.load(directory / f"{kind}_vectors.npy", mmap_mode="c")
+        if vectors.shape[0] != len(keys):
+            raise SchemaError(paths[kind], KEY_COLUMN[kind], f"{len(keys)} keys for the {vectors.shape[0]} vectors of "
+                                                             f"{directory}: the file changed while it was read")
+        tables.append(EmbeddingTable(file_kind, keys, vectors, source))
+    return tables[0], tables[1]
 
 
 def _max_ts(pf: pq.ParquetFile, path: Path, batch_rows: int) -> int:

@@ -29,9 +29,12 @@ survive DMP sharding (fused TBE kernels update every table they own), so
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -206,12 +209,14 @@ def _refresh_norms(module: PretrainedEmbeddingBagCollection, incompatible_keys: 
     module.refresh_norms()
 
 
-def load_tables(product_path: str | Path, query_path: str | Path, *,
-                expected_dim: int | None = None) -> tuple[EmbeddingTable, EmbeddingTable]:
+def load_tables(product_path: str | Path, query_path: str | Path, *, expected_dim: int | None = None,
+                allocate: Callable[[str, tuple[int, int]], np.ndarray] | None = None
+                ) -> tuple[EmbeddingTable, EmbeddingTable]:
     """Read both table files and check that their dimensions agree (with each other and with
-    ``expected_dim`` when given). Errors name the file."""
-    product = read_embedding_table(product_path, "product")
-    query = read_embedding_table(query_path, "query")
+    ``expected_dim`` when given). ``allocate(kind, (R, d))`` gives the arrays the vectors are read
+    into (:func:`embeddings.tables.read_embedding_table`). Errors name the file."""
+    product, query = (read_embedding_table(path, kind, None if allocate is None else functools.partial(allocate, kind))
+                      for path, kind in ((product_path, "product"), (query_path, "query")))
     if expected_dim is not None and product.dim != expected_dim:
         raise SchemaError(product_path, "vector", f"table dimension {product.dim} does not match the model's "
                                                    f"table dimension {expected_dim}")

@@ -12,7 +12,8 @@ The flags are :class:`ranking.config.RankingTrainConfig`, the architecture flags
 :class:`ranking.distributed.ShardedRanker` under torchrun.
 
 Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables,
-``DIR/embeddings/{product,query}_table.parquet``. Writes
+``DIR/embeddings/{product,query}_table.parquet`` (their vectors through the table cache
+``DIR/ranking/cache/tables/``, memory-mapped by every worker: :func:`ranking.features.mapped_tables`). Writes
 
 * per variant/seed, one :class:`common.provenance.OutputSet` (manifest
   ``DIR/ranking/<variant>/seed<k>/manifest.json``): ``model.pt`` (:func:`ranking.model.load_model`
@@ -70,16 +71,17 @@ from common.seed import seed_everything
 from data.dataset import input_hashes
 from data.protocol import EVAL_DAYS, HISTORY_DAYS
 from data.schema import SchemaError
-from embeddings.tables import EmbeddingTable, embedding_table_path, tables_set
+from embeddings.tables import EmbeddingTable, tables_set
 from ranking import layout
 from ranking.config import RankingTrainConfig
 from ranking.distributed import ShardedRanker
-from ranking.features import CACHE_VERSION, VALID_DAYS, ImpressionCache, RankingBatch, RankingData, build_spec
+from ranking.features import (CACHE_VERSION, VALID_DAYS, ImpressionCache, RankingBatch, RankingData, build_spec,
+                              mapped_tables)
 from ranking.metrics import SLICES, log_loss, mean_std, paired_p_value, slice_metrics
 from ranking.model import RankingModel, build_model, build_tables, save_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.spec import FeatureSpec, PurchaseIndex
-from ranking.tables import frozen_parameter_names, load_tables, sparse_gradient_parameters, trainable_parameters
+from ranking.tables import frozen_parameter_names, sparse_gradient_parameters, trainable_parameters
 from ranking.variants import BASELINE, VARIANTS, Variant, resolve_variants
 
 log = logging.getLogger(__name__)
@@ -146,13 +148,15 @@ class Inputs:
     tables: tuple[EmbeddingTable, EmbeddingTable] | None
 
 
-def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant]) -> Inputs:
-    """Open the feature cache, the purchases and (when a variant needs them) the tables."""
+def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant], provenance: Provenance) -> Inputs:
+    """Open the feature cache, the purchases and (when a variant needs them) the tables, mapped
+    from the table cache of the files ``provenance`` hashed (:func:`ranking.features.mapped_tables`:
+    processes training at once share them)."""
     workdir = Path(cfg.workdir)
     try:
         tables = None
         if any(v.uses_tables for v in variants):  # first: a missing table fails before the cache pass
-            tables = load_tables(embedding_table_path(workdir, "product"), embedding_table_path(workdir, "query"))
+            tables = mapped_tables(workdir, provenance.tables)
         cache = ImpressionCache.open(workdir)
         purchases = PurchaseIndex.from_workdir(workdir)
     except SchemaError as exc:
@@ -566,7 +570,8 @@ def _init_worker(cfg: RankingTrainConfig, variant_names: list[str], provenance: 
     die_with_parent(parent_pid)
     setup_logging()
     torch.set_num_threads(resolve_threads(cfg.threads))
-    _WORKER.update(cfg=cfg, provenance=provenance, inputs=load_inputs(cfg, [VARIANTS[n] for n in variant_names]))
+    _WORKER.update(cfg=cfg, provenance=provenance,
+                   inputs=load_inputs(cfg, [VARIANTS[n] for n in variant_names], provenance))
 
 
 def _run_job(job: tuple[str, int]) -> dict:
@@ -607,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if env is not None and not env.is_main:
         torch.distributed.barrier()  # rank 0 builds the feature cache first
     provenance = Provenance.of(cfg, any(v.uses_tables for v in variants))
-    inputs = load_inputs(cfg, variants)
+    inputs = load_inputs(cfg, variants, provenance)
     if env is not None and env.is_main:
         torch.distributed.barrier()
     if cfg.early_stopping and min(inputs.data.num_rows("fit"), inputs.data.num_rows("valid")) == 0:
@@ -629,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             else:
                 jobs.append((variant.name, seed))
     if job_workers(cfg, jobs) > 1:
-        inputs = None  # the workers load their own: held here too, the tables would be one copy more
+        inputs = None  # the workers open their own (the tables they map are shared; the rest is not)
     for metrics in run_jobs(cfg, variants, inputs, provenance, jobs):
         if metrics:  # empty on ranks other than 0
             finished[metrics["variant"], metrics["seed"]] = metrics

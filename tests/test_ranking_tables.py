@@ -367,3 +367,46 @@ def test_shared_copy_is_other_modules_over_the_same_tensors(table_files):
     assert all(original[k].data_ptr() == copied[k].data_ptr() for k in original)
     with torch.no_grad():
         assert torch.equal(PlainInputModel(copy)(*_inputs()), PlainInputModel(model)(*_inputs()))
+
+
+def test_mapped_tables_are_the_files_bit_for_bit_mapped_once_and_rebuilt_for_new_files(table_files):
+    """ranking.train's table cache: the vectors of the Parquet files in .npy files that every worker
+    maps (copy on write, so a frozen model's weights are the mapped pages); reused for the same
+    files, rebuilt (and the old cache removed) for others."""
+    from embeddings.tables import tables_set
+    from ranking import layout
+    from ranking.features import mapped_tables
+
+    workdir, product, query = table_files
+    digests = tables_set(workdir).hashes()
+    mapped = mapped_tables(workdir, digests)
+    for table, expected in zip(mapped, (product, query)):
+        assert isinstance(table.vectors, np.memmap) and table.vectors.flags.writeable
+        assert np.array_equal(table.vectors, expected.vectors) and table.keys == expected.keys
+        assert table.kind == expected.kind and table.source == "test"
+    (cache,) = (workdir / layout.TABLE_CACHE_REL).iterdir()
+    built = (cache / "query_vectors.npy").stat().st_mtime_ns
+    frozen = build_tables(VARIANTS["dcn_pq_hist"], _spec(*mapped), mapped)
+    weight = frozen.ebc.embedding_bags[QUERY_TABLE].weight
+    assert weight.data_ptr() == torch.from_numpy(mapped[1].vectors).data_ptr()  # the mapped pages themselves
+    assert (cache / "query_vectors.npy").stat().st_mtime_ns == built
+    assert mapped_tables(workdir, digests)[1].keys == query.keys  # reused: same directory, not rewritten
+    assert [p.name for p in (workdir / layout.TABLE_CACHE_REL).iterdir()] == [cache.name]
+    assert (cache / "query_vectors.npy").stat().st_mtime_ns == built
+
+    other = build_table("query", QUERIES[:2], np.ones((2, DIM)), "test")
+    write_table(other, embedding_table_path(workdir, "query"))
+    remapped = mapped_tables(workdir, tables_set(workdir).hashes())
+    assert np.array_equal(remapped[1].vectors, other.vectors)
+    assert [p.name for p in (workdir / layout.TABLE_CACHE_REL).iterdir()] != [cache.name]
+    assert not cache.exists()  # the cache of the files that are gone
+
+
+def test_mapped_tables_check_the_files_like_a_read(table_files):
+    from ranking.features import mapped_tables
+
+    workdir, _, _ = table_files
+    query = embedding_table_path(workdir, "query")
+    write_table(build_table("query", QUERIES, np.ones((len(QUERIES), DIM + 1)), "test"), query)
+    with pytest.raises(SchemaError, match=f"{query}.*dimension {DIM + 1}"):
+        mapped_tables(workdir, {"embeddings/query_table.parquet": "a", "embeddings/product_table.parquet": "b"})
