@@ -32,7 +32,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -46,17 +46,14 @@ from data.dataset import input_hashes, table_rel
 from data.protocol import DAY_S, EVAL_DAYS, HISTORY_DAYS
 from data.schema import SchemaError, feature_columns, table_path, validate
 from data.text import normalize_query
-from embeddings.tables import KEY_COLUMN, EmbeddingTable, embedding_table_path, read_table_keys
+from embeddings.tables import EmbeddingTable
 from ranking import layout
-from ranking.tables import load_tables
 from ranking.spec import HISTORY_LEN, FeatureSpec, PurchaseIndex
 
 log = logging.getLogger(__name__)
 
 VALID_DAYS = 7  # the early-stopping hold-out: the last days before the evaluation week
 CACHE_VERSION = 1
-TABLE_CACHE_VERSION = 1
-TABLE_KINDS = ("product", "query")
 SPLITS = ("train", "eval", "fit", "valid")
 
 
@@ -150,43 +147,6 @@ def open_cached(directory: Path, build: Callable[[Path], None]) -> Path:
         if stale.is_dir() and stale != directory and not stale.name.startswith(".") and (stale / "meta.json").exists():
             shutil.rmtree(stale, ignore_errors=True)
     return directory
-
-
-def mapped_tables(workdir: str | Path, digests: Mapping[str, str | None]) -> tuple[EmbeddingTable, EmbeddingTable]:
-    """The product and query tables of ``workdir`` with their vectors memory-mapped (copy on write)
-    from ``DIR/ranking/cache/tables/<key>/{product,query}_vectors.npy``, where ``key`` hashes
-    ``digests`` (the SHA-256 of the two table files, :func:`embeddings.tables.tables_set`).
-
-    Every process that maps them shares one copy of the vectors in the page cache: the spawned
-    workers of ``ranking.train`` hold no table of their own (a frozen table's weights are the
-    mapped array itself). The first call reads and checks the Parquet files
-    (:func:`ranking.tables.load_tables`) one row group at a time straight into the ``.npy`` files;
-    the keys are read from the Parquet files on every call. Errors name the file.
-    """
-    blob = json.dumps({"tables": dict(sorted(digests.items())), "version": TABLE_CACHE_VERSION})
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    paths = {kind: embedding_table_path(workdir, kind) for kind in TABLE_KINDS}
-    prepare_workdir(workdir, layout.TABLE_CACHE_REL)
-
-    def build(out: Path) -> None:
-        def allocate(kind: str, shape: tuple[int, int]) -> np.ndarray:
-            return np.lib.format.open_memmap(out / f"{kind}_vectors.npy", "w+", np.float32, shape)
-        tables = load_tables(paths["product"], paths["query"], allocate=allocate)
-        for table in tables:
-            table.vectors.flush()
-        write_json({"tables": dict(sorted(digests.items())), "rows": {t.kind: len(t.keys) for t in tables},
-                    "dim": tables[0].dim}, out / "meta.json")
-
-    directory = open_cached(layout.table_cache_dir(workdir, key), build)
-    tables = []
-    for kind in TABLE_KINDS:
-        file_kind, keys, source = read_table_keys(paths[kind], kind)
-        vectors = np.load(directory / f"{kind}_vectors.npy", mmap_mode="c")
-        if vectors.shape[0] != len(keys):
-            raise SchemaError(paths[kind], KEY_COLUMN[kind], f"{len(keys)} keys for the {vectors.shape[0]} vectors of "
-                                                             f"{directory}: the file changed while it was read")
-        tables.append(EmbeddingTable(file_kind, keys, vectors, source))
-    return tables[0], tables[1]
 
 
 def _max_ts(pf: pq.ParquetFile, path: Path, batch_rows: int) -> int:

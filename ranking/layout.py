@@ -7,7 +7,7 @@
     results.json, results.md                   Table 2 over variants and seeds (ranking.train.results_set)
     results.manifest.json                      their provenance manifest
     cache/<key>/                               the impression cache (ranking.features.ImpressionCache)
-    cache/tables/<key>/                        the table vectors, mapped by every worker (ranking.features.mapped_tables)
+    cache/tables/<key>/                        the table vectors, mapped by every worker (ranking.tables.mapped_tables)
     bench.json                                 ranking.bench's figures (plain file)
 
 Names ending in ``_REL`` and :func:`run_rel` are workdir-relative POSIX paths, what

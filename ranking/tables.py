@@ -30,9 +30,11 @@ survive DMP sharding (fused TBE kernels update every table they own), so
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -43,13 +45,18 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from data.schema import SchemaError
-from embeddings.tables import EmbeddingTable, read_embedding_table
+from common.io import prepare_workdir, write_json
+from embeddings.tables import KEY_COLUMN, EmbeddingTable, embedding_table_path, read_embedding_table, read_table_keys
+from ranking import layout
+from ranking.features import open_cached
 
 PRODUCT_FEATURE = "product_id"
 QUERY_FEATURE = "query_id"
 HISTORY_FEATURE = "purchase_history_84d"
 PRODUCT_TABLE = "product_table"
 QUERY_TABLE = "query_table"
+TABLE_CACHE_VERSION = 1  # of the mapped vectors (mapped_tables)
+TABLE_KINDS = ("product", "query")
 
 
 class PretrainedEmbeddingBagCollection(nn.Module):
@@ -251,3 +258,40 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter of ``model`` except the frozen tables: what an optimizer should own."""
     frozen = set(frozen_parameter_names(model))
     return [p for name, p in model.named_parameters() if name not in frozen]
+
+
+def mapped_tables(workdir: str | Path, digests: Mapping[str, str | None]) -> tuple[EmbeddingTable, EmbeddingTable]:
+    """The product and query tables of ``workdir`` with their vectors memory-mapped (copy on write)
+    from ``DIR/ranking/cache/tables/<key>/{product,query}_vectors.npy``, where ``key`` hashes
+    ``digests`` (the SHA-256 of the two table files, :func:`embeddings.tables.tables_set`).
+
+    Every process that maps them shares one copy of the vectors in the page cache: the spawned
+    workers of ``ranking.train`` hold no table of their own (a frozen table's weights are the
+    mapped array itself). The first call reads and checks the Parquet files
+    (:func:`load_tables`) one row group at a time straight into the ``.npy`` files;
+    the keys are read from the Parquet files on every call. Errors name the file.
+    """
+    blob = json.dumps({"tables": dict(sorted(digests.items())), "version": TABLE_CACHE_VERSION})
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    paths = {kind: embedding_table_path(workdir, kind) for kind in TABLE_KINDS}
+    prepare_workdir(workdir, layout.TABLE_CACHE_REL)
+
+    def build(out: Path) -> None:
+        def allocate(kind: str, shape: tuple[int, int]) -> np.ndarray:
+            return np.lib.format.open_memmap(out / f"{kind}_vectors.npy", "w+", np.float32, shape)
+        tables = load_tables(paths["product"], paths["query"], allocate=allocate)
+        for table in tables:
+            table.vectors.flush()
+        write_json({"tables": dict(sorted(digests.items())), "rows": {t.kind: len(t.keys) for t in tables},
+                    "dim": tables[0].dim}, out / "meta.json")
+
+    directory = open_cached(layout.table_cache_dir(workdir, key), build)
+    tables = []
+    for kind in TABLE_KINDS:
+        file_kind, keys, source = read_table_keys(paths[kind], kind)
+        vectors = np.load(directory / f"{kind}_vectors.npy", mmap_mode="c")
+        if vectors.shape[0] != len(keys):
+            raise SchemaError(paths[kind], KEY_COLUMN[kind], f"{len(keys)} keys for the {vectors.shape[0]} vectors of "
+                                                             f"{directory}: the file changed while it was read")
+        tables.append(EmbeddingTable(file_kind, keys, vectors, source))
+    return tables[0], tables[1]

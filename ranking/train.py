@@ -13,7 +13,7 @@ The flags are :class:`ranking.config.RankingTrainConfig`, the architecture flags
 
 Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables,
 ``DIR/embeddings/{product,query}_table.parquet`` (their vectors through the table cache
-``DIR/ranking/cache/tables/``, memory-mapped by every worker: :func:`ranking.features.mapped_tables`). Writes
+``DIR/ranking/cache/tables/``, memory-mapped by every worker: :func:`ranking.tables.mapped_tables`). Writes
 
 * per variant/seed, one :class:`common.provenance.OutputSet` (manifest
   ``DIR/ranking/<variant>/seed<k>/manifest.json``): ``model.pt`` (:func:`ranking.model.load_model`
@@ -75,13 +75,12 @@ from embeddings.tables import EmbeddingTable, tables_set
 from ranking import layout
 from ranking.config import RankingTrainConfig
 from ranking.distributed import ShardedRanker
-from ranking.features import (CACHE_VERSION, VALID_DAYS, ImpressionCache, RankingBatch, RankingData, build_spec,
-                              mapped_tables)
+from ranking.features import CACHE_VERSION, VALID_DAYS, ImpressionCache, RankingBatch, RankingData, build_spec
 from ranking.metrics import SLICES, log_loss, mean_std, paired_p_value, slice_metrics
 from ranking.model import RankingModel, build_model, build_tables, save_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.spec import FeatureSpec, PurchaseIndex
-from ranking.tables import frozen_parameter_names, sparse_gradient_parameters, trainable_parameters
+from ranking.tables import frozen_parameter_names, mapped_tables, sparse_gradient_parameters, trainable_parameters
 from ranking.variants import BASELINE, VARIANTS, Variant, resolve_variants
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ class Inputs:
 
 def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant], provenance: Provenance) -> Inputs:
     """Open the feature cache, the purchases and (when a variant needs them) the tables, mapped
-    from the table cache of the files ``provenance`` hashed (:func:`ranking.features.mapped_tables`:
+    from the table cache of the files ``provenance`` hashed (:func:`ranking.tables.mapped_tables`:
     processes training at once share them)."""
     workdir = Path(cfg.workdir)
     try:

@@ -49,7 +49,10 @@ against fp32 tables is measured on the whole NW split.
 """
 # No `from __future__ import annotations` here: fx copies VectorInputModel.forward's signature into
 # the traced module, and TorchScript cannot read string annotations there.
+import gc
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -62,7 +65,7 @@ from torch.nn import functional as F
 
 from common.cli import (DEFAULT_WORKDIR, UserError, check_config, parse_config, resolve_threads, run_main,
                         threads_field, with_fixed_hash_seed)
-from common.io import file_sha256, prepare_workdir, read_json, write_json, write_parquet
+from common.io import file_sha256, prepare_workdir, read_json, temp_sibling, write_json, write_parquet
 from common.provenance import MadeFrom, OutputSet
 from data.dataset import input_hashes
 from data.schema import SchemaError
@@ -107,10 +110,17 @@ class ServingExportConfig:
 
 
 def save_script(module: torch.jit.ScriptModule, path: Path) -> None:
-    """``torch.jit.save`` through an open file: a path would name the archive inside the zip after
-    the (temporary) file name, and the same model would give other bytes on every export."""
-    with open(path, "wb") as sink:
-        torch.jit.save(module, sink)
+    """``torch.jit.save`` to ``path`` by way of a file named ``archive.pt`` in a fresh directory
+    beside it: the archive inside the zip is named after the file, so a temporary name would give
+    other bytes on every export, and saving through an open file (which names it ``archive`` too:
+    the same bytes) would first copy every tensor into one buffer in memory."""
+    directory = temp_sibling(path)
+    directory.mkdir()
+    try:
+        torch.jit.save(module, str(directory / "archive.pt"))
+        os.replace(directory / "archive.pt", path)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def checkpoint_path(workdir: str | Path, variant: str, model_seed: int) -> Path:
@@ -261,9 +271,9 @@ def export(cfg: ServingExportConfig) -> dict:
     made_from = MadeFrom({**trained.verify(), **input_hashes(workdir, ["impressions", "purchases"])}, _settings(cfg))
     torch.set_num_threads(resolve_threads(cfg.threads))
     prepare_workdir(workdir, "serving")
-    eager = load_model(checkpoint)
-    files = export_files(eager.table_tower is not None)
-    out = export_set(workdir, eager.table_tower is not None)
+    has_tables = load_model(checkpoint).table_tower is not None  # a mapped checkpoint: read, not copied
+    files = export_files(has_tables)
+    out = export_set(workdir, has_tables)
     if not cfg.force and out.current(made_from):
         log.info("serving export in %s is complete for these inputs and settings; skipping (--force redoes it)",
                  workdir / "serving")
@@ -275,7 +285,7 @@ def export(cfg: ServingExportConfig) -> dict:
         raise UserError(str(exc)) from None
     with out.publish(made_from) as staged:
         paths = {key: staged[rel] for key, rel in files.items()}
-        manifest = _export_to(paths, cfg, workdir, checkpoint, eager, trained, cache, purchases)
+        manifest = _export_to(paths, cfg, workdir, checkpoint, trained, cache, purchases)
     for rel in set(export_files(True).values()) - set(files.values()):  # an earlier export's table files
         (workdir / rel).unlink(missing_ok=True)
     log.info("exported %s seed %d (%s tables) to %s; model sha256 %s", cfg.variant, cfg.model_seed, cfg.table_dtype,
@@ -290,34 +300,56 @@ def read_manifest(workdir: str | Path) -> dict:
     return read_json(out.path(export_files(False)["manifest"]))
 
 
-def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, checkpoint: Path, eager: RankingModel,
+def _script_models(eager: RankingModel, cfg: ServingExportConfig, paths: dict[str, Path], data: RankingData,
+                   inputs: Sequence[torch.Tensor]) -> dict:
+    """Script ``eager`` into ``paths["model"]`` (and, with tables, ``paths["vectors_model"]``) and
+    return what the loaded files are checked against: the reference logits of ``inputs`` (the
+    parity batch), the vectors model's inputs and, for reduced-precision tables, the NW AUC with
+    fp32 tables. All of it is computed here, so that the caller can drop ``eager`` (and the
+    checkpoint it maps) before loading the files: the tables are then held once at a time."""
+    eager_plain = PlainInputModel(eager).eval()
+    served_plain = fused_model(shared_copy(eager), cfg.table_dtype)  # over the same tensors
+    log.info("tracing and scripting %s (tables %s)", cfg.variant, cfg.table_dtype)
+    save_script(script(served_plain), paths["model"])
+    if eager.table_tower is not None:  # traced with gradients on, as the fused one (layers pick ops by grad mode)
+        save_script(script(VectorInputModel(shared_copy(eager))), paths["vectors_model"])
+    references: dict = {}
+    with torch.no_grad():
+        references["fused"] = served_plain(*inputs)
+        if eager.table_tower is not None:
+            references["vectors"] = eager_plain(*inputs)
+            references["vector_inputs"] = vector_inputs(*table_vectors(eager), inputs)  # gathered rows: copies
+    if cfg.table_dtype != "fp32":
+        references["auc_fp32"] = _nw_auc(eager_plain, data, cfg.eval_batch_size)[0]
+    return references
+
+
+def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, checkpoint: Path,
                trained: OutputSet, cache: ImpressionCache, purchases: PurchaseIndex) -> dict:
-    """Script, check and describe the model into ``paths`` (file key -> temp path of the set, keys
-    of :data:`FILES` and, for a model with tables, :data:`TABLE_FILES`); returns the manifest."""
-    spec = eager.spec
+    """Script, check and describe the model of ``checkpoint`` into ``paths`` (file key -> temp path
+    of the set, keys of :data:`FILES` and, for a model with tables, :data:`TABLE_FILES`); returns
+    the manifest. One copy of the tables at a time: the mapped checkpoint while scripting, the
+    loaded file while checking it."""
+    eager = load_model(checkpoint)
+    spec, has_tables = eager.spec, eager.table_tower is not None
     data = RankingData(cache, purchases, spec)
     if data.num_rows("eval") == 0:
         raise UserError(f"{workdir}/data/impressions.parquet: no NW (last-week) impressions for the parity check")
-    eager_plain = PlainInputModel(eager).eval()
-    served_plain = fused_model(shared_copy(eager), cfg.table_dtype)  # the checkpoint is read once
-    has_tables = eager.table_tower is not None
-    log.info("tracing and scripting %s (tables %s)", cfg.variant, cfg.table_dtype)
-    save_script(script(served_plain), paths["model"])
-    if has_tables:
-        save_script(script(VectorInputModel(shared_copy(eager))), paths["vectors_model"])
-
     parity_batch = data.batch(np.asarray(cache.split_index("eval"))[: cfg.parity_rows])
     inputs = parity_batch.inputs()
+    references = _script_models(eager, cfg, paths, data, inputs)
+    del eager
+    gc.collect()  # scripted and traced modules hold reference cycles; the mapped checkpoint goes with them
+
     loaded = torch.jit.load(str(paths["model"]))
     with torch.no_grad():
         parity = {"rows": len(parity_batch), "tolerance": PARITY_TOLERANCE,
-                  "fused_max_abs_diff": float((loaded(*inputs) - served_plain(*inputs)).abs().max()),
+                  "fused_max_abs_diff": float((loaded(*inputs) - references["fused"]).abs().max()),
                   "reference": "eager model" + (f" with {cfg.table_dtype} tables" if cfg.table_dtype != "fp32" else "")}
         if has_tables:
-            product, query = table_vectors(eager)
             vectors_loaded = torch.jit.load(str(paths["vectors_model"]))
             parity["vectors_max_abs_diff"] = float(
-                (vectors_loaded(*vector_inputs(product, query, inputs)) - eager_plain(*inputs)).abs().max())
+                (vectors_loaded(*references["vector_inputs"]) - references["vectors"]).abs().max())
     bad = {k: v for k, v in parity.items() if k.endswith("max_abs_diff") and not v <= PARITY_TOLERANCE}
     if bad:
         raise UserError(f"parity check failed on {len(parity_batch)} NW impressions: {bad} exceeds "
@@ -325,9 +357,10 @@ def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, 
     log.info("parity on %d NW impressions: %s", len(parity_batch), parity)
 
     auc_exported, n = _nw_auc(loaded, data, cfg.eval_batch_size)
+    del loaded
     auc = {"impressions": n, cfg.table_dtype: auc_exported}
     if cfg.table_dtype != "fp32":
-        auc_fp32, _ = _nw_auc(eager_plain, data, cfg.eval_batch_size)
+        auc_fp32 = references["auc_fp32"]
         auc.update(fp32=auc_fp32, delta=auc_exported - auc_fp32)
         print(f"NW ROC-AUC over {n} impressions: fp32 tables {auc_fp32:.6f}, {cfg.table_dtype} tables "
               f"{auc_exported:.6f} (change {auc_exported - auc_fp32:+.6f})")

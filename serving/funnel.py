@@ -73,8 +73,10 @@ def _constant_within(keys: Sequence[np.ndarray], values: np.ndarray) -> tuple[np
     new_group[1:] = np.any([key[1:] != key[:-1] for key in sorted_keys], axis=0)
     starts = np.flatnonzero(new_group)
     sizes = np.diff(np.append(starts, len(order)))
-    v = values[order]
-    constant = np.all(np.minimum.reduceat(v, starts, axis=0) == np.maximum.reduceat(v, starts, axis=0), axis=0)
+    constant = np.zeros(values.shape[1], bool)
+    for j in range(values.shape[1]):  # a column at a time: [N] in memory, not a sorted copy of [N, F]
+        column = values[order, j]
+        constant[j] = np.array_equal(np.minimum.reduceat(column, starts), np.maximum.reduceat(column, starts))
     return constant, bool((sizes >= 2).any())
 
 

@@ -375,7 +375,7 @@ def test_mapped_tables_are_the_files_bit_for_bit_mapped_once_and_rebuilt_for_new
     files, rebuilt (and the old cache removed) for others."""
     from embeddings.tables import tables_set
     from ranking import layout
-    from ranking.features import mapped_tables
+    from ranking.tables import mapped_tables
 
     workdir, product, query = table_files
     digests = tables_set(workdir).hashes()
@@ -403,7 +403,7 @@ def test_mapped_tables_are_the_files_bit_for_bit_mapped_once_and_rebuilt_for_new
 
 
 def test_mapped_tables_check_the_files_like_a_read(table_files):
-    from ranking.features import mapped_tables
+    from ranking.tables import mapped_tables
 
     workdir, _, _ = table_files
     query = embedding_table_path(workdir, "query")
