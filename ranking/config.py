@@ -16,6 +16,8 @@ from common.cli import DEFAULT_WORKDIR, UserError, threads_field
 from ranking.spec import HISTORY_LEN
 from ranking.variants import VARIANTS, resolve_variants
 
+TABLE_OPTIMIZERS = ("same", "rowwise_adagrad")  # --table-optimizer
+
 
 def _size(default: Any, help: str) -> Any:
     """A width or depth (>= 1), or a list of widths (one or more, each >= 1)."""
@@ -63,6 +65,10 @@ class RankingTrainConfig(RankerConfig):
     batch_size: int = field(default=2048, metadata={"help": "training batch size", "min": 1})
     lr: float = field(default=2e-3, metadata={"help": "learning rate", "gt": 0.0})
     optimizer: Literal["adam", "adagrad"] = field(default="adam", metadata={"help": "optimizer of the trainable parameters"})
+    table_optimizer: Literal["same", "rowwise_adagrad"] = field(default="same", metadata={
+        "help": "optimizer of trainable tables (variants random, finetune): 'same' follows --optimizer (adam: "
+                "SparseAdam, two moments the size of each table), 'rowwise_adagrad' keeps one value per row "
+                "(fbgemm's EXACT_ROWWISE_ADAGRAD)"})
     history_len: int = field(default=HISTORY_LEN, metadata={"help": "cap of the purchase-history bag (most recent kept)",
                                                             "min": 1})
     eval_batch_size: int = field(default=8192, metadata={"help": "evaluation batch size", "min": 1})

@@ -46,6 +46,7 @@ from torchrec.distributed.sharding_plan import (column_wise, construct_module_sh
                                                 table_wise)
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec import optim as torchrec_optim
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -171,12 +172,14 @@ class ShardedOptimizer:
 
 
 def shard_model(model: RankingModel, env: DistEnv, sharding: str = "auto", optimizer: str = "adam",
-                lr: float = 2e-3) -> tuple[DistributedModelParallel, ShardedOptimizer, ShardingPlan]:
+                lr: float = 2e-3, table_optimizer: str = "same"
+                ) -> tuple[DistributedModelParallel, ShardedOptimizer, ShardingPlan]:
     """Wrap ``model`` (same weights on every rank) in DMP; the unsharded ``model`` must not be used afterwards.
 
     Frozen tables (:func:`ranking.tables.frozen_parameter_names`) get ``SGD(lr=0)`` in backward,
     every other table ``OPTIMIZERS[optimizer]`` in backward (a fused kernel; ``adam`` becomes
-    Adagrad on CPU, where fbgemm has no fused Adam), the rest ``optimizer``.
+    Adagrad on CPU, where fbgemm has no fused Adam), or fbgemm's ``EXACT_ROWWISE_ADAGRAD`` with
+    ``table_optimizer="rowwise_adagrad"``; the rest ``optimizer``.
     """
     optimizer_cls = OPTIMIZERS[optimizer]
     frozen = set(frozen_parameter_names(model))
@@ -189,7 +192,9 @@ def shard_model(model: RankingModel, env: DistEnv, sharding: str = "auto", optim
     trainable_tables = [params[n] for n in sorted(table_params - frozen)]
     if trainable_tables:
         table_cls = optimizer_cls
-        if optimizer == "adam" and env.device.type == "cpu":
+        if table_optimizer == "rowwise_adagrad":
+            table_cls = torchrec_optim.RowWiseAdagrad  # maps to fbgemm's EXACT_ROWWISE_ADAGRAD
+        elif optimizer == "adam" and env.device.type == "cpu":
             table_cls = torch.optim.Adagrad
             if env.is_main:
                 log.warning("fbgemm's CPU kernels have no fused Adam: the trainable tables use fused Adagrad (lr %g)", lr)
@@ -255,11 +260,11 @@ class ShardedRanker:
 
     @classmethod
     def wrap(cls, model: RankingModel, env: DistEnv, sharding: str = "auto", optimizer: str = "adam",
-             lr: float = 2e-3) -> "ShardedRanker":
+             lr: float = 2e-3, table_optimizer: str = "same") -> "ShardedRanker":
         """Shard ``model`` (:func:`shard_model`; ``model`` must not be used afterwards)."""
         features = PlainInputModel(model).features
         variant, spec, config = model.variant, model.spec, model.config
-        dmp, opt, plan = shard_model(model, env, sharding, optimizer, lr)
+        dmp, opt, plan = shard_model(model, env, sharding, optimizer, lr, table_optimizer)
         return cls(dmp, opt, features, env, plan, variant, spec, config)
 
     @property

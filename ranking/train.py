@@ -73,10 +73,11 @@ from data.protocol import EVAL_DAYS, HISTORY_DAYS
 from data.schema import SchemaError
 from embeddings.tables import EmbeddingTable, tables_set
 from ranking import layout
-from ranking.config import RankingTrainConfig
+from ranking.config import TABLE_OPTIMIZERS, RankingTrainConfig
 from ranking.distributed import ShardedRanker
 from ranking.features import CACHE_VERSION, VALID_DAYS, ImpressionCache, RankingBatch, RankingData, build_spec
 from ranking.metrics import SLICES, log_loss, mean_std, paired_p_value, slice_metrics
+from ranking.optim import RowWiseAdagrad
 from ranking.model import RankingModel, build_model, build_tables, save_model, trained_set
 from ranking.plain import PlainInputModel
 from ranking.spec import FeatureSpec, PurchaseIndex
@@ -103,6 +104,8 @@ def training_settings(cfg: RankingTrainConfig) -> dict:
         "epochs", "early_stopping", "checks_per_epoch", "patience", "batch_size", "lr", "optimizer", "history_len")}
     settings.update(model=asdict(cfg.model_only()),
                     features={"cache_version": CACHE_VERSION, "eval_days": EVAL_DAYS, "valid_days": VALID_DAYS})
+    if cfg.table_optimizer != "same":  # named only when set, so that runs made before the flag stay current
+        settings["table_optimizer"] = cfg.table_optimizer
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded runs use fused table optimizers: not the same run
         settings["distributed"] = {"world_size": int(os.environ["WORLD_SIZE"]), "sharding": cfg.sharding}
     return settings
@@ -165,23 +168,32 @@ def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant], provenance
     return Inputs(data, base_spec, tables)
 
 
-def make_optimizers(model: nn.Module, optimizer: str, lr: float) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: nn.Module, optimizer: str, lr: float,
+                    table_optimizer: str = "same") -> list[torch.optim.Optimizer]:
     """The optimizers of every parameter except the frozen tables: ``adam`` = Adam on the dense
     parameters + SparseAdam (lazy Adam) on sparse-gradient tables; ``adagrad`` = one Adagrad.
+    ``table_optimizer="rowwise_adagrad"`` gives the sparse-gradient tables
+    :class:`ranking.optim.RowWiseAdagrad` instead (one accumulator per row, not two moments the
+    size of the table).
 
     The dense Adam is torch's fused one (one kernel over every parameter instead of a Python loop
     of per-parameter steps: the same update up to float rounding) when the parameters are float
     tensors on CPU or CUDA."""
+    if optimizer not in ("adam", "adagrad"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected adam or adagrad")
+    if table_optimizer not in TABLE_OPTIMIZERS:
+        raise ValueError(f"unknown table optimizer {table_optimizer!r}; expected one of {TABLE_OPTIMIZERS}")
     sparse = sparse_gradient_parameters(model)
     sparse_ids = {id(p) for p in sparse}
     dense = [p for p in trainable_parameters(model) if id(p) not in sparse_ids]
+    tables: list[torch.optim.Optimizer] = []
+    if sparse and table_optimizer == "rowwise_adagrad":
+        tables, sparse = [RowWiseAdagrad(sparse, lr=lr)], []
     if optimizer == "adagrad":
-        return [torch.optim.Adagrad(dense + sparse, lr=lr)]
-    if optimizer != "adam":
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected adam or adagrad")
+        return [torch.optim.Adagrad(dense + sparse, lr=lr)] + tables
     fused = bool(dense) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in dense)
     return [torch.optim.Adam(dense, lr=lr, fused=fused or None)] + (
-        [torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
+        [torch.optim.SparseAdam(sparse, lr=lr)] if sparse else []) + tables
 
 
 class Ranker(Protocol):
@@ -276,8 +288,8 @@ def make_ranker(model: RankingModel, cfg: RankingTrainConfig, env: DistEnv | Non
     """``model`` ready to train with ``cfg.optimizer`` at ``cfg.lr``: in this process, or sharded
     (``cfg.sharding``) over the ranks of ``env`` (which consumes ``model``)."""
     if env is None:
-        return LocalRanker(model, make_optimizers(model, cfg.optimizer, cfg.lr))
-    return ShardedRanker.wrap(model, env, cfg.sharding, cfg.optimizer, cfg.lr)
+        return LocalRanker(model, make_optimizers(model, cfg.optimizer, cfg.lr, cfg.table_optimizer))
+    return ShardedRanker.wrap(model, env, cfg.sharding, cfg.optimizer, cfg.lr, cfg.table_optimizer)
 
 
 def fit(ranker: Ranker, data: RankingData, cfg: RankingTrainConfig, seed: int, name: str,

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from common.cli import run_main
+from common.io import read_json
 from data.schema import read_table
 from data.text import normalize_query
 from embeddings.tables import build_table, embedding_table_path, read_embedding_table, write_table
@@ -116,13 +117,17 @@ def test_missing_or_mismatched_tables_name_the_file(tiny_workdir_copy, capsys):
     assert "embeddings/query_table.parquet" in line and "dimension 8 does not match" in line
 
 
-def test_finetune_moves_exactly_the_table_rows_it_trains_on(tiny_workdir_copy):
-    """dcn_pq_hist_finetune starts from the table files and its row-sparse updates change exactly the
-    rows that training batches look up; dcn_pq_hist's frozen tables stay the files' rows."""
+@pytest.mark.parametrize("table_optimizer", ["same", "rowwise_adagrad"])
+def test_finetune_moves_exactly_the_table_rows_it_trains_on(tiny_workdir_copy, table_optimizer):
+    """dcn_pq_hist_finetune starts from the table files and its row-sparse updates (SparseAdam, or
+    the row-wise Adagrad) change exactly the rows that training batches look up; dcn_pq_hist's
+    frozen tables stay the files' rows."""
     workdir = tiny_workdir_copy
     write_random_tables(workdir)
     results = train.main(["--workdir", str(workdir), "--variant", "dcn_pq_hist,dcn_pq_hist_finetune", "--seeds", "1",
-                          *FAST, "--epochs", "1", "--no-early-stopping"])
+                          *FAST, "--epochs", "1", "--no-early-stopping", "--table-optimizer", table_optimizer])
+    made_from = read_json(layout.run_dir(workdir, "dcn_pq_hist_finetune", 0) / layout.RUN_MANIFEST_FILE)["made_from"]
+    assert made_from["settings"].get("table_optimizer") == (None if table_optimizer == "same" else table_optimizer)
     files = {PRODUCT_TABLE: read_embedding_table(embedding_table_path(workdir, "product"), "product").vectors,
              QUERY_TABLE: read_embedding_table(embedding_table_path(workdir, "query"), "query").vectors}
     finetuned, frozen = (load_model(layout.run_dir(workdir, v, 0) / layout.MODEL_FILE)
