@@ -8,8 +8,8 @@ variant (the architecture flags of :class:`ranking.config.RankerConfig`, as in `
 and for ``torchrec.models.dlrm.DLRM_DCN`` on the same batches:
 
 * train samples/s: forward + BCE + backward + optimizer step (:func:`ranking.train.make_optimizers`:
-  Adam on the dense parameters, SparseAdam on trainable tables, nothing on frozen ones; Adam
-  for DLRM_DCN);
+  Adam on the dense parameters, row-wise Adagrad on trainable tables, nothing on frozen ones;
+  Adam for DLRM_DCN);
 * eval samples/s: forward under ``no_grad``;
 * data ms/batch: building the batch (memory-mapped gather, history lookup, id maps), and the
   data share = data time / (data time + train step time) of a training loop without prefetch.

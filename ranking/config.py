@@ -16,7 +16,7 @@ from common.cli import DEFAULT_WORKDIR, UserError, threads_field
 from ranking.spec import HISTORY_LEN
 from ranking.variants import VARIANTS, resolve_variants
 
-TABLE_OPTIMIZERS = ("same", "rowwise_adagrad")  # --table-optimizer
+TABLE_OPTIMIZERS = ("rowwise_adagrad", "same")  # --table-optimizer
 
 
 def _size(default: Any, help: str) -> Any:
@@ -65,10 +65,10 @@ class RankingTrainConfig(RankerConfig):
     batch_size: int = field(default=2048, metadata={"help": "training batch size", "min": 1})
     lr: float = field(default=2e-3, metadata={"help": "learning rate", "gt": 0.0})
     optimizer: Literal["adam", "adagrad"] = field(default="adam", metadata={"help": "optimizer of the trainable parameters"})
-    table_optimizer: Literal["same", "rowwise_adagrad"] = field(default="same", metadata={
-        "help": "optimizer of trainable tables (variants random, finetune): 'same' follows --optimizer (adam: "
-                "SparseAdam, two moments the size of each table), 'rowwise_adagrad' keeps one value per row "
-                "(fbgemm's EXACT_ROWWISE_ADAGRAD)"})
+    table_optimizer: Literal["rowwise_adagrad", "same"] = field(default="rowwise_adagrad", metadata={
+        "help": "optimizer of the trainable DashCLIP tables (variants random, finetune): 'rowwise_adagrad' keeps "
+                "one value per row (fbgemm's EXACT_ROWWISE_ADAGRAD), 'same' follows --optimizer (adam: SparseAdam, "
+                "two moments the size of each table)"})
     history_len: int = field(default=HISTORY_LEN, metadata={"help": "cap of the purchase-history bag (most recent kept)",
                                                             "min": 1})
     eval_batch_size: int = field(default=8192, metadata={"help": "evaluation batch size", "min": 1})

@@ -56,7 +56,7 @@ from ranking.features import RankingBatch
 from ranking.model import RankingModel, model_from_state
 from ranking.plain import PlainFeatures, PlainInputModel
 from ranking.spec import FeatureSpec
-from ranking.tables import frozen_parameter_names
+from ranking.tables import frozen_parameter_names, sparse_gradient_parameters
 from ranking.variants import get_variant
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,10 @@ def shard_model(model: RankingModel, env: DistEnv, sharding: str = "auto", optim
     """Wrap ``model`` (same weights on every rank) in DMP; the unsharded ``model`` must not be used afterwards.
 
     Frozen tables (:func:`ranking.tables.frozen_parameter_names`) get ``SGD(lr=0)`` in backward,
-    every other table ``OPTIMIZERS[optimizer]`` in backward (a fused kernel; ``adam`` becomes
-    Adagrad on CPU, where fbgemm has no fused Adam), or fbgemm's ``EXACT_ROWWISE_ADAGRAD`` with
-    ``table_optimizer="rowwise_adagrad"``; the rest ``optimizer``.
+    trainable DashCLIP tables (row-sparse gradients) fbgemm's ``EXACT_ROWWISE_ADAGRAD`` with
+    ``table_optimizer="rowwise_adagrad"``, every other table ``OPTIMIZERS[optimizer]`` in backward
+    (a fused kernel; ``adam`` becomes Adagrad on CPU, where fbgemm has no fused Adam), the rest
+    ``optimizer``.
     """
     optimizer_cls = OPTIMIZERS[optimizer]
     frozen = set(frozen_parameter_names(model))
@@ -189,16 +190,19 @@ def shard_model(model: RankingModel, env: DistEnv, sharding: str = "auto", optim
     frozen_weights = [params[n].requires_grad_(True) for n in sorted(frozen)]  # needs a grad accumulator to hook
     if frozen_weights:
         apply_optimizer_in_backward(torch.optim.SGD, frozen_weights, {"lr": 0.0})
+    sparse_ids = {id(p) for p in sparse_gradient_parameters(model)}  # the trainable DashCLIP tables
     trainable_tables = [params[n] for n in sorted(table_params - frozen)]
-    if trainable_tables:
+    rowwise = [p for p in trainable_tables if table_optimizer == "rowwise_adagrad" and id(p) in sparse_ids]
+    if rowwise:  # as in a single process (ranking.optim.RowWiseAdagrad): fbgemm's EXACT_ROWWISE_ADAGRAD
+        apply_optimizer_in_backward(torchrec_optim.RowWiseAdagrad, rowwise, {"lr": lr})
+    other_tables = [p for p in trainable_tables if not any(p is q for q in rowwise)]
+    if other_tables:
         table_cls = optimizer_cls
-        if table_optimizer == "rowwise_adagrad":
-            table_cls = torchrec_optim.RowWiseAdagrad  # maps to fbgemm's EXACT_ROWWISE_ADAGRAD
-        elif optimizer == "adam" and env.device.type == "cpu":
+        if optimizer == "adam" and env.device.type == "cpu":
             table_cls = torch.optim.Adagrad
             if env.is_main:
                 log.warning("fbgemm's CPU kernels have no fused Adam: the trainable tables use fused Adagrad (lr %g)", lr)
-        apply_optimizer_in_backward(table_cls, trainable_tables, {"lr": lr})
+        apply_optimizer_in_backward(table_cls, other_tables, {"lr": lr})
     plan = make_plan(model, sharding, env)
     if env.is_main:
         log.info("%s", plan_summary(plan, table_shapes(model), env.world_size))

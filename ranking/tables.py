@@ -107,7 +107,7 @@ class PretrainedEmbeddingBagCollection(nn.Module):
         self.ebc._device = torch.device("cpu")  # the EBC's `device` (DMP reads it) would still say meta
         if frozen:
             self.ebc.requires_grad_(False)
-        else:  # trainable (random, finetune): row-sparse gradients, for SparseAdam / Adagrad (ranking.train)
+        else:  # trainable (random, finetune): row-sparse gradients, for ranking.train's table optimizers
             for bag in self.ebc.embedding_bags.values():
                 bag.sparse = True
         # the L2 norm of every row of a frozen table (empty when trainable): not in the state dict,
@@ -249,7 +249,8 @@ def frozen_parameter_names(model: nn.Module) -> list[str]:
 
 def sparse_gradient_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Trainable parameters whose gradients are sparse (embedding bags with ``sparse=True``):
-    they need ``torch.optim.SparseAdam`` or ``Adagrad``; ``Adam`` rejects them."""
+    they need a sparse optimizer (:class:`ranking.optim.RowWiseAdagrad`, ``torch.optim.SparseAdam``
+    or ``Adagrad``); ``Adam`` rejects them."""
     return [m.weight for m in model.modules()
             if isinstance(m, nn.EmbeddingBag) and m.sparse and m.weight.requires_grad]
 

@@ -101,11 +101,10 @@ def results_set(workdir: str | Path) -> OutputSet:
 def training_settings(cfg: RankingTrainConfig) -> dict:
     """The settings that change what a run trains (not threads, workers or the evaluation batch size)."""
     settings = {name: getattr(cfg, name) for name in (
-        "epochs", "early_stopping", "checks_per_epoch", "patience", "batch_size", "lr", "optimizer", "history_len")}
+        "epochs", "early_stopping", "checks_per_epoch", "patience", "batch_size", "lr", "optimizer", "history_len",
+        "table_optimizer")}
     settings.update(model=asdict(cfg.model_only()),
                     features={"cache_version": CACHE_VERSION, "eval_days": EVAL_DAYS, "valid_days": VALID_DAYS})
-    if cfg.table_optimizer != "same":  # named only when set, so that runs made before the flag stay current
-        settings["table_optimizer"] = cfg.table_optimizer
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded runs use fused table optimizers: not the same run
         settings["distributed"] = {"world_size": int(os.environ["WORLD_SIZE"]), "sharding": cfg.sharding}
     return settings
@@ -137,8 +136,10 @@ class Provenance:
         return {**self.data, **(self.tables if with_tables else {})}
 
     def made_from(self, variant: Variant, seed: int) -> MadeFrom:
-        """The :class:`MadeFrom` of ``variant`` trained with ``seed``."""
-        return MadeFrom(self.inputs(variant.uses_tables), {**self.settings, "variant": variant.name, "seed": seed})
+        """The :class:`MadeFrom` of ``variant`` trained with ``seed`` (the table optimizer only for a
+        variant that trains its tables: the others are the same run whatever it is)."""
+        settings = {k: v for k, v in self.settings.items() if k != "table_optimizer" or variant.train_tables}
+        return MadeFrom(self.inputs(variant.uses_tables), {**settings, "variant": variant.name, "seed": seed})
 
 
 @dataclass
@@ -169,12 +170,12 @@ def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant], provenance
 
 
 def make_optimizers(model: nn.Module, optimizer: str, lr: float,
-                    table_optimizer: str = "same") -> list[torch.optim.Optimizer]:
+                    table_optimizer: str = "rowwise_adagrad") -> list[torch.optim.Optimizer]:
     """The optimizers of every parameter except the frozen tables: ``adam`` = Adam on the dense
-    parameters + SparseAdam (lazy Adam) on sparse-gradient tables; ``adagrad`` = one Adagrad.
-    ``table_optimizer="rowwise_adagrad"`` gives the sparse-gradient tables
-    :class:`ranking.optim.RowWiseAdagrad` instead (one accumulator per row, not two moments the
-    size of the table).
+    parameters, ``adagrad`` = Adagrad on them; the sparse-gradient tables (the trainable DashCLIP
+    tables) get :class:`ranking.optim.RowWiseAdagrad` (``table_optimizer="rowwise_adagrad"``: one
+    accumulator per row) or, with ``"same"``, SparseAdam (lazy Adam, two moments the size of the
+    table) under ``adam`` and the same Adagrad under ``adagrad``.
 
     The dense Adam is torch's fused one (one kernel over every parameter instead of a Python loop
     of per-parameter steps: the same update up to float rounding) when the parameters are float

@@ -11,9 +11,9 @@
                           with row-sparse updates (only the rows a batch looks up change)
 ========================  ======================================================================
 
-Trainable tables (``train_tables``) get row-sparse gradients and their own optimizer: SparseAdam,
-Adagrad or (``--table-optimizer rowwise_adagrad``) :class:`ranking.optim.RowWiseAdagrad` in a
-single process (:func:`ranking.train.make_optimizers`), torchrec's fused
+Trainable tables (``train_tables``) get row-sparse gradients and their own optimizer:
+:class:`ranking.optim.RowWiseAdagrad` by default (``--table-optimizer same``: SparseAdam or
+Adagrad) in a single process (:func:`ranking.train.make_optimizers`), torchrec's fused
 optimizer applied in backward when sharded (:func:`ranking.distributed.shard_model`). Frozen
 tables are never updated.
 """
