@@ -53,6 +53,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -230,19 +231,47 @@ class Ranker(Protocol):
         """The trained weights as one single-process :class:`RankingModel` (None on ranks other than 0)."""
 
 
+class SpilledTensor:
+    """A tensor's bytes in an unnamed temporary file, gone with this object (or with the process,
+    however it ends): how a snapshot keeps a trainable table without a second copy in memory."""
+
+    def __init__(self, tensor: torch.Tensor, directory: Path) -> None:
+        self.file = tempfile.TemporaryFile(dir=directory)
+        self.write(tensor)
+
+    def write(self, tensor: torch.Tensor) -> None:
+        """Keep ``tensor``'s values (replacing the ones kept before)."""
+        self.file.seek(0)
+        self.file.write(memoryview(tensor.detach().contiguous().numpy()).cast("B"))
+        self.file.flush()
+
+    def read_into(self, tensor: torch.Tensor) -> None:
+        """Write the kept values into ``tensor`` (contiguous, of the kept shape and dtype)."""
+        self.file.seek(0)
+        view = memoryview(tensor.detach().numpy()).cast("B")
+        if self.file.readinto(view) != len(view):
+            raise RuntimeError(f"snapshot file {self.file.name}: fewer bytes than the {tuple(tensor.shape)} tensor")
+
+
 class LocalRanker:
     """A :class:`RankingModel` trained in this process through :class:`PlainInputModel`: the
     single-process :class:`Ranker`. ``optimizers`` (:func:`make_optimizers`) own every parameter
-    that ``step`` updates; without any, ``step`` updates nothing."""
+    that ``step`` updates; without any, ``step`` updates nothing. With ``spill_dir``, snapshots
+    keep the trainable tables in temporary files there (:class:`SpilledTensor`) instead of
+    copies in memory."""
 
     world_size: int = 1
     is_main: bool = True
 
-    def __init__(self, model: RankingModel, optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
+    def __init__(self, model: RankingModel, optimizers: Sequence[torch.optim.Optimizer] = (),
+                 spill_dir: Path | None = None) -> None:
         self.model = model
         self.plain = PlainInputModel(model)
         self.optimizers = list(optimizers)
         self.loss_fn = nn.BCEWithLogitsLoss()
+        sparse = {id(p) for p in sparse_gradient_parameters(model)}
+        self.spilled = {name for name, p in model.named_parameters() if id(p) in sparse} if spill_dir else set()
+        self.spill_dir = spill_dir
 
     def step(self, batch: RankingBatch) -> float:
         """One step of every optimizer on the mean BCE of ``batch`` (``B`` rows); returns that loss."""
@@ -262,23 +291,26 @@ class LocalRanker:
         return torch.sigmoid(self.plain(*batch.inputs()))
 
     @torch.no_grad()
-    def snapshot(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def snapshot(self, into: dict[str, torch.Tensor | SpilledTensor] | None = None
+                 ) -> dict[str, torch.Tensor | SpilledTensor]:
         """A copy of every entry of the model's ``state_dict`` that training changes (not the frozen
-        tables, which may hold millions of rows), in ``into``'s tensors when given."""
+        tables, which may hold millions of rows; trainable tables in files with ``spill_dir``), in
+        ``into``'s tensors and files when given."""
         frozen = set(frozen_parameter_names(self.model))
         live = {k: v for k, v in self.model.state_dict().items() if k not in frozen}
         if into is None:
-            return {k: v.clone() for k, v in live.items()}
+            return {k: SpilledTensor(v, self.spill_dir) if k in self.spilled else v.clone() for k, v in live.items()}
         for k, v in live.items():
-            into[k].copy_(v)
+            kept = into[k]
+            kept.write(v) if isinstance(kept, SpilledTensor) else kept.copy_(v)
         return into
 
     @torch.no_grad()
-    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+    def restore(self, snapshot: dict[str, torch.Tensor | SpilledTensor]) -> None:
         """Write a :meth:`snapshot` back into the model's weights."""
         state = self.model.state_dict()
         for k, v in snapshot.items():
-            state[k].copy_(v)
+            v.read_into(state[k]) if isinstance(v, SpilledTensor) else state[k].copy_(v)
 
     def unsharded(self) -> RankingModel:
         """The model itself (it is not sharded)."""
@@ -289,7 +321,8 @@ def make_ranker(model: RankingModel, cfg: RankingTrainConfig, env: DistEnv | Non
     """``model`` ready to train with ``cfg.optimizer`` at ``cfg.lr``: in this process, or sharded
     (``cfg.sharding``) over the ranks of ``env`` (which consumes ``model``)."""
     if env is None:
-        return LocalRanker(model, make_optimizers(model, cfg.optimizer, cfg.lr, cfg.table_optimizer))
+        return LocalRanker(model, make_optimizers(model, cfg.optimizer, cfg.lr, cfg.table_optimizer),
+                           spill_dir=Path(cfg.workdir) / layout.ROOT)
     return ShardedRanker.wrap(model, env, cfg.sharding, cfg.optimizer, cfg.lr, cfg.table_optimizer)
 
 

@@ -325,26 +325,37 @@ def test_plain_rows_and_the_kjt_give_the_same_logits(table_files, variant):
 
 
 @pytest.mark.parametrize("variant", ["dcn_pq_hist", "dcn_pq_hist_finetune"])
-def test_snapshots_hold_what_training_changes_and_are_reused(table_files, variant):
+@pytest.mark.parametrize("spill", [False, True])
+def test_snapshots_hold_what_training_changes_and_are_reused(table_files, variant, spill, tmp_path):
     """Early stopping's snapshot skips the frozen tables, a later snapshot is written into the
-    earlier one's tensors (a run holds one), and restore brings every weight back."""
-    from ranking.train import LocalRanker
+    earlier one's tensors (a run holds one), and restore brings every weight back; with a spill
+    directory the trainable tables are kept in unnamed files there, not in memory."""
+    from ranking.train import LocalRanker, SpilledTensor
 
     _, product, query = table_files
     spec = _spec(product, query)
     model = build_model(variant, spec, SMALL, build_tables(get_variant(variant), spec, (product, query)))
-    ranker = LocalRanker(model)
+    ranker = LocalRanker(model, spill_dir=tmp_path / "spill" if spill else None)
+    (tmp_path / "spill").mkdir()
     first = ranker.snapshot()
     assert set(first) == set(model.state_dict()) - set(frozen_parameter_names(model))
+    spilled = {k for k, v in first.items() if isinstance(v, SpilledTensor)}
+    trainable_tables = {name for name, p in model.named_parameters()
+                        if any(p is q for q in sparse_gradient_parameters(model))}
+    assert spilled == (trainable_tables if spill else set())
+    assert bool(trainable_tables) == get_variant(variant).train_tables
+    assert list((tmp_path / "spill").iterdir()) == []  # unnamed files: nothing to clean up after a kill
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(1.0)
     moved = {k: v.clone() for k, v in model.state_dict().items()}
-    pointers = {k: v.data_ptr() for k, v in first.items()}
+    pointers = {k: v.data_ptr() for k, v in first.items() if k not in spilled}
+    files = {k: first[k].file for k in spilled}
     second = ranker.snapshot(first)
-    assert second is first and {k: v.data_ptr() for k, v in second.items()} == pointers
-    assert all(torch.equal(second[k], moved[k]) for k in second)
+    assert second is first and {k: v.data_ptr() for k, v in second.items() if k not in spilled} == pointers
+    assert {k: second[k].file for k in spilled} == files
+    assert all(torch.equal(second[k], moved[k]) for k in second if k not in spilled)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
