@@ -172,7 +172,7 @@ class ShardedOptimizer:
 
 
 def shard_model(model: RankingModel, env: DistEnv, sharding: str = "auto", optimizer: str = "adam",
-                lr: float = 2e-3, table_optimizer: str = "same"
+                lr: float = 2e-3, table_optimizer: str = "rowwise_adagrad"
                 ) -> tuple[DistributedModelParallel, ShardedOptimizer, ShardingPlan]:
     """Wrap ``model`` (same weights on every rank) in DMP; the unsharded ``model`` must not be used afterwards.
 
@@ -264,7 +264,7 @@ class ShardedRanker:
 
     @classmethod
     def wrap(cls, model: RankingModel, env: DistEnv, sharding: str = "auto", optimizer: str = "adam",
-             lr: float = 2e-3, table_optimizer: str = "same") -> "ShardedRanker":
+             lr: float = 2e-3, table_optimizer: str = "rowwise_adagrad") -> "ShardedRanker":
         """Shard ``model`` (:func:`shard_model`; ``model`` must not be used afterwards)."""
         features = PlainInputModel(model).features
         variant, spec, config = model.variant, model.spec, model.config

@@ -100,27 +100,32 @@ def _rank_match(cases: str, out: str) -> None:
     from common.distributed import init_from_env
     from ranking import distributed
     from ranking.plain import PlainInputModel
-    from ranking.tables import PRODUCT_TABLE, QUERY_TABLE, frozen_parameter_names, trainable_parameters
+    from ranking.optim import RowWiseAdagrad
+    from ranking.tables import (PRODUCT_TABLE, QUERY_TABLE, frozen_parameter_names, sparse_gradient_parameters,
+                                trainable_parameters)
 
     env = init_from_env(timeout_s=30)
     results = {}
     for case in cases.split(","):
-        variant, sharding = case.split(":")
+        variant, sharding, table_optimizer = (case.split(":") + ["same"])[:3]
         trains_tables = get_variant(variant).train_tables
         model, batch, lr = tiny_model(variant), tiny_batch(first_row=1 if trains_tables else 0), 0.5
         reference = copy.deepcopy(model)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         shapes = distributed.table_shapes(model)
-        ranker = distributed.ShardedRanker.wrap(model, env, sharding, optimizer="sgd", lr=lr)
+        ranker = distributed.ShardedRanker.wrap(model, env, sharding, optimizer="sgd", lr=lr,
+                                                table_optimizer=table_optimizer)
         loaded = distributed.unsharded_state_dict(ranker.dmp, env)  # the weights made it into the shards
         plain = PlainInputModel(reference).train()
         sharded_probs = ranker.predict(batch)
         ref_probs = torch.sigmoid(plain(*batch.inputs())).detach()
         sharded_loss = ranker.step(batch)
-        sgd = torch.optim.SGD(trainable_parameters(reference), lr=lr)
         ref_loss = torch.nn.functional.binary_cross_entropy_with_logits(plain(*batch.inputs()), batch.labels)
         ref_loss.backward()
-        sgd.step()
+        tables = sparse_gradient_parameters(reference) if table_optimizer == "rowwise_adagrad" else []
+        torch.optim.SGD([p for p in trainable_parameters(reference) if not any(p is t for t in tables)], lr=lr).step()
+        if tables:  # the single-process row-wise Adagrad: what fbgemm's fused EXACT_ROWWISE_ADAGRAD must do
+            RowWiseAdagrad(tables, lr=lr).step()
         unsharded = ranker.unsharded()
         if env.is_main:
             after, ref_state = unsharded.state_dict(), reference.state_dict()
@@ -170,13 +175,14 @@ FINETUNE_SHARDINGS = ["row_wise", "table_wise"]
 
 def test_sharded_forward_and_step_match_unsharded(tmp_path):
     out = tmp_path / "result.json"
-    cases = [f"dcn_pq_hist:{s}" for s in SHARDINGS] + [f"dcn_pq_hist_finetune:{s}" for s in FINETUNE_SHARDINGS]
+    cases = ([f"dcn_pq_hist:{s}" for s in SHARDINGS] + [f"dcn_pq_hist_finetune:{s}" for s in FINETUNE_SHARDINGS]
+             + [f"dcn_pq_hist_finetune:{s}:rowwise_adagrad" for s in FINETUNE_SHARDINGS])
     procs = launch(["match", ",".join(cases), str(out)])
     assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
     results = json.loads(out.read_text())
     assert sorted(results) == sorted(cases)
     for case, r in results.items():
-        variant, sharding = case.split(":")
+        variant, sharding = case.split(":")[:2]
         assert r["keys_equal"], case
         assert r["loaded"] == 0.0, case  # DMP re-initialises tables; shard_model copies the weights in
         assert r["forward"] < 1e-5 and r["loss"] < 1e-5, (case, r["forward"], r["loss"])
