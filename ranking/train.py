@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -625,18 +626,42 @@ def _run_job(job: tuple[str, int]) -> dict:
                     progress=False)
 
 
-def job_workers(cfg: RankingTrainConfig, jobs: list[tuple[str, int]]) -> int:
+WORKER_BASE_BYTES = 1 << 30  # a worker's own memory beside tables it trains: torch, keys, id maps, purchases
+
+
+def affordable_workers(requested: int, own_bytes: int, shared_bytes: int, available_bytes: int) -> int:
+    """The most of ``requested`` workers, at least 1, that fit in ``available_bytes``: each holds
+    ``own_bytes`` of its own beside the ``shared_bytes`` they all map together."""
+    return int(max(1, min(requested, (available_bytes - shared_bytes) // max(own_bytes, 1))))
+
+
+def job_workers(cfg: RankingTrainConfig, jobs: list[tuple[str, int]], inputs: Inputs) -> int:
     """Processes :func:`run_jobs` trains ``jobs`` in: 1 means this one (always under torchrun, whose
-    ranks are the workers)."""
-    return 1 if current_env() is not None else max(1, min(cfg.workers, len(jobs)))
+    ranks are the workers). At most ``cfg.workers``, and only as many as the memory available now
+    holds (:func:`affordable_workers`): a worker's own :data:`WORKER_BASE_BYTES`, plus a copy of the
+    tables when a job trains them, beside the mapped tables and impression cache that the workers
+    share. Fewer workers change no number, only the wall time; a cut is logged."""
+    requested = 1 if current_env() is not None else max(1, min(cfg.workers, len(jobs)))
+    if requested == 1:
+        return 1
+    table_bytes = sum(int(t.vectors.nbytes) for t in inputs.tables) if inputs.tables else 0
+    trains_tables = any(VARIANTS[name].train_tables for name, _ in jobs)
+    own = WORKER_BASE_BYTES + (table_bytes if trains_tables else 0)
+    shared = table_bytes + sum(int(column.nbytes) for column in inputs.data.cache.columns.values())
+    available = psutil.virtual_memory().available
+    workers = affordable_workers(requested, own, shared, available)
+    if workers < requested:
+        log.warning("ranking: %d worker(s), not %d: each needs about %.1f GB of its own beside %.1f GB they share, "
+                    "and %.1f GB is available (the same numbers, a longer wall time)",
+                    workers, requested, own / 1e9, shared / 1e9, available / 1e9)
+    return workers
 
 
 def run_jobs(cfg: RankingTrainConfig, variants: list[Variant], inputs: Inputs | None, provenance: Provenance,
-             jobs: list[tuple[str, int]]) -> list[dict]:
-    """Train ``jobs`` ((variant, seed) pairs): in this process with ``inputs``, or over
-    :func:`job_workers` spawned processes that load their own (``inputs`` may then be None; each
-    runs one job at a time with ``cfg.threads`` threads; same numbers either way)."""
-    workers = job_workers(cfg, jobs)
+             jobs: list[tuple[str, int]], workers: int) -> list[dict]:
+    """Train ``jobs`` ((variant, seed) pairs): in this process with ``inputs`` (``workers`` 1), or
+    over ``workers`` spawned processes that load their own (``inputs`` may then be None; each runs
+    one job at a time with ``cfg.threads`` threads; same numbers either way)."""
     if workers == 1:
         assert inputs is not None, "a run in this process needs its inputs"
         return [run_seed(VARIANTS[name], seed, inputs, cfg, provenance.made_from(VARIANTS[name], seed))
@@ -678,9 +703,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 finished[variant.name, seed] = read_json(out.path(out.files[1]))
             else:
                 jobs.append((variant.name, seed))
-    if job_workers(cfg, jobs) > 1:
+    workers = job_workers(cfg, jobs, inputs)
+    if workers > 1:
         inputs = None  # the workers open their own (the tables they map are shared; the rest is not)
-    for metrics in run_jobs(cfg, variants, inputs, provenance, jobs):
+    for metrics in run_jobs(cfg, variants, inputs, provenance, jobs, workers):
         if metrics:  # empty on ranks other than 0
             finished[metrics["variant"], metrics["seed"]] = metrics
     if env is not None:

@@ -201,3 +201,22 @@ def test_bench_times_every_model_batch_by_batch(tiny_workdir_copy):
                 row[f"{kind}_samples_per_s"] / reference[f"{kind}_samples_per_s"])
             assert row[f"{kind}_vs_reference_cpu"] == pytest.approx(
                 row[f"{kind}_samples_per_cpu_s"] / reference[f"{kind}_samples_per_cpu_s"])
+
+
+def test_workers_are_cut_to_what_the_available_memory_holds():
+    gb = 1 << 30
+    assert train.affordable_workers(2, own_bytes=5 * gb, shared_bytes=7 * gb, available_bytes=22 * gb) == 2
+    assert train.affordable_workers(4, own_bytes=5 * gb, shared_bytes=7 * gb, available_bytes=22 * gb) == 3
+    assert train.affordable_workers(2, own_bytes=5 * gb, shared_bytes=7 * gb, available_bytes=11 * gb) == 1
+    assert train.affordable_workers(2, own_bytes=5 * gb, shared_bytes=20 * gb, available_bytes=11 * gb) == 1  # never 0
+
+
+def test_job_workers_on_small_data_are_the_requested_ones_capped_by_the_jobs(tiny_workdir_copy):
+    """On the tiny data the memory is no limit: the requested workers, capped by the jobs."""
+    cfg = train.RankingTrainConfig(workdir=str(tiny_workdir_copy), workers=3)
+    variants = [VARIANTS["dcn_pq_hist"], VARIANTS["dcn_pq_hist_finetune"]]
+    write_random_tables(tiny_workdir_copy)
+    inputs = train.load_inputs(cfg, variants, train.Provenance.of(cfg, True))
+    assert train.job_workers(cfg, [("dcn_pq_hist", 0), ("dcn_pq_hist_finetune", 0)], inputs) == 2
+    assert train.job_workers(cfg, [("dcn_pq_hist", s) for s in range(5)], inputs) == 3
+    assert train.job_workers(cfg, [("dcn_pq_hist", 0)], inputs) == 1
