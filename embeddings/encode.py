@@ -185,9 +185,9 @@ class DashEncoder:
     def _pixels(self, images: ImageStore, rows: np.ndarray) -> torch.Tensor:
         return images.pixels(rows, channels_last=self.net.reads_channels_last).to(self.device)
 
-    def products(self, catalog: pd.DataFrame) -> np.ndarray:
-        """Multimodal product vectors ``[N, d]``. Products without an image use the text-only path
-        (the text encoder without image tokens, then the multimodal projection)."""
+    def products(self, catalog: pd.DataFrame, out: np.ndarray | None = None) -> np.ndarray:
+        """Multimodal product vectors ``[N, d]`` (into ``out`` when given). Products without an image
+        use the text-only path (the text encoder without image tokens, then the multimodal projection)."""
         images, titles = self._stores(catalog)
         n_text_only = int((~images.has_image).sum())
         if n_text_only:
@@ -202,7 +202,7 @@ class DashEncoder:
             return self.net.product_embedding_from_state(cls.float())
 
         batches = length_sorted_batches(titles.lengths, self.batch_size)
-        return self._map_batches(batches, encode, "products", np.empty((len(titles), self.dim), np.float32))
+        return self._map_batches(batches, encode, "products", self._output(out, len(titles)))
 
     def images(self, catalog: pd.DataFrame) -> np.ndarray:
         """Image-only vectors ``[N, d]``; rows of products without an image are zeros."""
@@ -219,7 +219,16 @@ class DashEncoder:
         batches = [with_image[start:start + self.batch_size] for start in range(0, len(with_image), self.batch_size)]
         return self._map_batches(batches, encode, "images", out)
 
-    def _text_like(self, texts: list[str], max_tokens: int, query: bool, desc: str) -> np.ndarray:
+    def _output(self, out: np.ndarray | None, rows: int) -> np.ndarray:
+        """``out`` (checked: ``[rows, d]`` float32, written in place), or a new array."""
+        if out is None:
+            return np.empty((rows, self.dim), np.float32)
+        if out.shape != (rows, self.dim) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 [{rows}, {self.dim}], got {out.dtype} {out.shape}")
+        return out
+
+    def _text_like(self, texts: list[str], max_tokens: int, query: bool, desc: str,
+                   out: np.ndarray | None = None) -> np.ndarray:
         """Batches of similar length (little padding), returned in input order."""
         store = TokenStore(self.tokenizer, texts, max_tokens)
         embed = self.net.query_embedding if query else self.net.text_embedding
@@ -230,15 +239,17 @@ class DashEncoder:
 
         # text-only inputs are light: larger batches
         batches = length_sorted_batches(store.lengths, TEXT_BATCH_FACTOR * self.batch_size)
-        return self._map_batches(batches, encode, desc, np.empty((len(store), self.dim), np.float32))
+        return self._map_batches(batches, encode, desc, self._output(out, len(store)))
 
     def texts(self, titles: Sequence[str]) -> np.ndarray:
         """Title-only vectors ``[N, d]`` (the plain text encoder and ``text_proj``)."""
         return self._text_like([str(t) for t in titles], self.cfg.title_max_tokens, False, "texts")
 
-    def queries(self, queries: Sequence[str]) -> np.ndarray:
-        """Query vectors ``[N, d]``; each query is normalised with :func:`data.text.normalize_query` first."""
-        return self._text_like([normalize_query(str(q)) for q in queries], self.cfg.query_max_tokens, True, "queries")
+    def queries(self, queries: Sequence[str], out: np.ndarray | None = None) -> np.ndarray:
+        """Query vectors ``[N, d]`` (into ``out`` when given); each query is normalised with
+        :func:`data.text.normalize_query` first."""
+        return self._text_like([normalize_query(str(q)) for q in queries], self.cfg.query_max_tokens, True, "queries",
+                               out)
 
 
 def load_encoder(workdir: str | Path, which: Literal["trained", "untuned"] = "trained",

@@ -61,11 +61,14 @@ def export(cfg: TableExportConfig) -> dict[str, Path]:
     encoder = load_encoder(workdir, "trained", cfg.device, cfg.batch_size, cfg.precision, cfg.workers)
     catalog = schema.read_table(workdir, "catalog").select(["product_id", "title", "image"]).to_pandas()
     queries = distinct_queries(workdir)
+    # the encoders write into the tables' own arrays (row 0, the unknown row, stays zeros): one copy
+    product_vectors = tables.table_array(len(catalog), encoder.dim)
+    query_vectors = tables.table_array(len(queries), encoder.dim)
     started = time.perf_counter()
-    product_vectors = encoder.products(catalog)
+    encoder.products(catalog, out=product_vectors[1:])
     product_s = time.perf_counter() - started
     started = time.perf_counter()
-    query_vectors = encoder.queries(queries)
+    encoder.queries(queries, out=query_vectors[1:])
     query_s = time.perf_counter() - started
     with output.publish(source, {"source": encoder.source}) as staged:
         tables.write_table(tables.build_table("product", catalog["product_id"].tolist(), product_vectors,

@@ -83,15 +83,25 @@ class EmbeddingTable:
 
 
 def build_table(kind: TableKind, keys: Sequence, vectors: np.ndarray, source: str = "") -> EmbeddingTable:
-    """Prepend the zero row 0 to ``vectors`` ``[N, d]`` for ``keys`` (length N, unique)."""
+    """Prepend the zero row 0 to ``vectors`` ``[N, d]`` for ``keys`` (length N, unique). Vectors of
+    ``[N + 1, d]`` whose row 0 is zeros are taken as the whole table, without a copy (an encoder can
+    write the rows of :func:`table_array` in place)."""
     vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or vectors.shape[0] != len(keys):
-        raise ValueError(f"vectors must be [len(keys), d], got {vectors.shape} for {len(keys)} keys")
+    with_unknown_row = vectors.ndim == 2 and vectors.shape[0] == len(keys) + 1 and not np.any(vectors[UNKNOWN_ROW])
+    if vectors.ndim != 2 or not (vectors.shape[0] == len(keys) or with_unknown_row):
+        raise ValueError(f"vectors must be [len(keys), d] (or [len(keys) + 1, d] with row 0 zeros), got "
+                         f"{vectors.shape} for {len(keys)} keys")
     keys = [normalize_query(k) for k in keys] if kind == "query" else [int(k) for k in keys]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{kind} keys are not unique after normalisation")
-    full = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
+    full = vectors if with_unknown_row else np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
     return EmbeddingTable(kind, [None, *keys], full, source)
+
+
+def table_array(rows: int, dim: int) -> np.ndarray:
+    """A zeroed ``[rows + 1, d]`` float32 table: row 0 stays the unknown row, ``[1:]`` is for the
+    vectors of ``rows`` keys (see :func:`build_table`)."""
+    return np.zeros((rows + 1, dim), np.float32)
 
 
 def write_table(table: EmbeddingTable, path: str | Path) -> Path:

@@ -72,6 +72,16 @@ def test_embedding_table_round_trip(tmp_path: Path):
     np.testing.assert_array_equal(back.lookup(["CHIPS", "unknown"]), [2, 0])
     with pytest.raises(SchemaError, match="expected a product table"):
         tables.read_embedding_table(path, "product")
+    # an encoder writes into table_array(...)[1:]: the table takes that array as it is, no copy
+    full = tables.table_array(3, 4)
+    full[1:] = vecs
+    in_place = tables.build_table("query", ["Cola", "chips ", "Dog Food"], full, source="test")
+    assert in_place.vectors is full and np.array_equal(in_place.vectors, table.vectors)
+    write_twice = tables.write_table(in_place, tmp_path / "again.parquet")
+    assert write_twice.read_bytes() == path.read_bytes()
+    full[0, 1] = 1.0  # row 0 must be the zero row: then it is one row too many
+    with pytest.raises(ValueError, match=r"row 0 zeros"):
+        tables.build_table("query", ["Cola", "chips ", "Dog Food"], full)
 
 
 def test_embedding_table_reads_row_group_by_row_group(tmp_path: Path):
