@@ -14,6 +14,10 @@ are the first two columns of each file; :func:`read_table_id_map` returns them a
 The file-level metadata records ``dashrec.kind`` (product/query), ``dashrec.dim`` and
 ``dashrec.source`` (which encoder produced the vectors).
 
+Readers that keep a table for long, and in several processes, map its vectors instead of reading
+them (:func:`mapped_table`: ``DIR/embeddings/mapped/<kind>-v1-<sha>.npy``, a plain cache keyed by
+the file's SHA-256).
+
 ``embeddings.export`` publishes both files as one :class:`common.provenance.OutputSet`
 (:func:`tables_set`, manifest ``DIR/embeddings/tables.manifest.json``). A reader calls
 ``tables_set(workdir).verify()``: it returns ``{relative path: sha256}`` of the two tables (the
@@ -22,6 +26,7 @@ same export.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -30,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.io import write_parquet
+from common.io import prepare_workdir, temp_sibling, write_parquet
 from common.provenance import OutputSet
 from data.schema import SchemaError
 from data.text import normalize_query
@@ -39,6 +44,8 @@ TableKind = Literal["product", "query"]
 KEY_COLUMN: dict[str, str] = {"product": "product_id", "query": "query"}
 UNKNOWN_ROW = 0
 ROW_GROUP_ROWS = 65_536  # rows per Parquet row group of a table file (64 MiB of 256-d vectors)
+MAPPED_REL = "embeddings/mapped"  # the vectors of the table files as .npy files, for memory maps (mapped_table)
+MAPPED_VERSION = 1
 
 
 def embedding_table_rel(kind: TableKind) -> str:
@@ -195,6 +202,43 @@ def read_table_keys(path: str | Path, kind: TableKind | None = None) -> tuple[Ta
 def read_table_id_map(path: str | Path, kind: TableKind | None = None) -> dict:
     """key -> row id of a table file (row 0, the unknown row, is not in the map); reads the keys alone."""
     return id_map(read_table_keys(path, kind)[1])
+
+
+def mapped_table(workdir: str | Path, kind: TableKind, digest: str) -> EmbeddingTable:
+    """The ``kind`` table of ``workdir`` with its vectors memory-mapped (copy on write) from
+    ``DIR/embeddings/mapped/<kind>-v<version>-<digest[:16]>.npy``, ``digest`` being the SHA-256 of the
+    table file (``tables_set(workdir).verify()``).
+
+    Every process that maps the file shares one copy of the vectors in the page cache: the workers
+    of ``ranking.train`` (whose frozen tables are the mapped pages themselves) and of the HTTP
+    service. The first call copies the vectors out of the Parquet file, read and checked by
+    :func:`read_embedding_table` one row group at a time straight into a temporary ``.npy`` file
+    renamed when complete, and removes the files of earlier tables of that kind; the keys are read
+    from the Parquet file on every call, first. Errors name the file.
+    """
+    path = embedding_table_path(workdir, kind)
+    file_kind, keys, source = read_table_keys(path, kind)  # the file checked before anything is written
+    directory = prepare_workdir(workdir, MAPPED_REL) / MAPPED_REL
+    target = directory / f"{kind}-v{MAPPED_VERSION}-{digest[:16]}.npy"
+    if not target.exists():
+        tmp = temp_sibling(target)
+        try:
+            def into_file(shape: tuple[int, int]) -> np.ndarray:
+                return np.lib.format.open_memmap(tmp, "w+", np.float32, shape)
+            table = read_embedding_table(path, kind, into_file)
+            table.vectors.flush()
+            del table
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for stale in directory.glob(f"{kind}-*.npy"):  # tables that are gone
+            if stale != target:
+                stale.unlink(missing_ok=True)
+    vectors = np.load(target, mmap_mode="c")
+    if vectors.shape[0] != len(keys):
+        raise SchemaError(path, KEY_COLUMN[kind], f"{len(keys)} keys for the {vectors.shape[0]} vectors of {target}: "
+                                                   f"the file changed while it was read")
+    return EmbeddingTable(file_kind, keys, vectors, source)
 
 
 def id_map(keys: Sequence) -> dict:

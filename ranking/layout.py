@@ -7,7 +7,6 @@
     results.json, results.md                   Table 2 over variants and seeds (ranking.train.results_set)
     results.manifest.json                      their provenance manifest
     cache/<key>/                               the impression cache (ranking.features.ImpressionCache)
-    cache/tables/<key>/                        the table vectors, mapped by every worker (ranking.tables.mapped_tables)
     bench.json                                 ranking.bench's figures (plain file)
 
 Names ending in ``_REL`` and :func:`run_rel` are workdir-relative POSIX paths, what
@@ -20,7 +19,6 @@ from pathlib import Path
 
 ROOT = "ranking"
 CACHE_REL = f"{ROOT}/cache"
-TABLE_CACHE_REL = f"{CACHE_REL}/tables"
 RESULTS_JSON_REL = f"{ROOT}/results.json"
 RESULTS_MD_REL = f"{ROOT}/results.md"
 RESULTS_MANIFEST_REL = f"{ROOT}/results.manifest.json"
@@ -44,7 +42,3 @@ def cache_dir(workdir: str | Path, key: str) -> Path:
     """``DIR/ranking/cache/<key>``: the impression cache of one impressions file and split."""
     return Path(workdir) / CACHE_REL / key
 
-
-def table_cache_dir(workdir: str | Path, key: str) -> Path:
-    """``DIR/ranking/cache/tables/<key>``: the mapped vectors of one pair of table files."""
-    return Path(workdir) / TABLE_CACHE_REL / key

@@ -29,14 +29,10 @@ survive DMP sharding (fused TBE kernels update every table they own), so
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import math
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -45,17 +41,14 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from data.schema import SchemaError
-from common.io import prepare_workdir, write_json
-from embeddings.tables import KEY_COLUMN, EmbeddingTable, embedding_table_path, read_embedding_table, read_table_keys
-from ranking import layout
-from ranking.features import open_cached
+from embeddings.tables import (EmbeddingTable, embedding_table_path, embedding_table_rel, mapped_table,
+                               read_embedding_table)
 
 PRODUCT_FEATURE = "product_id"
 QUERY_FEATURE = "query_id"
 HISTORY_FEATURE = "purchase_history_84d"
 PRODUCT_TABLE = "product_table"
 QUERY_TABLE = "query_table"
-TABLE_CACHE_VERSION = 1  # of the mapped vectors (mapped_tables)
 TABLE_KINDS = ("product", "query")
 
 
@@ -216,14 +209,12 @@ def _refresh_norms(module: PretrainedEmbeddingBagCollection, incompatible_keys: 
     module.refresh_norms()
 
 
-def load_tables(product_path: str | Path, query_path: str | Path, *, expected_dim: int | None = None,
-                allocate: Callable[[str, tuple[int, int]], np.ndarray] | None = None
-                ) -> tuple[EmbeddingTable, EmbeddingTable]:
+def load_tables(product_path: str | Path, query_path: str | Path, *,
+                expected_dim: int | None = None) -> tuple[EmbeddingTable, EmbeddingTable]:
     """Read both table files and check that their dimensions agree (with each other and with
-    ``expected_dim`` when given). ``allocate(kind, (R, d))`` gives the arrays the vectors are read
-    into (:func:`embeddings.tables.read_embedding_table`). Errors name the file."""
-    product, query = (read_embedding_table(path, kind, None if allocate is None else functools.partial(allocate, kind))
-                      for path, kind in ((product_path, "product"), (query_path, "query")))
+    ``expected_dim`` when given). Errors name the file."""
+    product = read_embedding_table(product_path, "product")
+    query = read_embedding_table(query_path, "query")
     if expected_dim is not None and product.dim != expected_dim:
         raise SchemaError(product_path, "vector", f"table dimension {product.dim} does not match the model's "
                                                    f"table dimension {expected_dim}")
@@ -262,37 +253,14 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def mapped_tables(workdir: str | Path, digests: Mapping[str, str | None]) -> tuple[EmbeddingTable, EmbeddingTable]:
-    """The product and query tables of ``workdir`` with their vectors memory-mapped (copy on write)
-    from ``DIR/ranking/cache/tables/<key>/{product,query}_vectors.npy``, where ``key`` hashes
-    ``digests`` (the SHA-256 of the two table files, :func:`embeddings.tables.tables_set`).
-
-    Every process that maps them shares one copy of the vectors in the page cache: the spawned
-    workers of ``ranking.train`` hold no table of their own (a frozen table's weights are the
-    mapped array itself). The first call reads and checks the Parquet files
-    (:func:`load_tables`) one row group at a time straight into the ``.npy`` files;
-    the keys are read from the Parquet files on every call. Errors name the file.
-    """
-    blob = json.dumps({"tables": dict(sorted(digests.items())), "version": TABLE_CACHE_VERSION})
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    paths = {kind: embedding_table_path(workdir, kind) for kind in TABLE_KINDS}
-    prepare_workdir(workdir, layout.TABLE_CACHE_REL)
-
-    def build(out: Path) -> None:
-        def allocate(kind: str, shape: tuple[int, int]) -> np.ndarray:
-            return np.lib.format.open_memmap(out / f"{kind}_vectors.npy", "w+", np.float32, shape)
-        tables = load_tables(paths["product"], paths["query"], allocate=allocate)
-        for table in tables:
-            table.vectors.flush()
-        write_json({"tables": dict(sorted(digests.items())), "rows": {t.kind: len(t.keys) for t in tables},
-                    "dim": tables[0].dim}, out / "meta.json")
-
-    directory = open_cached(layout.table_cache_dir(workdir, key), build)
-    tables = []
-    for kind in TABLE_KINDS:
-        file_kind, keys, source = read_table_keys(paths[kind], kind)
-        vectors = np.load(directory / f"{kind}_vectors.npy", mmap_mode="c")
-        if vectors.shape[0] != len(keys):
-            raise SchemaError(paths[kind], KEY_COLUMN[kind], f"{len(keys)} keys for the {vectors.shape[0]} vectors of "
-                                                             f"{directory}: the file changed while it was read")
-        tables.append(EmbeddingTable(file_kind, keys, vectors, source))
-    return tables[0], tables[1]
+    """The product and query tables of ``workdir`` with their vectors memory-mapped
+    (:func:`embeddings.tables.mapped_table`; ``digests``: the SHA-256 of each table file by its
+    workdir-relative path), their dimensions checked as :func:`load_tables` does. Processes that
+    map them (the workers of ``ranking.train``) share one copy; a frozen table's weights are the
+    mapped pages themselves."""
+    product, query = (mapped_table(workdir, kind, str(digests[embedding_table_rel(kind)])) for kind in TABLE_KINDS)
+    if query.dim != product.dim:
+        raise SchemaError(embedding_table_path(workdir, "query"), "vector", f"table dimension {query.dim} does not "
+                                                                           f"match the product table's dimension "
+                                                                           f"{product.dim}")
+    return product, query

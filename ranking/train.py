@@ -12,8 +12,8 @@ The flags are :class:`ranking.config.RankingTrainConfig`, the architecture flags
 :class:`ranking.distributed.ShardedRanker` under torchrun.
 
 Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables,
-``DIR/embeddings/{product,query}_table.parquet`` (their vectors through the table cache
-``DIR/ranking/cache/tables/``, memory-mapped by every worker: :func:`ranking.tables.mapped_tables`). Writes
+``DIR/embeddings/{product,query}_table.parquet`` (their vectors memory-mapped by every worker from
+``DIR/embeddings/mapped/``: :func:`ranking.tables.mapped_tables`). Writes
 
 * per variant/seed, one :class:`common.provenance.OutputSet` (manifest
   ``DIR/ranking/<variant>/seed<k>/manifest.json``): ``model.pt`` (:func:`ranking.model.load_model`

@@ -309,7 +309,8 @@ def load_funnel(workdir: str | Path, spec: FeatureSpec, export_manifest: dict[st
         raise FunnelUnavailable(f"{tables.embedding_table_path(workdir, 'query')} was not made by the DashCLIP "
                                 f"checkpoint this process loaded ({workdir / ENCODER_CHECKPOINT}): run python -m "
                                 f"embeddings.export, then restart the service")
-    query_table = tables.read_embedding_table(tables.embedding_table_path(workdir, "query"), "query")
+    # mapped, not read: the service's workers share one copy of the query vectors
+    query_table = tables.mapped_table(workdir, "query", table_hashes[tables.embedding_table_rel("query")])
     if not index.dim == query_table.dim == dashclip.dim:
         raise FunnelUnavailable(f"vector dimensions differ: product index {index.dim}, query table "
                                 f"{query_table.dim}, DashCLIP encoder {dashclip.dim}")

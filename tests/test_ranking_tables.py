@@ -381,11 +381,10 @@ def test_shared_copy_is_other_modules_over_the_same_tensors(table_files):
 
 
 def test_mapped_tables_are_the_files_bit_for_bit_mapped_once_and_rebuilt_for_new_files(table_files):
-    """ranking.train's table cache: the vectors of the Parquet files in .npy files that every worker
-    maps (copy on write, so a frozen model's weights are the mapped pages); reused for the same
-    files, rebuilt (and the old cache removed) for others."""
-    from embeddings.tables import tables_set
-    from ranking import layout
+    """The tables' vectors in .npy files under DIR/embeddings/mapped that every process maps (copy
+    on write, so a frozen model's weights are the mapped pages); reused for the same file, rebuilt
+    (and the old file removed) for another."""
+    from embeddings.tables import MAPPED_REL, tables_set
     from ranking.tables import mapped_tables
 
     workdir, product, query = table_files
@@ -395,22 +394,23 @@ def test_mapped_tables_are_the_files_bit_for_bit_mapped_once_and_rebuilt_for_new
         assert isinstance(table.vectors, np.memmap) and table.vectors.flags.writeable
         assert np.array_equal(table.vectors, expected.vectors) and table.keys == expected.keys
         assert table.kind == expected.kind and table.source == "test"
-    (cache,) = (workdir / layout.TABLE_CACHE_REL).iterdir()
-    built = (cache / "query_vectors.npy").stat().st_mtime_ns
+    files = sorted(p.name for p in (workdir / MAPPED_REL).iterdir())
+    assert [name.split("-")[0] for name in files] == ["product", "query"]
+    query_file = workdir / MAPPED_REL / files[1]
+    built = query_file.stat().st_mtime_ns
     frozen = build_tables(VARIANTS["dcn_pq_hist"], _spec(*mapped), mapped)
     weight = frozen.ebc.embedding_bags[QUERY_TABLE].weight
     assert weight.data_ptr() == torch.from_numpy(mapped[1].vectors).data_ptr()  # the mapped pages themselves
-    assert (cache / "query_vectors.npy").stat().st_mtime_ns == built
-    assert mapped_tables(workdir, digests)[1].keys == query.keys  # reused: same directory, not rewritten
-    assert [p.name for p in (workdir / layout.TABLE_CACHE_REL).iterdir()] == [cache.name]
-    assert (cache / "query_vectors.npy").stat().st_mtime_ns == built
+    assert mapped_tables(workdir, digests)[1].keys == query.keys  # reused: the same file, not rewritten
+    assert sorted(p.name for p in (workdir / MAPPED_REL).iterdir()) == files
+    assert query_file.stat().st_mtime_ns == built
 
     other = build_table("query", QUERIES[:2], np.ones((2, DIM)), "test")
     write_table(other, embedding_table_path(workdir, "query"))
     remapped = mapped_tables(workdir, tables_set(workdir).hashes())
     assert np.array_equal(remapped[1].vectors, other.vectors)
-    assert [p.name for p in (workdir / layout.TABLE_CACHE_REL).iterdir()] != [cache.name]
-    assert not cache.exists()  # the cache of the files that are gone
+    now = sorted(p.name for p in (workdir / MAPPED_REL).iterdir())
+    assert now[0] == files[0] and now[1] != files[1] and not query_file.exists()  # the old query file is gone
 
 
 def test_mapped_tables_check_the_files_like_a_read(table_files):
@@ -421,3 +421,6 @@ def test_mapped_tables_check_the_files_like_a_read(table_files):
     write_table(build_table("query", QUERIES, np.ones((len(QUERIES), DIM + 1)), "test"), query)
     with pytest.raises(SchemaError, match=f"{query}.*dimension {DIM + 1}"):
         mapped_tables(workdir, {"embeddings/query_table.parquet": "a", "embeddings/product_table.parquet": "b"})
+    with pytest.raises(SchemaError, match="missing embedding table"):
+        mapped_tables(workdir / "nowhere", {"embeddings/query_table.parquet": "a", "embeddings/product_table.parquet": "b"})
+    assert not (workdir / "nowhere").exists()  # checked before anything is written
