@@ -11,6 +11,9 @@ evaluation week of ``DIR/data/impressions.parquet`` (through the ranking feature
     ``torchrec.fx.symbolic_trace`` and compiled with ``torch.jit.script``.
     ``forward(dense [B,D] f32, sparse_ids [B,S] i64, product_rows [B] i64, query_rows [B] i64,
     history_rows [B,L] i64 (-1 = padding)) -> logits [B]``.
+``DIR/serving/model_weights.pt``
+    Every tensor of ``model.pt`` by name (``torch.save``): the service maps them from here, so
+    its worker processes share one copy (:func:`serving.published.load_served_model`).
 ``DIR/serving/model_vectors.pt``
     The same weights without the tables (:class:`VectorInputModel`), for a feature store that
     hands over the vectors: ``forward(dense, sparse_ids, product_vec [B,d], query_vec [B|1,d],
@@ -77,7 +80,8 @@ from ranking.spec import FeatureSpec, PurchaseIndex
 from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
 from ranking.variants import get_variant
 from serving.funnel import feature_split, product_feature_table
-from serving.published import FILES, TABLE_FILES, export_files, export_set, published_export
+from serving.published import (FILES, TABLE_FILES, export_files, export_set, load_served_model, published_export,
+                               scripted_tensors)
 from serving.requests import request_fields
 
 log = logging.getLogger("serving.export")
@@ -310,7 +314,11 @@ def _script_models(eager: RankingModel, cfg: ServingExportConfig, paths: dict[st
     eager_plain = PlainInputModel(eager).eval()
     served_plain = fused_model(shared_copy(eager), cfg.table_dtype)  # over the same tensors
     log.info("tracing and scripting %s (tables %s)", cfg.variant, cfg.table_dtype)
-    save_script(script(served_plain), paths["model"])
+    scripted = script(served_plain)
+    save_script(scripted, paths["model"])
+    with open(paths["model_weights"], "wb") as f:  # an open file: no temporary name in the archive
+        torch.save(scripted_tensors(scripted), f)
+    del scripted
     if eager.table_tower is not None:  # traced with gradients on, as the fused one (layers pick ops by grad mode)
         save_script(script(VectorInputModel(shared_copy(eager))), paths["vectors_model"])
     references: dict = {}
@@ -341,10 +349,12 @@ def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, 
     del eager
     gc.collect()  # scripted and traced modules hold reference cycles; the mapped checkpoint goes with them
 
-    loaded = torch.jit.load(str(paths["model"]))
     with torch.no_grad():
-        parity = {"rows": len(parity_batch), "tolerance": PARITY_TOLERANCE,
-                  "fused_max_abs_diff": float((loaded(*inputs) - references["fused"]).abs().max()),
+        self_contained = float((torch.jit.load(str(paths["model"]))(*inputs) - references["fused"]).abs().max())
+        gc.collect()
+        loaded = load_served_model(paths["model"], paths["model_weights"])  # as the service loads it
+        parity = {"rows": len(parity_batch), "tolerance": PARITY_TOLERANCE, "fused_max_abs_diff": self_contained,
+                  "fused_mapped_max_abs_diff": float((loaded(*inputs) - references["fused"]).abs().max()),
                   "reference": "eager model" + (f" with {cfg.table_dtype} tables" if cfg.table_dtype != "fp32" else "")}
         if has_tables:
             vectors_loaded = torch.jit.load(str(paths["vectors_model"]))

@@ -1,8 +1,14 @@
 """The published serving files, readable without torchrec: the export, and the products added to it.
 
-``python -m serving.export`` publishes ``DIR/serving/{model.pt, manifest.json, product_features.parquet}``
-(and, for a model with tables, ``model_vectors.pt`` and the id maps) as one
-:class:`common.provenance.OutputSet` with the manifest ``DIR/serving/export.manifest.json``.
+``python -m serving.export`` publishes ``DIR/serving/{model.pt, model_weights.pt, manifest.json,
+product_features.parquet}`` (and, for a model with tables, ``model_vectors.pt`` and the id maps) as
+one :class:`common.provenance.OutputSet` with the manifest ``DIR/serving/export.manifest.json``.
+
+``model.pt`` is self-contained (``torch.jit.load``); ``model_weights.pt`` holds the same tensors
+by name (``torch.save``, read with ``weights_only=True``). :func:`load_served_model` maps them
+from it into the module ``model.pt`` describes, so that every process serving the export (the
+service's workers, the benchmark) shares one copy of the tables in the page cache, where
+``torch.jit.load`` would read a private copy into each.
 
 ``python -m serving.add_products`` publishes the *added set* (:func:`added_set`, manifest
 ``DIR/serving/added.manifest.json``): the served versions of the fused model (its product table
@@ -22,13 +28,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from common.cli import UserError
 from common.io import file_sha256
 from common.provenance import OutputSet
 
 EXPORT_MANIFEST = "serving/export.manifest.json"
-FILES = {"model": "model.pt", "manifest": "manifest.json", "product_features": "product_features.parquet"}
+FILES = {"model": "model.pt", "model_weights": "model_weights.pt", "manifest": "manifest.json",
+         "product_features": "product_features.parquet"}
 TABLE_FILES = {"vectors_model": "model_vectors.pt", "product_ids": "product_ids.parquet",
                "query_ids": "query_ids.parquet"}  # only for variants with tables
 
@@ -50,6 +58,42 @@ def read_id_map(path: Path, key: str) -> list:
     if not np.array_equal(rows, np.arange(1, len(rows) + 1)):
         raise UserError(f"{path}: column 'row_id' must be 1..R-1 in order")
     return table.column(key).to_pylist()
+
+
+def scripted_tensors(module: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of a TorchScript module by its qualified name: what
+    ``model_weights.pt`` holds."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def load_served_model(model_path: str | Path, weights_path: str | Path | None = None) -> torch.jit.ScriptModule:
+    """The TorchScript model of ``model_path`` in eval mode; with ``weights_path`` (its
+    ``model_weights.pt``, same export) its tensors are not read from ``model_path`` but mapped from
+    that file (``torch.load(mmap=True)``, copy on write): processes that load the same export
+    share those pages. Raises :class:`UserError` naming the file when the two do not match."""
+    if weights_path is None:
+        return torch.jit.load(str(model_path)).eval()
+    module = torch.jit.load(str(model_path), map_location="meta")  # the structure, no tensor read
+    expected = scripted_tensors(module)
+    try:
+        weights = torch.load(weights_path, mmap=True, weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"{weights_path}: cannot read the model's weights ({exc}); run python -m serving.export "
+                        f"--force") from None
+    if not isinstance(weights, dict) or set(weights) != set(expected):
+        raise UserError(f"{weights_path}: its tensors are not those of {model_path} (run python -m serving.export "
+                        f"--force)")
+    parameters = dict(module.named_parameters())
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise UserError(f"{weights_path}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, {model_path} "
+                            f"expects {tuple(expected[name].shape)} {expected[name].dtype}")
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module
+        for part in owner_name.split(".") if owner_name else ():
+            owner = getattr(owner, part)
+        setattr(owner, attribute, torch.nn.Parameter(tensor, requires_grad=False) if name in parameters else tensor)
+    return module.eval()
 
 
 def export_files(with_tables: bool) -> dict[str, str]:

@@ -118,7 +118,8 @@ from embeddings.tables import tables_set
 from ranking.spec import FeatureSpec, PurchaseIndex
 from serving.funnel import Funnel, FunnelUnavailable, load_encoder_once, load_funnel
 from serving.index import index_set
-from serving.published import ADDED_FILES, added_set, current_added, export_set, published_export, read_id_map
+from serving.published import (ADDED_FILES, FILES, added_set, current_added, export_set, load_served_model,
+                               published_export, read_id_map)
 from serving.redis_store import free_port
 from serving.requests import (DENSE_MAX_Z, EncodedRequest, ErrorResponse, FastRequestParser, ParsedRequest,
                               RecommendedProduct, RecommendMeta, RecommendResponse,
@@ -192,7 +193,8 @@ class Scorer:
             queries = read_id_map(serving / "query_ids.parquet", "query")
         self.spec = FeatureSpec.from_dict({**self.manifest["feature_spec"], "product_ids": product_ids,
                                            "queries": queries})
-        self.model = torch.jit.load(str(model_path)).eval()
+        # the export's tensors mapped from model_weights.pt: one copy in memory for every worker
+        self.model = load_served_model(model_path, None if self.added else serving / FILES["model_weights"])
         try:
             purchases = PurchaseIndex.from_workdir(self.workdir)
         except SchemaError as exc:

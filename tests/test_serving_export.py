@@ -36,7 +36,8 @@ def _nw_batch(workdir: Path, rows: int = 300):
 def test_manifest_records_hashes_inputs_and_parity(serving_workdir: Path):
     out = serving_workdir / "serving"
     manifest = read_json(out / "manifest.json")
-    assert set(manifest["files"]) == {"model", "vectors_model", "product_ids", "query_ids", "product_features"}
+    assert set(manifest["files"]) == {"model", "model_weights", "vectors_model", "product_ids", "query_ids",
+                                      "product_features"}
     for entry in manifest["files"].values():
         assert file_sha256(out / entry["path"]) == entry["sha256"]
     published = export.published_export(serving_workdir).verify()  # one set, with the descriptive manifest
@@ -52,7 +53,8 @@ def test_manifest_records_hashes_inputs_and_parity(serving_workdir: Path):
     assert [f["column"] for f in manifest["request_fields"]["sparse"]] == spec.sparse_names
     assert manifest["request_fields"]["dense"][0] == {"field": spec.dense_names[0].removeprefix("dense_"),
                                                       "column": spec.dense_names[0]}
-    assert manifest["parity"]["fused_max_abs_diff"] <= 1e-5 and manifest["parity"]["vectors_max_abs_diff"] <= 1e-5
+    parity = manifest["parity"]
+    assert max(parity["fused_max_abs_diff"], parity["fused_mapped_max_abs_diff"], parity["vectors_max_abs_diff"]) <= 1e-5
     assert manifest["parity"]["rows"] > 0 and 0.0 <= manifest["nw_auc"]["fp32"] <= 1.0
 
 
@@ -97,6 +99,32 @@ def test_exported_files_score_like_the_eager_model(serving_workdir: Path):
     torch.testing.assert_close(vectors, eager, atol=1e-5, rtol=0)
 
 
+def test_the_served_model_maps_its_tensors_from_the_weights_file(serving_workdir: Path, tmp_path: Path):
+    """load_served_model: model.pt's module with every tensor mapped from model_weights.pt (the pages
+    the service's workers share), scoring bit for bit like torch.jit.load of model.pt; a weights
+    file of another model is a one-line error naming it."""
+    from common.cli import UserError
+    from serving.published import load_served_model, scripted_tensors
+
+    out = serving_workdir / "serving"
+    _, batch = _nw_batch(serving_workdir)
+    mapped = load_served_model(out / "model.pt", out / "model_weights.pt")
+    tensors = scripted_tensors(mapped)
+    assert not any(t.is_meta for t in tensors.values())
+    table = next(t for name, t in tensors.items() if name.endswith("query_table.weight"))
+    mappings = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+    weights_ranges = [[int(a, 16) for a in m[0].split("-")] for m in mappings
+                      if len(m) == 6 and m[5] == str(out / "model_weights.pt")]
+    assert any(start <= table.data_ptr() < end for start, end in weights_ranges)  # mapped from the file, not read
+    with torch.no_grad():
+        assert torch.equal(mapped(*batch.inputs()), torch.jit.load(str(out / "model.pt"))(*batch.inputs()))
+    other = torch.load(out / "model_weights.pt", weights_only=True)
+    other.pop(next(iter(other)))
+    torch.save(other, tmp_path / "model_weights.pt")
+    with pytest.raises(UserError, match="model_weights.pt: its tensors are not those of"):
+        load_served_model(out / "model.pt", tmp_path / "model_weights.pt")
+
+
 def test_fresh_process_loads_with_torch_and_fbgemm_only(serving_workdir: Path, tmp_path: Path):
     model, batch = _nw_batch(serving_workdir)
     with torch.no_grad():
@@ -133,11 +161,14 @@ def test_rerun_skips_and_fp16_tables_report_the_auc_change(serving_workdir: Path
     assert auc["delta"] == pytest.approx(auc["fp16"] - auc["fp32"]) and abs(auc["delta"]) < 0.01
     assert auc["fp32"] == pytest.approx(read_json(serving_workdir / "serving" / "manifest.json")["nw_auc"]["fp32"])
     assert "fp16 tables" in capsys.readouterr().out
-    assert manifest["parity"]["fused_max_abs_diff"] <= 1e-5
+    assert max(manifest["parity"]["fused_max_abs_diff"], manifest["parity"]["fused_mapped_max_abs_diff"]) <= 1e-5
     model, batch = _nw_batch(workdir)
+    from serving.published import load_served_model
     with torch.no_grad():
         fp32 = PlainInputModel(model).eval()(*batch.inputs())
         fp16 = torch.jit.load(str(workdir / "serving" / "model.pt"))(*batch.inputs())
+        mapped = load_served_model(workdir / "serving" / "model.pt", workdir / "serving" / "model_weights.pt")
+        assert torch.equal(mapped(*batch.inputs()), fp16)  # the quantized tables map like fp32 ones
     diff = (fp16 - fp32).abs().max().item()
     assert 0 < diff < 1e-2, "fp16 rows change the logits a little, not at all or a lot"
 
@@ -170,5 +201,6 @@ def test_forced_export_writes_the_same_bytes(serving_workdir: Path, tmp_path: Pa
         proc = subprocess.run([sys.executable, "-m", "serving.export", "--workdir", str(workdir), "--force",
                                "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        written.append({name: (workdir / "serving" / name).read_bytes() for name in ("model.pt", "model_vectors.pt")})
+        written.append({name: (workdir / "serving" / name).read_bytes()
+                        for name in ("model.pt", "model_weights.pt", "model_vectors.pt")})
     assert written[0] == written[1]
