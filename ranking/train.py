@@ -171,6 +171,18 @@ def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant], provenance
     return Inputs(data, base_spec, tables)
 
 
+def mapped_table_bytes(cfg: RankingTrainConfig, with_tables: bool, provenance: Provenance) -> int:
+    """Bytes of the product and query vectors (0 when not ``with_tables``), mapped into
+    ``DIR/embeddings/mapped`` here first when they are not yet, so that the workers started next
+    find them. Their keys are read and dropped."""
+    if not with_tables:
+        return 0
+    try:
+        return sum(int(table.vectors.nbytes) for table in mapped_tables(cfg.workdir, provenance.tables))
+    except SchemaError as exc:
+        raise UserError(str(exc)) from None
+
+
 def make_optimizers(model: nn.Module, optimizer: str, lr: float,
                     table_optimizer: str = "rowwise_adagrad") -> list[torch.optim.Optimizer]:
     """The optimizers of every parameter except the frozen tables: ``adam`` = Adam on the dense
@@ -635,19 +647,19 @@ def affordable_workers(requested: int, own_bytes: int, shared_bytes: int, availa
     return int(max(1, min(requested, (available_bytes - shared_bytes) // max(own_bytes, 1))))
 
 
-def job_workers(cfg: RankingTrainConfig, jobs: list[tuple[str, int]], inputs: Inputs) -> int:
+def job_workers(cfg: RankingTrainConfig, jobs: list[tuple[str, int]], table_bytes: int, cache: ImpressionCache) -> int:
     """Processes :func:`run_jobs` trains ``jobs`` in: 1 means this one (always under torchrun, whose
     ranks are the workers). At most ``cfg.workers``, and only as many as the memory available now
     holds (:func:`affordable_workers`): a worker's own :data:`WORKER_BASE_BYTES`, plus a copy of the
-    tables when a job trains them, beside the mapped tables and impression cache that the workers
-    share. Fewer workers change no number, only the wall time; a cut is logged."""
+    tables when a job trains them, beside the mapped tables (``table_bytes``,
+    :func:`mapped_table_bytes`) and the impression ``cache`` that the workers share. Fewer workers change no number, only the wall
+    time; a cut is logged."""
     requested = 1 if current_env() is not None else max(1, min(cfg.workers, len(jobs)))
     if requested == 1:
         return 1
-    table_bytes = sum(int(t.vectors.nbytes) for t in inputs.tables) if inputs.tables else 0
     trains_tables = any(VARIANTS[name].train_tables for name, _ in jobs)
     own = WORKER_BASE_BYTES + (table_bytes if trains_tables else 0)
-    shared = table_bytes + sum(int(column.nbytes) for column in inputs.data.cache.columns.values())
+    shared = table_bytes + sum(int(column.nbytes) for column in cache.columns.values())
     available = psutil.virtual_memory().available
     workers = affordable_workers(requested, own, shared, available)
     if workers < requested:
@@ -662,6 +674,8 @@ def run_jobs(cfg: RankingTrainConfig, variants: list[Variant], inputs: Inputs | 
     """Train ``jobs`` ((variant, seed) pairs): in this process with ``inputs`` (``workers`` 1), or
     over ``workers`` spawned processes that load their own (``inputs`` may then be None; each runs
     one job at a time with ``cfg.threads`` threads; same numbers either way)."""
+    if not jobs:
+        return []
     if workers == 1:
         assert inputs is not None, "a run in this process needs its inputs"
         return [run_seed(VARIANTS[name], seed, inputs, cfg, provenance.made_from(VARIANTS[name], seed))
@@ -682,16 +696,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if env is not None and not env.is_main:
         torch.distributed.barrier()  # rank 0 builds the feature cache first
     provenance = Provenance.of(cfg, any(v.uses_tables for v in variants))
-    inputs = load_inputs(cfg, variants, provenance)
-    if env is not None and env.is_main:
-        torch.distributed.barrier()
-    if cfg.early_stopping and min(inputs.data.num_rows("fit"), inputs.data.num_rows("valid")) == 0:
-        raise UserError(f"{cfg.workdir}: early stopping needs impressions both before and in the week before the "
-                        f"evaluation week (fit {inputs.data.num_rows('fit')}, valid {inputs.data.num_rows('valid')}); "
-                        f"pass --no-early-stopping")
-    log.info("ranking: %d train / %d eval impressions, %d purchases; variants %s, seeds %d",
-             inputs.data.num_rows("train"), inputs.data.num_rows("eval"), len(inputs.data.purchases),
-             ", ".join(v.name for v in variants), cfg.seeds)
     finished: dict[tuple[str, int], dict] = {}
     jobs = []
     for variant in variants:
@@ -703,9 +707,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 finished[variant.name, seed] = read_json(out.path(out.files[1]))
             else:
                 jobs.append((variant.name, seed))
-    workers = job_workers(cfg, jobs, inputs)
-    if workers > 1:
-        inputs = None  # the workers open their own (the tables they map are shared; the rest is not)
+    # first: a missing table fails before the cache pass
+    table_bytes = mapped_table_bytes(cfg, any(VARIANTS[name].uses_tables for name, _ in jobs), provenance)
+    try:
+        cache = ImpressionCache.open(workdir)  # built here once (first by rank 0 under torchrun)
+    except SchemaError as exc:
+        raise UserError(str(exc)) from None
+    if env is not None and env.is_main:
+        torch.distributed.barrier()
+    if jobs and cfg.early_stopping and min(len(cache.split_index("fit")), len(cache.split_index("valid"))) == 0:
+        raise UserError(f"{cfg.workdir}: early stopping needs impressions both before and in the week before the "
+                        f"evaluation week (fit {len(cache.split_index('fit'))}, valid "
+                        f"{len(cache.split_index('valid'))}); pass --no-early-stopping")
+    log.info("ranking: %d train / %d eval impressions; variants %s, seeds %d", len(cache.split_index("train")),
+             len(cache.split_index("eval")), ", ".join(v.name for v in variants), cfg.seeds)
+    workers = job_workers(cfg, jobs, table_bytes, cache)
+    # workers load their own inputs (the tables and the cache they map are shared, the rest is not): this
+    # process loads them only to train here
+    inputs = load_inputs(cfg, variants, provenance) if jobs and workers == 1 else None
     for metrics in run_jobs(cfg, variants, inputs, provenance, jobs, workers):
         if metrics:  # empty on ranks other than 0
             finished[metrics["variant"], metrics["seed"]] = metrics

@@ -214,9 +214,12 @@ def test_workers_are_cut_to_what_the_available_memory_holds():
 def test_job_workers_on_small_data_are_the_requested_ones_capped_by_the_jobs(tiny_workdir_copy):
     """On the tiny data the memory is no limit: the requested workers, capped by the jobs."""
     cfg = train.RankingTrainConfig(workdir=str(tiny_workdir_copy), workers=3)
-    variants = [VARIANTS["dcn_pq_hist"], VARIANTS["dcn_pq_hist_finetune"]]
     write_random_tables(tiny_workdir_copy)
-    inputs = train.load_inputs(cfg, variants, train.Provenance.of(cfg, True))
-    assert train.job_workers(cfg, [("dcn_pq_hist", 0), ("dcn_pq_hist_finetune", 0)], inputs) == 2
-    assert train.job_workers(cfg, [("dcn_pq_hist", s) for s in range(5)], inputs) == 3
-    assert train.job_workers(cfg, [("dcn_pq_hist", 0)], inputs) == 1
+    table_bytes = train.mapped_table_bytes(cfg, True, train.Provenance.of(cfg, True))
+    # mapped here, before any worker starts: the workers find the files
+    mapped = sorted(p.name.split("-")[0] for p in (tiny_workdir_copy / "embeddings" / "mapped").iterdir())
+    assert mapped == ["product", "query"] and table_bytes > 0
+    cache = ImpressionCache.open(cfg.workdir)
+    assert train.job_workers(cfg, [("dcn_pq_hist", 0), ("dcn_pq_hist_finetune", 0)], table_bytes, cache) == 2
+    assert train.job_workers(cfg, [("dcn_pq_hist", s) for s in range(5)], table_bytes, cache) == 3
+    assert train.job_workers(cfg, [("dcn_pq_hist", 0)], table_bytes, cache) == 1
