@@ -128,9 +128,14 @@ class PurchaseIndex:
 
     @classmethod
     def from_workdir(cls, workdir: str | Path) -> "PurchaseIndex":
+        """From ``DIR/data/purchases.parquet`` (validated); the Arrow buffers of the read and the
+        checks go back to the system once the index holds its arrays."""
         table = read_table(workdir, "purchases")
-        return cls(table.column("user_id").to_numpy(), table.column("ts").cast(pa.int64()).to_numpy(),
-                   table.column("product_id").to_numpy())
+        index = cls(table.column("user_id").to_numpy(), table.column("ts").cast(pa.int64()).to_numpy(),
+                    table.column("product_id").to_numpy())
+        del table
+        pa.default_memory_pool().release_unused()
+        return index
 
     def __len__(self) -> int:
         return len(self.product_id)
