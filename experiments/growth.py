@@ -9,8 +9,9 @@ was not measured (``--target``, default 1.0), the value of the least-squares lin
 the data); the table also shows how far the measured points stray from it, and marks a peak that
 the line puts over ``--memory-limit-gb``.
 
-A run's ``reproduce.json`` records what its last invocation ran: a stage it reused costs its reuse
-(seconds), not its work, so each scale run here must be a fresh one (an empty ``DIR/<name>``).
+A run's ``reproduce.json`` records, for each command, the cost of the invocation that made its
+outputs (a command that found them complete keeps that record), so a scale run may be made in
+several invocations (stage by stage, or resumed after a failure).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ ROWS = ("catalog", "relevance", "impressions")  # the sizes a scale run's table 
 @dataclass
 class GrowthConfig:
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={
-        "help": "directory holding one fresh scale run per subdirectory (each with its reproduce.json); "
+        "help": "directory holding one scale run per subdirectory (each with its reproduce.json); "
                 "growth.json and growth.md are written here"})
     target: float = field(default=1.0, metadata={"help": "fraction of the paper's sizes to extrapolate to when no "
                                                          "run measured it", "gt": 0.0, "max": 1.0})

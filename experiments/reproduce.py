@@ -28,12 +28,18 @@ process tree (workers and servers together) is sampled every 0.5 s (:class:`Tree
 tree's memory is the sum of its processes' proportional sets (PSS: a page that n processes share, a mapped file or a
 shared tensor, counts 1/n in each); the summed resident sets (RSS, such a page counted n times)
 are recorded beside it.
+
+A command that finds its outputs complete makes nothing (no file under ``DIR`` changes but its
+log): its record keeps the cost of the earlier run that made them, as do the stages this
+invocation does not run, so a run resumed after a failure, or completed stage by stage, reports
+what each command cost to make what is there.
 """
 from __future__ import annotations
 
 import codecs
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import pty
@@ -434,16 +440,56 @@ def exit_reason(code: int) -> str:
     return f"killed by {name}"
 
 
-def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> list[CommandCost]:
+OWN_FILES = ("logs", "reproduce.json", "report.md")  # what reproduce itself writes in DIR
+
+
+def output_state(workdir: Path) -> dict[str, tuple[int, int]]:
+    """``(mtime_ns, size)`` of every file under ``workdir`` but reproduce's own (:data:`OWN_FILES`):
+    equal before and after a command that made nothing."""
+    state = {}
+    for path in workdir.rglob("*"):
+        rel = path.relative_to(workdir)
+        if rel.parts[0] in OWN_FILES:
+            continue
+        try:
+            stat = path.stat()
+        except OSError:  # removed while listed
+            continue
+        if not path.is_dir():
+            state[str(rel)] = (stat.st_mtime_ns, stat.st_size)
+    return state
+
+
+def previous_costs(root: Path) -> dict[str, dict]:
+    """The command records of the last ``reproduce.json`` in ``root`` by command line ({} without one)."""
+    try:
+        record = json.loads((root / "reproduce.json").read_text())
+        return {cost["command"]: cost for stage in record["command_costs"].values() for cost in stage}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def recorded_cost(record: dict) -> CommandCost:
+    """The :class:`CommandCost` of a ``reproduce.json`` record (a successful command's)."""
+    return CommandCost(exit_code=0, **{f.name: record[f.name] for f in dataclasses.fields(CommandCost)
+                                       if f.name != "exit_code" and f.name in record})
+
+
+def run_stage(stage: Stage, log_dir: Path, console: Console, position: str, workdir: Path | None = None,
+              earlier: dict[str, dict] | None = None) -> list[CommandCost]:
     """Run the stage's commands (``python -m ...``), all output appended to ``log_dir/<stage>.log``;
-    return what each cost. ``position`` (``2/5``) labels the stage on the console."""
+    return what each cost. ``position`` (``2/5``) labels the stage on the console. A command that
+    left every file of ``workdir`` as it was gets the cost ``earlier`` records for it (the run that
+    made its outputs), when there is one."""
     log_path = log_dir / f"{stage.name}.log"
     console.say(f"stage {position} {stage.name}: {len(stage.commands)} command(s), full output in {log_path}")
     costs = []
     for index, cmd in enumerate(stage.commands, 1):
         argv = [sys.executable, "-m", *cmd]
         label = f"{stage.name} {index}/{len(stage.commands)}"
-        console.begin(label, shlex.join(["python", "-m", *cmd]))
+        command = shlex.join(["python", "-m", *cmd])
+        console.begin(label, command)
+        before = output_state(workdir) if workdir is not None else None
         with open(log_path, "ab") as sink:
             sink.write(f"$ {shlex.join(argv)}\n".encode())
             sink.flush()
@@ -456,6 +502,10 @@ def run_stage(stage: Stage, log_dir: Path, console: Console, position: str) -> l
             raise UserError(f"stage {stage.name} failed ({cmd[0]}, {exit_reason(cost.exit_code)}); see {log_path}: "
                             f"{_log_tail(log_path)}")
         console.say(f"[{label}] {cmd[0]} done in {took}")
+        made = (earlier or {}).get(command)
+        if before is not None and made is not None and output_state(workdir) == before:
+            console.say(f"[{label}] {cmd[0]} made nothing: its record keeps the cost of the run that made its outputs")
+            cost = recorded_cost(made)
         costs.append(cost)
     console.say(f"stage {position} {stage.name} done in {format_duration(sum(c.seconds for c in costs))}")
     return costs
@@ -484,12 +534,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         f"expected a subset of {[s.name for s in stages]}")
     console = Console()
     run = [s for s in stages if s.name in wanted]
+    commands = {s.name: [shlex.join(["python", "-m", *c]) for c in s.commands] for s in stages}
+    earlier = previous_costs(root)
     costs: dict[str, list[CommandCost]] = {}
+    for stage in stages:  # the stages not run now keep their earlier records (when all their commands have one)
+        if stage.name not in wanted and all(c in earlier for c in commands[stage.name]):
+            costs[stage.name] = [recorded_cost(earlier[c]) for c in commands[stage.name]]
     for number, stage in enumerate(run, 1):
-        costs[stage.name] = run_stage(stage, root / "logs", console, f"{number}/{len(run)}")
+        costs[stage.name] = run_stage(stage, root / "logs", console, f"{number}/{len(run)}", root, earlier)
         if stage.name == "data" and kind == WORKDIR_SOURCE:
             describe_workdir_data(cfg.workdir)
-    commands = {s.name: [shlex.join(["python", "-m", *c]) for c in s.commands] for s in stages}
+    costs = {s.name: costs[s.name] for s in stages if s.name in costs}  # stage order
     write_json({"config": dataclasses.asdict(cfg), "preset": preset_name(cfg), "cpus": len(os.sched_getaffinity(0)),
                 "stage_seconds": {name: sum(c.seconds for c in stage_costs) for name, stage_costs in costs.items()},
                 "command_seconds": {name: [c.seconds for c in stage_costs] for name, stage_costs in costs.items()},

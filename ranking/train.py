@@ -47,6 +47,7 @@ evaluation predictions or parameters are not finite publishes nothing and ends w
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import math
 import multiprocessing
@@ -737,9 +738,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = results_set(workdir)
     json_rel, md_rel = out.files
     listed = [name for name in VARIANTS if name in results]
-    with out.publish(MadeFrom(results[INPUTS_KEY], {"variants": listed})) as staged:
+    made_from, markdown = MadeFrom(results[INPUTS_KEY], {"variants": listed}), results_markdown(results)
+    if (not jobs and out.current(made_from) and read_json(out.path(json_rel)) == json.loads(json.dumps(results, default=str))
+            and out.path(md_rel).read_text() == markdown):
+        log.info("%s and %s hold these results already (nothing trained); left as they are", out.path(json_rel),
+                 out.path(md_rel))
+        return results
+    with out.publish(made_from) as staged:
         write_json(results, staged[json_rel])
-        write_text(results_markdown(results), staged[md_rel])
+        write_text(markdown, staged[md_rel])
     log.info("wrote %s and %s (variants %s)", out.path(json_rel), out.path(md_rel), ", ".join(listed))
     return results
 

@@ -83,6 +83,12 @@ def test_all_variants_two_seeds_end_to_end(tiny_workdir_copy, caplog):
         train.main(["--workdir", str(workdir), "--variant", "dcn", "--seeds", "1", *FAST])
     assert "skipping" in caplog.text
     assert (layout.run_dir(workdir, "dcn", 0) / layout.MODEL_FILE).stat().st_mtime_ns == mtime
+    results = [workdir / rel for rel in (layout.RESULTS_JSON_REL, layout.RESULTS_MD_REL, layout.RESULTS_MANIFEST_REL)]
+    published = [path.stat().st_mtime_ns for path in results]
+    caplog.clear()
+    with caplog.at_level("INFO"):  # the same command again: nothing to train, the same results, nothing written
+        train.main(["--workdir", str(workdir), "--variant", "dcn", "--seeds", "1", *FAST])
+    assert "left as they are" in caplog.text and [path.stat().st_mtime_ns for path in results] == published
     seed0 = layout.run_dir(workdir, "dcn_pq_hist_random", 0)
     before = {name: (seed0 / name).read_bytes() for name in (layout.MODEL_FILE, layout.METRICS_FILE)}  # trained by a worker
     merged = train.main(["--workdir", str(workdir), "--variant", "dcn_pq_hist_random", "--seeds", "1", "--force", *FAST])

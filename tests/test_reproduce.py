@@ -65,9 +65,16 @@ def test_each_commands_wall_time_and_peak_memory_are_recorded_and_reported(tiny_
 def test_rerun_skips_complete_stages_and_publish_copies_plots(tiny_run: Path, tmp_path: Path) -> None:
     model = layout.run_dir(tiny_run, "dcn_pq_hist", 1) / layout.MODEL_FILE
     before = model.stat().st_mtime_ns
+    costs = json.loads((tiny_run / "reproduce.json").read_text())["command_costs"]
     reproduce.main(["--workdir", str(tiny_run), "--source", "synth:tiny", "--seeds", "2",
                     "--stages", "ranking", "--publish", str(tmp_path / "pub")])
     assert model.stat().st_mtime_ns == before  # the finished seed was skipped, not retrained
+    # ranking made nothing, so its record is still the run that trained; the stages not run keep theirs
+    assert json.loads((tiny_run / "reproduce.json").read_text())["command_costs"] == costs
+    shutil.rmtree(tiny_run / "importance")  # made again by the same command line: a new record
+    reproduce.main(["--workdir", str(tiny_run), "--source", "synth:tiny", "--seeds", "2", "--stages", "importance"])
+    now = json.loads((tiny_run / "reproduce.json").read_text())["command_costs"]
+    assert now["importance"] != costs["importance"] and {**now, "importance": costs["importance"]} == costs
     assert "skipping" in (tiny_run / "logs" / "ranking.log").read_text()
     published = (tmp_path / "pub" / "report.md").read_text()
     assert (tmp_path / "pub" / "embeddings" / "plots" / "tsne.png").exists()
