@@ -86,11 +86,16 @@ class FeatureSpec:
         pos = np.clip(np.searchsorted(keys, ids), 0, len(keys) - 1)
         return np.where(keys[pos] == ids, rows[pos], UNKNOWN_ROW).astype(np.int64)
 
-    def query_rows(self, queries: Sequence[str]) -> np.ndarray:
-        """Query table rows for raw query strings (normalised here; unknown -> 0)."""
+    def query_map(self) -> dict[str, int]:
+        """Normalised query -> its query table row (built once; the unknown row 0 is not in it)."""
         if self._query_map is None:
             self._query_map = {q: i + 1 for i, q in enumerate(self.queries)}
-        return np.array([self._query_map.get(normalize_query(q), UNKNOWN_ROW) for q in queries], dtype=np.int64)
+        return self._query_map
+
+    def query_rows(self, queries: Sequence[str]) -> np.ndarray:
+        """Query table rows for raw query strings (normalised here; unknown -> 0)."""
+        query_map = self.query_map()
+        return np.array([query_map.get(normalize_query(q), UNKNOWN_ROW) for q in queries], dtype=np.int64)
 
     def history_rows(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """``[B, history_len]`` rows from per-request product id lists (already windowed to

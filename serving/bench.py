@@ -244,7 +244,8 @@ def bench_recommend_paths(cfg: ServingBenchConfig, scorer: Scorer, store: Vector
     """``POST /recommend``'s work in process, fused tables against the Redis fetch (module docstring);
     ``{"skipped": why}`` without a funnel."""
     try:
-        funnel = load_funnel(cfg.workdir, scorer.spec, scorer.manifest, None, lambda: load_encoder_once(cfg.workdir))
+        funnel = load_funnel(cfg.workdir, scorer.spec, scorer.manifest, None, lambda: load_encoder_once(cfg.workdir),
+                             scorer.query_table)
     except FunnelUnavailable as exc:
         return {"skipped": str(exc)}
     request_model = build_recommend_request_model(scorer.spec, scorer.manifest["features"], cfg.funnel_candidates)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -204,19 +204,22 @@ class CandidateFeatures:
 
 
 class QueryVectors:
-    """Query -> DashCLIP vector ``[d]``: the exported query table's row when the normalised query is
-    in it, else the trained encoder's vector for it (computed for the request)."""
+    """Query -> DashCLIP vector ``[d]``: the query table's row when the normalised query is in it,
+    else the trained encoder's vector for it (computed for the request).
 
-    def __init__(self, table: tables.EmbeddingTable, encoder: Any) -> None:
-        self.table, self.encoder = table, encoder
-        self.rows = table.id_map()
+    ``vectors`` ``[R, d]`` are the table's rows and ``rows`` maps a normalised query to its row: the
+    served model's own query table and its feature spec's map when the model holds the fp32 table
+    (one copy of both in a process that scores and retrieves), else the exported table file."""
+
+    def __init__(self, vectors: np.ndarray, rows: Mapping[str, int], encoder: Any) -> None:
+        self.vectors, self.rows, self.encoder = vectors, rows, encoder
 
     def vector(self, query: str) -> tuple[np.ndarray, bool]:
         """``(vector [d] float32, encoded)`` for a raw query; ``encoded`` = not in the table."""
         key = normalize_query(query)
         row = self.rows.get(key)
         if row is not None:
-            return self.table.vectors[row], False
+            return self.vectors[row], False
         return self.encoder.queries([key])[0], True
 
 
@@ -276,12 +279,17 @@ def load_encoder_once(workdir: str | Path) -> tuple[Any, str] | None:
 
 
 def load_funnel(workdir: str | Path, spec: FeatureSpec, export_manifest: dict[str, Any],
-                added: dict[str, Any] | None, encoder: Callable[[], tuple[Any, str] | None]) -> Funnel:
+                added: dict[str, Any] | None, encoder: Callable[[], tuple[Any, str] | None],
+                model_query_table: np.ndarray | None = None) -> Funnel:
     """The funnel over the served files, checked to belong together: the DashCLIP tables the exported
     model was trained with, the index built from that product table (or the added set's index), and
     the query table made by the checkpoint of the encoder (``encoder()`` gives ``(DashEncoder,
     checkpoint sha256)``, or None when there is no checkpoint; called last). :class:`FunnelUnavailable`
-    names what is missing or does not match."""
+    names what is missing or does not match.
+
+    ``model_query_table``: the served model's fp32 query table ``[R, d]``, the rows of that same
+    table file (the check above) in ``spec``'s order; the query vectors are then its rows, not a
+    second mapping of the file."""
     workdir = Path(workdir)
     if "features" not in export_manifest:
         raise FunnelUnavailable(f"{workdir / 'serving/manifest.json'} has no feature split: run python -m "
@@ -309,14 +317,21 @@ def load_funnel(workdir: str | Path, spec: FeatureSpec, export_manifest: dict[st
         raise FunnelUnavailable(f"{tables.embedding_table_path(workdir, 'query')} was not made by the DashCLIP "
                                 f"checkpoint this process loaded ({workdir / ENCODER_CHECKPOINT}): run python -m "
                                 f"embeddings.export, then restart the service")
-    # mapped, not read: the service's workers share one copy of the query vectors
-    query_table = tables.mapped_table(workdir, "query", table_hashes[tables.embedding_table_rel("query")])
-    if not index.dim == query_table.dim == dashclip.dim:
+    if model_query_table is not None and spec.queries:
+        if model_query_table.shape[0] != spec.num_query_rows:
+            raise FunnelUnavailable(f"the served model's query table has {model_query_table.shape[0]} rows, its "
+                                    f"feature spec {spec.num_query_rows}: run python -m serving.export --force")
+        queries = QueryVectors(model_query_table, spec.query_map(), dashclip)
+    else:  # mapped, not read: the service's workers share one copy of the query vectors
+        table = tables.mapped_table(workdir, "query", table_hashes[tables.embedding_table_rel("query")])
+        queries = QueryVectors(table.vectors, table.id_map(), dashclip)
+    query_dim = int(queries.vectors.shape[1])
+    if not index.dim == query_dim == dashclip.dim:
         raise FunnelUnavailable(f"vector dimensions differ: product index {index.dim}, query table "
-                                f"{query_table.dim}, DashCLIP encoder {dashclip.dim}")
+                                f"{query_dim}, DashCLIP encoder {dashclip.dim}")
     features_path = workdir / (ADDED_FILES["product_features"] if added is not None
                                else "serving/product_features.parquet")
     features = CandidateFeatures.read(features_path, spec, export_manifest["features"])
     log.info("funnel: %d products indexed (%s), %d queries in the table", len(index), index.kind or "?",
-             len(query_table.keys) - 1)
-    return Funnel(index, QueryVectors(query_table, dashclip), features)
+             len(queries.rows))
+    return Funnel(index, queries, features)

@@ -96,6 +96,20 @@ def load_served_model(model_path: str | Path, weights_path: str | Path | None = 
     return module.eval()
 
 
+QUERY_TABLE_WEIGHT = "query_table.weight"  # the name's end, in the fused model, of the query table's weight
+
+
+def fp32_query_table(module: torch.jit.ScriptModule, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The served model's query table ``[R, d]`` as an array over the model's own tensor (no copy)
+    when the export keeps fp32 tables; None otherwise (no tables, or quantized ones)."""
+    if manifest.get("table_dtype") != "fp32":
+        return None
+    found = [t for name, t in module.named_parameters() if name.endswith(QUERY_TABLE_WEIGHT)]
+    if len(found) != 1 or found[0].dtype != torch.float32 or found[0].dim() != 2:
+        return None
+    return found[0].detach().numpy()
+
+
 def export_files(with_tables: bool) -> dict[str, str]:
     """File key -> workdir-relative path of the files of an export (with the table files ``with_tables``)."""
     return {key: f"serving/{name}" for key, name in {**FILES, **(TABLE_FILES if with_tables else {})}.items()}

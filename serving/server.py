@@ -118,8 +118,8 @@ from embeddings.tables import tables_set
 from ranking.spec import FeatureSpec, PurchaseIndex
 from serving.funnel import Funnel, FunnelUnavailable, load_encoder_once, load_funnel
 from serving.index import index_set
-from serving.published import (ADDED_FILES, FILES, added_set, current_added, export_set, load_served_model,
-                               published_export, read_id_map)
+from serving.published import (ADDED_FILES, FILES, added_set, current_added, export_set, fp32_query_table,
+                               load_served_model, published_export, read_id_map)
 from serving.redis_store import free_port
 from serving.requests import (DENSE_MAX_Z, EncodedRequest, ErrorResponse, FastRequestParser, ParsedRequest,
                               RecommendedProduct, RecommendMeta, RecommendResponse,
@@ -195,6 +195,8 @@ class Scorer:
                                            "queries": queries})
         # the export's tensors mapped from model_weights.pt: one copy in memory for every worker
         self.model = load_served_model(model_path, None if self.added else serving / FILES["model_weights"])
+        # the funnel's query vectors when the model holds the fp32 table: one copy for scoring and retrieval
+        self.query_table: np.ndarray | None = fp32_query_table(self.model, self.manifest)
         try:
             purchases = PurchaseIndex.from_workdir(self.workdir)
         except SchemaError as exc:
@@ -311,7 +313,7 @@ def load_served(workdir: str | Path, encoder: EncoderOnce) -> Served:
     signature = served_signature(workdir)
     scorer = Scorer(workdir)
     try:
-        funnel = load_funnel(workdir, scorer.spec, scorer.manifest, scorer.added, encoder)
+        funnel = load_funnel(workdir, scorer.spec, scorer.manifest, scorer.added, encoder, scorer.query_table)
     except FunnelUnavailable as exc:
         log.warning("POST /retrieve and /recommend are not available: %s", exc)
         return Served(scorer, None, str(exc), signature)

@@ -226,6 +226,26 @@ def test_the_example_requests_answer(serving_workdir: Path):
         assert len(resp.json()["products"]) == json.loads(body)["k"]
 
 
+def test_the_funnels_query_vectors_are_the_served_models_fp32_table_rows(serving_workdir: Path, tmp_path: Path):
+    """One copy of the query vectors in a process that scores and retrieves: with fp32 tables the funnel
+    reads the served model's own query table (its rows are the table file's); with quantized tables,
+    which are not the vectors, it maps the table file."""
+    from serving import export
+    from tests.serving_fixtures import copy_served
+
+    served = load_served(serving_workdir, EncoderOnce(serving_workdir))
+    vectors = served.funnel.queries.vectors
+    assert served.scorer.query_table is not None and np.shares_memory(vectors, served.scorer.query_table)
+    table = tables.read_embedding_table(tables.embedding_table_path(serving_workdir, "query"), "query")
+    assert np.array_equal(vectors, table.vectors) and served.funnel.queries.rows == table.id_map()
+
+    workdir = copy_served(serving_workdir, tmp_path / "int8")  # the index is built from the table file
+    export.main(["--workdir", str(workdir), "--table-dtype", "int8", "--force", "--threads", "1"])
+    quantized = load_served(workdir, EncoderOnce(workdir))
+    assert quantized.scorer.query_table is None and isinstance(quantized.funnel.queries.vectors, np.memmap)
+    assert np.array_equal(quantized.funnel.queries.vectors, table.vectors)
+
+
 def test_without_the_funnel_files_retrieval_answers_503_and_scoring_goes_on(serving_workdir: Path, shopper: dict):
     served = Served(Scorer(serving_workdir), None, "serving/index.faiss not found: run python -m serving.index")
     client = TestClient(create_app(served, MAX_CANDIDATES))
