@@ -69,8 +69,8 @@ def scripted_tensors(module: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
 def load_served_model(model_path: str | Path, weights_path: str | Path | None = None) -> torch.jit.ScriptModule:
     """The TorchScript model of ``model_path`` in eval mode; with ``weights_path`` (its
     ``model_weights.pt``, same export) its tensors are not read from ``model_path`` but mapped from
-    that file (``torch.load(mmap=True)``, copy on write): processes that load the same export
-    share those pages. Raises :class:`UserError` naming the file when the two do not match."""
+    that file (``torch.load`` with ``mmap=True``, copy on write): processes that load the same
+    export share those pages. Raises :class:`UserError` naming the file when the two do not match."""
     if weights_path is None:
         return torch.jit.load(str(model_path)).eval()
     module = torch.jit.load(str(model_path), map_location="meta")  # the structure, no tensor read
