@@ -460,11 +460,12 @@ def output_state(workdir: Path) -> dict[str, tuple[int, int]]:
     return state
 
 
-def previous_costs(root: Path) -> dict[str, dict]:
-    """The command records of the last ``reproduce.json`` in ``root`` by command line ({} without one)."""
+def previous_costs(root: Path) -> dict[str, list[dict]]:
+    """The command records of the last ``reproduce.json`` in ``root`` by stage ({} without a readable one)."""
     try:
-        record = json.loads((root / "reproduce.json").read_text())
-        return {cost["command"]: cost for stage in record["command_costs"].values() for cost in stage}
+        costs = json.loads((root / "reproduce.json").read_text())["command_costs"]
+        return {stage: [dict(cost) for cost in records] for stage, records in costs.items()
+                if all(isinstance(cost, dict) and "command" in cost for cost in records)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
@@ -536,23 +537,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
     run = [s for s in stages if s.name in wanted]
     commands = {s.name: [shlex.join(["python", "-m", *c]) for c in s.commands] for s in stages}
     earlier = previous_costs(root)
-    costs: dict[str, list[CommandCost]] = {}
-    for stage in stages:  # the stages not run now keep their earlier records (when all their commands have one)
-        if stage.name not in wanted and all(c in earlier for c in commands[stage.name]):
-            costs[stage.name] = [recorded_cost(earlier[c]) for c in commands[stage.name]]
+    made_by = {cost["command"]: cost for records in earlier.values() for cost in records}
+    records: dict[str, list[dict]] = {}  # by stage, the stages not run now keeping their earlier records
+    for stage in stages:
+        if stage.name not in wanted and stage.name in earlier:
+            records[stage.name] = earlier[stage.name]
     for number, stage in enumerate(run, 1):
-        costs[stage.name] = run_stage(stage, root / "logs", console, f"{number}/{len(run)}", root, earlier)
+        costs = run_stage(stage, root / "logs", console, f"{number}/{len(run)}", root, made_by)
+        records[stage.name] = [{"command": command, **{k: v for k, v in dataclasses.asdict(cost).items()
+                                                      if k != "exit_code"}}
+                               for command, cost in zip(commands[stage.name], costs)]
         if stage.name == "data" and kind == WORKDIR_SOURCE:
             describe_workdir_data(cfg.workdir)
-    costs = {s.name: costs[s.name] for s in stages if s.name in costs}  # stage order
+    records = {s.name: records[s.name] for s in stages if s.name in records}  # stage order
     write_json({"config": dataclasses.asdict(cfg), "preset": preset_name(cfg), "cpus": len(os.sched_getaffinity(0)),
-                "stage_seconds": {name: sum(c.seconds for c in stage_costs) for name, stage_costs in costs.items()},
-                "command_seconds": {name: [c.seconds for c in stage_costs] for name, stage_costs in costs.items()},
-                "command_costs": {name: [{"command": command, **{k: v for k, v in dataclasses.asdict(c).items()
-                                                                 if k != "exit_code"}}
-                                         for command, c in zip(commands[name], stage_costs)]
-                                  for name, stage_costs in costs.items()},
-                "commands": commands}, root / "reproduce.json")
+                "stage_seconds": {name: sum(c["seconds"] for c in costs) for name, costs in records.items()},
+                "command_seconds": {name: [c["seconds"] for c in costs] for name, costs in records.items()},
+                "command_costs": records, "commands": commands}, root / "reproduce.json")
     report = build_report(root, source=cfg.source, commands=commands,
                           invocation=shlex.join(["python", "-m", "experiments.reproduce", *(argv or sys.argv[1:])]))
     path = write_text(report, root / "report.md")

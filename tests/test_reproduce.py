@@ -75,6 +75,10 @@ def test_rerun_skips_complete_stages_and_publish_copies_plots(tiny_run: Path, tm
     reproduce.main(["--workdir", str(tiny_run), "--source", "synth:tiny", "--seeds", "2", "--stages", "importance"])
     now = json.loads((tiny_run / "reproduce.json").read_text())["command_costs"]
     assert now["importance"] != costs["importance"] and {**now, "importance": costs["importance"]} == costs
+    reproduce.main(["--workdir", str(tiny_run), "--source", "synth:tiny", "--seeds", "2", "--stages", "importance",
+                    "--force"])  # another command line: the other stages' records stay
+    forced = json.loads((tiny_run / "reproduce.json").read_text())["command_costs"]
+    assert "--force" in forced["importance"][0]["command"] and {**forced, "importance": now["importance"]} == now
     assert "skipping" in (tiny_run / "logs" / "ranking.log").read_text()
     published = (tmp_path / "pub" / "report.md").read_text()
     assert (tmp_path / "pub" / "embeddings" / "plots" / "tsne.png").exists()
