@@ -72,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import time
@@ -791,8 +792,12 @@ class Trainer:
         return images, titles
 
     def write_log(self) -> None:
-        if self.shard.is_main:
-            write_json(self.log_data, self.paths.log)
+        """Write ``train_log.json`` (rank 0), unless it holds this log already (both stages reused)."""
+        if not self.shard.is_main:
+            return
+        if self.paths.log.exists() and read_json(self.paths.log) == json.loads(json.dumps(self.log_data, default=str)):
+            return
+        write_json(self.log_data, self.paths.log)
 
     def fresh_model(self) -> tuple[DashCLIP, Any, Any]:
         model, tokenizer, spec = build_dashclip(self.cfg.model_only())

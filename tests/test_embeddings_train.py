@@ -93,8 +93,10 @@ def test_end_to_end_train_export_encode(workdir, caplog):
     # a rerun with the same settings skips both stages
     caplog.clear()
     before = (ckpt / "model.pt").stat().st_mtime_ns
+    log_written = (workdir / "embeddings" / "train_log.json").stat().st_mtime_ns
     train.main(["--workdir", str(workdir), *TINY_FLAGS, *STAGE2_FIT])
     assert (ckpt / "model.pt").stat().st_mtime_ns == before
+    assert (workdir / "embeddings" / "train_log.json").stat().st_mtime_ns == log_written  # nothing new to log
     assert sum("skipping" in r.getMessage() for r in caplog.records) == 2
 
     export.main(["--workdir", str(workdir)])
