@@ -112,9 +112,14 @@ def write_parquet(table: pa.Table, path: str | Path, **kwargs: Any) -> Path:
     return Path(path)
 
 
+def json_text(obj: Any) -> str:
+    """The text :func:`write_json` writes for ``obj`` (sorted keys: the same object, the same bytes)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json(obj: Any, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json_text(obj))
     return Path(path)
 
 

@@ -25,6 +25,9 @@ process and file (:func:`common.io.file_sha256`).
   puts the backups back; a run killed during them leaves the journal, and the next
   :meth:`~OutputSet.current`, :meth:`~OutputSet.verify` or :meth:`~OutputSet.publish` of the set
   rolls it back the same way. Readers therefore see the old set or the new one, never a mix.
+  With ``keep_same``, a publication of the very set that is there (the same files' bytes,
+  ``made_from`` and manifest fields) leaves it as it is: a stage that writes its set on every run
+  (``ranking.train``'s results) then changes no file when it made nothing new.
 """
 from __future__ import annotations
 
@@ -162,11 +165,13 @@ class OutputSet:
 
     # writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def publish(self, made_from: MadeFrom, extra: Mapping[str, Any] | None = None) -> Iterator[dict[str, Path]]:
+    def publish(self, made_from: MadeFrom, extra: Mapping[str, Any] | None = None, *,
+                keep_same: bool = False) -> Iterator[dict[str, Path]]:
         """Yield ``{relative path: temp path}``; write every temp path in the block. On success the
         set is published as one unit (see the module docstring); on failure nothing changes.
         ``extra`` holds more manifest fields; it is read when the block ends, so the block may
-        still fill it in (row counts, statistics)."""
+        still fill it in (row counts, statistics). ``keep_same``: leave an intact published set
+        untouched when the staged one is the same (files, ``made_from``, ``extra``)."""
         self.recover()
         staged = {rel: temp_sibling(self.path(rel)) for rel in self.files}
         for tmp in staged.values():
@@ -176,15 +181,24 @@ class OutputSet:
             unwritten = [rel for rel, tmp in staged.items() if not tmp.is_file()]
             if unwritten:
                 raise RuntimeError(f"output set {self.manifest_rel}: {unwritten[0]} was not written")
+            manifest = self._manifest_of(staged, made_from, extra or {})
+            if keep_same and manifest == self.manifest() and self._intact(manifest) is None:
+                log.info("%s: the same set is published already; left as they are", self.manifest_path)
+                return
             for tmp in staged.values():
                 os.chmod(tmp, 0o644)
                 fsync_path(tmp)
-            self._swap(staged, made_from, extra or {})
+            self._swap(staged, manifest)
         finally:
             for tmp in staged.values():
                 tmp.unlink(missing_ok=True)
 
-    def _swap(self, staged: Mapping[str, Path], made_from: MadeFrom, extra: Mapping[str, Any]) -> None:
+    def _manifest_of(self, staged: Mapping[str, Path], made_from: MadeFrom, extra: Mapping[str, Any]) -> dict[str, Any]:
+        """The manifest of the staged files (as it reads back from JSON)."""
+        files = {rel: {"sha256": file_sha256(tmp), "size": tmp.stat().st_size} for rel, tmp in staged.items()}
+        return canonical({**canonical(dict(extra)), "made_from": canonical(made_from.as_json()), "files": files})
+
+    def _swap(self, staged: Mapping[str, Path], manifest: Mapping[str, Any]) -> None:
         backups: dict[str, str | None] = {}
         for rel in [*self.files, self.manifest_rel]:
             path = self.path(rel)
@@ -200,14 +214,11 @@ class OutputSet:
         write_json({"backups": backups}, self.journal_path)
         try:
             self.manifest_path.unlink(missing_ok=True)
-            files = {}
             for rel, tmp in staged.items():
-                files[rel] = {"sha256": file_sha256(tmp), "size": tmp.stat().st_size}
                 os.replace(tmp, self.path(rel))
             for directory in {self.path(rel).parent for rel in self.files}:
                 fsync_path(directory)
-            write_json({**canonical(dict(extra)), "made_from": canonical(made_from.as_json()), "files": files},
-                       self.manifest_path)
+            write_json(manifest, self.manifest_path)
         except BaseException:
             self._roll_back(backups)
             raise

@@ -72,7 +72,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -86,7 +85,7 @@ from tqdm import tqdm
 
 from common.cli import UserError, parse_config, resolve_threads, run_main
 from common.distributed import init_from_env
-from common.io import prepare_workdir, read_json, write_json
+from common.io import json_text, prepare_workdir, read_json, write_json
 from common.provenance import MadeFrom
 from common.seed import deterministic_kernels
 from data import schema
@@ -795,7 +794,7 @@ class Trainer:
         """Write ``train_log.json`` (rank 0), unless it holds this log already (both stages reused)."""
         if not self.shard.is_main:
             return
-        if self.paths.log.exists() and read_json(self.paths.log) == json.loads(json.dumps(self.log_data, default=str)):
+        if self.paths.log.is_file() and self.paths.log.read_text() == json_text(self.log_data):
             return
         write_json(self.log_data, self.paths.log)
 

@@ -47,7 +47,6 @@ evaluation predictions or parameters are not finite publishes nothing and ends w
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 import multiprocessing
@@ -154,15 +153,27 @@ class Inputs:
     tables: tuple[EmbeddingTable, EmbeddingTable] | None
 
 
-def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant], provenance: Provenance) -> Inputs:
-    """Open the feature cache, the purchases and (when a variant needs them) the tables, mapped
-    from the table cache of the files ``provenance`` hashed (:func:`ranking.tables.mapped_tables`:
-    processes training at once share them)."""
-    workdir = Path(cfg.workdir)
+def map_tables(cfg: RankingTrainConfig, with_tables: bool,
+               provenance: Provenance) -> tuple[EmbeddingTable, EmbeddingTable] | None:
+    """The tables of the files ``provenance`` hashed with their vectors mapped from the table cache
+    (:func:`ranking.tables.mapped_tables`, written on the first call: processes training at once
+    share them); None when not ``with_tables``."""
+    if not with_tables:
+        return None
     try:
-        tables = None
-        if any(v.uses_tables for v in variants):  # first: a missing table fails before the cache pass
-            tables = mapped_tables(workdir, provenance.tables)
+        return mapped_tables(cfg.workdir, provenance.tables)
+    except SchemaError as exc:
+        raise UserError(str(exc)) from None
+
+
+def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant], provenance: Provenance,
+                tables: tuple[EmbeddingTable, EmbeddingTable] | None = None) -> Inputs:
+    """Open the feature cache, the purchases and (when a variant needs them and ``tables`` are not
+    given, already mapped) the tables (:func:`map_tables`)."""
+    workdir = Path(cfg.workdir)
+    if tables is None:  # first: a missing table fails before the cache pass
+        tables = map_tables(cfg, any(v.uses_tables for v in variants), provenance)
+    try:
         cache = ImpressionCache.open(workdir)
         purchases = PurchaseIndex.from_workdir(workdir)
     except SchemaError as exc:
@@ -170,18 +181,6 @@ def load_inputs(cfg: RankingTrainConfig, variants: Sequence[Variant], provenance
     base_spec = build_spec(cache.meta, history_len=cfg.history_len)
     data = RankingData(cache, purchases, base_spec.with_tables(*tables) if tables else base_spec)
     return Inputs(data, base_spec, tables)
-
-
-def mapped_table_bytes(cfg: RankingTrainConfig, with_tables: bool, provenance: Provenance) -> int:
-    """Bytes of the product and query vectors (0 when not ``with_tables``), mapped into
-    ``DIR/embeddings/mapped`` here first when they are not yet, so that the workers started next
-    find them. Their keys are read and dropped."""
-    if not with_tables:
-        return 0
-    try:
-        return sum(int(table.vectors.nbytes) for table in mapped_tables(cfg.workdir, provenance.tables))
-    except SchemaError as exc:
-        raise UserError(str(exc)) from None
 
 
 def make_optimizers(model: nn.Module, optimizer: str, lr: float,
@@ -648,16 +647,17 @@ def affordable_workers(requested: int, own_bytes: int, shared_bytes: int, availa
     return int(max(1, min(requested, (available_bytes - shared_bytes) // max(own_bytes, 1))))
 
 
-def job_workers(cfg: RankingTrainConfig, jobs: list[tuple[str, int]], table_bytes: int, cache: ImpressionCache) -> int:
+def job_workers(cfg: RankingTrainConfig, jobs: list[tuple[str, int]],
+                tables: tuple[EmbeddingTable, EmbeddingTable] | None, cache: ImpressionCache) -> int:
     """Processes :func:`run_jobs` trains ``jobs`` in: 1 means this one (always under torchrun, whose
     ranks are the workers). At most ``cfg.workers``, and only as many as the memory available now
     holds (:func:`affordable_workers`): a worker's own :data:`WORKER_BASE_BYTES`, plus a copy of the
-    tables when a job trains them, beside the mapped tables (``table_bytes``,
-    :func:`mapped_table_bytes`) and the impression ``cache`` that the workers share. Fewer workers change no number, only the wall
-    time; a cut is logged."""
+    tables when a job trains them, beside the mapped ``tables`` and impression ``cache`` that the
+    workers share. Fewer workers change no number, only the wall time; a cut is logged."""
     requested = 1 if current_env() is not None else max(1, min(cfg.workers, len(jobs)))
     if requested == 1:
         return 1
+    table_bytes = sum(int(t.vectors.nbytes) for t in tables) if tables else 0
     trains_tables = any(VARIANTS[name].train_tables for name, _ in jobs)
     own = WORKER_BASE_BYTES + (table_bytes if trains_tables else 0)
     shared = table_bytes + sum(int(column.nbytes) for column in cache.columns.values())
@@ -708,8 +708,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 finished[variant.name, seed] = read_json(out.path(out.files[1]))
             else:
                 jobs.append((variant.name, seed))
-    # first: a missing table fails before the cache pass
-    table_bytes = mapped_table_bytes(cfg, any(VARIANTS[name].uses_tables for name, _ in jobs), provenance)
+    # first: a missing table fails before the cache pass; mapped here, the workers started next find them
+    tables = map_tables(cfg, any(VARIANTS[name].uses_tables for name, _ in jobs), provenance)
     try:
         cache = ImpressionCache.open(workdir)  # built here once (first by rank 0 under torchrun)
     except SchemaError as exc:
@@ -722,10 +722,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         f"{len(cache.split_index('valid'))}); pass --no-early-stopping")
     log.info("ranking: %d train / %d eval impressions; variants %s, seeds %d", len(cache.split_index("train")),
              len(cache.split_index("eval")), ", ".join(v.name for v in variants), cfg.seeds)
-    workers = job_workers(cfg, jobs, table_bytes, cache)
+    workers = job_workers(cfg, jobs, tables, cache)
     # workers load their own inputs (the tables and the cache they map are shared, the rest is not): this
     # process loads them only to train here
-    inputs = load_inputs(cfg, variants, provenance) if jobs and workers == 1 else None
+    inputs = load_inputs(cfg, variants, provenance, tables) if jobs and workers == 1 else None
+    del tables
     for metrics in run_jobs(cfg, variants, inputs, provenance, jobs, workers):
         if metrics:  # empty on ranks other than 0
             finished[metrics["variant"], metrics["seed"]] = metrics
@@ -738,16 +739,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = results_set(workdir)
     json_rel, md_rel = out.files
     listed = [name for name in VARIANTS if name in results]
-    made_from, markdown = MadeFrom(results[INPUTS_KEY], {"variants": listed}), results_markdown(results)
-    if (not jobs and out.current(made_from) and read_json(out.path(json_rel)) == json.loads(json.dumps(results, default=str))
-            and out.path(md_rel).read_text() == markdown):
-        log.info("%s and %s hold these results already (nothing trained); left as they are", out.path(json_rel),
-                 out.path(md_rel))
-        return results
-    with out.publish(made_from) as staged:
+    # written on every run: the same results leave the files as they are
+    with out.publish(MadeFrom(results[INPUTS_KEY], {"variants": listed}), keep_same=True) as staged:
         write_json(results, staged[json_rel])
-        write_text(markdown, staged[md_rel])
-    log.info("wrote %s and %s (variants %s)", out.path(json_rel), out.path(md_rel), ", ".join(listed))
+        write_text(results_markdown(results), staged[md_rel])
+    log.info("results in %s and %s (variants %s)", out.path(json_rel), out.path(md_rel), ", ".join(listed))
     return results
 
 

@@ -16,9 +16,9 @@ from common.provenance import MadeFrom, OutputSet
 FILES = ("out/a.txt", "out/b.txt")
 
 
-def _publish(root: Path, text: str, made_from: MadeFrom) -> OutputSet:
+def _publish(root: Path, text: str, made_from: MadeFrom, keep_same: bool = False) -> OutputSet:
     out = OutputSet(root, "out/manifest.json", FILES, what="the test stage")
-    with out.publish(made_from, {"note": text}) as staged:
+    with out.publish(made_from, {"note": text}, keep_same=keep_same) as staged:
         for rel, tmp in staged.items():
             tmp.write_text(f"{text}:{rel}")
     return out
@@ -37,6 +37,20 @@ def test_current_only_for_same_inputs_and_settings(tmp_path: Path):
     (tmp_path / "in.txt").write_text("two")  # same settings, other input bytes
     assert not out.current(MadeFrom.of(tmp_path, ["in.txt"], {"lr": 0.1}))
     assert out.manifest()["note"] == "v1"
+
+
+def test_publishing_the_same_set_with_keep_same_leaves_its_files_untouched(tmp_path: Path):
+    made_from = MadeFrom({}, {"lr": 0.1})
+    out = _publish(tmp_path, "v1", made_from)
+    paths = [tmp_path / rel for rel in (*FILES, "out/manifest.json")]
+    written = [path.stat().st_ino for path in paths]
+    _publish(tmp_path, "v1", made_from, keep_same=True)  # the same bytes, inputs, settings and manifest fields
+    assert [path.stat().st_ino for path in paths] == written and out.current(made_from)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt", "b.txt", "manifest.json"]  # no temps
+    _publish(tmp_path, "v1", made_from)  # without keep_same the set is written again
+    assert [path.stat().st_ino for path in paths] != written and out.current(made_from)
+    _publish(tmp_path, "v2", made_from, keep_same=True)  # other bytes: published
+    assert _contents(tmp_path) == ["v2:out/a.txt", "v2:out/b.txt"] and out.manifest()["note"] == "v2"
 
 
 def test_verify_names_a_file_from_another_publication(tmp_path: Path):

@@ -221,11 +221,12 @@ def test_job_workers_on_small_data_are_the_requested_ones_capped_by_the_jobs(tin
     """On the tiny data the memory is no limit: the requested workers, capped by the jobs."""
     cfg = train.RankingTrainConfig(workdir=str(tiny_workdir_copy), workers=3)
     write_random_tables(tiny_workdir_copy)
-    table_bytes = train.mapped_table_bytes(cfg, True, train.Provenance.of(cfg, True))
+    tables = train.map_tables(cfg, True, train.Provenance.of(cfg, True))
+    table_bytes = sum(t.vectors.nbytes for t in tables)
     # mapped here, before any worker starts: the workers find the files
     mapped = sorted(p.name.split("-")[0] for p in (tiny_workdir_copy / "embeddings" / "mapped").iterdir())
     assert mapped == ["product", "query"] and table_bytes > 0
     cache = ImpressionCache.open(cfg.workdir)
-    assert train.job_workers(cfg, [("dcn_pq_hist", 0), ("dcn_pq_hist_finetune", 0)], table_bytes, cache) == 2
-    assert train.job_workers(cfg, [("dcn_pq_hist", s) for s in range(5)], table_bytes, cache) == 3
-    assert train.job_workers(cfg, [("dcn_pq_hist", 0)], table_bytes, cache) == 1
+    assert train.job_workers(cfg, [("dcn_pq_hist", 0), ("dcn_pq_hist_finetune", 0)], tables, cache) == 2
+    assert train.job_workers(cfg, [("dcn_pq_hist", s) for s in range(5)], tables, cache) == 3
+    assert train.job_workers(cfg, [("dcn_pq_hist", 0)], tables, cache) == 1
