@@ -123,6 +123,12 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
     pqc_tau: float = _f(0.05, "PQC temperature", "2")
     pqc_in_batch_weight: float = _f(1.0, "weight of the in-batch product<->positive-query contrast added to PQC "
                                          "(temperature --pqc-tau); 0 = PQC only (the paper)", "2")
+    pqc_in_batch_popularity: float = _f(1.0, "how much of product popularity the in-batch contrast keeps: each "
+                                             "product's query->product logits are lowered by this times the log of "
+                                             "its share of the tuples (sampling-bias correction of in-batch "
+                                             "negatives); 1 = retrieval learns P(product | query), frequently "
+                                             "labelled products included; 0 = popularity cancels out (a product is "
+                                             "a negative as often as it is a positive)", "2", min=0.0)
     pqc_negatives: int = _f(10, "negative queries per tuple", "2", min=1)
     query_side_negatives: int = _f(10, "per tuple, products its positive query ranks lower in the relevance labels "
                                        "(IR, and MR under an HR positive), contrasted with the tuple's product for "

@@ -135,8 +135,10 @@ class GlobalBatchITCLoss(ITCLoss):
         super().__init__(init_temperature, learnable, distributed=True)
         self.world_size = world_size
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().forward(scale_grad(image_emb, self.world_size), scale_grad(text_emb, self.world_size))
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                image_log_share: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(scale_grad(image_emb, self.world_size), scale_grad(text_emb, self.world_size),
+                               image_log_share)
 
 
 def itc_loss(init_temperature: float, world_size: int, learnable: bool = True) -> ITCLoss:

@@ -91,12 +91,20 @@ class ITCLoss(nn.Module):
             raise RuntimeError("ITCLoss(distributed=True) needs an initialised torch.distributed process group")
         return _distributed_world()
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                image_log_share: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric contrastive loss of matched rows.
 
         Args:
             image_emb: ``[B, d]`` L2-normalised image (or product) embeddings.
             text_emb: ``[B, d]`` L2-normalised text embeddings; row i matches ``image_emb[i]``.
+            image_log_share: ``[B]`` optional, the log of the probability that row i's image (product)
+                fills a batch slot. Subtracted from every text->image logit of that image (the positive
+                included): the sampling-bias ("logQ") correction of in-batch negatives (Yi et al.,
+                RecSys 2019). Without it an image drawn k times as often is also a negative k times as
+                often, and the text->image direction learns ``log P(image | text) - log P(image)``: how
+                often an image is a positive cancels out. With it that direction learns
+                ``log P(image | text)``. The image->text direction is left as it is.
 
         In a distributed run every rank computes the same loss over the global ``W*B`` batch
         (its own rows are labelled ``rank*B + i``) and gradients flow into its local features.
@@ -110,6 +118,8 @@ class ITCLoss(nn.Module):
         if image_emb.ndim != 2 or image_emb.shape != text_emb.shape:
             raise ValueError(f"image_emb and text_emb must both be [B, d], got {tuple(image_emb.shape)} "
                              f"and {tuple(text_emb.shape)}")
+        if image_log_share is not None and image_log_share.shape != image_emb.shape[:1]:
+            raise ValueError(f"image_log_share must be [B] = [{image_emb.shape[0]}], got {tuple(image_log_share.shape)}")
         scale = self._scale()
         batch = image_emb.shape[0]
         rank, world_size = self._world()
@@ -119,10 +129,22 @@ class ITCLoss(nn.Module):
             all_image, all_text = image_emb, text_emb
         logits_per_image = scale * all_image @ all_text.T  # [W*B, W*B]
         labels = torch.arange(all_image.shape[0], device=image_emb.device)
-        loss = 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels))
+        logits_per_text = logits_per_image.T
+        if image_log_share is not None:
+            logits_per_text = logits_per_text - self._gather(image_log_share.detach(), rank, world_size)[None, :]
+        loss = 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
         local = slice(rank * batch, (rank + 1) * batch)
         sim_i2t = logits_per_image[local, local].detach()
         return loss, sim_i2t
+
+    @staticmethod
+    def _gather(values: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        """``[B]`` per-row constants of every rank, concatenated ``[W*B]`` (no gradient)."""
+        if world_size == 1:
+            return values
+        gathered = [torch.zeros_like(values) for _ in range(world_size)]
+        dist.all_gather(gathered, values.contiguous())
+        return torch.cat(gathered)
 
 
 def mine_hard_negatives(sim_i2t: torch.Tensor, generator: torch.Generator,

@@ -93,7 +93,8 @@ def stage2_losses(model: DashCLIP, pqc: PQCLoss, in_batch: ITCLoss | None, produ
                   query_prefix: torch.Tensor, query_mask: torch.Tensor, precision: Precision,
                   negative_product_state: torch.Tensor | None = None,
                   negative_product_valid: torch.Tensor | None = None,
-                  query_slots: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  query_slots: torch.Tensor | None = None,
+                  product_log_share: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Stage-2 losses of B tuples: ``pqc``; with ``in_batch``, ``in_batch``; with negative products,
     ``query_side``.
 
@@ -104,7 +105,10 @@ def stage2_losses(model: DashCLIP, pqc: PQCLoss, in_batch: ITCLoss | None, produ
     several slots is encoded once). PQC ranks each product's queries; it is blind to how
     a product scores against every query (a per-product offset leaves it unchanged), which is what
     retrieval over the catalog ranks on. ``in_batch`` adds the symmetric contrast of the B products
-    with their B positive queries (each query against the batch's products, and vice versa).
+    with their B positive queries (each query against the batch's products, and vice versa);
+    ``product_log_share`` ``[B]``, the log of each product's share of the tuples, corrects the
+    query->product direction for how often a product is drawn (:class:`ITCLoss`), so that popular
+    relevant products are not pushed down for being frequent negatives.
     ``query_side`` ranks, for each positive query, the tuple's product above M products that query
     ranks lower (:func:`embeddings.sampling.sample_negative_products`): frozen states
     ``[B, M, Dt]`` with ``negative_product_valid`` ``[B, M]`` bool (False = empty slot).
@@ -118,7 +122,7 @@ def stage2_losses(model: DashCLIP, pqc: PQCLoss, in_batch: ITCLoss | None, produ
     query = query.view(batch, query.shape[0] // batch, -1)
     losses = {"pqc": pqc(product, query)}
     if in_batch is not None:
-        losses["in_batch"] = in_batch(product, query[:, 0])[0]
+        losses["in_batch"] = in_batch(product, query[:, 0], product_log_share)[0]
     if negative_product_state is not None:
         with precision():
             negatives = model.product_embedding_from_state(negative_product_state).float()

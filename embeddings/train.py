@@ -596,8 +596,16 @@ class Stage2(StageRunner):
                           {"params": groups["new"], "lr": cfg.stage2_head_lr}], total, budget, shard, key)
         self.step_losses = self.parallel(self._losses)
         self.order = np.arange(len(tuple_rows))
+        self.product_log_share = self.log_share(tuple_rows, len(product_state)) * cfg.pqc_in_batch_popularity
         self.train_probe = self.probe_tuples(cfg, len(tuple_rows))
         self.evals: list[dict[str, float]] = []
+
+    @staticmethod
+    def log_share(tuple_rows: np.ndarray, n_rows: int) -> np.ndarray:
+        """``[n_rows]`` float32: the log of each state row's share of the tuples (how often its product
+        fills a batch slot); a product without tuples counts as one."""
+        counts = np.bincount(tuple_rows[tuple_rows >= 0], minlength=n_rows)
+        return np.log(np.maximum(counts, 1) / max(1, len(tuple_rows))).astype(np.float32)
 
     @staticmethod
     def global_batch(cfg: EmbeddingsTrainConfig, n_tuples: int, shard: Shard) -> int:
@@ -634,9 +642,13 @@ class Stage2(StageRunner):
             rows = torch.as_tensor(negative_rows)
             negatives = {"negative_product_state": self.product_state[rows.clamp_min(0)],
                          "negative_product_valid": (rows >= 0).to(self.product_state.device)}
+        device = self.product_state.device
+        log_share = (torch.as_tensor(self.product_log_share[product_rows], device=device)
+                     if self.cfg.pqc_in_batch_popularity > 0 else None)
         return stage2_losses(self.model, self.pqc, self.in_batch, self.product_state[torch.as_tensor(product_rows)],
                              states, mask, functools.partial(autocast, self.device, self.cfg.autocast), **negatives,
-                             query_slots=torch.as_tensor(slots.reshape(-1), device=self.product_state.device))
+                             query_slots=torch.as_tensor(slots.reshape(-1), device=device),
+                             product_log_share=log_share)
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)

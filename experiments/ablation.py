@@ -43,15 +43,18 @@ class Row:
 
 
 # Cumulative: each row adds one change to the row before it; the last is the default recipe.
+UNCORRECTED = ("--pqc-in-batch-popularity", "0")
 ROWS: tuple[Row, ...] = (
     Row("paper", "the paper's recipe: [CLS] pooling, plain cross-attention, ITC + ITM, PQC only", PAPER_RECIPE),
     Row("mm_itc_in_batch", "+ multimodal contrast in stage 1 and in-batch product-query contrast in stage 2",
-        ("--pooling", "cls", "--cross-attention", "plain", "--query-side-negatives", "0")),
+        ("--pooling", "cls", "--cross-attention", "plain", "--query-side-negatives", "0", *UNCORRECTED)),
     Row("mean_pooling", "+ mean pooling (how MiniLM was pretrained)",
-        ("--cross-attention", "plain", "--query-side-negatives", "0")),
+        ("--cross-attention", "plain", "--query-side-negatives", "0", *UNCORRECTED)),
     Row("gated_cross_attention", "+ cross-attention gated from zero (grounded encoder starts as the text encoder)",
-        ("--query-side-negatives", "0")),
-    Row("query_side_negatives", "+ query-side negatives: products the query ranks lower (the default recipe)", ()),
+        ("--query-side-negatives", "0", *UNCORRECTED)),
+    Row("query_side_negatives", "+ query-side negatives: products the query ranks lower", UNCORRECTED),
+    Row("popularity_correction", "+ in-batch contrast corrected for how often each product is drawn (keeps "
+                                 "popularity; the default recipe)", ()),
 )
 ROW_NAMES = tuple(row.name for row in ROWS)
 

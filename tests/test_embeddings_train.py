@@ -254,6 +254,13 @@ def test_items_drawn_are_the_batches_of_the_planned_steps():
         assert np.array_equal(train.items_drawn(n_items, batch, 5, steps), expected)
 
 
+def test_stage2_log_share_is_each_product_share_of_the_tuples():
+    # state rows 0..3; tuples of row 1 (x3), row 0 (x1) and two tuples whose product has no state (-1)
+    share = train.Stage2.log_share(np.array([1, 0, 1, -1, 1, -1]), 4)
+    assert share.dtype == np.float32
+    np.testing.assert_allclose(np.exp(share), [1 / 6, 3 / 6, 1 / 6, 1 / 6], rtol=1e-6)  # no tuple: counted as one
+
+
 def test_tuple_query_matrices_index_queries_in_order_of_first_use():
     def tuples(queries, positive, negatives):
         negatives = np.array(negatives, dtype=np.int32)

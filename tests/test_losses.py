@@ -32,6 +32,44 @@ def test_itc_matches_hand_computed_value():
     assert loss.item() == pytest.approx((i2t + t2i) / 4, rel=1e-6)
 
 
+def test_itc_log_share_lowers_the_text_to_image_logits_of_frequent_images():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    share = torch.tensor([0.75, 0.25])
+    loss, sim = ITCLoss(init_temperature=0.5)(image, text, share.log())
+    assert torch.allclose(sim, torch.tensor([[2.0, 1.2], [0.0, 1.6]]))  # the mining input stays uncorrected
+    low, high = math.log(0.25), math.log(0.75)
+    i2t = softplus(1.2 - 2.0) + softplus(0.0 - 1.6)  # image rows: unchanged
+    t2i = softplus((0.0 - low) - (2.0 - high)) + softplus((1.2 - high) - (1.6 - low))  # text rows, corrected columns
+    assert loss.item() == pytest.approx((i2t + t2i) / 4, rel=1e-6)
+    # equal shares shift every logit of a row alike: no correction
+    even = ITCLoss(init_temperature=0.5)(image, text, torch.full((2,), 0.5).log())[0]
+    assert even.item() == pytest.approx(ITCLoss(init_temperature=0.5)(image, text)[0].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="image_log_share"):
+        ITCLoss()(image, text, torch.zeros(3))
+
+
+def test_itc_log_share_lets_a_frequent_positive_keep_its_score():
+    """Two texts share image 0 as their positive, one text has image 1: image 0 fills two slots of
+    every batch. Without the correction, training the image vectors pushes image 0 down for text 2
+    as often as it pulls it up for texts 0 and 1; with it image 0 ends with the higher mean score."""
+    def mean_score_gap(correct: bool) -> float:
+        gen = torch.Generator().manual_seed(0)
+        text = F.normalize(torch.randn(3, 8, generator=gen), dim=-1)
+        images = torch.nn.Parameter(F.normalize(torch.randn(2, 8, generator=gen), dim=-1))
+        rows = torch.tensor([0, 0, 1])
+        share = torch.tensor([2 / 3, 2 / 3, 1 / 3]).log() if correct else None
+        itc, opt = ITCLoss(init_temperature=0.1, learnable=False), torch.optim.SGD([images], lr=0.5)
+        for _ in range(200):
+            opt.zero_grad()
+            itc(F.normalize(images[rows], dim=-1), text, share)[0].backward()
+            opt.step()
+        scores = text @ F.normalize(images.detach(), dim=-1).T
+        return float(scores[:, 0].mean() - scores[:, 1].mean())
+
+    assert mean_score_gap(correct=True) > mean_score_gap(correct=False)
+
+
 def test_itc_is_symmetric_in_its_inputs():
     gen = torch.Generator().manual_seed(0)
     image = F.normalize(torch.randn(5, 8, generator=gen), dim=-1)
@@ -72,6 +110,10 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return F.normalize(torch.randn(6, 4, generator=gen), dim=-1), F.normalize(torch.randn(6, 4, generator=gen), dim=-1)
 
 
+def _log_share() -> torch.Tensor:
+    return torch.tensor([0.3, 0.1, 0.1, 0.2, 0.2, 0.1]).log()
+
+
 def _itc_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=30))
@@ -84,8 +126,10 @@ def _itc_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
         itc = ITCLoss(init_temperature=0.1)
         loss, sim = itc(image_local, text_local)
         loss.backward()
+        corrected, _ = itc(image[local], text[local], _log_share()[local])
         torch.save({"loss": loss.detach(), "sim": sim, "grad_image": image_local.grad, "grad_text": text_local.grad,
-                    "grad_scale": itc.logit_scale.grad}, Path(out_dir) / f"rank{rank}.pt")
+                    "grad_scale": itc.logit_scale.grad, "corrected": corrected.detach()},
+                   Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -115,6 +159,8 @@ def test_itc_over_two_gloo_ranks_equals_the_loss_on_the_concatenated_batch(tmp_p
         assert torch.allclose(got["grad_image"], image.grad[local], atol=1e-6)
         assert torch.allclose(got["grad_text"], text.grad[local], atol=1e-6)
         assert got["grad_scale"].item() == pytest.approx(itc.logit_scale.grad.item(), rel=1e-5)
+        # the per-image log shares of every rank are gathered with the features
+        assert got["corrected"].item() == pytest.approx(itc(image, text, _log_share())[0].item(), rel=1e-6)
 
 
 # --- hard negatives ------------------------------------------------------------------------------
