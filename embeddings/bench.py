@@ -54,7 +54,7 @@ from embeddings.encode import DashEncoder, load_encoder
 from embeddings.inputs import ImageSpec
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_dashclip
-from embeddings.runtime import resolve_device
+from embeddings.runtime import cpu_bf16_instructions, resolve_device
 from embeddings.steps import adamw, stage1_losses, stage2_losses
 
 
@@ -208,15 +208,6 @@ def encoder_inputs(cfg: EmbeddingsBenchConfig, image_size: int) -> tuple[pd.Data
     if len(queries) < cfg.encode_queries:
         queries += _queries_from_titles(catalog["title"].astype(str).tolist(), cfg.encode_queries - len(queries))
     return catalog, queries, source
-
-
-def cpu_bf16_instructions() -> bool | None:
-    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), where precision bf16 pays off;
-    None when this torch build cannot tell."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return None
 
 
 def compare_encoders(cfg: EmbeddingsBenchConfig, device: torch.device, image_size: int) -> dict[str, Any]:

@@ -15,11 +15,12 @@ from common.cli import DEFAULT_WORKDIR, UserError, threads_field
 
 Backbone = Literal["mini", "blip", "tiny"]
 Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["fast", "bf16", "fp32"]
-PRECISIONS: tuple[str, ...] = ("fast", "bf16", "fp32")
+Precision = Literal["auto", "fast", "bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = ("fast", "bf16", "fp32")  # what "auto" resolves to: embeddings.runtime.resolve_precision
 WORKERS_HELP = ("batches encoded at once on CPU: 0 = up to one per torch thread, each batch single-threaded (fastest "
                 "on a few cores, the bytes of one thread); 1 = one batch at a time, its operators on all threads")
-PRECISION_HELP = ("fast: the fused inference copy of the model in float32 (BatchNorm folded into the convolutions, "
+PRECISION_HELP = ("auto (default): bf16 on a CPU with bf16 instructions (AVX512-BF16 or AMX), fast elsewhere; "
+                  "fast: the fused inference copy of the model in float32 (BatchNorm folded into the convolutions, "
                   "ReLU6, GELU and residual additions fused, images in chunks, channels-last, one oneDNN matrix "
                   "product for query/key/value; bf16 autocast on CUDA); bf16: the same copy with its convolutions and "
                   "matrix products in bfloat16 on CPU (float32 accumulation, LayerNorm and softmax in float32; "
@@ -172,7 +173,7 @@ class EncodeConfig:
                                                                                       "untrained initialisation"})
     device: Device = field(default="auto", metadata={"help": "device"})
     batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
-    precision: Precision = field(default="fast", metadata={"help": PRECISION_HELP})
+    precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
     workers: int = field(default=0, metadata={"help": WORKERS_HELP, "min": 0})
 
 
@@ -183,7 +184,7 @@ class TableExportConfig:
     workdir: str = field(default=DEFAULT_WORKDIR, metadata={"help": "run directory"})
     device: Device = field(default="auto", metadata={"help": "device"})
     batch_size: int = field(default=64, metadata={"help": "inputs per forward pass"})
-    precision: Precision = field(default="fast", metadata={"help": PRECISION_HELP})
+    precision: Precision = field(default="auto", metadata={"help": PRECISION_HELP})
     workers: int = field(default=0, metadata={"help": WORKERS_HELP, "min": 0})
     force: bool = field(default=False, metadata={"help": "re-export even if the tables were made from the same "
                                                            "checkpoint, data and settings"})

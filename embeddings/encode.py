@@ -11,7 +11,8 @@ Python API (what ``embeddings.evaluate`` and ``embeddings.export`` use)::
 Each returns float32 ``[N, d]``, L2-normalised, in input order. Inputs run in batches of similar
 length (titles or queries sorted by token count, padded per batch, outputs put back in input order).
 
-Precision (``load_encoder(..., precision=...)``, ``--precision``): ``fast`` (the default) runs
+Precision (``load_encoder(..., precision=...)``, ``--precision``): ``auto`` (the default) is ``bf16``
+on a CPU with bf16 instructions and ``fast`` elsewhere. ``fast`` runs
 :meth:`embeddings.models.DashCLIP.inference_copy` under ``torch.inference_mode``: BatchNorm folded
 into the EfficientNet convolutions with ReLU6 and residual additions fused (oneDNN) on
 channels-last images in chunks, every matrix product of the text and query encoders through
@@ -62,7 +63,7 @@ from data.text import normalize_query
 from embeddings.config import PRECISIONS, DashCLIPConfig, EncodeConfig, Precision, model_config_from
 from embeddings.inputs import ImageSpec, ImageStore, TokenStore, length_sorted_batches
 from embeddings.models import DashCLIP, build_dashclip
-from embeddings.runtime import Paths, autocast, load_checkpoint, resolve_device
+from embeddings.runtime import Paths, autocast, load_checkpoint, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,10 @@ class DashEncoder:
     """
 
     def __init__(self, model: DashCLIP, tokenizer, spec: ImageSpec, cfg: DashCLIPConfig, device: torch.device,
-                 source: str, batch_size: int = 64, precision: Precision = "fast", workers: int = 0) -> None:
+                 source: str, batch_size: int = 64, precision: Precision = "auto", workers: int = 0) -> None:
+        precision = resolve_precision(precision, device)
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if workers < 0:
@@ -254,13 +256,14 @@ class DashEncoder:
 
 def load_encoder(workdir: str | Path, which: Literal["trained", "untuned"] = "trained",
                  device: str | torch.device = "cpu", batch_size: int = 64,
-                 precision: Precision = "fast", workers: int = 0) -> DashEncoder:
+                 precision: Precision = "auto", workers: int = 0) -> DashEncoder:
     """The DashCLIP encoder of a training run in ``workdir``.
 
     ``trained`` loads ``DIR/embeddings/checkpoints/model.pt``; ``untuned`` builds the same
     architecture and backbone as the run's ``config.json`` at its initialisation (same seed),
-    before any training. ``precision``: ``fast`` (fused inference copy) or ``fp32`` (the reference);
-    see the module docstring.
+    before any training. ``precision``: ``auto`` (``bf16`` on a CPU with bf16 instructions, else
+    ``fast``), ``fast`` (fused inference copy), ``bf16`` or ``fp32`` (the reference); see the module
+    docstring.
     """
     paths = Paths(Path(workdir))
     device = resolve_device(device) if isinstance(device, str) else device

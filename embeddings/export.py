@@ -26,7 +26,7 @@ from data.text import normalize_query
 from embeddings import tables
 from embeddings.config import TableExportConfig
 from embeddings.encode import load_encoder
-from embeddings.runtime import stage_set
+from embeddings.runtime import resolve_device, resolve_precision, stage_set
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def distinct_queries(workdir: Path) -> list[str]:
 def made_from(workdir: Path, cfg: TableExportConfig) -> MadeFrom:
     """The trained model's published set, the tables the export reads, and its settings."""
     inputs = {**stage_set(workdir, 2).verify(), **input_hashes(workdir, ("catalog", *QUERY_TABLES))}
-    return MadeFrom(inputs, {"batch_size": cfg.batch_size, "precision": cfg.precision})
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))  # what it runs at, not the flag
+    return MadeFrom(inputs, {"batch_size": cfg.batch_size, "precision": precision})
 
 
 def export(cfg: TableExportConfig) -> dict[str, Path]:

@@ -3,7 +3,8 @@ the paths of the embeddings stage.
 
 * :func:`resolve_device` turns ``--device`` (``auto``, ``cpu``, ``cuda``...) into a device;
   :func:`autocast` is the precision the encoders run at on it (``auto``: bf16 autocast on CUDA,
-  float32 elsewhere; training's ``--autocast bf16`` asks for bf16 on CPU too).
+  float32 elsewhere; training's ``--autocast bf16`` asks for bf16 on CPU too); :func:`resolve_precision`
+  is what the encoders' ``--precision auto`` runs at (bf16 on CPUs with bf16 instructions).
 * Checkpoints are dicts of tensors, numbers, strings, lists and dicts only. :func:`write_checkpoint`
   and :func:`save_checkpoint` (atomic) write them with ``torch.save`` through an open file, so equal
   objects give equal bytes; :func:`load_checkpoint` reads them with ``torch.load(weights_only=True)``
@@ -59,6 +60,24 @@ def autocast(device: torch.device, dtype: str = "auto") -> contextlib.AbstractCo
     if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_bf16_instructions() -> bool | None:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), where encoder precision bf16 pays
+    off; None when this torch build cannot tell."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The encoder precision ``auto`` stands for on ``device``: ``bf16`` on a CPU with bf16
+    instructions, ``fast`` elsewhere (on CUDA ``fast`` runs under bf16 autocast); any other value is
+    returned as it is."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and cpu_bf16_instructions() else "fast"
 
 
 # ------------------------------------------------------------------------------------- checkpoints

@@ -1,4 +1,5 @@
-"""The fast inference paths of embeddings.encode (``precision="fast"``, the default, and ``"bf16"``)
+"""The fast inference paths of embeddings.encode (``precision="fast"`` and ``"bf16"``, one of which
+``"auto"``, the default, stands for)
 against the fp32 reference: parity per vector, the fused EfficientNet and its chunks, the oneDNN
 matrix products, order restoration of length-sorted batches, batches on worker threads,
 determinism. Throughput itself is measured by ``python -m embeddings.bench``, never in tests."""
@@ -21,6 +22,7 @@ from embeddings.config import DashCLIPConfig, TableExportConfig
 from embeddings.encode import DashEncoder, EncodeCommandConfig
 from embeddings.inputs import ImageSpec, length_sorted_batches
 from embeddings.models import TINY_TEXT, DashCLIP, build_dashclip
+from embeddings.runtime import cpu_bf16_instructions, resolve_precision
 
 PARITY = 0.999  # the contract: cosine of every fast or bf16 vector with its fp32 vector
 FAST_PRECISIONS = ("fast", "bf16")
@@ -309,13 +311,28 @@ def test_inference_copy_shares_weights_and_leaves_the_model_alone(tiny_cnn):
 
 def test_precision_is_a_setting_of_encode_and_export(tiny):
     assert parse_config(EncodeCommandConfig, ["--precision", "fp32"]).precision == "fp32"
-    assert parse_config(EncodeCommandConfig, []).precision == "fast"
-    assert TableExportConfig().precision == "fast"
+    assert parse_config(EncodeCommandConfig, []).precision == "auto"
+    assert TableExportConfig().precision == "auto"
     with pytest.raises((UserError, SystemExit)):
         parse_config(EncodeCommandConfig, ["--precision", "int4"])
     model, tokenizer, spec = tiny
     with pytest.raises(ValueError, match="precision"):
         DashEncoder(model, tokenizer, spec, DashCLIPConfig(), torch.device("cpu"), "test", precision="fp16")
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_bf16_instructions(tiny, monkeypatch):
+    model, tokenizer, spec = tiny
+    for has_bf16, expected in ((True, "bf16"), (False, "fast"), (None, "fast")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bool(has_bf16))
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        if has_bf16 is None:
+            monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+        assert cpu_bf16_instructions() is has_bf16
+        assert resolve_precision("auto", torch.device("cpu")) == expected
+        encoder = DashEncoder(model, tokenizer, spec, DashCLIPConfig(), torch.device("cpu"), "test", precision="auto")
+        assert encoder.precision == expected
+    assert resolve_precision("auto", torch.device("cuda")) == "fast"  # bf16 autocast on CUDA
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
 def test_bench_compares_each_precision_with_fp32_in_one_run(tmp_path):
