@@ -125,7 +125,7 @@ def test_demo_preset_trains_stage2_one_epoch_and_the_synthetic_stage1_one_step_s
 
     for source in ("completejourney", "fashion", "instacart"):
         assert train_cmd(source)[-2:] == ("--stage2-epochs", "1") and "--stage1-max-steps" not in train_cmd(source)
-    assert train_cmd("synth:demo")[-4:] == ("--stage1-max-steps", "1", "--stage2-epochs", "2")
+    assert train_cmd("synth:demo")[-4:] == ("--stage1-max-steps", "1", "--stage2-epochs", "4")
     assert train_cmd("synth:demo").count("--stage2-epochs") == 1
 
 
