@@ -50,8 +50,8 @@ demo: $(STAMP)
 	$(PY) -m experiments.reproduce --workdir $(WORKDIR) --source synth:demo
 
 # Real public sources; their reports are published to experiments/results/<source>/ (commit them).
-# Measured on 2 cores shared with other jobs: instacart 33 min, fashion 93 min, completejourney ~70 min
-# (alone, each runs in roughly half that).
+# Measured on 2 cores: instacart 33 min and completejourney ~70 min shared with other jobs (alone,
+# roughly half that); fashion 18 min, half of it beside the test suite.
 REAL_SOURCES ?= instacart fashion completejourney
 real: $(STAMP)
 	for src in $(REAL_SOURCES); do \
