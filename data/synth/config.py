@@ -100,12 +100,12 @@ class Behaviour:
 class ClickModel:
     """Coefficients of the planted click logit (see the :mod:`data.synth` docstring)."""
 
-    intercept: float = -5.05
+    intercept: float = -5.45
     relevance_mr: float = 1.1
     relevance_hr: float = 2.3
-    history_aisle: float = 0.6
-    history_brand: float = 0.8
-    history_product: float = 1.0
+    history_aisle: float = 1.2
+    history_brand: float = 1.6
+    history_product: float = 2.0
     position_log1p: float = -0.5
     appeal_sd: float = 0.4
     store_sd: float = 0.15
