@@ -10,7 +10,8 @@
 Files are written in row groups of :data:`ROW_GROUP_ROWS` rows (vectors uncompressed), which a
 reader decodes one at a time into a single array; any layout of the same columns reads.
 Row 0 of each table is reserved for unknown ids and is all zeros. The id maps (key -> row_id)
-are the first two columns of each file; :func:`read_table_id_map` returns them as a dict.
+are the first two columns of each file; a reader holds them as :class:`embeddings.keys.TableKeys`
+(:func:`read_table_keys`: one array, no Python object per key).
 The file-level metadata records ``dashrec.kind`` (product/query), ``dashrec.dim`` and
 ``dashrec.source`` (which encoder produced the vectors).
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -38,11 +39,9 @@ import pyarrow.parquet as pq
 from common.io import prepare_workdir, temp_sibling, write_parquet
 from common.provenance import OutputSet
 from data.schema import SchemaError
-from data.text import normalize_query
+from embeddings.keys import UNKNOWN_ROW, TableKeys, TableKind
 
-TableKind = Literal["product", "query"]
 KEY_COLUMN: dict[str, str] = {"product": "product_id", "query": "query"}
-UNKNOWN_ROW = 0
 ROW_GROUP_ROWS = 65_536  # rows per Parquet row group of a table file (64 MiB of 256-d vectors)
 MAPPED_REL = "embeddings/mapped"  # the vectors of the table files as .npy files, for memory maps (mapped_table)
 MAPPED_VERSION = 1
@@ -69,7 +68,7 @@ class EmbeddingTable:
     """An in-memory frozen table. ``vectors`` is ``[R, d]`` float32 with row 0 = zeros."""
 
     kind: TableKind
-    keys: list  # length R, keys[0] is None
+    keys: TableKeys  # R rows, keys[0] (the unknown row's) is None
     vectors: np.ndarray
     source: str = ""
 
@@ -77,32 +76,24 @@ class EmbeddingTable:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
-    def id_map(self) -> dict:
-        """key -> row id (row 0, the unknown row, is not in the map)."""
-        return id_map(self.keys)
-
-    def lookup(self, keys: Sequence) -> np.ndarray:
+    def lookup(self, keys: Sequence | np.ndarray) -> np.ndarray:
         """Row ids for ``keys`` (unknown -> 0). Query keys are normalised first."""
-        mapping = self.id_map()
-        if self.kind == "query":
-            return np.array([mapping.get(normalize_query(k), UNKNOWN_ROW) for k in keys], dtype=np.int64)
-        return np.array([mapping.get(int(k), UNKNOWN_ROW) for k in keys], dtype=np.int64)
+        return self.keys.rows(keys)
 
 
-def build_table(kind: TableKind, keys: Sequence, vectors: np.ndarray, source: str = "") -> EmbeddingTable:
-    """Prepend the zero row 0 to ``vectors`` ``[N, d]`` for ``keys`` (length N, unique). Vectors of
-    ``[N + 1, d]`` whose row 0 is zeros are taken as the whole table, without a copy (an encoder can
-    write the rows of :func:`table_array` in place)."""
+def build_table(kind: TableKind, keys: Sequence | np.ndarray | pa.Array, vectors: np.ndarray,
+                source: str = "") -> EmbeddingTable:
+    """Prepend the zero row 0 to ``vectors`` ``[N, d]`` for ``keys`` (length N, unique; raw queries
+    are normalised, an Arrow array of queries is taken as normalised). Vectors of ``[N + 1, d]``
+    whose row 0 is zeros are taken as the whole table, without a copy (an encoder can write the
+    rows of :func:`table_array` in place)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     with_unknown_row = vectors.ndim == 2 and vectors.shape[0] == len(keys) + 1 and not np.any(vectors[UNKNOWN_ROW])
     if vectors.ndim != 2 or not (vectors.shape[0] == len(keys) or with_unknown_row):
         raise ValueError(f"vectors must be [len(keys), d] (or [len(keys) + 1, d] with row 0 zeros), got "
                          f"{vectors.shape} for {len(keys)} keys")
-    keys = [normalize_query(k) for k in keys] if kind == "query" else [int(k) for k in keys]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{kind} keys are not unique after normalisation")
     full = vectors if with_unknown_row else np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
-    return EmbeddingTable(kind, [None, *keys], full, source)
+    return EmbeddingTable(kind, TableKeys.from_keys(kind, keys), full, source)
 
 
 def table_array(rows: int, dim: int) -> np.ndarray:
@@ -113,12 +104,11 @@ def table_array(rows: int, dim: int) -> np.ndarray:
 
 def write_table(table: EmbeddingTable, path: str | Path) -> Path:
     """Write atomically in the documented layout."""
-    key_type = pa.int64() if table.kind == "product" else pa.string()
     dim = table.dim
     flat = pa.array(table.vectors.reshape(-1), type=pa.float32())
     arrow = pa.table({
         "row_id": pa.array(np.arange(len(table.keys), dtype=np.int64)),
-        KEY_COLUMN[table.kind]: pa.array(table.keys, type=key_type),
+        KEY_COLUMN[table.kind]: table.keys.to_arrow(),
         "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
     })
     arrow = arrow.replace_schema_metadata({"dashrec.kind": table.kind, "dashrec.dim": str(dim),
@@ -173,11 +163,21 @@ def read_embedding_table(path: str | Path, kind: TableKind | None = None,
         pa.default_memory_pool().release_unused()  # the group's buffers are gone by now
     if np.any(vectors[UNKNOWN_ROW] != 0):
         raise SchemaError(path, "vector", "row 0 (unknown ids) must be all zeros")
-    return EmbeddingTable(file_kind, _read_keys(parquet, file_kind), vectors, meta.get("dashrec.source", ""))
+    return EmbeddingTable(file_kind, _read_keys(parquet, file_kind, path), vectors, meta.get("dashrec.source", ""))
 
 
-def _read_keys(parquet: pq.ParquetFile, kind: TableKind) -> list:
-    keys = parquet.read(columns=[KEY_COLUMN[kind]]).column(0).to_pylist()
+def _read_keys(parquet: pq.ParquetFile, kind: TableKind, path: Path) -> TableKeys:
+    """The key column as :class:`TableKeys`: null on row 0, unique keys on every other row."""
+    column = parquet.read(columns=[KEY_COLUMN[kind]]).column(0)
+    column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if len(column) == 0 or column[UNKNOWN_ROW].is_valid:
+        raise SchemaError(path, KEY_COLUMN[kind], "row 0 (unknown ids) must have a null key")
+    values = column.slice(1)
+    if values.null_count:
+        raise SchemaError(path, KEY_COLUMN[kind], f"{values.null_count} null keys; only row 0 has none")
+    keys = TableKeys(kind, values)
+    if not keys.unique():
+        raise SchemaError(path, KEY_COLUMN[kind], "keys must be unique")
     pa.default_memory_pool().release_unused()
     return keys
 
@@ -192,16 +192,11 @@ def _read_vectors(parquet: pq.ParquetFile, group: int, out: np.ndarray, start: i
     return start
 
 
-def read_table_keys(path: str | Path, kind: TableKind | None = None) -> tuple[TableKind, list, str]:
+def read_table_keys(path: str | Path, kind: TableKind | None = None) -> tuple[TableKind, TableKeys, str]:
     """``(kind, keys, source)`` of a table file (``keys[0]``, the unknown row's, is None); reads the
     key column alone."""
     parquet, file_kind, meta = _open_table(Path(path), kind)
-    return file_kind, _read_keys(parquet, file_kind), meta.get("dashrec.source", "")
-
-
-def read_table_id_map(path: str | Path, kind: TableKind | None = None) -> dict:
-    """key -> row id of a table file (row 0, the unknown row, is not in the map); reads the keys alone."""
-    return id_map(read_table_keys(path, kind)[1])
+    return file_kind, _read_keys(parquet, file_kind, Path(path)), meta.get("dashrec.source", "")
 
 
 def mapped_table(workdir: str | Path, kind: TableKind, digest: str) -> EmbeddingTable:
@@ -240,7 +235,3 @@ def mapped_table(workdir: str | Path, kind: TableKind, digest: str) -> Embedding
                                                    f"the file changed while it was read")
     return EmbeddingTable(file_kind, keys, vectors, source)
 
-
-def id_map(keys: Sequence) -> dict:
-    """key -> row id of a table's ``keys`` (``keys[0]``, the unknown row's, is not in the map)."""
-    return {key: row for row, key in enumerate(keys) if row != UNKNOWN_ROW}

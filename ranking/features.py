@@ -53,7 +53,8 @@ from ranking.spec import HISTORY_LEN, FeatureSpec, PurchaseIndex
 log = logging.getLogger(__name__)
 
 VALID_DAYS = 7  # the early-stopping hold-out: the last days before the evaluation week
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the query vocabulary as an Arrow file
+QUERIES_FILE = "queries.arrow"
 SPLITS = ("train", "eval", "fit", "valid")
 
 
@@ -81,7 +82,7 @@ class ImpressionCache:
     """Column store of the impressions as ``.npy`` memory maps (see module docstring).
 
     Columns: ``ts`` int64 seconds, ``user_id`` int64, ``product_id`` int64, ``query_code`` int32
-    (index into :attr:`queries`), ``clicked`` int8, ``dense`` float32 ``[N, D]``, ``sparse`` int64
+    (index into :attr:`queries`, the normalised queries in ``queries.arrow``), ``clicked`` int8, ``dense`` float32 ``[N, D]``, ``sparse`` int64
     ``[N, S]``, ``train_index`` / ``eval_index`` int64 row numbers of each split.
     Training statistics in :attr:`meta` (dense mean/std, sparse max ids, click rate) cover the
     whole ``train`` split.
@@ -92,7 +93,8 @@ class ImpressionCache:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.meta = CacheMeta(**read_json(directory / "meta.json"))
-        self.queries: list[str] = read_json(directory / "queries.json")
+        # one Arrow array mapped from the file: no Python object per query
+        self.queries: pa.LargeStringArray = pa.ipc.open_file(pa.memory_map(str(directory / QUERIES_FILE))).get_batch(0).column(0)
         self.columns = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in self.COLUMNS}
 
     @staticmethod
@@ -110,6 +112,10 @@ class ImpressionCache:
         prepare_workdir(workdir, layout.CACHE_REL)
         return cls(open_cached(layout.cache_dir(workdir, key),
                                lambda out: _build_cache(workdir, out, key, eval_days, batch_rows)))
+
+    def query_text(self, code: int) -> str:
+        """The normalised query of ``query_code`` ``code``."""
+        return self.queries[code].as_py()
 
     def split_index(self, split: str, valid_days: int = VALID_DAYS) -> np.ndarray:
         """Row numbers of ``split``: ``train`` (before the evaluation week), ``eval`` (the last
@@ -147,6 +153,14 @@ def open_cached(directory: Path, build: Callable[[Path], None]) -> Path:
         if stale.is_dir() and stale != directory and not stale.name.startswith(".") and (stale / "meta.json").exists():
             shutil.rmtree(stale, ignore_errors=True)
     return directory
+
+
+def write_queries(queries: list[str], path: Path) -> None:
+    """The query vocabulary (code ``i`` -> ``queries[i]``) as an Arrow IPC file of one ``large_string``
+    column, read back memory-mapped."""
+    batch = pa.record_batch([pa.array(queries, pa.large_string())], names=["query"])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
 
 
 def _max_ts(pf: pq.ParquetFile, path: Path, batch_rows: int) -> int:
@@ -235,7 +249,7 @@ def _build_cache(workdir: str | Path, out: Path, key: str, eval_days: int, batch
     mean = dense_sum / counts["train"]
     std = np.sqrt(np.maximum(dense_sq / counts["train"] - mean**2, 0.0))
     std = np.where(std > 1e-12, std, 1.0)
-    write_json(sorted(vocab, key=vocab.__getitem__), out / "queries.json")
+    write_queries(sorted(vocab, key=vocab.__getitem__), out / QUERIES_FILE)
     meta = CacheMeta(key=key, num_rows=n, num_train=counts["train"], num_eval=counts["eval"],
                      dense_names=dense_names, sparse_names=sparse_names, max_ts=max_ts, eval_start_ts=eval_start,
                      eval_days=eval_days, dense_mean=mean.tolist(), dense_std=std.tolist(),
@@ -288,7 +302,7 @@ class RankingData:
 
     def __init__(self, cache: ImpressionCache, purchases: PurchaseIndex, spec: FeatureSpec) -> None:
         self.cache, self.purchases, self.spec = cache, purchases, spec
-        self._query_code_rows = spec.query_rows(cache.queries) if spec.queries else np.zeros(len(cache.queries), np.int64)
+        self._query_code_rows = spec.query_rows(cache.queries)  # the table row of every query code, mapped once
         self._purchase_rows = spec.product_rows(purchases.product_id)  # table row of every purchase, mapped once
 
     def num_rows(self, split: str) -> int:

@@ -390,13 +390,13 @@ def trained_set(workdir: str | Path, variant: str, seed: int) -> OutputSet:
 
 
 def save_model(model: RankingModel, path: str | Path) -> Path:
-    """Write ``{state_dict, variant, model_config, feature_spec}`` atomically (``torch.load(weights_only=True)``-safe).
+    """Write ``{state_dict, variant, model_config, feature_spec, table_keys}`` atomically (``torch.load(weights_only=True)``-safe).
 
     The same model gives the same bytes: ``torch.save`` gets an open file, so the zip archive's
     inner folder is torch's fixed ``archive`` rather than the (temporary) file name.
     """
     payload = {"state_dict": model.state_dict(), "variant": model.variant, "model_config": asdict(model.config),
-               "feature_spec": model.spec.to_dict()}
+               "feature_spec": model.spec.to_dict(), "table_keys": model.spec.key_tensors()}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)
     return Path(path)
@@ -410,7 +410,7 @@ def load_model(path: str | Path) -> RankingModel:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         variant = get_variant(payload["variant"])
-        spec = FeatureSpec.from_dict(payload["feature_spec"])
+        spec = FeatureSpec.from_dict(payload["feature_spec"], payload.get("table_keys"))
         config = RankerConfig(**payload["model_config"])
     except (KeyError, TypeError, RuntimeError, EOFError) as exc:
         raise UserError(f"{path}: not a ranking model checkpoint ({type(exc).__name__}: {exc})") from None

@@ -2,9 +2,9 @@
 
 :class:`FeatureSpec` fixes the feature order and everything needed to turn raw request fields
 into the model's plain tensors (:mod:`ranking.plain`): dense names and normalisation, sparse
-names and table sizes, the product/query id maps of the frozen tables, the history window and
+names and table sizes, the product/query keys of the frozen tables, the history window and
 cap. It travels inside every ranking ``model.pt`` (:func:`ranking.model.save_model`) and, without
-the id maps, in ``DIR/serving/manifest.json``.
+the keys, in ``DIR/serving/manifest.json``.
 
 :class:`PurchaseIndex` holds the purchases in memory, sorted by (user, ts), and answers "this
 user's purchases with ``ts - history_days <= purchase_ts < ts``" (:data:`data.protocol.HISTORY_DAYS`,
@@ -14,17 +14,18 @@ it, so it is the same everywhere.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from data.protocol import DAY_S, HISTORY_DAYS
 from data.schema import read_table
-from data.text import normalize_query
-from embeddings.tables import UNKNOWN_ROW, EmbeddingTable
+from embeddings.keys import TableKeys, TableKind
+from embeddings.tables import EmbeddingTable
 
 HISTORY_LEN = 50  # cap of the purchase-history bag (most recent kept)
 _TS_BITS = 33  # seconds since 1970 fit in 33 bits until year 2242; user index gets the high bits
@@ -47,8 +48,11 @@ class FeatureSpec:
         ``history_days`` days before the request, most recent first, padded with -1
         (:meth:`history_rows`).
 
-    ``product_ids[r - 1]`` is the product of table row ``r``; ``queries[r - 1]`` the normalised
-    query of row ``r``. Both are empty for a model without tables (variant ``dcn``).
+    ``product_keys`` and ``query_keys`` are the frozen tables' keys (:class:`embeddings.keys.TableKeys`:
+    ``product_keys[r]`` is the product of table row ``r``, ``query_keys[r]`` the normalised query);
+    both have no key but the unknown row for a model without tables (variant ``dcn``). They are not
+    part of :meth:`to_dict` (JSON, ``DIR/serving/manifest.json``): a checkpoint carries them as
+    tensors (:meth:`key_tensors`), serving as ``product_ids.parquet`` and ``query_ids.parquet``.
     """
 
     dense_names: list[str]
@@ -61,41 +65,29 @@ class FeatureSpec:
     history_days: int = HISTORY_DAYS
     table_dim: int = 0
     table_source: str = ""
-    product_ids: list[int] = field(default_factory=list)
-    queries: list[str] = field(default_factory=list)
-    _product_keys: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
-    _query_map: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+    product_keys: TableKeys = field(default_factory=lambda: TableKeys("product", np.zeros(0, np.int64)))
+    query_keys: TableKeys = field(default_factory=lambda: TableKeys("query", pa.array([], pa.large_string())))
+
+    @property
+    def has_tables(self) -> bool:
+        return len(self.product_keys) > 1
 
     @property
     def num_product_rows(self) -> int:
-        return len(self.product_ids) + 1
+        return len(self.product_keys)
 
     @property
     def num_query_rows(self) -> int:
-        return len(self.queries) + 1
+        return len(self.query_keys)
 
     def product_rows(self, product_ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Product table rows for ``product_ids`` (any shape; unknown -> 0)."""
-        ids = np.asarray(product_ids, dtype=np.int64)
-        if not self.product_ids:
-            return np.zeros(ids.shape, np.int64)
-        if self._product_keys is None:  # (sorted ids, their rows), built once
-            order = np.argsort(np.asarray(self.product_ids, np.int64), kind="stable")
-            self._product_keys = (np.asarray(self.product_ids, np.int64)[order], order + 1)
-        keys, rows = self._product_keys
-        pos = np.clip(np.searchsorted(keys, ids), 0, len(keys) - 1)
-        return np.where(keys[pos] == ids, rows[pos], UNKNOWN_ROW).astype(np.int64)
+        return self.product_keys.rows(product_ids)
 
-    def query_map(self) -> dict[str, int]:
-        """Normalised query -> its query table row (built once; the unknown row 0 is not in it)."""
-        if self._query_map is None:
-            self._query_map = {q: i + 1 for i, q in enumerate(self.queries)}
-        return self._query_map
-
-    def query_rows(self, queries: Sequence[str]) -> np.ndarray:
-        """Query table rows for raw query strings (normalised here; unknown -> 0)."""
-        query_map = self.query_map()
-        return np.array([query_map.get(normalize_query(q), UNKNOWN_ROW) for q in queries], dtype=np.int64)
+    def query_rows(self, queries: Sequence[str] | pa.Array, normalized: bool = False) -> np.ndarray:
+        """Query table rows for query strings (raw ones normalised here unless ``normalized``; an Arrow
+        array is taken as normalised; unknown -> 0)."""
+        return self.query_keys.rows(queries, normalized)
 
     def history_rows(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """``[B, history_len]`` rows from per-request product id lists (already windowed to
@@ -107,17 +99,38 @@ class FeatureSpec:
         return out
 
     def with_tables(self, product: EmbeddingTable, query: EmbeddingTable) -> "FeatureSpec":
-        """A copy carrying the id maps and dimension of the given tables."""
-        return FeatureSpec(**{**self.to_dict(), "table_dim": product.dim, "table_source": product.source,
-                              "product_ids": [int(k) for k in product.keys[1:]], "queries": list(query.keys[1:])})
+        """A copy carrying the keys and dimension of the given tables."""
+        return replace(self, table_dim=product.dim, table_source=product.source, product_keys=product.keys,
+                       query_keys=query.keys)
 
     def to_dict(self) -> dict:
-        """JSON-able (and ``torch.load(weights_only=True)``-able) dict."""
-        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        """JSON-able (and ``torch.load(weights_only=True)``-able) dict of everything but the keys."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _KEY_FIELDS}
+
+    def key_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The table keys as tensors, for a checkpoint (:meth:`from_dict`'s ``keys``)."""
+        return {name: getattr(self, name).to_tensors() for name in _KEY_FIELDS}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FeatureSpec":
-        return cls(**data)
+    def from_dict(cls, data: dict, keys: dict[str, dict[str, torch.Tensor]] | None = None) -> "FeatureSpec":
+        """From :meth:`to_dict` and :meth:`key_tensors` (no keys: a spec without tables). A dict
+        written before the keys left it holds them as ``product_ids`` and ``queries`` lists."""
+        data = dict(data)
+        legacy = {"product_keys": data.pop("product_ids", None), "query_keys": data.pop("queries", None)}
+        spec = cls(**data)
+        for name, kind in _KEY_FIELDS.items():
+            if keys is not None and name in keys:
+                setattr(spec, name, TableKeys.from_tensors(kind, keys[name]))
+            elif legacy[name]:
+                setattr(spec, name, TableKeys.from_keys(kind, legacy[name]))
+        return spec
+
+    def with_keys(self, product_keys: TableKeys, query_keys: TableKeys) -> "FeatureSpec":
+        """A copy with these table keys (e.g. the id maps of a serving export)."""
+        return replace(self, product_keys=product_keys, query_keys=query_keys)
+
+
+_KEY_FIELDS: dict[str, TableKind] = {"product_keys": "product", "query_keys": "query"}
 
 
 class PurchaseIndex:

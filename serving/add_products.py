@@ -74,6 +74,7 @@ from common.provenance import MadeFrom
 from data import schema
 from embeddings import tables
 from embeddings.encode import load_encoder
+from embeddings.keys import TableKeys
 from ranking.features import ImpressionCache, RankingData
 from ranking.model import RankingModel, load_model, model_from_state
 from ranking.spec import FeatureSpec, PurchaseIndex
@@ -81,7 +82,7 @@ from ranking.tables import PRODUCT_TABLE
 from ranking.variants import get_variant
 from serving.export import PARITY_TOLERANCE, fused_model, save_script, script
 from serving.index import index_set, index_with, write_index_files
-from serving.published import ADDED_FILES, ENCODER_CHECKPOINT, added_inputs, added_set, read_id_map
+from serving.published import ADDED_FILES, ENCODER_CHECKPOINT, added_inputs, added_set, read_id_map, write_id_map
 from serving.requests import DENSE_MAX_Z, dense_bounds
 
 log = logging.getLogger("serving.add_products")
@@ -171,8 +172,8 @@ def grown_model(model: RankingModel, product_ids: np.ndarray, vectors: np.ndarra
     weight = state[PRODUCT_WEIGHT].clone()
     weight[torch.from_numpy(rows[~new])] = torch.from_numpy(vectors[~new])
     state[PRODUCT_WEIGHT] = torch.cat([weight, torch.from_numpy(vectors[new])])
-    grown_spec = FeatureSpec.from_dict({**spec.to_dict(), "product_ids": [*spec.product_ids,
-                                                                          *map(int, product_ids[new])]})
+    grown_spec = spec.with_keys(TableKeys("product", np.concatenate([spec.product_keys.values, product_ids[new]])),
+                                spec.query_keys)
     variant = get_variant(model.variant)
     return model_from_state(variant, grown_spec, model.config, state).eval()
 
@@ -253,7 +254,7 @@ def add_products(cfg: AddProductsConfig) -> dict[str, Any]:
         out.verify()
         previous = pq.read_table(out.path(ADDED_FILES["products"]))
     previous_current = previous is not None and (out.manifest() or {})["made_from"]["inputs"] == inputs
-    base_ids = np.asarray(read_id_map(workdir / "serving" / "product_ids.parquet", "product_id"), np.int64)
+    base_ids = read_id_map(workdir / "serving" / "product_ids.parquet", "product").values
     ids = catalog.column("product_id").to_numpy()
     served = np.union1d(base_ids, previous.column("product_id").to_numpy() if previous is not None else [])
     clash = np.flatnonzero(np.isin(ids, served))
@@ -292,7 +293,7 @@ def _publish(workdir: Path, manifest: dict[str, Any], record: pa.Table, inputs: 
     publish them as one set."""
     ids, vectors = record.column("product_id").to_numpy(), _vectors(record)
     base = load_model(workdir / manifest["checkpoint"]["path"])
-    base_ids = np.asarray(base.spec.product_ids, np.int64)
+    base_ids = base.spec.product_keys.values
     grown = grown_model(base, ids, vectors)
     reference = fused_model(grown, manifest["table_dtype"])
     export_features = pq.read_table(workdir / "serving" / "product_features.parquet")
@@ -304,7 +305,7 @@ def _publish(workdir: Path, manifest: dict[str, Any], record: pa.Table, inputs: 
     replaced = int(np.isin(ids, base_ids).sum())
     extra: dict[str, Any] = {
         "format": ADDED_FORMAT, "added_products": len(ids) - replaced, "replaced_products": replaced,
-        "products": len(grown.spec.product_ids), "export_model": manifest["files"]["model"]["sha256"],
+        "products": grown.spec.num_product_rows - 1, "export_model": manifest["files"]["model"]["sha256"],
         "index": {"kind": (index_set(workdir).manifest() or {}).get("kind", ""), "products": int(len(index_ids))}}
     with added_set(workdir).publish(MadeFrom(inputs, {"format": ADDED_FORMAT}), extra) as staged:
         paths = {key: staged[rel] for key, rel in ADDED_FILES.items()}
@@ -312,8 +313,7 @@ def _publish(workdir: Path, manifest: dict[str, Any], record: pa.Table, inputs: 
         extra["parity"] = parity(workdir, int(manifest["settings"]["parity_rows"]), reference,
                                  torch.jit.load(str(paths["model"])), torch.jit.load(str(workdir / "serving/model.pt")),
                                  grown.spec, grown.spec.product_rows(ids))
-        write_parquet(pa.table({"row_id": pa.array(np.arange(1, grown.spec.num_product_rows), pa.int64()),
-                                "product_id": pa.array(grown.spec.product_ids, pa.int64())}), paths["product_ids"])
+        write_id_map(grown.spec.product_keys, paths["product_ids"])
         write_parquet(product_features, paths["product_features"])
         write_index_files(index, index_ids, paths["index"], paths["index_ids"])
         write_parquet(record, paths["products"])

@@ -90,8 +90,7 @@ from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
 from data.dataset import input_hashes
 from data.schema import SchemaError
-from data.text import normalize_query
-from embeddings.tables import EmbeddingTable, embedding_table_path, read_table_id_map, tables_set
+from embeddings.tables import EmbeddingTable, embedding_table_path, read_table_keys, tables_set
 from ranking.features import ImpressionCache
 from serving.index import index_set
 from serving.published import ENCODER_CHECKPOINT, added_set, published_export
@@ -175,7 +174,7 @@ def build_requests(cache: ImpressionCache, spec, count: int, candidates: int,
     eval_rows = np.asarray(cache.split_index("eval"))
     if len(eval_rows) == 0:
         raise UserError(f"{cache.directory}: no NW impressions to build benchmark requests from")
-    cols, queries = cache.columns, cache.queries
+    cols = cache.columns
     dense_keys = [feature_key(c) for c in spec.dense_names]
     sparse_keys = [feature_key(c) for c in spec.sparse_names]
     bodies = []
@@ -184,7 +183,7 @@ def build_requests(cache: ImpressionCache, spec, count: int, candidates: int,
         rows = np.sort(rng.choice(eval_rows, size=candidates, replace=candidates > len(eval_rows)))
         dense, sparse, products = cols["dense"][rows], cols["sparse"][rows], cols["product_id"][rows]
         bodies.append({
-            "user_id": int(cols["user_id"][anchor]), "query": queries[int(cols["query_code"][anchor])],
+            "user_id": int(cols["user_id"][anchor]), "query": cache.query_text(int(cols["query_code"][anchor])),
             "now": int(cols["ts"][anchor]),
             "candidates": [{"product_id": int(products[i]),
                             "dense": {k: float(v) for k, v in zip(dense_keys, dense[i])},
@@ -203,8 +202,8 @@ def model_tables(scorer: Scorer) -> tuple[EmbeddingTable, EmbeddingTable]:
         raise UserError(f"variant {scorer.manifest['variant']} has no tables: nothing to fetch from a feature store")
     product, query = table_vectors(model)
     spec = scorer.spec
-    return (EmbeddingTable("product", [None, *spec.product_ids], product.numpy()),
-            EmbeddingTable("query", [None, *spec.queries], query.numpy()))
+    return (EmbeddingTable("product", spec.product_keys, product.numpy()),
+            EmbeddingTable("query", spec.query_keys, query.numpy()))
 
 
 def bench_models(cfg: ServingBenchConfig, scorer: Scorer, store: VectorStore, cache: ImpressionCache,
@@ -564,7 +563,7 @@ def recommend_requests(cfg: ServingBenchConfig, cache: ImpressionCache, scorer: 
     """JSON bodies of ``POST /recommend``: the user, query, time and request features of
     :data:`REQUEST_POOL` evaluation-week impressions drawn from ``rng``."""
     eval_rows = np.asarray(cache.split_index("eval"))
-    cols, queries, spec = cache.columns, cache.queries, scorer.spec
+    cols, spec = cache.columns, scorer.spec
     split = scorer.manifest["features"]
     names = {"dense": spec.dense_names, "sparse": spec.sparse_names}
     convert = {"dense": float, "sparse": int}
@@ -572,7 +571,7 @@ def recommend_requests(cfg: ServingBenchConfig, cache: ImpressionCache, scorer: 
     for anchor in rng.choice(eval_rows, size=REQUEST_POOL):
         features = {kind: {e["field"]: convert[kind](cols[kind][anchor, names[kind].index(e["column"])])
                            for e in split["request"] if e["kind"] == kind} for kind in ("dense", "sparse")}
-        recommend.append({"user_id": int(cols["user_id"][anchor]), "query": queries[int(cols["query_code"][anchor])],
+        recommend.append({"user_id": int(cols["user_id"][anchor]), "query": cache.query_text(int(cols["query_code"][anchor])),
                           "now": int(cols["ts"][anchor]), "k": cfg.funnel_k, "candidates_n": cfg.funnel_candidates,
                           "features": features})
     return recommend
@@ -584,10 +583,12 @@ def funnel_requests(cfg: ServingBenchConfig, cache: ImpressionCache, scorer: Sco
     (:func:`recommend_requests`), ``retrieve`` (their queries that the query table holds) and
     ``retrieve_encoded`` (catalog titles that it does not)."""
     recommend = recommend_requests(cfg, cache, scorer, rng)
-    known = read_table_id_map(embedding_table_path(cfg.workdir, "query"))
-    in_table = [{"query": body["query"], "k": cfg.funnel_k} for body in recommend if body["query"] in known]
-    titles = pq.read_table(Path(cfg.workdir) / "data" / "catalog.parquet", columns=["title"]).column(0).to_pylist()
-    new = [t for t in rng.permutation(np.array(titles, dtype=object)).tolist() if normalize_query(t) not in known]
+    known = read_table_keys(embedding_table_path(cfg.workdir, "query"), "query")[1]
+    in_table = [{"query": body["query"], "k": cfg.funnel_k} for body, row in
+                zip(recommend, known.rows([body["query"] for body in recommend], normalized=True)) if row]
+    titles = rng.permutation(np.array(pq.read_table(Path(cfg.workdir) / "data" / "catalog.parquet", columns=["title"])
+                                      .column(0).to_pylist(), dtype=object)).tolist()
+    new = [t for t, row in zip(titles, known.rows(titles)) if not row]
     return {"retrieve": in_table, "retrieve_encoded": [{"query": t, "k": cfg.funnel_k} for t in new[:REQUEST_POOL]],
             "recommend": recommend}
 

@@ -61,7 +61,6 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -81,6 +80,7 @@ from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
 from ranking.variants import get_variant
 from serving.funnel import feature_split, product_feature_table
 from serving.published import (FILES, TABLE_FILES, export_files, export_set, load_served_model, published_export,
+                               write_id_map,
                                scripted_tensors)
 from serving.requests import request_fields
 
@@ -242,10 +242,8 @@ def _inputs_spec(spec: FeatureSpec) -> tuple[list[dict], list[dict]]:
 
 
 def _write_id_maps(spec: FeatureSpec, paths: dict[str, Path]) -> None:
-    write_parquet(pa.table({"row_id": pa.array(np.arange(1, spec.num_product_rows), pa.int64()),
-                            "product_id": pa.array(spec.product_ids, pa.int64())}), paths["product_ids"])
-    write_parquet(pa.table({"row_id": pa.array(np.arange(1, spec.num_query_rows), pa.int64()),
-                            "query": pa.array(spec.queries, pa.string())}), paths["query_ids"])
+    write_id_map(spec.product_keys, paths["product_ids"])
+    write_id_map(spec.query_keys, paths["query_ids"])
 
 
 @torch.no_grad()
@@ -403,7 +401,7 @@ def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, 
         "inputs": fused_inputs,
         "vectors_inputs": vector_input_spec if has_tables else [],
         "output": {"name": "logits", "dtype": "float32", "shape": ["B"], "note": "click probability = sigmoid(logits)"},
-        "feature_spec": {k: v for k, v in spec.to_dict().items() if k not in ("product_ids", "queries")},
+        "feature_spec": spec.to_dict(),
         "request_fields": {kind: [{"field": key, "column": column} for key, column in names.items()]
                            for kind, names in request_fields(spec).items()},
         "table_rows": {"product": spec.num_product_rows, "query": spec.num_query_rows},

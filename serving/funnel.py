@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +48,7 @@ from common.io import file_sha256
 from data.protocol import DAY_S
 from data.text import normalize_query
 from embeddings import tables
+from embeddings.keys import UNKNOWN_ROW, TableKeys
 from ranking.features import ImpressionCache
 from ranking.spec import FeatureSpec
 from serving.index import MISSING_ID, ProductIndex
@@ -207,18 +208,18 @@ class QueryVectors:
     """Query -> DashCLIP vector ``[d]``: the query table's row when the normalised query is in it,
     else the trained encoder's vector for it (computed for the request).
 
-    ``vectors`` ``[R, d]`` are the table's rows and ``rows`` maps a normalised query to its row: the
-    served model's own query table and its feature spec's map when the model holds the fp32 table
-    (one copy of both in a process that scores and retrieves), else the exported table file."""
+    ``vectors`` ``[R, d]`` are the table's rows and ``keys`` its keys: the served model's own query
+    table and its feature spec's keys when the model holds the fp32 table (one copy of both in a
+    process that scores and retrieves), else the exported table file."""
 
-    def __init__(self, vectors: np.ndarray, rows: Mapping[str, int], encoder: Any) -> None:
-        self.vectors, self.rows, self.encoder = vectors, rows, encoder
+    def __init__(self, vectors: np.ndarray, keys: TableKeys, encoder: Any) -> None:
+        self.vectors, self.keys, self.encoder = vectors, keys, encoder
 
     def vector(self, query: str) -> tuple[np.ndarray, bool]:
         """``(vector [d] float32, encoded)`` for a raw query; ``encoded`` = not in the table."""
         key = normalize_query(query)
-        row = self.rows.get(key)
-        if row is not None:
+        row = int(self.keys.rows([key], normalized=True)[0])
+        if row != UNKNOWN_ROW:
             return self.vectors[row], False
         return self.encoder.queries([key])[0], True
 
@@ -317,14 +318,14 @@ def load_funnel(workdir: str | Path, spec: FeatureSpec, export_manifest: dict[st
         raise FunnelUnavailable(f"{tables.embedding_table_path(workdir, 'query')} was not made by the DashCLIP "
                                 f"checkpoint this process loaded ({workdir / ENCODER_CHECKPOINT}): run python -m "
                                 f"embeddings.export, then restart the service")
-    if model_query_table is not None and spec.queries:
+    if model_query_table is not None and spec.has_tables:
         if model_query_table.shape[0] != spec.num_query_rows:
             raise FunnelUnavailable(f"the served model's query table has {model_query_table.shape[0]} rows, its "
                                     f"feature spec {spec.num_query_rows}: run python -m serving.export --force")
-        queries = QueryVectors(model_query_table, spec.query_map(), dashclip)
+        queries = QueryVectors(model_query_table, spec.query_keys, dashclip)
     else:  # mapped, not read: the service's workers share one copy of the query vectors
         table = tables.mapped_table(workdir, "query", table_hashes[tables.embedding_table_rel("query")])
-        queries = QueryVectors(table.vectors, table.id_map(), dashclip)
+        queries = QueryVectors(table.vectors, table.keys, dashclip)
     query_dim = int(queries.vectors.shape[1])
     if not index.dim == query_dim == dashclip.dim:
         raise FunnelUnavailable(f"vector dimensions differ: product index {index.dim}, query table "
@@ -333,5 +334,5 @@ def load_funnel(workdir: str | Path, spec: FeatureSpec, export_manifest: dict[st
                                else "serving/product_features.parquet")
     features = CandidateFeatures.read(features_path, spec, export_manifest["features"])
     log.info("funnel: %d products indexed (%s), %d queries in the table", len(index), index.kind or "?",
-             len(queries.rows))
+             len(queries.keys) - 1)
     return Funnel(index, queries, features)

@@ -199,7 +199,7 @@ def index_input(table: tables.EmbeddingTable, path: str | Path = "product table"
     if table.kind != "product":
         raise UserError(f"{path}: expected a product table, found a {table.kind} table")
     vectors = table.vectors[tables.UNKNOWN_ROW + 1:]
-    ids = np.asarray(table.keys[tables.UNKNOWN_ROW + 1:], dtype=np.int64)
+    ids = np.asarray(table.keys.values, dtype=np.int64)
     finite = np.isfinite(vectors).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0]) + 1

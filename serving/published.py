@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from common.cli import UserError
+from common.io import write_parquet
+from embeddings.keys import TableKeys, TableKind
+from embeddings.tables import KEY_COLUMN
 from common.io import file_sha256
 from common.provenance import OutputSet
 
@@ -47,17 +51,28 @@ ADDED_FILES = {"model": "serving/added/model.pt", "product_ids": "serving/added/
 ENCODER_CHECKPOINT = "embeddings/checkpoints/model.pt"
 
 
-def read_id_map(path: Path, key: str) -> list:
-    """The keys (``product_id`` or ``query``) of an exported id map in row order (row ``r`` at index ``r - 1``)."""
+def read_id_map(path: Path, kind: TableKind) -> TableKeys:
+    """The keys of an exported id map (``row_id`` 1..R-1 and ``product_id`` or ``query``, see
+    :func:`write_id_map`)."""
     if not path.exists():
         raise UserError(f"{path}: missing id map (run `python -m serving.export --force`)")
+    key = KEY_COLUMN[kind]
     table = pq.read_table(path)
     if "row_id" not in table.column_names or key not in table.column_names:
         raise UserError(f"{path}: expected columns row_id and {key}, found {table.column_names}")
     rows = table.column("row_id").to_numpy()
     if not np.array_equal(rows, np.arange(1, len(rows) + 1)):
         raise UserError(f"{path}: column 'row_id' must be 1..R-1 in order")
-    return table.column(key).to_pylist()
+    try:
+        return TableKeys.from_keys(kind, table.column(key).combine_chunks())
+    except (ValueError, pa.ArrowInvalid) as exc:
+        raise UserError(f"{path}: column {key!r}: {exc}") from None
+
+
+def write_id_map(keys: TableKeys, path: Path) -> None:
+    """Rows 1..R-1 of a table and their keys: ``row_id`` int64 and ``product_id`` int64 or ``query`` string."""
+    write_parquet(pa.table({"row_id": pa.array(np.arange(1, len(keys)), pa.int64()),
+                            KEY_COLUMN[keys.kind]: keys.to_arrow().slice(1)}), path)
 
 
 def scripted_tensors(module: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:

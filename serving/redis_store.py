@@ -180,8 +180,10 @@ class VectorStore:
         vectors = np.ascontiguousarray(table.vectors, dtype="<f4")
         written = 0
         pipe = self.client.pipeline(transaction=False)
+        keys = table.keys.values
         for row in range(UNKNOWN_ROW + 1, len(table.keys)):
-            pipe.set(key_of(table.keys[row]), vectors[row].tobytes())
+            pipe.set(key_of(keys[row - 1].item() if table.kind == "product" else keys[row - 1].as_py()),
+                     vectors[row].tobytes())
             written += 1
             if written % chunk == 0:
                 pipe.execute()

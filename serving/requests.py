@@ -270,7 +270,7 @@ def build_score_request_model(spec: FeatureSpec, max_candidates: int,
         sparse=(sparse_model, ... if sparse else Field(default_factory=sparse_model)),
     )
     example = {"user_id": 42, "query": "Organic Whole Milk", "candidates": [{
-        "product_id": int(spec.product_ids[0]) if spec.product_ids else 1,
+        "product_id": spec.product_keys[1] if spec.has_tables else 1,
         "dense": {key: round(spec.dense_mean[i], 3) for i, key in enumerate(dense)},
         "sparse": {key: 0 for key in sparse}}]}
     request = create_model(
@@ -328,7 +328,7 @@ def build_columns_request_model(spec: FeatureSpec, max_candidates: int,
         dense=(dense_model, ... if dense else Field(default_factory=dense_model)),
         sparse=(sparse_model, ... if sparse else Field(default_factory=sparse_model)),
     )
-    ids = [int(p) for p in spec.product_ids[:2]] or [1, 2]
+    ids = spec.product_keys[1:3] or [1, 2]
     example = {"user_id": 42, "query": "Organic Whole Milk", "candidates": {
         "product_id": ids, "dense": {key: [round(spec.dense_mean[i], 3)] * len(ids) for i, key in enumerate(dense)},
         "sparse": {key: [0] * len(ids) for key in sparse}}}

@@ -186,13 +186,12 @@ class Scorer:
         self.added: dict[str, Any] | None = current_added(self.workdir) if with_added and has_tables else None
         model_path = self.workdir / ADDED_FILES["model"] if self.added else serving / "model.pt"
         self.model_hash: str = file_sha256(model_path)[:16]
-        product_ids, queries = [], []
+        self.spec = FeatureSpec.from_dict(self.manifest["feature_spec"])
         if has_tables:
-            product_ids = read_id_map(self.workdir / ADDED_FILES["product_ids"] if self.added
-                                      else serving / "product_ids.parquet", "product_id")
-            queries = read_id_map(serving / "query_ids.parquet", "query")
-        self.spec = FeatureSpec.from_dict({**self.manifest["feature_spec"], "product_ids": product_ids,
-                                           "queries": queries})
+            self.spec = self.spec.with_keys(
+                read_id_map(self.workdir / ADDED_FILES["product_ids"] if self.added else serving / "product_ids.parquet",
+                            "product"),
+                read_id_map(serving / "query_ids.parquet", "query"))
         # the export's tensors mapped from model_weights.pt: one copy in memory for every worker
         self.model = load_served_model(model_path, None if self.added else serving / FILES["model_weights"])
         # the funnel's query vectors when the model holds the fp32 table: one copy for scoring and retrieval
@@ -578,7 +577,7 @@ class ServedWatch:
         self.swap(new)
         self.error = None
         log.warning("reloaded: model %s, %d products (%d added), retrieval %s", new.scorer.model_hash,
-                    len(new.scorer.spec.product_ids), (new.scorer.added or {}).get("added_products", 0),
+                    new.scorer.spec.num_product_rows - 1, (new.scorer.added or {}).get("added_products", 0),
                     "available" if new.funnel is not None else f"not available ({new.funnel_error})")
         return True
 
@@ -747,7 +746,7 @@ def create_app(served: Served, max_candidates: int = 1000, max_body_mb: float = 
         served_now: Served = app.state.served
         scorer_now = served_now.scorer
         return {"status": "ok", "model": scorer_now.model_hash, "variant": scorer_now.manifest["variant"],
-                "table_dtype": scorer_now.manifest["table_dtype"], "products": len(scorer_now.spec.product_ids),
+                "table_dtype": scorer_now.manifest["table_dtype"], "products": scorer_now.spec.num_product_rows - 1,
                 "added_products": (scorer_now.added or {}).get("added_products", 0),
                 "funnel": served_now.funnel is not None, "funnel_error": served_now.funnel_error,
                 "reload_error": watch.error if watch is not None else None}

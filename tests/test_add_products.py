@@ -260,9 +260,9 @@ def test_the_grown_model_keeps_every_row_and_weight(serving_workdir: Path):
     spec = model.spec
     dim = spec.table_dim
     vectors = np.random.default_rng(0).standard_normal((3, dim)).astype(np.float32)
-    ids = np.array([spec.product_ids[4], 10**9, 10**9 + 1], np.int64)  # one replaced, two new
+    ids = np.array([spec.product_keys[5], 10**9, 10**9 + 1], np.int64)  # one replaced, two new
     grown = add_products.grown_model(model, ids, vectors)
-    assert grown.spec.product_ids == [*spec.product_ids, 10**9, 10**9 + 1]
+    assert grown.spec.product_keys[:] == [*spec.product_keys, 10**9, 10**9 + 1]
     old, new = model.state_dict(), grown.state_dict()
     weight = new[add_products.PRODUCT_WEIGHT]
     assert torch.equal(weight[5], torch.from_numpy(vectors[0]))

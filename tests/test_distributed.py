@@ -70,10 +70,10 @@ def tiny_model(variant: str = "dcn_pq_hist"):
     torch.manual_seed(0)
     spec = FeatureSpec(dense_names=["dense_a", "dense_b"], dense_mean=[0.0, 1.0], dense_std=[1.0, 2.0],
                        sparse_names=["sparse_a", "sparse_b"], sparse_num_embeddings=[10, 7], train_click_rate=0.3,
-                       history_len=5, table_dim=16, product_ids=list(range(100, 140)),
-                       queries=[f"query {i}" for i in range(24)])
-    tables = (build_table("product", spec.product_ids, rng.normal(size=(40, 16))),
-              build_table("query", spec.queries, rng.normal(size=(24, 16))))
+                       history_len=5, table_dim=16)
+    tables = (build_table("product", list(range(100, 140)), rng.normal(size=(40, 16))),
+              build_table("query", [f"query {i}" for i in range(24)], rng.normal(size=(24, 16))))
+    spec = spec.with_tables(*tables)
     v = get_variant(variant)
     return build_model(v, spec, RankerConfig(), build_tables(v, spec, tables, torch.Generator().manual_seed(0)))
 

@@ -86,7 +86,7 @@ def test_cache_streams_splits_and_computes_train_statistics(tmp_path):
     np.testing.assert_allclose(meta.dense_std, frame.loc[train, ["dense_price", "dense_rating"]].std(ddof=0), rtol=1e-4)
     assert meta.sparse_max_train_id == [int(frame.loc[train, "sparse_store"].max())]
     assert meta.train_click_rate == pytest.approx(frame.loc[train, "clicked"].mean())
-    assert sorted(cache.queries) == ["bread", "eggs", "milk"]  # normalised: "Milk" and "  milk " are one query
+    assert sorted(cache.queries.to_pylist()) == ["bread", "eggs", "milk"]  # normalised: "Milk" and "  milk " are one query
     np.testing.assert_array_equal(cache.columns["dense"][:, 0], frame["dense_price"].to_numpy())
     mtime = (cache.directory / "meta.json").stat().st_mtime_ns
     assert ImpressionCache.open(tmp_path).directory == cache.directory
@@ -122,7 +122,7 @@ def test_spec_round_trip_and_history_rows():
     spec = FeatureSpec(dense_names=["dense_a"], dense_mean=[0.0], dense_std=[1.0], sparse_names=[],
                        sparse_num_embeddings=[], train_click_rate=0.2, history_len=3).with_tables(
         build_table("product", [5, 7], np.ones((2, 4))), build_table("query", ["a b"], np.ones((1, 4))))
-    again = FeatureSpec.from_dict(spec.to_dict())
+    again = FeatureSpec.from_dict(spec.to_dict(), spec.key_tensors())
     assert again == spec and again.table_dim == 4
     assert again.history_rows([[7, 5, 8, 5], []]).tolist() == [[2, 1, 0], [-1, -1, -1]]
     assert again.query_rows(["A  B!", "c"]).tolist() == [1, 0]

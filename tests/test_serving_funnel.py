@@ -75,14 +75,14 @@ def test_retrieve_a_known_query_takes_its_table_row(service: httpx.Client, servi
     out = resp.json()
     assert out["meta"] == {"query": shopper["query"], "query_encoded": False, "indexed_products": products,
                            "index": "exact"}
-    ids, cosines = exact_neighbours(serving_workdir, query_table.vectors[query_table.id_map()[shopper["query"]]], 7)
+    ids, cosines = exact_neighbours(serving_workdir, query_table.vectors[query_table.lookup([shopper["query"]])[0]], 7)
     assert [p["product_id"] for p in out["products"]] == ids.tolist()
     np.testing.assert_allclose([p["cosine"] for p in out["products"]], cosines, atol=1e-5)
 
 
 def test_retrieve_an_unknown_query_encodes_it_with_dashclip(service: httpx.Client, serving_workdir: Path):
     query = "Zorbly quantum oat crunch, family size"
-    assert normalize_query(query) not in tables.read_embedding_table(tables.embedding_table_path(serving_workdir, "query")).id_map()
+    assert tables.read_embedding_table(tables.embedding_table_path(serving_workdir, "query")).lookup([query])[0] == 0
     resp = service.post("/retrieve", json={"query": query})  # k defaults to 10
     assert resp.status_code == 200, resp.text
     out = resp.json()
@@ -237,7 +237,7 @@ def test_the_funnels_query_vectors_are_the_served_models_fp32_table_rows(serving
     vectors = served.funnel.queries.vectors
     assert served.scorer.query_table is not None and np.shares_memory(vectors, served.scorer.query_table)
     table = tables.read_embedding_table(tables.embedding_table_path(serving_workdir, "query"), "query")
-    assert np.array_equal(vectors, table.vectors) and served.funnel.queries.rows == table.id_map()
+    assert np.array_equal(vectors, table.vectors) and served.funnel.queries.keys == table.keys
 
     workdir = copy_served(serving_workdir, tmp_path / "int8")  # the index is built from the table file
     export.main(["--workdir", str(workdir), "--table-dtype", "int8", "--force", "--threads", "1"])

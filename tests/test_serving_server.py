@@ -22,10 +22,11 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from data.schema import table_path
+from embeddings.keys import TableKeys
 from embeddings.tables import UNKNOWN_ROW
 from ranking.features import ImpressionCache, RankingData
 from ranking.model import load_model
-from ranking.spec import FeatureSpec, PurchaseIndex
+from ranking.spec import PurchaseIndex
 from serving.export import checkpoint_path
 from serving.requests import (ErrorResponse, FastRequestParser, RequestEncoder, build_columns_request_model,
                               build_score_request_model, dense_bounds, feature_key)
@@ -116,7 +117,7 @@ def test_unknown_query_and_products_score_with_row_zero_and_are_counted(service:
     body = json.loads(json.dumps(session_case["body"]))
     original = spec.product_rows([c["product_id"] for c in body["candidates"]])
     body["query"] = "zzqx never searched"
-    body["candidates"][0]["product_id"] = max(spec.product_ids) + 12345
+    body["candidates"][0]["product_id"] = int(spec.product_keys.values.max()) + 12345
     resp = service.post("/score", json=body)
     assert resp.status_code == 200, resp.text
     meta = resp.json()["meta"]
@@ -142,8 +143,9 @@ def test_a_query_that_normalises_to_nothing_is_an_unknown_query(service: httpx.C
 def test_an_empty_query_is_unknown_even_when_the_query_table_has_an_empty_key(serving_workdir: Path,
                                                                               session_case: dict):
     spec = session_case["spec"]
-    with_empty = FeatureSpec.from_dict({**spec.to_dict(), "queries": [*spec.queries, ""]})
-    assert with_empty.query_rows([""])[0] == len(spec.queries) + 1
+    with_empty = spec.with_keys(spec.product_keys, TableKeys("query", pa.concat_arrays([spec.query_keys.values,
+                                                                                         pa.array([""], pa.large_string())])))
+    assert with_empty.query_rows([""])[0] == spec.num_query_rows
     encoder = RequestEncoder(with_empty, PurchaseIndex.from_workdir(serving_workdir), default_now=0)
     request_model = build_score_request_model(with_empty, MAX_CANDIDATES)
     encoded = encoder.encode(request_model.model_validate({**session_case["body"], "query": "\U0001F642 !"}))
