@@ -27,6 +27,7 @@ same export.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,32 @@ def read_table_keys(path: str | Path, kind: TableKind | None = None) -> tuple[Ta
     key column alone."""
     parquet, file_kind, meta = _open_table(Path(path), kind)
     return file_kind, _read_keys(parquet, file_kind, Path(path)), meta.get("dashrec.source", "")
+
+
+COPY_CHUNK_BYTES = 64 << 20  # what copy_table_vectors copies at a time
+
+
+def copy_table_vectors(vectors: np.ndarray) -> np.ndarray:
+    """A writable copy of ``vectors`` ``[R, d]``. When they are a memory map (:func:`mapped_table`), the
+    copy goes :data:`COPY_CHUNK_BYTES` at a time and gives each chunk's pages back as it goes
+    (``madvise(MADV_DONTNEED)``: they leave this process's memory and stay in the page cache for
+    the processes that map them), so the copy never holds the table twice. The mapped table must not
+    have been written to (its private pages would be dropped): frozen tables never are."""
+    out = np.empty(vectors.shape, vectors.dtype)
+    source = getattr(vectors, "_mmap", None) if isinstance(vectors, np.memmap) else None
+    row_bytes = max(1, vectors.strides[0])
+    step = max(1, COPY_CHUNK_BYTES // row_bytes)
+    # numpy maps from the allocation granularity at or below the array's offset in the file
+    start_in_map = vectors.offset % mmap.ALLOCATIONGRANULARITY if source is not None else 0
+    for start in range(0, len(vectors), step):
+        end = min(start + step, len(vectors))
+        out[start:end] = vectors[start:end]
+        if source is not None:
+            first = (start_in_map + start * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            last = (start_in_map + end * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                source.madvise(mmap.MADV_DONTNEED, first, last - first)
+    return out
 
 
 def mapped_table(workdir: str | Path, kind: TableKind, digest: str) -> EmbeddingTable:

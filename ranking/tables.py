@@ -41,8 +41,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from data.schema import SchemaError
-from embeddings.tables import (EmbeddingTable, embedding_table_path, embedding_table_rel, mapped_table,
-                               read_embedding_table)
+from embeddings.tables import (EmbeddingTable, copy_table_vectors, embedding_table_path, embedding_table_rel,
+                               mapped_table, read_embedding_table)
 
 PRODUCT_FEATURE = "product_id"
 QUERY_FEATURE = "query_id"
@@ -115,10 +115,13 @@ class PretrainedEmbeddingBagCollection(nn.Module):
                     frozen: bool = True) -> "PretrainedEmbeddingBagCollection":
         """From in-memory :class:`embeddings.tables.EmbeddingTable` objects, bit for bit. Frozen tables
         share the objects' arrays (a table of millions of queries is held once however many models
-        read it); trainable ones are copies, so training leaves the objects as they are."""
+        read it); trainable ones are copies, so training leaves the objects as they are (made a chunk at
+        a time from a mapped table, whose pages leave this process as they are copied:
+        :func:`embeddings.tables.copy_table_vectors`)."""
         def weight(table: EmbeddingTable) -> torch.Tensor:
-            vectors = torch.as_tensor(table.vectors, dtype=torch.float32).contiguous()
-            return vectors if frozen else vectors.clone()
+            if frozen:
+                return torch.as_tensor(table.vectors, dtype=torch.float32).contiguous()
+            return torch.from_numpy(copy_table_vectors(table.vectors))
         return cls(weight(product), weight(query), with_history=with_history, frozen=frozen)
 
     @classmethod

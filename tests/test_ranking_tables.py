@@ -424,3 +424,33 @@ def test_mapped_tables_check_the_files_like_a_read(table_files):
     with pytest.raises(SchemaError, match="missing embedding table"):
         mapped_tables(workdir / "nowhere", {"embeddings/query_table.parquet": "a", "embeddings/product_table.parquet": "b"})
     assert not (workdir / "nowhere").exists()  # checked before anything is written
+
+def _mapped_rss_bytes(path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, current = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            current = len(fields) == 6 and fields[5] == str(path)
+        elif current and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_trainable_copy_of_a_mapped_table_gives_the_mapped_pages_back(tmp_path):
+    """A trainable variant copies the mapped tables; the copied pages leave this process's memory as
+    they are copied (not the table twice), and the copy is the table bit for bit."""
+    from embeddings.tables import copy_table_vectors
+
+    vectors = np.random.default_rng(0).standard_normal((4096, 512)).astype(np.float32)  # 8 MiB
+    path = tmp_path / "table.npy"
+    np.save(path, vectors)
+    mapped = np.load(path, mmap_mode="c")
+    assert float(mapped.sum()) == pytest.approx(float(vectors.sum()), rel=1e-4)  # every page read in
+    assert _mapped_rss_bytes(path) > 0.9 * vectors.nbytes
+    copy = copy_table_vectors(mapped)
+    assert np.array_equal(copy, vectors) and copy.flags.writeable and not isinstance(copy, np.memmap)
+    assert _mapped_rss_bytes(path) < 0.1 * vectors.nbytes
+    assert np.array_equal(mapped, vectors)  # the pages read back in from the file as they were
+    assert np.array_equal(copy_table_vectors(vectors), vectors)  # an array in memory: a plain copy
