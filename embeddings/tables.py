@@ -204,26 +204,35 @@ COPY_CHUNK_BYTES = 64 << 20  # what copy_table_vectors copies at a time
 
 
 def copy_table_vectors(vectors: np.ndarray) -> np.ndarray:
-    """A writable copy of ``vectors`` ``[R, d]``. When they are a memory map (:func:`mapped_table`), the
-    copy goes :data:`COPY_CHUNK_BYTES` at a time and gives each chunk's pages back as it goes
-    (``madvise(MADV_DONTNEED)``: they leave this process's memory and stay in the page cache for
-    the processes that map them), so the copy never holds the table twice. The mapped table must not
-    have been written to (its private pages would be dropped): frozen tables never are."""
+    """A writable copy of ``vectors`` ``[R, d]``, made :data:`COPY_CHUNK_BYTES` at a time. When they are
+    a memory map (:func:`mapped_table`), each chunk's pages are given back as it is copied
+    (:func:`release_pages`), so the copy never holds the table twice."""
     out = np.empty(vectors.shape, vectors.dtype)
-    source = getattr(vectors, "_mmap", None) if isinstance(vectors, np.memmap) else None
-    row_bytes = max(1, vectors.strides[0])
-    step = max(1, COPY_CHUNK_BYTES // row_bytes)
-    # numpy maps from the allocation granularity at or below the array's offset in the file
-    start_in_map = vectors.offset % mmap.ALLOCATIONGRANULARITY if source is not None else 0
+    step = max(1, COPY_CHUNK_BYTES // max(1, vectors.strides[0]))
     for start in range(0, len(vectors), step):
         end = min(start + step, len(vectors))
         out[start:end] = vectors[start:end]
-        if source is not None:
-            first = (start_in_map + start * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-            last = (start_in_map + end * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-            if last > first:
-                source.madvise(mmap.MADV_DONTNEED, first, last - first)
+        release_pages(vectors, start, end)
     return out
+
+
+def release_pages(vectors: np.ndarray, start: int = 0, end: int | None = None) -> None:
+    """Give the pages of rows ``[start, end)`` of a memory-mapped table (:func:`mapped_table`) back
+    (``madvise(MADV_DONTNEED)``): they leave this process's memory, stay in the page cache for the
+    other processes that map them, and are read back from there if touched again. Nothing for an
+    array in memory. The mapped table must not have been written to (its private pages would be
+    dropped): frozen tables never are."""
+    source = getattr(vectors, "_mmap", None) if isinstance(vectors, np.memmap) else None
+    if source is None:
+        return
+    row_bytes = vectors.strides[0]
+    end = len(vectors) if end is None else end
+    # numpy maps from the allocation granularity at or below the array's offset in the file
+    start_in_map = vectors.offset % mmap.ALLOCATIONGRANULARITY
+    first = (start_in_map + start * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    last = (start_in_map + end * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        source.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def mapped_table(workdir: str | Path, kind: TableKind, digest: str) -> EmbeddingTable:

@@ -36,7 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from common.cli import UserError
 from common.io import atomic_path
 from common.provenance import OutputSet
-from embeddings.tables import EmbeddingTable
+from embeddings.tables import EmbeddingTable, release_pages
 from ranking import layout
 from ranking.config import RankerConfig
 from ranking.layers import CrossNet, Linear, ReluMLP, linear
@@ -349,6 +349,8 @@ def build_tables(variant: Variant, spec: FeatureSpec, tables: tuple[EmbeddingTab
     if spec.table_dim <= 0:
         raise ValueError(f"variant {variant.name} needs tables but the feature spec has none")
     if variant.table_init == "random":
+        for table in tables or ():  # not read by this model: a worker that mapped them for others lets them go
+            release_pages(table.vectors)
         return PretrainedEmbeddingBagCollection.random(spec.num_product_rows, spec.num_query_rows, spec.table_dim,
                                                        generator=generator, with_history=variant.use_history)
     frozen = not variant.train_tables

@@ -70,7 +70,8 @@ class FeatureSpec:
 
     @property
     def has_tables(self) -> bool:
-        return len(self.product_keys) > 1
+        """Whether the model reads DashCLIP tables (every variant but ``dcn``)."""
+        return self.table_dim > 0
 
     @property
     def num_product_rows(self) -> int:

@@ -140,7 +140,7 @@ class PretrainedEmbeddingBagCollection(nn.Module):
                with_history: bool = True) -> "PretrainedEmbeddingBagCollection":
         """Same shapes, ``N(0, 1/d)`` rows (unit norm on average), row 0 zeros, trainable."""
         def init(rows: int) -> torch.Tensor:
-            table = torch.randn(rows, dim, generator=generator) / math.sqrt(dim)
+            table = torch.randn(rows, dim, generator=generator).div_(math.sqrt(dim))  # in place: one table in memory
             table[0] = 0.0
             return table
         return cls(init(num_product_rows), init(num_query_rows), with_history=with_history, frozen=False)

@@ -270,7 +270,7 @@ def build_score_request_model(spec: FeatureSpec, max_candidates: int,
         sparse=(sparse_model, ... if sparse else Field(default_factory=sparse_model)),
     )
     example = {"user_id": 42, "query": "Organic Whole Milk", "candidates": [{
-        "product_id": spec.product_keys[1] if spec.has_tables else 1,
+        "product_id": spec.product_keys[1] if len(spec.product_keys) > 1 else 1,
         "dense": {key: round(spec.dense_mean[i], 3) for i, key in enumerate(dense)},
         "sparse": {key: 0 for key in sparse}}]}
     request = create_model(
@@ -486,7 +486,7 @@ class RequestEncoder:
         query_row = spec.query_rows([query]) if query else np.array([UNKNOWN_ROW], np.int64)
         history_ids = self.history_ids(request, now)
         history = spec.history_rows([history_ids])
-        has_tables = spec.table_dim > 0  # a model without tables (variant dcn) has no unknown ids
+        has_tables = spec.has_tables  # a model without tables (variant dcn) has no unknown ids
         meta = {"unknown_query": has_tables and bool(query_row[0] == UNKNOWN_ROW),
                 "unknown_products": int((product_rows == UNKNOWN_ROW).sum()) if has_tables else 0,
                 "unknown_history_products": int((history == UNKNOWN_ROW).sum()) if has_tables else 0,

@@ -65,7 +65,7 @@ def test_keys_round_trip_through_tensors_and_a_checkpoint(tmp_path):
     # a dict written when the keys were lists in it reads to the same spec
     legacy = {**spec.to_dict(), "product_ids": [7, 3], "queries": ["cola", "chips", "dog food", "çafé ünïcode"]}
     assert FeatureSpec.from_dict(legacy) == spec
-    assert "query_keys" not in spec.to_dict() and not FeatureSpec.from_dict(spec.to_dict()).has_tables
+    assert "query_keys" not in spec.to_dict() and FeatureSpec.from_dict(spec.to_dict()).num_query_rows == 1
 
 
 @pytest.mark.parametrize("keys, message", [([None, 5, 5], "keys must be unique"), ([None, 5, None], "1 null keys"),
