@@ -356,7 +356,8 @@ def cost_section(root: Path) -> str:
     if not costs:
         return head + "\nNo command costs in `reproduce.json` (written by `python -m experiments.reproduce`).\n"
     rows = [[stage, f"`{c['command'].split()[2]}`", format_duration(c["seconds"]), format_bytes(peak_memory(c)),
-             format_bytes(c["max_process_rss_bytes"]), f"{c['load_average']:.1f}"]
+             format_bytes(c["max_process_rss_bytes"]) if "max_process_rss_bytes" in c else "—",
+             f"{c['load_average']:.1f}" if "load_average" in c else "—"]  # records made before these fields lack them
             for stage, stage_costs in costs.items() for c in stage_costs]
     every = [c for stage_costs in costs.values() for c in stage_costs]
     top = max(every, key=peak_memory)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.cli import UserError
+from common.io import write_json
 from data.schema import TABLE_NAMES
 from experiments import reproduce
 from ranking import layout
@@ -293,3 +294,18 @@ def test_console_keeps_the_latest_redraw_and_is_quiet_off_a_terminal() -> None:
     console.feed(b"\r     \r")
     assert console.current == ""
     assert stream.getvalue() == ""  # nothing drawn in place, no progress line within the interval
+
+
+def test_the_cost_section_reads_records_made_before_the_per_process_fields(tmp_path: Path) -> None:
+    """A stage that made nothing keeps the record of the run that made its outputs, which may be older
+    than the fields ``peak_memory_bytes``, ``max_process_rss_bytes`` and ``load_average``."""
+    from experiments.report import cost_section
+
+    new = {"command": "python -m ranking.train --workdir w", "seconds": 42.0, "peak_memory_bytes": 2_000_000_000,
+           "peak_rss_bytes": 3_000_000_000, "max_process_rss_bytes": 1_500_000_000, "load_average": 2.5}
+    old = {"command": "python -m data.synth --workdir w", "seconds": 5.0, "peak_rss_bytes": 264_000_000}
+    write_json({"command_costs": {"data": [old], "ranking": [new]}}, tmp_path / "reproduce.json")
+    section = cost_section(tmp_path)
+    data_row = next(line for line in section.splitlines() if "`data.synth`" in line)
+    assert "264" in data_row and data_row.count("—") == 2
+    assert "`ranking.train`" in section and "2.5" in section
