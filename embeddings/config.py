@@ -135,6 +135,13 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
                                        "(IR, and MR under an HR positive), contrasted with the tuple's product for "
                                        "that query (temperature --pqc-tau): the order retrieval ranks in; 0 = PQC "
                                        "only (the paper)", "2", min=0)
+    pqc_query_typo_rate: float = _f(0.0, "typo augmentation of the query side: each step, each distinct training "
+                                         "query of the batch gets, with this probability, one character-level typo "
+                                         "(two adjacent letters swapped, or a letter dropped, doubled or replaced, "
+                                         "in one word of >= 3 letters; drawn from --seed and the step), so the query "
+                                         "encoder learns misspelled queries; the held-out losses, export and "
+                                         "evaluation read the queries as labelled; 0 = no augmentation (the paper)",
+                                    "2", min=0.0, max=1.0)
     pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
     pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")
     query_eval_fraction: float = _f(0.2, "share of distinct queries held out of stage 2 (for evaluation)", "2",

@@ -116,6 +116,7 @@ class TokenStore:
     TOKENIZE_CHUNK = 8192  # distinct strings tokenised per call (bounds the tokenizer's Python lists)
 
     def __init__(self, tokenizer, texts: Sequence[str], max_tokens: int) -> None:
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
         self.pad_id = int(tokenizer.pad_token_id or 0)
         codes, unique = pd.factorize(np.asarray(texts, dtype=object))
         chunks = []
@@ -140,6 +141,10 @@ class TokenStore:
         ids = np.full(valid.shape, self.pad_id, dtype=np.int64)
         ids[valid] = self._flat[(self._starts[rows][:, None] + np.arange(valid.shape[1])[None, :])[valid]]
         return torch.from_numpy(ids), torch.from_numpy(valid.astype(np.int64))
+
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`batch` of other strings, tokenised as the stored ones (and not kept)."""
+        return TokenStore(self.tokenizer, texts, self.max_tokens).batch(np.arange(len(texts)))
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:

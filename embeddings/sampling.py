@@ -32,6 +32,9 @@ Queries are normalised with :func:`data.text.normalize_query` and deduplicated p
 pair listed twice keeps its highest label, so a relevant query is never used as a negative).
 Everything is vectorised over numpy arrays (group offsets and counts, no per-product Python loop),
 and deterministic for a given ``seed`` whatever the row order of the inputs.
+
+:func:`corrupt_queries` is the typo augmentation of the training queries of stage 2
+(``--pqc-query-typo-rate``): one character-level typo in one word of a random share of them.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,6 +55,8 @@ log = logging.getLogger(__name__)
 KIND_IR, KIND_MR, KIND_PROXY = 0, 1, 2  # negative kinds, as codes while sampling
 KIND_NAMES = np.array([LABEL_NAMES[IR], LABEL_NAMES[MR], "proxy"], dtype=object)
 MAX_PROXY_ROUNDS = 200
+TYPO_MIN_LETTERS = 3  # a word takes a typo only when it has at least this many letters
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _require_columns(frame: pd.DataFrame, what: str, columns: tuple[str, ...]) -> None:
@@ -389,3 +395,46 @@ def _fill_proxies(negatives: np.ndarray, row_product: np.ndarray, product_aisle:
             pid = product_keys[row_product[rows[0]]]
             raise ValueError(f"relevance frame: cannot find enough distinct proxy negatives for product_id {pid} "
                              f"(HR queries of other aisles that are not relevant to it)")
+
+
+def typo(word: str, rng: np.random.Generator) -> str:
+    """``word`` (with at least one letter) with one typo at its letters, drawn from ``rng``: two
+    adjacent different letters swapped, a letter dropped, doubled or replaced by another lower-case
+    letter (upper-case in an upper-case position), each operation equally likely (a word with no two
+    adjacent different letters drops one instead of swapping). The edit distance to ``word`` is 1
+    (2 for a swap)."""
+    letters = [i for i, c in enumerate(word) if c.isalpha()]
+    operation = int(rng.integers(4))
+    if operation == 0:
+        pairs = [i for i in letters if i + 1 < len(word) and word[i + 1].isalpha() and word[i] != word[i + 1]]
+        if pairs:
+            i = pairs[int(rng.integers(len(pairs)))]
+            return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        operation = 1
+    i = letters[int(rng.integers(len(letters)))]
+    if operation == 1:
+        return word[:i] + word[i + 1:]
+    if operation == 2:
+        return word[:i] + word[i] + word[i:]
+    others = LETTERS.replace(word[i].lower(), "")
+    letter = others[int(rng.integers(len(others)))]
+    return word[:i] + (letter.upper() if word[i].isupper() else letter) + word[i + 1:]
+
+
+def corrupt_queries(texts: Sequence[str], rate: float, rng: np.random.Generator) -> list[str]:
+    """``texts`` with a typo (:func:`typo`) in a share ``rate`` of them: each text is picked with
+    probability ``rate``, and a picked text with a word (space-separated) of at least
+    ``TYPO_MIN_LETTERS`` letters gets a typo in one such word, drawn uniformly; other texts come back
+    unchanged. Deterministic for the state of ``rng`` (which it advances); ``rate`` 0 changes nothing.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"typo rate must be in [0, 1], got {rate}")
+    out = list(texts)
+    for i in np.flatnonzero(rng.random(len(out)) < rate).tolist():
+        words = out[i].split(" ")
+        eligible = [j for j, w in enumerate(words) if sum(c.isalpha() for c in w) >= TYPO_MIN_LETTERS]
+        if eligible:
+            j = eligible[int(rng.integers(len(eligible)))]
+            words[j] = typo(words[j], rng)
+            out[i] = " ".join(words)
+    return out

@@ -22,7 +22,11 @@ symmetric in-batch contrast of products and their positive queries, which PQC al
 :func:`embeddings.steps.stage2_losses`), and (``--query-side-negatives``, 0 = the paper) the
 query-side contrast: each tuple's positive query ranks its product above products that query is
 labelled lower for (:func:`embeddings.sampling.sample_negative_products`), often the same type of
-another brand or variant, which is the order retrieval ranks in. At the start of stage 2 the query
+another brand or variant, which is the order retrieval ranks in. With ``--pqc-query-typo-rate``
+(0 = the paper) each step reads a random share of the batch's distinct queries with one
+character-level typo (:func:`embeddings.sampling.corrupt_queries`, drawn from the seed and the
+step), their frozen states computed from the changed text, never read from the query cache; the
+logged PQC losses read the queries as labelled. At the start of stage 2 the query
 encoder is initialised from the stage-1 text encoder. Both stages' step losses are in
 :mod:`embeddings.steps`; this module runs the loop around them.
 
@@ -98,13 +102,14 @@ from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import (MODEL_CHECKPOINT, RUN_CONFIG, STAGE1_CHECKPOINT, Paths, autocast, load_checkpoint,
                                 resolve_device, save_checkpoint, stage_set, write_checkpoint)
-from embeddings.sampling import (PQCTuples, build_pqc_tuples, heldout_query_rows, sample_negative_products,
-                                 split_cold_products)
+from embeddings.sampling import (PQCTuples, build_pqc_tuples, corrupt_queries, heldout_query_rows,
+                                 sample_negative_products, split_cold_products)
 from embeddings.steps import NonFinite, Precision, adamw, stage1_losses, stage2_losses
 
 log = logging.getLogger(__name__)
 
 EVAL_NEGATIVES_SEED_OFFSET = 1_000_003
+TYPO_STREAM = 4  # numpy seed key [seed, step, TYPO_STREAM] of the typos of a stage-2 step
 MIN_STAGE1_PRODUCTS = 4
 # the data tables each stage reads
 STAGE_TABLES: dict[int, tuple[schema.TableName, ...]] = {1: ("catalog",), 2: ("catalog", "relevance")}
@@ -223,7 +228,8 @@ class QueryPrefixStore:
     Those layers are fixed (and in eval mode) during stage 2, so their output is computed once per
     distinct query and kept when all of them fit in ``cache_mb``; else once per query that training
     reads (``needed``, sorted indices: a step budget shorter than an epoch reads few) when those fit;
-    otherwise (or with no frozen layer) it is computed per batch.
+    otherwise (or with no frozen layer) it is computed per batch. A query read with another text
+    (the typo augmentation, :meth:`batch`) is always computed from that text.
     """
 
     def __init__(self, model: DashCLIP, tokens: TokenStore, device: torch.device, precision: Precision,
@@ -253,13 +259,37 @@ class QueryPrefixStore:
             log.info("stage 2: %d distinct queries need %.0f MB > --query-cache-mb: computing their frozen states "
                      "per batch", len(needed), size_mb(needed))
 
-    def _compute(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = (t.to(self.device) for t in self.tokens.batch(indices))
+    def _states(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = ids.to(self.device), mask.to(self.device)
         with (torch.no_grad() if self.frozen else contextlib.nullcontext()), self.precision():
             return self.model.query_prefix_states(ids, mask), mask
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(states [n, L, Dq], attention_mask [n, L])`` of the queries at ``indices``."""
+    def _compute(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._states(*self.tokens.batch(indices))
+
+    def batch(self, indices: np.ndarray,
+              texts: Sequence[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(states [n, L, Dq], attention_mask [n, L])`` of the queries at ``indices``. ``texts`` (one
+        per index, None = the query's own) gives some of them another text (a typo): their states are
+        computed from it, never read from the cache."""
+        other = np.array([t is not None for t in texts], dtype=bool) if texts is not None else None
+        if other is None or not other.any():
+            return self._stored(indices)
+        rows = [np.flatnonzero(other), np.flatnonzero(~other)]
+        parts = [self._states(*self.tokens.encode([texts[i] for i in rows[0]]))]
+        if len(rows[1]):
+            parts.append(self._stored(np.asarray(indices)[rows[1]]))
+        states, _ = parts[-1]
+        merged = states.new_zeros(len(other), max(s.shape[1] for s, _ in parts), states.shape[-1])
+        mask = torch.zeros(merged.shape[:2], dtype=torch.long, device=self.device)
+        for row, (part, part_mask) in zip(rows, parts):
+            at = torch.as_tensor(row, device=self.device)
+            merged[at, :part.shape[1]] = part.to(merged.dtype)
+            mask[at, :part.shape[1]] = part_mask
+        return merged, mask
+
+    def _stored(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`batch` of the queries' own texts (from the cache when it holds them)."""
         if self.cache is None:
             return self._compute(indices)
         queries = torch.as_tensor(indices, device=self.device)
@@ -578,11 +608,13 @@ class Stage2(StageRunner):
 
     def __init__(self, cfg: EmbeddingsTrainConfig, model: DashCLIP, device: torch.device, paths: Paths,
                  product_state: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
-                 tuple_negative_rows: np.ndarray | None, queries: QueryPrefixStore, eval_rows: np.ndarray,
-                 eval_queries: np.ndarray, budget: StepBudget, key: str, shard: Shard = Shard()) -> None:
+                 tuple_negative_rows: np.ndarray | None, queries: QueryPrefixStore, query_text: Sequence[str],
+                 eval_rows: np.ndarray, eval_queries: np.ndarray, budget: StepBudget, key: str,
+                 shard: Shard = Shard()) -> None:
         self.product_state, self.tuple_rows, self.tuple_queries = product_state, tuple_rows, tuple_queries
         self.tuple_negative_rows = tuple_negative_rows
-        self.queries, self.eval_rows, self.eval_queries = queries, eval_rows, eval_queries
+        self.queries, self.query_text = queries, query_text
+        self.eval_rows, self.eval_queries = eval_rows, eval_queries
         self.batch_size = self.global_batch(cfg, len(tuple_rows), shard)
         self.pqc = PQCLoss(cfg.pqc_tau)
         self.in_batch = (itc_loss(cfg.pqc_tau, shard.world_size, learnable=False).to(device)
@@ -631,12 +663,25 @@ class Stage2(StageRunner):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.evals = state["evals"]
 
-    def _losses(self, product_rows: np.ndarray, query_index: np.ndarray,
-                negative_rows: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    def typos(self, query_index: np.ndarray, step: int) -> dict[int, str]:
+        """The typo augmentation of ``step`` (``--pqc-query-typo-rate``): ``{query index: text with a
+        typo}`` for the distinct queries of ``query_index`` (the global batch's) that
+        :func:`corrupt_queries` changes, drawn from (seed, step): the same on every rank and on resume."""
+        if self.cfg.pqc_query_typo_rate == 0:
+            return {}
+        distinct = np.unique(query_index).tolist()
+        texts = [self.query_text[q] for q in distinct]
+        rng = np.random.default_rng([self.cfg.seed, step, TYPO_STREAM])
+        return {q: typo for q, text, typo in zip(distinct, texts, corrupt_queries(texts, self.cfg.pqc_query_typo_rate,
+                                                                                  rng)) if typo != text}
+
+    def _losses(self, product_rows: np.ndarray, query_index: np.ndarray, negative_rows: np.ndarray | None = None,
+                typos: dict[int, str] | None = None) -> dict[str, torch.Tensor]:
         """Stage-2 losses of tuples: product rows ``[B]`` of the state table, query indices ``[B, 1+N]``,
-        optionally the rows ``[B, M]`` (-1 = empty) of the products the positive query ranks lower."""
+        optionally the rows ``[B, M]`` (-1 = empty) of the products the positive query ranks lower and
+        the queries read with a typo (:meth:`typos`)."""
         distinct, slots = np.unique(query_index.reshape(-1), return_inverse=True)
-        states, mask = self.queries.batch(distinct)
+        states, mask = self.queries.batch(distinct, [typos.get(q) for q in distinct.tolist()] if typos else None)
         negatives = {}
         if negative_rows is not None:
             rows = torch.as_tensor(negative_rows)
@@ -652,9 +697,10 @@ class Stage2(StageRunner):
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
+        typos = self.typos(self.tuple_queries[picked], step)
         picked = picked[self.shard.block(len(picked))]  # this rank's block of the global batch
         negative_rows = None if self.tuple_negative_rows is None else self.tuple_negative_rows[picked]
-        losses = self.step_losses(self.tuple_rows[picked], self.tuple_queries[picked], negative_rows)
+        losses = self.step_losses(self.tuple_rows[picked], self.tuple_queries[picked], negative_rows, typos)
         total = losses["pqc"] + self.cfg.pqc_in_batch_weight * losses.get("in_batch", 0.0) \
             + losses.get("query_side", 0.0)
         return total, {k: float(v.detach()) for k, v in losses.items()}
@@ -966,10 +1012,13 @@ class Trainer:
         negative_rows = (None if negative_products is None
                          else np.where(negative_products >= 0, cls_row.get_indexer(negative_products.reshape(-1))
                                        .reshape(negative_products.shape), -1))
+        if cfg.pqc_query_typo_rate > 0:
+            log.info("stage 2: typo augmentation: each step reads each distinct query of the batch with a typo "
+                     "with probability %g (--pqc-query-typo-rate)", cfg.pqc_query_typo_rate)
         runner = Stage2(cfg, model, self.device, paths, product_state,
                         cls_row.get_indexer(train_tuples.product_id), train_queries, negative_rows, queries,
-                        cls_row.get_indexer(eval_tuples.product_id), eval_queries, self.budget, made_from.key(),
-                        self.shard)
+                        query_text, cls_row.get_indexer(eval_tuples.product_id), eval_queries, self.budget,
+                        made_from.key(), self.shard)
         try:
             runner.run()
         except Paused:

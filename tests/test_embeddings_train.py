@@ -248,6 +248,60 @@ def test_query_states_cache_every_query_when_they_fit_else_the_ones_training_rea
     assert train.QueryPrefixStore(model, tokens, torch.device("cpu"), contextlib.nullcontext, 0.0).cache is None
 
 
+def test_query_states_of_a_query_read_with_a_typo_come_from_its_text_not_the_cache():
+    from embeddings.config import DashCLIPConfig
+    from embeddings.inputs import TokenStore
+    from embeddings.models import build_dashclip
+
+    model, tokenizer, _ = build_dashclip(DashCLIPConfig(backbone="tiny", image_size=32, freeze_fraction=0.5))
+    model.eval()
+    texts = ["oat milk", "whole milk", "sparkling water bottles", "rye bread"]
+    tokens = TokenStore(tokenizer, texts, 16)
+    for cache_mb in (0.0, 64.0):  # computed per batch, and cached for queries 0..2 (3 is not cached)
+        store = train.QueryPrefixStore(model, tokens, torch.device("cpu"), contextlib.nullcontext, cache_mb,
+                                       needed=np.array([0, 1, 2]))
+        assert (store.cache is not None) == (cache_mb > 0)
+        indices = np.array([0, 3, 2])
+        states, mask = store.batch(indices, [None, "rye bred", "sparklign water bottles"])
+        alone = TokenStore(tokenizer, ["oat milk", "rye bred", "sparklign water bottles"], 16)
+        direct, direct_mask = store._states(*alone.batch(np.arange(3)))
+        assert mask.shape == direct_mask.shape and torch.equal(mask, direct_mask)
+        valid = direct_mask[..., None].bool()  # the states at padded positions depend on the batch
+        torch.testing.assert_close(states.masked_fill(~valid, 0), direct.float().masked_fill(~valid, 0))
+        same, same_mask = store.batch(np.array([0, 1]), [None, None])  # no typo: the stored states
+        plain, plain_mask = store.batch(np.array([0, 1]))
+        assert torch.equal(same, plain) and torch.equal(same_mask, plain_mask)
+
+
+def test_typo_augmentation_is_a_stage2_setting_that_trains_deterministically_and_resumes(tiny_workdir, tmp_path,
+                                                                                         caplog):
+    """``--pqc-query-typo-rate``: stage 1 is reused, stage 2 retrains and ends elsewhere than without
+    typos; a run paused inside stage 2 and resumed gives the same bytes (the typos of a step are drawn
+    from the seed and the step)."""
+    caplog.set_level(logging.INFO)
+    runs = {}
+    for name in ("plain", "paused"):
+        shutil.copytree(tiny_workdir / "data", tmp_path / name / "data")
+        runs[name] = tmp_path / name
+    model = Path("embeddings/checkpoints/model.pt")
+    train.main(["--workdir", str(runs["plain"]), *TINY_FLAGS])
+    without = (runs["plain"] / model).read_bytes()
+    caplog.clear()
+    train.main(["--workdir", str(runs["plain"]), *TINY_FLAGS, "--pqc-query-typo-rate", "1"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stage 1" in m and "skipping" in m for m in messages)
+    assert any("typo augmentation" in m for m in messages)
+    with_typos = (runs["plain"] / model).read_bytes()
+    assert with_typos != without
+    assert read_json(runs["plain"] / "embeddings" / "config.json")["pqc_query_typo_rate"] == 1.0
+
+    flags = [*TINY_FLAGS, "--pqc-query-typo-rate", "1"]
+    paused = train.main(["--workdir", str(runs["paused"]), *flags, "--max-steps-this-run", "6"])  # 2 stage-2 steps
+    assert paused["paused"] and paused["stage2"]["steps_done"] == 2
+    train.main(["--workdir", str(runs["paused"]), *flags])
+    assert (runs["paused"] / model).read_bytes() == with_typos
+
+
 def test_items_drawn_are_the_batches_of_the_planned_steps():
     for n_items, batch, steps in ((100, 16, 3), (100, 16, 6), (100, 16, 13), (7, 7, 4)):
         expected = np.unique(np.concatenate([train.batch_at(np.arange(n_items), batch, 5, s) for s in range(steps)]))

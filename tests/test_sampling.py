@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from embeddings.sampling import (KIND_PROXY, PQCTuples, _sample_without_replacement, build_pqc_tuples,
-                                sample_negative_products, split_queries)
+                                corrupt_queries, sample_negative_products, split_queries, typo)
 
 IR, MR, HR = 0, 1, 2
 
@@ -253,3 +253,65 @@ def test_negative_products_draw_uniformly_without_replacement():
     assert (negatives[:, 0] != negatives[:, 1]).all() and np.isin(negatives, np.arange(10, 16)).all()
     counts = np.bincount(negatives.ravel() - 10, minlength=6)
     assert counts.min() > 0.9 * 1000 and counts.max() < 1.1 * 1000
+
+
+# --- corrupt_queries (typo augmentation) ---------------------------------------------------------
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (ca != cb))
+    return row[-1]
+
+
+TYPO_QUERIES = ["red wine", "turkey breast", "tv 4k", "omega-3 pack", "organic whole milk 2 pack", "aa", "Zato soap"]
+
+
+def test_corrupt_queries_rate_0_changes_nothing_and_rate_1_one_word_of_every_query_that_has_one():
+    assert corrupt_queries(TYPO_QUERIES, 0.0, np.random.default_rng(0)) == TYPO_QUERIES
+    for seed in range(200):
+        out = corrupt_queries(TYPO_QUERIES, 1.0, np.random.default_rng(seed))
+        assert out[2] == "tv 4k" and out[5] == "aa"  # no word of 3 letters: unchanged
+        for before, after in zip(TYPO_QUERIES, out):
+            if before in ("tv 4k", "aa"):
+                continue
+            changed = [(w, v) for w, v in zip(before.split(" "), after.split(" ")) if w != v]
+            assert len(after.split(" ")) == len(before.split(" ")) and len(changed) == 1
+            word, new = changed[0]
+            assert sum(c.isalpha() for c in word) >= 3 and _edit_distance(word, new) in (1, 2)
+            assert [c for c in new if not c.isalpha()] == [c for c in word if not c.isalpha()]  # letters only
+
+
+def test_corrupt_queries_is_deterministic_for_a_seed_and_picks_the_rate_share():
+    texts = [f"query number {i}" for i in range(2000)]
+    first = corrupt_queries(texts, 0.3, np.random.default_rng([7, 1]))
+    assert first == corrupt_queries(texts, 0.3, np.random.default_rng([7, 1]))
+    assert first != corrupt_queries(texts, 0.3, np.random.default_rng([7, 2]))
+    assert 0.27 < np.mean([a != b for a, b in zip(texts, first)]) < 0.33
+    with pytest.raises(ValueError, match="typo rate"):
+        corrupt_queries(texts, 1.5, np.random.default_rng(0))
+
+
+def test_typo_draws_each_operation_equally_often():
+    word = "Cheese"
+    kinds = Counter()
+    for seed in range(800):
+        new = typo(word, np.random.default_rng(seed))
+        differ = [i for i in range(min(len(new), len(word))) if new[i] != word[i]]
+        if new in {word[:i] + word[i + 1:] for i in range(len(word))}:
+            kinds["drop"] += 1
+        elif new in {word[:i] + word[i] + word[i:] for i in range(len(word))}:
+            kinds["double"] += 1
+        elif len(differ) == 2 and differ[1] == differ[0] + 1 and new[differ[0]] == word[differ[1]] \
+                and new[differ[1]] == word[differ[0]]:
+            kinds["swap"] += 1
+        else:
+            assert len(new) == len(word) and len(differ) == 1 and new[differ[0]].lower() != word[differ[0]].lower()
+            assert new[differ[0]].isupper() == (differ[0] == 0)  # the replacement keeps the case
+            kinds["replace"] += 1
+    assert sorted(kinds) == ["double", "drop", "replace", "swap"] and min(kinds.values()) > 160
+    # no two adjacent different letters: a drop instead of a swap, never the word unchanged
+    assert all(_edit_distance(typo("aaa", np.random.default_rng(seed)), "aaa") == 1 for seed in range(50))
