@@ -144,6 +144,19 @@ def test_checkpoints_resume_across_world_sizes(reference, tiny_workdir_copy):
     assert_same_run(workdir, reference)
 
 
+@pytest.mark.slow
+def test_two_ranks_read_the_typos_of_the_global_batch(tiny_workdir, tmp_path):
+    """``--pqc-query-typo-rate``: the typos of a step are drawn over the global batch, so 2 ranks
+    train like one process with the same typos."""
+    typos = ("--pqc-query-typo-rate", "0.5")
+    runs = {name: tmp_path / name for name in ("one", "two")}
+    for workdir in runs.values():
+        shutil.copytree(tiny_workdir / "data", workdir / "data")
+    one_process(runs["one"], *typos)
+    torchrun(runs["two"], *typos)
+    assert_same_run(runs["two"], runs["one"])
+
+
 def test_global_batch_must_split_over_the_ranks(caplog):
     assert global_batch_size(32, 1000, 1, "--stage1-batch-size") == 32
     assert global_batch_size(32, 10, 1, "--stage1-batch-size") == 10
