@@ -115,7 +115,13 @@ class TableKeys:
 
     def __getitem__(self, item: int | slice) -> Any:
         if isinstance(item, slice):
-            return [self[i] for i in range(*item.indices(len(self)))]
+            start, stop, step = item.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            first = max(start, UNKNOWN_ROW + 1)  # rows >= 1, converted as one block
+            block = (self.values[first - 1:stop - 1].tolist() if self.kind == "product"
+                     else self.values.slice(first - 1, max(stop - first, 0)).to_pylist())
+            return ([None] if start == UNKNOWN_ROW < stop else []) + block
         row = item + len(self) if item < 0 else item
         if not 0 <= row < len(self):
             raise IndexError(f"row {item} of a table of {len(self)} rows")

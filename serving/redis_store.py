@@ -180,14 +180,11 @@ class VectorStore:
         vectors = np.ascontiguousarray(table.vectors, dtype="<f4")
         written = 0
         pipe = self.client.pipeline(transaction=False)
-        keys = table.keys.values
-        for row in range(UNKNOWN_ROW + 1, len(table.keys)):
-            pipe.set(key_of(keys[row - 1].item() if table.kind == "product" else keys[row - 1].as_py()),
-                     vectors[row].tobytes())
-            written += 1
-            if written % chunk == 0:
-                pipe.execute()
-        pipe.execute()
+        for start in range(UNKNOWN_ROW + 1, len(table.keys), chunk):
+            for row, key in enumerate(table.keys[start:start + chunk], start):  # a chunk's keys converted at once
+                pipe.set(key_of(key), vectors[row].tobytes())
+                written += 1
+            pipe.execute()
         return written
 
     def _decode(self, blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
