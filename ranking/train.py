@@ -51,7 +51,6 @@ import logging
 import math
 import multiprocessing
 import os
-import queue
 import signal
 import sys
 import tempfile
@@ -654,64 +653,30 @@ def job_workers(cfg: RankingTrainConfig, jobs: list[tuple[str, int]],
                 tables: tuple[EmbeddingTable, EmbeddingTable] | None, cache: ImpressionCache) -> int:
     """Processes :func:`run_jobs` trains ``jobs`` in: 1 means this one (always under torchrun, whose
     ranks are the workers). At most ``cfg.workers``, and only as many as the memory available now
-    holds (:func:`affordable_workers`): a worker's own :data:`WORKER_BASE_BYTES` beside what they
-    share: the mapped ``tables``, the impression ``cache`` and, when a job trains tables, the one
-    copy of them that :class:`JobSchedule` lets exist at a time. Fewer workers change no number,
-    only the wall time; a cut is logged."""
+    holds (:func:`affordable_workers`): a worker's own :data:`WORKER_BASE_BYTES`, plus a copy of the
+    tables when a job trains them, beside the mapped ``tables`` and impression ``cache`` that the
+    workers share. Fewer workers change no number, only the wall time; a cut is logged."""
     requested = 1 if current_env() is not None else max(1, min(cfg.workers, len(jobs)))
     if requested == 1:
         return 1
     table_bytes = sum(int(t.vectors.nbytes) for t in tables) if tables else 0
     trains_tables = any(VARIANTS[name].train_tables for name, _ in jobs)
-    shared = (table_bytes * (2 if trains_tables else 1)
-              + sum(int(column.nbytes) for column in cache.columns.values()))
+    own = WORKER_BASE_BYTES + (table_bytes if trains_tables else 0)
+    shared = table_bytes + sum(int(column.nbytes) for column in cache.columns.values())
     available = psutil.virtual_memory().available
-    workers = affordable_workers(requested, WORKER_BASE_BYTES, shared, available)
+    workers = affordable_workers(requested, own, shared, available)
     if workers < requested:
         log.warning("ranking: %d worker(s), not %d: each needs about %.1f GB of its own beside %.1f GB they share, "
                     "and %.1f GB is available (the same numbers, a longer wall time)",
-                    workers, requested, WORKER_BASE_BYTES / 1e9, shared / 1e9, available / 1e9)
+                    workers, requested, own / 1e9, shared / 1e9, available / 1e9)
     return workers
-
-
-class JobSchedule:
-    """The order in which ``jobs`` ((variant, seed) pairs) start over several workers, with at most
-    one job training tables at a time.
-
-    A job that trains its tables holds its own copy of them (the per-job cost that grows with the
-    catalog: about 3.9 GB at the paper's size); the other jobs read the frozen tables every worker
-    maps. Table-training jobs, the longest, start first and one after another; meanwhile the other
-    workers take the remaining jobs. Which worker runs a job changes none of its numbers.
-    """
-
-    def __init__(self, jobs: Sequence[tuple[str, int]]) -> None:
-        self.table_jobs = [job for job in jobs if VARIANTS[job[0]].train_tables]
-        self.other_jobs = [job for job in jobs if not VARIANTS[job[0]].train_tables]
-        self.training_tables = False
-
-    def __bool__(self) -> bool:
-        """Whether jobs remain to start."""
-        return bool(self.table_jobs or self.other_jobs)
-
-    def next(self) -> tuple[str, int] | None:
-        """The job to start on a free worker, or None when the jobs left must wait for a running one."""
-        if self.table_jobs and not self.training_tables:
-            self.training_tables = True
-            return self.table_jobs.pop(0)
-        return self.other_jobs.pop(0) if self.other_jobs else None
-
-    def finished(self, job: tuple[str, int]) -> None:
-        """Record that ``job`` (one :meth:`next` returned) has ended."""
-        if VARIANTS[job[0]].train_tables:
-            self.training_tables = False
 
 
 def run_jobs(cfg: RankingTrainConfig, variants: list[Variant], inputs: Inputs | None, provenance: Provenance,
              jobs: list[tuple[str, int]], workers: int) -> list[dict]:
     """Train ``jobs`` ((variant, seed) pairs): in this process with ``inputs`` (``workers`` 1), or
-    over ``workers`` spawned processes that load their own, in the order of :class:`JobSchedule`
-    (``inputs`` may then be None; each runs one job at a time with ``cfg.threads`` threads; same
-    numbers either way)."""
+    over ``workers`` spawned processes that load their own (``inputs`` may then be None; each runs
+    one job at a time with ``cfg.threads`` threads; same numbers either way)."""
     if not jobs:
         return []
     if workers == 1:
@@ -720,24 +685,9 @@ def run_jobs(cfg: RankingTrainConfig, variants: list[Variant], inputs: Inputs | 
                 for name, seed in jobs]
     context = multiprocessing.get_context("spawn")  # fork after torch started its threads can deadlock
     initargs = (cfg, [v.name for v in variants], provenance, os.getpid())
-    schedule, ended, results = JobSchedule(jobs), queue.SimpleQueue(), []
-    with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool, \
-            tqdm(total=len(jobs), desc=f"ranking jobs ({workers} workers)", unit="run", disable=None) as bar:
-        running = 0
-        while True:
-            while running < workers and (job := schedule.next()) is not None:
-                pool.apply_async(_run_job, (job,), callback=lambda metrics, job=job: ended.put((job, metrics, None)),
-                                 error_callback=lambda error, job=job: ended.put((job, None, error)))
-                running += 1
-            if not running:
-                return results
-            job, metrics, error = ended.get()
-            running -= 1
-            if error is not None:
-                raise error  # leaving the pool stops the other workers
-            schedule.finished(job)
-            results.append(metrics)
-            bar.update()
+    with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+        return list(tqdm(pool.imap_unordered(_run_job, jobs), total=len(jobs), desc=f"ranking jobs ({workers} workers)",
+                         unit="run", disable=None))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -217,29 +217,6 @@ def test_workers_are_cut_to_what_the_available_memory_holds():
     assert train.affordable_workers(2, own_bytes=5 * gb, shared_bytes=20 * gb, available_bytes=11 * gb) == 1  # never 0
 
 
-def test_job_schedule_runs_one_table_training_job_at_a_time():
-    """Two workers, two seeds of every variant: the table-training jobs start first and never two at
-    once, the other worker takes the frozen ones meanwhile, and every job runs once."""
-    jobs = [(name, seed) for name in VARIANTS for seed in range(2)]
-    schedule = train.JobSchedule(jobs)
-    started, running = [], []
-    while schedule or running:
-        while len(running) < 2 and (job := schedule.next()) is not None:
-            started.append(job)
-            running.append(job)
-            assert sum(VARIANTS[name].train_tables for name, _ in running) <= 1, running
-        schedule.finished(running.pop(0))  # the oldest running job ends first
-    assert sorted(started) == sorted(jobs)
-    assert VARIANTS[started[0][0]].train_tables and not VARIANTS[started[1][0]].train_tables
-    table_jobs = [job for job in jobs if VARIANTS[job[0]].train_tables]
-    assert [job for job in started if VARIANTS[job[0]].train_tables] == table_jobs  # in the order given
-    # with every worker busy on frozen jobs, the next table job waits for none of them
-    schedule = train.JobSchedule([("dcn_pq_hist_finetune", 0), ("dcn_pq_hist_random", 0)])
-    assert schedule.next() == ("dcn_pq_hist_finetune", 0) and schedule.next() is None and schedule
-    schedule.finished(("dcn_pq_hist_finetune", 0))
-    assert schedule.next() == ("dcn_pq_hist_random", 0) and not schedule
-
-
 def test_job_workers_on_small_data_are_the_requested_ones_capped_by_the_jobs(tiny_workdir_copy):
     """On the tiny data the memory is no limit: the requested workers, capped by the jobs."""
     cfg = train.RankingTrainConfig(workdir=str(tiny_workdir_copy), workers=3)
