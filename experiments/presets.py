@@ -60,13 +60,14 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(),
     # stage 1 and stage 2 end after their step budget (well before an epoch at any scale); the probes
     # and t-SNE of the evaluation, importance and the serving benchmark work on fixed-size samples;
-    # ranking trains one full epoch (2 checks with patience 2 cannot stop it earlier)
+    # ranking trains one full epoch (2 checks with patience 2 cannot stop it earlier), its workers planned
+    # within 12 GB (the jobs that train tables get one worker at the paper's size)
     "scale": Preset(
         embeddings_train=("--backbone", "mini", "--stage1-max-steps", "30", "--eval-every", "15",
                           "--stage1-eval-max", "128", "--stage2-max-steps", "30", "--stage2-eval-every", "15",
                           "--stage2-eval-max", "128"),
         embeddings_evaluate=("--probe-epochs", "5", "--probe-max-rows", "20000", "--tsne-points", "1000"),
-        ranking_train=("--epochs", "1", "--checks-per-epoch", "2", "--patience", "2"),
+        ranking_train=("--epochs", "1", "--checks-per-epoch", "2", "--patience", "2", "--max-memory-gb", "12"),
         importance=("--repeats", "2", "--max-rows", "20000"),
         serving_bench=("--iters", "50", "--warmup", "5", "--http-requests", "400", "--http-seconds", "30",
                        "--http-sequential", "50"),

@@ -74,7 +74,10 @@ class RankingTrainConfig(RankerConfig):
     eval_batch_size: int = field(default=8192, metadata={"help": "evaluation batch size", "min": 1})
     threads: int = threads_field(of="training job", note="1 is the fastest for these small models")
     workers: int = field(default=2, metadata={"help": "variant/seed jobs trained in parallel processes (fewer when "
-                                                       "the available memory holds fewer)", "min": 1})
+                                                       "the memory holds fewer)", "min": 1})
+    max_memory_gb: float = field(default=0.0, metadata={
+        "help": "memory the parallel workers may plan for, in GB (0: what is available when the run starts); jobs "
+                "that train tables hold a copy of them each and may get fewer workers than the others", "min": 0.0})
     force: bool = field(default=False, metadata={"help": "retrain finished variant/seed runs"})
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = field(default="auto", metadata={
         "help": "under torchrun (WORLD_SIZE > 1): torchrec planner's plan, or one sharding type for every table"})

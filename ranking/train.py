@@ -649,27 +649,46 @@ def affordable_workers(requested: int, own_bytes: int, shared_bytes: int, availa
     return int(max(1, min(requested, (available_bytes - shared_bytes) // max(own_bytes, 1))))
 
 
-def job_workers(cfg: RankingTrainConfig, jobs: list[tuple[str, int]],
-                tables: tuple[EmbeddingTable, EmbeddingTable] | None, cache: ImpressionCache) -> int:
-    """Processes :func:`run_jobs` trains ``jobs`` in: 1 means this one (always under torchrun, whose
-    ranks are the workers). At most ``cfg.workers``, and only as many as the memory available now
-    holds (:func:`affordable_workers`): a worker's own :data:`WORKER_BASE_BYTES`, plus a copy of the
-    tables when a job trains them, beside the mapped ``tables`` and impression ``cache`` that the
-    workers share. Fewer workers change no number, only the wall time; a cut is logged."""
-    requested = 1 if current_env() is not None else max(1, min(cfg.workers, len(jobs)))
-    if requested == 1:
-        return 1
-    table_bytes = sum(int(t.vectors.nbytes) for t in tables) if tables else 0
-    trains_tables = any(VARIANTS[name].train_tables for name, _ in jobs)
+def workers_for(requested: int, trains_tables: bool, table_bytes: int, cache_bytes: int, memory_bytes: int) -> int:
+    """Workers, at most ``requested``, for jobs that train their tables or not (:func:`affordable_workers`):
+    each worker holds :data:`WORKER_BASE_BYTES` of its own, plus its own copy of the tables
+    (``table_bytes``) when its jobs train them, beside the mapped tables and the impression cache
+    (``cache_bytes``) that the workers share, in ``memory_bytes``."""
     own = WORKER_BASE_BYTES + (table_bytes if trains_tables else 0)
-    shared = table_bytes + sum(int(column.nbytes) for column in cache.columns.values())
+    return affordable_workers(requested, own, table_bytes + cache_bytes, memory_bytes)
+
+
+def job_plan(cfg: RankingTrainConfig, jobs: list[tuple[str, int]],
+             tables: tuple[EmbeddingTable, EmbeddingTable] | None,
+             cache: ImpressionCache) -> list[tuple[list[tuple[str, int]], int]]:
+    """``jobs`` in the groups :func:`run_jobs` trains one after the other, each with its worker count
+    (1 = this process; always 1 under torchrun, whose ranks are the workers): the jobs with frozen or
+    no tables, then those that train tables, which hold a copy of them per worker and so may get
+    fewer workers within the memory (:func:`workers_for`: ``--max-memory-gb``, else what is available
+    now); groups with the same count run as one. At most ``cfg.workers``; fewer change no number,
+    only the wall time; a cut is logged."""
+    requested = 1 if current_env() is not None else max(1, min(cfg.workers, len(jobs)))
+    table_bytes = sum(int(t.vectors.nbytes) for t in tables) if tables else 0
+    cache_bytes = sum(int(column.nbytes) for column in cache.columns.values())
     available = psutil.virtual_memory().available
-    workers = affordable_workers(requested, own, shared, available)
-    if workers < requested:
-        log.warning("ranking: %d worker(s), not %d: each needs about %.1f GB of its own beside %.1f GB they share, "
-                    "and %.1f GB is available (the same numbers, a longer wall time)",
-                    workers, requested, own / 1e9, shared / 1e9, available / 1e9)
-    return workers
+    memory = min(available, int(cfg.max_memory_gb * 1e9)) if cfg.max_memory_gb > 0 else available
+    plan: list[tuple[list[tuple[str, int]], int]] = []  # (jobs, the most workers the memory holds for them)
+    for trains_tables in (False, True):
+        group = [job for job in jobs if VARIANTS[job[0]].train_tables == trains_tables]
+        if not group:
+            continue
+        workers = workers_for(requested, trains_tables, table_bytes, cache_bytes, memory)
+        if workers < min(requested, len(group)):
+            log.info("ranking: %d worker(s), not %d, for the %d job(s) that %s: %.1f GB of memory for the workers, "
+                     "each needs about %.1f GB of its own beside %.1f GB they share (the same numbers, a longer "
+                     "wall time)", workers, min(requested, len(group)), len(group),
+                     "train tables" if trains_tables else "do not train tables", memory / 1e9,
+                     (WORKER_BASE_BYTES + (table_bytes if trains_tables else 0)) / 1e9, (table_bytes + cache_bytes) / 1e9)
+        if plan and plan[-1][1] == workers:
+            plan[-1][0].extend(group)
+        else:
+            plan.append((group, workers))
+    return [(group, min(workers, len(group))) for group, workers in plan]
 
 
 def run_jobs(cfg: RankingTrainConfig, variants: list[Variant], inputs: Inputs | None, provenance: Provenance,
@@ -724,14 +743,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         f"{len(cache.split_index('valid'))}); pass --no-early-stopping")
     log.info("ranking: %d train / %d eval impressions; variants %s, seeds %d", len(cache.split_index("train")),
              len(cache.split_index("eval")), ", ".join(v.name for v in variants), cfg.seeds)
-    workers = job_workers(cfg, jobs, tables, cache)
-    # workers load their own inputs (the tables and the cache they map are shared, the rest is not): this
-    # process loads them only to train here
-    inputs = load_inputs(cfg, variants, provenance, tables) if jobs and workers == 1 else None
+    for group, workers in job_plan(cfg, jobs, tables, cache):
+        # workers load their own inputs (the tables and the cache they map are shared, the rest is not): this
+        # process loads them only to train here, and lets them go before workers start
+        inputs = load_inputs(cfg, variants, provenance, tables) if workers == 1 else None
+        for metrics in run_jobs(cfg, variants, inputs, provenance, group, workers):
+            if metrics:  # empty on ranks other than 0
+                finished[metrics["variant"], metrics["seed"]] = metrics
+        del inputs
     del tables
-    for metrics in run_jobs(cfg, variants, inputs, provenance, jobs, workers):
-        if metrics:  # empty on ranks other than 0
-            finished[metrics["variant"], metrics["seed"]] = metrics
     if env is not None:
         torch.distributed.destroy_process_group()
         if not env.is_main:

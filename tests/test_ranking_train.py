@@ -217,8 +217,20 @@ def test_workers_are_cut_to_what_the_available_memory_holds():
     assert train.affordable_workers(2, own_bytes=5 * gb, shared_bytes=20 * gb, available_bytes=11 * gb) == 1  # never 0
 
 
-def test_job_workers_on_small_data_are_the_requested_ones_capped_by_the_jobs(tiny_workdir_copy):
-    """On the tiny data the memory is no limit: the requested workers, capped by the jobs."""
+def test_jobs_that_train_tables_get_fewer_workers_when_their_copies_do_not_fit():
+    """The paper's size (tables 3.9 GB, impression cache 3.1 GB): in 12 GB two workers train the
+    frozen variants and one the variants that copy the tables; in 24 GB two each."""
+    gb = 10**9
+    sizes = dict(table_bytes=int(3.9 * gb), cache_bytes=int(3.1 * gb))
+    assert train.workers_for(2, False, memory_bytes=12 * gb, **sizes) == 2
+    assert train.workers_for(2, True, memory_bytes=12 * gb, **sizes) == 1
+    assert train.workers_for(2, True, memory_bytes=24 * gb, **sizes) == 2
+    assert train.workers_for(2, True, memory_bytes=6 * gb, **sizes) == 1  # never 0
+
+
+def test_job_plan_on_small_data_is_the_requested_workers_capped_by_the_jobs(tiny_workdir_copy):
+    """On the tiny data the memory is no limit: the requested workers, capped by the jobs, and the
+    frozen and table-training jobs in one group; a budget below two workers' needs runs them here."""
     cfg = train.RankingTrainConfig(workdir=str(tiny_workdir_copy), workers=3)
     write_random_tables(tiny_workdir_copy)
     tables = train.map_tables(cfg, True, train.Provenance.of(cfg, True))
@@ -227,6 +239,11 @@ def test_job_workers_on_small_data_are_the_requested_ones_capped_by_the_jobs(tin
     mapped = sorted(p.name.split("-")[0] for p in (tiny_workdir_copy / "embeddings" / "mapped").iterdir())
     assert mapped == ["product", "query"] and table_bytes > 0
     cache = ImpressionCache.open(cfg.workdir)
-    assert train.job_workers(cfg, [("dcn_pq_hist", 0), ("dcn_pq_hist_finetune", 0)], tables, cache) == 2
-    assert train.job_workers(cfg, [("dcn_pq_hist", s) for s in range(5)], tables, cache) == 3
-    assert train.job_workers(cfg, [("dcn_pq_hist", 0)], tables, cache) == 1
+    both = [("dcn_pq_hist", 0), ("dcn_pq_hist_finetune", 0)]
+    assert train.job_plan(cfg, both, tables, cache) == [(both, 2)]
+    assert train.job_plan(cfg, [("dcn_pq_hist", s) for s in range(5)], tables, cache) == [
+        ([("dcn_pq_hist", s) for s in range(5)], 3)]
+    assert train.job_plan(cfg, [("dcn_pq_hist", 0)], tables, cache) == [([("dcn_pq_hist", 0)], 1)]
+    assert train.job_plan(cfg, [], tables, cache) == []
+    small = train.RankingTrainConfig(workdir=str(tiny_workdir_copy), workers=3, max_memory_gb=1.5)
+    assert train.job_plan(small, both, tables, cache) == [(both, 1)]
