@@ -142,6 +142,11 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
                                          "encoder learns misspelled queries; the held-out losses, export and "
                                          "evaluation read the queries as labelled; 0 = no augmentation (the paper)",
                                     "2", min=0.0, max=1.0)
+    pqc_title_query_rate: float = _f(0.0, "title-span queries: each step, each tuple's positive query is replaced, "
+                                          "with this probability, by 1-3 consecutive words of its product's title "
+                                          "(drawn from --seed and the step; no query-side negatives for it), so the "
+                                          "query encoder learns every catalog word, brands no training query names "
+                                          "included; 0 = off (the paper)", "2", min=0.0, max=1.0)
     pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
     pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")
     query_eval_fraction: float = _f(0.2, "share of distinct queries held out of stage 2 (for evaluation)", "2",

@@ -34,7 +34,8 @@ Everything is vectorised over numpy arrays (group offsets and counts, no per-pro
 and deterministic for a given ``seed`` whatever the row order of the inputs.
 
 :func:`corrupt_queries` is the typo augmentation of the training queries of stage 2
-(``--pqc-query-typo-rate``): one character-level typo in one word of a random share of them.
+(``--pqc-query-typo-rate``): one character-level typo in one word of a random share of them;
+:func:`title_spans` draws the title-span queries of ``--pqc-title-query-rate``.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ KIND_IR, KIND_MR, KIND_PROXY = 0, 1, 2  # negative kinds, as codes while samplin
 KIND_NAMES = np.array([LABEL_NAMES[IR], LABEL_NAMES[MR], "proxy"], dtype=object)
 MAX_PROXY_ROUNDS = 200
 TYPO_MIN_LETTERS = 3  # a word takes a typo only when it has at least this many letters
+TITLE_SPAN_MAX_WORDS = 3  # a title-span query has 1 to this many words
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -419,6 +421,22 @@ def typo(word: str, rng: np.random.Generator) -> str:
     others = LETTERS.replace(word[i].lower(), "")
     letter = others[int(rng.integers(len(others)))]
     return word[:i] + (letter.upper() if word[i].isupper() else letter) + word[i + 1:]
+
+
+def title_spans(titles: Sequence[str], rng: np.random.Generator, max_words: int = TITLE_SPAN_MAX_WORDS) -> list[str]:
+    """A query-like span of each title: 1 to ``max_words`` consecutive words (the length uniform, then
+    the start), normalised as queries are (:func:`data.text.normalize_query`). Deterministic for the
+    state of ``rng`` (which it advances); an empty title gives an empty span."""
+    out = []
+    for title in titles:
+        words = normalize_query(title).split()
+        if not words:
+            out.append("")
+            continue
+        length = int(rng.integers(1, min(max_words, len(words)) + 1))
+        start = int(rng.integers(len(words) - length + 1))
+        out.append(" ".join(words[start:start + length]))
+    return out
 
 
 def corrupt_queries(texts: Sequence[str], rate: float, rng: np.random.Generator) -> list[str]:

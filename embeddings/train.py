@@ -103,13 +103,15 @@ from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import (MODEL_CHECKPOINT, RUN_CONFIG, STAGE1_CHECKPOINT, Paths, autocast, load_checkpoint,
                                 resolve_device, save_checkpoint, stage_set, write_checkpoint)
 from embeddings.sampling import (PQCTuples, build_pqc_tuples, corrupt_queries, heldout_query_rows,
-                                 sample_negative_products, split_cold_products)
+                                 sample_negative_products, split_cold_products, title_spans,
+                                 TITLE_SPAN_MAX_WORDS)
 from embeddings.steps import NonFinite, Precision, adamw, stage1_losses, stage2_losses
 
 log = logging.getLogger(__name__)
 
 EVAL_NEGATIVES_SEED_OFFSET = 1_000_003
 TYPO_STREAM = 4  # numpy seed key [seed, step, TYPO_STREAM] of the typos of a stage-2 step
+TITLE_QUERY_STREAM = 5  # [seed, step, TITLE_QUERY_STREAM]: its title-span queries
 MIN_STAGE1_PRODUCTS = 4
 # the data tables each stage reads
 STAGE_TABLES: dict[int, tuple[schema.TableName, ...]] = {1: ("catalog",), 2: ("catalog", "relevance")}
@@ -610,8 +612,9 @@ class Stage2(StageRunner):
                  product_state: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
                  tuple_negative_rows: np.ndarray | None, queries: QueryPrefixStore, query_text: Sequence[str],
                  eval_rows: np.ndarray, eval_queries: np.ndarray, budget: StepBudget, key: str,
-                 shard: Shard = Shard()) -> None:
+                 shard: Shard = Shard(), product_title: Sequence[str] = ()) -> None:
         self.product_state, self.tuple_rows, self.tuple_queries = product_state, tuple_rows, tuple_queries
+        self.product_title = product_title  # per state row: the title-span queries' source
         self.tuple_negative_rows = tuple_negative_rows
         self.queries, self.query_text = queries, query_text
         self.eval_rows, self.eval_queries = eval_rows, eval_queries
@@ -679,7 +682,7 @@ class Stage2(StageRunner):
                 typos: dict[int, str] | None = None) -> dict[str, torch.Tensor]:
         """Stage-2 losses of tuples: product rows ``[B]`` of the state table, query indices ``[B, 1+N]``,
         optionally the rows ``[B, M]`` (-1 = empty) of the products the positive query ranks lower and
-        the queries read with a typo (:meth:`typos`)."""
+        the queries read with another text (:meth:`typos`, :meth:`title_queries`)."""
         distinct, slots = np.unique(query_index.reshape(-1), return_inverse=True)
         states, mask = self.queries.batch(distinct, [typos.get(q) for q in distinct.tolist()] if typos else None)
         negatives = {}
@@ -695,12 +698,33 @@ class Stage2(StageRunner):
                              query_slots=torch.as_tensor(slots.reshape(-1), device=device),
                              product_log_share=log_share)
 
+    def title_queries(self, picked: np.ndarray, query_index: np.ndarray, step: int
+                      ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """The title-span queries of ``step`` (``--pqc-title-query-rate``) for the global batch's tuples
+        ``picked``: ``(query_index [B, 1+N] with the chosen tuples' positive replaced by a new index
+        beyond the queries, the chosen tuples [B] bool, {new index: span}``), drawn from (seed, step)."""
+        rate = self.cfg.pqc_title_query_rate
+        chosen = np.random.default_rng([self.cfg.seed, step, TITLE_QUERY_STREAM]).random(len(picked)) < rate
+        if not chosen.any():
+            return query_index, chosen, {}
+        rng = np.random.default_rng([self.cfg.seed, step, TITLE_QUERY_STREAM, 1])
+        rows = np.flatnonzero(chosen)
+        spans = title_spans([self.product_title[r] for r in self.tuple_rows[picked[rows]].tolist()], rng)
+        new_index = len(self.query_text) + rows
+        query_index = query_index.copy()
+        query_index[rows, 0] = new_index
+        return query_index, chosen, dict(zip(new_index.tolist(), spans))
+
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
         typos = self.typos(self.tuple_queries[picked], step)
-        picked = picked[self.shard.block(len(picked))]  # this rank's block of the global batch
+        query_index, title_query, spans = self.title_queries(picked, self.tuple_queries[picked], step)
+        block = self.shard.block(len(picked))  # this rank's block of the global batch
+        picked, query_index, title_query = picked[block], query_index[block], title_query[block]
         negative_rows = None if self.tuple_negative_rows is None else self.tuple_negative_rows[picked]
-        losses = self.step_losses(self.tuple_rows[picked], self.tuple_queries[picked], negative_rows, typos)
+        if negative_rows is not None and title_query.any():  # ranked by the labelled query, not by the span
+            negative_rows = np.where(title_query[:, None], -1, negative_rows)
+        losses = self.step_losses(self.tuple_rows[picked], query_index, negative_rows, {**typos, **spans})
         total = losses["pqc"] + self.cfg.pqc_in_batch_weight * losses.get("in_batch", 0.0) \
             + losses.get("query_side", 0.0)
         return total, {k: float(v.detach()) for k, v in losses.items()}
@@ -1012,13 +1036,17 @@ class Trainer:
         negative_rows = (None if negative_products is None
                          else np.where(negative_products >= 0, cls_row.get_indexer(negative_products.reshape(-1))
                                        .reshape(negative_products.shape), -1))
+        if cfg.pqc_title_query_rate > 0:
+            log.info("stage 2: title-span queries: each step replaces each tuple's positive query with 1-%d words of "
+                     "its product's title with probability %g (--pqc-title-query-rate)", TITLE_SPAN_MAX_WORDS,
+                     cfg.pqc_title_query_rate)
         if cfg.pqc_query_typo_rate > 0:
             log.info("stage 2: typo augmentation: each step reads each distinct query of the batch with a typo "
                      "with probability %g (--pqc-query-typo-rate)", cfg.pqc_query_typo_rate)
         runner = Stage2(cfg, model, self.device, paths, product_state,
                         cls_row.get_indexer(train_tuples.product_id), train_queries, negative_rows, queries,
                         query_text, cls_row.get_indexer(eval_tuples.product_id), eval_queries, self.budget,
-                        made_from.key(), self.shard)
+                        made_from.key(), self.shard, catalog["title"].to_numpy()[needed_rows].tolist())
         try:
             runner.run()
         except Paused:

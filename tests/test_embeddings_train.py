@@ -273,11 +273,13 @@ def test_query_states_of_a_query_read_with_a_typo_come_from_its_text_not_the_cac
         assert torch.equal(same, plain) and torch.equal(same_mask, plain_mask)
 
 
-def test_typo_augmentation_is_a_stage2_setting_that_trains_deterministically_and_resumes(tiny_workdir, tmp_path,
-                                                                                         caplog):
-    """``--pqc-query-typo-rate``: stage 1 is reused, stage 2 retrains and ends elsewhere than without
-    typos; a run paused inside stage 2 and resumed gives the same bytes (the typos of a step are drawn
-    from the seed and the step)."""
+@pytest.mark.parametrize("flag, field, logged", [("--pqc-query-typo-rate", "pqc_query_typo_rate", "typo augmentation"),
+                                                  ("--pqc-title-query-rate", "pqc_title_query_rate", "title-span queries")])
+def test_query_augmentation_is_a_stage2_setting_that_trains_deterministically_and_resumes(tiny_workdir, tmp_path,
+                                                                                          caplog, flag, field, logged):
+    """Typos and title-span queries: stage 1 is reused, stage 2 retrains and ends elsewhere than
+    without them; a run paused inside stage 2 and resumed gives the same bytes (what a step reads is
+    drawn from the seed and the step)."""
     caplog.set_level(logging.INFO)
     runs = {}
     for name in ("plain", "paused"):
@@ -287,15 +289,15 @@ def test_typo_augmentation_is_a_stage2_setting_that_trains_deterministically_and
     train.main(["--workdir", str(runs["plain"]), *TINY_FLAGS])
     without = (runs["plain"] / model).read_bytes()
     caplog.clear()
-    train.main(["--workdir", str(runs["plain"]), *TINY_FLAGS, "--pqc-query-typo-rate", "1"])
+    train.main(["--workdir", str(runs["plain"]), *TINY_FLAGS, flag, "1"])
     messages = [r.getMessage() for r in caplog.records]
     assert any("stage 1" in m and "skipping" in m for m in messages)
-    assert any("typo augmentation" in m for m in messages)
+    assert any(logged in m for m in messages)
     with_typos = (runs["plain"] / model).read_bytes()
     assert with_typos != without
-    assert read_json(runs["plain"] / "embeddings" / "config.json")["pqc_query_typo_rate"] == 1.0
+    assert read_json(runs["plain"] / "embeddings" / "config.json")[field] == 1.0
 
-    flags = [*TINY_FLAGS, "--pqc-query-typo-rate", "1"]
+    flags = [*TINY_FLAGS, flag, "1"]
     paused = train.main(["--workdir", str(runs["paused"]), *flags, "--max-steps-this-run", "6"])  # 2 stage-2 steps
     assert paused["paused"] and paused["stage2"]["steps_done"] == 2
     train.main(["--workdir", str(runs["paused"]), *flags])

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from embeddings.sampling import (KIND_PROXY, PQCTuples, _sample_without_replacement, build_pqc_tuples,
-                                corrupt_queries, sample_negative_products, split_queries, typo)
+                                corrupt_queries, sample_negative_products, split_queries, title_spans, typo)
 
 IR, MR, HR = 0, 1, 2
 
@@ -315,3 +315,17 @@ def test_typo_draws_each_operation_equally_often():
     assert sorted(kinds) == ["double", "drop", "replace", "swap"] and min(kinds.values()) > 160
     # no two adjacent different letters: a drop instead of a swap, never the word unchanged
     assert all(_edit_distance(typo("aaa", np.random.default_rng(seed)), "aaa") == 1 for seed in range(50))
+
+
+def test_title_spans_are_one_to_three_consecutive_words_of_the_normalised_title():
+    titles = ["Mobbix Loose Leaf Tea Black 8 oz Bag", "Soap", "", "Red  Wine, Dry"]
+    seen = set()
+    for seed in range(300):
+        spans = title_spans(titles, np.random.default_rng(seed))
+        assert spans == title_spans(titles, np.random.default_rng(seed))  # deterministic for a seed
+        assert spans[1] == "soap" and spans[2] == ""
+        words = "mobbix loose leaf tea black 8 oz bag".split()
+        n = len(spans[0].split())
+        assert 1 <= n <= 3 and any(words[i:i + n] == spans[0].split() for i in range(len(words) - n + 1))
+        seen.add(spans[0])
+    assert {"mobbix", "bag", "mobbix loose leaf", "oz bag"} <= seen  # every length and position is drawn
