@@ -641,6 +641,10 @@ def _run_job(job: tuple[str, int]) -> dict:
 
 
 WORKER_BASE_BYTES = 1 << 30  # a worker's own memory beside tables it trains: torch, keys, id maps, purchases
+# and what grows with the impressions (split indices, the purchase index, batch buffers): 0.68 -> 0.83 GB per
+# frozen-table worker while the impression cache grew 0.033 -> 0.33 GB (synth:paper at scale 0.01 and 0.1)
+WORKER_BYTES_PER_CACHE_BYTE = 0.5
+MEMORY_HEADROOM = 0.9  # the workers are planned within this share of the memory: the sizes are estimates
 
 
 def affordable_workers(requested: int, own_bytes: int, shared_bytes: int, available_bytes: int) -> int:
@@ -649,13 +653,18 @@ def affordable_workers(requested: int, own_bytes: int, shared_bytes: int, availa
     return int(max(1, min(requested, (available_bytes - shared_bytes) // max(own_bytes, 1))))
 
 
+def worker_bytes(trains_tables: bool, table_bytes: int, cache_bytes: int) -> int:
+    """The memory a worker holds of its own: :data:`WORKER_BASE_BYTES`, a share of the impression cache's
+    size (:data:`WORKER_BYTES_PER_CACHE_BYTE`) and, when its jobs train tables, its copy of them."""
+    return int(WORKER_BASE_BYTES + WORKER_BYTES_PER_CACHE_BYTE * cache_bytes + (table_bytes if trains_tables else 0))
+
+
 def workers_for(requested: int, trains_tables: bool, table_bytes: int, cache_bytes: int, memory_bytes: int) -> int:
     """Workers, at most ``requested``, for jobs that train their tables or not (:func:`affordable_workers`):
-    each worker holds :data:`WORKER_BASE_BYTES` of its own, plus its own copy of the tables
-    (``table_bytes``) when its jobs train them, beside the mapped tables and the impression cache
-    (``cache_bytes``) that the workers share, in ``memory_bytes``."""
-    own = WORKER_BASE_BYTES + (table_bytes if trains_tables else 0)
-    return affordable_workers(requested, own, table_bytes + cache_bytes, memory_bytes)
+    each holds :func:`worker_bytes` beside the mapped tables (``table_bytes``) and impression cache
+    (``cache_bytes``) that the workers share, within :data:`MEMORY_HEADROOM` of ``memory_bytes``."""
+    return affordable_workers(requested, worker_bytes(trains_tables, table_bytes, cache_bytes),
+                              table_bytes + cache_bytes, int(MEMORY_HEADROOM * memory_bytes))
 
 
 def job_plan(cfg: RankingTrainConfig, jobs: list[tuple[str, int]],
@@ -683,7 +692,7 @@ def job_plan(cfg: RankingTrainConfig, jobs: list[tuple[str, int]],
                      "each needs about %.1f GB of its own beside %.1f GB they share (the same numbers, a longer "
                      "wall time)", workers, min(requested, len(group)), len(group),
                      "train tables" if trains_tables else "do not train tables", memory / 1e9,
-                     (WORKER_BASE_BYTES + (table_bytes if trains_tables else 0)) / 1e9, (table_bytes + cache_bytes) / 1e9)
+                     worker_bytes(trains_tables, table_bytes, cache_bytes) / 1e9, (table_bytes + cache_bytes) / 1e9)
         if plan and plan[-1][1] == workers:
             plan[-1][0].extend(group)
         else:

@@ -218,12 +218,13 @@ def test_workers_are_cut_to_what_the_available_memory_holds():
 
 
 def test_jobs_that_train_tables_get_fewer_workers_when_their_copies_do_not_fit():
-    """The paper's size (tables 3.9 GB, impression cache 3.1 GB): in 12 GB two workers train the
-    frozen variants and one the variants that copy the tables; in 24 GB two each."""
+    """The paper's size (tables 3.9 GB, impression cache 3.1 GB): in 12 GB one worker; in 16 GB two
+    train the frozen variants and one the variants that copy the tables; in 24 GB two each."""
     gb = 10**9
     sizes = dict(table_bytes=int(3.9 * gb), cache_bytes=int(3.1 * gb))
-    assert train.workers_for(2, False, memory_bytes=12 * gb, **sizes) == 2
-    assert train.workers_for(2, True, memory_bytes=12 * gb, **sizes) == 1
+    assert train.workers_for(2, False, memory_bytes=12 * gb, **sizes) == 1
+    assert train.workers_for(2, False, memory_bytes=16 * gb, **sizes) == 2
+    assert train.workers_for(2, True, memory_bytes=16 * gb, **sizes) == 1
     assert train.workers_for(2, True, memory_bytes=24 * gb, **sizes) == 2
     assert train.workers_for(2, True, memory_bytes=6 * gb, **sizes) == 1  # never 0
 
