@@ -53,10 +53,12 @@ PRESETS: dict[str, Preset] = {
     # stage 1 is a single step (~20 s a step on 2 cores): the gated cross-attention starts closed,
     # so the grounded encoder begins as the title encoder and stage 2 makes the gain, in four epochs
     # (~1 min each; from two to four, Recall@10 under the paper's Table-1 protocol goes from +7% to
-    # +14% relative to the title encoder, README "Results"); the `full` preset trains stage 1 for
-    # its epoch and stage 2 for three.
+    # +14% relative to the title encoder, README "Results"), with title-span queries for 30% of the
+    # positives (relevance labels +14% -> +16%, complete judgments +7.5% -> +8.7%); the `full`
+    # preset trains stage 1 for its epoch and stage 2 for three.
     "demo": Preset(embeddings_train=("--stage2-epochs", "1"),
-                   source_embeddings_train={"synth": ("--stage1-max-steps", "1", "--stage2-epochs", "4")}),
+                   source_embeddings_train={"synth": ("--stage1-max-steps", "1", "--stage2-epochs", "4",
+                                                      "--pqc-title-query-rate", "0.3")}),
     "full": Preset(),
     # stage 1 and stage 2 end after their step budget (well before an epoch at any scale); the probes
     # and t-SNE of the evaluation, importance and the serving benchmark work on fixed-size samples;
