@@ -36,7 +36,9 @@ Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables
 
 Seed ``k`` trains from scratch with everything seeded by ``k`` (deterministic on CPU for a
 fixed ``--threads``; ``--workers`` processes run variant/seed jobs in parallel without changing
-any number; they die with the main process, see :func:`die_with_parent`). Early stopping
+any number, as many as fit ``--max-memory-gb`` or the available memory, the jobs that train
+tables after the others (:func:`job_plan`); they die with the main process, see
+:func:`die_with_parent`). Early stopping
 (default) holds out the last week before the evaluation week (``valid``), checks its logloss
 ``--checks-per-epoch`` times an epoch and keeps the best parameters; the evaluation week is
 never used for any choice. A variant/seed whose set is complete and made from the same inputs
