@@ -57,6 +57,16 @@ def init_from_env(timeout_s: float, device: str = "auto") -> DistEnv | None:
     return DistEnv(dist.get_rank(), dist.get_world_size(), place, dist.group.WORLD)
 
 
+def close_process_group(synchronize: bool = True) -> None:
+    """Destroy the default process group. With ``synchronize`` (a run that ended normally) every rank
+    first waits for the others at a barrier, so that no rank tears its connections down and exits
+    while a peer still holds them: gloo can then abort the exiting process ("terminate called
+    without an active exception"). A run that failed does not wait for peers that may never come."""
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def current_env() -> DistEnv | None:
     """The :class:`DistEnv` of an initialised multi-rank process group, else None."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() <= 1:

@@ -88,7 +88,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cli import UserError, parse_config, resolve_threads, run_main
-from common.distributed import init_from_env
+from common.distributed import close_process_group, init_from_env
 from common.io import json_text, prepare_workdir, read_json, write_json
 from common.provenance import MadeFrom
 from common.seed import deterministic_kernels
@@ -1076,16 +1076,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     level = root_log.level
     if not shard.is_main:
         root_log.setLevel(logging.WARNING)  # rank 0 reports the progress
+    ended = False
     try:
         for name in ("stage1_batch_size", "stage2_batch_size"):  # before any work, not when the stage starts
             check_batch_split(getattr(cfg, name), shard.world_size, "--" + name.replace("_", "-"))
         with deterministic_kernels(shard.device):
-            return train(cfg, shard)
+            result = train(cfg, shard)
+        ended = True
+        return result
     finally:
         torch.set_num_threads(threads)
         root_log.setLevel(level)
         if env is not None:
-            torch.distributed.destroy_process_group()
+            close_process_group(synchronize=ended)
 
 
 def train(cfg: EmbeddingsTrainConfig, shard: Shard | None = None) -> dict[str, Any]:

@@ -68,7 +68,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cli import UserError, parse_config, resolve_threads, run_main, setup_logging
-from common.distributed import DistEnv, current_env, init_from_env
+from common.distributed import DistEnv, close_process_group, current_env, init_from_env
 from common.io import prepare_workdir, read_json, write_json, write_text
 from common.provenance import MadeFrom, OutputSet
 from common.seed import seed_everything
@@ -764,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         del inputs
     del tables
     if env is not None:
-        torch.distributed.destroy_process_group()
+        close_process_group()
         if not env.is_main:
             return {}
     trained = {v.name: summarize_variant([finished[v.name, seed] for seed in range(cfg.seeds)]) for v in variants}
