@@ -26,7 +26,10 @@ another brand or variant, which is the order retrieval ranks in. With ``--pqc-qu
 (0 = the paper) each step reads a random share of the batch's distinct queries with one
 character-level typo (:func:`embeddings.sampling.corrupt_queries`, drawn from the seed and the
 step), their frozen states computed from the changed text, never read from the query cache; the
-logged PQC losses read the queries as labelled. At the start of stage 2 the query
+logged PQC losses read the queries as labelled. With ``--pqc-title-query-rate`` (0 = the paper)
+each step replaces the positive query of a random share of the tuples with 1-3 consecutive words of
+the product's own title (:func:`embeddings.sampling.title_spans`), read the same way, so the query
+encoder also learns catalog words no training query names. At the start of stage 2 the query
 encoder is initialised from the stage-1 text encoder. Both stages' step losses are in
 :mod:`embeddings.steps`; this module runs the loop around them.
 
@@ -231,7 +234,7 @@ class QueryPrefixStore:
     distinct query and kept when all of them fit in ``cache_mb``; else once per query that training
     reads (``needed``, sorted indices: a step budget shorter than an epoch reads few) when those fit;
     otherwise (or with no frozen layer) it is computed per batch. A query read with another text
-    (the typo augmentation, :meth:`batch`) is always computed from that text.
+    (a typo or a title span, :meth:`batch`) is always computed from that text.
     """
 
     def __init__(self, model: DashCLIP, tokens: TokenStore, device: torch.device, precision: Precision,
@@ -272,8 +275,8 @@ class QueryPrefixStore:
     def batch(self, indices: np.ndarray,
               texts: Sequence[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(states [n, L, Dq], attention_mask [n, L])`` of the queries at ``indices``. ``texts`` (one
-        per index, None = the query's own) gives some of them another text (a typo): their states are
-        computed from it, never read from the cache."""
+        per index, None = the query's own) gives some of them another text (a typo, a title span): their
+        states are computed from it, never read from the cache."""
         other = np.array([t is not None for t in texts], dtype=bool) if texts is not None else None
         if other is None or not other.any():
             return self._stored(indices)
@@ -679,12 +682,13 @@ class Stage2(StageRunner):
                                                                                   rng)) if typo != text}
 
     def _losses(self, product_rows: np.ndarray, query_index: np.ndarray, negative_rows: np.ndarray | None = None,
-                typos: dict[int, str] | None = None) -> dict[str, torch.Tensor]:
+                texts: dict[int, str] | None = None) -> dict[str, torch.Tensor]:
         """Stage-2 losses of tuples: product rows ``[B]`` of the state table, query indices ``[B, 1+N]``,
         optionally the rows ``[B, M]`` (-1 = empty) of the products the positive query ranks lower and
-        the queries read with another text (:meth:`typos`, :meth:`title_queries`)."""
+        ``texts``, ``{query index: text}`` of the queries read with another text (:meth:`typos`,
+        :meth:`title_queries`)."""
         distinct, slots = np.unique(query_index.reshape(-1), return_inverse=True)
-        states, mask = self.queries.batch(distinct, [typos.get(q) for q in distinct.tolist()] if typos else None)
+        states, mask = self.queries.batch(distinct, [texts.get(q) for q in distinct.tolist()] if texts else None)
         negatives = {}
         if negative_rows is not None:
             rows = torch.as_tensor(negative_rows)
