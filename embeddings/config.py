@@ -83,9 +83,10 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
     stage: Literal["1", "2", "all"] = _f("all", "which stage(s) to run", "run")
     device: Device = _f("auto", "auto = cuda when available (bf16 autocast, fused AdamW), else cpu", "run")
     autocast: Literal["auto", "bf16", "fp32"] = _f(
-        "auto", "precision of the encoders' forward passes in training: auto = bf16 autocast on CUDA, float32 on "
-                "CPU; bf16 = bf16 autocast on CPU too (losses and optimizer stay float32; whether it is faster "
-                "depends on the CPU's bf16 support: compare `python -m embeddings.bench --dtype bf16` and fp32)", "1")
+        "auto", "precision of the encoders' forward passes in training (losses and optimizer stay float32): auto = "
+                "bf16 autocast on CUDA and on CPUs with bf16 instructions (AVX512-BF16 or AMX), float32 on other "
+                "CPUs, recorded as the one it chose; bf16 / fp32 = that on any device (compare `python -m "
+                "embeddings.bench --dtype bf16` and fp32)", "1")
     resume: bool = _f(True, "continue an interrupted run of the same data and settings from its last "
                             "checkpoint", "run")
     force: bool = _f(False, "retrain even when finished outputs for the same data and settings exist", "run")
@@ -147,6 +148,10 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
                                           "(drawn from --seed and the step; no query-side negatives for it), so the "
                                           "query encoder learns every catalog word, brands no training query names "
                                           "included; 0 = off (the paper)", "2", min=0.0, max=1.0)
+    pqc_title_query_context: bool = _f(False, "title-span queries keep the words of the replaced query that its "
+                                              "product's title lacks (modifiers such as '6 pack', 'in stock', 'for "
+                                              "home'), after the span, so a new brand is learnt in the company of the "
+                                              "words real queries put beside it", "2")
     pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
     pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")
     query_eval_fraction: float = _f(0.2, "share of distinct queries held out of stage 2 (for evaluation)", "2",

@@ -423,19 +423,26 @@ def typo(word: str, rng: np.random.Generator) -> str:
     return word[:i] + (letter.upper() if word[i].isupper() else letter) + word[i + 1:]
 
 
-def title_spans(titles: Sequence[str], rng: np.random.Generator, max_words: int = TITLE_SPAN_MAX_WORDS) -> list[str]:
+def title_spans(titles: Sequence[str], rng: np.random.Generator, max_words: int = TITLE_SPAN_MAX_WORDS,
+                queries: Sequence[str] | None = None) -> list[str]:
     """A query-like span of each title: 1 to ``max_words`` consecutive words (the length uniform, then
-    the start), normalised as queries are (:func:`data.text.normalize_query`). Deterministic for the
-    state of ``rng`` (which it advances); an empty title gives an empty span."""
+    the start), normalised as queries are (:func:`data.text.normalize_query`). With ``queries`` (one
+    per title), each span is followed by the words of its query that the title lacks, in their order
+    (the query's modifiers: "6 pack", "in stock"). Deterministic for the state of ``rng`` (which it
+    advances); an empty title gives an empty span."""
     out = []
-    for title in titles:
+    for i, title in enumerate(titles):
         words = normalize_query(title).split()
         if not words:
             out.append("")
             continue
         length = int(rng.integers(1, min(max_words, len(words)) + 1))
         start = int(rng.integers(len(words) - length + 1))
-        out.append(" ".join(words[start:start + length]))
+        span = words[start:start + length]
+        if queries is not None:
+            in_title = set(words)
+            span += [word for word in normalize_query(queries[i]).split() if word not in in_title]
+        out.append(" ".join(span))
     return out
 
 

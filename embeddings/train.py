@@ -104,7 +104,7 @@ from embeddings.inputs import ImageStore, TokenStore
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import (MODEL_CHECKPOINT, RUN_CONFIG, STAGE1_CHECKPOINT, Paths, autocast, load_checkpoint,
-                                resolve_device, save_checkpoint, stage_set, write_checkpoint)
+                                resolve_autocast, resolve_device, save_checkpoint, stage_set, write_checkpoint)
 from embeddings.sampling import (PQCTuples, build_pqc_tuples, corrupt_queries, heldout_query_rows,
                                  sample_negative_products, split_cold_products, title_spans,
                                  TITLE_SPAN_MAX_WORDS)
@@ -713,7 +713,10 @@ class Stage2(StageRunner):
             return query_index, chosen, {}
         rng = np.random.default_rng([self.cfg.seed, step, TITLE_QUERY_STREAM, 1])
         rows = np.flatnonzero(chosen)
-        spans = title_spans([self.product_title[r] for r in self.tuple_rows[picked[rows]].tolist()], rng)
+        context = ([self.query_text[q] for q in query_index[rows, 0].tolist()]
+                   if self.cfg.pqc_title_query_context else None)
+        spans = title_spans([self.product_title[r] for r in self.tuple_rows[picked[rows]].tolist()], rng,
+                            queries=context)
         new_index = len(self.query_text) + rows
         query_index = query_index.copy()
         query_index[rows, 0] = new_index
@@ -1042,8 +1045,9 @@ class Trainer:
                                        .reshape(negative_products.shape), -1))
         if cfg.pqc_title_query_rate > 0:
             log.info("stage 2: title-span queries: each step replaces each tuple's positive query with 1-%d words of "
-                     "its product's title with probability %g (--pqc-title-query-rate)", TITLE_SPAN_MAX_WORDS,
-                     cfg.pqc_title_query_rate)
+                     "its product's title%s with probability %g (--pqc-title-query-rate)", TITLE_SPAN_MAX_WORDS,
+                     ", then the query's words the title lacks (--pqc-title-query-context)"
+                     if cfg.pqc_title_query_context else "", cfg.pqc_title_query_rate)
         if cfg.pqc_query_typo_rate > 0:
             log.info("stage 2: typo augmentation: each step reads each distinct query of the batch with a typo "
                      "with probability %g (--pqc-query-typo-rate)", cfg.pqc_query_typo_rate)
@@ -1074,6 +1078,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(EmbeddingsTrainConfig, argv)
     env = init_from_env(cfg.pg_timeout_s, cfg.device)  # under torchrun (WORLD_SIZE > 1), else None
     shard = Shard.of(env, resolve_device(cfg.device) if env is None else env.device)
+    cfg = dataclasses.replace(cfg, autocast=resolve_autocast(cfg.autocast, shard.device))  # recorded as chosen
     threads = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(cfg.threads))
     root_log = logging.getLogger()

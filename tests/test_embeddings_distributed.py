@@ -146,9 +146,10 @@ def test_checkpoints_resume_across_world_sizes(reference, tiny_workdir_copy):
 
 @pytest.mark.slow
 def test_two_ranks_read_the_query_augmentations_of_the_global_batch(tiny_workdir, tmp_path):
-    """``--pqc-query-typo-rate`` and ``--pqc-title-query-rate``: the typos and title spans of a step
-    are drawn over the global batch, so 2 ranks train like one process with the same ones."""
-    typos = ("--pqc-query-typo-rate", "0.5", "--pqc-title-query-rate", "0.5")
+    """``--pqc-query-typo-rate`` and ``--pqc-title-query-rate`` (with ``--pqc-title-query-context``):
+    the typos and title spans of a step are drawn over the global batch, so 2 ranks train like one
+    process with the same ones."""
+    typos = ("--pqc-query-typo-rate", "0.5", "--pqc-title-query-rate", "0.5", "--pqc-title-query-context")
     runs = {name: tmp_path / name for name in ("one", "two")}
     for workdir in runs.values():
         shutil.copytree(tiny_workdir / "data", workdir / "data")

@@ -20,6 +20,7 @@ import torch
 from common.io import read_json
 from data.text import normalize_query
 from embeddings import encode, evaluate, export, tables, train
+from embeddings.runtime import cpu_bf16_instructions, resolve_autocast
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,6 +205,23 @@ def test_bf16_autocast_on_cpu_trains_deterministically_and_is_a_setting(tiny_wor
     assert (runs["fp32"] / model).read_bytes() == (runs["bf16_a"] / model).read_bytes()
 
 
+def test_training_autocast_auto_is_recorded_as_the_precision_it_chose(tiny_workdir, tmp_path):
+    """``--autocast auto`` is bf16 on CUDA and on CPUs with bf16 instructions, float32 on others; the
+    run records the precision it chose, so a run asking for that precision by name reuses it."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    chosen = resolve_autocast("auto", cpu)
+    assert chosen == ("bf16" if cpu_bf16_instructions() else "fp32")
+    assert resolve_autocast("auto", cuda) == "bf16" and resolve_autocast("fp32", cuda) == "fp32"
+    assert resolve_autocast("bf16", cpu) == "bf16"
+    shutil.copytree(tiny_workdir / "data", tmp_path / "data")
+    train.main(["--workdir", str(tmp_path), *TINY_FLAGS, "--autocast", "auto"])
+    assert read_json(tmp_path / "embeddings" / "config.json")["autocast"] == chosen
+    model = tmp_path / "embeddings" / "checkpoints" / "model.pt"
+    trained = model.stat().st_mtime_ns
+    train.main(["--workdir", str(tmp_path), *TINY_FLAGS, "--autocast", chosen])
+    assert model.stat().st_mtime_ns == trained  # both stages reused
+
+
 def test_training_on_two_threads_is_byte_identical_and_states_only_the_products_it_reads(tiny_workdir, tmp_path,
                                                                                           caplog):
     """Two threads: two runs give the same bytes (the deterministic kernels are on inside ``main`` and
@@ -273,13 +291,16 @@ def test_query_states_of_a_query_read_with_a_typo_come_from_its_text_not_the_cac
         assert torch.equal(same, plain) and torch.equal(same_mask, plain_mask)
 
 
-@pytest.mark.parametrize("flag, field, logged", [("--pqc-query-typo-rate", "pqc_query_typo_rate", "typo augmentation"),
-                                                  ("--pqc-title-query-rate", "pqc_title_query_rate", "title-span queries")])
-def test_query_augmentation_is_a_stage2_setting_that_trains_deterministically_and_resumes(tiny_workdir, tmp_path,
-                                                                                          caplog, flag, field, logged):
-    """Typos and title-span queries: stage 1 is reused, stage 2 retrains and ends elsewhere than
-    without them; a run paused inside stage 2 and resumed gives the same bytes (what a step reads is
-    drawn from the seed and the step)."""
+@pytest.mark.parametrize("augmentation, recorded, logged", [
+    (("--pqc-query-typo-rate", "1"), {"pqc_query_typo_rate": 1.0}, "typo augmentation"),
+    (("--pqc-title-query-rate", "1"), {"pqc_title_query_rate": 1.0}, "title-span queries"),
+    (("--pqc-title-query-rate", "1", "--pqc-title-query-context"),
+     {"pqc_title_query_rate": 1.0, "pqc_title_query_context": True}, "the query's words the title lacks")])
+def test_query_augmentation_is_a_stage2_setting_that_trains_deterministically_and_resumes(
+        tiny_workdir, tmp_path, caplog, augmentation, recorded, logged):
+    """Typos and title-span queries (with or without the query's own modifiers): stage 1 is reused,
+    stage 2 retrains and ends elsewhere than without them; a run paused inside stage 2 and resumed
+    gives the same bytes (what a step reads is drawn from the seed and the step)."""
     caplog.set_level(logging.INFO)
     runs = {}
     for name in ("plain", "paused"):
@@ -289,19 +310,20 @@ def test_query_augmentation_is_a_stage2_setting_that_trains_deterministically_an
     train.main(["--workdir", str(runs["plain"]), *TINY_FLAGS])
     without = (runs["plain"] / model).read_bytes()
     caplog.clear()
-    train.main(["--workdir", str(runs["plain"]), *TINY_FLAGS, flag, "1"])
+    flags = [*TINY_FLAGS, *augmentation]
+    train.main(["--workdir", str(runs["plain"]), *flags])
     messages = [r.getMessage() for r in caplog.records]
     assert any("stage 1" in m and "skipping" in m for m in messages)
     assert any(logged in m for m in messages)
-    with_typos = (runs["plain"] / model).read_bytes()
-    assert with_typos != without
-    assert read_json(runs["plain"] / "embeddings" / "config.json")[field] == 1.0
+    augmented = (runs["plain"] / model).read_bytes()
+    assert augmented != without
+    config = read_json(runs["plain"] / "embeddings" / "config.json")
+    assert {field: config[field] for field in recorded} == recorded
 
-    flags = [*TINY_FLAGS, flag, "1"]
     paused = train.main(["--workdir", str(runs["paused"]), *flags, "--max-steps-this-run", "6"])  # 2 stage-2 steps
     assert paused["paused"] and paused["stage2"]["steps_done"] == 2
     train.main(["--workdir", str(runs["paused"]), *flags])
-    assert (runs["paused"] / model).read_bytes() == with_typos
+    assert (runs["paused"] / model).read_bytes() == augmented
 
 
 def test_items_drawn_are_the_batches_of_the_planned_steps():

@@ -329,3 +329,13 @@ def test_title_spans_are_one_to_three_consecutive_words_of_the_normalised_title(
         assert 1 <= n <= 3 and any(words[i:i + n] == spans[0].split() for i in range(len(words) - n + 1))
         seen.add(spans[0])
     assert {"mobbix", "bag", "mobbix loose leaf", "oz bag"} <= seen  # every length and position is drawn
+
+
+def test_title_spans_with_queries_keep_the_query_words_the_title_lacks():
+    titles = ["Sozisk Potato Chips Jalapeno 13 oz Bag", "Soap", "Babury Tea Bags 40 ct Box"]
+    queries = ["potato chips 6 pack", "Soap", "tea bags bulk for home"]
+    for seed in range(50):
+        plain = title_spans(titles, np.random.default_rng(seed))
+        spans = title_spans(titles, np.random.default_rng(seed), queries=queries)
+        # the same span (the queries draw nothing), then the query's words absent from the title, in order
+        assert spans[0] == plain[0] + " 6 pack" and spans[1] == "soap" and spans[2] == plain[2] + " bulk for home"
