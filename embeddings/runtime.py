@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ RUN_CONFIG = "embeddings/config.json"
 
 # ------------------------------------------------------------------------------------------ device
 AUTOCAST_DTYPES = ("auto", "bf16", "fp32")
+KERNEL_CACHE_CAPACITY = 16  # oneDNN kernels kept for reuse in training (bound_kernel_cache)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,6 +72,16 @@ def resolve_autocast(dtype: str, device: torch.device) -> str:
     if dtype != "auto":
         return dtype
     return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_instructions()) else "fp32"
+
+
+def bound_kernel_cache(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
+    """Cap oneDNN's cache of compiled CPU kernels (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, 1024 by default)
+    unless the environment sets it. Training meets new tensor shapes nearly every step (queries and
+    title spans of varying lengths in length buckets), and each cached kernel keeps its own buffers:
+    over 120 bf16 stage-2 steps of the demo the process grew to 3.17 GB with the default and stays
+    at 2.37 GB with 16, at the same speed and with byte-identical weights. Takes effect when called
+    before the process's first oneDNN kernel."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 def cpu_bf16_instructions() -> bool | None:

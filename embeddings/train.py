@@ -105,7 +105,8 @@ from embeddings.inputs import ImageStore, TokenStore
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss
 from embeddings.models import DashCLIP, build_dashclip
 from embeddings.runtime import (MODEL_CHECKPOINT, RUN_CONFIG, STAGE1_CHECKPOINT, Paths, autocast, load_checkpoint,
-                                resolve_autocast, resolve_device, save_checkpoint, stage_set, write_checkpoint)
+                                bound_kernel_cache, resolve_autocast, resolve_device, save_checkpoint, stage_set,
+                                write_checkpoint)
 from embeddings.sampling import (PQCTuples, build_pqc_tuples, corrupt_queries, heldout_query_rows,
                                  sample_negative_products, split_cold_products, title_spans,
                                  TITLE_SPAN_MAX_WORDS)
@@ -1077,6 +1078,7 @@ class Trainer:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(EmbeddingsTrainConfig, argv)
+    bound_kernel_cache()
     env = init_from_env(cfg.pg_timeout_s, cfg.device)  # under torchrun (WORLD_SIZE > 1), else None
     shard = Shard.of(env, resolve_device(cfg.device) if env is None else env.device)
     cfg = dataclasses.replace(cfg, autocast=resolve_autocast(cfg.autocast, shard.device))  # recorded as chosen

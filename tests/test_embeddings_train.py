@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 from common.io import read_json
 from data.text import normalize_query
 from embeddings import encode, evaluate, export, tables, train
-from embeddings.runtime import cpu_bf16_instructions, resolve_autocast
+from embeddings.runtime import KERNEL_CACHE_CAPACITY, bound_kernel_cache, cpu_bf16_instructions, resolve_autocast
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,6 +221,15 @@ def test_training_autocast_auto_is_recorded_as_the_precision_it_chose(tiny_workd
     trained = model.stat().st_mtime_ns
     train.main(["--workdir", str(tmp_path), *TINY_FLAGS, "--autocast", chosen])
     assert model.stat().st_mtime_ns == trained  # both stages reused
+
+
+def test_kernel_cache_bound_is_a_default_the_environment_overrides(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    bound_kernel_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(KERNEL_CACHE_CAPACITY)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+    bound_kernel_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
 
 
 def test_training_on_two_threads_is_byte_identical_and_states_only_the_products_it_reads(tiny_workdir, tmp_path,
