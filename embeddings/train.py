@@ -30,8 +30,8 @@ logged PQC losses read the queries as labelled. With ``--pqc-title-query-rate`` 
 each step replaces the positive query of a random share of the tuples with 1-3 consecutive words of
 the product's own title (:func:`embeddings.sampling.title_spans`), read the same way, so the query
 encoder also learns catalog words no training query names; with ``--pqc-title-query-context`` the
-span keeps the replaced query's words that the title lacks ("6 pack", "for home"). At the start of stage 2 the query
-encoder is initialised from the stage-1 text encoder. Both stages' step losses are in
+span keeps the replaced query's words that the title lacks ("6 pack", "for home"). At the start of
+stage 2 the query encoder is initialised from the stage-1 text encoder. Both stages' step losses are in
 :mod:`embeddings.steps`; this module runs the loop around them.
 
 The architecture's own departures from the paper (``--pooling``, ``--cross-attention``,
