@@ -431,7 +431,7 @@ def title_spans(titles: Sequence[str], rng: np.random.Generator, max_words: int 
     (the query's modifiers: "6 pack", "in stock"). Deterministic for the state of ``rng`` (which it
     advances); an empty title gives an empty span."""
     out = []
-    for i, title in enumerate(titles):
+    for title, query in zip(titles, queries if queries is not None else [None] * len(titles)):
         words = normalize_query(title).split()
         if not words:
             out.append("")
@@ -439,9 +439,9 @@ def title_spans(titles: Sequence[str], rng: np.random.Generator, max_words: int 
         length = int(rng.integers(1, min(max_words, len(words)) + 1))
         start = int(rng.integers(len(words) - length + 1))
         span = words[start:start + length]
-        if queries is not None:
+        if query is not None:
             in_title = set(words)
-            span += [word for word in normalize_query(queries[i]).split() if word not in in_title]
+            span += [word for word in normalize_query(query).split() if word not in in_title]
         out.append(" ".join(span))
     return out
 

@@ -813,9 +813,9 @@ class Trainer:
     each other (barrier) wherever rank 0 changes a file that the others read next."""
 
     def __init__(self, cfg: EmbeddingsTrainConfig, shard: Shard | None = None) -> None:
-        self.cfg = cfg
         self.shard = shard if shard is not None else Shard(device=resolve_device(cfg.device))
         self.device = self.shard.device
+        self.cfg = dataclasses.replace(cfg, autocast=resolve_autocast(cfg.autocast, self.device))  # recorded as chosen
         self.paths = Paths(prepare_workdir(cfg.workdir, "embeddings/checkpoints"))
         self.budget = StepBudget(cfg.max_steps_this_run)
         self._catalog: pd.DataFrame | None = None
@@ -1081,7 +1081,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bound_kernel_cache()
     env = init_from_env(cfg.pg_timeout_s, cfg.device)  # under torchrun (WORLD_SIZE > 1), else None
     shard = Shard.of(env, resolve_device(cfg.device) if env is None else env.device)
-    cfg = dataclasses.replace(cfg, autocast=resolve_autocast(cfg.autocast, shard.device))  # recorded as chosen
     threads = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(cfg.threads))
     root_log = logging.getLogger()
