@@ -152,6 +152,11 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
                                               "product's title lacks (modifiers such as '6 pack', 'in stock', 'for "
                                               "home'), after the span, so a new brand is learnt in the company of the "
                                               "words real queries put beside it", "2")
+    pqc_title_query_brand_share: float = _f(0.0, "share of the title-span queries that are their product's brand "
+                                                 "(the catalog's optional `brand` column; a product without one keeps "
+                                                 "its span) instead of a span, so brand-only queries ('sozisk', "
+                                                 "'babury bulk') are learnt for every brand; 0 = spans only", "2",
+                                            min=0.0, max=1.0)
     pqc_max_positives: int = _f(110, "at most this many positive queries per product", "2")
     pqc_hr_mr_ratio: float = _f(2.0, "HR:MR ratio among sampled positives", "2")
     query_eval_fraction: float = _f(0.2, "share of distinct queries held out of stage 2 (for evaluation)", "2",

@@ -424,21 +424,27 @@ def typo(word: str, rng: np.random.Generator) -> str:
 
 
 def title_spans(titles: Sequence[str], rng: np.random.Generator, max_words: int = TITLE_SPAN_MAX_WORDS,
-                queries: Sequence[str] | None = None) -> list[str]:
+                queries: Sequence[str] | None = None, brands: Sequence[str | None] | None = None) -> list[str]:
     """A query-like span of each title: 1 to ``max_words`` consecutive words (the length uniform, then
-    the start), normalised as queries are (:func:`data.text.normalize_query`). With ``queries`` (one
-    per title), each span is followed by the words of its query that the title lacks, in their order
-    (the query's modifiers: "6 pack", "in stock"). Deterministic for the state of ``rng`` (which it
+    the start), normalised as queries are (:func:`data.text.normalize_query`); where ``brands`` (one
+    per title) gives one, the span is that brand instead (nothing drawn). With ``queries`` (one per
+    title), each span is followed by the words of its query that the title lacks, in their order (the
+    query's modifiers: "6 pack", "in stock"). Deterministic for the state of ``rng`` (which it
     advances); an empty title gives an empty span."""
     out = []
-    for title, query in zip(titles, queries if queries is not None else [None] * len(titles)):
+    n = len(titles)
+    for title, query, brand in zip(titles, queries if queries is not None else [None] * n,
+                                   brands if brands is not None else [None] * n):
         words = normalize_query(title).split()
         if not words:
             out.append("")
             continue
-        length = int(rng.integers(1, min(max_words, len(words)) + 1))
-        start = int(rng.integers(len(words) - length + 1))
-        span = words[start:start + length]
+        if brand:
+            span = normalize_query(brand).split()
+        else:
+            length = int(rng.integers(1, min(max_words, len(words)) + 1))
+            start = int(rng.integers(len(words) - length + 1))
+            span = words[start:start + length]
         if query is not None:
             in_title = set(words)
             span += [word for word in normalize_query(query).split() if word not in in_title]

@@ -30,7 +30,9 @@ logged PQC losses read the queries as labelled. With ``--pqc-title-query-rate`` 
 each step replaces the positive query of a random share of the tuples with 1-3 consecutive words of
 the product's own title (:func:`embeddings.sampling.title_spans`), read the same way, so the query
 encoder also learns catalog words no training query names; with ``--pqc-title-query-context`` the
-span keeps the replaced query's words that the title lacks ("6 pack", "for home"). At the start of
+span keeps the replaced query's words that the title lacks ("6 pack", "for home"), and with
+``--pqc-title-query-brand-share`` a share of the spans is the product's brand (the catalog's
+optional ``brand`` column), so brand-only queries are learnt for every brand. At the start of
 stage 2 the query encoder is initialised from the stage-1 text encoder. Both stages' step losses are in
 :mod:`embeddings.steps`; this module runs the loop around them.
 
@@ -617,9 +619,11 @@ class Stage2(StageRunner):
                  product_state: torch.Tensor, tuple_rows: np.ndarray, tuple_queries: np.ndarray,
                  tuple_negative_rows: np.ndarray | None, queries: QueryPrefixStore, query_text: Sequence[str],
                  eval_rows: np.ndarray, eval_queries: np.ndarray, budget: StepBudget, key: str,
-                 shard: Shard = Shard(), product_title: Sequence[str] = ()) -> None:
+                 shard: Shard = Shard(), product_title: Sequence[str] = (),
+                 product_brand: Sequence[str | None] = ()) -> None:
         self.product_state, self.tuple_rows, self.tuple_queries = product_state, tuple_rows, tuple_queries
         self.product_title = product_title  # per state row: the title-span queries' source
+        self.product_brand = product_brand  # per state row: the brand queries' (None = no brand)
         self.tuple_negative_rows = tuple_negative_rows
         self.queries, self.query_text = queries, query_text
         self.eval_rows, self.eval_queries = eval_rows, eval_queries
@@ -717,8 +721,13 @@ class Stage2(StageRunner):
         rows = np.flatnonzero(chosen)
         context = ([self.query_text[q] for q in query_index[rows, 0].tolist()]
                    if self.cfg.pqc_title_query_context else None)
-        spans = title_spans([self.product_title[r] for r in self.tuple_rows[picked[rows]].tolist()], rng,
-                            queries=context)
+        product_rows = self.tuple_rows[picked[rows]].tolist()
+        brands = None
+        if self.cfg.pqc_title_query_brand_share > 0:
+            brand_rng = np.random.default_rng([self.cfg.seed, step, TITLE_QUERY_STREAM, 2])
+            as_brand = brand_rng.random(len(rows)) < self.cfg.pqc_title_query_brand_share
+            brands = [self.product_brand[r] if b else None for r, b in zip(product_rows, as_brand.tolist())]
+        spans = title_spans([self.product_title[r] for r in product_rows], rng, queries=context, brands=brands)
         new_index = len(self.query_text) + rows
         query_index = query_index.copy()
         query_index[rows, 0] = new_index
@@ -831,7 +840,8 @@ class Trainer:
     def catalog(self) -> pd.DataFrame:
         if self._catalog is None:
             table = schema.read_table(self.cfg.workdir, "catalog")
-            self._catalog = table.select(["product_id", "title", "aisle", "image"]).to_pandas()
+            columns = ["product_id", "title", "aisle", "image", *(["brand"] if "brand" in table.column_names else [])]
+            self._catalog = table.select(columns).to_pandas()
         return self._catalog
 
     @property
@@ -1050,13 +1060,20 @@ class Trainer:
                      "its product's title%s with probability %g (--pqc-title-query-rate)", TITLE_SPAN_MAX_WORDS,
                      ", then the query's words the title lacks (--pqc-title-query-context)"
                      if cfg.pqc_title_query_context else "", cfg.pqc_title_query_rate)
+            if cfg.pqc_title_query_brand_share > 0:
+                log.info("stage 2: %g of the title-span queries are their product's brand instead "
+                         "(--pqc-title-query-brand-share)%s", cfg.pqc_title_query_brand_share,
+                         "" if "brand" in catalog else ": the catalog has no brand column, so none is")
         if cfg.pqc_query_typo_rate > 0:
             log.info("stage 2: typo augmentation: each step reads each distinct query of the batch with a typo "
                      "with probability %g (--pqc-query-typo-rate)", cfg.pqc_query_typo_rate)
         runner = Stage2(cfg, model, self.device, paths, product_state,
                         cls_row.get_indexer(train_tuples.product_id), train_queries, negative_rows, queries,
                         query_text, cls_row.get_indexer(eval_tuples.product_id), eval_queries, self.budget,
-                        made_from.key(), self.shard, catalog["title"].to_numpy()[needed_rows].tolist())
+                        made_from.key(), self.shard, catalog["title"].to_numpy()[needed_rows].tolist(),
+                        [brand if isinstance(brand, str) and brand else None
+                         for brand in (catalog["brand"].to_numpy()[needed_rows] if "brand" in catalog
+                                       else [None] * len(needed_rows))])
         try:
             runner.run()
         except Paused:

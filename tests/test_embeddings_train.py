@@ -305,10 +305,12 @@ def test_query_states_of_a_query_read_with_a_typo_come_from_its_text_not_the_cac
     (("--pqc-query-typo-rate", "1"), {"pqc_query_typo_rate": 1.0}, "typo augmentation"),
     (("--pqc-title-query-rate", "1"), {"pqc_title_query_rate": 1.0}, "title-span queries"),
     (("--pqc-title-query-rate", "1", "--pqc-title-query-context"),
-     {"pqc_title_query_rate": 1.0, "pqc_title_query_context": True}, "the query's words the title lacks")])
+     {"pqc_title_query_rate": 1.0, "pqc_title_query_context": True}, "the query's words the title lacks"),
+    (("--pqc-title-query-rate", "1", "--pqc-title-query-brand-share", "0.5"),
+     {"pqc_title_query_rate": 1.0, "pqc_title_query_brand_share": 0.5}, "their product's brand")])
 def test_query_augmentation_is_a_stage2_setting_that_trains_deterministically_and_resumes(
         tiny_workdir, tmp_path, caplog, augmentation, recorded, logged):
-    """Typos and title-span queries (with or without the query's own modifiers): stage 1 is reused,
+    """Typos and title-span queries (with or without the query's own modifiers, brands for some): stage 1 is reused,
     stage 2 retrains and ends elsewhere than without them; a run paused inside stage 2 and resumed
     gives the same bytes (what a step reads is drawn from the seed and the step)."""
     caplog.set_level(logging.INFO)

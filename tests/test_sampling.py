@@ -339,3 +339,15 @@ def test_title_spans_with_queries_keep_the_query_words_the_title_lacks():
         spans = title_spans(titles, np.random.default_rng(seed), queries=queries)
         # the same span (the queries draw nothing), then the query's words absent from the title, in order
         assert spans[0] == plain[0] + " 6 pack" and spans[1] == "soap" and spans[2] == plain[2] + " bulk for home"
+
+
+def test_title_spans_with_brands_give_the_brand_where_one_is_given_and_draw_for_the_others():
+    titles = ["Sozisk Potato Chips Jalapeno 13 oz Bag", "Babury Tea Bags 40 ct Box", "Fizzly Cola 12 x 12 fl oz Cans"]
+    queries = ["potato chips 6 pack", "tea bulk", "cola near me"]
+    for seed in range(50):
+        no_brands = title_spans(titles, np.random.default_rng(seed), queries=queries, brands=[None, None, None])
+        assert no_brands == title_spans(titles, np.random.default_rng(seed), queries=queries)
+        spans = title_spans(titles, np.random.default_rng(seed), queries=queries, brands=["Sozisk", None, "Fizzly Co"])
+        # a brand span draws nothing, so the second title takes the first draw of the stream
+        alone = title_spans(titles[1:2], np.random.default_rng(seed), queries=queries[1:2])
+        assert spans == ["sozisk 6 pack", alone[0], "fizzly co near me"]
