@@ -136,7 +136,7 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
                                        "(IR, and MR under an HR positive), contrasted with the tuple's product for "
                                        "that query (temperature --pqc-tau): the order retrieval ranks in; 0 = PQC "
                                        "only (the paper)", "2", min=0)
-    pqc_query_typo_rate: float = _f(0.0, "typo augmentation of the query side: each step, each distinct training "
+    pqc_query_typo_rate: float = _f(0.0, "typo augmentation of the query side: each step, each distinct positive "
                                          "query of the batch gets, with this probability, one character-level typo "
                                          "(two adjacent letters swapped, or a letter dropped, doubled or replaced, "
                                          "in one word of >= 3 letters; drawn from --seed and the step), so the query "

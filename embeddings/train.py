@@ -23,10 +23,11 @@ symmetric in-batch contrast of products and their positive queries, which PQC al
 query-side contrast: each tuple's positive query ranks its product above products that query is
 labelled lower for (:func:`embeddings.sampling.sample_negative_products`), often the same type of
 another brand or variant, which is the order retrieval ranks in. With ``--pqc-query-typo-rate``
-(0 = the paper) each step reads a random share of the batch's distinct queries with one
-character-level typo (:func:`embeddings.sampling.corrupt_queries`, drawn from the seed and the
-step), their frozen states computed from the changed text, never read from the query cache; the
-logged PQC losses read the queries as labelled. With ``--pqc-title-query-rate`` (0 = the paper)
+(0 = the paper) each step reads a random share of the batch's distinct positive queries (wherever
+they appear in the batch) with one character-level typo
+(:func:`embeddings.sampling.corrupt_queries`, drawn from the seed and the step), their frozen
+states computed from the changed text, never read from the query cache; the logged PQC losses read
+the queries as labelled. With ``--pqc-title-query-rate`` (0 = the paper)
 each step replaces the positive query of a random share of the tuples with 1-3 consecutive words of
 the product's own title (:func:`embeddings.sampling.title_spans`), read the same way, so the query
 encoder also learns catalog words no training query names; with ``--pqc-title-query-context`` the
@@ -677,7 +678,7 @@ class Stage2(StageRunner):
 
     def typos(self, query_index: np.ndarray, step: int) -> dict[int, str]:
         """The typo augmentation of ``step`` (``--pqc-query-typo-rate``): ``{query index: text with a
-        typo}`` for the distinct queries of ``query_index`` (the global batch's) that
+        typo}`` for the distinct queries of ``query_index`` (the global batch's positives) that
         :func:`corrupt_queries` changes, drawn from (seed, step): the same on every rank and on resume."""
         if self.cfg.pqc_query_typo_rate == 0:
             return {}
@@ -735,7 +736,7 @@ class Stage2(StageRunner):
 
     def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
-        typos = self.typos(self.tuple_queries[picked], step)
+        typos = self.typos(self.tuple_queries[picked, 0], step)  # the positives: what a misspelt query should find
         query_index, title_query, spans = self.title_queries(picked, self.tuple_queries[picked], step)
         block = self.shard.block(len(picked))  # this rank's block of the global batch
         picked, query_index, title_query = picked[block], query_index[block], title_query[block]
@@ -1065,8 +1066,8 @@ class Trainer:
                          "(--pqc-title-query-brand-share)%s", cfg.pqc_title_query_brand_share,
                          "" if "brand" in catalog else ": the catalog has no brand column, so none is")
         if cfg.pqc_query_typo_rate > 0:
-            log.info("stage 2: typo augmentation: each step reads each distinct query of the batch with a typo "
-                     "with probability %g (--pqc-query-typo-rate)", cfg.pqc_query_typo_rate)
+            log.info("stage 2: typo augmentation: each step reads each distinct positive query of the batch with a "
+                     "typo with probability %g (--pqc-query-typo-rate)", cfg.pqc_query_typo_rate)
         runner = Stage2(cfg, model, self.device, paths, product_state,
                         cls_row.get_indexer(train_tuples.product_id), train_queries, negative_rows, queries,
                         query_text, cls_row.get_indexer(eval_tuples.product_id), eval_queries, self.budget,
