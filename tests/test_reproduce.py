@@ -126,10 +126,8 @@ def test_demo_preset_trains_stage2_one_epoch_and_the_synthetic_stage1_one_step_s
 
     for source in ("completejourney", "fashion", "instacart"):
         assert train_cmd(source)[-2:] == ("--stage2-epochs", "1") and "--stage1-max-steps" not in train_cmd(source)
-    assert train_cmd("synth:demo")[-13:] == ("--stage1-max-steps", "1", "--stage2-epochs", "4.5",
-                                             "--freeze-fraction", "0.5", "--pqc-title-query-rate", "0.3",
-                                             "--pqc-title-query-context", "--pqc-title-query-brand-share", "0.3",
-                                             "--pqc-query-typo-rate", "0.3")
+    assert train_cmd("synth:demo")[-7:] == ("--stage1-max-steps", "1", "--stage2-epochs", "6",
+                                            "--pqc-title-query-rate", "0.3", "--pqc-title-query-context")
     assert all("--pqc-title-query-rate" not in train_cmd(source) for source in ("completejourney", "fashion"))
     assert train_cmd("synth:demo").count("--stage2-epochs") == 1
 
