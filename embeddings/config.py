@@ -153,7 +153,7 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
                                               "home'), after the span, so a new brand is learnt in the company of the "
                                               "words real queries put beside it", "2")
     pqc_title_query_brand_share: float = _f(0.0, "share of the title-span queries that are their product's brand "
-                                                 "(the catalog's optional `brand` column; a product without one keeps "
+                                                 "(the catalog's `brand` column; a product whose brand is null keeps "
                                                  "its span) instead of a span, so brand-only queries ('sozisk', "
                                                  "'babury bulk') are learnt for every brand; 0 = spans only", "2",
                                             min=0.0, max=1.0)

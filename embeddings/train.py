@@ -33,7 +33,7 @@ the product's own title (:func:`embeddings.sampling.title_spans`), read the same
 encoder also learns catalog words no training query names; with ``--pqc-title-query-context`` the
 span keeps the replaced query's words that the title lacks ("6 pack", "for home"), and with
 ``--pqc-title-query-brand-share`` a share of the spans is the product's brand (the catalog's
-optional ``brand`` column), so brand-only queries are learnt for every brand. At the start of
+``brand`` column, where not null), so brand-only queries are learnt for every brand. At the start of
 stage 2 the query encoder is initialised from the stage-1 text encoder. Both stages' step losses are in
 :mod:`embeddings.steps`; this module runs the loop around them.
 
@@ -841,8 +841,7 @@ class Trainer:
     def catalog(self) -> pd.DataFrame:
         if self._catalog is None:
             table = schema.read_table(self.cfg.workdir, "catalog")
-            columns = ["product_id", "title", "aisle", "image", *(["brand"] if "brand" in table.column_names else [])]
-            self._catalog = table.select(columns).to_pandas()
+            self._catalog = table.select(["product_id", "title", "aisle", "image", "brand"]).to_pandas()
         return self._catalog
 
     @property
@@ -1056,6 +1055,8 @@ class Trainer:
         negative_rows = (None if negative_products is None
                          else np.where(negative_products >= 0, cls_row.get_indexer(negative_products.reshape(-1))
                                        .reshape(negative_products.shape), -1))
+        product_brand = [brand if isinstance(brand, str) and brand else None
+                         for brand in catalog["brand"].to_numpy()[needed_rows]]  # None: a null brand
         if cfg.pqc_title_query_rate > 0:
             log.info("stage 2: title-span queries: each step replaces each tuple's positive query with 1-%d words of "
                      "its product's title%s with probability %g (--pqc-title-query-rate)", TITLE_SPAN_MAX_WORDS,
@@ -1063,8 +1064,8 @@ class Trainer:
                      if cfg.pqc_title_query_context else "", cfg.pqc_title_query_rate)
             if cfg.pqc_title_query_brand_share > 0:
                 log.info("stage 2: %g of the title-span queries are their product's brand instead "
-                         "(--pqc-title-query-brand-share)%s", cfg.pqc_title_query_brand_share,
-                         "" if "brand" in catalog else ": the catalog has no brand column, so none is")
+                         "(--pqc-title-query-brand-share; %d of %d products have a brand, the others keep their span)",
+                         cfg.pqc_title_query_brand_share, sum(b is not None for b in product_brand), len(product_brand))
         if cfg.pqc_query_typo_rate > 0:
             log.info("stage 2: typo augmentation: each step reads each distinct positive query of the batch with a "
                      "typo with probability %g (--pqc-query-typo-rate)", cfg.pqc_query_typo_rate)
@@ -1072,9 +1073,7 @@ class Trainer:
                         cls_row.get_indexer(train_tuples.product_id), train_queries, negative_rows, queries,
                         query_text, cls_row.get_indexer(eval_tuples.product_id), eval_queries, self.budget,
                         made_from.key(), self.shard, catalog["title"].to_numpy()[needed_rows].tolist(),
-                        [brand if isinstance(brand, str) and brand else None
-                         for brand in (catalog["brand"].to_numpy()[needed_rows] if "brand" in catalog
-                                       else [None] * len(needed_rows))])
+                        product_brand)
         try:
             runner.run()
         except Paused:

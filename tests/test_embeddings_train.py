@@ -338,6 +338,30 @@ def test_query_augmentation_is_a_stage2_setting_that_trains_deterministically_an
     assert (runs["paused"] / model).read_bytes() == augmented
 
 
+def test_brand_spans_read_the_catalog_brand_and_fall_back_to_spans_where_it_is_null(tiny_workdir, tmp_path, caplog):
+    """``--pqc-title-query-brand-share 1``: every title-span query is its product's brand, so the model
+    differs from spans alone; a catalog whose brands are all null trains exactly as spans alone."""
+    caplog.set_level(logging.INFO)
+    spans = ["--pqc-title-query-rate", "1"]
+    models = {}
+    brands = [*spans, "--pqc-title-query-brand-share", "1"]
+    for name, flags, brand_column in (("spans", spans, True), ("brands", brands, True), ("null", brands, False)):
+        shutil.copytree(tiny_workdir / "data", tmp_path / name / "data")
+        if not brand_column:
+            _by_hand(tmp_path / name)
+            path = tmp_path / name / "data" / "catalog.parquet"
+            catalog = pq.read_table(path)
+            catalog = catalog.set_column(catalog.column_names.index("brand"), pa.field("brand", pa.string()),
+                                         pa.nulls(catalog.num_rows, pa.string()))
+            pq.write_table(catalog, path)
+        caplog.clear()
+        train.main(["--workdir", str(tmp_path / name), *TINY_FLAGS, *flags])
+        models[name] = (tmp_path / name / "embeddings" / "checkpoints" / "model.pt").read_bytes()
+    assert models["brands"] != models["spans"]
+    assert models["null"] == models["spans"]
+    assert any("0 of " in r.getMessage() and "have a brand" in r.getMessage() for r in caplog.records)
+
+
 def test_items_drawn_are_the_batches_of_the_planned_steps():
     for n_items, batch, steps in ((100, 16, 3), (100, 16, 6), (100, 16, 13), (7, 7, 4)):
         expected = np.unique(np.concatenate([train.batch_at(np.arange(n_items), batch, 5, s) for s in range(steps)]))
