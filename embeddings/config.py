@@ -165,6 +165,12 @@ class EmbeddingsTrainConfig(DashCLIPConfig):
                                            "both stages, catalog rows and relevance pairs, for the cold-start "
                                            "evaluation; 0 = train on every product", "1", min=0.0, lt=1.0)
 
+    def check(self) -> None:
+        super().check()
+        if self.pqc_title_query_rate == 0 and (self.pqc_title_query_context or self.pqc_title_query_brand_share > 0):
+            raise UserError("--pqc-title-query-context and --pqc-title-query-brand-share shape title-span queries: "
+                            "they need --pqc-title-query-rate > 0")
+
     def settings(self, upto: str) -> dict[str, Any]:
         """The settings that determine the outputs of stage ``upto`` ("1" or "2")."""
         stages = {"model", "1"} if upto == "1" else {"model", "1", "2"}

@@ -362,6 +362,15 @@ def test_brand_spans_read_the_catalog_brand_and_fall_back_to_spans_where_it_is_n
     assert any("0 of " in r.getMessage() and "have a brand" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("flags", [("--pqc-title-query-context",), ("--pqc-title-query-brand-share", "0.3")])
+def test_title_span_options_without_title_spans_are_refused(tmp_path, flags):
+    from common.cli import UserError
+
+    with pytest.raises(UserError, match="need --pqc-title-query-rate > 0"):
+        train.main(["--workdir", str(tmp_path), *TINY_FLAGS, *flags])
+    assert not (tmp_path / "embeddings").exists()
+
+
 def test_items_drawn_are_the_batches_of_the_planned_steps():
     for n_items, batch, steps in ((100, 16, 3), (100, 16, 6), (100, 16, 13), (7, 7, 4)):
         expected = np.unique(np.concatenate([train.batch_at(np.arange(n_items), batch, 5, s) for s in range(steps)]))
