@@ -734,16 +734,23 @@ class Stage2(StageRunner):
         query_index[rows, 0] = new_index
         return query_index, chosen, dict(zip(new_index.tolist(), spans))
 
-    def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
+    def step_queries(self, picked: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """What ``step`` reads for the global batch's tuples ``picked``: ``(query_index [B, 1+N], the
+        title-span tuples [B] bool, {query index: text read instead of its own})``, the texts being typos
+        of the positive queries (:meth:`typos`) and title spans (:meth:`title_queries`)."""
         typos = self.typos(self.tuple_queries[picked, 0], step)  # the positives: what a misspelt query should find
         query_index, title_query, spans = self.title_queries(picked, self.tuple_queries[picked], step)
+        return query_index, title_query, {**typos, **spans}
+
+    def train_loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        picked = batch_at(self.order, self.batch_size, self.cfg.seed, step)
+        query_index, title_query, texts = self.step_queries(picked, step)
         block = self.shard.block(len(picked))  # this rank's block of the global batch
         picked, query_index, title_query = picked[block], query_index[block], title_query[block]
         negative_rows = None if self.tuple_negative_rows is None else self.tuple_negative_rows[picked]
         if negative_rows is not None and title_query.any():  # ranked by the labelled query, not by the span
             negative_rows = np.where(title_query[:, None], -1, negative_rows)
-        losses = self.step_losses(self.tuple_rows[picked], query_index, negative_rows, {**typos, **spans})
+        losses = self.step_losses(self.tuple_rows[picked], query_index, negative_rows, texts)
         total = losses["pqc"] + self.cfg.pqc_in_batch_weight * losses.get("in_batch", 0.0) \
             + losses.get("query_side", 0.0)
         return total, {k: float(v.detach()) for k, v in losses.items()}

@@ -371,6 +371,30 @@ def test_title_span_options_without_title_spans_are_refused(tmp_path, flags):
     assert not (tmp_path / "embeddings").exists()
 
 
+def test_a_stage2_step_reads_typos_of_its_positive_queries_and_brand_spans_in_their_place():
+    from embeddings.config import EmbeddingsTrainConfig
+
+    stage = object.__new__(train.Stage2)  # the attributes step_queries reads, without models or data
+    stage.query_text = ["oat milk", "rye bread", "sparkling water", "whole milk", "sourdough bread", "cola"]
+    stage.tuple_queries = np.array([[0, 1, 2], [3, 4, 0]])  # positive first; query 0 is also a negative
+    stage.tuple_rows = np.array([0, 1])
+    stage.product_title = ["Moolo Oat Milk 64 fl oz Carton", "Boorra Sourdough Bread 24 oz Bag"]
+    stage.product_brand = ["Moolo", None]
+    picked = np.array([0, 1])
+    stage.cfg = EmbeddingsTrainConfig(pqc_query_typo_rate=1.0)
+    query_index, title_query, texts = stage.step_queries(picked, step=3)
+    assert sorted(texts) == [0, 3] and not title_query.any()  # every positive, no negative (1, 2, 4)
+    assert all(texts[q] != stage.query_text[q] and len(texts[q].split()) == 2 for q in texts)
+    assert np.array_equal(query_index, stage.tuple_queries)
+    assert stage.step_queries(picked, step=3)[2] == texts  # drawn from (seed, step)
+    stage.cfg = EmbeddingsTrainConfig(pqc_title_query_rate=1.0, pqc_title_query_brand_share=1.0)
+    query_index, title_query, texts = stage.step_queries(picked, step=3)
+    assert title_query.all() and np.array_equal(query_index[:, 0], [6, 7])  # new indices after the queries
+    assert np.array_equal(query_index[:, 1:], stage.tuple_queries[:, 1:])
+    assert texts[6] == "moolo"  # the brand; the product without one keeps a span of its title
+    assert 1 <= len(texts[7].split()) <= 3 and texts[7] in "boorra sourdough bread 24 oz bag"
+
+
 def test_items_drawn_are_the_batches_of_the_planned_steps():
     for n_items, batch, steps in ((100, 16, 3), (100, 16, 6), (100, 16, 13), (7, 7, 4)):
         expected = np.unique(np.concatenate([train.batch_at(np.arange(n_items), batch, 5, s) for s in range(steps)]))
