@@ -624,7 +624,7 @@ class Stage2(StageRunner):
                  product_brand: Sequence[str | None] = ()) -> None:
         self.product_state, self.tuple_rows, self.tuple_queries = product_state, tuple_rows, tuple_queries
         self.product_title = product_title  # per state row: the title-span queries' source
-        self.product_brand = product_brand  # per state row: the brand queries' (None = no brand)
+        self.product_brand = product_brand  # per state row with --pqc-title-query-brand-share: None = no brand
         self.tuple_negative_rows = tuple_negative_rows
         self.queries, self.query_text = queries, query_text
         self.eval_rows, self.eval_queries = eval_rows, eval_queries
@@ -1062,8 +1062,9 @@ class Trainer:
         negative_rows = (None if negative_products is None
                          else np.where(negative_products >= 0, cls_row.get_indexer(negative_products.reshape(-1))
                                        .reshape(negative_products.shape), -1))
-        product_brand = [brand if isinstance(brand, str) and brand else None
-                         for brand in catalog["brand"].to_numpy()[needed_rows]]  # None: a null brand
+        product_brand = ([brand if isinstance(brand, str) and brand else None  # None: a null brand
+                          for brand in catalog["brand"].to_numpy()[needed_rows]]
+                         if cfg.pqc_title_query_brand_share > 0 else [])
         if cfg.pqc_title_query_rate > 0:
             log.info("stage 2: title-span queries: each step replaces each tuple's positive query with 1-%d words of "
                      "its product's title%s with probability %g (--pqc-title-query-rate)", TITLE_SPAN_MAX_WORDS,

@@ -310,8 +310,8 @@ def test_query_states_of_a_query_read_with_a_typo_come_from_its_text_not_the_cac
      {"pqc_title_query_rate": 1.0, "pqc_title_query_brand_share": 0.5}, "their product's brand")])
 def test_query_augmentation_is_a_stage2_setting_that_trains_deterministically_and_resumes(
         tiny_workdir, tmp_path, caplog, augmentation, recorded, logged):
-    """Typos and title-span queries (with or without the query's own modifiers, brands for some): stage 1 is reused,
-    stage 2 retrains and ends elsewhere than without them; a run paused inside stage 2 and resumed
+    """Typos and title-span queries (with or without the query's own modifiers, brands for some):
+    stage 1 is reused, stage 2 retrains and ends elsewhere than without them; a run paused inside stage 2 and resumed
     gives the same bytes (what a step reads is drawn from the seed and the step)."""
     caplog.set_level(logging.INFO)
     runs = {}
@@ -345,9 +345,9 @@ def test_brand_spans_read_the_catalog_brand_and_fall_back_to_spans_where_it_is_n
     spans = ["--pqc-title-query-rate", "1"]
     models = {}
     brands = [*spans, "--pqc-title-query-brand-share", "1"]
-    for name, flags, brand_column in (("spans", spans, True), ("brands", brands, True), ("null", brands, False)):
+    for name, flags, null_brands in (("spans", spans, False), ("brands", brands, False), ("null", brands, True)):
         shutil.copytree(tiny_workdir / "data", tmp_path / name / "data")
-        if not brand_column:
+        if null_brands:
             _by_hand(tmp_path / name)
             path = tmp_path / name / "data" / "catalog.parquet"
             catalog = pq.read_table(path)
