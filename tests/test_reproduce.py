@@ -117,7 +117,7 @@ def test_ranking_section_handles_a_slice_without_impressions(tmp_path: Path) -> 
     assert "AUC dcn_pq_hist > dcn_pq > dcn on NW" in section and "users with history gain more" not in section
 
 
-def test_demo_preset_trains_stage2_one_epoch_and_the_synthetic_stage1_one_step_stage2_four() -> None:
+def test_demo_preset_trains_stage2_one_epoch_and_the_synthetic_stage1_one_step_stage2_six() -> None:
     from experiments.presets import PRESETS
 
     def train_cmd(source: str) -> tuple[str, ...]:
@@ -126,8 +126,9 @@ def test_demo_preset_trains_stage2_one_epoch_and_the_synthetic_stage1_one_step_s
 
     for source in ("completejourney", "fashion", "instacart"):
         assert train_cmd(source)[-2:] == ("--stage2-epochs", "1") and "--stage1-max-steps" not in train_cmd(source)
-    assert train_cmd("synth:demo")[-7:] == ("--stage1-max-steps", "1", "--stage2-epochs", "6",
-                                            "--pqc-title-query-rate", "0.3", "--pqc-title-query-context")
+    assert train_cmd("synth:demo")[-11:] == ("--stage1-max-steps", "1", "--stage2-epochs", "6",
+                                             "--pqc-title-query-rate", "0.3", "--pqc-title-query-context",
+                                             "--pqc-title-query-brand-share", "0.3", "--pqc-tau", "0.07")
     assert all("--pqc-title-query-rate" not in train_cmd(source) for source in ("completejourney", "fashion"))
     assert train_cmd("synth:demo").count("--stage2-epochs") == 1
 
