@@ -97,7 +97,7 @@ def _rank_match(cases: str, out: str) -> None:
     """For each ``variant:sharding`` case: forward + one SGD step sharded vs unsharded on the same
     global batch. Rank 0 writes per case the largest differences, the change of the frozen tables
     and which rows of the DashCLIP tables the step changed and the batch looked up."""
-    from common.distributed import init_from_env
+    from common.distributed import close_process_group, init_from_env
     from ranking import distributed
     from ranking.plain import PlainInputModel
     from ranking.optim import RowWiseAdagrad
@@ -145,7 +145,7 @@ def _rank_match(cases: str, out: str) -> None:
                 "summary": distributed.plan_summary(ranker.plan, shapes, env.world_size)}
     if env.is_main:
         Path(out).write_text(json.dumps(results))
-    torch.distributed.destroy_process_group()
+    close_process_group()  # rank 1 waits for rank 0's writing: a rank that exits first can abort its peer
 
 
 def _rank_fail(out: str) -> None:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from common.distributed import close_process_group
 from embeddings.losses import ITCLoss, ITMLoss, PQCLoss, mine_hard_negatives
 
 
@@ -117,6 +118,7 @@ def _log_share() -> torch.Tensor:
 def _itc_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=30))
+    ended = False
     try:
         torch.set_num_threads(1)
         image, text = _global_batch()
@@ -130,8 +132,9 @@ def _itc_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.save({"loss": loss.detach(), "sim": sim, "grad_image": image_local.grad, "grad_text": text_local.grad,
                     "grad_scale": itc.logit_scale.grad, "corrected": corrected.detach()},
                    Path(out_dir) / f"rank{rank}.pt")
+        ended = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(synchronize=ended)
 
 
 def _free_port() -> int:
