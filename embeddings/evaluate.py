@@ -8,7 +8,9 @@ set (``model.pt``, ``config.json``), the exported product table when it is used,
 a set made from exactly these is kept (``--force`` recomputes).
 
 Held-out queries are the eval side of :func:`embeddings.sampling.split_queries`, with the seed and
-fraction that training recorded in ``DIR/embeddings/config.json`` (defaults when it has none).
+fraction that training recorded in ``DIR/embeddings/config.json`` (defaults when it has none);
+with more than ``--max-queries`` of them, a seeded uniform sample of that many (:func:`sample_queries`)
+is evaluated in every view.
 Cold-start products are :func:`embeddings.sampling.split_cold_products` of the catalog with the
 seed and ``cold_product_fraction`` recorded there (0, none, for a model trained before that setting
 existed): the products no training stage saw. The systems compared:
@@ -108,6 +110,7 @@ PROBE_SYSTEMS = {"random": "random vectors (chance)", "untuned_text": "untuned t
 ORACLE_ROW = "Relevance oracle (true grades, ties at random; expected)"
 METRICS_JSON, METRICS_MD = "embeddings/metrics.json", "embeddings/metrics.md"
 PLOTS_DIR = "embeddings/plots"
+QUERY_SAMPLE_STREAM = 1  # the generator of the held-out query sample: [seed, this]
 PLOT_FILES = ("cosine_by_relevance.png", "tsne.png")  # t-SNE is left out when too few products remain
 
 
@@ -550,6 +553,9 @@ class EvaluateConfig:
     probe_hidden: int = field(default=256, metadata={"help": "hidden width of the MLP probes"})
     probe_max_rows: int = field(default=200_000, metadata={"help": "subsample each probe's rows to at most this"})
     tsne_points: int = field(default=2000, metadata={"help": "products per t-SNE map"})
+    max_queries: int = field(default=20_000, metadata={
+        "help": "evaluate a seeded sample of at most this many held-out queries (0: all): full-catalog retrieval "
+                "costs queries x products, so without a cap it grows with the square of the data", "min": 0})
     threads: int = threads_field(note="the probes always train on one thread (see single_threaded)")
 
 
@@ -679,7 +685,10 @@ def _markdown(metrics: dict) -> str:
     n_cold = split.get("n_cold_products", 0)
     lines = ["# DashCLIP embedding evaluation", "",
              f"Held-out queries: {split['n_heldout_queries']} ({split['eval_fraction']:.0%} of distinct queries, "
-             f"split seed {split['seed']}, from {split['source']}). "
+             f"split seed {split['seed']}, from {split['source']}"
+             + (f"; a seeded sample of the {split['n_heldout_queries_all']} held-out queries"
+                if split["n_heldout_queries_all"] > split["n_heldout_queries"] else "")
+             + "). "
              + (f"Cold-start products: {n_cold} ({split.get('cold_fraction', 0.0):.0%} of the catalog, stratified by "
                 "aisle), left out of both training stages." if n_cold else
                 "Cold-start products: none (the model was trained on every product)."), ""]
@@ -822,6 +831,15 @@ def encode_all(workdir: Path, catalog: pd.DataFrame, queries: list[str], rng: np
     return vectors
 
 
+def sample_queries(n_queries: int, max_queries: int, seed: int) -> np.ndarray | None:
+    """Sorted indices of a uniform sample of ``max_queries`` of ``n_queries`` held-out queries, drawn
+    from a generator of its own (``seed``; the other draws of the evaluation do not move); None when
+    all are kept (``max_queries`` 0 or at least ``n_queries``)."""
+    if max_queries == 0 or n_queries <= max_queries:
+        return None
+    return np.sort(np.random.default_rng([seed, QUERY_SAMPLE_STREAM]).choice(n_queries, max_queries, replace=False))
+
+
 def _cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(rows, cap, replace=False)) if len(rows) > cap else rows
 
@@ -898,6 +916,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise UserError(f"no held-out queries (eval_fraction {split['eval_fraction']} of "
                         f"{relevance['query'].nunique()} queries): nothing to evaluate")
     query_codes, vocabulary = normalized_query_codes(heldout["query"])
+    n_heldout_queries = len(vocabulary)
+    sampled = sample_queries(n_heldout_queries, cfg.max_queries, cfg.seed)
+    if sampled is not None:
+        rows = np.isin(query_codes, sampled)
+        heldout, query_codes, vocabulary = heldout[rows], np.searchsorted(sampled, query_codes[rows]), vocabulary[sampled]
+        log.info("evaluating a sample of %d of the %d held-out queries (--max-queries)", len(sampled), n_heldout_queries)
     queries = vocabulary.tolist()
     product_ids = catalog["product_id"].to_numpy(dtype=np.int64)
     pairs = (heldout.assign(query=vocabulary[query_codes])
@@ -985,7 +1009,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "relevance_probe": {name: asdict(r) for name, r in relevance_probe.items()},
         "cosine_by_label": {name: {LABEL_NAMES[c]: float(cos[lab == c].mean()) for c in (IR, MR, HR) if (lab == c).any()}
                             for name, (cos, lab) in cosines.items()},
-        "split": {**split, "n_heldout_queries": len(queries), "n_heldout_pairs": int(len(pairs)),
+        "split": {**split, "n_heldout_queries": len(queries), "n_heldout_queries_all": n_heldout_queries,
+                  "n_heldout_pairs": int(len(pairs)),
                   "n_cold_products": int(is_cold.sum())},
         "counts": {"products": int(len(product_ids)), "relevance_pairs": int(len(relevance))},
     }

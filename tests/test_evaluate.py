@@ -208,6 +208,14 @@ def test_probe_drops_singleton_classes_and_needs_two_classes():
         train_probe(features[:10], labels[:10], seed=0)
 
 
+def test_query_sample_is_seeded_sorted_and_only_drawn_when_needed():
+    sample = evaluate.sample_queries(1000, 100, seed=3)
+    assert len(sample) == len(set(sample.tolist())) == 100 and np.all(np.diff(sample) > 0) and sample.max() < 1000
+    np.testing.assert_array_equal(sample, evaluate.sample_queries(1000, 100, seed=3))
+    assert not np.array_equal(sample, evaluate.sample_queries(1000, 100, seed=4))
+    assert evaluate.sample_queries(100, 100, seed=3) is None and evaluate.sample_queries(1000, 0, seed=3) is None
+
+
 def test_downsample_keeps_half_of_one_label():
     labels = np.array([IR] * 10 + [MR] * 3 + [HR] * 2 + [IR])
     rows = downsample_label(labels, IR, 0.5, np.random.default_rng(0))
@@ -333,6 +341,15 @@ def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
     caplog.set_level("INFO")
     assert evaluate.main(["--workdir", str(workdir), *EVAL_FLAGS]) == read_json(out / "metrics.json")
     assert "up to date" in caplog.text
+
+    # a sample of the held-out queries (--max-queries): every view scores those alone
+    n_all = metrics["split"]["n_heldout_queries"]
+    assert metrics["split"]["n_heldout_queries_all"] == n_all
+    sampled = evaluate.main(["--workdir", str(workdir), *EVAL_FLAGS, "--max-queries", str(n_all // 2)])
+    assert sampled["split"]["n_heldout_queries"] == n_all // 2 and sampled["split"]["n_heldout_queries_all"] == n_all
+    assert sampled["retrieval_complete"]["dashclip"]["n_queries"] == n_all // 2
+    assert sampled["split"]["n_heldout_pairs"] < metrics["split"]["n_heldout_pairs"]
+    assert f"a seeded sample of the {n_all} held-out queries" in (out / "metrics.md").read_text()
 
 
 def test_evaluate_command_reports_missing_inputs_in_one_line(tmp_path):
