@@ -285,12 +285,13 @@ def test_a_share_of_users_never_buys_but_still_searches(tables: dict[str, pd.Dat
     assert (~tables["impressions"].user_id.isin(buyers)).mean() > 0.1
 
 
-def test_eval_week_has_mostly_unseen_queries(tables: dict[str, pd.DataFrame]) -> None:
-    imp = tables["impressions"]
+def test_eval_week_has_mostly_unseen_queries(tables: dict[str, pd.DataFrame], tiny_workdir: Path) -> None:
+    imp, manifest = tables["impressions"], _manifest(tiny_workdir)
     query = imp["query"].map(normalize_query)
-    in_eval = imp.ts >= imp.ts.max() - pd.Timedelta(days=7)
+    in_eval = imp.ts >= pd.Timestamp(manifest["eval_week_start"], tz=imp.ts.dt.tz)
     unseen = ~query[in_eval].isin(set(query[~in_eval]))
     assert unseen.mean() > 0.3
+    assert manifest["eval_share_of_impressions_with_unseen_query"] == pytest.approx(unseen.mean(), abs=1e-4)
     assert query.nunique() > 0.4 * imp.session_id.nunique()  # a long tail of distinct queries
 
 

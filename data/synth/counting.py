@@ -60,8 +60,10 @@ class PastCounts:
 
 class QueryCodes:
     """Dense int64 codes of query texts, keyed by the 64-bit hash of the normalised text
-    (:func:`query_hashes`): sorted hashes with parallel codes, 16 bytes per distinct query.
-    Codes are given in order of the first day a query is counted (by hash within a day)."""
+    (:func:`query_hashes`): sorted hashes with parallel codes, 16 bytes per distinct query; also the
+    set of the queries seen so far. Codes are given in order of the first :meth:`assign` call that
+    sees a query (by hash within a call). A lookup is a binary search per hash; adding queries also
+    copies the stored arrays once (no sort or hash of what is stored)."""
 
     def __init__(self) -> None:
         self.hashes = np.zeros(0, dtype=np.uint64)
@@ -79,7 +81,8 @@ class QueryCodes:
 
     def assign(self, hashes: np.ndarray) -> np.ndarray:
         """The code of each of ``hashes``, giving the next free codes to queries without one."""
-        new = np.setdiff1d(hashes, self.hashes)
+        distinct = np.unique(hashes)
+        new = distinct[self.lookup(distinct) < 0]
         pos = np.searchsorted(self.hashes, new)
         self.hashes = np.insert(self.hashes, pos, new)
         self.codes = np.insert(self.codes, pos, len(self.codes) + np.arange(len(new), dtype=np.int64))

@@ -24,7 +24,7 @@ from data.dataset import RELEVANCE_TRUTH_FILE, TRUTH_FILE, data_set, table_rel
 from data.protocol import DAY_S, EVAL_DAYS
 from data.synth.catalog import CATALOG_EXTRA, Catalog, build_catalog, catalog_batch
 from data.synth.config import PROFILES, Behaviour, ClickModel, ProfileConfig
-from data.synth.counting import QueryCountFeatures
+from data.synth.counting import QueryCodes, QueryCountFeatures
 from data.synth.history import PurchaseHistory
 from data.synth.queries import KIND_NAMES
 from data.synth.relevance import LabelCounts, relevance_batches
@@ -204,7 +204,7 @@ def _simulate(cfg: ProfileConfig, catalog: Catalog, users: Users, behaviour: Beh
                         query_counts=QueryCountFeatures(catalog.n, len(catalog.vocab.aisles), clicks.ctr_prior,
                                                         clicks.ctr_prior_strength) if query_counts else None)
     eval_start = start_ts + (cfg.n_days - EVAL_DAYS) * DAY_S
-    seen_queries = np.zeros(0, dtype=np.uint64)
+    seen_queries = QueryCodes()  # the queries of the days before the evaluation week
     for day in tqdm(range(cfg.n_days), desc="days", unit="day"):
         result = simulate_day(day, cfg, catalog, users, behaviour, clicks, state, seed, start_ts)
         sinks["purchases"].write(result.purchases)
@@ -223,9 +223,9 @@ def _simulate(cfg: ProfileConfig, catalog: Catalog, users: Users, behaviour: Beh
         hashes = result.session_hashes
         if start_ts + day * DAY_S >= eval_start:
             stats.eval_rows += len(result.row_session)
-            stats.eval_rows_new_query += int((~np.isin(hashes, seen_queries))[result.row_session].sum())
+            stats.eval_rows_new_query += int((seen_queries.lookup(hashes) < 0)[result.row_session].sum())
         else:
-            seen_queries = np.union1d(seen_queries, hashes)
+            seen_queries.assign(hashes)
     if state.query_counts is not None:
         stats.query_count_keys = state.query_counts.sizes()
 

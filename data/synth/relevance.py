@@ -15,6 +15,7 @@ import pyarrow as pa
 from data import schema
 from data.synth.catalog import Catalog
 from data.synth.config import Behaviour, ProfileConfig
+from data.synth.counting import QueryCodes
 from data.synth.queries import (EXACT, NEAR, POPULAR, Intents, draw_candidates, query_hashes, relevance_labels,
                                 render_queries, sample_intents)
 from data.synth.sampling import STREAM_RELEVANCE, categorical, stream_rng
@@ -54,7 +55,7 @@ def relevance_batches(catalog: Catalog, cfg: ProfileConfig, behaviour: Behaviour
     Every normalised query text occurs once in the table; each query gets ``pairs_per_query``
     pairs on average, subsampled per chunk to the target label split.
     """
-    seen = np.zeros(0, dtype=np.uint64)  # hashes of the normalised query texts already used
+    seen = QueryCodes()  # the normalised query texts already used
     target_split = np.asarray(behaviour.label_split)
     per_query = math.ceil(behaviour.relevance_oversample * cfg.pairs_per_query)
     for chunk in itertools.count():
@@ -72,11 +73,11 @@ def relevance_batches(catalog: Catalog, cfg: ProfileConfig, behaviour: Behaviour
         _, first = np.unique(hashes, return_index=True)
         keep = np.zeros(n_q, dtype=bool)
         keep[first] = True
-        keep &= ~np.isin(hashes, seen)
+        keep &= seen.lookup(hashes) < 0
         q_idx = np.flatnonzero(keep)[:need]
         if not len(q_idx):
             raise RuntimeError(f"relevance chunk {chunk} found no new query text; the vocabulary is exhausted")
-        seen = np.union1d(seen, hashes[q_idx])
+        seen.assign(hashes[q_idx])
         complete = q_idx[:max(0, cfg.complete_label_queries - counts.queries)]
         truth = complete_labels(catalog, intents.take(complete), [texts[i] for i in complete.tolist()])
         counts.queries += len(q_idx)
