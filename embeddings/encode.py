@@ -3,7 +3,8 @@
 Python API (what ``embeddings.evaluate`` and ``embeddings.export`` use)::
 
     encoder = load_encoder(workdir, "trained")      # or "untuned": same architecture, before training
-    encoder.products(catalog_df)   # multimodal product vectors (grounded [CLS] -> multimodal proj)
+    encoder.products(catalog_df)   # multimodal product vectors (grounded [CLS] -> multimodal proj);
+                                   # image_out=array: the image-only vectors too, from the same pass
     encoder.images(catalog_df)     # image-only vectors (zeros for products without an image)
     encoder.texts(titles)          # title-only vectors (plain text encoder)
     encoder.queries(queries)       # query vectors (queries normalised first)
@@ -187,20 +188,27 @@ class DashEncoder:
     def _pixels(self, images: ImageStore, rows: np.ndarray) -> torch.Tensor:
         return images.pixels(rows, channels_last=self.net.reads_channels_last).to(self.device)
 
-    def products(self, catalog: pd.DataFrame, out: np.ndarray | None = None) -> np.ndarray:
+    def products(self, catalog: pd.DataFrame, out: np.ndarray | None = None,
+                 image_out: np.ndarray | None = None) -> np.ndarray:
         """Multimodal product vectors ``[N, d]`` (into ``out`` when given). Products without an image
-        use the text-only path (the text encoder without image tokens, then the multimodal projection)."""
+        use the text-only path (the text encoder without image tokens, then the multimodal projection).
+        With ``image_out`` (float32 ``[N, d]``) the image-only vectors of :meth:`images` are written
+        there too, from the same pass over the images (rows without an image are left as they are)."""
         images, titles = self._stores(catalog)
         n_text_only = int((~images.has_image).sum())
         if n_text_only:
             log.info("%d of %d products have no image: their vectors come from the title alone (text encoder "
                      "without image tokens + multimodal projection)", n_text_only, len(images))
+        if image_out is not None:
+            self._output(image_out, len(images))
 
         def encode(rows: np.ndarray) -> torch.Tensor:
             has_image = images.has_image[rows]
-            pixels = self._pixels(images, rows[has_image]) if has_image.any() else None
+            tokens = self.net.image_tokens(self._pixels(images, rows[has_image])) if has_image.any() else None
+            if image_out is not None and tokens is not None:
+                image_out[rows[has_image]] = self.net.image_embedding(tokens.float()).float().cpu().numpy()
             ids, mask = (t.to(self.device) for t in titles.batch(rows))
-            cls = self.net.product_state(ids, mask, pixels, torch.as_tensor(has_image, device=self.device))
+            cls = self.net.product_state_from_tokens(ids, mask, tokens, torch.as_tensor(has_image, device=self.device))
             return self.net.product_embedding_from_state(cls.float())
 
         batches = length_sorted_batches(titles.lengths, self.batch_size)

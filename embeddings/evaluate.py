@@ -810,15 +810,16 @@ def encode_all(workdir: Path, catalog: pd.DataFrame, queries: list[str], rng: np
     (trained product vectors from the exported table when ``exported``)."""
     from embeddings.encode import load_encoder  # the encoders are heavy: import only when evaluating
 
-    steps = tqdm(total=6, desc="encode", unit="set")
+    steps = tqdm(total=5, desc="encode", unit="set")
     untuned = load_encoder(workdir, "untuned")
-    vectors = {}
-    for name, encode in (("untuned_query", lambda: untuned.queries(queries)),
-                         ("untuned_text", lambda: untuned.texts(catalog["title"].tolist())),
-                         ("untuned_image", lambda: untuned.images(catalog)),
-                         ("untuned_product", lambda: untuned.products(catalog))):
-        vectors[name] = _unit(encode())
-        steps.update()
+    vectors = {"untuned_query": _unit(untuned.queries(queries))}
+    steps.update()
+    vectors["untuned_text"] = _unit(untuned.texts(catalog["title"].tolist()))
+    steps.update()
+    image = np.zeros((len(catalog), untuned.dim), np.float32)  # zeros: products without an image
+    vectors["untuned_product"] = _unit(untuned.products(catalog, image_out=image))  # one pass over the images
+    vectors["untuned_image"] = _unit(image)
+    steps.update()
     trained = load_encoder(workdir, "trained")
     vectors["dashclip_query"] = _unit(trained.queries(queries))
     steps.update()

@@ -164,12 +164,19 @@ class DashCLIP(nn.Module):
         """Grounded states ``[B, Dt]`` of products; ``pixels`` ``[K, 3, S, S]`` holds the images of the
         K rows where ``has_image`` ``[B]`` is True; the other rows run without image tokens (only
         those rows run the plain mode)."""
+        tokens = self.image_tokens(pixels) if bool(has_image.any()) else None
+        return self.product_state_from_tokens(input_ids, attention_mask, tokens, has_image)
+
+    def product_state_from_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                  image_tokens: torch.Tensor | None, has_image: torch.Tensor) -> torch.Tensor:
+        """:meth:`product_state` from the image tokens ``[K, 1+P, Dv]`` of the K rows with an image
+        (:meth:`image_tokens` of their pixels; None when no row has one)."""
         if bool(has_image.all()):
-            return self.text_state(input_ids, attention_mask, self.image_tokens(pixels))
+            return self.text_state(input_ids, attention_mask, image_tokens)
         if not bool(has_image.any()):
             return self.text_state(input_ids, attention_mask)
         rows, plain_rows = has_image.nonzero().squeeze(1), (~has_image).nonzero().squeeze(1)
-        grounded = self.text_state(input_ids[rows], attention_mask[rows], self.image_tokens(pixels))
+        grounded = self.text_state(input_ids[rows], attention_mask[rows], image_tokens)
         plain = self.text_state(input_ids[plain_rows], attention_mask[plain_rows])
         out = plain.new_empty((len(has_image), plain.shape[1]))
         out[plain_rows] = plain

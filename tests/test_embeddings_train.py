@@ -141,6 +141,10 @@ def test_end_to_end_train_export_encode(workdir, caplog):
     for vectors in (trained.images(some), trained.texts(some["title"].tolist())):
         assert vectors.shape == (5, 256)
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    # one pass over the images gives the product vectors and the image-only ones of images()
+    image_out = np.zeros((5, 256), np.float32)
+    np.testing.assert_allclose(trained.products(some, image_out=image_out), trained.products(some), atol=1e-6)
+    np.testing.assert_allclose(image_out, trained.images(some), atol=1e-5)
 
     # the CLI embeds a new catalog file and a query list without retraining
     new_catalog = workdir / "new_catalog.parquet"
@@ -438,8 +442,10 @@ def test_title_only_catalog(workdir, caplog):
     products = tables.read_embedding_table(tables.embedding_table_path(workdir, "product"), "product")
     assert len(products.keys) == catalog.num_rows + 1
     np.testing.assert_allclose(np.linalg.norm(products.vectors[1:], axis=1), 1.0, rtol=1e-5)
-    images = encode.load_encoder(workdir).images(catalog.to_pandas().iloc[:3])
-    assert not images.any()  # no image, no image vector
+    encoder, first = encode.load_encoder(workdir), catalog.to_pandas().iloc[:3]
+    image_out = np.zeros((3, 256), np.float32)
+    encoder.products(first, image_out=image_out)
+    assert not encoder.images(first).any() and not image_out.any()  # no image, no image vector
 
 
 def test_stage2_alone_needs_stage1(workdir):
