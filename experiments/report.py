@@ -214,10 +214,14 @@ def retrieval_section(root: Path) -> str:
         return out[0] + "\nThe embedding evaluation has not run.\n"
     names = RETRIEVAL_NAMES
     keys = RETRIEVAL_KEYS
-    n_cold = metrics.get("split", {}).get("n_cold_products", 0)
+    split = metrics.get("split", {})
+    n_cold, n_queries = split.get("n_cold_products", 0), split.get("n_heldout_queries", 0)
+    n_all = split.get("n_heldout_queries_all", n_queries)
     out.append(f"Candidates: all {metrics.get('counts', {}).get('products', '?')} catalog products"
                + (f" ({n_cold} of them cold-start)" if n_cold else "")
-               + ", a harder pool than the paper's; the paper's figures are beside the Table 1 protocol above.\n")
+               + ", a harder pool than the paper's; the paper's figures are beside the Table 1 protocol above."
+               + (f" Queries: a seeded sample of {n_queries} of the {n_all} held-out queries (`--max-queries`), in "
+                  "every view." if n_all > n_queries else "") + "\n")
     rows = [[label] + [_fmt(metrics["retrieval"].get(k, {}).get(m)) for m in keys]
             for k, label in names.items() if k in metrics.get("retrieval", {})]
     if "retrieval_oracle" in metrics:

@@ -350,6 +350,8 @@ def test_evaluate_command_end_to_end(tiny_workdir_copy, caplog):
     assert sampled["retrieval_complete"]["dashclip"]["n_queries"] == n_all // 2
     assert sampled["split"]["n_heldout_pairs"] < metrics["split"]["n_heldout_pairs"]
     assert f"a seeded sample of the {n_all} held-out queries" in (out / "metrics.md").read_text()
+    assert f"a seeded sample of {n_all // 2} of the {n_all} held-out queries" in report.retrieval_section(workdir)
+    assert "seeded sample" not in rendered  # the run over every held-out query says nothing of a sample
 
 
 def test_evaluate_command_reports_missing_inputs_in_one_line(tmp_path):
