@@ -198,10 +198,12 @@ class TableKeys:
 
     @classmethod
     def from_tensors(cls, kind: TableKind, tensors: dict[str, torch.Tensor]) -> "TableKeys":
-        """The keys saved by :meth:`to_tensors` (a memory-mapped checkpoint's tensors are read in place)."""
+        """The keys saved by :meth:`to_tensors`, copied: tensors of a checkpoint read with
+        ``torch.load(mmap=True)`` are views of one mapping of the whole file, and keys that stayed
+        views would keep it mapped (with every table page read so far resident) as long as the keys live."""
         if kind == "product":
-            return cls(kind, tensors["ids"].numpy())
-        offsets, utf8 = tensors["offsets"].numpy(), tensors["utf8"].numpy()
+            return cls(kind, tensors["ids"].numpy().copy())
+        offsets, utf8 = tensors["offsets"].numpy().copy(), tensors["utf8"].numpy().copy()
         values = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(utf8))
         values.validate(full=True)
         return cls(kind, values)
