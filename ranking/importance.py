@@ -89,26 +89,40 @@ def _made_from(cfg: ImportanceConfig, model_hashes: dict[str, str]) -> MadeFrom:
     return MadeFrom({**model_hashes, **input_hashes(cfg.workdir, ["impressions", "purchases"])}, settings)
 
 
-def load_trained(cfg: ImportanceConfig) -> tuple[RankingModel, Path, dict[str, str]]:
-    """The model of ``cfg.variant`` / ``cfg.model_seed``, its path and the hashes of its (intact)
-    set; a clear error when it has not been trained."""
+def trained_model(cfg: ImportanceConfig) -> tuple[Path, dict[str, str]]:
+    """The path of the model of ``cfg.variant`` / ``cfg.model_seed`` and the hashes of its (intact)
+    set; a clear error when it has not been trained. The model itself is not loaded: a current
+    output set is recognised from the hashes alone."""
     trained = trained_set(cfg.workdir, cfg.variant, cfg.model_seed)
     path = trained.path(trained.files[0])
     if not path.exists():
         raise UserError(f"{path}: missing ranking model; run `python -m ranking.train --workdir {cfg.workdir} "
                         f"--variant {cfg.variant} --seeds {cfg.model_seed + 1}` first")
-    hashes = trained.verify()
+    return path, trained.verify()
+
+
+def load_trained(path: Path, variant: str) -> RankingModel:
+    """The model at ``path``, which must hold ``variant``."""
     model = load_model(path)
-    if model.variant != cfg.variant:
-        raise UserError(f"{path}: holds variant {model.variant!r}, expected {cfg.variant!r}")
-    return model, path, hashes
+    if model.variant != variant:
+        raise UserError(f"{path}: holds variant {model.variant!r}, expected {variant!r}")
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the stage (or skip it when its outputs are current); returns the report."""
     cfg = parse_config(ImportanceConfig, argv)
     workdir = Path(cfg.workdir)
-    model, model_path, model_hashes = load_trained(cfg)
+    model_path, model_hashes = trained_model(cfg)
+    prepare_workdir(workdir, "importance")
+    out = importance_set(workdir)
+    json_rel, md_rel, png_rel = out.files
+    made_from = _made_from(cfg, model_hashes)
+    if not cfg.force and out.current(made_from):
+        log.info("%s is complete for these inputs and settings; skipping (--force redoes it)", out.path(json_rel))
+        return read_json(out.path(json_rel))
+
+    model = load_trained(model_path, cfg.variant)
     torch.set_num_threads(resolve_threads(cfg.threads))
     try:
         cache = ImpressionCache.open(workdir)
@@ -120,14 +134,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError(f"{model_path}: trained on features {spec.dense_names + spec.sparse_names}, but "
                         f"{table_path(workdir, 'impressions')} has {cache.meta.dense_names + cache.meta.sparse_names}; "
                         "retrain with `python -m ranking.train --force`")
-    prepare_workdir(workdir, "importance")
-    out = importance_set(workdir)
-    json_rel, md_rel, png_rel = out.files
-    made_from = _made_from(cfg, model_hashes)
-    if not cfg.force and out.current(made_from):
-        log.info("%s is complete for these inputs and settings; skipping (--force redoes it)", out.path(json_rel))
-        return read_json(out.path(json_rel))
-
     rng = seed_everything(cfg.seed)
     eval_rows = np.asarray(cache.split_index("eval"))
     if cfg.max_rows and len(eval_rows) > cfg.max_rows:

@@ -133,8 +133,10 @@ def test_permutation_cli_writes_every_group_ranked_deterministic_and_skips(train
     assert f"| 1 | {SIGNAL} |" in (out / "importance.md").read_text()
 
     stamp = (out / "importance.json").stat().st_mtime_ns
+    shutil.rmtree(trained / "ranking" / "cache")
     assert importance.main(argv[:-1]) == report  # same settings: skipped
     assert (out / "importance.json").stat().st_mtime_ns == stamp
+    assert not (trained / "ranking" / "cache").exists()  # a skip reads hashes only: no features, no model
     again = importance.main(argv)  # --force recomputes the same numbers
     assert {g: v["score"] for g, v in again["groups"].items()} == {g: v["score"] for g, v in report["groups"].items()}
 
