@@ -273,7 +273,7 @@ def export(cfg: ServingExportConfig) -> dict:
     made_from = MadeFrom({**trained.verify(), **input_hashes(workdir, ["impressions", "purchases"])}, _settings(cfg))
     torch.set_num_threads(resolve_threads(cfg.threads))
     prepare_workdir(workdir, "serving")
-    has_tables = load_model(checkpoint).table_tower is not None  # a mapped checkpoint: read, not copied
+    has_tables = get_variant(cfg.variant).uses_tables
     files = export_files(has_tables)
     out = export_set(workdir, has_tables)
     if not cfg.force and out.current(made_from):
@@ -337,6 +337,8 @@ def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, 
     the manifest. One copy of the tables at a time: the mapped checkpoint while scripting, the
     loaded file while checking it."""
     eager = load_model(checkpoint)
+    if eager.variant != cfg.variant:
+        raise UserError(f"{checkpoint}: holds variant {eager.variant!r}, expected {cfg.variant!r}")
     spec, has_tables = eager.spec, eager.table_tower is not None
     data = RankingData(cache, purchases, spec)
     if data.num_rows("eval") == 0:
