@@ -763,7 +763,6 @@ def run(cfg: ServingBenchConfig, argv: Sequence[str] | None = None) -> dict:
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per health check
-    scorer = Scorer(cfg.workdir, with_added=False)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "force")}
     out = bench_set(prepare_workdir(cfg.workdir, "serving"))
     json_rel, md_rel = out.files
@@ -773,6 +772,7 @@ def run(cfg: ServingBenchConfig, argv: Sequence[str] | None = None) -> dict:
         log.info("%s is complete for this export and these settings; skipping (--force runs again)", out.path(json_rel))
         print(out.path(md_rel).read_text())
         return read_json(out.path(json_rel))
+    scorer = Scorer(cfg.workdir, with_added=False)
     try:
         cache = ImpressionCache.open(cfg.workdir)
     except SchemaError as exc:
