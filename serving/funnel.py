@@ -15,7 +15,7 @@ likely to be clicked.
 Features of the candidates. Every ``dense_``/``sparse_`` column of the impressions is either
 *product-level* (a property of the product; read from the per-product file
 ``DIR/serving/product_features.parquet`` that ``serving.export`` writes) or *request-level* (a
-property of the search: given in the request, else a default). :func:`feature_levels` decides
+property of the search: given in the request, else a default). :class:`ImpressionGroups` decides
 from the impressions (:data:`SPLIT_RULE`):
 
 * ``constant``: the column has one value per product over all its impressions (e.g. price, aisle,
@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -65,36 +65,57 @@ CONSTANT, LATEST, REQUEST = "constant", "latest", "request"
 
 
 # the split ------------------------------------------------------------------------------------
-def _constant_within(keys: Sequence[np.ndarray], values: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Per column of ``values`` ``[N, F]``: whether it has one value within every group of rows
-    sharing all ``keys`` (``[N]`` each), and whether any group has two rows or more."""
-    order = np.lexsort(keys[::-1])
-    sorted_keys = [key[order] for key in keys]
-    new_group = np.ones(len(order), bool)
-    new_group[1:] = np.any([key[1:] != key[:-1] for key in sorted_keys], axis=0)
-    starts = np.flatnonzero(new_group)
-    sizes = np.diff(np.append(starts, len(order)))
-    constant = np.zeros(values.shape[1], bool)
-    for j in range(values.shape[1]):  # a column at a time: [N] in memory, not a sorted copy of [N, F]
-        column = values[order, j]
-        constant[j] = np.array_equal(np.minimum.reduceat(column, starts), np.maximum.reduceat(column, starts))
-    return constant, bool((sizes >= 2).any())
+def _group_starts(*sorted_keys: np.ndarray) -> np.ndarray:
+    """The first row of each run of equal ``sorted_keys`` (aligned ``[N]`` arrays, sorted together)."""
+    new_group = np.zeros(len(sorted_keys[0]), bool)
+    new_group[:1] = True
+    for key in sorted_keys:
+        new_group[1:] |= key[1:] != key[:-1]
+    return np.flatnonzero(new_group)
 
 
-def feature_levels(product_ids: np.ndarray, ts: np.ndarray, values: np.ndarray) -> list[str]:
-    """:data:`CONSTANT`, :data:`LATEST` or :data:`REQUEST` per column of ``values`` ``[N, F]`` (the
-    impressions' dense or sparse feature columns, compared exactly), with ``product_ids`` and ``ts``
-    (unix seconds) ``[N]`` (see the module docstring)."""
-    if len(product_ids) == 0:
-        return [REQUEST] * values.shape[1]
-    day = ts // DAY_S
-    per_product, evidence = _constant_within([product_ids], values)
-    if not evidence:
-        return [REQUEST] * values.shape[1]
-    per_product_day, _ = _constant_within([product_ids, day], values)
-    per_day, _ = _constant_within([day], values)
-    return [CONSTANT if p else LATEST if pd and not d else REQUEST
-            for p, pd, d in zip(per_product, per_product_day, per_day)]
+def _constant(column: np.ndarray, starts: np.ndarray) -> bool:
+    """Whether ``column`` (grouped: each group a run from one of ``starts`` to the next) has one value per group."""
+    return np.array_equal(np.minimum.reduceat(column, starts), np.maximum.reduceat(column, starts))
+
+
+class ImpressionGroups:
+    """The impressions grouped by product, by (product, UTC day) and by day, for :meth:`levels`.
+
+    Two sorts serve every column: (product, day) order holds the product groups and, nested in
+    them, the product-day groups; day order holds the day groups. Args: ``product_ids`` and ``ts``
+    (unix seconds) ``[N]``.
+    """
+
+    def __init__(self, product_ids: np.ndarray, ts: np.ndarray) -> None:
+        day = np.asarray(ts) // DAY_S
+        product_ids = np.asarray(product_ids)
+        self.by_product_day = np.lexsort((day, product_ids))
+        product_sorted, day_sorted = product_ids[self.by_product_day], day[self.by_product_day]
+        self.product_starts = _group_starts(product_sorted)
+        self.product_day_starts = _group_starts(product_sorted, day_sorted)
+        self.by_day = np.argsort(day, kind="stable")  # linear when the impressions are in time order
+        self.day_starts = _group_starts(day[self.by_day])
+        # nothing is product-level without a product seen twice
+        self.evidence = len(self.product_starts) < len(product_ids)
+
+    def levels(self, values: np.ndarray) -> list[str]:
+        """:data:`CONSTANT`, :data:`LATEST` or :data:`REQUEST` per column of ``values`` ``[N, F]``
+        (dense or sparse feature columns, compared exactly; see the module docstring)."""
+        if not self.evidence:
+            return [REQUEST] * values.shape[1]
+        levels = []
+        for j in range(values.shape[1]):  # a column at a time: [N] in memory, not a sorted copy of [N, F]
+            column = np.ascontiguousarray(values[:, j])
+            by_product_day = column[self.by_product_day]
+            if _constant(by_product_day, self.product_starts):
+                levels.append(CONSTANT)
+            elif _constant(by_product_day, self.product_day_starts) and not _constant(column[self.by_day],
+                                                                                      self.day_starts):
+                levels.append(LATEST)
+            else:
+                levels.append(REQUEST)
+        return levels
 
 
 def latest_rows(product_ids: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,10 +131,9 @@ def feature_split(cache: ImpressionCache, spec: FeatureSpec) -> dict[str, Any]:
     """The export manifest's ``features`` section: each feature column's level, rule and default
     (see the module docstring), decided on every impression of ``cache``."""
     cols = cache.columns
-    product_ids, ts = np.asarray(cols["product_id"]), np.asarray(cols["ts"])
     sparse = np.asarray(cols["sparse"])
-    levels = {"dense": feature_levels(product_ids, ts, np.asarray(cols["dense"])),
-              "sparse": feature_levels(product_ids, ts, sparse)}
+    groups = ImpressionGroups(cols["product_id"], cols["ts"])
+    levels = {"dense": groups.levels(np.asarray(cols["dense"])), "sparse": groups.levels(sparse)}
     train = np.asarray(cache.split_index("train"))
     out: dict[str, Any] = {"rule": SPLIT_RULE, "product": [], "request": []}
     for kind, names in (("dense", spec.dense_names), ("sparse", spec.sparse_names)):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
@@ -23,7 +24,7 @@ from common.io import read_json
 from data.text import normalize_query
 from embeddings import tables
 from embeddings.encode import load_encoder
-from serving.funnel import CONSTANT, LATEST, REQUEST, feature_levels
+from serving.funnel import CONSTANT, LATEST, REQUEST, ImpressionGroups
 from serving.requests import RETRIEVE_MAX_K
 from serving.server import EncoderOnce, Scorer, Served, create_app, load_served
 from tests.serving_fixtures import MAX_CANDIDATES, serving_workdir, service  # noqa: F401  (fixtures)
@@ -270,8 +271,36 @@ def test_feature_levels_follow_the_documented_rule():
     ])
     # price: constant per product; ctr: one value per product and day; weekday: one value per day for all
     # products (a time feature); store and hour: neither
-    assert feature_levels(product, ts, values) == [CONSTANT, LATEST, REQUEST, REQUEST, REQUEST]
-    assert feature_levels(product[[0, 3, 5]], ts[[0, 3, 5]], values[[0, 3, 5]]) == [REQUEST] * 5  # no evidence
+    assert ImpressionGroups(product, ts).levels(values) == [CONSTANT, LATEST, REQUEST, REQUEST, REQUEST]
+    assert ImpressionGroups(product[[0, 3, 5]], ts[[0, 3, 5]]).levels(values[[0, 3, 5]]) == [REQUEST] * 5  # no evidence
+    assert ImpressionGroups(product[:0], ts[:0]).levels(values[:0]) == [REQUEST] * 5
+
+
+def test_feature_levels_match_a_groupby_over_random_impressions():
+    rng = np.random.default_rng(0)
+    n, day = 5000, 86_400
+    product = rng.integers(0, 30, n)  # about 33 impressions per product and day
+    ts = np.sort(rng.integers(0, 5 * day, n))
+    days = ts // day
+    columns = {
+        "constant": product * 3 + 1,
+        "latest": product * 100 + days,
+        "per_day": days * 7,
+        "request": rng.integers(0, 4, n),
+        "constant_but_one": np.where(np.arange(n) == n // 2, -1, product),
+        "latest_but_one": np.where(np.arange(n) == n // 3, -1, product * 100 + days),
+    }
+    frame = pd.DataFrame({"product": product, "day": days, **columns})
+
+    def one_value_per(keys: list[str], column: str) -> bool:
+        return bool((frame.groupby(keys)[column].nunique() == 1).all())
+
+    expected = [CONSTANT if one_value_per(["product"], c) else
+                LATEST if one_value_per(["product", "day"], c) and not one_value_per(["day"], c) else REQUEST
+                for c in columns]
+    shuffled = rng.permutation(n)  # row order does not matter
+    levels = ImpressionGroups(product[shuffled], ts[shuffled]).levels(np.stack(list(columns.values()), 1)[shuffled])
+    assert levels == expected == [CONSTANT, LATEST, REQUEST, REQUEST, REQUEST, REQUEST]
 
 
 @pytest.mark.slow
