@@ -32,7 +32,8 @@ are recorded beside it.
 A command that finds its outputs complete makes nothing (no file under ``DIR`` changes but its
 log): its record keeps the cost of the earlier run that made them, as do the stages this
 invocation does not run, so a run resumed after a failure, or completed stage by stage, reports
-what each command cost to make what is there.
+what each command cost to make what is there. ``reproduce.json`` is rewritten after every command
+that succeeds, so a command that fails (or a run that is killed) loses none of the costs before it.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ import termios
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, Optional, Sequence, TextIO
+from typing import BinaryIO, Callable, Literal, Optional, Sequence, TextIO
 
 import psutil
 import pyarrow.parquet as pq
@@ -477,11 +478,13 @@ def recorded_cost(record: dict) -> CommandCost:
 
 
 def run_stage(stage: Stage, log_dir: Path, console: Console, position: str, workdir: Path | None = None,
-              earlier: dict[str, dict] | None = None) -> list[CommandCost]:
+              earlier: dict[str, dict] | None = None,
+              done: Callable[[list[CommandCost]], None] | None = None) -> list[CommandCost]:
     """Run the stage's commands (``python -m ...``), all output appended to ``log_dir/<stage>.log``;
     return what each cost. ``position`` (``2/5``) labels the stage on the console. A command that
     left every file of ``workdir`` as it was gets the cost ``earlier`` records for it (the run that
-    made its outputs), when there is one."""
+    made its outputs), when there is one. ``done`` gets the costs so far after each command that
+    succeeded (to record them before a later command can fail)."""
     log_path = log_dir / f"{stage.name}.log"
     console.say(f"stage {position} {stage.name}: {len(stage.commands)} command(s), full output in {log_path}")
     costs = []
@@ -508,6 +511,8 @@ def run_stage(stage: Stage, log_dir: Path, console: Console, position: str, work
             console.say(f"[{label}] {cmd[0]} made nothing: its record keeps the cost of the run that made its outputs")
             cost = recorded_cost(made)
         costs.append(cost)
+        if done is not None:
+            done(costs)
     console.say(f"stage {position} {stage.name} done in {format_duration(sum(c.seconds for c in costs))}")
     return costs
 
@@ -542,18 +547,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for stage in stages:
         if stage.name not in wanted and stage.name in earlier:
             records[stage.name] = earlier[stage.name]
-    for number, stage in enumerate(run, 1):
-        costs = run_stage(stage, root / "logs", console, f"{number}/{len(run)}", root, made_by)
+
+    def record(stage: Stage, costs: list[CommandCost]) -> None:
+        """Write ``reproduce.json`` with ``stage``'s costs so far: a later failure keeps them."""
         records[stage.name] = [{"command": command, **{k: v for k, v in dataclasses.asdict(cost).items()
                                                       if k != "exit_code"}}
                                for command, cost in zip(commands[stage.name], costs)]
+        ordered = {s.name: records[s.name] for s in stages if s.name in records}  # stage order
+        write_json({"config": dataclasses.asdict(cfg), "preset": preset_name(cfg),
+                    "cpus": len(os.sched_getaffinity(0)),
+                    "stage_seconds": {name: sum(c["seconds"] for c in costs) for name, costs in ordered.items()},
+                    "command_seconds": {name: [c["seconds"] for c in costs] for name, costs in ordered.items()},
+                    "command_costs": ordered, "commands": commands}, root / "reproduce.json")
+
+    for number, stage in enumerate(run, 1):
+        run_stage(stage, root / "logs", console, f"{number}/{len(run)}", root, made_by,
+                  done=lambda costs, stage=stage: record(stage, costs))
         if stage.name == "data" and kind == WORKDIR_SOURCE:
             describe_workdir_data(cfg.workdir)
-    records = {s.name: records[s.name] for s in stages if s.name in records}  # stage order
-    write_json({"config": dataclasses.asdict(cfg), "preset": preset_name(cfg), "cpus": len(os.sched_getaffinity(0)),
-                "stage_seconds": {name: sum(c["seconds"] for c in costs) for name, costs in records.items()},
-                "command_seconds": {name: [c["seconds"] for c in costs] for name, costs in records.items()},
-                "command_costs": records, "commands": commands}, root / "reproduce.json")
     report = build_report(root, source=cfg.source, commands=commands,
                           invocation=shlex.join(["python", "-m", "experiments.reproduce", *(argv or sys.argv[1:])]))
     path = write_text(report, root / "report.md")

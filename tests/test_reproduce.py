@@ -197,6 +197,37 @@ def test_a_command_killed_for_memory_is_named_as_such(tmp_path: Path, monkeypatc
     assert reproduce.exit_reason(2) == "exit 2" and reproduce.exit_reason(-15) == "killed by SIGTERM"
 
 
+def test_costs_are_recorded_per_command_so_a_failure_keeps_them_and_the_resumed_run_reports_them(
+        tmp_path: Path, monkeypatch) -> None:
+    """A run that fails in its second stage keeps the first stage's cost; resumed, the first stage
+    makes nothing and its record stays the cost of the run that made its output."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "make_once.py").write_text(
+        "import sys, time\nfrom pathlib import Path\nout = Path(sys.argv[1]) / sys.argv[2]\n"
+        "if not out.exists():\n    time.sleep(0.5)\n    out.write_text('made')\n")
+    (modules / "fail_unless.py").write_text(
+        "import sys\nfrom pathlib import Path\nsys.exit(0 if (Path(sys.argv[1]) / 'fixed').exists() else 3)\n")
+    monkeypatch.setenv("PYTHONPATH", str(modules))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    stages = [reproduce.Stage("data", (("make_once", str(workdir), "a"),)),
+              reproduce.Stage("embeddings", (("make_once", str(workdir), "b"), ("fail_unless", str(workdir))))]
+    monkeypatch.setattr(reproduce, "plan_stages", lambda cfg, preset: stages)
+    argv = ["--workdir", str(workdir), "--source", "synth:tiny"]
+    with pytest.raises(UserError, match="stage embeddings failed"):
+        reproduce.main(argv)
+    first = json.loads((workdir / "reproduce.json").read_text())["command_costs"]
+    assert list(first) == ["data", "embeddings"] and len(first["embeddings"]) == 1  # the command before the failure
+    assert first["data"][0]["seconds"] >= 0.5 and first["embeddings"][0]["seconds"] >= 0.5  # they made files
+
+    (workdir / "fixed").write_text("")
+    reproduce.main(argv)
+    resumed = json.loads((workdir / "reproduce.json").read_text())["command_costs"]
+    assert resumed["data"] == first["data"]  # made nothing now: the record of the run that made it
+    assert len(resumed["embeddings"]) == 2 and resumed["embeddings"][0] == first["embeddings"][0]
+
+
 def test_commands_run_on_a_terminal_and_their_progress_reaches_the_console(tmp_path: Path) -> None:
     """A bar that tqdm leaves off for pipes (disable=None) is drawn; the log keeps the whole output."""
     script = tmp_path / "work.py"
