@@ -198,9 +198,9 @@ class TableKeys:
 
     @classmethod
     def from_tensors(cls, kind: TableKind, tensors: dict[str, torch.Tensor]) -> "TableKeys":
-        """The keys saved by :meth:`to_tensors`, copied: tensors of a checkpoint read with
-        ``torch.load(mmap=True)`` are views of one mapping of the whole file, and keys that stayed
-        views would keep it mapped (with every table page read so far resident) as long as the keys live."""
+        """The keys saved by :meth:`to_tensors`, copied: the tensors of a checkpoint that ``torch.load``
+        maps (``mmap=True``) are views of one mapping of the whole file, and keys that stayed views
+        would keep it mapped (with every table page read so far resident) as long as the keys live."""
         if kind == "product":
             return cls(kind, tensors["ids"].numpy().copy())
         offsets, utf8 = tensors["offsets"].numpy().copy(), tensors["utf8"].numpy().copy()
