@@ -543,16 +543,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     commands = {s.name: [shlex.join(["python", "-m", *c]) for c in s.commands] for s in stages}
     earlier = previous_costs(root)
     made_by = {cost["command"]: cost for records in earlier.values() for cost in records}
-    records: dict[str, list[dict]] = {}  # by stage, the stages not run now keeping their earlier records
-    for stage in stages:
-        if stage.name not in wanted and stage.name in earlier:
-            records[stage.name] = earlier[stage.name]
+    records = dict(earlier)  # by stage; each keeps its earlier records until this run replaces them
 
     def record(stage: Stage, costs: list[CommandCost]) -> None:
-        """Write ``reproduce.json`` with ``stage``'s costs so far: a later failure keeps them."""
-        records[stage.name] = [{"command": command, **{k: v for k, v in dataclasses.asdict(cost).items()
-                                                      if k != "exit_code"}}
-                               for command, cost in zip(commands[stage.name], costs)]
+        """Write ``reproduce.json`` with ``stage``'s costs so far (and the earlier records of its
+        commands still to run): a later failure keeps them."""
+        now = [{"command": command, **{k: v for k, v in dataclasses.asdict(cost).items() if k != "exit_code"}}
+               for command, cost in zip(commands[stage.name], costs)]
+        records[stage.name] = now + [made_by[c] for c in commands[stage.name][len(costs):] if c in made_by]
         ordered = {s.name: records[s.name] for s in stages if s.name in records}  # stage order
         write_json({"config": dataclasses.asdict(cfg), "preset": preset_name(cfg),
                     "cpus": len(os.sched_getaffinity(0)),

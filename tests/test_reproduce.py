@@ -200,7 +200,8 @@ def test_a_command_killed_for_memory_is_named_as_such(tmp_path: Path, monkeypatc
 def test_costs_are_recorded_per_command_so_a_failure_keeps_them_and_the_resumed_run_reports_them(
         tmp_path: Path, monkeypatch) -> None:
     """A run that fails in its second stage keeps the first stage's cost; resumed, the first stage
-    makes nothing and its record stays the cost of the run that made its output."""
+    makes nothing and its record stays the cost of the run that made its output; a run failing
+    after that keeps every record of the complete one."""
     modules = tmp_path / "modules"
     modules.mkdir()
     (modules / "make_once.py").write_text(
@@ -212,7 +213,8 @@ def test_costs_are_recorded_per_command_so_a_failure_keeps_them_and_the_resumed_
     workdir = tmp_path / "run"
     workdir.mkdir()
     stages = [reproduce.Stage("data", (("make_once", str(workdir), "a"),)),
-              reproduce.Stage("embeddings", (("make_once", str(workdir), "b"), ("fail_unless", str(workdir))))]
+              reproduce.Stage("embeddings", (("make_once", str(workdir), "b"), ("fail_unless", str(workdir)))),
+              reproduce.Stage("ranking", (("make_once", str(workdir), "c"),))]
     monkeypatch.setattr(reproduce, "plan_stages", lambda cfg, preset: stages)
     argv = ["--workdir", str(workdir), "--source", "synth:tiny"]
     with pytest.raises(UserError, match="stage embeddings failed"):
@@ -226,6 +228,12 @@ def test_costs_are_recorded_per_command_so_a_failure_keeps_them_and_the_resumed_
     resumed = json.loads((workdir / "reproduce.json").read_text())["command_costs"]
     assert resumed["data"] == first["data"]  # made nothing now: the record of the run that made it
     assert len(resumed["embeddings"]) == 2 and resumed["embeddings"][0] == first["embeddings"][0]
+    assert resumed["ranking"][0]["seconds"] >= 0.5
+
+    (workdir / "fixed").unlink()  # a later run that fails loses none of the complete run's records
+    with pytest.raises(UserError, match="stage embeddings failed"):
+        reproduce.main(argv)
+    assert json.loads((workdir / "reproduce.json").read_text())["command_costs"] == resumed
 
 
 def test_commands_run_on_a_terminal_and_their_progress_reaches_the_console(tmp_path: Path) -> None:
