@@ -138,8 +138,8 @@ def top_k_products(query_vecs: np.ndarray, product_vecs: np.ndarray, k: int = TO
     the k go to the lower index. Which of several products tied at the k-th cosine make the cut is
     numpy's partition's choice, the same for the same inputs but not by index (products with the
     same vector: the same title and no image, say). Computed in chunks of queries of about
-    ``chunk_scores`` scores each, so the memory it takes (about 20 bytes a score: the scores, their negation and the partition's
-    indices) is bounded whatever the catalog size."""
+    ``chunk_scores`` scores each, so the memory it takes (about 20 bytes a score: the scores, their
+    negation and the partition's indices) is bounded whatever the catalog size."""
     k = min(k, product_vecs.shape[0])
     out = np.empty((query_vecs.shape[0], k), dtype=np.int64)
     chunk_size = max(1, chunk_scores // max(1, product_vecs.shape[0]))
