@@ -30,9 +30,9 @@ shared tensor, counts 1/n in each); the summed resident sets (RSS, such a page c
 are recorded beside it.
 
 A command that finds its outputs complete makes nothing (no file under ``DIR`` changes but its
-log): its record keeps the cost of the earlier run that made them, as do the stages this
-invocation does not run, so a run resumed after a failure, or completed stage by stage, reports
-what each command cost to make what is there. ``reproduce.json`` is rewritten after every command
+log): its record keeps the cost of the earlier run that made them (with or without ``--force``), as
+do the stages this invocation does not run, so a run resumed after a failure, or completed stage by
+stage, reports what each command cost to make what is there. ``reproduce.json`` is rewritten after every command
 that succeeds, so a command that fails (or a run that is killed) loses none of the costs before it.
 """
 from __future__ import annotations
@@ -477,13 +477,20 @@ def recorded_cost(record: dict) -> CommandCost:
                                        if f.name != "exit_code" and f.name in record})
 
 
+def made_by_key(command: str) -> str:
+    """The key under which a command's record is found again: the command line without ``--force``,
+    which redoes the work but makes the same outputs (a forced run's record is the cost of making
+    what a later run without the flag finds complete)."""
+    return shlex.join(arg for arg in shlex.split(command) if arg != "--force")
+
+
 def run_stage(stage: Stage, log_dir: Path, console: Console, position: str, workdir: Path | None = None,
               earlier: dict[str, dict] | None = None,
               done: Callable[[list[CommandCost]], None] | None = None) -> list[CommandCost]:
     """Run the stage's commands (``python -m ...``), all output appended to ``log_dir/<stage>.log``;
     return what each cost. ``position`` (``2/5``) labels the stage on the console. A command that
-    left every file of ``workdir`` as it was gets the cost ``earlier`` records for it (the run that
-    made its outputs), when there is one. ``done`` gets the costs so far after each command that
+    left every file of ``workdir`` as it was gets the cost ``earlier`` records for it (keyed by
+    :func:`made_by_key`: the run that made its outputs), when there is one. ``done`` gets the costs so far after each command that
     succeeded (to record them before a later command can fail)."""
     log_path = log_dir / f"{stage.name}.log"
     console.say(f"stage {position} {stage.name}: {len(stage.commands)} command(s), full output in {log_path}")
@@ -506,7 +513,7 @@ def run_stage(stage: Stage, log_dir: Path, console: Console, position: str, work
             raise UserError(f"stage {stage.name} failed ({cmd[0]}, {exit_reason(cost.exit_code)}); see {log_path}: "
                             f"{_log_tail(log_path)}")
         console.say(f"[{label}] {cmd[0]} done in {took}")
-        made = (earlier or {}).get(command)
+        made = (earlier or {}).get(made_by_key(command))
         if before is not None and made is not None and output_state(workdir) == before:
             console.say(f"[{label}] {cmd[0]} made nothing: its record keeps the cost of the run that made its outputs")
             cost = recorded_cost(made)
@@ -542,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     run = [s for s in stages if s.name in wanted]
     commands = {s.name: [shlex.join(["python", "-m", *c]) for c in s.commands] for s in stages}
     earlier = previous_costs(root)
-    made_by = {cost["command"]: cost for records in earlier.values() for cost in records}
+    made_by = {made_by_key(cost["command"]): cost for records in earlier.values() for cost in records}
     records = dict(earlier)  # by stage; each keeps its earlier records until this run replaces them
 
     def record(stage: Stage, costs: list[CommandCost]) -> None:
@@ -550,7 +557,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         commands still to run): a later failure keeps them."""
         now = [{"command": command, **{k: v for k, v in dataclasses.asdict(cost).items() if k != "exit_code"}}
                for command, cost in zip(commands[stage.name], costs)]
-        records[stage.name] = now + [made_by[c] for c in commands[stage.name][len(costs):] if c in made_by]
+        later = [made_by_key(c) for c in commands[stage.name][len(costs):]]
+        records[stage.name] = now + [made_by[key] for key in later if key in made_by]
         ordered = {s.name: records[s.name] for s in stages if s.name in records}  # stage order
         write_json({"config": dataclasses.asdict(cfg), "preset": preset_name(cfg),
                     "cpus": len(os.sched_getaffinity(0)),

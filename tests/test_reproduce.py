@@ -236,6 +236,28 @@ def test_costs_are_recorded_per_command_so_a_failure_keeps_them_and_the_resumed_
     assert json.loads((workdir / "reproduce.json").read_text())["command_costs"] == resumed
 
 
+def test_a_forced_runs_record_is_kept_by_the_run_without_the_flag_that_finds_its_outputs(
+        tmp_path: Path, monkeypatch) -> None:
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "make.py").write_text(
+        "import sys, time\nfrom pathlib import Path\nout = Path(sys.argv[1]) / 'made.txt'\n"
+        "if '--force' in sys.argv or not out.exists():\n    time.sleep(0.5)\n    out.write_text('made')\n")
+    monkeypatch.setenv("PYTHONPATH", str(modules))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    monkeypatch.setattr(reproduce, "plan_stages", lambda cfg, preset: [
+        reproduce.Stage("data", (("make", str(workdir), *(["--force"] if cfg.force else [])),))])
+    argv = ["--workdir", str(workdir), "--source", "synth:tiny"]
+    reproduce.main([*argv, "--force"])
+    forced = json.loads((workdir / "reproduce.json").read_text())["command_costs"]
+    assert forced["data"][0]["command"].endswith("--force") and forced["data"][0]["seconds"] >= 0.5
+    reproduce.main(argv)  # finds the forced run's output: keeps its cost, under this command line
+    kept = json.loads((workdir / "reproduce.json").read_text())["command_costs"]
+    assert kept["data"][0] == {**forced["data"][0], "command": forced["data"][0]["command"].removesuffix(" --force")}
+    assert reproduce.made_by_key("python -m x --workdir 'a b' --force") == "python -m x --workdir 'a b'"
+
+
 def test_commands_run_on_a_terminal_and_their_progress_reaches_the_console(tmp_path: Path) -> None:
     """A bar that tqdm leaves off for pipes (disable=None) is drawn; the log keeps the whole output."""
     script = tmp_path / "work.py"
