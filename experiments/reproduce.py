@@ -32,8 +32,9 @@ are recorded beside it.
 A command that finds its outputs complete makes nothing (no file under ``DIR`` changes but its
 log): its record keeps the cost of the earlier run that made them (with or without ``--force``), as
 do the stages this invocation does not run, so a run resumed after a failure, or completed stage by
-stage, reports what each command cost to make what is there. ``reproduce.json`` is rewritten after every command
-that succeeds, so a command that fails (or a run that is killed) loses none of the costs before it.
+stage, reports what each command cost to make what is there. ``reproduce.json`` is rewritten after
+every command that succeeds, so a command that fails (or a run that is killed) loses none of the
+costs before it.
 """
 from __future__ import annotations
 
@@ -490,8 +491,8 @@ def run_stage(stage: Stage, log_dir: Path, console: Console, position: str, work
     """Run the stage's commands (``python -m ...``), all output appended to ``log_dir/<stage>.log``;
     return what each cost. ``position`` (``2/5``) labels the stage on the console. A command that
     left every file of ``workdir`` as it was gets the cost ``earlier`` records for it (keyed by
-    :func:`made_by_key`: the run that made its outputs), when there is one. ``done`` gets the costs so far after each command that
-    succeeded (to record them before a later command can fail)."""
+    :func:`made_by_key`: the run that made its outputs), when there is one. ``done`` gets the costs
+    so far after each command that succeeded (to record them before a later command can fail)."""
     log_path = log_dir / f"{stage.name}.log"
     console.say(f"stage {position} {stage.name}: {len(stage.commands)} command(s), full output in {log_path}")
     costs = []

@@ -42,7 +42,7 @@ from ranking.attribution.methods import METHODS, batched_forward, run_methods
 from ranking.attribution.report import importance_markdown, importance_report, plot_importance
 from ranking.features import ImpressionCache, RankingData
 from ranking.metrics import roc_auc
-from ranking.model import RankingModel, load_model, trained_set
+from ranking.model import load_model, trained_set
 from ranking.spec import PurchaseIndex
 from ranking.variants import get_variant
 
@@ -101,14 +101,6 @@ def trained_model(cfg: ImportanceConfig) -> tuple[Path, dict[str, str]]:
     return path, trained.verify()
 
 
-def load_trained(path: Path, variant: str) -> RankingModel:
-    """The model at ``path``, which must hold ``variant``."""
-    model = load_model(path)
-    if model.variant != variant:
-        raise UserError(f"{path}: holds variant {model.variant!r}, expected {variant!r}")
-    return model
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the stage (or skip it when its outputs are current); returns the report."""
     cfg = parse_config(ImportanceConfig, argv)
@@ -122,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         log.info("%s is complete for these inputs and settings; skipping (--force redoes it)", out.path(json_rel))
         return read_json(out.path(json_rel))
 
-    model = load_trained(model_path, cfg.variant)
+    model = load_model(model_path, variant=cfg.variant)
     torch.set_num_threads(resolve_threads(cfg.threads))
     try:
         cache = ImpressionCache.open(workdir)

@@ -404,19 +404,22 @@ def save_model(model: RankingModel, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_model(path: str | Path) -> RankingModel:
-    """Rebuild the model saved by :func:`save_model` (eval mode). ``model.spec`` says how to feed it."""
+def load_model(path: str | Path, variant: str | None = None) -> RankingModel:
+    """Rebuild the model saved by :func:`save_model` (eval mode). ``model.spec`` says how to feed it.
+    With ``variant``, a checkpoint of another variant is a one-line error."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: missing ranking model (run `python -m ranking.train` first)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        variant = get_variant(payload["variant"])
+        saved = get_variant(payload["variant"])
         spec = FeatureSpec.from_dict(payload["feature_spec"], payload.get("table_keys"))
         config = RankerConfig(**payload["model_config"])
     except (KeyError, TypeError, RuntimeError, EOFError) as exc:
         raise UserError(f"{path}: not a ranking model checkpoint ({type(exc).__name__}: {exc})") from None
-    return model_from_state(variant, spec, config, payload["state_dict"]).eval()
+    if variant is not None and saved.name != variant:
+        raise UserError(f"{path}: holds variant {saved.name!r}, expected {variant!r}")
+    return model_from_state(saved, spec, config, payload["state_dict"]).eval()
 
 
 def shared_copy(model: RankingModel) -> RankingModel:

@@ -336,9 +336,7 @@ def _export_to(paths: dict[str, Path], cfg: ServingExportConfig, workdir: Path, 
     of the set, keys of :data:`FILES` and, for a model with tables, :data:`TABLE_FILES`); returns
     the manifest. One copy of the tables at a time: the mapped checkpoint while scripting, the
     loaded file while checking it."""
-    eager = load_model(checkpoint)
-    if eager.variant != cfg.variant:
-        raise UserError(f"{checkpoint}: holds variant {eager.variant!r}, expected {cfg.variant!r}")
+    eager = load_model(checkpoint, variant=cfg.variant)
     spec, has_tables = eager.spec, eager.table_tower is not None
     data = RankingData(cache, purchases, spec)
     if data.num_rows("eval") == 0:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from common.cli import run_main
+from common.cli import UserError, run_main
 from common.io import file_sha256, read_json
 from embeddings.tables import embedding_table_path
 from ranking import layout
@@ -171,6 +171,13 @@ def test_rerun_skips_and_fp16_tables_report_the_auc_change(serving_workdir: Path
         assert torch.equal(mapped(*batch.inputs()), fp16)  # the quantized tables map like fp32 ones
     diff = (fp16 - fp32).abs().max().item()
     assert 0 < diff < 1e-2, "fp16 rows change the logits a little, not at all or a lot"
+
+
+def test_a_checkpoint_of_another_variant_is_named(serving_workdir: Path):
+    path = export.checkpoint_path(serving_workdir, "dcn_pq_hist", 0)
+    assert load_model(path, variant="dcn_pq_hist").variant == "dcn_pq_hist"
+    with pytest.raises(UserError, match="holds variant 'dcn_pq_hist', expected 'dcn'"):
+        load_model(path, variant="dcn")
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path, capsys):
