@@ -11,7 +11,9 @@ the line puts over ``--memory-limit-gb``.
 
 A run's ``reproduce.json`` records, for each command, the cost of the invocation that made its
 outputs (a command that found them complete keeps that record), so a scale run may be made in
-several invocations (stage by stage, or resumed after a failure).
+several invocations (stage by stage, or resumed after a failure). A run that stopped before some of
+its planned commands (``commands`` in ``reproduce.json``) still gives its measured points; the
+commands it lacks are listed beside the table and read "not run" in their cells.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
 from common.io import read_json, write_json, write_text
 from data.schema import table_path
 from experiments.report import format_bytes, format_duration, peak_memory
+from experiments.reproduce import made_by_key
 
 log = logging.getLogger("experiments.growth")
 
@@ -46,32 +49,48 @@ class GrowthConfig:
 
 @dataclass(frozen=True)
 class ScaleRun:
-    """One scale run: its fraction, table sizes and per-command costs (``module -> (seconds, peak bytes)``)."""
+    """One scale run: its fraction, table sizes, per-command costs (``module -> (seconds, peak bytes)``)
+    in pipeline order, and the modules of its planned commands that have no record (a run that failed or
+    was stopped before them)."""
 
     name: str
     fraction: float
     rows: dict[str, int]
     costs: dict[str, tuple[float, int]]
+    missing: tuple[str, ...] = ()
+
+
+def command_module(command: str) -> str:
+    """``<module>`` of a recorded command line ``python -m <module> ...``."""
+    return command.split()[2]
 
 
 def read_run(directory: Path) -> ScaleRun:
-    """The costs of the scale run in ``directory`` (its ``reproduce.json``). Several commands of one
-    module (none today) add their times and keep the larger peak."""
+    """The costs of the scale run in ``directory`` (its ``reproduce.json``), stage by stage in the
+    order the run planned them. Several commands of one module (none today) add their times and keep
+    the larger peak."""
     record = read_json(directory / "reproduce.json")
     config = record.get("config") or {}
     if not str(config.get("source", "")).startswith("synth:"):
         raise UserError(f"{directory / 'reproduce.json'}: source {config.get('source')!r} is not a synthetic "
                         f"profile; growth compares synth:<profile> runs at several --scale values")
+    recorded, planned = record.get("command_costs", {}), record.get("commands") or {}
+    order = list(dict.fromkeys([*record.get("stages", []), *planned, *recorded]))
     costs: dict[str, tuple[float, int]] = {}
-    for stage_costs in record.get("command_costs", {}).values():
-        for cost in stage_costs:
-            module = cost["command"].split()[2]  # "python -m <module> ..."
+    for stage in order:
+        for cost in recorded.get(stage, []):
+            module = command_module(cost["command"])
             seconds, peak = costs.get(module, (0.0, 0))
             costs[module] = (seconds + float(cost["seconds"]), max(peak, peak_memory(cost)))
+    made = {made_by_key(cost["command"]) for stage_costs in recorded.values() for cost in stage_costs}
+    missing = tuple(dict.fromkeys(command_module(command) for stage in order for command in planned.get(stage, [])
+                                  if made_by_key(command) not in made))
     rows = {name: pq.ParquetFile(table_path(directory, name)).metadata.num_rows for name in ROWS
             if table_path(directory, name).exists()}
     scale = config.get("scale")
-    return ScaleRun(directory.name, 1.0 if scale is None else float(scale), rows, costs)
+    if missing:
+        log.warning("%s: no record of %s (the run stopped before them)", directory, ", ".join(missing))
+    return ScaleRun(directory.name, 1.0 if scale is None else float(scale), rows, costs, missing)
 
 
 def fit_line(fractions: Sequence[float], values: Sequence[float], at: float) -> tuple[float, float]:
@@ -103,7 +122,8 @@ def growth(runs: Sequence[ScaleRun], target: float, memory_limit_bytes: float) -
                              "seconds_miss": seconds_miss, "peak_miss": peak_miss,
                              "over_memory_limit": peak > memory_limit_bytes}
         commands[module] = entry
-    return {"runs": [{"name": r.name, "fraction": r.fraction, "rows": r.rows} for r in runs],
+    return {"runs": [{"name": r.name, "fraction": r.fraction, "rows": r.rows, "missing": list(r.missing)}
+                     for r in runs],
             "target": target, "measured_target": measured_target, "memory_limit_bytes": memory_limit_bytes,
             "commands": commands}
 
@@ -122,13 +142,16 @@ def markdown(result: dict) -> str:
                 f"**over** marks a peak over {result['memory_limit_bytes'] / 1e9:g} GB." if line else ""),
              "", "Rows: " + "; ".join(f"F = {r['fraction']:g}: " + ", ".join(f"{n} {v:,}" for n, v in r["rows"].items())
                                      for r in runs), "",
+             *[f"F = {r['fraction']:g} is incomplete: no record of " + ", ".join(f"`{m}`" for m in r["missing"])
+               + " (the run stopped before them)." for r in runs if r["missing"]],
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for module, entry in result["commands"].items():
         by_fraction = {m["fraction"]: m for m in entry["measured"]}
         cells = [f"`{module}`"]
         for r in runs:
             m = by_fraction.get(r["fraction"])
-            cells.append(f"{format_duration(m['seconds'])} / {format_bytes(m['peak_memory_bytes'])}" if m else "—")
+            cells.append(f"{format_duration(m['seconds'])} / {format_bytes(m['peak_memory_bytes'])}" if m
+                         else "not run" if module in r["missing"] else "—")
         if line:
             fit = entry["line"]
             cells.append(f"{format_duration(fit['seconds'])} / {format_bytes(int(fit['peak_memory_bytes']))}"

@@ -562,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         records[stage.name] = now + [made_by[key] for key in later if key in made_by]
         ordered = {s.name: records[s.name] for s in stages if s.name in records}  # stage order
         write_json({"config": dataclasses.asdict(cfg), "preset": preset_name(cfg),
-                    "cpus": len(os.sched_getaffinity(0)),
+                    "cpus": len(os.sched_getaffinity(0)), "stages": [s.name for s in stages],
                     "stage_seconds": {name: sum(c["seconds"] for c in costs) for name, costs in ordered.items()},
                     "command_seconds": {name: [c["seconds"] for c in costs] for name, costs in ordered.items()},
                     "command_costs": ordered, "commands": commands}, root / "reproduce.json")

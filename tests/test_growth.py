@@ -67,3 +67,29 @@ def test_bad_workdirs_fail_in_one_line(tmp_path):
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().startswith("error:") and "fashion" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_incomplete_run_shows_what_it_lacks_and_rows_follow_the_pipeline(tmp_path):
+    # two complete runs and one that stopped after data.synth; records as reproduce.json writes them
+    # (keys sorted: importance before ranking) with the stage order beside them
+    planned = {"data": ["python -m data.synth --profile paper"],
+               "ranking": ["python -m ranking.train --variant all"],
+               "importance": ["python -m ranking.importance --variant dcn_pq_hist"]}
+    for name, f in (("a", 0.01), ("b", 0.1), ("c", 0.2)):
+        scale_run(tmp_path, name, f, {"data.synth": (10 + 100 * f, int(1e9)), "ranking.train": (5.0, int(0.5e9))})
+        path = tmp_path / name / "reproduce.json"
+        record = json.loads(path.read_text())
+        record["command_costs"]["importance"] = [{"command": planned["importance"][0] + " --force", "seconds": 2.0,
+                                                  "peak_memory_bytes": int(0.2e9)}]
+        if name == "c":
+            del record["command_costs"]["ranking"], record["command_costs"]["importance"]
+        record.update(stages=["data", "ranking", "importance"], commands=planned)
+        path.write_text(json.dumps(record, sort_keys=True))
+    result = growth.main(["--workdir", str(tmp_path)])
+    assert list(result["commands"]) == ["data.synth", "ranking.train", "ranking.importance"]
+    assert [r["missing"] for r in result["runs"]] == [[], [], ["ranking.train", "ranking.importance"]]
+    # the complete runs' points still give every line; a forced run's record counts as made
+    assert result["commands"]["ranking.train"]["line"]["seconds"] == pytest.approx(5.0)
+    table = (tmp_path / "growth.md").read_text()
+    assert "F = 0.2 is incomplete: no record of `ranking.train`, `ranking.importance`" in table
+    assert "| `ranking.train` | 5.0 s / 500 MB | 5.0 s / 500 MB | not run |" in table
