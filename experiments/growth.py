@@ -94,11 +94,9 @@ def read_run(directory: Path) -> ScaleRun:
 
 
 def fit_line(fractions: Sequence[float], values: Sequence[float], at: float) -> tuple[float, float]:
-    """``(value at `at`, largest relative miss)`` of the least-squares line through the points
-    (a flat line through one point)."""
+    """``(value at `at`, largest relative miss)`` of the least-squares line through the points (at
+    least two distinct fractions)."""
     x, y = np.asarray(fractions, dtype=float), np.asarray(values, dtype=float)
-    if len(set(x.tolist())) < 2:
-        return float(y.mean()), 0.0
     slope, intercept = np.polyfit(x, y, 1)
     predicted = intercept + slope * x
     miss = float(np.max(np.abs(predicted - y) / np.maximum(np.abs(y), 1e-12)))
@@ -114,8 +112,10 @@ def growth(runs: Sequence[ScaleRun], target: float, memory_limit_bytes: float) -
     for module in modules:
         points = [(r.fraction, *r.costs[module]) for r in runs if module in r.costs]
         entry = {"measured": [{"fraction": f, "seconds": s, "peak_memory_bytes": b} for f, s, b in points]}
-        if not measured_target:
-            fractions = [p[0] for p in points]
+        fractions = [p[0] for p in points]
+        if not measured_target and len(set(fractions)) < 2:
+            entry["line"] = None  # one point says nothing of growth
+        elif not measured_target:
             seconds, seconds_miss = fit_line(fractions, [p[1] for p in points], target)
             peak, peak_miss = fit_line(fractions, [p[2] for p in points], target)
             entry["line"] = {"fraction": target, "seconds": max(seconds, 0.0), "peak_memory_bytes": max(peak, 0.0),
@@ -137,13 +137,14 @@ def markdown(result: dict) -> str:
              "Wall time / peak memory (the command's whole process tree: its processes' proportional sets summed, "
              "a shared page counted once, never less than its largest process's resident set) of each command of a scale run "
              "(`python -m experiments.reproduce --source synth:paper --scale F`). "
-             + ("The last column is the least-squares line `a + b F` through the measured points, in brackets the "
-                "largest relative miss of that line at a measured point (time, memory); "
+             + ("The last column is the least-squares line `a + b F` through the measured points (none through "
+                "a single point), in brackets the largest relative miss of that line at a measured point (time, memory); "
                 f"**over** marks a peak over {result['memory_limit_bytes'] / 1e9:g} GB." if line else ""),
              "", "Rows: " + "; ".join(f"F = {r['fraction']:g}: " + ", ".join(f"{n} {v:,}" for n, v in r["rows"].items())
                                      for r in runs), "",
-             *[f"F = {r['fraction']:g} is incomplete: no record of " + ", ".join(f"`{m}`" for m in r["missing"])
+             *[f"- F = {r['fraction']:g} is incomplete: no record of " + ", ".join(f"`{m}`" for m in r["missing"])
                + " (the run stopped before them)." for r in runs if r["missing"]],
+             *([""] if any(r["missing"] for r in runs) else []),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for module, entry in result["commands"].items():
         by_fraction = {m["fraction"]: m for m in entry["measured"]}
@@ -152,8 +153,10 @@ def markdown(result: dict) -> str:
             m = by_fraction.get(r["fraction"])
             cells.append(f"{format_duration(m['seconds'])} / {format_bytes(m['peak_memory_bytes'])}" if m
                          else "not run" if module in r["missing"] else "—")
-        if line:
-            fit = entry["line"]
+        fit = entry.get("line")
+        if line and fit is None:
+            cells.append("one point: no line")
+        elif line:
             cells.append(f"{format_duration(fit['seconds'])} / {format_bytes(int(fit['peak_memory_bytes']))}"
                          f"{' **over**' if fit['over_memory_limit'] else ''} "
                          f"({fit['seconds_miss']:.0%}, {fit['peak_miss']:.0%})")

@@ -83,13 +83,17 @@ def test_an_incomplete_run_shows_what_it_lacks_and_rows_follow_the_pipeline(tmp_
                                                   "peak_memory_bytes": int(0.2e9)}]
         if name == "c":
             del record["command_costs"]["ranking"], record["command_costs"]["importance"]
+        if name == "b":
+            del record["command_costs"]["importance"]
         record.update(stages=["data", "ranking", "importance"], commands=planned)
         path.write_text(json.dumps(record, sort_keys=True))
     result = growth.main(["--workdir", str(tmp_path)])
     assert list(result["commands"]) == ["data.synth", "ranking.train", "ranking.importance"]
-    assert [r["missing"] for r in result["runs"]] == [[], [], ["ranking.train", "ranking.importance"]]
-    # the complete runs' points still give every line; a forced run's record counts as made
+    assert [r["missing"] for r in result["runs"]] == [[], ["ranking.importance"], ["ranking.train", "ranking.importance"]]
+    # the other runs' points still give a line; a forced run's record counts as made; one point gives none
     assert result["commands"]["ranking.train"]["line"]["seconds"] == pytest.approx(5.0)
+    assert result["commands"]["ranking.importance"]["line"] is None
     table = (tmp_path / "growth.md").read_text()
-    assert "F = 0.2 is incomplete: no record of `ranking.train`, `ranking.importance`" in table
-    assert "| `ranking.train` | 5.0 s / 500 MB | 5.0 s / 500 MB | not run |" in table
+    assert "- F = 0.2 is incomplete: no record of `ranking.train`, `ranking.importance`" in table
+    assert "| `ranking.train` | 5.0 s / 500 MB | 5.0 s / 500 MB | not run | 5.0 s / 500 MB (0%, 0%) |" in table
+    assert "| `ranking.importance` | 2.0 s / 200 MB | not run | not run | one point: no line |" in table
