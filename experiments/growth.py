@@ -29,7 +29,6 @@ from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
 from common.io import read_json, write_json, write_text
 from data.schema import table_path
 from experiments.report import format_bytes, format_duration, peak_memory
-from experiments.reproduce import made_by_key
 
 log = logging.getLogger("experiments.growth")
 
@@ -49,15 +48,19 @@ class GrowthConfig:
 
 @dataclass(frozen=True)
 class ScaleRun:
-    """One scale run: its fraction, table sizes, per-command costs (``module -> (seconds, peak bytes)``)
-    in pipeline order, and the modules of its planned commands that have no record (a run that failed or
-    was stopped before them)."""
+    """One scale run: its fraction, table sizes, per-command costs (``module -> (seconds, peak bytes)``),
+    the modules of every command it planned, in pipeline order (empty for a record that does not
+    say), and those of them with no cost (a run that failed or was stopped before them)."""
 
     name: str
     fraction: float
     rows: dict[str, int]
     costs: dict[str, tuple[float, int]]
-    missing: tuple[str, ...] = ()
+    planned: tuple[str, ...] = ()
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return tuple(module for module in self.planned if module not in self.costs)
 
 
 def command_module(command: str) -> str:
@@ -67,8 +70,8 @@ def command_module(command: str) -> str:
 
 def read_run(directory: Path) -> ScaleRun:
     """The costs of the scale run in ``directory`` (its ``reproduce.json``), stage by stage in the
-    order the run planned them. Several commands of one module (none today) add their times and keep
-    the larger peak."""
+    order the run planned them (``stages``; a record without it keeps its stages' key order). Several
+    commands of one module (none today) add their times and keep the larger peak."""
     record = read_json(directory / "reproduce.json")
     config = record.get("config") or {}
     if not str(config.get("source", "")).startswith("synth:"):
@@ -82,15 +85,14 @@ def read_run(directory: Path) -> ScaleRun:
             module = command_module(cost["command"])
             seconds, peak = costs.get(module, (0.0, 0))
             costs[module] = (seconds + float(cost["seconds"]), max(peak, peak_memory(cost)))
-    made = {made_by_key(cost["command"]) for stage_costs in recorded.values() for cost in stage_costs}
-    missing = tuple(dict.fromkeys(command_module(command) for stage in order for command in planned.get(stage, [])
-                                  if made_by_key(command) not in made))
+    modules = tuple(dict.fromkeys(command_module(command) for stage in order for command in planned.get(stage, [])))
     rows = {name: pq.ParquetFile(table_path(directory, name)).metadata.num_rows for name in ROWS
             if table_path(directory, name).exists()}
     scale = config.get("scale")
-    if missing:
-        log.warning("%s: no record of %s (the run stopped before them)", directory, ", ".join(missing))
-    return ScaleRun(directory.name, 1.0 if scale is None else float(scale), rows, costs, missing)
+    run = ScaleRun(directory.name, 1.0 if scale is None else float(scale), rows, costs, modules)
+    if run.missing:
+        log.warning("%s: no record of %s (the run stopped before them)", directory, ", ".join(run.missing))
+    return run
 
 
 def fit_line(fractions: Sequence[float], values: Sequence[float], at: float) -> tuple[float, float]:
@@ -104,9 +106,11 @@ def fit_line(fractions: Sequence[float], values: Sequence[float], at: float) -> 
 
 
 def growth(runs: Sequence[ScaleRun], target: float, memory_limit_bytes: float) -> dict:
-    """Per command: the measured ``(fraction, seconds, peak bytes)`` and the line's values at ``target``."""
+    """Per command (in pipeline order): the measured ``(fraction, seconds, peak bytes)`` and, unless a
+    run measured ``target``, the line's values there (``None`` for a command measured at fewer than
+    two fractions)."""
     runs = sorted(runs, key=lambda r: r.fraction)
-    modules = list(dict.fromkeys(m for r in runs for m in r.costs))
+    modules = list(dict.fromkeys(m for r in runs for m in (*r.planned, *r.costs)))  # pipeline order
     measured_target = any(abs(r.fraction - target) < 1e-12 for r in runs)
     commands = {}
     for module in modules:
@@ -114,7 +118,7 @@ def growth(runs: Sequence[ScaleRun], target: float, memory_limit_bytes: float) -
         entry = {"measured": [{"fraction": f, "seconds": s, "peak_memory_bytes": b} for f, s, b in points]}
         fractions = [p[0] for p in points]
         if not measured_target and len(set(fractions)) < 2:
-            entry["line"] = None  # one point says nothing of growth
+            entry["line"] = None  # one point (or none) says nothing of growth
         elif not measured_target:
             seconds, seconds_miss = fit_line(fractions, [p[1] for p in points], target)
             peak, peak_miss = fit_line(fractions, [p[2] for p in points], target)
@@ -155,7 +159,7 @@ def markdown(result: dict) -> str:
                          else "not run" if module in r["missing"] else "—")
         fit = entry.get("line")
         if line and fit is None:
-            cells.append("one point: no line")
+            cells.append("one point: no line" if entry["measured"] else "not measured")
         elif line:
             cells.append(f"{format_duration(fit['seconds'])} / {format_bytes(int(fit['peak_memory_bytes']))}"
                          f"{' **over**' if fit['over_memory_limit'] else ''} "

@@ -70,30 +70,38 @@ def test_bad_workdirs_fail_in_one_line(tmp_path):
 
 
 def test_an_incomplete_run_shows_what_it_lacks_and_rows_follow_the_pipeline(tmp_path):
-    # two complete runs and one that stopped after data.synth; records as reproduce.json writes them
-    # (keys sorted: importance before ranking) with the stage order beside them
+    # records as reproduce.json writes them (keys sorted: importance before ranking) with the stage order
+    # beside them; the smallest run lacks ranking.train, the middle one ranking.importance, and no run
+    # got to serving.index
     planned = {"data": ["python -m data.synth --profile paper"],
                "ranking": ["python -m ranking.train --variant all"],
-               "importance": ["python -m ranking.importance --variant dcn_pq_hist"]}
+               "importance": ["python -m ranking.importance --variant dcn_pq_hist"],
+               "serving": ["python -m serving.index"]}
     for name, f in (("a", 0.01), ("b", 0.1), ("c", 0.2)):
         scale_run(tmp_path, name, f, {"data.synth": (10 + 100 * f, int(1e9)), "ranking.train": (5.0, int(0.5e9))})
         path = tmp_path / name / "reproduce.json"
         record = json.loads(path.read_text())
         record["command_costs"]["importance"] = [{"command": planned["importance"][0] + " --force", "seconds": 2.0,
                                                   "peak_memory_bytes": int(0.2e9)}]
-        if name == "c":
-            del record["command_costs"]["ranking"], record["command_costs"]["importance"]
-        if name == "b":
-            del record["command_costs"]["importance"]
-        record.update(stages=["data", "ranking", "importance"], commands=planned)
+        record["command_costs"].pop({"a": "ranking", "b": "importance"}.get(name, ""), None)
+        record.update(stages=["data", "ranking", "importance", "serving"], commands=planned)
         path.write_text(json.dumps(record, sort_keys=True))
     result = growth.main(["--workdir", str(tmp_path)])
-    assert list(result["commands"]) == ["data.synth", "ranking.train", "ranking.importance"]
-    assert [r["missing"] for r in result["runs"]] == [[], ["ranking.importance"], ["ranking.train", "ranking.importance"]]
-    # the other runs' points still give a line; a forced run's record counts as made; one point gives none
+    assert list(result["commands"]) == ["data.synth", "ranking.train", "ranking.importance", "serving.index"]
+    assert [r["missing"] for r in result["runs"]] == [["ranking.train", "serving.index"],
+                                                      ["ranking.importance", "serving.index"], ["serving.index"]]
+    # the other runs' points still give a line; a command measured nowhere gets none
     assert result["commands"]["ranking.train"]["line"]["seconds"] == pytest.approx(5.0)
-    assert result["commands"]["ranking.importance"]["line"] is None
+    assert result["commands"]["ranking.importance"]["line"]["peak_memory_bytes"] == pytest.approx(0.2e9)
+    assert result["commands"]["serving.index"] == {"measured": [], "line": None}
     table = (tmp_path / "growth.md").read_text()
-    assert "- F = 0.2 is incomplete: no record of `ranking.train`, `ranking.importance`" in table
-    assert "| `ranking.train` | 5.0 s / 500 MB | 5.0 s / 500 MB | not run | 5.0 s / 500 MB (0%, 0%) |" in table
-    assert "| `ranking.importance` | 2.0 s / 200 MB | not run | not run | one point: no line |" in table
+    assert "- F = 0.01 is incomplete: no record of `ranking.train`, `serving.index`" in table
+    assert "| `ranking.train` | not run | 5.0 s / 500 MB | 5.0 s / 500 MB | 5.0 s / 500 MB (0%, 0%) |" in table
+    assert "| `serving.index` | not run | not run | not run | not measured |" in table
+
+
+def test_a_command_measured_once_gets_no_line_and_an_unplanned_one_a_dash():
+    runs = [growth.ScaleRun("a", 0.01, {}, {"x": (1.0, 1)}), growth.ScaleRun("b", 0.1, {}, {"x": (2.0, 2), "y": (3.0, 3)})]
+    result = growth.growth(runs, 1.0, 1e9)
+    assert result["commands"]["y"]["line"] is None and result["commands"]["x"]["line"]["seconds"] == pytest.approx(12.0)
+    assert "| `y` | — | 3.0 s / 0 MB | one point: no line |" in growth.markdown(result)

@@ -40,7 +40,7 @@ def test_every_stage_runs_and_the_report_has_every_section(tiny_run: Path) -> No
     for png in ("tsne", "importance"):
         assert f"({'embeddings/plots' if png == 'tsne' else 'importance'}/{png}.png)" in report
     record = json.loads((tiny_run / "reproduce.json").read_text())
-    assert record["stages"] == ["data", "embeddings", "ranking", "importance", "serving"]  # the order they ran
+    assert record["stages"] == ["data", "embeddings", "ranking", "importance", "serving"]  # pipeline order (the order they run)
     assert set(record["stage_seconds"]) == set(record["stages"])
 
 
