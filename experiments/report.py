@@ -353,7 +353,7 @@ def serving_section(root: Path) -> str:
 
 
 def cost_section(root: Path) -> str:
-    """Wall time and peak resident memory of each command of the last ``experiments.reproduce`` run."""
+    """Wall time, peak resident memory and disk written of each command of the last ``experiments.reproduce`` run."""
     head = "## Cost\n"
     record = _read_json_or_none(root / "reproduce.json")
     costs = (record or {}).get("command_costs")
@@ -361,19 +361,24 @@ def cost_section(root: Path) -> str:
         return head + "\nNo command costs in `reproduce.json` (written by `python -m experiments.reproduce`).\n"
     rows = [[stage, f"`{c['command'].split()[2]}`", format_duration(c["seconds"]), format_bytes(peak_memory(c)),
              format_bytes(c["max_process_rss_bytes"]) if "max_process_rss_bytes" in c else "—",
-             f"{c['load_average']:.1f}" if "load_average" in c else "—"]  # records made before these fields lack them
+             f"{c['load_average']:.1f}" if "load_average" in c else "—",  # records made before these fields lack them
+             format_bytes(c["written_bytes"]) if "workdir_bytes" in c else "—"]
             for stage, stage_costs in costs.items() for c in stage_costs]
     every = [c for stage_costs in costs.values() for c in stage_costs]
     top = max(every, key=peak_memory)
-    rows.append(["**all**", "", format_duration(sum(c["seconds"] for c in every)), format_bytes(peak_memory(top)), "", ""])
+    rows.append(["**all**", "", format_duration(sum(c["seconds"] for c in every)), format_bytes(peak_memory(top)), "", "",
+                 ""])
     return (head + "\nEach command of this invocation of `experiments.reproduce` (a command that found its outputs "
             "complete only checked them). Peak memory: the most memory the command's process tree held at once "
             "(sampled: the sum of its processes' proportional sets, a page shared by n processes "
             "counted 1/n in each, and never less than its largest process); largest process: the kernel's "
             "high-water mark of the resident set of its largest single process; load: the mean 1-minute load "
-            f"average while it ran, on {record.get('cpus', '?')} CPUs.\n\n"
-            + _table(["stage", "command", "wall time", "peak memory", "largest process", "load"], rows)
-            + f"\n\nThe most memory: `{top['command'].split()[2]}`, {format_bytes(peak_memory(top))}.\n")
+            f"average while it ran, on {record.get('cpus', '?')} CPUs; written: the size of the files under the "
+            "workdir that it created or changed.\n\n"
+            + _table(["stage", "command", "wall time", "peak memory", "largest process", "load", "written"], rows)
+            + f"\n\nThe most memory: `{top['command'].split()[2]}`, {format_bytes(peak_memory(top))}."
+            + (f" The most disk: the workdir held {format_bytes(max(sizes))} after a command."
+               if (sizes := [c["workdir_bytes"] for c in every if "workdir_bytes" in c]) else "") + "\n")
 
 
 def peak_memory(cost: dict) -> int:

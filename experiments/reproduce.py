@@ -20,7 +20,8 @@ When stderr is not a terminal (CI, a pipe) the live line becomes at most one pro
 30 s.
 
 What each command cost goes to ``DIR/reproduce.json`` (``command_costs``) and the report's Cost
-section: its wall time, its peak memory and the machine's load meanwhile (:class:`CommandCost`).
+section: its wall time, its peak memory, the machine's load meanwhile, and the disk it wrote (the
+files under ``DIR`` it created or changed) and the workdir's size after it (:class:`CommandCost`).
 The peak is per command, never a running maximum over the commands before it: each command runs
 under a small wrapper process (:data:`MEASURED`) that reports the kernel's high-water mark of the
 largest single process among the command and the descendants it waited for, and the whole
@@ -291,7 +292,8 @@ def _spawn(argv: list[str], columns: int, pass_fds: tuple[int, ...] = ()) -> tup
 
 @dataclass(frozen=True)
 class CommandCost:
-    """What one command took: its wall time, its memory, and how busy the machine was meanwhile."""
+    """What one command took: its wall time, its memory, how busy the machine was meanwhile, and the
+    disk it wrote."""
 
     exit_code: int
     seconds: float
@@ -307,6 +309,10 @@ class CommandCost:
     # (a page shared by n processes counts 1/n in each, so a file or tensor that workers map
     # together counts once), and never less than max_process_rss_bytes
     peak_memory_bytes: int = 0
+    # the size of the files under the workdir that the command created or changed, and of every file
+    # there once it ended (reproduce's own files left out: :func:`output_state`)
+    written_bytes: int = 0
+    workdir_bytes: int = 0
 
 
 # Runs as ``python -I -S -c MEASURED FD ARGV...``: runs ARGV, writes the largest resident set (KiB)
@@ -462,6 +468,11 @@ def output_state(workdir: Path) -> dict[str, tuple[int, int]]:
     return state
 
 
+def written_bytes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> int:
+    """The size of the files of ``after`` (an :func:`output_state`) that are new or changed since ``before``."""
+    return sum(size for rel, (mtime, size) in after.items() if before.get(rel) != (mtime, size))
+
+
 def previous_costs(root: Path) -> dict[str, list[dict]]:
     """The command records of the last ``reproduce.json`` in ``root`` by stage ({} without a readable one)."""
     try:
@@ -515,9 +526,14 @@ def run_stage(stage: Stage, log_dir: Path, console: Console, position: str, work
                             f"{_log_tail(log_path)}")
         console.say(f"[{label}] {cmd[0]} done in {took}")
         made = (earlier or {}).get(made_by_key(command))
-        if before is not None and made is not None and output_state(workdir) == before:
-            console.say(f"[{label}] {cmd[0]} made nothing: its record keeps the cost of the run that made its outputs")
-            cost = recorded_cost(made)
+        if before is not None:
+            after = output_state(workdir)
+            if made is not None and after == before:
+                console.say(f"[{label}] {cmd[0]} made nothing: its record keeps the cost of the run that made its outputs")
+                cost = recorded_cost(made)
+            else:
+                cost = dataclasses.replace(cost, written_bytes=written_bytes(before, after),
+                                           workdir_bytes=sum(size for _, size in after.values()))
         costs.append(cost)
         if done is not None:
             done(costs)

@@ -21,9 +21,12 @@ def scale_run(root: Path, name: str, scale: float | None, costs: dict[str, tuple
     directory = root / name
     (directory / "data").mkdir(parents=True)
     pq.write_table(pa.table({"product_id": list(range(int(100 * (scale or 1.0))))}), directory / "data" / "catalog.parquet")
-    # data.synth as reproduce.json records it now; ranking.train as a record made before peak_memory_bytes
+    # data.synth as reproduce.json records it now (its disk: 10 MB + 1 GB F written, the workdir 10 MB more);
+    # ranking.train as a record made before peak_memory_bytes and the disk fields
+    written = int(10e6 + 1e9 * (scale or 1.0))
     commands = {"data": [{"command": "python -m data.synth --profile paper", "seconds": costs["data.synth"][0],
-                          "peak_memory_bytes": costs["data.synth"][1], "peak_rss_bytes": 3 * costs["data.synth"][1]}],
+                          "peak_memory_bytes": costs["data.synth"][1], "peak_rss_bytes": 3 * costs["data.synth"][1],
+                          "written_bytes": written, "workdir_bytes": written + int(10e6)}],
                 "ranking": [{"command": "python -m ranking.train --variant all", "seconds": costs["ranking.train"][0],
                              "peak_rss_bytes": costs["ranking.train"][1]}]}
     (directory / "reproduce.json").write_text(json.dumps({"config": {"source": source, "scale": scale},
@@ -46,6 +49,12 @@ def test_line_through_the_measured_runs_reaches_the_target(tmp_path):
     table = (tmp_path / "growth.md").read_text()
     assert "| `data.synth` | 11.0 s / 1.20 GB | 20.0 s / 3.00 GB | 30.0 s / 5.00 GB | 1 min 50 s / 21.00 GB **over**" in table
     assert json.loads((tmp_path / "growth.json").read_text())["target"] == 1.0
+    # disk: data.synth's line reaches 1.01 GB written and the workdir 1.02 GB; ranking.train's old records have none
+    assert synth["written_bytes"] == pytest.approx(1.01e9) and flat["written_bytes"] is None
+    assert result["workdir_line"]["bytes"] == pytest.approx(1.02e9)
+    assert "| `data.synth` | 20 MB | 110 MB | 210 MB | 1.01 GB (0%) |" in table
+    assert "| `ranking.train` | not recorded | not recorded | not recorded | no line |" in table
+    assert "| **workdir** | 30 MB | 120 MB | 220 MB | 1.02 GB (0%) |" in table
 
 
 def test_a_measured_target_gets_no_line_and_a_curve_shows_its_miss():

@@ -59,6 +59,15 @@ def test_each_commands_wall_time_and_peak_memory_are_recorded_and_reported(tiny_
             assert 20e6 < cost["max_process_rss_bytes"] <= cost["peak_rss_bytes"] < 16e9  # a Python process
             assert cost["max_process_rss_bytes"] <= cost["peak_memory_bytes"] <= cost["peak_rss_bytes"]
             assert f"| {stage} | `{cost['command'].split()[2]}` |" in report
+    # disk: the data stage found its tables complete and wrote nothing; ranking.train wrote its models;
+    # after the last command the workdir held what it holds now (reproduce's own files left out)
+    assert costs["data"][0]["written_bytes"] == 0
+    models = sum(p.stat().st_size for p in (tiny_run / "ranking").rglob(layout.MODEL_FILE))
+    assert models > 0 and models <= costs["ranking"][0]["written_bytes"] <= costs["ranking"][0]["workdir_bytes"]
+    now = sum(p.stat().st_size for p in tiny_run.rglob("*")
+              if p.is_file() and p.relative_to(tiny_run).parts[0] not in reproduce.OWN_FILES)
+    assert costs[record["stages"][-1]][-1]["workdir_bytes"] == now
+    assert "| written |" in report and "The most disk: the workdir held" in report
     # ranking.train's worker processes are part of its tree; their own memory is counted
     assert costs["ranking"][0]["peak_rss_bytes"] > costs["data"][0]["peak_rss_bytes"]
     assert costs["ranking"][0]["peak_memory_bytes"] > costs["data"][0]["peak_memory_bytes"]
@@ -363,14 +372,16 @@ def test_console_keeps_the_latest_redraw_and_is_quiet_off_a_terminal() -> None:
 
 def test_the_cost_section_reads_records_made_before_the_per_process_fields(tmp_path: Path) -> None:
     """A stage that made nothing keeps the record of the run that made its outputs, which may be older
-    than the fields ``peak_memory_bytes``, ``max_process_rss_bytes`` and ``load_average``."""
+    than the fields ``peak_memory_bytes``, ``max_process_rss_bytes``, ``load_average`` and the disk ones."""
     from experiments.report import cost_section
 
     new = {"command": "python -m ranking.train --workdir w", "seconds": 42.0, "peak_memory_bytes": 2_000_000_000,
-           "peak_rss_bytes": 3_000_000_000, "max_process_rss_bytes": 1_500_000_000, "load_average": 2.5}
+           "peak_rss_bytes": 3_000_000_000, "max_process_rss_bytes": 1_500_000_000, "load_average": 2.5,
+           "written_bytes": 700_000_000, "workdir_bytes": 1_250_000_000}
     old = {"command": "python -m data.synth --workdir w", "seconds": 5.0, "peak_rss_bytes": 264_000_000}
     write_json({"command_costs": {"data": [old], "ranking": [new]}}, tmp_path / "reproduce.json")
     section = cost_section(tmp_path)
     data_row = next(line for line in section.splitlines() if "`data.synth`" in line)
-    assert "264" in data_row and data_row.count("—") == 2
-    assert "`ranking.train`" in section and "2.5" in section
+    assert "264" in data_row and data_row.count("—") == 3
+    assert "`ranking.train`" in section and "2.5" in section and "| 700 MB |" in section
+    assert "the workdir held 1.25 GB after a command" in section
