@@ -22,6 +22,7 @@ construct, write and read a variant with its :class:`ranking.spec.FeatureSpec`;
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -36,13 +37,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from common.cli import UserError
 from common.io import atomic_path
 from common.provenance import OutputSet
-from embeddings.tables import EmbeddingTable, release_pages
+from data.schema import SchemaError
+from embeddings.tables import EmbeddingTable, embedding_table_rel, release_pages, tables_set
 from ranking import layout
 from ranking.config import RankerConfig
 from ranking.layers import CrossNet, Linear, ReluMLP, linear
 from ranking.spec import FeatureSpec
-from ranking.tables import (HISTORY_FEATURE, PRODUCT_FEATURE, PRODUCT_TABLE, QUERY_FEATURE, QUERY_TABLE,
-                            PretrainedEmbeddingBagCollection)
+from ranking.tables import (HISTORY_FEATURE, PRODUCT_FEATURE, PRODUCT_TABLE, QUERY_FEATURE, QUERY_TABLE, TABLE_KINDS,
+                            PretrainedEmbeddingBagCollection, mapped_tables)
 from ranking.variants import Variant, get_variant
 
 
@@ -391,14 +393,39 @@ def trained_set(workdir: str | Path, variant: str, seed: int) -> OutputSet:
                      what=f"python -m ranking.train --workdir {workdir} --variant {variant} --seeds {seed + 1}")
 
 
-def save_model(model: RankingModel, path: str | Path) -> Path:
+# the state-dict name of each table's weight in a model with tables -> its kind
+TABLE_WEIGHTS: dict[str, str] = {f"table_tower.tables.ebc.embedding_bags.{table}.weight": kind
+                                 for table, kind in zip((PRODUCT_TABLE, QUERY_TABLE), TABLE_KINDS)}
+
+
+def frozen_table_weights(model: RankingModel) -> dict[str, str]:
+    """:data:`TABLE_WEIGHTS` for a model whose pretrained tables are frozen; empty for one whose
+    tables train (random, finetune) or that has none."""
+    return TABLE_WEIGHTS if model.table_tower is not None and model.table_tower.tables.frozen else {}
+
+
+def save_model(model: RankingModel, path: str | Path, tables_from: Optional[tuple[Path, dict[str, str]]] = None,
+               ) -> Path:
     """Write ``{state_dict, variant, model_config, feature_spec, table_keys}`` atomically (``torch.load(weights_only=True)``-safe).
+
+    With ``tables_from`` = ``(workdir, {workdir-relative table file: sha256})``, the files the
+    model's frozen tables were mapped from (:func:`ranking.tables.mapped_tables`), the checkpoint
+    names them instead of holding their weights (``frozen_tables``: the path from ``path``'s folder
+    to ``workdir`` and the digests); :func:`load_model` maps them back. Trainable tables (random,
+    finetune) are always held.
 
     The same model gives the same bytes: ``torch.save`` gets an open file, so the zip archive's
     inner folder is torch's fixed ``archive`` rather than the (temporary) file name.
     """
-    payload = {"state_dict": model.state_dict(), "variant": model.variant, "model_config": asdict(model.config),
+    referenced = frozen_table_weights(model) if tables_from is not None else {}
+    payload = {"state_dict": {name: tensor for name, tensor in model.state_dict().items() if name not in referenced},
+               "variant": model.variant, "model_config": asdict(model.config),
                "feature_spec": model.spec.to_dict(), "table_keys": model.spec.key_tensors()}
+    if referenced:
+        workdir, digests = tables_from
+        payload["frozen_tables"] = {"workdir": Path(os.path.relpath(workdir, Path(path).parent)).as_posix(),
+                                    "digests": {embedding_table_rel(kind): digests[embedding_table_rel(kind)]
+                                                for kind in TABLE_KINDS}}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)
     return Path(path)
@@ -406,7 +433,10 @@ def save_model(model: RankingModel, path: str | Path) -> Path:
 
 def load_model(path: str | Path, variant: str | None = None) -> RankingModel:
     """Rebuild the model saved by :func:`save_model` (eval mode). ``model.spec`` says how to feed it.
-    With ``variant``, a checkpoint of another variant is a one-line error."""
+    With ``variant``, a checkpoint of another variant is a one-line error. Frozen tables the
+    checkpoint names (``frozen_tables``) are mapped from its workdir's table cache
+    (:func:`ranking.tables.mapped_tables`) after the table files are checked to be the ones it was
+    trained from."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: missing ranking model (run `python -m ranking.train` first)")
@@ -419,7 +449,29 @@ def load_model(path: str | Path, variant: str | None = None) -> RankingModel:
         raise UserError(f"{path}: not a ranking model checkpoint ({type(exc).__name__}: {exc})") from None
     if variant is not None and saved.name != variant:
         raise UserError(f"{path}: holds variant {saved.name!r}, expected {variant!r}")
-    return model_from_state(saved, spec, config, payload["state_dict"]).eval()
+    state = dict(payload["state_dict"])
+    if "frozen_tables" in payload:
+        state.update(referenced_tables(path, payload["frozen_tables"]))
+    return model_from_state(saved, spec, config, state).eval()
+
+
+def referenced_tables(path: Path, reference: dict) -> dict[str, torch.Tensor]:
+    """The frozen table weights a checkpoint at ``path`` names (:func:`save_model`'s
+    ``frozen_tables``), by state-dict name, mapped from its workdir: one-line errors when the
+    workdir's table files are missing or not the ones it names."""
+    workdir = Path(os.path.normpath(path.parent / reference["workdir"]))
+    digests = tables_set(workdir).hashes()
+    for rel, digest in reference["digests"].items():
+        if digests.get(rel) != digest:
+            now = "is missing" if digests.get(rel) is None else f"now has sha256 {digests[rel][:12]}"
+            raise UserError(f"{path}: its frozen tables are {rel} with sha256 {digest[:12]}, and {workdir / rel} {now} "
+                            f"(the model reads its tables from there): run `python -m ranking.train` again")
+    try:
+        product, query = mapped_tables(workdir, digests)
+    except SchemaError as exc:
+        raise UserError(str(exc)) from None
+    vectors = {"product": product.vectors, "query": query.vectors}
+    return {name: torch.as_tensor(vectors[kind]) for name, kind in TABLE_WEIGHTS.items()}
 
 
 def shared_copy(model: RankingModel) -> RankingModel:

@@ -17,7 +17,8 @@ Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables
 
 * per variant/seed, one :class:`common.provenance.OutputSet` (manifest
   ``DIR/ranking/<variant>/seed<k>/manifest.json``): ``model.pt`` (:func:`ranking.model.load_model`
-  reads it) and ``metrics.json`` (history and per-slice AUC / normalized logloss), published
+  reads it; a variant with frozen tables names the table files instead of holding a copy of them,
+  so a run's checkpoints hold the tables only for the variants that train them) and ``metrics.json`` (history and per-slice AUC / normalized logloss), published
   together. The set is made from the SHA-256 of the impressions and purchases tables, of the
   product and query tables for variants with tables, and the settings that change what is
   trained, the architecture included (not ``--threads``, ``--workers`` or
@@ -465,7 +466,8 @@ def run_seed(variant: Variant, seed: int, inputs: Inputs, cfg: RankingTrainConfi
     out = trained_set(cfg.workdir, variant.name, seed)
     model_rel, metrics_rel = out.files
     with out.publish(made_from) as staged:
-        save_model(model.eval(), staged[model_rel])
+        # frozen tables are named, not held: the checkpoint maps them from the table files it was made from
+        save_model(model.eval(), staged[model_rel], tables_from=(Path(cfg.workdir), made_from.inputs))
         write_json(metrics, staged[metrics_rel])
     nw = metrics["slices"]["nw"]
     log.info("%s seed %d: NW AUC %s, normalized logloss %s (train %.1f s, eval %.1f s)", variant.name, seed,

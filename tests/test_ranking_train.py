@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import torch
 
-from common.cli import run_main
+from common.cli import UserError, run_main
 from common.io import read_json
 from data.schema import read_table
 from data.text import normalize_query
@@ -20,7 +22,7 @@ from ranking import layout, train
 from ranking.config import RankerConfig
 from ranking.features import ImpressionCache, RankingData
 from ranking.metrics import SLICES, log_loss, roc_auc
-from ranking.model import load_model, trained_set
+from ranking.model import TABLE_WEIGHTS, load_model, trained_set
 from ranking.spec import PurchaseIndex
 from ranking.tables import PRODUCT_TABLE, QUERY_TABLE
 from ranking.variants import VARIANTS
@@ -30,9 +32,9 @@ FAST = ["--epochs", "2", "--checks-per-epoch", "2", "--patience", "2", "--batch-
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_random_tables(workdir: Path, dim: int = 16, query_dim: int | None = None) -> None:
+def write_random_tables(workdir: Path, dim: int = 16, query_dim: int | None = None, seed: int = 0) -> None:
     """Random product/query tables keyed like embeddings.export's (catalog ids; relevance + impression queries)."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     ids = read_table(workdir, "catalog", columns=["product_id"]).column("product_id").to_pylist()
     queries = sorted({normalize_query(q) for name in ("relevance", "impressions")
                       for q in pc.unique(read_table(workdir, name, columns=["query"]).column("query")).to_pylist()})
@@ -124,7 +126,7 @@ def test_missing_or_mismatched_tables_name_the_file(tiny_workdir_copy, capsys):
 
 
 @pytest.mark.parametrize("table_optimizer", ["same", "rowwise_adagrad"])
-def test_finetune_moves_exactly_the_table_rows_it_trains_on(tiny_workdir_copy, table_optimizer):
+def test_finetune_moves_exactly_the_table_rows_it_trains_on(tiny_workdir_copy, table_optimizer, tmp_path):
     """dcn_pq_hist_finetune starts from the table files and its row-sparse updates (SparseAdam, or
     the row-wise Adagrad) change exactly the rows that training batches look up; dcn_pq_hist's
     frozen tables stay the files' rows."""
@@ -153,6 +155,31 @@ def test_finetune_moves_exactly_the_table_rows_it_trains_on(tiny_workdir_copy, t
         assert 0 < len(seen[table]) < len(vectors) and changed == seen[table], table
     auc = results["dcn_pq_hist_finetune"]["nw"]["auc_mean"]
     assert math.isfinite(auc) and 0.0 < auc < 1.0
+    if table_optimizer == "same":
+        frozen_tables_are_named_not_held(workdir, files, tmp_path)
+
+
+def frozen_tables_are_named_not_held(workdir: Path, files: dict[str, np.ndarray], tmp_path: Path) -> None:
+    """dcn_pq_hist's checkpoint names the table files (relative to itself) instead of holding them;
+    the finetuned one holds its tables. A moved workdir still loads; changed tables are one line."""
+    paths = {v: layout.run_dir(workdir, v, 0) / layout.MODEL_FILE for v in ("dcn_pq_hist", "dcn_pq_hist_finetune")}
+    frozen, finetuned = (torch.load(paths[v], weights_only=True, mmap=True) for v in paths)
+    assert frozen["frozen_tables"]["workdir"] == "../../.." and not set(TABLE_WEIGHTS) & set(frozen["state_dict"])
+    assert "frozen_tables" not in finetuned and set(TABLE_WEIGHTS) <= set(finetuned["state_dict"])
+    table_bytes = sum(v.nbytes for v in files.values())
+    assert paths["dcn_pq_hist"].stat().st_size + table_bytes <= paths["dcn_pq_hist_finetune"].stat().st_size
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    shutil.rmtree(moved / "embeddings" / "mapped")  # a plain cache: made again from the table files
+    model = load_model(layout.run_dir(moved, "dcn_pq_hist", 0) / layout.MODEL_FILE)
+    for table, vectors in files.items():
+        np.testing.assert_array_equal(model.table_tower.tables.ebc.embedding_bags[table].weight.numpy(), vectors)
+    write_random_tables(moved, seed=1)
+    with pytest.raises(UserError) as error:
+        load_model(layout.run_dir(moved, "dcn_pq_hist", 0) / layout.MODEL_FILE)
+    message = str(error.value)
+    assert "\n" not in message and "python -m ranking.train" in message
+    assert "embeddings/product_table.parquet with sha256" in message and str(moved / "embeddings") in message
 
 
 def test_architecture_flags_build_the_model_and_decide_reuse(tiny_workdir_copy, caplog):
