@@ -406,7 +406,8 @@ def frozen_table_weights(model: RankingModel) -> dict[str, str]:
 
 def save_model(model: RankingModel, path: str | Path, tables_from: Optional[tuple[Path, dict[str, str]]] = None,
                ) -> Path:
-    """Write ``{state_dict, variant, model_config, feature_spec, table_keys}`` atomically (``torch.load(weights_only=True)``-safe).
+    """Write ``{state_dict, variant, model_config, feature_spec, table_keys[, frozen_tables]}`` atomically
+    (``torch.load(weights_only=True)``-safe).
 
     With ``tables_from`` = ``(workdir, {workdir-relative table file: sha256})``, the files the
     model's frozen tables were mapped from (:func:`ranking.tables.mapped_tables`), the checkpoint
@@ -462,10 +463,13 @@ def referenced_tables(path: Path, reference: dict) -> dict[str, torch.Tensor]:
     workdir = Path(os.path.normpath(path.parent / reference["workdir"]))
     digests = tables_set(workdir).hashes()
     for rel, digest in reference["digests"].items():
-        if digests.get(rel) != digest:
-            now = "is missing" if digests.get(rel) is None else f"now has sha256 {digests[rel][:12]}"
-            raise UserError(f"{path}: its frozen tables are {rel} with sha256 {digest[:12]}, and {workdir / rel} {now} "
-                            f"(the model reads its tables from there): run `python -m ranking.train` again")
+        if digests.get(rel) is None:
+            raise UserError(f"{path}: its frozen tables are read from {workdir / rel}, which is missing (a checkpoint "
+                            f"with frozen tables stays inside the workdir it was trained in, and reads its tables there)")
+        if digests[rel] != digest:
+            raise UserError(f"{path}: its frozen tables are {rel} with sha256 {digest[:12]}, and {workdir / rel} now "
+                            f"has sha256 {digests[rel][:12]} (the model reads its tables from there): run "
+                            f"`python -m ranking.train` again")
     try:
         product, query = mapped_tables(workdir, digests)
     except SchemaError as exc:

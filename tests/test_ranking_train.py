@@ -180,6 +180,11 @@ def frozen_tables_are_named_not_held(workdir: Path, files: dict[str, np.ndarray]
     message = str(error.value)
     assert "\n" not in message and "python -m ranking.train" in message
     assert "embeddings/product_table.parquet with sha256" in message and str(moved / "embeddings") in message
+    alone = tmp_path / "alone" / "ranking" / "dcn_pq_hist" / "seed0"  # the checkpoint without its workdir
+    alone.mkdir(parents=True)
+    shutil.copy(paths["dcn_pq_hist"], alone / layout.MODEL_FILE)
+    with pytest.raises(UserError, match=r"which is missing \(a checkpoint with frozen tables stays inside"):
+        load_model(alone / layout.MODEL_FILE)
 
 
 def test_architecture_flags_build_the_model_and_decide_reuse(tiny_workdir_copy, caplog):
