@@ -404,8 +404,8 @@ def frozen_table_weights(model: RankingModel) -> dict[str, str]:
     return TABLE_WEIGHTS if model.table_tower is not None and model.table_tower.tables.frozen else {}
 
 
-def save_model(model: RankingModel, path: str | Path, tables_from: Optional[tuple[Path, dict[str, str]]] = None,
-               ) -> Path:
+def save_model(model: RankingModel, path: str | Path,
+               tables_from: Optional[tuple[Path, dict[str, str]]] = None) -> Path:
     """Write ``{state_dict, variant, model_config, feature_spec, table_keys[, frozen_tables]}`` atomically
     (``torch.load(weights_only=True)``-safe).
 

@@ -18,13 +18,14 @@ Reads ``DIR/data/{impressions,purchases}.parquet`` and, for variants with tables
 * per variant/seed, one :class:`common.provenance.OutputSet` (manifest
   ``DIR/ranking/<variant>/seed<k>/manifest.json``): ``model.pt`` (:func:`ranking.model.load_model`
   reads it; a variant with frozen tables names the table files instead of holding a copy of them,
-  so a run's checkpoints hold the tables only for the variants that train them) and ``metrics.json`` (history and per-slice AUC / normalized logloss), published
-  together. The set is made from the SHA-256 of the impressions and purchases tables, of the
-  product and query tables for variants with tables, and the settings that change what is
-  trained, the architecture included (not ``--threads``, ``--workers`` or
-  ``--eval-batch-size``). Neither file holds wall times or file names (the train and eval
-  seconds are logged): the same settings and inputs give byte-identical files (on CPU, for a
-  fixed ``--threads``), so the stages that read them skip.
+  so a run's checkpoints hold the tables only for the variants that train them) and
+  ``metrics.json`` (history and per-slice AUC / normalized logloss), published together. The
+  set is made from the SHA-256 of the impressions and purchases tables, of the product and query
+  tables for variants with tables, and the settings that change what is trained, the
+  architecture included (not ``--threads``, ``--workers`` or ``--eval-batch-size``). Neither
+  file holds wall times or file names (the train and eval seconds are logged): the same settings
+  and inputs give byte-identical files (on CPU, for a fixed ``--threads``), so the stages that
+  read them skip.
 * ``DIR/ranking/results.json`` and ``results.md`` (one set, manifest
   ``DIR/ranking/results.manifest.json``): ``results["inputs"]`` = the hashes of the data tables
   (and of the tables, when a variant with tables is listed) and ``results[variant][slice]`` with
