@@ -62,8 +62,10 @@ def format_duration(seconds: float) -> str:
 
 
 def format_bytes(n: int) -> str:
-    """``512 MB`` or ``3.25 GB`` (decimal units)."""
-    return f"{n / 1e6:.0f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+    """``700 B``, ``83 kB``, ``512 MB`` or ``3.25 GB`` (decimal units)."""
+    if n < 1e3:
+        return f"{int(n)} B"
+    return f"{n / 1e3:.0f} kB" if n < 1e6 else f"{n / 1e6:.0f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 def _verdict(ok: bool, claim: str) -> str:

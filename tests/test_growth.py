@@ -113,4 +113,4 @@ def test_a_command_measured_once_gets_no_line_and_an_unplanned_one_a_dash():
     runs = [growth.ScaleRun("a", 0.01, {}, {"x": (1.0, 1)}), growth.ScaleRun("b", 0.1, {}, {"x": (2.0, 2), "y": (3.0, 3)})]
     result = growth.growth(runs, 1.0, 1e9)
     assert result["commands"]["y"]["line"] is None and result["commands"]["x"]["line"]["seconds"] == pytest.approx(12.0)
-    assert "| `y` | — | 3.0 s / 0 MB | one point: no line |" in growth.markdown(result)
+    assert "| `y` | — | 3.0 s / 3 B | one point: no line |" in growth.markdown(result)
