@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from common.cli import DEFAULT_WORKDIR, UserError, parse_config, run_main
 from common.io import read_json, write_json, write_text
 from data.schema import table_path
-from experiments.report import format_bytes, format_duration, peak_memory
+from experiments.report import disk_written, format_bytes, format_duration, peak_memory
 
 log = logging.getLogger("experiments.growth")
 
@@ -90,9 +90,9 @@ def read_run(directory: Path) -> ScaleRun:
             module = command_module(cost["command"])
             seconds, peak = costs.get(module, (0.0, 0))
             costs[module] = (seconds + float(cost["seconds"]), max(peak, peak_memory(cost)))
-            if "workdir_bytes" in cost:
-                written[module] = written.get(module, 0) + int(cost["written_bytes"])
-    sizes = [int(cost["workdir_bytes"]) for records in recorded.values() for cost in records if "workdir_bytes" in cost]
+            if disk := disk_written(cost):
+                written[module] = written.get(module, 0) + disk[0]
+    sizes = [disk[1] for records in recorded.values() for cost in records if (disk := disk_written(cost))]
     modules = tuple(dict.fromkeys(command_module(command) for stage in order for command in planned.get(stage, [])))
     rows = {name: pq.ParquetFile(table_path(directory, name)).metadata.num_rows for name in ROWS
             if table_path(directory, name).exists()}
@@ -127,17 +127,14 @@ def growth(runs: Sequence[ScaleRun], target: float, memory_limit_bytes: float) -
         points = [(r.fraction, *r.costs[module], r.written.get(module)) for r in runs if module in r.costs]
         entry = {"measured": [{"fraction": f, "seconds": s, "peak_memory_bytes": b, "written_bytes": w}
                               for f, s, b, w in points]}
-        fractions = [p[0] for p in points]
-        if not measured_target and len(set(fractions)) < 2:
-            entry["line"] = None  # one point (or none) says nothing of growth
-        elif not measured_target:
-            seconds, seconds_miss = fit_line(fractions, [p[1] for p in points], target)
-            peak, peak_miss = fit_line(fractions, [p[2] for p in points], target)
+        if not measured_target:
+            seconds, seconds_miss = line_or_none([(p[0], p[1]) for p in points], target)
+            peak, peak_miss = line_or_none([(p[0], p[2]) for p in points], target)
             written, written_miss = line_or_none([(p[0], p[3]) for p in points], target)
-            entry["line"] = {"fraction": target, "seconds": max(seconds, 0.0), "peak_memory_bytes": max(peak, 0.0),
-                             "seconds_miss": seconds_miss, "peak_miss": peak_miss,
-                             "over_memory_limit": peak > memory_limit_bytes,
-                             "written_bytes": written, "written_miss": written_miss}
+            entry["line"] = None if seconds is None else {  # one point (or none) says nothing of growth
+                "fraction": target, "seconds": seconds, "peak_memory_bytes": peak, "seconds_miss": seconds_miss,
+                "peak_miss": peak_miss, "over_memory_limit": peak > memory_limit_bytes,
+                "written_bytes": written, "written_miss": written_miss}
         commands[module] = entry
     workdir, workdir_miss = (None, None) if measured_target else line_or_none(
         [(r.fraction, r.workdir_bytes) for r in runs], target)

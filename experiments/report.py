@@ -364,7 +364,7 @@ def cost_section(root: Path) -> str:
     rows = [[stage, f"`{c['command'].split()[2]}`", format_duration(c["seconds"]), format_bytes(peak_memory(c)),
              format_bytes(c["max_process_rss_bytes"]) if "max_process_rss_bytes" in c else "—",
              f"{c['load_average']:.1f}" if "load_average" in c else "—",  # records made before these fields lack them
-             format_bytes(c["written_bytes"]) if "workdir_bytes" in c else "—"]
+             format_bytes(disk_written(c)[0]) if disk_written(c) else "—"]
             for stage, stage_costs in costs.items() for c in stage_costs]
     every = [c for stage_costs in costs.values() for c in stage_costs]
     top = max(every, key=peak_memory)
@@ -380,13 +380,19 @@ def cost_section(root: Path) -> str:
             + _table(["stage", "command", "wall time", "peak memory", "largest process", "load", "written"], rows)
             + f"\n\nThe most memory: `{top['command'].split()[2]}`, {format_bytes(peak_memory(top))}."
             + (f" The most disk: the workdir held {format_bytes(max(sizes))} after a command."
-               if (sizes := [c["workdir_bytes"] for c in every if "workdir_bytes" in c]) else "") + "\n")
+               if (sizes := [disk[1] for c in every if (disk := disk_written(c))]) else "") + "\n")
 
 
 def peak_memory(cost: dict) -> int:
     """The peak memory of one recorded command cost (``reproduce.json``): its ``peak_memory_bytes``
     (proportional sets), or for a record made before that field, its summed resident sets."""
     return int(cost.get("peak_memory_bytes") or cost["peak_rss_bytes"])
+
+
+def disk_written(cost: dict) -> tuple[int, int] | None:
+    """``(written bytes, workdir bytes after it)`` of one recorded command cost (``reproduce.json``),
+    or None for a record made before the disk was measured."""
+    return (int(cost["written_bytes"]), int(cost["workdir_bytes"])) if "workdir_bytes" in cost else None
 
 
 def plots_section(root: Path) -> str:
